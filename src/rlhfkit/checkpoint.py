@@ -1,0 +1,50 @@
+"""Atomic training checkpoints for ``--resume``.
+
+``save_checkpoint`` writes everything (model, optimizer, registered schedulers and
+controllers, every process's RNG, and a ``trainer_state.json`` with the data position) to
+``checkpoint.tmp`` and only then swaps it in for ``checkpoint``: a crash at any moment
+leaves the previous complete checkpoint in place (or at ``checkpoint.old``, which
+``find_checkpoint`` falls back to).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from rlhfkit.models.reward import replace_dir
+
+STATE_FILE = "trainer_state.json"
+
+
+def find_checkpoint(out_dir: str | Path) -> Path | None:
+    out = Path(out_dir)
+    for name in ("checkpoint", "checkpoint.old"):
+        if (out / name / STATE_FILE).is_file():
+            return out / name
+    return None
+
+
+def save_checkpoint(accelerator, out_dir: str | Path, state: dict[str, Any]) -> Path:
+    """Collective: every process must call it (each saves its own RNG state)."""
+    out = Path(out_dir)
+    tmp = out / "checkpoint.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
+        replace_dir(tmp, out / "checkpoint")
+    accelerator.wait_for_everyone()
+    return out / "checkpoint"
+
+
+def load_checkpoint(accelerator, path: Path) -> dict[str, Any]:
+    """Restore what ``save_checkpoint`` wrote; returns the trainer state."""
+    accelerator.load_state(str(path))
+    return json.loads((path / STATE_FILE).read_text())
