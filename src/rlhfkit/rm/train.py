@@ -234,7 +234,10 @@ def train_reward_model(cfg: RMTrainConfig) -> dict[str, Any]:
     eval_data = EncodedPreferences.build(eval_ex, rm.encode, cfg.max_length, what=cfg.eval or "eval split") if eval_ex else None
     if main:
         info = describe(train_ex)
-        logger.warning("train: %d lists, %d pairs, %d unique texts; eval: %d lists", info["n_lists"], info["n_pairs"], len(train_data.texts), len(eval_ex))
+        logger.warning(
+            "train: %d lists, %d pairs, %d unique texts; eval: %d lists; processes: %d (%s)",
+            info["n_lists"], info["n_pairs"], len(train_data.texts), len(eval_ex), world, accelerator.distributed_type,
+        )
 
     effective = cfg.batch_size * cfg.grad_accum * world
     if len(train_data) < world:
