@@ -13,6 +13,9 @@ reward models
   rm eval       held-out accuracy, list-exact accuracy, Kendall tau, diagnostics
   score         score texts with a reward model
 
+annotation
+  annotate      web app where annotators rank K generations; add-user, export
+
 models
   models        list the embedded default models; 'models prepare NAME' converts one now
 """
@@ -63,10 +66,17 @@ def _models(argv: Sequence[str]) -> int:
     return 0
 
 
+def _annotate(argv: Sequence[str]) -> int:
+    from rlhfkit.annotate.cli import main as annotate_main
+
+    return annotate_main(list(argv))
+
+
 COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "rm": _rm,
     "score": _score,
     "models": _models,
+    "annotate": _annotate,
 }
 
 

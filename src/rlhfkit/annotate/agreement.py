@@ -1,0 +1,93 @@
+"""Inter-annotator agreement on rank lists: pure functions, no storage.
+
+Two annotators agree on a pair of responses (i, j) when they order it the same way: both
+prefer i, both prefer j, or both call it a tie. Over a list of K responses:
+
+- pairwise agreement: the fraction of the C(K,2) pairs they agree on (1 = identical
+  orders, 0 = every pair flipped);
+- Kendall's tau-b: (concordant - discordant) / sqrt((n0 - ties_a) (n0 - ties_b)), with
+  n0 = C(K,2) (Kendall 1945, "The treatment of ties in ranking problems"). It is 1 for
+  identical strict orders, -1 for reversed ones, and undefined (None) when one annotator
+  tied every response.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from itertools import combinations
+
+
+def _sign(x: int) -> int:
+    return (x > 0) - (x < 0)
+
+
+def pairwise_agreement(ranks_a: Sequence[int], ranks_b: Sequence[int]) -> float:
+    """Fraction of response pairs ordered the same way (a tie only agrees with a tie)."""
+    if len(ranks_a) != len(ranks_b) or len(ranks_a) < 2:
+        raise ValueError(f"need two rankings of the same K >= 2 responses, got {len(ranks_a)} and {len(ranks_b)}")
+    pairs = list(combinations(range(len(ranks_a)), 2))
+    same = sum(_sign(ranks_a[i] - ranks_a[j]) == _sign(ranks_b[i] - ranks_b[j]) for i, j in pairs)
+    return same / len(pairs)
+
+
+def kendall_tau(ranks_a: Sequence[int], ranks_b: Sequence[int]) -> float | None:
+    """Kendall's tau-b between two rankings of the same responses (None if undefined)."""
+    if len(ranks_a) != len(ranks_b) or len(ranks_a) < 2:
+        raise ValueError(f"need two rankings of the same K >= 2 responses, got {len(ranks_a)} and {len(ranks_b)}")
+    concordant = discordant = ties_a = ties_b = 0
+    for i, j in combinations(range(len(ranks_a)), 2):
+        sa, sb = _sign(ranks_a[i] - ranks_a[j]), _sign(ranks_b[i] - ranks_b[j])
+        ties_a += sa == 0
+        ties_b += sb == 0
+        concordant += sa * sb > 0
+        discordant += sa * sb < 0
+    n0 = len(ranks_a) * (len(ranks_a) - 1) // 2
+    denominator = math.sqrt((n0 - ties_a) * (n0 - ties_b))
+    return (concordant - discordant) / denominator if denominator else None
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def agreement_report(rankings: Iterable[tuple[int, str, Sequence[int]]]) -> dict:
+    """Agreement between every two annotators who ranked the same generation set.
+
+    ``rankings`` are ``(set_id, annotator, ranks)``. Returns ``{"pairs": [...], "overall":
+    {...}}``: per annotator pair the number of shared sets and the mean pairwise agreement
+    and Kendall tau over them; overall the same means over every (set, annotator pair).
+    """
+    by_set: dict[int, dict[str, Sequence[int]]] = defaultdict(dict)
+    for set_id, annotator, ranks in rankings:
+        by_set[set_id][annotator] = ranks
+    per_pair: dict[tuple[str, str], dict[str, list[float]]] = defaultdict(lambda: {"agree": [], "tau": []})
+    for ranked in by_set.values():
+        for a, b in combinations(sorted(ranked), 2):
+            entry = per_pair[(a, b)]
+            entry["agree"].append(pairwise_agreement(ranked[a], ranked[b]))
+            tau = kendall_tau(ranked[a], ranked[b])
+            if tau is not None:
+                entry["tau"].append(tau)
+    pairs = [
+        {
+            "annotator_a": a,
+            "annotator_b": b,
+            "shared_sets": len(v["agree"]),
+            "pairwise_agreement": _mean(v["agree"]),
+            "kendall_tau": _mean(v["tau"]),
+        }
+        for (a, b), v in sorted(per_pair.items())
+    ]
+    all_agree = [x for v in per_pair.values() for x in v["agree"]]
+    all_tau = [x for v in per_pair.values() for x in v["tau"]]
+    return {
+        "pairs": pairs,
+        "overall": {
+            "shared_sets": sum(1 for ranked in by_set.values() if len(ranked) > 1),
+            "compared_pairs": len(all_agree),
+            "pairwise_agreement": _mean(all_agree),
+            "kendall_tau": _mean(all_tau),
+        },
+    }
