@@ -178,3 +178,34 @@ def test_cli_reports_bad_input_with_exit_code_2(tmp_path, capsys):
     rc = main(["rm", "train", "--train", str(bad), "--output", str(tmp_path / "o")])
     assert rc == 2
     assert "bad.tsv, line 1" in capsys.readouterr().err
+
+
+def test_lora_run_saves_a_merged_plain_checkpoint(tiny_lm, separable_tsv, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    from rlhfkit.models.reward import RewardModel
+
+    out = tmp_path / "lora"
+    final = train_reward_model(
+        cfg(model=str(tiny_lm), train=str(separable_tsv), n_train=90, output=str(out), epochs=4, lora=True, lora_r=8, lr=1e-2)
+    )
+    assert final["pairwise_accuracy"] > 0.8, final
+    saved = weights(out / "best")
+    assert not any("lora" in k for k in saved), "LoRA adapters are merged on save"
+    rm = RewardModel.from_pretrained(out / "best").eval()
+    hf = AutoModelForSequenceClassification.from_pretrained(out / "best").eval()
+    batch = rm.pad([rm.encode("", "good good apple")[0], rm.encode("", "apple")[0]])
+    with torch.no_grad():
+        torch.testing.assert_close(rm(**batch), hf(**batch).logits.squeeze(-1), atol=1e-5, rtol=1e-5)
+
+
+def test_freeze_layers_keeps_lower_layers_fixed(tiny_lm, separable_tsv, tmp_path):
+    out = tmp_path / "frozen"
+    train_reward_model(cfg(model=str(tiny_lm), train=str(separable_tsv), output=str(out), max_steps=3, freeze_layers=1))
+    before = load_file(str(Path(tiny_lm) / "model.safetensors"))
+    after = weights(out / "last")
+    torch.testing.assert_close(after["model.layers.0.mlp.up_proj.weight"], before["model.layers.0.mlp.up_proj.weight"])
+    torch.testing.assert_close(after["model.embed_tokens.weight"], before["model.embed_tokens.weight"])
+    assert not torch.equal(after["model.layers.1.mlp.up_proj.weight"], before["model.layers.1.mlp.up_proj.weight"])
+    with pytest.raises(ConfigError, match="--freeze-layers 5 but the model has 2 layers"):
+        train_reward_model(cfg(model=str(tiny_lm), train=str(separable_tsv), output=str(tmp_path / "f2"), max_steps=1, freeze_layers=5))
