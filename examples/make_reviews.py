@@ -66,11 +66,29 @@ def prompts(n: int, seed: int) -> list[str]:
     return [rng.choice(starts).format(p=rng.choice(PRODUCTS)) for _ in range(n)]
 
 
+def sft_examples(n: int, seed: int) -> list[dict[str, str]]:
+    """Instruction data for SFT: a review prompt and one review of any sentiment level, so
+    the SFT model writes reviews of every kind and PPO has room to move."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        product = rng.choice(PRODUCTS)
+        out.append({"prompt": f"Write a short review of the {product}.", "response": review(rng, rng.randrange(4), product)})
+    return out
+
+
 def main() -> None:
+    import json
+
     here = Path(__file__).parent
     rows = rank_lists(600, seed=7)
     (here / "reviews_ranklists.tsv").write_text("".join("\t".join(r) + "\n" for r in rows), encoding="utf-8")
-    (here / "review_prompts.txt").write_text("".join(p + "\n" for p in prompts(200, seed=11)), encoding="utf-8")
+    all_prompts = prompts(240, seed=11)
+    (here / "review_prompts.txt").write_text("".join(p + "\n" for p in all_prompts[:200]), encoding="utf-8")
+    (here / "review_prompts_heldout.txt").write_text("".join(p + "\n" for p in all_prompts[200:]), encoding="utf-8")
+    (here / "sft_reviews.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in sft_examples(400, seed=5)), encoding="utf-8"
+    )
 
 
 if __name__ == "__main__":

@@ -13,6 +13,16 @@ reward models
   rm eval       held-out accuracy, list-exact accuracy, Kendall tau, diagnostics
   score         score texts with a reward model
 
+supervised fine-tuning and PPO
+  sft           supervised fine-tuning on instruction data (loss on response tokens only)
+  ppo           PPO against a reward model, with a KL penalty to the reference
+  bon           best-of-n sampling (also writes rejection-sampling data)
+  generate      plain sampling
+  ppo-eval      score and KL of policy, reference and best-of-n on held-out prompts
+
+the whole pipeline
+  pipeline      SFT -> preferences -> reward model -> PPO -> evaluation -> report.html
+
 annotation
   annotate      web app where annotators rank K generations; add-user, export
 
@@ -72,11 +82,26 @@ def _annotate(argv: Sequence[str]) -> int:
     return annotate_main(list(argv))
 
 
+def _lazy(module: str, attr: str) -> Callable[[Sequence[str]], int]:
+    def run(argv: Sequence[str]) -> int:
+        import importlib
+
+        return getattr(importlib.import_module(module), attr)(list(argv))
+
+    return run
+
+
 COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "rm": _rm,
     "score": _score,
     "models": _models,
     "annotate": _annotate,
+    "sft": _lazy("rlhfkit.sft.cli", "main"),
+    "ppo": _lazy("rlhfkit.ppo.cli", "main_ppo"),
+    "bon": _lazy("rlhfkit.ppo.cli", "main_bon"),
+    "generate": _lazy("rlhfkit.ppo.cli", "main_generate"),
+    "ppo-eval": _lazy("rlhfkit.ppo.cli", "main_ppo_eval"),
+    "pipeline": _lazy("rlhfkit.pipeline.cli", "main"),
 }
 
 

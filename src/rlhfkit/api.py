@@ -1,0 +1,75 @@
+"""The Python API: the CLI's commands as functions, for notebooks and scripts.
+
+Each function takes its command's config dataclass, a dict of the same options, or a path
+to a YAML file, and returns what the command computed::
+
+    import rlhfkit
+    metrics = rlhfkit.train_reward_model({"model": "minilm-l6", "train": "lists.tsv", "output": "runs/rm"})
+    report = rlhfkit.run_pipeline("examples/pipeline_demo.yaml")
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rlhfkit.config import from_dict, load_yaml
+
+
+def _config(cls: type, config: Any):
+    if isinstance(config, cls):
+        return config
+    if isinstance(config, (str, Path)):
+        return from_dict(cls, load_yaml(config), where=str(config))
+    if isinstance(config, dict):
+        return from_dict(cls, dict(config), where=f"{cls.__name__} dict")
+    raise TypeError(f"expected a {cls.__name__}, a dict of its options, or a YAML path; got {type(config).__name__}")
+
+
+def train_reward_model(config: Any) -> dict[str, Any]:
+    """``rlhfkit rm train``; returns the final held-out metrics."""
+    from rlhfkit.rm.train import RMTrainConfig, train_reward_model as run
+
+    return run(_config(RMTrainConfig, config))
+
+
+def evaluate_reward_model(config: Any) -> dict[str, Any]:
+    """``rlhfkit rm eval``; returns the metrics dict."""
+    from rlhfkit.rm.commands import RMEvalConfig, run_eval
+
+    return run_eval(_config(RMEvalConfig, config))
+
+
+def train_sft(config: Any) -> dict[str, Any]:
+    """``rlhfkit sft``."""
+    from rlhfkit.sft.train import SFTConfig, train_sft as run
+
+    return run(_config(SFTConfig, config))
+
+
+def train_ppo(config: Any) -> dict[str, Any]:
+    """``rlhfkit ppo``."""
+    from rlhfkit.ppo.trainer import PPOConfig, train_ppo as run
+
+    return run(_config(PPOConfig, config))
+
+
+def best_of_n(config: Any) -> list[dict[str, Any]]:
+    """``rlhfkit bon``; returns the best response per prompt."""
+    from rlhfkit.ppo.commands import BonConfig, run_bon
+
+    return run_bon(_config(BonConfig, config))
+
+
+def evaluate_ppo(config: Any) -> dict[str, Any]:
+    """``rlhfkit ppo-eval``; returns score and KL for the policy, the reference and best-of-n."""
+    from rlhfkit.ppo.commands import PPOEvalConfig, run_ppo_eval
+
+    return run_ppo_eval(_config(PPOEvalConfig, config))
+
+
+def run_pipeline(config: Any) -> dict[str, Any]:
+    """``rlhfkit pipeline``; returns report paths, per-stage summaries and the summary paragraph."""
+    from rlhfkit.pipeline.run import PipelineConfig, run_pipeline as run
+
+    return run(_config(PipelineConfig, config))
