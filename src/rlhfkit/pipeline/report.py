@@ -1,0 +1,142 @@
+"""``report.html`` (self-contained: pictures inlined, opens offline) and ``report.md``."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+STAGE_TITLES = {
+    "sft": "1. Supervised fine-tuning",
+    "preferences": "2. Preference data",
+    "reward_model": "3. Reward model",
+    "ppo": "4. PPO",
+    "evaluation": "5. Evaluation on held-out prompts",
+}
+# pictures each stage writes, in the order they are shown
+PICTURES = {
+    "sft": ["curves.png"],
+    "reward_model": ["curves.png", "eval_scores.png"],
+    "ppo": ["curves.png"],
+    "evaluation": ["reward_vs_kl.png"],
+}
+
+
+def summarize(results: dict) -> str:
+    """One paragraph: did the score go up, at what KL, and how does best-of-n compare."""
+    ev = results.get("evaluation")
+    if ev is None or not ev.summary.get("rows"):
+        return "PPO evaluation did not run, so there is no before/after comparison."
+    rows = {r["name"]: r for r in ev.summary["rows"]}
+    pol, ref = rows["policy"], rows["reference"]
+    delta = pol["score"] - ref["score"]
+    bons = [r for name, r in rows.items() if name.startswith("best-of-")]
+    # the best-of-n whose analytic KL is closest to the policy's measured KL
+    near = min(bons, key=lambda r: abs(r["kl"] - pol["kl"])) if bons else None
+    verdict = "went up" if delta > 0 else "did not go up"
+    text = (
+        f"The mean reward-model score on {ev.summary.get('n_prompts', '?')} held-out prompts {verdict}: "
+        f"{ref['score']:.3f} for the starting policy, {pol['score']:.3f} after PPO ({delta:+.3f}), "
+        f"at a KL to the starting policy of {pol['kl']:.2f} nats per response."
+    )
+    if near is not None:
+        cmp = "beats" if pol["score"] > near["score"] else "does not beat"
+        text += f" At a similar KL, {near['name']} (KL {near['kl']:.2f}) scores {near['score']:.3f}, so PPO {cmp} best-of-n there."
+    return text
+
+
+def _img_data(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    if isinstance(v, dict):
+        return ", ".join(f"{k}: {_fmt(x)}" for k, x in v.items())
+    return str(v)
+
+
+def _summary_rows(name: str, summary: dict) -> list[tuple[str, str]]:
+    keep = {
+        "sft": None,
+        "preferences": ["source", "n_prompts", "k", "n_lists", "n_pairs", "n_with_ties", "n_no_preference", "n_duplicate_answers"],
+        "reward_model": ["n_lists", "n_pairs", "pairwise_accuracy", "list_exact_accuracy", "kendall_tau",
+                         "accuracy_first_vs_second", "accuracy_first_vs_last", "length_corr", "length_warning"],
+        "ppo": None,
+        "evaluation": ["n_prompts", "max_new_tokens", "temperature"],
+    }[name]
+    items = [(k, v) for k, v in summary.items() if not isinstance(v, (list,)) and k != "samples"]
+    if keep is not None:
+        items = [(k, summary[k]) for k in keep if k in summary]
+    return [(k, _fmt(v)) for k, v in items][:24]
+
+
+def write_report(cfg, results: dict, out: Path, total_seconds: float) -> tuple[Path, Path, str]:
+    paragraph = summarize(results)
+    md = [f"# {cfg.title}", "", f"Written {time.strftime('%Y-%m-%d %H:%M')}; pipeline wall time {total_seconds:.0f} s "
+          f"(stages reused from an earlier run count their original time below).", "", "## Summary", "", paragraph, ""]
+    body = [f"<h1>{html.escape(cfg.title)}</h1>",
+            f"<p class=meta>Written {time.strftime('%Y-%m-%d %H:%M')}; pipeline wall time {total_seconds:.0f} s.</p>",
+            "<h2>Summary</h2>", f"<p class=summary>{html.escape(paragraph)}</p>"]
+    prefs = results.get("preferences")
+    if prefs and "simulated" in str(prefs.summary.get("source", "")):
+        note = ("The preference data in this run comes from a SIMULATED ANNOTATOR: a scripted labeller that ranks the "
+                "model's own samples by a sentiment-lexicon rule (rlhfkit.pipeline.simulated). It is not human feedback.")
+        md += [f"> {note}", ""]
+        body.append(f"<p class=note>{html.escape(note)}</p>")
+
+    md += ["## Stages", "", "| stage | seconds | status |", "|---|---|---|"]
+    body.append("<h2>Stages</h2><table><tr><th>stage</th><th>seconds</th><th>status</th></tr>")
+    for name, res in results.items():
+        status = "reused (complete, same config)" if res.reused else "ran"
+        md.append(f"| {name} | {res.seconds:.0f} | {status} |")
+        body.append(f"<tr><td>{name}</td><td>{res.seconds:.0f}</td><td>{status}</td></tr>")
+    body.append("</table>")
+    md.append("")
+
+    for name, res in results.items():
+        md += [f"## {STAGE_TITLES.get(name, name)}", ""]
+        body.append(f"<h2>{html.escape(STAGE_TITLES.get(name, name))}</h2>")
+        rows = _summary_rows(name, res.summary)
+        if rows:
+            md += ["| metric | value |", "|---|---|"] + [f"| {k} | {v.replace('|', '/')} |" for k, v in rows] + [""]
+            body.append("<table>" + "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(v)}</td></tr>" for k, v in rows) + "</table>")
+        if name == "evaluation" and res.summary.get("rows"):
+            md += ["| model | mean score | KL to start (nats) | KL is |", "|---|---|---|---|"]
+            body.append("<table><tr><th>model</th><th>mean score</th><th>KL to start (nats)</th><th>KL is</th></tr>")
+            for r in res.summary["rows"]:
+                md.append(f"| {r['name']} | {r['score']:.4f} | {r['kl']:.3f} | {r['kl_kind']} |")
+                body.append(f"<tr><td>{r['name']}</td><td>{r['score']:.4f}</td><td>{r['kl']:.3f}</td><td>{r['kl_kind']}</td></tr>")
+            body.append("</table>")
+            md.append("")
+        for pic in PICTURES.get(name, []):
+            path = res.folder / pic
+            if path.is_file():
+                rel = path.relative_to(out)
+                md += [f"![{name} {pic}]({rel.as_posix()})", ""]
+                body.append(f"<figure><img alt='{html.escape(name)} {html.escape(pic)}' src='{_img_data(path)}'><figcaption>{html.escape(str(rel))}</figcaption></figure>")
+        samples = res.summary.get("samples") if name == "evaluation" else None
+        if samples:
+            md += ["### The same prompts, before and after PPO", "", "| prompt | before (starting policy) | after PPO |", "|---|---|---|"]
+            body.append("<h3>The same prompts, before and after PPO</h3><table><tr><th>prompt</th><th>before (starting policy)</th><th>after PPO</th></tr>")
+            for s in samples:
+                cells = [s["prompt"], s["reference"], s["policy"]]
+                md.append("| " + " | ".join(c.replace("|", "/").replace("\n", " ")[:300] for c in cells) + " |")
+                body.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
+            body.append("</table>")
+            md.append("")
+
+    css = ("body{font-family:system-ui,sans-serif;max-width:980px;margin:2em auto;padding:0 1em;color:#1d2433}"
+           "table{border-collapse:collapse;margin:.6em 0}td,th{border:1px solid #ccd;padding:4px 8px;text-align:left;vertical-align:top}"
+           "img{max-width:100%}.note{background:#fff6d8;padding:.6em;border-left:4px solid #e0b400}"
+           ".summary{font-size:1.08em;background:#eef4ff;padding:.8em}.meta{color:#667}")
+    page = f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(cfg.title)}</title><style>{css}</style></head><body>{''.join(body)}</body></html>"
+    html_path, md_path = out / "report.html", out / "report.md"
+    html_path.write_text(page, encoding="utf-8")
+    md_path.write_text("\n".join(md) + "\n", encoding="utf-8")
+    (out / "summary.json").write_text(json.dumps({"summary": paragraph}, indent=2), encoding="utf-8")
+    return html_path, md_path, paragraph
