@@ -112,14 +112,30 @@ def convert_gguf(gguf_dir: Path, gguf_file: str, target: Path, pad_token: str | 
         raise
 
 
+RUN_EXPORTS = ("best", "final", "last", "policy")
+
+
+def resolve_run_folder(path: str) -> str:
+    """A run folder of ``rm train`` / ``sft`` / ``ppo`` holds its model in ``best/``,
+    ``final/``, ``last/`` or ``policy/``: pick the first that exists (or its ``.old`` copy
+    left by an interrupted swap). Anything else is returned unchanged."""
+    p = Path(path)
+    if p.is_dir() and not (p / "config.json").exists():
+        for sub in RUN_EXPORTS + tuple(s + ".old" for s in RUN_EXPORTS):
+            if (p / sub / "config.json").exists():
+                return str(p / sub)
+    return path
+
+
 def resolve_model(name_or_path: str | os.PathLike) -> str:
-    """Map an alias to its local checkpoint folder; pass folders and hub ids through."""
+    """Map an alias to its local checkpoint folder, a run folder to its exported model;
+    pass checkpoint folders and hub ids through."""
     name = str(name_or_path)
     if name == "smollm2-135m":
         return str(smollm2_path())
     if name == "minilm-l6":
         return str(minilm_path())
-    path = Path(name).expanduser()
+    path = Path(resolve_run_folder(str(Path(name).expanduser())))
     if path.exists():
         if path.is_dir() and not (path / "config.json").is_file():
             raise ModelNotFoundError(

@@ -31,7 +31,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from rlhfkit.models.hub import resolve_model
+from rlhfkit.models.hub import resolve_model, resolve_run_folder
 from rlhfkit.models.tokenizers import ensure_distinct_pad
 
 logger = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ class RewardModel(nn.Module):
         """
         from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-        path = resolve_model(resolve_run_folder(str(name_or_path)))
+        path = resolve_model(name_or_path)
         saved = _read_meta(path)
         config = AutoConfig.from_pretrained(path)
         kind = saved.kind if saved else ("decoder" if is_decoder_config(config) else "encoder")
@@ -296,16 +296,6 @@ def replace_dir(new: Path, target: Path) -> None:
     os.replace(new, target)
     if old.exists():
         shutil.rmtree(old)
-
-
-def resolve_run_folder(path: str) -> str:
-    """A run folder from ``rm train`` holds ``best/`` and ``last/``: pick one."""
-    p = Path(path)
-    if p.is_dir() and not (p / "config.json").exists():
-        for sub in ("best", "last", "best.old", "last.old"):
-            if (p / sub / "config.json").exists():
-                return str(p / sub)
-    return path
 
 
 def _read_meta(path: str) -> RewardModelMeta | None:

@@ -54,7 +54,7 @@ class PipelineConfig:
             raise ConfigError("ppo.prompts is required: a prompt file for PPO rollouts")
 
 
-PREFERENCE_KEYS = {"source", "file", "format", "prompt_column", "allow_ties", "prompts", "n_prompts", "k", "max_new_tokens",
+PREFERENCE_KEYS = {"labeller", "source", "file", "format", "prompt_column", "allow_ties", "prompts", "n_prompts", "k", "max_new_tokens",
                    "temperature", "top_p", "chat_template", "seed", "skip", "batch_size"}
 
 
@@ -230,14 +230,20 @@ def _simulate_preferences(policy: str, prefs: dict, folder: Path) -> dict:
         use_chat_template=bool(prefs.get("chat_template", True)), seed=int(prefs.get("seed", 0)),
         batch_size=int(prefs.get("batch_size", 16)),
     )
-    examples, stats = rank_samples(prompts, samples)
+    rule, name = None, NAME
+    if prefs.get("labeller"):  # any rule f(prompts, responses) -> scores, as 'module:function'
+        from rlhfkit.ppo.reward_sources import FunctionSource
+
+        rule = FunctionSource(str(prefs["labeller"]))
+        name = f"simulated annotator (rule {prefs['labeller']})"
+    examples, stats = rank_samples(prompts, samples, rule)
     if not examples:
         raise RuntimeError("the simulated annotator found no preference in any list; sample more prompts or longer answers")
     write_preferences(folder / "preferences.jsonl", examples, "ranked")
     (folder / "samples.jsonl").write_text(
         "".join(json.dumps({"prompt": p, "responses": s}, ensure_ascii=False) + "\n" for p, s in zip(prompts, samples)), encoding="utf-8"
     )
-    return {"source": NAME, "k": k, **vars(stats), **_plain(describe(examples))}
+    return {"source": name, "k": k, **vars(stats), **_plain(describe(examples))}
 
 
 def _validate(cls, values: dict, section: str) -> None:

@@ -48,8 +48,11 @@ class LabelStats:
     n_duplicate_answers: int = 0
 
 
-def rank_samples(prompts: list[str], samples: list[list[str]]) -> tuple[list[PreferenceExample], LabelStats]:
-    """Rank each prompt's K samples by the lexicon score, best first; equal scores tie.
+def rank_samples(
+    prompts: list[str], samples: list[list[str]], rule=None
+) -> tuple[list[PreferenceExample], LabelStats]:
+    """Rank each prompt's K samples by ``rule`` (default: the lexicon score), best first;
+    equal scores tie. ``rule(prompts, responses) -> list[float]`` scores one list at a time.
 
     Lists whose answers all score the same carry no preference and are left out, counted in
     ``LabelStats.n_no_preference`` (the report shows the count). Duplicate answers within a
@@ -63,7 +66,8 @@ def rank_samples(prompts: list[str], samples: list[list[str]]) -> tuple[list[Pre
         if len(unique) < 2:
             stats.n_no_preference += 1
             continue
-        scored = sorted(((lexicon_score(a), a) for a in unique), key=lambda t: -t[0])
+        values = [float(v) for v in (rule or lexicon_reward)([prompt] * len(unique), unique)]
+        scored = sorted(zip(values, unique), key=lambda t: -t[0])
         levels = sorted({s for s, _ in scored}, reverse=True)
         if len(levels) == 1:
             stats.n_no_preference += 1

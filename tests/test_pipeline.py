@@ -1,0 +1,81 @@
+"""The whole pipeline on tiny models: every stage runs, the report holds every stage's
+metrics, and a second run reuses completed stages."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from rlhfkit.pipeline.simulated import lexicon_score, rank_samples
+
+pytestmark = pytest.mark.slow
+
+RULE = '''
+def count_a(prompts, responses):
+    """A scripted rule for tiny random models: more letters 'a' is better."""
+    return [r.count("a") + 0.01 * len(r) for r in responses]
+'''
+
+
+def test_simulated_annotator_ranks_ties_and_reports_no_preference():
+    examples, stats = rank_samples(
+        ["p1", "p2", "p3"],
+        [["I love it, great", "It is bad", "It is fine", "It is fine too"], ["same", "same"], ["ok", "meh"]],
+    )
+    assert stats.n_no_preference == 2 and stats.n_duplicate_answers == 1 and stats.n_lists == 1
+    (ex,) = examples
+    assert ex.responses[0] == "I love it, great" and ex.responses[-1] == "It is bad"
+    assert ex.ranks == (0, 1, 1, 2)  # the two neutral answers tie
+    assert lexicon_score("great great bad") == pytest.approx(100 / 3)
+
+
+def test_pipeline_end_to_end_on_tiny_models(tiny_lm, tmp_path):
+    from rlhfkit.cli import main
+
+    (tmp_path / "rule.py").write_text(RULE)
+    sft = tmp_path / "sft.jsonl"
+    sft.write_text("".join(json.dumps({"prompt": f"say a {i}", "response": "aaa ab " * (i % 3 + 1)}) + "\n" for i in range(12)))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"say something {i}\n" for i in range(12)))
+    out = tmp_path / "pipe"
+    config = tmp_path / "pipeline.yaml"
+
+    def write_config(ppo_steps: int) -> None:
+        config.write_text(f"""
+output: {out}
+policy: {tiny_lm}
+sft: {{train: {sft}, max_steps: 4, batch_size: 4, lr: 1.0e-3, max_length: 48, no_progress: true}}
+preferences: {{source: simulated, labeller: "{tmp_path / 'rule.py'}:count_a", prompts: {prompts}, n_prompts: 12, k: 3, max_new_tokens: 8, chat_template: false}}
+reward_model: {{epochs: 2, batch_size: 4, lr: 3.0e-3, eval_every: 1000, progress: false, tensorboard: false}}
+ppo: {{prompts: {prompts}, steps: {ppo_steps}, batch_size: 4, mini_batch_size: 4, max_new_tokens: 8, lr: 1.0e-3, progress: false, tensorboard: false, sample_every: 0}}
+evaluation: {{n_prompts: 4, bon: [1, 2, 4], max_new_tokens: 8}}
+""".replace("no_progress: true", "progress: false"))
+
+    write_config(ppo_steps=3)
+    t0 = time.time()
+    assert main(["pipeline", str(config)]) == 0
+    first = time.time() - t0
+    html = (out / "report.html").read_text()
+    md = (out / "report.md").read_text()
+    for needle in ("Supervised fine-tuning", "Preference data", "Reward model", "PPO", "Evaluation on held-out prompts",
+                   "pairwise_accuracy", "best-of-4", "before (starting policy)", "SIMULATED ANNOTATOR"):
+        assert needle in html and needle in md, needle
+    assert html.count("data:image/png;base64,") >= 4  # curves of every stage, inlined: opens offline
+    for stage in ("sft", "preferences", "reward_model", "ppo", "evaluation"):
+        assert (out / stage / "stage.json").is_file(), stage
+    summary = json.loads((out / "summary.json").read_text())["summary"]
+    assert "held-out prompts" in summary and "nats per response" in summary
+
+    # same config: every stage is reused; changed PPO: only PPO and evaluation run again
+    t0 = time.time()
+    assert main(["pipeline", str(config)]) == 0
+    assert time.time() - t0 < first / 2
+    marks = {s: json.loads((out / s / "stage.json").read_text())["hash"] for s in ("sft", "reward_model", "ppo")}
+    write_config(ppo_steps=4)
+    assert main(["pipeline", str(config)]) == 0
+    assert json.loads((out / "sft" / "stage.json").read_text())["hash"] == marks["sft"]
+    assert json.loads((out / "reward_model" / "stage.json").read_text())["hash"] == marks["reward_model"]
+    assert json.loads((out / "ppo" / "stage.json").read_text())["hash"] != marks["ppo"]
+    assert "reused (complete, same config)" in (out / "report.md").read_text()
