@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # Re-install when pyproject.toml changes.
 STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml 2>/dev/null | cut -c1-10)
 
-.PHONY: setup demo test browser clean-venv bench-rm
+.PHONY: setup demo demo-rm test browser clean-venv bench-rm bench-ppo
 
 setup: $(STAMP)
 
@@ -31,14 +31,24 @@ browser:
 	  elif command -v sudo >/dev/null 2>&1; then (sudo apt-get update -qq && sudo apt-get install -y -qq chromium >/dev/null); \
 	  else echo "chromium missing and no root: browser tests will skip"; fi; }
 
+# The whole pipeline (SFT -> reward model -> PPO -> evaluation -> report) on SmolLM2-135M.
 demo: setup
-	$(BIN)/python examples/demo.py
+	$(BIN)/rlhfkit pipeline examples/pipeline_demo.yaml
+
+# Just the reward model, on MiniLM: a two-minute taste.
+demo-rm: setup
+	$(BIN)/python examples/rm_demo.py
 
 test: setup browser
 	$(BIN)/python -m pytest -q
 
-bench-rm: setup
-	$(BIN)/python benchmarks/rm_vs_trl.py
+# Benchmarks against TRL run from their own virtualenv (TRL is never a project dependency);
+# benchmarks/README.md has the install commands.
+bench-rm:
+	.venv-bench/bin/python benchmarks/rm_vs_trl.py
+
+bench-ppo:
+	.venv-bench/bin/python benchmarks/ppo_vs_trl.py
 
 clean-venv:
 	rm -rf $(VENV)

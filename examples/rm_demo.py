@@ -1,4 +1,4 @@
-"""`make demo`: train a reward model on the embedded MiniLM backbone from the example rank
+"""`make demo-rm`: train a reward model on the embedded MiniLM backbone from the example rank
 lists, evaluate it on held-out lists, and score two texts. A few minutes on a 2-core CPU.
 
 Every step is the same `rlhfkit` command a user would type; they are printed as they run.
