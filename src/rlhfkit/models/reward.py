@@ -31,7 +31,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from rlhfkit.models.hub import resolve_model, resolve_run_folder
+from rlhfkit.models.hub import resolve_model
 from rlhfkit.models.tokenizers import ensure_distinct_pad
 
 logger = logging.getLogger(__name__)

@@ -1,0 +1,194 @@
+"""The actor and its critic as one module: logits and values for the response tokens.
+
+Two critics, as the seeds describe them:
+
+- ``value-head``: a linear head on the actor's last hidden state (the actor/critic heads of
+  one network). One forward pass gives logits and values; the value loss also trains the
+  shared backbone.
+- a separate model (InstructGPT, arXiv:2203.02155 sec. 3.5: "we initialize the value
+  function from the RM"): a decoder sequence classifier whose head, applied at every
+  position, gives per-token values. It must share the policy's tokenizer, since it reads
+  the policy's token ids.
+
+Layout of every forward: ``input_ids = [query_ids | response_ids]`` of shape ``(B, P + N)``
+(queries left-padded, responses right-padded), ``attention_mask`` likewise. The logits and
+values for response token ``t`` are read at position ``P - 1 + t``: the state *before* the
+token is chosen. Position ids come from the attention mask, so left padding shifts nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import logging
+from typing import Iterator
+
+from torch import Tensor, nn
+
+from rlhfkit.config import ConfigError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ActorCritic", "Critic", "ValueHead", "position_ids_from_mask", "response_logits", "load_critic"]
+
+
+def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
+    """``(B, T)`` positions counting real tokens only: left padding does not shift them."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _accepts_logits_to_keep(model: nn.Module) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return _forward_takes_logits_to_keep(type(base))
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_takes_logits_to_keep(cls: type) -> bool:
+    return "logits_to_keep" in inspect.signature(cls.forward).parameters
+
+
+def response_logits(
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, n_response: int, output_hidden: bool = False
+) -> tuple[Tensor, Tensor | None]:
+    """Logits ``(B, N, V)`` predicting the last ``N`` tokens, and optionally the last hidden state ``(B, N, H)``.
+
+    Only the last ``N + 1`` positions go through the LM head (``logits_to_keep``): the prompt
+    positions' ``(B, P, V)`` logits are never built.
+
+    Args:
+        model: a Hugging Face causal LM (possibly wrapped by peft).
+        input_ids: ``(B, P + N)``, queries left-padded then responses right-padded.
+        attention_mask: ``(B, P + N)``, 1 = real token.
+        n_response: ``N``.
+    """
+    kwargs = dict(logits_to_keep=n_response + 1) if _accepts_logits_to_keep(model) else {}
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        output_hidden_states=output_hidden,
+        use_cache=False,
+        **kwargs,
+    )
+    logits = out.logits[:, -n_response - 1:-1]  # (B, N, V): position P-1+t predicts token t
+    hidden = out.hidden_states[-1][:, -n_response - 1:-1] if output_hidden else None  # (B, N, H)
+    return logits, hidden
+
+
+class ValueHead(nn.Module):
+    """``V(s_t) = w . h_t + b`` on the actor's last hidden state; starts at 0 everywhere."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.summary = nn.Linear(hidden_size, 1)
+        nn.init.zeros_(self.summary.weight)
+        nn.init.zeros_(self.summary.bias)
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        """hidden ``(B, N, H)`` -> values ``(B, N)`` (float32)."""
+        return self.summary(hidden.to(self.summary.weight.dtype)).squeeze(-1).float()
+
+
+class Critic(nn.Module):
+    """A separate value model: a decoder ``*ForSequenceClassification`` read at every position.
+
+    Initialised from a reward model, the value of a prefix starts as the reward model's
+    score of that prefix.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, n_response: int) -> Tensor:
+        """Values ``(B, N)`` for the last ``N`` tokens of ``input_ids (B, P + N)``."""
+        backbone = getattr(self.model, self.model.base_model_prefix)
+        hidden = backbone(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
+            use_cache=False,
+        ).last_hidden_state[:, -n_response - 1:-1]  # (B, N, H)
+        return self.model.score(hidden).squeeze(-1).float()  # (B, N)
+
+
+class ActorCritic(nn.Module):
+    """The trained networks of PPO: the actor (a causal LM) and a value head or a critic.
+
+    ``forward`` returns the actor's response logits divided by the sampling temperature
+    (so the policy being optimised is the distribution that was sampled) and the values.
+    With LoRA on the actor, :meth:`reference` disables the adapter: the same weights then
+    are the frozen reference model, and no second copy is held.
+    """
+
+    def __init__(self, actor: nn.Module, critic: Critic | None = None):
+        super().__init__()
+        self.actor = actor
+        self.critic = critic
+        self.value_head = None if critic is not None else ValueHead(_hidden_size(actor))
+
+    @property
+    def is_lora(self) -> bool:
+        return hasattr(self.actor, "disable_adapter")
+
+    def forward(
+        self, input_ids: Tensor, attention_mask: Tensor, n_response: int, temperature: float = 1.0
+    ) -> tuple[Tensor, Tensor]:
+        """``(logits (B, N, V), values (B, N))`` for the response tokens of ``input_ids (B, P + N)``."""
+        logits, hidden = response_logits(self.actor, input_ids, attention_mask, n_response, output_hidden=self.critic is None)
+        if self.critic is None:
+            values = self.value_head(hidden)  # (B, N)
+        else:
+            values = self.critic(input_ids, attention_mask, n_response)  # (B, N)
+        return logits / temperature, values
+
+    @contextlib.contextmanager
+    def reference(self) -> Iterator[nn.Module]:
+        """The reference policy: the actor with its LoRA adapter disabled."""
+        if not self.is_lora:
+            raise RuntimeError("ActorCritic.reference() needs a LoRA actor; without LoRA keep a frozen copy of the policy")
+        with self.actor.disable_adapter():
+            yield self.actor
+
+    def critic_parameters(self) -> list[nn.Parameter]:
+        module = self.critic if self.critic is not None else self.value_head
+        return [p for p in module.parameters() if p.requires_grad]
+
+    def actor_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.actor.parameters() if p.requires_grad]
+
+
+def _hidden_size(model: nn.Module) -> int:
+    config = model.config
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return int(config.hidden_size)
+
+
+def load_critic(spec: str, policy_tokenizer, *, reward: str | None, policy: str) -> Critic | None:
+    """The critic ``--critic`` names: ``None`` for ``value-head``, else a :class:`Critic`.
+
+    ``reward-model`` starts from the ``--reward`` folder (InstructGPT), ``policy`` from the
+    policy's weights with a new zero head, anything else from that model folder or hub id.
+    """
+    from rlhfkit.models.reward import RewardModel
+
+    if spec == "value-head":
+        return None
+    source = {"reward-model": reward, "policy": policy}.get(spec, spec)
+    if source is None:
+        raise ConfigError("--critic reward-model needs --reward to be a reward-model folder")
+    rm = RewardModel.from_pretrained(source)
+    if rm.meta.kind != "decoder":
+        raise ConfigError(
+            f"--critic {spec}: {source} is an encoder ({rm.hf_model.config.model_type}); a critic must be a decoder "
+            "that reads the policy's tokens. Use --critic value-head, or --critic policy."
+        )
+    if rm.tokenizer.get_vocab() != policy_tokenizer.get_vocab():
+        raise ConfigError(
+            f"--critic {spec}: {source} has a different tokenizer than the policy, but the critic reads the policy's "
+            "token ids to value each response token. Use --critic value-head, --critic policy, or a reward model "
+            "trained from the policy's base model."
+        )
+    if spec == "policy":  # a fresh head: start every value at 0, like the value head
+        nn.init.zeros_(rm.hf_model.score.weight)
+    rm.hf_model.config.pad_token_id = policy_tokenizer.pad_token_id
+    return Critic(rm.hf_model)

@@ -1,0 +1,108 @@
+"""generate, bon and ppo-eval: best-of-n math against brute force, and the commands end to end."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import random
+
+import pytest
+import torch
+
+from rlhfkit.ppo.cli import main_bon, main_generate, main_ppo_eval
+from rlhfkit.ppo.commands import best_of_n_kl, expected_best_of_n
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_expected_best_of_n_equals_the_mean_over_all_subsets():
+    scores = torch.randn(5, 7, generator=torch.Generator().manual_seed(0))
+    for n in range(1, 8):
+        brute = torch.tensor([
+            sum(max(s) for s in itertools.combinations(row.tolist(), n)) / math.comb(7, n) for row in scores
+        ], dtype=torch.float64)
+        torch.testing.assert_close(expected_best_of_n(scores, n), brute)
+    torch.testing.assert_close(expected_best_of_n(scores, 1), scores.double().mean(1))
+    torch.testing.assert_close(expected_best_of_n(scores, 7), scores.double().amax(1))
+    with pytest.raises(ValueError, match="need 1 <= n <= K, got n=8, K=7"):
+        expected_best_of_n(scores, 8)
+
+
+def test_best_of_n_kl_is_log_n_minus_n_minus_1_over_n():
+    assert best_of_n_kl(1) == 0.0
+    assert best_of_n_kl(2) == pytest.approx(math.log(2) - 0.5)
+    assert best_of_n_kl(16) == pytest.approx(2.7726 - 0.9375, abs=1e-4)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cmd")
+    rng = random.Random(1)
+    prompts = root / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"{rng.choice(['a', 'the', 'my'])} review {i}:"}) + "\n" for i in range(6)))
+    rewards = root / "rewards.py"
+    rewards.write_text("def n_lower(prompts, responses):\n    return [float(sum(c.islower() for c in r)) for r in responses]\n")
+    return prompts, f"{rewards}:n_lower"
+
+
+def test_generate_writes_n_rows_per_prompt_to_stdout_and_file(tiny_lm, files, tmp_path, capsys):
+    prompts, _ = files
+    common = ["--policy", str(tiny_lm), "--prompts", str(prompts), "--n", "2", "--max-new-tokens", "5", "--seed", "3"]
+    assert main_generate(common) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(rows) == 12 and rows[0]["prompt"] == rows[1]["prompt"] != rows[2]["prompt"]
+    out = tmp_path / "gen.jsonl"
+    assert main_generate(common + ["--output", str(out)]) == 0
+    assert [json.loads(line) for line in out.read_text().splitlines()] == rows  # seeded: same samples
+
+
+def test_bon_keeps_the_best_and_writes_ranked_lists(tiny_lm, files, tmp_path):
+    from rlhfkit.data.readers import read_preferences
+
+    prompts, reward = files
+    out, ranked = tmp_path / "bon.jsonl", tmp_path / "ranked.jsonl"
+    assert main_bon(["--policy", str(tiny_lm), "--prompts", str(prompts), "--reward", reward, "--n", "4",
+                     "--max-new-tokens", "8", "--output", str(out), "--ranked-output", str(ranked)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 6
+    for r in rows:
+        assert len(r["scores"]) == 4 and r["score"] == max(r["scores"])
+        assert r["score"] == float(sum(c.islower() for c in r["response"]))
+    examples = read_preferences(ranked, format="ranked")
+    assert len(examples) == 6
+    assert examples[0].responses[0] == rows[0]["response"]  # best first
+    assert main_bon(["--policy", str(tiny_lm), "--prompts", str(prompts), "--reward", reward, "--n", "1",
+                     "--ranked-output", str(ranked)]) == 2
+
+
+def test_ppo_eval_reports_policy_reference_and_best_of_n(tiny_lm, files, tmp_path, capsys):
+    prompts, reward = files
+    out = tmp_path / "eval"
+    argv = ["--policy", str(tiny_lm), "--reference", str(tiny_lm), "--prompts", str(prompts), "--reward", reward,
+            "--bon", "1", "2", "4", "--max-new-tokens", "6", "--output", str(out)]
+    assert main_ppo_eval(argv) == 0
+    table = capsys.readouterr().out
+    for name in ("policy", "reference", "best-of-1", "best-of-2", "best-of-4"):
+        assert name in table
+    report = json.loads((out / "ppo_eval.json").read_text())
+    rows = {r["name"]: r for r in report["rows"]}
+    assert rows["policy"]["kl"] == pytest.approx(0.0, abs=1e-5)  # the policy is the reference here
+    assert rows["best-of-1"]["score"] == pytest.approx(rows["reference"]["score"])
+    assert rows["best-of-1"]["score"] <= rows["best-of-2"]["score"] <= rows["best-of-4"]["score"]
+    assert rows["best-of-4"]["kl"] == pytest.approx(math.log(4) - 0.75)
+    assert (out / "reward_vs_kl.png").is_file()
+    assert main_ppo_eval(argv + ["--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["n_prompts"] == 6
+
+
+def test_ppo_eval_needs_a_reference(tiny_lm, files, tmp_path, capsys):
+    prompts, reward = files
+    assert main_ppo_eval(["--policy", str(tiny_lm), "--prompts", str(prompts), "--reward", reward, "--output", str(tmp_path)]) == 2
+    assert "--reference is needed" in capsys.readouterr().err

@@ -1,0 +1,187 @@
+"""PPO on a tiny random policy: it learns, the KL leash holds, resume is exact, stops are clean, CLI."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rlhfkit.config import ConfigError, from_dict
+from rlhfkit.ppo.cli import main_ppo
+from rlhfkit.ppo.trainer import PPOConfig, PPOStopped, train_ppo
+from rlhfkit.tracking import read_metrics
+
+WORDS = ["the", "cat", "sat", "on", "a", "mat", "dog", "ran", "far", "big"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models on a shared 2-core machine: one thread avoids oversubscription stalls."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def ppo_files(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("ppo")
+    rng = random.Random(0)
+    prompts = root / "prompts.txt"
+    prompts.write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 6))) for _ in range(64)) + "\n")
+    rewards = root / "rewards.py"
+    rewards.write_text(
+        "def share_lower(prompts, responses):\n"
+        "    '''Share of lowercase ASCII letters in the response: ~0.1 for a random byte policy.'''\n"
+        "    return [sum(c.islower() and c.isascii() for c in r) / max(len(r), 1) for r in responses]\n"
+    )
+    return prompts, rewards
+
+
+def cfg(tiny_lm, ppo_files, out, **kw) -> PPOConfig:
+    prompts, rewards = ppo_files
+    base = dict(
+        policy=str(tiny_lm), reward=f"{rewards}:share_lower", prompts=str(prompts), output=str(out),
+        steps=24, batch_size=32, mini_batch_size=16, max_new_tokens=8, lr=1e-2, critic_lr=1e-2, kl_coef=0.02,
+        scheduler="constant", sample_every=0, progress=False, tensorboard=False, save_every=1000,
+    )
+    base.update(kw)
+    return from_dict(PPOConfig, base)
+
+
+def series(out: Path, key: str) -> list[float]:
+    return [r[key] for r in read_metrics(out / "metrics.jsonl") if key in r]
+
+
+def mean(xs):
+    return sum(xs) / len(xs)
+
+
+def test_tiny_policy_learns_the_synthetic_reward_within_a_kl_bound(tiny_lm, ppo_files, tmp_path):
+    out = tmp_path / "run"
+    train_ppo(cfg(tiny_lm, ppo_files, out))
+    score, kl = series(out, "ppo/score_mean"), series(out, "ppo/kl_k3")
+    assert len(score) == 24
+    assert score[0] < 0.2  # random bytes: ~10% lowercase letters
+    assert mean(score[-3:]) > score[0] + 0.35, score  # a large, real improvement
+    assert max(kl) < 30.0, kl  # nats per 8-token response: the leash holds
+    for key in ("ppo/reward_mean", "ppo/kl", "ppo/kl_coef", "ppo/entropy", "ppo/policy_loss", "ppo/value_loss",
+                "ppo/clipfrac", "ppo/approx_kl", "ppo/explained_variance", "ppo/response_length", "ppo/tokens_per_s"):
+        assert len(series(out, key)) == 24, key
+    assert series(out, "ppo/entropy")[-1] < series(out, "ppo/entropy")[0]
+    # the exported policy is a plain HF checkpoint that knows its reference
+    info = json.loads((out / "policy" / "rlhfkit_ppo.json").read_text())
+    assert info["reference"] == str(tiny_lm)
+    assert (out / "curves.png").is_file() and (out / "policy" / "model.safetensors").is_file()
+
+
+def test_large_kl_coef_keeps_the_policy_at_the_reference(tiny_lm, ppo_files, tmp_path):
+    out = tmp_path / "leashed"
+    train_ppo(cfg(tiny_lm, ppo_files, out, steps=16, kl_coef=3.0))
+    kl, score = series(out, "ppo/kl_k3"), series(out, "ppo/score_mean")
+    assert max(kl) < 1.0, kl  # the free run is past 5 nats by update 16
+    assert mean(score[-3:]) < score[0] + 0.15, score
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_resume_continues_exactly_the_interrupted_run(tiny_lm, ppo_files, tmp_path):
+    """Adaptive KL and running score whitening too: every piece of state must come back."""
+    common = dict(steps=4, batch_size=8, mini_batch_size=4, adaptive_kl=True, kl_target=0.5, kl_horizon=40,
+                  score_norm="whiten", missing_eos_penalty=0.1, scheduler="linear", save_every=2)
+    full = tmp_path / "full"
+    train_ppo(cfg(tiny_lm, ppo_files, full, **common))
+    split = tmp_path / "split"
+    train_ppo(cfg(tiny_lm, ppo_files, split, stop_after_steps=2, **common))
+    assert not (split / "policy").exists()
+    assert json.loads((split / "checkpoint" / "trainer_state.json").read_text())["step"] == 2
+    train_ppo(cfg(tiny_lm, ppo_files, split, resume=True, **common))
+    a, b = weights(full / "policy"), weights(split / "policy")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=k)
+    for key in ("ppo/score_mean", "ppo/kl", "ppo/kl_coef", "ppo/policy_loss", "ppo/value_loss", "ppo/lr"):
+        assert series(split, key) == series(full, key), key
+    assert len(set(series(full, "ppo/kl_coef"))) > 1  # the controller did move, and was restored
+
+
+def test_gradient_accumulation_equals_the_full_minibatch(tiny_lm, ppo_files, tmp_path):
+    common = dict(steps=1, batch_size=8, mini_batch_size=8, ppo_epochs=2, max_grad_norm=0.0)
+    train_ppo(cfg(tiny_lm, ppo_files, tmp_path / "a1", grad_accum=1, **common))
+    train_ppo(cfg(tiny_lm, ppo_files, tmp_path / "a4", grad_accum=4, **common))
+    a, b = weights(tmp_path / "a1" / "policy"), weights(tmp_path / "a4" / "policy")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_kl_past_max_kl_stops_and_keeps_the_last_good_checkpoint(tiny_lm, ppo_files, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(PPOStopped, match=r"update 2: mean KL to the reference is .* past --max-kl 0.01.*checkpoint .* is intact") as e:
+        train_ppo(cfg(tiny_lm, ppo_files, out, steps=10, batch_size=8, mini_batch_size=8, lr=5e-2, max_kl=0.01, save_every=1))
+    assert json.loads((out / "checkpoint" / "trainer_state.json").read_text())["step"] == 1
+    assert "Lower --lr, raise --kl-coef" in str(e.value)
+
+
+def test_non_finite_loss_stops_before_the_weights_change(tiny_lm, ppo_files, tmp_path, monkeypatch, capsys):
+    import rlhfkit.ppo.losses as losses
+
+    real = losses.policy_loss
+
+    def poisoned(*args, **kw):
+        loss, stats = real(*args, **kw)
+        return loss * float("nan"), stats
+
+    monkeypatch.setattr(losses, "policy_loss", poisoned)
+    prompts, rewards = ppo_files
+    code = main_ppo(["--policy", str(tiny_lm), "--reward", f"{rewards}:share_lower", "--prompts", str(prompts),
+                     "--output", str(tmp_path / "nan"), "--steps", "2", "--batch-size", "4", "--mini-batch-size", "4",
+                     "--no-progress", "--no-tensorboard"])
+    assert code == 1
+    assert "non-finite loss at update 1 (PPO epoch 1)" in capsys.readouterr().err
+
+
+def test_config_errors_say_what_to_do(tiny_lm, ppo_files, tmp_path):
+    with pytest.raises(ConfigError, match=r"'mini_batch_size' \(8\) must divide 'batch_size' \(12\).*--mini-batch-size 4"):
+        cfg(tiny_lm, ppo_files, tmp_path, batch_size=12, mini_batch_size=8)
+    with pytest.raises(ConfigError, match=r"'grad_accum' \(3\) must divide 'mini_batch_size' \(8\)"):
+        cfg(tiny_lm, ppo_files, tmp_path, batch_size=8, mini_batch_size=8, grad_accum=3)
+    with pytest.raises(ConfigError, match="option 'reward' is required"):
+        from_dict(PPOConfig, {"prompts": "p.txt", "output": "o"})
+    with pytest.raises(ConfigError, match="has no checkpoint to resume from"):
+        train_ppo(cfg(tiny_lm, ppo_files, tmp_path / "empty", resume=True))
+
+
+def test_cli_ppo_with_lora_and_a_reward_model_critic(tiny_lm, ppo_files, tmp_path, capsys):
+    """--lora: the reference is the adapter-free actor; --critic auto picks the reward model (same tokenizer)."""
+    from transformers import AutoModelForCausalLM
+
+    from rlhfkit.models.reward import RewardModel
+
+    rm_dir = tmp_path / "rm"
+    RewardModel.from_pretrained(tiny_lm).save_pretrained(rm_dir)
+    prompts, _ = ppo_files
+    out = tmp_path / "run"
+    yaml_file = tmp_path / "ppo.yaml"
+    yaml_file.write_text("lora: true\nlora_r: 4\nlora_target: [q_proj, v_proj]\nkl_coef: 0.1\nsteps: 5\n")
+    argv = ["--config", str(yaml_file), "--policy", str(tiny_lm), "--reward", str(rm_dir), "--prompts", str(prompts),
+            "--output", str(out), "--steps", "2", "--batch-size", "4", "--mini-batch-size", "2", "--max-new-tokens", "6",
+            "--lr", "1e-3", "--sample-every", "1", "--no-progress"]  # flags override the YAML (steps 2, not 5)
+    assert main_ppo(argv) == 0
+    assert list((out / "tensorboard").iterdir()) and (out / "curves.png").is_file()
+    captured = capsys.readouterr()
+    assert "policy saved to" in captured.out and "--- update 1: samples ---" in captured.out + captured.err
+    merged = AutoModelForCausalLM.from_pretrained(out / "policy")  # a plain model: LoRA merged in
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2]
+    saved = load_file(str(out / "checkpoint" / "model.safetensors"))
+    assert any(k.startswith("critic.") for k in saved) and not any(k.startswith("value_head.") for k in saved)
+    assert any("lora_A" in k for k in saved)
+    assert main_ppo(argv) == 2  # the folder now holds a run
+    assert "already holds a run; pass --resume" in capsys.readouterr().err
