@@ -13,14 +13,13 @@ generate``/``bon``). Two details matter for everything downstream:
 from __future__ import annotations
 
 import logging
-import warnings
 from typing import Any
 
-from rlhfkit.models.hub import SMOLLM2_PAD_TOKEN, resolve_model
+from rlhfkit.models.hub import resolve_model
+from rlhfkit.models.tokenizers import ensure_distinct_pad, eos_token_ids
 
 logger = logging.getLogger(__name__)
 
-FALLBACK_PAD_TOKEN = "<|pad|>"
 _DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
            "fp16": "float16", "float16": "float16"}
 
@@ -40,27 +39,7 @@ def _resolve_dtype(dtype: Any, device: Any) -> Any:
 
 def ensure_pad_token(model: Any, tokenizer: Any) -> None:
     """Give ``tokenizer`` a pad token that is not EOS (warns when it changes anything)."""
-    eos = tokenizer.eos_token_id
-    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id != eos:
-        pad_id = tokenizer.pad_token_id
-    else:
-        was = "missing" if tokenizer.pad_token_id is None else f"the EOS token {tokenizer.eos_token!r}"
-        vocab = tokenizer.get_vocab()
-        if SMOLLM2_PAD_TOKEN in vocab and vocab[SMOLLM2_PAD_TOKEN] != eos:
-            tokenizer.pad_token = SMOLLM2_PAD_TOKEN
-        else:
-            # A new token needs a new embedding row; it is only ever attended away by the mask.
-            tokenizer.add_special_tokens({"pad_token": FALLBACK_PAD_TOKEN})
-            model.resize_token_embeddings(len(tokenizer))
-        warnings.warn(
-            f"the tokenizer's pad token was {was}; "
-            f"padding with {tokenizer.pad_token!r} (id {tokenizer.pad_token_id}) instead so EOS tokens stay unmasked",
-            stacklevel=3,
-        )
-        pad_id = tokenizer.pad_token_id
-    model.config.pad_token_id = pad_id
-    if model.generation_config is not None:
-        model.generation_config.pad_token_id = pad_id
+    ensure_distinct_pad(tokenizer, model)
 
 
 def load_policy(name_or_path: str, device: Any = None, dtype: Any = None) -> tuple[Any, Any]:
@@ -90,15 +69,6 @@ def format_prompt(tokenizer: Any, prompt: str, use_chat_template: bool = True) -
             [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
         )
     return prompt
-
-
-def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
-    """Every token that ends a response: the generation config's EOS ids plus the tokenizer's."""
-    ids = model.generation_config.eos_token_id if model.generation_config is not None else None
-    ids = [] if ids is None else ([ids] if isinstance(ids, int) else list(ids))
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.append(tokenizer.eos_token_id)
-    return ids
 
 
 def sample_responses(
@@ -136,7 +106,7 @@ def sample_responses(
 
     texts = [format_prompt(tokenizer, p, use_chat_template) for p in prompts]
     flat = [t for t in texts for _ in range(n)]  # prompt-major: (P * n,)
-    eos_ids = _eos_ids(model, tokenizer)
+    eos_ids = eos_token_ids(model, tokenizer)
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k) if temperature > 0 else dict(do_sample=False)
     devices = [model.device] if model.device.type == "cuda" else []
     decoded: list[str] = []

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from rlhfkit.data.types import DataFormatError
+from rlhfkit.models.tokenizers import eos_token_ids
 from rlhfkit.ops import logprobs_from_logits
 from rlhfkit.ppo.critic import response_logits
 
@@ -127,18 +128,6 @@ class GenerationSettings:
     top_p: float = 1.0
     max_prompt_length: int = 256
     chat_template: bool = False
-
-
-def eos_token_ids(model: Any, tokenizer: Any) -> list[int]:
-    """Every id that ends a response: the generation config's EOS ids and the tokenizer's."""
-    gen = getattr(model, "generation_config", None)
-    ids = getattr(gen, "eos_token_id", None)
-    ids = [] if ids is None else ([ids] if isinstance(ids, int) else list(ids))
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.append(tokenizer.eos_token_id)
-    if not ids:
-        raise ValueError("the policy has no EOS token (neither its tokenizer nor its generation config names one)")
-    return ids
 
 
 def encode_queries(tokenizer: Any, texts: Sequence[str], max_prompt_length: int, chat: bool) -> tuple[Tensor, Tensor]:
