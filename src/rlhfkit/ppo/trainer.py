@@ -338,13 +338,10 @@ def _optimise(cfg: PPOConfig, accelerator, wrapped, optimizer, params, r, advant
 def train_ppo(cfg: PPOConfig) -> dict[str, Any]:
     """Run PPO; returns the last update's metrics plus ``policy`` (the exported folder, if finished)."""
     import torch
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
-    from rlhfkit.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
-    from rlhfkit.config import save_yaml
+    from rlhfkit.checkpoint import load_checkpoint, save_checkpoint, start_run
     from rlhfkit.ops import masked_sum, masked_whiten
     from rlhfkit.ppo.advantages import compute_gae
     from rlhfkit.ppo.kl import AdaptiveKLController, FixedKLController, kl_estimate
@@ -354,21 +351,8 @@ def train_ppo(cfg: PPOConfig) -> dict[str, Any]:
     from rlhfkit.tracking import MetricsLogger, plot_curves, read_metrics
 
     out = Path(cfg.output)
-    ckpt = find_checkpoint(out) if cfg.resume else None
-    if cfg.resume and ckpt is None:
-        raise ConfigError(f"--resume: {out} has no checkpoint to resume from (expected {out}/checkpoint)")
-    if not cfg.resume and find_checkpoint(out) is not None:
-        raise ConfigError(f"{out} already holds a run; pass --resume to continue it, or choose a new --output")
-
-    mp = cfg.mixed_precision
-    if mp == "auto":
-        mp = "bf16" if (torch.cuda.is_available() and not cfg.cpu) else "no"
-    accelerator = Accelerator(mixed_precision=mp, cpu=cfg.cpu)
+    accelerator, ckpt = start_run(cfg)
     main, world, rank, device = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index, accelerator.device
-    set_seed(cfg.seed)
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_yaml(cfg, out / "config.yaml")
 
     prompts = read_prompts(cfg.prompts)
     tokenizer, model, ref_model, reward, critic_spec = _load_models(cfg, device)

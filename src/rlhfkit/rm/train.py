@@ -189,13 +189,10 @@ def _param_groups(rm, cfg: RMTrainConfig):
 def train_reward_model(cfg: RMTrainConfig) -> dict[str, Any]:
     """Run the whole training; returns the final evaluation metrics (empty without eval data)."""
     import torch
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
-    from rlhfkit.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
-    from rlhfkit.config import save_yaml
+    from rlhfkit.checkpoint import load_checkpoint, save_checkpoint, start_run
     from rlhfkit.data.collate import EncodedPreferences, collate, plan_batches, split_effective_batch
     from rlhfkit.data.readers import describe
     from rlhfkit.models.reward import RewardModel
@@ -204,22 +201,9 @@ def train_reward_model(cfg: RMTrainConfig) -> dict[str, Any]:
     from rlhfkit.tracking import MetricsLogger, plot_curves, read_metrics
 
     out = Path(cfg.output)
-    ckpt = find_checkpoint(out) if cfg.resume else None
-    if cfg.resume and ckpt is None:
-        raise ConfigError(f"--resume: {out} has no checkpoint to resume from (expected {out}/checkpoint)")
-    if not cfg.resume and find_checkpoint(out) is not None:
-        raise ConfigError(f"{out} already holds a run; pass --resume to continue it, or choose a new --output")
-
-    mp = cfg.mixed_precision
-    if mp == "auto":
-        mp = "bf16" if (torch.cuda.is_available() and not cfg.cpu) else "no"
-    accelerator = Accelerator(mixed_precision=mp, cpu=cfg.cpu)
+    accelerator, ckpt = start_run(cfg)
     main = accelerator.is_main_process
     world, rank = accelerator.num_processes, accelerator.process_index
-    set_seed(cfg.seed)
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_yaml(cfg, out / "config.yaml")
 
     train_ex, eval_ex = _load_data(cfg)
     rm = RewardModel.from_pretrained(
