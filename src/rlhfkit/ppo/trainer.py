@@ -231,17 +231,6 @@ def _normalise_scores(cfg: PPOConfig, scores, ended, stats):
     return scores
 
 
-def _adamw(groups: list[dict[str, Any]], weight_decay: float):
-    """AdamW with the fused kernel where this torch has one for the device (one pass over the
-    weights instead of several: faster, and no full-size temporaries), else the default."""
-    import torch
-
-    try:
-        return torch.optim.AdamW(groups, weight_decay=weight_decay, fused=True)
-    except (RuntimeError, TypeError, ValueError):
-        return torch.optim.AdamW(groups, weight_decay=weight_decay)
-
-
 def _export_policy(model, tokenizer, cfg: PPOConfig, out: Path) -> Path:
     """The actor as a plain HF checkpoint (LoRA merged) at ``out/policy``, atomically."""
     import json
@@ -341,7 +330,8 @@ def train_ppo(cfg: PPOConfig) -> dict[str, Any]:
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
-    from rlhfkit.checkpoint import load_checkpoint, save_checkpoint, start_run
+    from rlhfkit.checkpoint import load_checkpoint, save_checkpoint
+    from rlhfkit.training import make_adamw, start_run
     from rlhfkit.ops import masked_sum, masked_whiten
     from rlhfkit.ppo.advantages import compute_gae
     from rlhfkit.ppo.kl import AdaptiveKLController, FixedKLController, kl_estimate
@@ -363,7 +353,7 @@ def train_ppo(cfg: PPOConfig) -> dict[str, Any]:
 
     critic_lr = cfg.critic_lr if cfg.critic_lr is not None else cfg.lr
     actor_params, critic_params = model.actor_parameters(), model.critic_parameters()
-    optimizer = _adamw([{"params": actor_params, "lr": cfg.lr}, {"params": critic_params, "lr": critic_lr}], cfg.weight_decay)
+    optimizer = make_adamw([{"params": actor_params, "lr": cfg.lr}, {"params": critic_params, "lr": critic_lr}], cfg.weight_decay)
     scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.steps)
     kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
               else FixedKLController(cfg.kl_coef))

@@ -61,6 +61,7 @@ class RMTrainConfig:
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
     lora_target: list[str] | None = field(default=None, metadata={"help": "module names for LoRA (default: peft's choice for the architecture)"})
     freeze_layers: int = field(default=0, metadata={"help": "freeze the embeddings and this many lowest transformer layers"})
+    disable_dropout: bool = field(default=True, metadata={"help": "set every dropout probability to 0 (as TRL does): same scores in training and use"})
     eval_every: int = field(default=100, metadata={"help": "evaluate every N optimizer steps (and at the end)"})
     save_every: int = field(default=100, metadata={"help": "write a resumable checkpoint every N steps"})
     log_every: int = field(default=10, metadata={"help": "log training metrics every N steps"})
@@ -192,7 +193,8 @@ def train_reward_model(cfg: RMTrainConfig) -> dict[str, Any]:
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
-    from rlhfkit.checkpoint import load_checkpoint, save_checkpoint, start_run
+    from rlhfkit.checkpoint import load_checkpoint, save_checkpoint
+    from rlhfkit.training import disable_dropout, make_adamw, start_run
     from rlhfkit.data.collate import EncodedPreferences, collate, plan_batches, split_effective_batch
     from rlhfkit.data.readers import describe
     from rlhfkit.models.reward import RewardModel
@@ -213,6 +215,8 @@ def train_reward_model(cfg: RMTrainConfig) -> dict[str, Any]:
         raise ConfigError(f"loss 'token-pairwise' needs a decoder backbone; {cfg.model} is an encoder")
     if main and rm.meta.kind == "encoder" and rm.meta.pooling != "auto":
         logger.warning("pooling=%s: AutoModelForSequenceClassification will not reproduce these scores (use auto for interop)", rm.meta.pooling)
+    if cfg.disable_dropout:
+        disable_dropout(rm)
     _apply_lora_and_freezing(rm, cfg)
     train_data = EncodedPreferences.build(train_ex, rm.encode, cfg.max_length, what=cfg.train)
     eval_data = EncodedPreferences.build(eval_ex, rm.encode, cfg.max_length, what=cfg.eval or "eval split") if eval_ex else None
@@ -230,7 +234,7 @@ def train_reward_model(cfg: RMTrainConfig) -> dict[str, Any]:
     steps_per_epoch = math.ceil(len(train_data) / effective)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
 
-    optimizer = torch.optim.AdamW(_param_groups(rm, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = make_adamw(_param_groups(rm, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = get_scheduler(
         cfg.scheduler, optimizer, num_warmup_steps=int(cfg.warmup_ratio * total_steps), num_training_steps=total_steps
     )

@@ -242,7 +242,8 @@ def train_sft(cfg: SFTConfig) -> dict[str, Any]:
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
-    from rlhfkit.checkpoint import load_checkpoint, save_checkpoint, start_run
+    from rlhfkit.checkpoint import load_checkpoint, save_checkpoint
+    from rlhfkit.training import make_adamw, start_run
     from rlhfkit.data.collate import plan_batches, split_effective_batch
     from rlhfkit.sft.data import EncodedSFT, collate, pack_examples
     from rlhfkit.sft.losses import sft_loss
@@ -295,7 +296,7 @@ def train_sft(cfg: SFTConfig) -> dict[str, Any]:
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
 
     # 2. optimizer, schedule, state ------------------------------------------------------
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = make_adamw([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=int(cfg.warmup_ratio * total_steps), num_training_steps=total_steps)
     wrapped, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)

@@ -1,0 +1,606 @@
+"""rlhfkit's reward-model trainer against TRL's ``RewardTrainer``, on the same rank lists.
+
+    .venv-bench/bin/python benchmarks/rm_vs_trl.py            # defaults below, ~8-10 min on 2 cores
+    .venv-bench/bin/python benchmarks/rm_vs_trl.py --n-train 16 --n-eval 16   # smoke run
+
+One invocation trains both sides one after the other, each in its own subprocess (the
+script re-invokes itself with ``--side ours|trl``), then prints lists/second for both, the
+throughput ratio (ours / TRL), each side's peak RSS and both held-out accuracies, and writes
+``benchmarks/results/rm_vs_trl.json``. TRL is not a dependency of rlhfkit: it lives in
+``.venv-bench`` (see ``benchmarks/README.md`` and ``INSTALL`` below).
+
+Fairness rules (what both sides share):
+
+- Backbone: ``--backbone`` (default ``minilm-l6``, the embedded all-MiniLM-L6-v2), loaded as
+  ``AutoModelForSequenceClassification(num_labels=1)`` in fp32 on both sides.
+- Data: the first ``--n-train`` lists of ``--data`` (K=4 reviews, best first), held-out
+  lists ``--eval-start`` .. ``+--n-eval``. rlhfkit trains on the lists (each text encoded
+  once: 4 sequences per list); TRL trains on every list expanded into its C(K,2) ordered
+  (chosen, rejected) pairs (12 sequences per list).
+- Length: every text is PRE-TRUNCATED (at a token boundary, with the backbone's tokenizer)
+  so that it fits ``--max-length`` tokens *with* the special/EOS tokens either side adds.
+  TRL's ``RewardTrainer`` silently drops pairs longer than ``max_length``; the TRL side
+  asserts its train dataset still has every pair after TRL's preprocessing, and that its
+  token ids equal rlhfkit's, text for text.
+- Optimisation: same learning rate, linear schedule with the same number of warm-up steps
+  (``int(warmup_ratio * steps)``, computed once and handed to both), AdamW with weight decay
+  0, gradient clipping at 1.0, 1 epoch, the same seed, and the same lists per optimizer
+  step: rlhfkit ``--batch-size`` lists, TRL the C(K,2) pairs of as many lists
+  (``per_device_train_batch_size = batch_size * C(K,2)``, i.e. 48 pairs for 8 lists of 4;
+  ``--trl-grad-accum`` splits that into micro-batches if memory demands, same pairs per
+  step). Both objectives are the mean of -log sigmoid(r_w - r_l) over the step's pairs.
+- Each side at its best on a CPU: fp32 (TRL ``bf16=False``; rlhfkit ``mixed_precision=no``),
+  no gradient checkpointing (asserted for TRL), no evaluation or checkpoints during
+  training, logging once at the end, no progress bar, no TensorBoard /
+  ``report_to="none"``, data-loader workers 0.
+- Dropout (``--dropout``): ``off`` by default on both sides. TRL's ``RewardTrainer`` sets
+  every dropout module to p=0 (``disable_dropout=True``, its default); rlhfkit has no such
+  switch and trains with the backbone's dropout (MiniLM: 0.1), which also costs time (about
+  13% of a MiniLM forward+backward on one CPU thread) and, here, accuracy. So by default
+  both sides load a copy of the backbone whose config sets every dropout probability to 0
+  (weights symlinked). ``on``: both with the backbone's dropout; ``defaults``: each side's
+  default.
+- Threads (``--threads``, default 1 per side): on the shared 2-core machine, two OpenMP
+  threads stall at every barrier while other jobs run, and step times vary several-fold
+  (plain AdamW's 200 small kernels per step suffer most); one thread is faster there and
+  stable. ``--threads 0`` uses PyTorch's default (one per core).
+- Left as each library ships it: TRL uses fused AdamW and random pair sampling
+  (``--trl-group-by-length`` gives it transformers' ``LengthGroupedSampler``); rlhfkit uses
+  plain ``torch.optim.AdamW`` and always batches lists of similar length.
+- Evaluation: the same code scores both saved models: ``RewardModel.from_pretrained(dir)``
+  then ``rlhfkit.rm.evaluate.evaluate`` on the same pre-truncated held-out lists
+  (pairwise accuracy over all ordered pairs, list-exact accuracy over whole lists). The
+  report adds a 95% paired bootstrap interval (resampling held-out lists) for each
+  accuracy difference: on 200 lists a difference of a few points can be noise.
+
+What is timed. The headline "training loop" is measured identically on both sides by two
+global PyTorch hooks: from the first ``nn.Module`` forward call to the end of the last
+``optimizer.step()`` (the forward hook removes itself after the first call, so it costs
+nothing afterwards; the step hook also counts optimizer steps, which must match). That
+excludes model loading, tokenisation, saving and evaluation on both sides. Also reported,
+for transparency: ``time.perf_counter`` around the whole call of each side, namely
+``trainer.train()`` for TRL (after the trainer was built: model load and tokenisation are
+in its constructor) and ``train_reward_model(cfg)`` for rlhfkit (which also loads the
+model, tokenises, writes a resumable checkpoint, exports the model twice and draws its
+curves, so it is not comparable as is). Peak RSS is the child process's ``VmHWM`` read
+right after training, before saving and evaluating.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "sentiment_ranklists.tsv"
+DEFAULT_OUTPUT = REPO / "benchmarks" / "results" / "rm_vs_trl.json"
+
+INSTALL = """\
+TRL is not importable from {python}. It is not an rlhfkit dependency; the benchmark runs in
+its own virtualenv. From the repository root:
+
+    python3 -m venv .venv-bench
+    .venv-bench/bin/pip install torch==2.13.0     # first and pinned: a plain torch pulls CUDA wheels
+    .venv-bench/bin/pip install -e .
+    .venv-bench/bin/pip install --no-deps -r benchmarks/requirements-peer.txt
+
+then run: .venv-bench/bin/python benchmarks/rm_vs_trl.py
+"""
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@dataclass
+class Args:
+    """Benchmark rlhfkit's reward-model training against TRL's RewardTrainer on the same rank lists."""
+
+    backbone: str = field(default="minilm-l6", metadata={"help": "backbone for both sides: minilm-l6, smollm2-135m or a checkpoint folder"})
+    data: str = field(default=str(DEFAULT_DATA), metadata={"help": "rank-list TSV (one list per line, best first)"})
+    n_train: int = field(default=400, metadata={"help": "train on the first N lists"})
+    n_eval: int = field(default=200, metadata={"help": "evaluate on N held-out lists starting at --eval-start"})
+    eval_start: int = field(default=2000, metadata={"help": "0-based index of the first held-out list (2000 = line 2001)"})
+    max_length: int = field(default=64, metadata={"help": "tokens per text, special/EOS tokens included (texts are pre-truncated to fit)"})
+    batch_size: int = field(default=8, metadata={"help": "lists per optimizer step (TRL: their C(K,2) pairs each)"})
+    trl_grad_accum: int = field(default=1, metadata={"help": "TRL only: split each step's pairs into this many micro-batches (memory)"})
+    lr: float = field(default=1e-4, metadata={"help": "peak learning rate, both sides"})
+    warmup_ratio: float = field(default=0.05, metadata={"help": "share of steps warming up (linear schedule), both sides"})
+    epochs: int = field(default=1, metadata={"help": "passes over the training lists"})
+    seed: int = field(default=42, metadata={"help": "seed for both sides"})
+    eval_batch_size: int = field(default=64, metadata={"help": "texts per forward pass when evaluating"})
+    dropout: Literal["off", "on", "defaults"] = field(default="off", metadata={"help": "off: both sides without dropout (a copy of the backbone with its dropout set to 0; TRL's default); on: both with the backbone's dropout; defaults: each side's default (TRL off, rlhfkit on)"})
+    trl_group_by_length: bool = field(default=False, metadata={"help": "give TRL transformers' LengthGroupedSampler (rlhfkit always groups by length)"})
+    threads: int = field(default=1, metadata={"help": "PyTorch CPU threads per side (0: PyTorch's default, one per core); see the module docstring"})
+    order: str = field(default="ours,trl", metadata={"help": "which side runs first: ours,trl or trl,ours"})
+    output: str = field(default=str(DEFAULT_OUTPUT), metadata={"help": "JSON result file"})
+    work_dir: str | None = field(default=None, metadata={"help": "keep data, models and logs here (default: a temporary folder, removed after a good run)"})
+    side: Literal["ours", "trl"] | None = field(default=None, metadata={"help": "internal: run one side in this process"})
+
+    def __post_init__(self):
+        from rlhfkit.config import ConfigError
+
+        if self.threads < 0:
+            raise ConfigError(f"option 'threads' must be >= 0, got {self.threads}")
+        for name in ("n_train", "n_eval", "batch_size", "trl_grad_accum", "epochs", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"option '{name}' must be >= 1, got {getattr(self, name)}")
+        if self.eval_start < self.n_train:
+            raise ConfigError(f"--eval-start {self.eval_start} overlaps the {self.n_train} training lists; use --eval-start >= --n-train")
+        if self.max_length < 8:
+            raise ConfigError(f"option 'max_length' must be at least 8, got {self.max_length}")
+        if sorted(self.order.split(",")) != ["ours", "trl"]:
+            raise ConfigError(f"option 'order' got {self.order!r}; use ours,trl or trl,ours")
+
+
+# --------------------------------------------------------------------------------------
+# Shared by both sides
+# --------------------------------------------------------------------------------------
+
+
+class LoopClock:
+    """Times a training loop identically on both sides, with global PyTorch hooks.
+
+    ``start``: the first ``nn.Module`` forward after ``install()`` (the hook then removes
+    itself, so later forwards take the fast path). ``end``: the end of the latest
+    ``optimizer.step()``; ``steps`` counts them.
+    """
+
+    def __init__(self):
+        self.start: float | None = None
+        self.end: float | None = None
+        self.steps = 0
+        self.step_ends: list[float] = []  # seconds since start, one per optimizer step
+
+    def install(self) -> None:
+        from torch.nn.modules.module import register_module_forward_pre_hook
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        self._fwd = register_module_forward_pre_hook(self._on_forward)
+        self._opt = register_optimizer_step_post_hook(self._on_step)
+
+    def remove(self) -> None:
+        self._fwd.remove()
+        self._opt.remove()
+
+    def _on_forward(self, module, args):
+        self.start = time.perf_counter()
+        self._fwd.remove()  # safe here: torch iterates over a copy of the hooks
+
+    def _on_step(self, optimizer, args, kwargs):
+        self.steps += 1
+        self.end = time.perf_counter()
+        self.step_ends.append(self.end - (self.start or self.end))
+
+    @property
+    def seconds(self) -> float:
+        if self.start is None or self.end is None:
+            raise RuntimeError("the training loop ran no forward or no optimizer step")
+        return self.end - self.start
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident set size so far (VmHWM), in MiB."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+
+
+def evaluate_saved(model_dir: Path, eval_path: Path, max_length: int, batch_size: int) -> dict[str, Any]:
+    """Held-out metrics of a saved reward model: the same code for both sides."""
+    from rlhfkit.data.collate import EncodedPreferences
+    from rlhfkit.data.readers import read_preferences
+    from rlhfkit.models.reward import RewardModel
+    from rlhfkit.rm.evaluate import evaluate
+
+    rm = RewardModel.from_pretrained(model_dir, max_length=max_length)
+    data = EncodedPreferences.build(read_preferences(eval_path), rm.encode, max_length, what=str(eval_path))
+    assert data.n_truncated == 0, f"{data.n_truncated} held-out texts were cut again: the pre-truncation did not fit"
+    metrics, scores = evaluate(rm, data, rm.pad, batch_size=batch_size)
+    keep = ("pairwise_accuracy", "list_exact_accuracy", "kendall_tau", "n_lists", "n_pairs", "accuracy_first_vs_last", "length_corr")
+    out = {k: metrics[k] for k in keep}
+    # Per list, for the paired bootstrap in the report: correct pairs and pairs.
+    out["list_correct"], out["list_pairs"] = [], []
+    for ex, idx in zip(data.examples, data.lists):
+        r = scores[idx].tolist()
+        pairs = ex.ordered_pairs()
+        out["list_correct"].append(sum(r[a] > r[b] for a, b in pairs))
+        out["list_pairs"].append(len(pairs))
+    assert abs(sum(out["list_correct"]) / sum(out["list_pairs"]) - out["pairwise_accuracy"]) < 1e-9
+    return out
+
+
+def paired_bootstrap(ours: dict[str, Any], trl: dict[str, Any], seed: int, n: int = 2000) -> dict[str, list[float]]:
+    """95% intervals of ours - TRL for pairwise and list-exact accuracy, resampling held-out lists."""
+    import random
+
+    rng = random.Random(seed)
+    m = len(ours["list_pairs"])
+    pw, ex = [], []
+    for _ in range(n):
+        idx = [rng.randrange(m) for _ in range(m)]
+        total = sum(ours["list_pairs"][i] for i in idx)
+        pw.append(sum(ours["list_correct"][i] - trl["list_correct"][i] for i in idx) / total)
+        ex.append(sum((ours["list_correct"][i] == ours["list_pairs"][i]) - (trl["list_correct"][i] == trl["list_pairs"][i]) for i in idx) / m)
+    ci = lambda v: [sorted(v)[int(0.025 * n)], sorted(v)[int(0.975 * n) - 1]]  # noqa: E731
+    return {"pairwise_accuracy": ci(pw), "list_exact_accuracy": ci(ex)}
+
+
+def steps_per_run(n_lists: int, lists_per_step: int, epochs: int) -> int:
+    # rlhfkit's count (ceil per epoch); TRL's is the same for pairs = lists * C(K,2).
+    return epochs * math.ceil(n_lists / lists_per_step)
+
+
+# --------------------------------------------------------------------------------------
+# The two sides (each in its own subprocess)
+# --------------------------------------------------------------------------------------
+
+
+def run_ours(args: Args, work: Path) -> dict[str, Any]:
+    from rlhfkit.rm.train import RMTrainConfig, train_reward_model
+
+    prepared = json.loads((work / "prepared.json").read_text())
+    never = 10**9
+    cfg = RMTrainConfig(
+        train=str(work / "train.tsv"), output=str(work / "ours"), model=prepared["backbone_path"], loss="pairwise",
+        epochs=float(args.epochs), batch_size=args.batch_size, grad_accum=1, lr=args.lr, weight_decay=0.0,
+        warmup_ratio=args.warmup_ratio, scheduler="linear", max_grad_norm=1.0, max_length=args.max_length,
+        seed=args.seed, mixed_precision="no", tensorboard=False, progress=False,
+        log_every=never, eval_every=never, save_every=never,
+    )
+    clock = LoopClock()
+    clock.install()
+    t0 = time.perf_counter()
+    train_reward_model(cfg)
+    call_s = time.perf_counter() - t0
+    rss = peak_rss_mib()
+    clock.remove()
+    return {"loop_s": clock.seconds, "steps": clock.steps, "step_ends_s": clock.step_ends, "call_s": call_s, "peak_rss_mib": rss,
+            "sequences_per_step": args.batch_size * prepared["k"], "model_dir": str(work / "ours" / "last")}
+
+
+def run_trl(args: Args, work: Path) -> dict[str, Any]:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import RewardConfig, RewardTrainer
+
+    from rlhfkit.data.readers import read_preferences
+
+    examples = read_preferences(work / "train.tsv")
+    expected_ids = json.loads((work / "train_token_ids.json").read_text())  # rlhfkit's ids, per list
+    chosen, rejected, ids_c, ids_r = [], [], [], []
+    for ex, list_ids in zip(examples, expected_ids):
+        for a, b in ex.ordered_pairs():
+            chosen.append(ex.responses[a])
+            rejected.append(ex.responses[b])
+            ids_c.append(list_ids[a])
+            ids_r.append(list_ids[b])
+    pairs_per_list = len(chosen) // len(examples)
+
+    model_path = json.loads((work / "prepared.json").read_text())["backbone_path"]
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if tokenizer.eos_token is not None:
+        # TRL's own path: it appends the EOS string and tokenises.
+        columns = {"chosen": chosen, "rejected": rejected}
+    else:
+        # BERT-style tokenizers have no EOS and TRL's add_eos step fails on None, so give TRL
+        # its documented pre-tokenised columns, made exactly as its tokenize step would.
+        columns = {"chosen_ids": [tokenizer(t)["input_ids"] for t in chosen],
+                   "rejected_ids": [tokenizer(t)["input_ids"] for t in rejected]}
+    remove_unused = True
+    if args.trl_group_by_length:
+        columns["length"] = [max(len(c), len(r)) for c, r in zip(ids_c, ids_r)]
+        remove_unused = False  # the Trainer would drop 'length' before the sampler reads it
+    dataset = Dataset.from_dict(columns)
+
+    steps = steps_per_run(len(examples), args.batch_size, args.epochs)
+    pairs_per_step = args.batch_size * pairs_per_list
+    if pairs_per_step % args.trl_grad_accum:
+        raise SystemExit(f"--trl-grad-accum {args.trl_grad_accum} does not divide the {pairs_per_step} pairs of a step")
+    config = RewardConfig(
+        output_dir=str(work / "trl"), per_device_train_batch_size=pairs_per_step // args.trl_grad_accum,
+        gradient_accumulation_steps=args.trl_grad_accum, num_train_epochs=args.epochs, learning_rate=args.lr,
+        lr_scheduler_type="linear", warmup_steps=int(args.warmup_ratio * steps), weight_decay=0.0, max_grad_norm=1.0,
+        seed=args.seed, data_seed=args.seed, bf16=False, fp16=False, activation_checkpointing=False,
+        max_length=args.max_length, disable_dropout=args.dropout != "on", model_init_kwargs={"dtype": torch.float32},
+        eval_strategy="no", save_strategy="no", logging_strategy="steps", logging_steps=10**9, report_to="none",
+        dataloader_num_workers=0, dataloader_pin_memory=False, disable_tqdm=True, remove_unused_columns=remove_unused,
+        train_sampling_strategy="group_by_length" if args.trl_group_by_length else "random",
+    )
+    trainer = RewardTrainer(model=model_path, args=config, train_dataset=dataset, processing_class=tokenizer)
+
+    # TRL filters out pairs longer than max_length without a word: none may be missing.
+    got = trainer.train_dataset
+    assert len(got) == len(chosen), f"TRL kept {len(got)} of {len(chosen)} pairs after preprocessing"
+    mismatched = sum(c != ec or r != er for c, r, ec, er in zip(got["chosen_ids"], got["rejected_ids"], ids_c, ids_r))
+    assert mismatched == 0, f"{mismatched} of {len(chosen)} TRL pairs are tokenised differently from rlhfkit's texts"
+
+    clock = LoopClock()
+    clock.install()
+    t0 = time.perf_counter()
+    trainer.train()
+    call_s = time.perf_counter() - t0
+    rss = peak_rss_mib()
+    clock.remove()
+    assert not trainer.model.is_activation_checkpointing, "TRL trained with gradient checkpointing on"
+    trainer.save_model(str(work / "trl" / "model"))
+    return {"loop_s": clock.seconds, "steps": clock.steps, "step_ends_s": clock.step_ends, "call_s": call_s, "peak_rss_mib": rss,
+            "sequences_per_step": 2 * pairs_per_step, "pairs": len(chosen), "model_dir": str(work / "trl" / "model"),
+            "trl_disable_dropout": args.dropout != "on", "trl_group_by_length": args.trl_group_by_length}
+
+
+def run_side(args: Args) -> int:
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    work = Path(args.work_dir)
+    result = run_ours(args, work) if args.side == "ours" else run_trl(args, work)
+    n_lists = len(json.loads((work / "train_token_ids.json").read_text()))
+    expected_steps = steps_per_run(n_lists, args.batch_size, args.epochs)  # accumulation does not change it
+    if result["steps"] != expected_steps:
+        raise SystemExit(f"{args.side}: {result['steps']} optimizer steps, expected {expected_steps}")
+    result["lists_per_s"] = n_lists * args.epochs / result["loop_s"]
+    result["eval"] = evaluate_saved(Path(result["model_dir"]), work / "eval.tsv", args.max_length, args.eval_batch_size)
+    result["torch_threads"] = torch.get_num_threads()
+    (work / f"{args.side}.json").write_text(json.dumps(result, indent=2))
+    return 0
+
+
+# --------------------------------------------------------------------------------------
+# The parent: prepare the data once, run both sides, report
+# --------------------------------------------------------------------------------------
+
+
+def truncate_text(tokenizer, text: str, budget: int) -> str:
+    """The longest prefix of ``text``, cut at a token boundary, of at most ``budget`` tokens."""
+    def n_tokens(s: str) -> int:
+        return len(tokenizer(s, add_special_tokens=False)["input_ids"])
+
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    if len(enc["input_ids"]) <= budget:
+        return text
+    keep = budget
+    while keep > 0:
+        prefix = text[: enc["offset_mapping"][keep - 1][1]]
+        if n_tokens(prefix) <= budget:  # a prefix may tokenise differently (byte-level BPE): check
+            return prefix
+        keep -= 1
+    raise ValueError(f"cannot fit {text[:40]!r} into {budget} tokens")
+
+
+def backbone_without_dropout(path: Path, work: Path) -> tuple[Path, dict[str, float]]:
+    """A copy of checkpoint ``path`` whose config sets every dropout probability to 0.
+
+    The weights are symlinked, only ``config.json`` is rewritten. This is what TRL's
+    ``disable_dropout=True`` does to the modules, done in a way rlhfkit reads too.
+    """
+    config = json.loads((path / "config.json").read_text())
+    zeroed = {k: v for k, v in config.items()
+              if ("dropout" in k.lower() or k.endswith("pdrop")) and type(v) in (int, float) and v > 0}
+    if not zeroed:
+        return path, {}
+    dst = work / "backbone"
+    dst.mkdir()
+    for f in path.iterdir():
+        if f.name != "config.json":
+            (dst / f.name).symlink_to(f.resolve())
+    (dst / "config.json").write_text(json.dumps({**config, **{k: 0.0 for k in zeroed}}, indent=2))
+    return dst, zeroed
+
+
+def prepare_data(args: Args, work: Path) -> dict[str, Any]:
+    """Pre-truncate train and held-out lists, write them as TSV, record rlhfkit's token ids.
+
+    Also fixes the backbone both sides load (``--dropout off``: a dropout-free copy) and
+    writes WORK/prepared.json for the two sides.
+    """
+    from rlhfkit.data.readers import read_preferences
+    from rlhfkit.data.types import PreferenceExample
+    from rlhfkit.data.writers import write_preferences
+    from rlhfkit.models.hub import resolve_model
+    from rlhfkit.models.reward import RewardModel
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # the new head's "MISSING" load report is expected
+    hf_logging.disable_progress_bar()
+
+    examples = read_preferences(args.data)
+    if args.eval_start + args.n_eval > len(examples):
+        raise SystemExit(f"{args.data} has {len(examples)} lists; --eval-start {args.eval_start} + --n-eval {args.n_eval} needs more")
+    train, held_out = examples[: args.n_train], examples[args.eval_start : args.eval_start + args.n_eval]
+    ks = {ex.k for ex in train}
+    if len(ks) != 1 or any(ex.prompt for ex in train + held_out):
+        raise SystemExit(f"{args.data}: the benchmark needs prompt-free lists of one size K (found K in {sorted(ks)}), "
+                         "so that a step of B lists is exactly B * C(K,2) pairs for TRL")
+
+    # Resolving here converts a GGUF alias to the cache once, outside the timings.
+    backbone = Path(resolve_model(args.backbone))
+    zeroed: dict[str, float] = {}
+    if args.dropout == "off":
+        backbone, zeroed = backbone_without_dropout(backbone, work)
+    rm = RewardModel.from_pretrained(backbone, max_length=args.max_length)
+    tok = rm.tokenizer
+    if not getattr(tok, "is_fast", False):
+        raise SystemExit(f"{args.backbone}: pre-truncation needs a fast tokenizer (token offsets)")
+    probe = "a"
+    overhead = len(rm.encode("", probe)[0]["input_ids"]) - len(tok(probe, add_special_tokens=False)["input_ids"])
+    budget = args.max_length - overhead  # room left after [CLS]/[SEP] or EOS
+
+    n_cut = 0
+
+    def cut(part: list[PreferenceExample]) -> list[PreferenceExample]:
+        nonlocal n_cut
+        out = []
+        for ex in part:
+            texts = tuple(truncate_text(tok, t, budget) for t in ex.responses)
+            n_cut += sum(a != b for a, b in zip(texts, ex.responses))
+            if len(set(texts)) != len(texts):
+                raise SystemExit(f"{ex.source}: two texts are equal after truncation to {args.max_length} tokens; raise --max-length")
+            out.append(PreferenceExample(prompt="", responses=texts, ranks=ex.ranks, source=ex.source))
+        return out
+
+    train, held_out = cut(train), cut(held_out)
+    write_preferences(work / "train.tsv", train, "ranklist-tsv", prompt_column=False)
+    write_preferences(work / "eval.tsv", held_out, "ranklist-tsv", prompt_column=False)
+    token_ids = []
+    for ex in train:
+        row = []
+        for t in ex.responses:
+            feats, _, was_cut = rm.encode("", t)
+            assert not was_cut and len(feats["input_ids"]) <= args.max_length
+            row.append(feats["input_ids"])
+        token_ids.append(row)
+    (work / "train_token_ids.json").write_text(json.dumps(token_ids))
+    k = ks.pop()
+    prepared = {"backbone_path": str(backbone), "dropout_zeroed": zeroed, "k": k, "train_lists": len(train),
+                "train_pairs": len(train) * k * (k - 1) // 2, "eval_lists": len(held_out),
+                "texts_pre_truncated": n_cut, "texts_total": (len(train) + len(held_out)) * k}
+    (work / "prepared.json").write_text(json.dumps(prepared, indent=2))
+    return prepared
+
+
+def run_child(side: str, work: Path, threads: int) -> dict[str, Any]:
+    """Run one side in a fresh interpreter; its log goes to WORK/SIDE.log."""
+    log = work / f"{side}.log"
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--config", str(work / "args.yaml"), "--side", side]
+    t0 = time.perf_counter()
+    with log.open("w") as f:
+        env = dict(os.environ)
+        if threads:
+            env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage: peak RSS of the whole process
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-30:])
+        raise SystemExit(f"the {side} side failed (exit {proc.returncode}); last lines of {log}:\n{tail}")
+    result = json.loads((work / f"{side}.json").read_text())
+    result["process_s"] = time.perf_counter() - t0
+    result["process_peak_rss_mib"] = usage.ru_maxrss / 1024
+    return result
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name in ("rlhfkit", "torch", "transformers", "accelerate", "datasets", "trl"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "missing"
+    return out
+
+
+def report(args: Args, data: dict[str, Any], ours: dict[str, Any], trl: dict[str, Any], env: dict[str, Any], ci: dict[str, list[float]]) -> str:
+    ratio = ours["lists_per_s"] / trl["lists_per_s"]
+    oe, te = ours["eval"], trl["eval"]
+    diff = oe["pairwise_accuracy"] - te["pairwise_accuracy"]
+    lo, hi = ci["pairwise_accuracy"]
+    if ratio < 2.5:
+        verdict = f"NOT met: {ratio:.2f}x"
+    elif diff >= 0:
+        verdict = f"met: {ratio:.2f}x at {diff:+.4f} pairwise accuracy"
+    elif hi >= 0:
+        verdict = (f"throughput met ({ratio:.2f}x); pairwise accuracy {diff:+.4f}, lower but not distinguishable "
+                   f"from TRL's on these {oe['n_lists']} lists (95% CI of the difference includes 0)")
+    else:
+        verdict = f"NOT met: {ratio:.2f}x but pairwise accuracy {diff:+.4f} (95% CI excludes 0)"
+    rows = [
+        ("lists/s (training loop)", f"{ours['lists_per_s']:.2f}", f"{trl['lists_per_s']:.2f}", f"**{ratio:.2f}x**"),
+        ("training loop (s)", f"{ours['loop_s']:.1f}", f"{trl['loop_s']:.1f}", f"{trl['loop_s'] / ours['loop_s']:.2f}x less"),
+        ("sequences per step", f"{ours['sequences_per_step']}", f"{trl['sequences_per_step']}", ""),
+        ("peak RSS, load + train (MiB)", f"{ours['peak_rss_mib']:.0f}", f"{trl['peak_rss_mib']:.0f}", f"{ours['peak_rss_mib'] / trl['peak_rss_mib']:.2f}"),
+        ("held-out pairwise accuracy", f"{oe['pairwise_accuracy']:.4f}", f"{te['pairwise_accuracy']:.4f}",
+         f"{diff:+.4f} [{lo:+.3f}, {hi:+.3f}]"),
+        ("held-out list-exact accuracy", f"{oe['list_exact_accuracy']:.4f}", f"{te['list_exact_accuracy']:.4f}",
+         f"{oe['list_exact_accuracy'] - te['list_exact_accuracy']:+.4f} [{ci['list_exact_accuracy'][0]:+.3f}, {ci['list_exact_accuracy'][1]:+.3f}]"),
+        ("whole call (s): train_reward_model / trainer.train", f"{ours['call_s']:.1f}", f"{trl['call_s']:.1f}", ""),
+    ]
+    lines = [
+        f"Reward model, {args.backbone}: {data['train_lists']} lists of K={data['k']} ({data['train_pairs']} pairs for TRL), "
+        f"{args.epochs} epoch(s), {ours['steps']} steps of {args.batch_size} lists, lr {args.lr:g}, max length {args.max_length} "
+        f"({data['texts_pre_truncated']} of {data['texts_total']} texts pre-truncated), held-out {data['eval_lists']} lists.",
+        f"CPU: {env['cpus']} cores, torch threads {ours['torch_threads']}, load average at start {env['loadavg']}; "
+        f"torch {env['versions']['torch']}, transformers {env['versions']['transformers']}, trl {env['versions']['trl']}. "
+        f"Order: {args.order}. Dropout: {args.dropout}"
+        + (f" (zeroed {', '.join(data['dropout_zeroed'])})." if data["dropout_zeroed"] else "."),
+        "",
+        "| | rlhfkit | TRL RewardTrainer | ours vs TRL |",
+        "| --- | ---: | ---: | ---: |",
+        *[f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows],
+        "",
+        "Accuracy differences: [95% paired bootstrap interval over the held-out lists].",
+        f"Target (>= 2.5x TRL's lists/s at equal or better pairwise accuracy): {verdict}.",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rlhfkit.config import parse_args, save_yaml
+
+    args = parse_args(Args, argv, prog="rm_vs_trl.py")
+    if args.side:
+        return run_side(args)
+    if importlib.util.find_spec("trl") is None:
+        print(INSTALL.format(python=sys.executable), file=sys.stderr)
+        return 2
+
+    keep = args.work_dir is not None
+    work = Path(args.work_dir) if keep else Path(tempfile.mkdtemp(prefix="rm_vs_trl-"))
+    work.mkdir(parents=True, exist_ok=True)
+    args.work_dir = str(work)
+    save_yaml(args, work / "args.yaml")
+    env = {"cpus": os.cpu_count(), "loadavg": " ".join(f"{x:.1f}" for x in os.getloadavg()), "versions": versions()}
+
+    t0 = time.perf_counter()
+    print(f"preparing data in {work} ...", flush=True)
+    data = prepare_data(args, work)
+    results = {}
+    for i, side in enumerate(args.order.split(","), 1):
+        name = "rlhfkit" if side == "ours" else "TRL RewardTrainer"
+        print(f"[{i}/2] {name}: training on {data['train_lists']} lists, then evaluating (log: {work / side}.log) ...", flush=True)
+        results[side] = run_child(side, work, args.threads)
+        r = results[side]
+        print(f"      {r['lists_per_s']:.2f} lists/s, loop {r['loop_s']:.1f} s, pairwise accuracy {r['eval']['pairwise_accuracy']:.4f}", flush=True)
+
+    ci = paired_bootstrap(results["ours"]["eval"], results["trl"]["eval"], args.seed)
+    table = report(args, data, results["ours"], results["trl"], env, ci)
+    print()
+    print(table)
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    record = {
+        "command": " ".join([os.path.relpath(sys.executable, REPO), "benchmarks/rm_vs_trl.py", *(argv if argv is not None else sys.argv[1:])]),
+        "args": {k: v for k, v in vars(args).items() if k not in ("side", "work_dir")},
+        "data": data, "env": env, "ours": results["ours"], "trl": results["trl"],
+        "throughput_ratio": results["ours"]["lists_per_s"] / results["trl"]["lists_per_s"],
+        "accuracy_difference_ci95": ci,
+        "total_s": time.perf_counter() - t0, "table_markdown": table,
+    }
+    out.write_text(json.dumps(record, indent=2))
+    print(f"\nwrote {out}")
+    if not keep:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
