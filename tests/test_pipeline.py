@@ -79,3 +79,27 @@ evaluation: {{n_prompts: 4, bon: [1, 2, 4], max_new_tokens: 8}}
     assert json.loads((out / "reward_model" / "stage.json").read_text())["hash"] == marks["reward_model"]
     assert json.loads((out / "ppo" / "stage.json").read_text())["hash"] != marks["ppo"]
     assert "reused (complete, same config)" in (out / "report.md").read_text()
+
+
+def test_interrupted_stage_resumes_from_its_checkpoint_or_restarts(tmp_path):
+    from rlhfkit.pipeline.run import Runner
+
+    calls = []
+
+    def run(folder, resume):
+        calls.append(resume)
+        if len(calls) == 1:
+            raise KeyboardInterrupt  # killed before its first checkpoint
+        if len(calls) == 2:
+            (folder / "checkpoint").mkdir()
+            (folder / "checkpoint" / "trainer_state.json").write_text("{}")
+            raise KeyboardInterrupt  # killed after a checkpoint
+        return {"ok": True}
+
+    for _ in range(2):
+        with pytest.raises(KeyboardInterrupt):
+            Runner(tmp_path, []).stage("ppo", {"a": 1}, run)
+    res = Runner(tmp_path, []).stage("ppo", {"a": 1}, run)
+    assert calls == [False, False, True] and res.summary == {"ok": True}
+    again = Runner(tmp_path, []).stage("ppo", {"a": 1}, run)
+    assert again.reused and calls == [False, False, True]

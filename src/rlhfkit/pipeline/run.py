@@ -93,11 +93,14 @@ class Runner:
                 return res
         resume = False
         if folder.exists():
+            from rlhfkit.checkpoint import find_checkpoint
+
             started = folder / "stage.started.json"
-            if started.is_file() and json.loads(started.read_text()).get("hash") == digest and name not in self.force and not marker.is_file():
+            same = started.is_file() and json.loads(started.read_text()).get("hash") == digest
+            if same and name not in self.force and not marker.is_file() and find_checkpoint(folder) is not None:
                 resume = True
-                logger.warning("stage %s: resuming an interrupted run in %s", name, folder)
-            else:
+                logger.warning("stage %s: resuming an interrupted run from %s", name, find_checkpoint(folder))
+            else:  # changed, forced, or stopped before its first checkpoint: start it afresh
                 shutil.rmtree(folder)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "stage.started.json").write_text(json.dumps({"hash": digest, "config": config}, default=str, indent=2))
