@@ -62,11 +62,12 @@ def _fmt(v: Any) -> str:
 
 def _summary_rows(name: str, summary: dict) -> list[tuple[str, str]]:
     keep = {
-        "sft": None,
+        "sft": ["n_train_examples", "step", "train/loss", "eval/loss", "train/tokens_per_s"],
         "preferences": ["source", "n_prompts", "k", "n_lists", "n_pairs", "n_with_ties", "n_no_preference", "n_duplicate_answers"],
         "reward_model": ["n_lists", "n_pairs", "pairwise_accuracy", "list_exact_accuracy", "kendall_tau",
                          "accuracy_first_vs_second", "accuracy_first_vs_last", "length_corr", "length_warning"],
-        "ppo": None,
+        "ppo": ["n_prompts", "step", "ppo/score_mean", "ppo/reward_mean", "ppo/kl", "ppo/kl_k3", "ppo/kl_coef", "ppo/entropy",
+                "ppo/clipfrac", "ppo/approx_kl", "ppo/explained_variance", "ppo/response_length", "ppo/tokens_per_s"],
         "evaluation": ["n_prompts", "max_new_tokens", "temperature"],
     }[name]
     items = [(k, v) for k, v in summary.items() if not isinstance(v, (list,)) and k != "samples"]

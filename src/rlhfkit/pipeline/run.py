@@ -132,8 +132,10 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
         sft_cfg_dict = {"model": cfg.policy, **sft_opts}
 
         def run_sft(folder: Path, resume: bool) -> dict:
+            from rlhfkit.sft.data import read_sft_data
+
             sft_cfg = from_dict(SFTConfig, {**sft_cfg_dict, "output": str(folder), "resume": resume}, where="pipeline sft")
-            return _plain(train_sft(sft_cfg))
+            return {"n_train_examples": len(read_sft_data(sft_cfg.train)), **_plain(train_sft(sft_cfg))}
 
         _validate(SFTConfig, {**sft_cfg_dict, "output": "x"}, "sft")
         res = runner.stage("sft", {"config": sft_cfg_dict}, run_sft)
@@ -187,8 +189,10 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
         _validate(PPOConfig, {**ppo_dict, "output": "x"}, "ppo")
 
         def run_ppo(folder: Path, resume: bool) -> dict:
+            from rlhfkit.ppo.rollout import read_prompts
+
             ppo_cfg = from_dict(PPOConfig, {**ppo_dict, "output": str(folder), "resume": resume}, where="pipeline ppo")
-            return _plain(train_ppo(ppo_cfg))
+            return {"n_prompts": len(read_prompts(ppo_cfg.prompts)), **_plain(train_ppo(ppo_cfg))}
 
         res = runner.stage("ppo", {"config": ppo_dict, **upstream}, run_ppo)
         final_policy = str(res.folder / "policy")
