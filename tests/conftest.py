@@ -14,6 +14,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 WORDS = ["apple", "river", "stone", "cloud", "paper", "green", "quiet", "table", "light", "music", "north", "bread"]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from more threads, and on a shared 2-core machine two
+    OpenMP threads per process stall at every barrier (seen: 9 s -> 225 s)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_lm(tmp_path_factory) -> Path:
     from rlhfkit.models.tiny import build_tiny_causal_lm

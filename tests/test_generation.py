@@ -11,14 +11,6 @@ from rlhfkit.models.tiny import EOS, PAD, build_tiny_causal_lm
 PROMPTS = ["hi", "a much longer prompt than the first one", "mid-sized prompt"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny matmuls gain nothing from threads, and on a busy 2-core machine OpenMP's
-    # spinning threads make each generate() call ~100x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

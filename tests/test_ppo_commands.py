@@ -14,12 +14,6 @@ from rlhfkit.ppo.cli import main_bon, main_generate, main_ppo_eval
 from rlhfkit.ppo.commands import best_of_n_kl, expected_best_of_n
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_expected_best_of_n_equals_the_mean_over_all_subsets():

@@ -9,12 +9,6 @@ from rlhfkit.config import ConfigError
 from rlhfkit.ppo.critic import ActorCritic, Critic, load_critic, position_ids_from_mask
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_position_ids_count_real_tokens_only():

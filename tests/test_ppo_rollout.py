@@ -25,13 +25,6 @@ from rlhfkit.ppo.rollout import (
 EOS, PAD = 2, 0
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one thread avoids oversubscription stalls."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def load_lm(path, seed_offset: float | None = None):

@@ -18,13 +18,6 @@ from rlhfkit.tracking import read_metrics
 WORDS = ["the", "cat", "sat", "on", "a", "mat", "dog", "ran", "far", "big"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one thread avoids oversubscription stalls."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

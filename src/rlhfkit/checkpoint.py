@@ -10,13 +10,29 @@ leaves the previous complete checkpoint in place (or at ``checkpoint.old``, whic
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
 
-from rlhfkit.models.reward import replace_dir
 
 STATE_FILE = "trainer_state.json"
+
+
+def replace_dir(new: Path, target: Path) -> None:
+    """Swap ``new`` into ``target``: old moved aside, new renamed in, old removed.
+
+    At every instant either the old or the new folder is complete at ``target`` or at
+    ``target.old`` (which readers fall back to).
+    """
+    old = target.with_name(target.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(new, target)
+    if old.exists():
+        shutil.rmtree(old)
 
 
 def find_checkpoint(out_dir: str | Path) -> Path | None:

@@ -9,6 +9,12 @@ from typing import Any
 from rlhfkit.checkpoint import find_checkpoint
 
 
+class NonFiniteLossError(RuntimeError):
+    """A NaN or infinite loss or gradient: the run stops before the optimizer writes it into
+    the weights; the message names the step and the batch, and the last good checkpoint
+    stays as it was."""
+
+
 def start_run(cfg) -> tuple[Any, Path | None]:
     """The start every trainer shares: check ``--resume`` against the run folder, build the
     ``Accelerator`` (mixed precision ``auto``: bf16 on CUDA, fp32 on CPU), seed everything,

@@ -31,6 +31,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from rlhfkit.checkpoint import replace_dir
 from rlhfkit.models.hub import resolve_model
 from rlhfkit.models.tokenizers import ensure_distinct_pad
 
@@ -280,22 +281,6 @@ class RewardModel(nn.Module):
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-
-
-def replace_dir(new: Path, target: Path) -> None:
-    """Swap ``new`` into ``target``: old moved aside, new renamed in, old removed.
-
-    At every instant either the old or the new folder is complete at ``target`` or at
-    ``target.old`` (which readers fall back to).
-    """
-    old = target.with_name(target.name + ".old")
-    if old.exists():
-        shutil.rmtree(old)
-    if target.exists():
-        os.replace(target, old)
-    os.replace(new, target)
-    if old.exists():
-        shutil.rmtree(old)
 
 
 def _read_meta(path: str) -> RewardModelMeta | None:

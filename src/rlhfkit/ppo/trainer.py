@@ -25,6 +25,8 @@ continues exactly the run that stopped.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import copy
 import logging
 import math
@@ -237,7 +239,7 @@ def _export_policy(model, tokenizer, cfg: PPOConfig, out: Path) -> Path:
     import shutil
     import tempfile
 
-    from rlhfkit.models.reward import replace_dir
+    from rlhfkit.checkpoint import replace_dir
 
     actor = model.actor
     if hasattr(actor, "merge_and_unload"):
@@ -288,7 +290,7 @@ def _optimise(cfg: PPOConfig, accelerator, wrapped, optimizer, params, r, advant
             chunks = mb_inds.split(micro)
             for a, mc in enumerate(chunks):
                 weight = mask[mc].sum() / mb_tokens  # share of the minibatch's real tokens
-                sync = accelerator.no_sync(wrapped) if a < len(chunks) - 1 else _nullcontext()
+                sync = accelerator.no_sync(wrapped) if a < len(chunks) - 1 else nullcontext()
                 with sync, accelerator.autocast():
                     logits, values = wrapped(input_ids[mc], attention_mask[mc], N, cfg.temperature)  # (m, N, V), (m, N)
                     logprobs = logprobs_from_logits(logits, r.response_ids[mc])  # (m, N)
@@ -472,13 +474,6 @@ def _samples_text(step: int, r, n: int) -> str:
 def _short(text: str, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -14,6 +14,8 @@ the split (tests check 2 processes x b equals 1 x 2b, and 8 x 1 equals 1 x 8).
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import logging
 import math
 import os
@@ -23,6 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from rlhfkit.config import ConfigError
+from rlhfkit.training import NonFiniteLossError
 
 logger = logging.getLogger(__name__)
 
@@ -107,8 +110,6 @@ class RMTrainConfig:
             raise ConfigError(f"option 'max_length' must be at least 8, got {self.max_length}")
 
 
-class NonFiniteLossError(RuntimeError):
-    pass
 
 
 def _load_data(cfg: RMTrainConfig):
@@ -292,7 +293,7 @@ def train_reward_model(cfg: RMTrainConfig) -> dict[str, Any]:
                     list_ids, weight = [eff[0]], 0.0
                 batch = collate(train_data, list_ids, pad).to(accelerator.device)
                 sync = a == len(micro) - 1
-                ctx = accelerator.no_sync(model) if not sync else _nullcontext()
+                ctx = accelerator.no_sync(model) if not sync else nullcontext()
                 with ctx:
                     with accelerator.autocast():
                         if cfg.loss == "token-pairwise":
@@ -433,13 +434,6 @@ def _plot_scores(data, scores, path: Path) -> None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -24,6 +24,8 @@ variants do not take 4D masks and are refused with a clear error.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import logging
 import math
 import os
@@ -33,6 +35,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from rlhfkit.config import ConfigError
+from rlhfkit.training import NonFiniteLossError
 
 logger = logging.getLogger(__name__)
 
@@ -116,8 +119,6 @@ class SFTConfig:
             logger.warning("the LoRA options (lora_r, lora_alpha, lora_dropout, lora_target) are ignored without --lora")
 
 
-class NonFiniteLossError(RuntimeError):
-    """A NaN or inf loss or gradient; nothing from that step was saved."""
 
 
 # ------------------------------------------------------------------ building blocks
@@ -160,7 +161,7 @@ def evaluate_sft(model, data, pad_id: int, batch_size: int, device, autocast=Non
     with torch.no_grad():
         for start in range(0, len(order), batch_size):
             batch = collate(data, [[i] for i in order[start : start + batch_size]], pad_id).to(device)
-            with autocast() if autocast is not None else _nullcontext():
+            with autocast() if autocast is not None else nullcontext():
                 nll, mask = model_token_nll(model, batch)
             total += masked_sum(nll.double(), mask).cpu()
             count += int(mask.sum())
@@ -219,7 +220,7 @@ def _export(model, tokenizer, cfg: SFTConfig, target: Path) -> None:
     import yaml
 
     from rlhfkit.config import to_dict
-    from rlhfkit.models.reward import replace_dir
+    from rlhfkit.checkpoint import replace_dir
 
     if hasattr(model, "merge_and_unload"):
         model = copy.deepcopy(model).merge_and_unload()
@@ -352,7 +353,7 @@ def train_sft(cfg: SFTConfig) -> dict[str, Any]:
                     row_ids = [eff[0]]
                 batch = collate(train_data, [rows[r] for r in row_ids], pad_id, packed=cfg.packing).to(device)
                 sync = a == len(micro) - 1
-                with (accelerator.no_sync(wrapped) if not sync else _nullcontext()):
+                with (accelerator.no_sync(wrapped) if not sync else nullcontext()):
                     with accelerator.autocast():
                         nll, mask = model_token_nll(wrapped, batch, attn_impl)  # (B, T-1) each
                         # DDP averages over processes, so * world makes the sum the step's token mean.
@@ -470,13 +471,6 @@ def _write_samples(model, tokenizer, examples, cfg: SFTConfig, path: Path, devic
         tokenizer.padding_side = side
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
 
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
