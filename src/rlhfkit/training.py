@@ -73,3 +73,21 @@ def disable_dropout(model) -> int:
                 setattr(module, attr, 0.0)
                 changed += 1
     return changed
+
+
+def guarded_step(accelerator, model, optimizer, scheduler, max_grad_norm: float, where: str):
+    """Clip the gradient norm, refuse a non-finite one, then step the optimizer and schedule.
+
+    ``where`` names the step and batch for the error message. Returns the gradient norm
+    (a tensor) or None when clipping is off. The ``.item()`` is the one host sync per step
+    that makes sure a NaN never reaches the weights.
+    """
+    import torch
+
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm) if max_grad_norm > 0 else None
+    if grad_norm is not None and not torch.isfinite(grad_norm).item():
+        raise NonFiniteLossError(f"non-finite gradient norm at {where}; nothing was saved from this step. Lower --lr.")
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm

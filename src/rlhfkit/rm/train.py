@@ -195,7 +195,7 @@ def train_reward_model(cfg: RMTrainConfig) -> dict[str, Any]:
     from transformers import get_scheduler
 
     from rlhfkit.checkpoint import load_checkpoint, save_checkpoint
-    from rlhfkit.training import disable_dropout, make_adamw, start_run
+    from rlhfkit.training import disable_dropout, guarded_step, make_adamw, start_run
     from rlhfkit.data.collate import EncodedPreferences, collate, plan_batches, split_effective_batch
     from rlhfkit.data.readers import describe
     from rlhfkit.models.reward import RewardModel
@@ -319,15 +319,10 @@ def train_reward_model(cfg: RMTrainConfig) -> dict[str, Any]:
                         c, n = _acc(batch, scores.detach().float())
                         window["correct"] += c.cpu()
                         window["pairs"] += n.cpu()
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
-            if grad_norm is not None and not torch.isfinite(grad_norm).item():
-                raise NonFiniteLossError(
-                    f"non-finite gradient norm at step {state['step'] + 1} (epoch {state['epoch']}, batch {b_idx}); nothing was saved. "
-                    f"The last good checkpoint in {out / 'checkpoint'} is intact. Lower --lr."
-                )
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm = guarded_step(
+                accelerator, model, optimizer, scheduler, cfg.max_grad_norm,
+                where=f"step {state['step'] + 1} (epoch {state['epoch']}, batch {b_idx}); the last good checkpoint in {out / 'checkpoint'} is intact",
+            )
             state["step"] += 1
             state["batch_in_epoch"] = b_idx + 1
             progress.update(1)

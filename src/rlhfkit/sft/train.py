@@ -244,7 +244,7 @@ def train_sft(cfg: SFTConfig) -> dict[str, Any]:
     from transformers import get_scheduler
 
     from rlhfkit.checkpoint import load_checkpoint, save_checkpoint
-    from rlhfkit.training import make_adamw, start_run
+    from rlhfkit.training import guarded_step, make_adamw, start_run
     from rlhfkit.data.collate import plan_batches, split_effective_batch
     from rlhfkit.sft.data import EncodedSFT, collate, pack_examples
     from rlhfkit.sft.losses import sft_loss
@@ -372,15 +372,10 @@ def train_sft(cfg: SFTConfig) -> dict[str, Any]:
                     window["nll"] += nll.detach().double().sum().cpu()
                     window["tokens"] += sum(row_targets[r] for r in row_ids)  # known up front: no device sync
                     window["seen"] += sum(row_lengths[r] for r in row_ids)
-            grad_norm = accelerator.clip_grad_norm_(wrapped.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
-            if grad_norm is not None and not torch.isfinite(grad_norm).item():
-                raise NonFiniteLossError(
-                    f"non-finite gradient norm at step {state['step'] + 1} (epoch {state['epoch']}, batch {b_idx}); nothing was "
-                    f"saved. The last good checkpoint in {out / 'checkpoint'} is intact. Lower --lr."
-                )
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm = guarded_step(
+                accelerator, wrapped, optimizer, scheduler, cfg.max_grad_norm,
+                where=f"step {state['step'] + 1} (epoch {state['epoch']}, batch {b_idx}); the last good checkpoint in {out / 'checkpoint'} is intact",
+            )
             state["step"] += 1
             state["batch_in_epoch"] = b_idx + 1
             progress.update(1)
