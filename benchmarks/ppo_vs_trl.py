@@ -43,7 +43,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -52,6 +51,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script: find bench_common
+from bench_common import machine, peak_rss_mib  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_PROMPTS = REPO / "examples" / "review_prompts.txt"
@@ -174,18 +176,6 @@ class LoopClock:
                 "s_per_update": per_update(wall, self.start), "cpu_s_per_update": per_update(cpu, self.start_cpu),
                 "peak_rss_mib": self.peak_rss_mib}
 
-
-def peak_rss_mib() -> float:
-    """This process's peak resident set size so far (VmHWM), in MiB."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def set_threads(n: int) -> None:
@@ -369,17 +359,6 @@ def run_child(side: str, work: Path, critic: str | None = None) -> dict[str, Any
     return result
 
 
-def versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for name in ("rlhfkit", "torch", "transformers", "accelerate", "peft", "datasets", "trl"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = "missing"
-    return out
-
 
 LABELS = {"reward-model": "rlhfkit, critic from the RM", "value-head": "rlhfkit, value head"}
 
@@ -440,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     args.work_dir = str(work)
     save_yaml(args, work / "args.yaml")
-    env = {"cpus": os.cpu_count(), "loadavg": " ".join(f"{x:.1f}" for x in os.getloadavg()), "versions": versions()}
+    env = machine()
 
     t0 = time.perf_counter()
     print(f"preparing prompts and the reward model in {work} ...", flush=True)

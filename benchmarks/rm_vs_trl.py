@@ -72,7 +72,6 @@ import importlib.util
 import json
 import math
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -81,6 +80,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script: find bench_common
+from bench_common import machine, peak_rss_mib  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "sentiment_ranklists.tsv"
@@ -187,18 +189,6 @@ class LoopClock:
             raise RuntimeError("the training loop ran no forward or no optimizer step")
         return self.end - self.start
 
-
-def peak_rss_mib() -> float:
-    """This process's peak resident set size so far (VmHWM), in MiB."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
 
 
 def evaluate_saved(model_dir: Path, eval_path: Path, max_length: int, batch_size: int) -> dict[str, Any]:
@@ -497,17 +487,6 @@ def run_child(side: str, work: Path, threads: int) -> dict[str, Any]:
     return result
 
 
-def versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for name in ("rlhfkit", "torch", "transformers", "accelerate", "datasets", "trl"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = "missing"
-    return out
-
 
 def report(args: Args, data: dict[str, Any], ours: dict[str, Any], trl: dict[str, Any], env: dict[str, Any], ci: dict[str, list[float]]) -> str:
     ratio = ours["lists_per_s"] / trl["lists_per_s"]
@@ -568,7 +547,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     args.work_dir = str(work)
     save_yaml(args, work / "args.yaml")
-    env = {"cpus": os.cpu_count(), "loadavg": " ".join(f"{x:.1f}" for x in os.getloadavg()), "versions": versions()}
+    env = machine()
 
     t0 = time.perf_counter()
     print(f"preparing data in {work} ...", flush=True)
