@@ -42,12 +42,15 @@ def ensure_pad_token(model: Any, tokenizer: Any) -> None:
     ensure_distinct_pad(tokenizer, model)
 
 
-def load_policy(name_or_path: str, device: Any = None, dtype: Any = None) -> tuple[Any, Any]:
+def load_policy(name_or_path: str, device: Any = None, dtype: Any = None, cpu_matmul: str = "auto") -> tuple[Any, Any]:
     """Load ``(model, tokenizer)`` for sampling: eval mode, left padding, pad != EOS.
 
     ``name_or_path`` is an alias (``smollm2-135m``), a local checkpoint folder or a hub id.
-    ``device`` defaults to CUDA when available; ``dtype`` to fp32 on CPU and bf16 on CUDA.
+    ``device`` defaults to CUDA when available; ``dtype`` to fp32 on CPU and bf16 on CUDA;
+    ``cpu_matmul`` as in :func:`rlhfkit.models.cpu_linear.apply_cpu_matmul`.
     """
+    from rlhfkit.models.cpu_linear import apply_cpu_matmul
+
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -59,6 +62,7 @@ def load_policy(name_or_path: str, device: Any = None, dtype: Any = None) -> tup
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     ensure_pad_token(model, tokenizer)
     model.to(device).eval()
+    apply_cpu_matmul(cpu_matmul, device, model)
     return model, tokenizer
 
 

@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from rlhfkit.config import ConfigError
+from rlhfkit.models.cpu_linear import apply_cpu_matmul
 
 __all__ = [
     "RewardSource",
@@ -67,6 +68,7 @@ class RewardOptions:
     batch_size: int = 32
     device: str | torch.device = "cpu"
     dtype: torch.dtype = torch.float32
+    cpu_matmul: str = "auto"  # model sources: fp32 Linear through oneDNN on the CPU (rlhfkit.models.cpu_linear)
 
 
 CLASSIFIER_TRANSFORMS = ("logit", "logit-diff", "prob", "logprob")
@@ -111,6 +113,7 @@ class RewardModelSource:
         self.path = path
         self.model = RewardModel.from_pretrained(path, dtype=self.options.dtype, device=self.options.device)
         self.model.eval().requires_grad_(False)
+        apply_cpu_matmul(self.options.cpu_matmul, self.options.device, self.model)
 
     def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> Tensor:
         scores = self.model.score(list(prompts), list(responses), batch_size=self.options.batch_size)
@@ -147,6 +150,7 @@ class ClassifierSource:
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.model = AutoModelForSequenceClassification.from_pretrained(path, dtype=o.dtype).to(o.device)
         self.model.eval().requires_grad_(False)
+        apply_cpu_matmul(o.cpu_matmul, o.device, self.model)
         if self.tokenizer.pad_token is None:  # decoder classifiers: pad on the right, read by mask
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.tokenizer.padding_side = "right"

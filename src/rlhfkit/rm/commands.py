@@ -37,6 +37,7 @@ def run_eval(cfg: RMEvalConfig) -> dict:
 
     from rlhfkit.data.collate import EncodedPreferences
     from rlhfkit.data.readers import read_preferences
+    from rlhfkit.models.cpu_linear import apply_cpu_matmul
     from rlhfkit.models.reward import RewardModel
     from rlhfkit.rm.evaluate import evaluate
 
@@ -46,6 +47,7 @@ def run_eval(cfg: RMEvalConfig) -> dict:
     examples = examples[cfg.n_skip :]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rm = RewardModel.from_pretrained(cfg.model, max_length=cfg.max_length, device=device)
+    apply_cpu_matmul("auto", device, rm)
     data = EncodedPreferences.build(examples, rm.encode, rm.meta.max_length, what=cfg.data)
     metrics, _ = evaluate(rm, data, rm.pad, batch_size=cfg.batch_size, device=device)
     metrics["n_truncated"] = data.n_truncated
@@ -98,11 +100,13 @@ def read_score_inputs(cfg: ScoreConfig) -> tuple[list[str], list[str]]:
 def run_score(cfg: ScoreConfig) -> list[float]:
     import torch
 
+    from rlhfkit.models.cpu_linear import apply_cpu_matmul
     from rlhfkit.models.reward import RewardModel
 
     prompts, responses = read_score_inputs(cfg)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rm = RewardModel.from_pretrained(cfg.model, device=device)
+    apply_cpu_matmul("auto", device, rm)
     return rm.score(prompts, responses, batch_size=cfg.batch_size, whiten=cfg.whiten).tolist()
 
 

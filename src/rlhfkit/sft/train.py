@@ -83,6 +83,7 @@ class SFTConfig:
     resume: bool = field(default=False, metadata={"help": "continue from OUTPUT/checkpoint exactly where it stopped"})
     mixed_precision: Literal["auto", "no", "bf16"] = field(default="auto", metadata={"help": "auto: bf16 on CUDA, fp32 on CPU"})
     cpu: bool = field(default=False, metadata={"help": "run on the CPU even if a GPU is present"})
+    cpu_matmul: Literal["auto", "onednn", "torch"] = field(default="auto", metadata={"help": "CPU only: fp32 Linear matmuls through oneDNN (auto: on the CPU; ~2x faster where MKL takes a slow path, e.g. AMD) or PyTorch's default BLAS (torch)"})
     tensorboard: bool = field(default=True, metadata={"help": "also write TensorBoard event files"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
@@ -244,6 +245,7 @@ def train_sft(cfg: SFTConfig) -> dict[str, Any]:
     from transformers import get_scheduler
 
     from rlhfkit.checkpoint import load_checkpoint, save_checkpoint
+    from rlhfkit.models.cpu_linear import apply_cpu_matmul
     from rlhfkit.training import guarded_step, make_adamw, start_run
     from rlhfkit.data.collate import plan_batches, split_effective_batch
     from rlhfkit.sft.data import EncodedSFT, collate, pack_examples
@@ -258,6 +260,7 @@ def train_sft(cfg: SFTConfig) -> dict[str, Any]:
     # 1. data and model ---------------------------------------------------------------
     train_ex, eval_ex = _load_data(cfg)
     tokenizer, model = _load_model(cfg)
+    apply_cpu_matmul(cfg.cpu_matmul, device, model)
     if not tokenizer.chat_template and (cfg.chat_template or any(e.messages for e in train_ex + eval_ex)):
         raise ConfigError(
             f"the tokenizer of {cfg.model} has no chat template, but --chat-template is on or a row has 'messages'; "
