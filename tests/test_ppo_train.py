@@ -173,8 +173,58 @@ def test_cli_ppo_with_lora_and_a_reward_model_critic(tiny_lm, ppo_files, tmp_pat
     assert not any("lora" in n for n, _ in merged.named_parameters())
     rows = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2]
-    saved = load_file(str(out / "checkpoint" / "model.safetensors"))
-    assert any(k.startswith("critic.") for k in saved) and not any(k.startswith("value_head.") for k in saved)
-    assert any("lora_A" in k for k in saved)
+    # a separate critic is prepared (and checkpointed) as its own model, beside the actor
+    actor, critic = (load_file(str(out / "checkpoint" / f)) for f in ("model.safetensors", "model_1.safetensors"))
+    assert any("lora_A" in k for k in actor) and any(k.endswith("score.weight") for k in critic)
+    assert not any("value_head" in k for k in actor | critic)
     assert main_ppo(argv) == 2  # the folder now holds a run
     assert "already holds a run; pass --resume" in capsys.readouterr().err
+
+
+def test_a_separate_critic_trains_exactly_as_with_the_summed_loss(tiny_lm, tmp_path):
+    """The actor's and the critic's backward passes run one after the other (less memory);
+    the update must equal the one from the summed loss through one joint forward."""
+    import copy
+
+    from accelerate import Accelerator
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlhfkit.models.reward import RewardModel
+    from rlhfkit.ppo.critic import ActorCritic, load_critic
+    from rlhfkit.ppo.rollout import Rollout, policy_logprobs
+    from rlhfkit.ppo.trainer import _optimise
+    from rlhfkit.training import make_adamw
+
+    torch.manual_seed(0)
+    RewardModel.from_pretrained(tiny_lm).save_pretrained(tmp_path / "rm")
+    tok = AutoTokenizer.from_pretrained(tiny_lm)
+    joint = ActorCritic(AutoModelForCausalLM.from_pretrained(tiny_lm),
+                        load_critic("reward-model", tok, reward=str(tmp_path / "rm"), policy=str(tiny_lm))).eval()
+    split = copy.deepcopy(joint)
+    M, P, N = 6, 5, 7
+    query_ids, response_ids = torch.randint(3, 200, (M, P)), torch.randint(3, 200, (M, N))
+    query_mask = torch.ones(M, P, dtype=torch.long)
+    query_mask[::2, :2] = 0  # left padding
+    response_mask = (torch.arange(N) < torch.tensor([7, 3, 5, 7, 1, 6]).unsqueeze(1)).long()
+    ids, am = torch.cat([query_ids, response_ids], 1), torch.cat([query_mask, response_mask], 1)
+    with torch.no_grad():
+        old = policy_logprobs(joint.actor, ids, am, response_ids, 1.0) + 0.05 * torch.randn(M, N)
+    r = Rollout(prompts=["p"] * M, responses=["r"] * M, query_ids=query_ids, query_mask=query_mask,
+                response_ids=response_ids, response_mask=response_mask, ended=torch.ones(M, dtype=torch.bool),
+                old_logprobs=old * response_mask, ref_logprobs=old * response_mask,
+                values=torch.randn(M, N) * response_mask, scores=torch.randn(M))
+    advantages, returns = torch.randn(M, N), torch.randn(M, N)
+    c = cfg(tiny_lm, ("p.txt", "r.py"), tmp_path / "unused", batch_size=M, mini_batch_size=3, grad_accum=3,
+            ppo_epochs=2, max_grad_norm=0.5, entropy_coef=0.01, lr=1e-3, critic_lr=3e-3)
+    accelerator = Accelerator(cpu=True)
+    stats = {}
+    for name, model, nets in (("joint", joint, (joint,)), ("split", split, (split.actor, split.critic))):
+        params = (model.actor_parameters(), model.critic_parameters())
+        opt = make_adamw([{"params": params[0], "lr": c.lr}, {"params": params[1], "lr": c.critic_lr}])
+        stats[name] = _optimise(c, accelerator, nets, opt, params, r, advantages, returns, step=0, where="test")
+    for (k, a), (_, b) in zip(joint.named_parameters(), split.named_parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=k)
+    assert any(not torch.equal(a, b) for a, b in zip(joint.parameters(), ActorCritic(
+        AutoModelForCausalLM.from_pretrained(tiny_lm), None).actor.parameters()))  # the step did change the weights
+    for k in stats["joint"]:
+        torch.testing.assert_close(stats["split"][k], stats["joint"][k], rtol=1e-5, atol=1e-6, msg=k)

@@ -39,6 +39,7 @@ def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
 
 
 def _accepts_logits_to_keep(model: nn.Module) -> bool:
+    model = getattr(model, "module", model)  # under DistributedDataParallel
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return _forward_takes_logits_to_keep(type(base))
 

@@ -105,6 +105,7 @@ class PPOConfig:
     resume: bool = field(default=False, metadata={"help": "continue from OUTPUT/checkpoint exactly where it stopped"})
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = field(default="auto", metadata={"help": "auto: bf16 on CUDA, fp32 on CPU"})
     cpu: bool = field(default=False, metadata={"help": "run on the CPU even if a GPU is present"})
+    cpu_matmul: Literal["auto", "onednn", "torch"] = field(default="auto", metadata={"help": "CPU only: fp32 Linear matmuls through oneDNN (auto: on the CPU; ~2x faster where MKL takes a slow path, e.g. AMD) or PyTorch's default BLAS (torch)"})
     tensorboard: bool = field(default=True, metadata={"help": "also write TensorBoard event files"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
@@ -169,6 +170,7 @@ def _load_models(cfg: PPOConfig, device):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from rlhfkit.models.cpu_linear import apply_cpu_matmul
     from rlhfkit.models.hub import resolve_model
     from rlhfkit.models.tokenizers import ensure_distinct_pad
     from rlhfkit.ppo.critic import ActorCritic, load_critic
@@ -179,6 +181,7 @@ def _load_models(cfg: PPOConfig, device):
     tokenizer.padding_side = "left"
     actor = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     ensure_distinct_pad(tokenizer, actor)
+    apply_cpu_matmul(cfg.cpu_matmul, device, actor)  # before the reference copy and LoRA: both inherit it
     if cfg.gradient_checkpointing:
         actor.gradient_checkpointing_enable()
     ref_model = None
@@ -193,7 +196,7 @@ def _load_models(cfg: PPOConfig, device):
         ref_model = copy.deepcopy(actor).to(device).eval().requires_grad_(False)
 
     options = RewardOptions(label=cfg.reward_label, transform=cfg.reward_transform, text=cfg.reward_text,
-                            batch_size=cfg.reward_batch_size, device=device)
+                            batch_size=cfg.reward_batch_size, device=device, cpu_matmul=cfg.cpu_matmul)
     reward = load_reward_source(cfg.reward, options)
     critic_spec = cfg.critic
     if critic_spec == "auto":
@@ -203,6 +206,7 @@ def _load_models(cfg: PPOConfig, device):
         logger.info("--critic auto: using %s", critic_spec)
     critic = load_critic(critic_spec, tokenizer, reward=cfg.reward if isinstance(reward, RewardModelSource) else None,
                          policy=cfg.policy)
+    apply_cpu_matmul(cfg.cpu_matmul, device, critic)
     model = ActorCritic(actor, critic)
     model.eval()  # no dropout anywhere: rollout and update must see the same policy
     return tokenizer, model, ref_model, reward, critic_spec
@@ -258,7 +262,7 @@ def _export_policy(model, tokenizer, cfg: PPOConfig, out: Path) -> Path:
     return out / "policy"
 
 
-def _optimise(cfg: PPOConfig, accelerator, wrapped, optimizer, params, r, advantages, returns, step: int, where: str):
+def _optimise(cfg: PPOConfig, accelerator, nets, optimizer, params, r, advantages, returns, step: int, where: str):
     """``ppo_epochs`` passes over the rollout in shuffled minibatches; returns the mean losses and stats.
 
     Each minibatch is one optimizer step over ``grad_accum`` micro-batches, each weighted by
@@ -266,12 +270,20 @@ def _optimise(cfg: PPOConfig, accelerator, wrapped, optimizer, params, r, advant
     minibatch). Minibatch order comes from a generator seeded by ``(seed, step, epoch)``.
 
     Args:
+        nets: ``(actor_critic,)``, the prepared :class:`~rlhfkit.ppo.critic.ActorCritic` with a
+            value head, or ``(actor, critic)`` prepared separately when the critic is its own
+            model. Then each micro-batch runs the actor's forward and backward before the
+            critic's: the gradients are the same as from the summed loss (no parameter is
+            shared), but only one network's activations are alive at a time.
         r: the :class:`~rlhfkit.ppo.rollout.Rollout`; ``advantages`` and ``returns`` are ``(M, N)``.
         params: (actor parameters, critic parameters), gradient-clipped separately.
     """
+    import contextlib
+
     import torch
 
     from rlhfkit.ops import logprobs_from_logits
+    from rlhfkit.ppo.critic import response_logits
     from rlhfkit.ppo.losses import entropy_bonus, policy_loss, value_loss
 
     mask = r.response_mask  # (M, N)
@@ -281,6 +293,30 @@ def _optimise(cfg: PPOConfig, accelerator, wrapped, optimizer, params, r, advant
     names = ("ppo/policy_loss", "ppo/value_loss", "ppo/entropy", "ppo/clipfrac", "ppo/approx_kl", "ppo/vf_clipfrac")
     totals = torch.zeros(len(names), device=mask.device)
     n_opt_steps = 0
+
+    def actor_terms(logits, mc):
+        """(loss to minimise, policy loss, its stats, entropy) of the actor on rows ``mc``."""
+        logprobs = logprobs_from_logits(logits, r.response_ids[mc])  # (m, N)
+        pg_loss, pg_stats = policy_loss(logprobs.float(), r.old_logprobs[mc], advantages[mc], mask[mc], cfg.clip_eps)
+        if cfg.entropy_coef > 0:
+            entropy = entropy_bonus(logits, mask[mc])
+            return pg_loss - cfg.entropy_coef * entropy, pg_loss, pg_stats, entropy
+        with torch.no_grad():  # for the log only: no (m, N, V) softmax kept for the backward pass
+            entropy = entropy_bonus(logits.detach(), mask[mc])
+        return pg_loss, pg_loss, pg_stats, entropy
+
+    def backward(loss, weight, epoch, pg_loss, vf_loss, entropy):
+        # One host sync per backward, on purpose: a nan must stop us before
+        # optimizer.step() writes it into the weights.
+        if not torch.isfinite(loss).item():
+            show = lambda t: "not computed" if t is None else f"{t.item():.4g}"  # noqa: E731
+            raise PPOStopped(
+                f"non-finite loss at update {step + 1} (PPO epoch {epoch + 1}): policy_loss {show(pg_loss)}, "
+                f"value_loss {show(vf_loss)}, entropy {show(entropy)}. Nothing from this update was saved; {where}. "
+                "Lower --lr or --critic-lr, or check the reward scale (try --score-norm whiten)."
+            )
+        accelerator.backward(loss * weight)
+
     for epoch in range(cfg.ppo_epochs):
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 101 + epoch)
         b_inds = torch.randperm(M, generator=gen).to(mask.device)
@@ -290,29 +326,24 @@ def _optimise(cfg: PPOConfig, accelerator, wrapped, optimizer, params, r, advant
             chunks = mb_inds.split(micro)
             for a, mc in enumerate(chunks):
                 weight = mask[mc].sum() / mb_tokens  # share of the minibatch's real tokens
-                sync = accelerator.no_sync(wrapped) if a < len(chunks) - 1 else nullcontext()
-                with sync, accelerator.autocast():
-                    logits, values = wrapped(input_ids[mc], attention_mask[mc], N, cfg.temperature)  # (m, N, V), (m, N)
-                    logprobs = logprobs_from_logits(logits, r.response_ids[mc])  # (m, N)
-                    pg_loss, pg_stats = policy_loss(logprobs.float(), r.old_logprobs[mc], advantages[mc], mask[mc], cfg.clip_eps)
-                    vf_loss, vf_stats = value_loss(values.float(), r.values[mc], returns[mc], mask[mc], cfg.vf_clip)
-                    loss = pg_loss + cfg.vf_coef * vf_loss
-                    if cfg.entropy_coef > 0:
-                        entropy = entropy_bonus(logits, mask[mc])
-                        loss = loss - cfg.entropy_coef * entropy
-                    else:  # for the log only: no (m, N, V) softmax kept for the backward pass
-                        with torch.no_grad():
-                            entropy = entropy_bonus(logits.detach(), mask[mc])
-                # One host sync per micro-batch, on purpose: a nan must stop us before
-                # optimizer.step() writes it into the weights.
-                if not torch.isfinite(loss).item():
-                    raise PPOStopped(
-                        f"non-finite loss at update {step + 1} (PPO epoch {epoch + 1}): policy_loss "
-                        f"{pg_loss.item():.4g}, value_loss {vf_loss.item():.4g}, entropy {entropy.item():.4g}. Nothing "
-                        f"from this update was saved; {where}. "
-                        "Lower --lr or --critic-lr, or check the reward scale (try --score-norm whiten)."
-                    )
-                accelerator.backward(loss * weight)
+                with contextlib.ExitStack() as stack:
+                    if a < len(chunks) - 1:  # gradients are all-reduced on the last micro-batch only
+                        for net in nets:
+                            stack.enter_context(accelerator.no_sync(net))
+                    stack.enter_context(accelerator.autocast())
+                    if len(nets) == 1:  # value head: one forward gives logits and values
+                        logits, values = nets[0](input_ids[mc], attention_mask[mc], N, cfg.temperature)  # (m, N, V), (m, N)
+                        a_loss, pg_loss, pg_stats, entropy = actor_terms(logits, mc)
+                        vf_loss, vf_stats = value_loss(values.float(), r.values[mc], returns[mc], mask[mc], cfg.vf_clip)
+                        backward(a_loss + cfg.vf_coef * vf_loss, weight, epoch, pg_loss, vf_loss, entropy)
+                    else:  # separate critic: actor forward+backward, then critic forward+backward
+                        logits, _ = response_logits(nets[0], input_ids[mc], attention_mask[mc], N)
+                        a_loss, pg_loss, pg_stats, entropy = actor_terms(logits / cfg.temperature, mc)
+                        backward(a_loss, weight, epoch, pg_loss, None, entropy)
+                        del logits, a_loss
+                        values = nets[1](input_ids[mc], attention_mask[mc], N)  # (m, N)
+                        vf_loss, vf_stats = value_loss(values.float(), r.values[mc], returns[mc], mask[mc], cfg.vf_clip)
+                        backward(cfg.vf_coef * vf_loss, weight, epoch, pg_loss, vf_loss, entropy)
                 totals += weight.detach() * torch.stack([
                     pg_loss.detach(), vf_loss.detach(), entropy.detach(), pg_stats["clipfrac"],
                     pg_stats["approx_kl"], vf_stats["vf_clipfrac"]]).float()
@@ -360,10 +391,15 @@ def train_ppo(cfg: PPOConfig) -> dict[str, Any]:
     kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
               else FixedKLController(cfg.kl_coef))
     score_stats = RunningMoments()
-    wrapped, optimizer = accelerator.prepare(model, optimizer)
+    if model.critic is not None:  # two networks, prepared (and under DDP wrapped) one by one
+        actor, critic, optimizer = accelerator.prepare(model.actor, model.critic, optimizer)
+        nets = (actor, critic)
+    else:
+        wrapped, optimizer = accelerator.prepare(model, optimizer)
+        nets = (wrapped,)
+        model = accelerator.unwrap_model(wrapped)
     for obj in (scheduler, kl_ctl, score_stats):
         accelerator.register_for_checkpointing(obj)
-    model = accelerator.unwrap_model(wrapped)
 
     state = {"step": 0, "episodes": 0}
     if ckpt is not None:
@@ -405,7 +441,7 @@ def train_ppo(cfg: PPOConfig) -> dict[str, Any]:
             advantages = masked_whiten(advantages, mask)
 
         # 5. PPO epochs over shuffled minibatches ------------------------------------------
-        losses = _optimise(cfg, accelerator, wrapped, optimizer, (actor_params, critic_params), r, advantages, returns,
+        losses = _optimise(cfg, accelerator, nets, optimizer, (actor_params, critic_params), r, advantages, returns,
                            step, where=f"the last good checkpoint in {out / 'checkpoint'} is intact")
         scheduler.step()
         kl_ctl.update(kl_mean.item(), n_steps=M * world)  # arXiv:1909.08593 sec. 2.2, per batch
