@@ -1,6 +1,6 @@
 """rlhfkit's PPO against TRL's ``PPOTrainer`` (``trl.experimental.ppo``), same setting, one run.
 
-    .venv-bench/bin/python benchmarks/ppo_vs_trl.py                  # defaults below, a few minutes on 2 cores
+    .venv-bench/bin/python benchmarks/ppo_vs_trl.py                  # defaults below, ~8 min on 2 cores
     .venv-bench/bin/python benchmarks/ppo_vs_trl.py --policy PATH --steps 2 --max-new-tokens 8   # smoke run
 
 One invocation runs both sides one after the other, each in its own subprocess (the script
@@ -27,6 +27,20 @@ What both sides share:
   ``vf_coef`` 0.1, gamma 1, lambda 0.95, whitened advantages, AdamW with the same learning rate
   and a linear schedule, no gradient clipping (TRL's PPO has none), no entropy bonus.
 - No checkpoints, evaluation, sample printing, progress bars or TensorBoard during the loop.
+
+What differs, and the runs that show how much each difference is worth:
+
+- Matmul kernels. rlhfkit's default on the CPU (``--cpu-matmul auto``) runs its fp32 Linear
+  layers through oneDNN; TRL uses PyTorch's default (MKL). Same fp32 arithmetic, and on this
+  AMD CPU oneDNN is ~2.2x faster (``rlhfkit.models.cpu_linear``). The run
+  ``reward-model:torch`` is rlhfkit with PyTorch's default matmuls, as TRL has them; with
+  ``--trl-cpu-matmul onednn`` TRL's four models get rlhfkit's oneDNN Linear instead (not a
+  TRL setting: for comparison only).
+- Trainer work. With a separate critic rlhfkit runs the actor's forward and backward, then
+  the critic's (TRL: one forward through both, one backward of the summed loss): same
+  gradients, only one network's activations alive at a time. rlhfkit computes LM-head
+  logits for the response positions only; TRL takes the rollout log-probs from ``generate``
+  while rlhfkit recomputes them in one batched forward.
 
 What is timed: from the first ``nn.Module`` forward (the first generate call) to the end of
 the last ``optimizer.step()``, by global PyTorch hooks, identically on both sides; model
@@ -95,14 +109,15 @@ class Args:
     max_new_tokens: int = field(default=24, metadata={"help": "response length limit"})
     lr: float = field(default=1e-6, metadata={"help": "learning rate, actor and critic, both sides"})
     kl_coef: float = field(default=0.05, metadata={"help": "KL coefficient (k1 estimator), both sides"})
-    ours_critics: list[str] = field(default_factory=lambda: ["reward-model", "value-head"], metadata={"help": "rlhfkit runs, one per critic: reward-model (like TRL's value model) and/or value-head (rlhfkit's shared-backbone head)"})
+    ours_runs: list[str] = field(default_factory=lambda: ["reward-model", "reward-model:torch", "value-head"], metadata={"help": "rlhfkit runs, each CRITIC[:CPU_MATMUL]: critic reward-model (like TRL's value model) or value-head (rlhfkit's shared-backbone head); cpu_matmul auto (rlhfkit's default, oneDNN on the CPU) or torch (PyTorch's default BLAS, as TRL)"})
+    trl_cpu_matmul: Literal["torch", "onednn"] = field(default="torch", metadata={"help": "TRL's matmuls: torch (its own, the default) or onednn (rlhfkit's oneDNN Linear swapped into TRL's four models, to separate kernel from trainer)"})
     threads: int = field(default=1, metadata={"help": "torch threads on both sides"})
     seed: int = field(default=42, metadata={"help": "seed for both sides"})
     order: str = field(default="ours,trl", metadata={"help": "which side runs first: ours,trl or trl,ours"})
     output: str = field(default=str(DEFAULT_OUTPUT), metadata={"help": "JSON result file"})
     work_dir: str | None = field(default=None, metadata={"help": "keep models, prompts and logs here (default: a temporary folder)"})
     side: Literal["ours", "trl"] | None = field(default=None, metadata={"help": "internal: run one side in this process"})
-    critic: str = field(default="reward-model", metadata={"help": "internal: the critic of this rlhfkit run"})
+    run: str = field(default="reward-model", metadata={"help": "internal: the CRITIC[:CPU_MATMUL] of this rlhfkit run"})
 
     def __post_init__(self):
         from rlhfkit.config import ConfigError
@@ -114,9 +129,9 @@ class Args:
             raise ConfigError(f"--grad-accum {self.grad_accum} must divide --batch-size {self.batch_size}")
         if sorted(self.order.split(",")) != ["ours", "trl"]:
             raise ConfigError(f"option 'order' got {self.order!r}; use ours,trl or trl,ours")
-        bad = [c for c in self.ours_critics if c not in ("reward-model", "value-head")]
-        if bad or not self.ours_critics:
-            raise ConfigError(f"option 'ours_critics' got {self.ours_critics}; use reward-model and/or value-head")
+        bad = [r for r in self.ours_runs if r not in LABELS]
+        if bad or not self.ours_runs:
+            raise ConfigError(f"option 'ours_runs' got {self.ours_runs}; use any of {', '.join(LABELS)}")
 
 
 # --------------------------------------------------------------------------------------
@@ -195,10 +210,12 @@ def run_ours(args: Args, work: Path) -> dict[str, Any]:
     from rlhfkit.tracking import read_metrics
 
     never = 10**9
-    shutil.rmtree(work / f"ours-{args.critic}", ignore_errors=True)  # a kept --work-dir from an earlier run
+    critic, _, cpu_matmul = args.run.partition(":")
+    name = run_name("ours", args.run)
+    shutil.rmtree(work / name, ignore_errors=True)  # a kept --work-dir from an earlier run
     cfg = PPOConfig(
-        policy=args.policy, reward=str(work / "rm"), prompts=str(work / "prompts.txt"), output=str(work / f"ours-{args.critic}"),
-        critic=args.critic, chat_template=True, steps=args.steps, batch_size=args.batch_size,
+        policy=args.policy, reward=str(work / "rm"), prompts=str(work / "prompts.txt"), output=str(work / name),
+        critic=critic, cpu_matmul=cpu_matmul or "auto", chat_template=True, steps=args.steps, batch_size=args.batch_size,
         mini_batch_size=args.batch_size, grad_accum=args.grad_accum, ppo_epochs=args.ppo_epochs,
         max_new_tokens=args.max_new_tokens, max_prompt_length=10**6, temperature=1.0, kl_coef=args.kl_coef,
         kl_estimator="k1", clip_eps=0.2, vf_clip=0.2, vf_coef=0.1, entropy_coef=0.0, gamma=1.0, lam=0.95,
@@ -210,7 +227,7 @@ def run_ours(args: Args, work: Path) -> dict[str, Any]:
     clock.install()
     train_ppo(cfg)
     clock.remove()
-    rows = read_metrics(work / f"ours-{args.critic}" / "metrics.jsonl")
+    rows = read_metrics(work / name / "metrics.jsonl")
     return {**clock.summary(args.ppo_epochs),
             "response_length": sum(r["ppo/response_length"] for r in rows) / len(rows),
             "score_mean": [r["ppo/score_mean"] for r in rows], "kl": [r["ppo/kl"] for r in rows]}
@@ -248,6 +265,11 @@ def run_trl(args: Args, work: Path) -> dict[str, Any]:
     trainer = PPOTrainer(args=config, processing_class=tokenizer, model=policy, ref_model=None,
                          reward_model=reward_model, value_model=value_model, train_dataset=dataset,
                          eval_dataset=dataset)
+    if args.trl_cpu_matmul == "onednn":  # not TRL's own: rlhfkit's kernel in TRL's models, for comparison only
+        from rlhfkit.models.cpu_linear import use_onednn_linear
+
+        for m in (trainer.model, trainer.ref_model, trainer.reward_model):
+            use_onednn_linear(m)
     lengths: list[float] = []
     real_generate = trainer.model.policy.generate if hasattr(trainer.model, "policy") else None
 
@@ -281,7 +303,7 @@ def run_side(args: Args) -> int:
     hf_logging.disable_progress_bar()
     work = Path(args.work_dir)
     result = run_ours(args, work) if args.side == "ours" else run_trl(args, work)
-    name = f"ours-{args.critic}" if args.side == "ours" else "trl"
+    name = run_name(args.side, args.run)
     if result["updates"] != args.steps:
         raise SystemExit(f"{args.side}: {result['updates']} updates, expected {args.steps}")
     result["episodes_per_s"] = args.batch_size / result["s_per_update"]
@@ -337,13 +359,17 @@ def prepare(args: Args, work: Path) -> dict[str, Any]:
             "mean_prompt_tokens": sum(map(len, query_ids)) / len(query_ids), "reward": args.reward or "untrained (seeded head)"}
 
 
-def run_child(side: str, work: Path, critic: str | None = None) -> dict[str, Any]:
+def run_name(side: str, run: str | None) -> str:
+    return f"ours-{run.replace(':', '-')}" if side == "ours" else "trl"
+
+
+def run_child(side: str, work: Path, run: str | None = None) -> dict[str, Any]:
     """Run one side in a fresh interpreter; its log goes to WORK/NAME.log."""
-    name = f"ours-{critic}" if side == "ours" else "trl"
+    name = run_name(side, run)
     log = work / f"{name}.log"
     cmd = [sys.executable, str(Path(__file__).resolve()), "--config", str(work / "args.yaml"), "--side", side]
-    if critic:
-        cmd += ["--critic", critic]
+    if run:
+        cmd += ["--run", run]
     env = dict(os.environ)
     t0 = time.perf_counter()
     with log.open("w") as f:
@@ -360,12 +386,19 @@ def run_child(side: str, work: Path, critic: str | None = None) -> dict[str, Any
 
 
 
-LABELS = {"reward-model": "rlhfkit, critic from the RM", "value-head": "rlhfkit, value head"}
+LABELS = {
+    "reward-model": "rlhfkit, critic from the RM", "reward-model:torch": "rlhfkit, critic from the RM, --cpu-matmul torch",
+    "value-head": "rlhfkit, value head", "value-head:torch": "rlhfkit, value head, --cpu-matmul torch",
+    "reward-model:auto": "rlhfkit, critic from the RM", "value-head:auto": "rlhfkit, value head",
+}
+
+
+TRL_LABEL = {"torch": "TRL PPOTrainer", "onednn": "TRL PPOTrainer + rlhfkit's oneDNN Linear"}
 
 
 def report(args: Args, data: dict[str, Any], ours: dict[str, dict[str, Any]], trl: dict[str, Any], env: dict[str, Any]) -> str:
     """A markdown table: one column per rlhfkit run, TRL, and each run's ratio to TRL."""
-    runs = list(ours.items())  # [(critic, result)]
+    runs = list(ours.items())  # [(run, result)]
     length = lambda r: f"{r['response_length']:.1f}" if r.get("response_length") is not None else "?"  # noqa: E731
     metrics = [
         ("seconds per update (after the first)", lambda r: f"{r['s_per_update']:.2f}", lambda r: f"{trl['s_per_update'] / r['s_per_update']:.2f}x less"),
@@ -378,7 +411,7 @@ def report(args: Args, data: dict[str, Any], ours: dict[str, dict[str, Any]], tr
         ("mean response length (tokens)", length, lambda r: ""),
         ("optimizer steps", lambda r: f"{r['optimizer_steps']}", lambda r: ""),
     ]
-    head = [LABELS[c] for c, _ in runs] + ["TRL PPOTrainer"] + [f"{LABELS[c]} vs TRL" for c, _ in runs]
+    head = [LABELS[c] for c, _ in runs] + [TRL_LABEL[args.trl_cpu_matmul]] + [f"{LABELS[c]} vs TRL" for c, _ in runs]
     lines = [
         f"PPO, policy {args.policy}, reward model {data['reward']} (also the critic's init where the critic is a separate model): "
         f"{args.steps} updates of {args.batch_size} prompts ({data['prompts']} prompts, {data['mean_prompt_tokens']:.0f} tokens on "
@@ -426,11 +459,11 @@ def main(argv: list[str] | None = None) -> int:
     data = prepare(args, work)
     ours: dict[str, dict[str, Any]] = {}
     trl: dict[str, Any] = {}
-    runs = [("ours", c) for c in args.ours_critics] + [("trl", None)]
+    runs = [("ours", c) for c in args.ours_runs] + [("trl", None)]
     if args.order.startswith("trl"):
         runs = runs[-1:] + runs[:-1]
     for i, (side, critic) in enumerate(runs, 1):
-        name = LABELS[critic] if side == "ours" else "TRL PPOTrainer"
+        name = LABELS[critic] if side == "ours" else TRL_LABEL[args.trl_cpu_matmul]
         print(f"[{i}/{len(runs)}] {name}: {args.steps} PPO updates (log in {work}) ...", flush=True)
         r = run_child(side, work, critic)
         if side == "ours":
@@ -446,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     record = {
         "command": " ".join([Path(sys.executable).name, "benchmarks/ppo_vs_trl.py", *(argv if argv is not None else sys.argv[1:])]),
-        "args": {k: v for k, v in vars(args).items() if k not in ("side", "work_dir", "critic")},
+        "args": {k: v for k, v in vars(args).items() if k not in ("side", "work_dir", "run")},
         "data": data, "env": env, "ours": ours, "trl": trl,
         "episodes_per_s_ratio": {c: r["episodes_per_s"] / trl["episodes_per_s"] for c, r in ours.items()},
         "peak_rss_ratio": {c: r["peak_rss_mib"] / trl["peak_rss_mib"] for c, r in ours.items()},
