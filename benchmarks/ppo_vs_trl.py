@@ -58,16 +58,14 @@ import importlib.util
 import json
 import os
 import shutil
-import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script: find bench_common
-from bench_common import machine, peak_rss_mib  # noqa: E402
+from bench_common import machine, peak_rss_mib, run_child, work_folder  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_PROMPTS = REPO / "examples" / "review_prompts.txt"
@@ -363,29 +361,6 @@ def run_name(side: str, run: str | None) -> str:
     return f"ours-{run.replace(':', '-')}" if side == "ours" else "trl"
 
 
-def run_child(side: str, work: Path, run: str | None = None) -> dict[str, Any]:
-    """Run one side in a fresh interpreter; its log goes to WORK/NAME.log."""
-    name = run_name(side, run)
-    log = work / f"{name}.log"
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--config", str(work / "args.yaml"), "--side", side]
-    if run:
-        cmd += ["--run", run]
-    env = dict(os.environ)
-    t0 = time.perf_counter()
-    with log.open("w") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=env)
-        _, status, usage = os.wait4(proc.pid, 0)
-    code = os.waitstatus_to_exitcode(status)
-    if code != 0:
-        tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-30:])
-        raise SystemExit(f"the {side} side failed (exit {code}); last lines of {log}:\n{tail}")
-    result = json.loads((work / f"{name}.json").read_text())
-    result["process_s"] = time.perf_counter() - t0
-    result["process_peak_rss_mib"] = usage.ru_maxrss / 1024
-    return result
-
-
-
 LABELS = {
     "reward-model": "rlhfkit, critic from the RM", "reward-model:torch": "rlhfkit, critic from the RM, --cpu-matmul torch",
     "value-head": "rlhfkit, value head", "value-head:torch": "rlhfkit, value head, --cpu-matmul torch",
@@ -447,9 +422,7 @@ def main(argv: list[str] | None = None) -> int:
         print(INSTALL.format(python=sys.executable), file=sys.stderr)
         return 2
 
-    keep = args.work_dir is not None
-    work = Path(args.work_dir) if keep else Path(tempfile.mkdtemp(prefix="ppo_vs_trl-"))
-    work.mkdir(parents=True, exist_ok=True)
+    work, keep = work_folder(args.work_dir, "ppo_vs_trl-")
     args.work_dir = str(work)
     save_yaml(args, work / "args.yaml")
     env = machine()
@@ -465,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     for i, (side, critic) in enumerate(runs, 1):
         name = LABELS[critic] if side == "ours" else TRL_LABEL[args.trl_cpu_matmul]
         print(f"[{i}/{len(runs)}] {name}: {args.steps} PPO updates (log in {work}) ...", flush=True)
-        r = run_child(side, work, critic)
+        r = run_child(__file__, work, run_name(side, critic), ["--side", side] + (["--run", critic] if critic else []))
         if side == "ours":
             ours[critic] = r
         else:

@@ -76,16 +76,14 @@ import json
 import math
 import os
 import shutil
-import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script: find bench_common
-from bench_common import machine, peak_rss_mib  # noqa: E402
+from bench_common import machine, peak_rss_mib, run_child, work_folder  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "sentiment_ranklists.tsv"
@@ -470,28 +468,6 @@ def prepare_data(args: Args, work: Path) -> dict[str, Any]:
     return prepared
 
 
-def run_child(side: str, work: Path, threads: int) -> dict[str, Any]:
-    """Run one side in a fresh interpreter; its log goes to WORK/SIDE.log."""
-    log = work / f"{side}.log"
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--config", str(work / "args.yaml"), "--side", side]
-    t0 = time.perf_counter()
-    with log.open("w") as f:
-        env = dict(os.environ)
-        if threads:
-            env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=env)
-        _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage: peak RSS of the whole process
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-30:])
-        raise SystemExit(f"the {side} side failed (exit {proc.returncode}); last lines of {log}:\n{tail}")
-    result = json.loads((work / f"{side}.json").read_text())
-    result["process_s"] = time.perf_counter() - t0
-    result["process_peak_rss_mib"] = usage.ru_maxrss / 1024
-    return result
-
-
-
 def report(args: Args, data: dict[str, Any], ours: dict[str, Any], trl: dict[str, Any], env: dict[str, Any], ci: dict[str, list[float]]) -> str:
     ratio = ours["lists_per_s"] / trl["lists_per_s"]
     oe, te = ours["eval"], trl["eval"]
@@ -546,9 +522,7 @@ def main(argv: list[str] | None = None) -> int:
         print(INSTALL.format(python=sys.executable), file=sys.stderr)
         return 2
 
-    keep = args.work_dir is not None
-    work = Path(args.work_dir) if keep else Path(tempfile.mkdtemp(prefix="rm_vs_trl-"))
-    work.mkdir(parents=True, exist_ok=True)
+    work, keep = work_folder(args.work_dir, "rm_vs_trl-")
     args.work_dir = str(work)
     save_yaml(args, work / "args.yaml")
     env = machine()
@@ -560,7 +534,8 @@ def main(argv: list[str] | None = None) -> int:
     for i, side in enumerate(args.order.split(","), 1):
         name = "rlhfkit" if side == "ours" else "TRL RewardTrainer"
         print(f"[{i}/2] {name}: training on {data['train_lists']} lists, then evaluating (log: {work / side}.log) ...", flush=True)
-        results[side] = run_child(side, work, args.threads)
+        threads = {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)} if args.threads else {}
+        results[side] = run_child(__file__, work, side, ["--side", side], env=threads)
         r = results[side]
         print(f"      {r['lists_per_s']:.2f} lists/s, loop {r['loop_s']:.1f} s, pairwise accuracy {r['eval']['pairwise_accuracy']:.4f}", flush=True)
 

@@ -49,10 +49,10 @@ def load_policy(name_or_path: str, device: Any = None, dtype: Any = None, cpu_ma
     ``device`` defaults to CUDA when available; ``dtype`` to fp32 on CPU and bf16 on CUDA;
     ``cpu_matmul`` as in :func:`rlhfkit.models.cpu_linear.apply_cpu_matmul`.
     """
-    from rlhfkit.models.cpu_linear import apply_cpu_matmul
-
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlhfkit.models.cpu_linear import apply_cpu_matmul
 
     path = resolve_model(name_or_path)
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -25,8 +25,7 @@ continues exactly the run that stopped.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-
+import contextlib
 import copy
 import logging
 import math
@@ -36,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from rlhfkit.config import ConfigError
+from rlhfkit.config import CPU_MATMUL_HELP, ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +104,7 @@ class PPOConfig:
     resume: bool = field(default=False, metadata={"help": "continue from OUTPUT/checkpoint exactly where it stopped"})
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = field(default="auto", metadata={"help": "auto: bf16 on CUDA, fp32 on CPU"})
     cpu: bool = field(default=False, metadata={"help": "run on the CPU even if a GPU is present"})
-    cpu_matmul: Literal["auto", "onednn", "torch"] = field(default="auto", metadata={"help": "CPU only: fp32 Linear matmuls through oneDNN (auto: on the CPU; ~2x faster where MKL takes a slow path, e.g. AMD) or PyTorch's default BLAS (torch)"})
+    cpu_matmul: Literal["auto", "onednn", "torch"] = field(default="auto", metadata={"help": CPU_MATMUL_HELP})
     tensorboard: bool = field(default=True, metadata={"help": "also write TensorBoard event files"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
@@ -278,8 +277,6 @@ def _optimise(cfg: PPOConfig, accelerator, nets, optimizer, params, r, advantage
         r: the :class:`~rlhfkit.ppo.rollout.Rollout`; ``advantages`` and ``returns`` are ``(M, N)``.
         params: (actor parameters, critic parameters), gradient-clipped separately.
     """
-    import contextlib
-
     import torch
 
     from rlhfkit.ops import logprobs_from_logits

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from rlhfkit.config import ConfigError
+from rlhfkit.config import CPU_MATMUL_HELP, ConfigError
 from rlhfkit.training import NonFiniteLossError
 
 logger = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ class RMTrainConfig:
     resume: bool = field(default=False, metadata={"help": "continue from OUTPUT/checkpoint exactly where it stopped"})
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = field(default="auto", metadata={"help": "auto: bf16 on CUDA, fp32 on CPU"})
     cpu: bool = field(default=False, metadata={"help": "run on the CPU even if a GPU is present"})
-    cpu_matmul: Literal["auto", "onednn", "torch"] = field(default="auto", metadata={"help": "CPU only: fp32 Linear matmuls through oneDNN (auto: on the CPU; ~2x faster where MKL takes a slow path, e.g. AMD) or PyTorch's default BLAS (torch)"})
+    cpu_matmul: Literal["auto", "onednn", "torch"] = field(default="auto", metadata={"help": CPU_MATMUL_HELP})
     tensorboard: bool = field(default=True, metadata={"help": "also write TensorBoard event files"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
