@@ -111,7 +111,7 @@ def test_non_finite_loss_stops_and_keeps_good_checkpoint(tiny_lm, separable_tsv,
         (dict(lr=-1.0), r"option 'lr' must be a positive number, got -1.0"),
         (dict(n_train=5, eval_fraction=0.1), r"'n_train' and 'eval_fraction' both split --train"),
         (dict(lrr=1.0), r"unknown option\(s\) 'lrr'"),
-        (dict(batch_size="eight"), r"option 'batch_size' expects int, got 'eight'"),
+        (dict(batch_size="eight"), r"option --batch-size expects int, got 'eight'"),
     ],
 )
 def test_config_errors_name_the_option(bad, match):

@@ -288,7 +288,7 @@ def test_reader_accepts_both_formats_and_missing_prompt(tmp_path):
         (dict(eval="e.jsonl", eval_fraction=0.1), r"give either --eval FILE or --eval-fraction"),
         (dict(eval_fraction=1.5), r"option 'eval_fraction' must be between 0 and 1, got 1.5"),
         (dict(max_length=4), r"option 'max_length' must be at least 8, got 4"),
-        (dict(mixed_precision="fp8"), r"option 'mixed_precision' got 'fp8'; choose one of auto, no, bf16"),
+        (dict(mixed_precision="fp8"), r"option --mixed-precision got 'fp8'; choose one of auto, no, bf16"),
         (dict(packin=True), r"unknown option\(s\) 'packin'"),
     ],
 )

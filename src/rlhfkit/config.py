@@ -1,12 +1,18 @@
 """One typed dataclass per command: YAML file under command-line overrides.
 
-Each field's ``metadata["help"]`` becomes its ``--help`` line. Unknown keys (in YAML or on
-the command line) are errors. Validation lives in each dataclass's ``__post_init__`` and so
-runs once, at the boundary.
+A config is a keyword-only dataclass deriving from :class:`Options`; its fields are made
+with :func:`opt`, whose ``help`` becomes the ``--help`` line and whose bounds (``ge``,
+``gt``, ``le``, ``lt``) and ``Literal`` choices are checked once, when the object is built
+(from the command line, a YAML file, a dict or Python). A field without a default is
+required. Unknown keys (in YAML or on the command line) are errors; a renamed option's old
+name (``was=``) still works with a warning. Cross-field checks go in ``validate()``, which
+each class extends with ``super().validate()``::
 
-    @dataclass
-    class TrainArgs:
-        lr: float = field(default=1e-5, metadata={"help": "peak learning rate"})
+    @dataclass(kw_only=True)
+    class TrainArgs(Options):
+        train: str = opt(help="training data file")                  # required
+        lr: float = opt(1e-5, "peak learning rate", gt=0)
+        loss: Literal["pairwise", "listwise"] = opt("pairwise", "the loss")
 
     args = parse_args(TrainArgs, ["--config", "rm.yaml", "--lr", "3e-5"])
 """
@@ -15,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
+import math
 import types
 import typing
 from pathlib import Path
@@ -22,16 +30,26 @@ from typing import Any, Sequence, TypeVar
 
 import yaml
 
+from rlhfkit.errors import ConfigError, UserError
+from rlhfkit.files import read_text
+
+__all__ = ["ConfigError", "Options", "opt", "from_dict", "load_yaml", "build_parser", "parse_args", "to_dict", "save_yaml"]
+
+logger = logging.getLogger(__name__)
+
 T = TypeVar("T")
 
 
-# The run-control option every trainer has (rlhfkit.models.cpu_linear does the work).
-CPU_MATMUL_HELP = ("CPU only: fp32 Linear matmuls through oneDNN (auto: on the CPU; ~2x faster where MKL takes a slow "
-                   "path, e.g. AMD) or PyTorch's default BLAS (torch)")
-
-
-class ConfigError(ValueError):
-    """A bad configuration value; the message names the option and how to fix it."""
+def opt(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = None, ge: float | None = None,
+        gt: float | None = None, le: float | None = None, lt: float | None = None, was: Sequence[str] = (),
+        cli: bool = True) -> Any:
+    """A config field: ``default`` (none = required) or ``factory``, ``help`` for ``--help``, bounds
+    checked when the config is built, ``was``: earlier names still accepted, ``cli=False``: YAML and
+    Python only (or a positional argument)."""
+    metadata = {"help": help, "ge": ge, "gt": gt, "le": le, "lt": lt, "was": tuple(was), "cli": cli}
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
@@ -47,13 +65,52 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def _choices(tp: Any) -> tuple | None:
+    base, _ = _unwrap_optional(tp)
+    return typing.get_args(base) if typing.get_origin(base) is typing.Literal else None
+
+
+def check_fields(obj: Any) -> None:
+    """Raise :class:`ConfigError` for the first field outside its bounds or choices."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if value is None:
+            continue
+        choices = _choices(hints[f.name])
+        if choices is not None and value not in choices:
+            raise ConfigError(f"option {_flag(f.name)} got {value!r}; choose one of {', '.join(map(str, choices))}")
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"option {_flag(f.name)} must be a finite number, got {value}")
+        m = f.metadata
+        for key, ok, word in (("ge", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"),
+                              ("le", lambda v, b: v <= b, "<="), ("lt", lambda v, b: v < b, "<")):
+            bound = m.get(key)
+            if bound is not None and not ok(value, bound):
+                raise ConfigError(f"option {_flag(f.name)} must be {word} {bound}, got {value}")
+
+
+@dataclasses.dataclass(kw_only=True)
+class Options:
+    """Base of every command's config: field bounds and choices, then :meth:`validate`."""
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        self.validate()
+
+    def validate(self) -> None:
+        """Cross-field checks; subclasses extend it and call ``super().validate()``."""
+
+
 def _convert(name: str, tp: Any, value: Any, where: str) -> Any:
     """Coerce a YAML or CLI value to the field's type, with an error that names the option."""
     base, optional = _unwrap_optional(tp)
     if value is None:
         if optional:
             return None
-        raise ConfigError(f"{where}: option '{name}' may not be null")
+        raise ConfigError(f"{where}: option {_flag(name)} may not be null")
     if isinstance(value, str) and optional and value.lower() in ("none", "null"):
         return None
     origin = typing.get_origin(base)
@@ -88,46 +145,60 @@ def _convert(name: str, tp: Any, value: Any, where: str) -> Any:
         if origin is typing.Literal:
             choices = typing.get_args(base)
             if value not in choices:
-                raise ConfigError(
-                    f"{where}: option '{name}' got {value!r}; choose one of {', '.join(map(str, choices))}"
-                )
+                raise ConfigError(f"{where}: option {_flag(name)} got {value!r}; choose one of {', '.join(map(str, choices))}")
             return value
-    except ConfigError:
+        if dataclasses.is_dataclass(base):
+            if isinstance(value, base):
+                return value
+            if not isinstance(value, dict):
+                raise ValueError(value)
+            return from_dict(base, value, where=f"{where}: {name}")
+    except UserError:
         raise
     except (TypeError, ValueError):
         tname = getattr(base, "__name__", str(base))
-        raise ConfigError(f"{where}: option '{name}' expects {tname}, got {value!r}") from None
+        raise ConfigError(f"{where}: option {_flag(name)} expects {tname}, got {value!r}") from None
     return value
 
 
-def _resolved_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+def _renames(cls: type) -> dict[str, str]:
+    """Old option names that still work -> their current names."""
+    return {old: f.name for f in dataclasses.fields(cls) for old in f.metadata.get("was", ())}
 
 
 def from_dict(cls: type[T], values: dict[str, Any], where: str = "config") -> T:
     """Build ``cls`` from a mapping, rejecting unknown keys and coercing types."""
-    hints = _resolved_types(cls)
-    known = {f.name for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(values) - known)
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    values = {str(k).replace("-", "_"): v for k, v in values.items()}
+    for old, new in _renames(cls).items():
+        if old in values:
+            if new in values:
+                raise ConfigError(f"{where}: options '{old}' and '{new}' are the same option ('{old}' is its old name); give one")
+            logger.warning("%s: option '%s' is now called '%s'; the old name still works for now", where, old, new)
+            values[new] = values.pop(old)
+    unknown = sorted(set(values) - set(fields))
     if unknown:
-        close = {u: [k for k in known if u.replace("-", "_") == k] for u in unknown}
-        hint = "; ".join(f"'{u}' (did you mean '{c[0]}'?)" if c else f"'{u}'" for u, c in close.items())
-        raise ConfigError(f"{where}: unknown option(s) {hint}. Valid options: {', '.join(sorted(known))}")
+        raise ConfigError(f"{where}: unknown option(s) {', '.join(repr(u) for u in unknown)}. "
+                          f"Valid options: {', '.join(sorted(fields))}")
+    missing = [n for n, f in fields.items() if n not in values and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"{where}: option {_flag(missing[0])} is required ({fields[missing[0]].metadata.get('help', '')})")
     kwargs = {k: _convert(k, hints[k], v, where) for k, v in values.items()}
     try:
         return cls(**kwargs)
-    except ConfigError:
-        raise
-    except TypeError as e:  # missing required fields
-        raise ConfigError(f"{where}: {e}") from None
+    except ConfigError as e:
+        message = str(e) if str(e).startswith(where) else f"{where}: {e}"
+        raise ConfigError(message) from None
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
+    """The top-level mapping of a YAML config file (``-`` in keys read as ``_``)."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
+    text = read_text(path, "--config")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
@@ -135,11 +206,19 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises :class:`ConfigError` instead of printing usage and exiting (so the
+    one error path reports it), but still exits 0 for ``--help``."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        raise ConfigError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
 def build_parser(cls: type, prog: str | None = None, description: str | None = None) -> argparse.ArgumentParser:
     """An argparse parser whose options mirror ``cls``'s fields (all default to 'unset')."""
-    parser = argparse.ArgumentParser(prog=prog, description=description or (cls.__doc__ or "").strip().split("\n")[0])
+    parser = _Parser(prog=prog, description=description or (cls.__doc__ or "").strip().split("\n")[0])
     parser.add_argument("--config", metavar="YAML", help="YAML file of options; command-line flags override it")
-    hints = _resolved_types(cls)
+    hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if not f.init or f.metadata.get("cli") is False:
             continue
@@ -149,18 +228,23 @@ def build_parser(cls: type, prog: str | None = None, description: str | None = N
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None  # type: ignore[misc]
         )
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        if default is not None and default != "" and not required:
-            help_text = f"{help_text} (default: {default})"
         if required:
             help_text = f"{help_text} (required)"
-        names = [_flag(f.name)] + list(f.metadata.get("aliases", ()))
+        elif default is not None and default != "" and default != []:
+            help_text = f"{help_text} (default: {default})"
+        names = [_flag(f.name)]
         if tp is bool:
             parser.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif typing.get_origin(tp) in (list, tuple):
             parser.add_argument(*names, dest=f.name, nargs="*", default=None, help=help_text)
         else:
-            choices = typing.get_args(tp) if typing.get_origin(tp) is typing.Literal else None
-            parser.add_argument(*names, dest=f.name, default=None, choices=choices, help=help_text, metavar=f.name.upper() if not choices else None)
+            choices = _choices(tp)
+            parser.add_argument(*names, dest=f.name, default=None, choices=choices, help=help_text,
+                                metavar=f.name.upper() if not choices else None)
+        for old in f.metadata.get("was", ()):  # old flag names: accepted, not advertised
+            kind = dict(action=argparse.BooleanOptionalAction) if tp is bool else (
+                dict(nargs="*") if typing.get_origin(tp) in (list, tuple) else {})
+            parser.add_argument(_flag(old), dest=f"was:{old}", default=None, help=argparse.SUPPRESS, **kind)
     return parser
 
 
@@ -185,7 +269,7 @@ def parse_args(
         values.update(extra)
     for k, v in vars(ns).items():
         if k != "config" and v is not None:
-            values[k] = v
+            values[k.removeprefix("was:")] = v
     return from_dict(cls, values, where=ns.config or "command line")
 
 

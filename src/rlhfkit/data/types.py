@@ -15,8 +15,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from rlhfkit.errors import UserError
 
-class DataFormatError(ValueError):
+
+class DataFormatError(UserError):
     """A malformed input record. The message names the file, the line and what to fix."""
 
     def __init__(self, source: str, line: int | None, problem: str):

@@ -35,7 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from rlhfkit.config import CPU_MATMUL_HELP, ConfigError
+from rlhfkit.config import ConfigError
+from rlhfkit.training.options import CPU_MATMUL_HELP
 
 logger = logging.getLogger(__name__)
 

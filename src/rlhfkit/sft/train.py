@@ -34,7 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from rlhfkit.config import CPU_MATMUL_HELP, ConfigError
+from rlhfkit.config import ConfigError
+from rlhfkit.training.options import CPU_MATMUL_HELP
 from rlhfkit.training import NonFiniteLossError
 
 logger = logging.getLogger(__name__)

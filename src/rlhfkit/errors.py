@@ -1,0 +1,25 @@
+"""The two ways a command fails, reported the same way by every entry point.
+
+- :class:`UserError`: something the user fixes (an option, a file, a line of data). The
+  command prints one paragraph naming the option or file and the fix, and exits with 2. No
+  traceback, and nothing is written: configs and data are checked before a run folder exists.
+- :class:`RunStopped`: the run stopped itself before harm was done (a non-finite loss or
+  gradient, a KL past ``--max-kl``). Exit 1; the last good checkpoint is intact.
+
+:func:`rlhfkit.cli.run_command` maps both to their exit codes.
+"""
+
+from __future__ import annotations
+
+
+class UserError(ValueError):
+    """A problem the user fixes; the message names the option or file, the value, and what to do."""
+
+
+class ConfigError(UserError):
+    """A bad configuration value; the message names the option and how to fix it."""
+
+
+class RunStopped(RuntimeError):
+    """The run stopped itself before writing a bad step into the weights; the message says why,
+    at which step, and where the last good checkpoint is."""
