@@ -33,7 +33,7 @@ browser:
 
 # The whole pipeline (SFT -> reward model -> PPO -> evaluation -> report) on SmolLM2-135M.
 demo: setup
-	$(BIN)/rlhfkit pipeline examples/pipeline_demo.yaml
+	$(BIN)/rlhfkit pipeline --config examples/pipeline_demo.yaml
 
 # Just the reward model, on MiniLM: a two-minute taste.
 demo-rm: setup

@@ -54,9 +54,7 @@ evaluation: {{n_prompts: 4, bon: [1, 2, 4], max_new_tokens: 8}}
 """.replace("no_progress: true", "progress: false"))
 
     write_config(ppo_steps=3)
-    t0 = time.time()
-    assert main(["pipeline", str(config)]) == 0
-    first = time.time() - t0
+    assert main(["pipeline", "--config", str(config)]) == 0
     html = (out / "report.html").read_text()
     md = (out / "report.md").read_text()
     for needle in ("Supervised fine-tuning", "Preference data", "Reward model", "PPO", "Evaluation on held-out prompts",
@@ -68,10 +66,11 @@ evaluation: {{n_prompts: 4, bon: [1, 2, 4], max_new_tokens: 8}}
     summary = json.loads((out / "summary.json").read_text())["summary"]
     assert "held-out prompts" in summary and "nats per response" in summary
 
-    # same config: every stage is reused; changed PPO: only PPO and evaluation run again
-    t0 = time.time()
-    assert main(["pipeline", str(config)]) == 0
-    assert time.time() - t0 < first / 2
+    # same config: every stage is reused (no stage folder is touched); changed PPO: only PPO and evaluation run again
+    before = {s: (out / s / "stage.json").stat().st_mtime_ns for s in ("sft", "preferences", "reward_model", "ppo", "evaluation")}
+    assert main(["pipeline", str(config)]) == 0  # the old positional form still works
+    assert {s: (out / s / "stage.json").stat().st_mtime_ns for s in before} == before
+    assert (out / "report.md").read_text().count("reused (complete, same config)") == 5
     marks = {s: json.loads((out / s / "stage.json").read_text())["hash"] for s in ("sft", "reward_model", "ppo")}
     write_config(ppo_steps=4)
     assert main(["pipeline", str(config)]) == 0
@@ -79,6 +78,34 @@ evaluation: {{n_prompts: 4, bon: [1, 2, 4], max_new_tokens: 8}}
     assert json.loads((out / "reward_model" / "stage.json").read_text())["hash"] == marks["reward_model"]
     assert json.loads((out / "ppo" / "stage.json").read_text())["hash"] != marks["ppo"]
     assert "reused (complete, same config)" in (out / "report.md").read_text()
+
+
+def test_a_bad_value_in_the_last_section_fails_before_any_stage(tiny_lm, tmp_path, capsys):
+    from rlhfkit.cli import main
+
+    config = tmp_path / "pipeline.yaml"
+    config.write_text(f"""
+output: {tmp_path / 'pipe'}
+policy: {tiny_lm}
+sft: {{train: nowhere.jsonl, max_steps: 4}}
+preferences: {{source: simulated, prompts: p.txt, samples_per_prompt: 3}}
+reward_model: {{epochs: 2}}
+ppo: {{prompts: p.txt, steps: 3}}
+evaluation: {{bon: [1, 0]}}
+""")
+    t0 = time.time()
+    assert main(["pipeline", "--config", str(config)]) == 2
+    assert time.time() - t0 < 30  # no stage ran: SFT alone would take longer, and it never started
+    err = capsys.readouterr().err
+    assert "pipeline evaluation: option --bon must list sizes >= 1, got [1, 0]" in err and "Traceback" not in err
+    assert not (tmp_path / "pipe").exists()
+    config.write_text(config.read_text().replace("bon: [1, 0]", "bon: [1, 2]").replace("steps: 3", "steps: -1"))
+    assert main(["pipeline", "--config", str(config)]) == 2
+    assert "pipeline ppo: option --steps must be >= 1, got -1" in capsys.readouterr().err
+    config.write_text(config.read_text().replace("steps: -1", "steps: 3").replace("samples_per_prompt: 3", "samples_per_prompt: many"))
+    assert main(["pipeline", "--config", str(config)]) == 2
+    assert "option --samples-per-prompt expects int, got 'many'" in capsys.readouterr().err
+    assert not (tmp_path / "pipe").exists()
 
 
 def test_interrupted_stage_resumes_from_its_checkpoint_or_restarts(tmp_path):

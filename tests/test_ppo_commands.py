@@ -10,7 +10,7 @@ import random
 import pytest
 import torch
 
-from rlhfkit.ppo.cli import main_bon, main_generate, main_ppo_eval
+from rlhfkit.cli import main
 from rlhfkit.ppo.commands import best_of_n_kl, expected_best_of_n
 
 
@@ -48,12 +48,12 @@ def files(tmp_path_factory):
 
 def test_generate_writes_n_rows_per_prompt_to_stdout_and_file(tiny_lm, files, tmp_path, capsys):
     prompts, _ = files
-    common = ["--policy", str(tiny_lm), "--prompts", str(prompts), "--n", "2", "--max-new-tokens", "5", "--seed", "3"]
-    assert main_generate(common) == 0
+    common = ["--policy", str(tiny_lm), "--prompts", str(prompts), "--samples-per-prompt", "2", "--max-new-tokens", "5", "--seed", "3"]
+    assert main(["generate", *common]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert len(rows) == 12 and rows[0]["prompt"] == rows[1]["prompt"] != rows[2]["prompt"]
     out = tmp_path / "gen.jsonl"
-    assert main_generate(common + ["--output", str(out)]) == 0
+    assert main(["generate", *common, "--output", str(out)]) == 0
     assert [json.loads(line) for line in out.read_text().splitlines()] == rows  # seeded: same samples
 
 
@@ -62,7 +62,7 @@ def test_bon_keeps_the_best_and_writes_ranked_lists(tiny_lm, files, tmp_path):
 
     prompts, reward = files
     out, ranked = tmp_path / "bon.jsonl", tmp_path / "ranked.jsonl"
-    assert main_bon(["--policy", str(tiny_lm), "--prompts", str(prompts), "--reward", reward, "--n", "4",
+    assert main(["bon", "--policy", str(tiny_lm), "--prompts", str(prompts), "--reward", reward, "--samples-per-prompt", "4",
                      "--max-new-tokens", "8", "--output", str(out), "--ranked-output", str(ranked)]) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 6
@@ -72,7 +72,7 @@ def test_bon_keeps_the_best_and_writes_ranked_lists(tiny_lm, files, tmp_path):
     examples = read_preferences(ranked, format="ranked")
     assert len(examples) == 6
     assert examples[0].responses[0] == rows[0]["response"]  # best first
-    assert main_bon(["--policy", str(tiny_lm), "--prompts", str(prompts), "--reward", reward, "--n", "1",
+    assert main(["bon", "--policy", str(tiny_lm), "--prompts", str(prompts), "--reward", reward, "--samples-per-prompt", "1",
                      "--ranked-output", str(ranked)]) == 2
 
 
@@ -81,7 +81,7 @@ def test_ppo_eval_reports_policy_reference_and_best_of_n(tiny_lm, files, tmp_pat
     out = tmp_path / "eval"
     argv = ["--policy", str(tiny_lm), "--reference", str(tiny_lm), "--prompts", str(prompts), "--reward", reward,
             "--bon", "1", "2", "4", "--max-new-tokens", "6", "--output", str(out)]
-    assert main_ppo_eval(argv) == 0
+    assert main(["ppo-eval", *argv]) == 0
     table = capsys.readouterr().out
     for name in ("policy", "reference", "best-of-1", "best-of-2", "best-of-4"):
         assert name in table
@@ -92,11 +92,11 @@ def test_ppo_eval_reports_policy_reference_and_best_of_n(tiny_lm, files, tmp_pat
     assert rows["best-of-1"]["score"] <= rows["best-of-2"]["score"] <= rows["best-of-4"]["score"]
     assert rows["best-of-4"]["kl"] == pytest.approx(math.log(4) - 0.75)
     assert (out / "reward_vs_kl.png").is_file()
-    assert main_ppo_eval(argv + ["--json"]) == 0
+    assert main(["ppo-eval", *argv, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["n_prompts"] == 6
 
 
 def test_ppo_eval_needs_a_reference(tiny_lm, files, tmp_path, capsys):
     prompts, reward = files
-    assert main_ppo_eval(["--policy", str(tiny_lm), "--prompts", str(prompts), "--reward", reward, "--output", str(tmp_path)]) == 2
+    assert main(["ppo-eval", "--policy", str(tiny_lm), "--prompts", str(prompts), "--reward", reward, "--output", str(tmp_path)]) == 2
     assert "--reference is needed" in capsys.readouterr().err

@@ -21,17 +21,17 @@ pytestmark = pytest.mark.slow
 PROBE = """
 import sys, torch
 import rlhfkit.ppo.trainer as T
-from rlhfkit.ppo.cli import main_ppo
+from rlhfkit.cli import main
 
-real = T._optimise
-def probe(cfg, accelerator, nets, *a, **k):
-    out = real(cfg, accelerator, nets, *a, **k)
+real = T.optimise
+def probe(cfg, run, nets, *a, **k):
+    out = real(cfg, run, nets, *a, **k)
     digest = [float(sum(p.detach().double().sum() for p in n.parameters())) for n in nets]
-    with open(f"{cfg.output}.rank{accelerator.process_index}", "a") as f:
+    with open(f"{cfg.output}.rank{run.rank}", "a") as f:
         f.write(repr(digest) + "\\n")
     return out
-T._optimise = probe
-sys.exit(main_ppo(sys.argv[1:]))
+T.optimise = probe
+sys.exit(main(["ppo", *sys.argv[1:]]))
 """
 
 
@@ -55,6 +55,7 @@ def test_two_processes_with_a_reward_model_critic(tiny_lm, tmp_path):
               "--lr", "1e-3", "--sample-every", "0", "--no-progress", "--no-tensorboard", "--cpu"]
     res = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
+    assert "ppo: 2 process(es), distributed mode MULTI_CPU" in res.stderr, res.stderr[-2000:]
     rows = read_metrics(out / "metrics.jsonl")
     assert [r["ppo/episodes"] for r in rows] == [8, 16]  # 4 prompts per process per update, 2 processes
     rank0, rank1 = ((tmp_path / f"run.rank{i}").read_text().splitlines() for i in (0, 1))

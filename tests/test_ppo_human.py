@@ -47,7 +47,7 @@ def test_bad_range_spec_is_explained(tmp_path):
 
 
 def test_ppo_with_human_rewards_end_to_end(tiny_lm, tmp_path, monkeypatch, capsys):
-    from rlhfkit.ppo.cli import main_ppo
+    from rlhfkit.cli import main
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("hello\nworld\n")
@@ -56,7 +56,7 @@ def test_ppo_with_human_rewards_end_to_end(tiny_lm, tmp_path, monkeypatch, capsy
     args = ["--policy", str(tiny_lm), "--reward", f"human:{log}", "--prompts", str(prompts), "--output", str(tmp_path / "run"),
             "--steps", "2", "--batch-size", "2", "--mini-batch-size", "2", "--max-new-tokens", "4", "--no-progress",
             "--no-tensorboard", "--sample-every", "0"]
-    assert main_ppo(args) == 0
+    assert main(["ppo", *args]) == 0
     rows = [json.loads(line) for line in log.read_text().splitlines()]
     assert [r["score"] for r in rows] == [1.0, 0.0, 0.5, -1.0]  # 'x' was refused and asked again
     assert "'x' is not a number" in capsys.readouterr().out

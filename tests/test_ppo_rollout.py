@@ -1,4 +1,4 @@
-"""Rollouts: prompt reading, EOS masks, and masking invariance of logprobs, values and scores."""
+"""Rollouts: the log-probs of the sampling distribution, and masking invariance of logprobs, values and scores."""
 
 from __future__ import annotations
 
@@ -7,20 +7,11 @@ import json
 import pytest
 import torch
 
-from rlhfkit.data.types import DataFormatError
 from rlhfkit.ops import logprobs_from_logits
 from rlhfkit.ppo.critic import ActorCritic, Critic
 from rlhfkit.ppo.rewards import compute_rewards
-from rlhfkit.ppo.rollout import (
-    GenerationSettings,
-    Prompt,
-    encode_queries,
-    read_prompts,
-    render_prompt,
-    response_mask_from_eos,
-    sample_responses,
-    score_rollout,
-)
+from rlhfkit.ppo.rollout import score_rollout
+from rlhfkit.sampling import encode_queries, response_mask_from_eos
 
 EOS, PAD = 2, 0
 
@@ -44,72 +35,6 @@ def load_lm(path, seed_offset: float | None = None):
 def text_reward(prompts, responses):
     """A deterministic function of the exact texts, so any change in them shows."""
     return torch.tensor([float(sum(map(ord, p + "|" + r)) % 997) for p, r in zip(prompts, responses)])
-
-
-# ------------------------------------------------------------------------ prompts
-def test_read_prompts_text_jsonl_and_messages(tmp_path):
-    txt = tmp_path / "p.txt"
-    txt.write_text("first prompt\n\n  second  \n", encoding="utf-8")
-    assert read_prompts(txt) == [Prompt("first prompt"), Prompt("  second  ")]
-
-    jl = tmp_path / "p.jsonl"
-    rows = [{"prompt": "Review:"}, {"messages": [{"role": "system", "content": "be nice"}, {"role": "user", "content": "hi"}]}]
-    jl.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    got = read_prompts(jl)
-    assert got[0] == Prompt("Review:")
-    assert got[1].text == "hi" and got[1].messages[0] == {"role": "system", "content": "be nice"}
-
-
-@pytest.mark.parametrize("line, match", [
-    ("{not json", "line 2: not valid JSON"),
-    ('{"text": "x"}', "line 2: expected an object with a 'prompt'"),
-    ('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}', "ends with an assistant turn"),
-])
-def test_read_prompts_errors_name_the_line(tmp_path, line, match):
-    f = tmp_path / "bad.jsonl"
-    f.write_text('{"prompt": "ok"}\n' + line + "\n", encoding="utf-8")
-    with pytest.raises(DataFormatError, match=match):
-        read_prompts(f)
-
-
-def test_render_prompt_uses_chat_template_when_asked(tiny_lm):
-    _, tok = load_lm(tiny_lm)
-    assert render_prompt(tok, Prompt("hello"), chat_template=False) == "hello"
-    assert render_prompt(tok, Prompt("hello"), chat_template=True) == "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n"
-    chat = Prompt("x", ({"role": "user", "content": "x"},))
-    assert render_prompt(tok, chat, chat_template=False).endswith("<|im_start|>assistant\n")  # messages always chat
-
-
-def test_encode_queries_left_pads_and_keeps_the_end_of_long_prompts(tiny_lm):
-    _, tok = load_lm(tiny_lm)
-    ids, mask = encode_queries(tok, ["abcdef", "xy"], max_prompt_length=4, chat=False)
-    assert mask.tolist() == [[1, 1, 1, 1], [0, 0, 1, 1]]
-    assert tok.decode(ids[0]) == "cdef" and ids[1, 0] == PAD
-
-
-# -------------------------------------------------------------------- EOS masks
-def test_response_mask_includes_the_first_eos_and_nothing_after():
-    ids = torch.tensor([
-        [5, 6, EOS, 7, EOS],  # EOS at 2: tokens after it are not the response
-        [5, 6, 7, 8, 9],  # cut at the length limit: all real
-        [EOS, 5, 5, 5, 5],  # empty response: the EOS alone is real
-        [5, PAD, 6, EOS, PAD],  # a sampled pad id before EOS is a real token
-    ])
-    mask, ended = response_mask_from_eos(ids, [EOS])
-    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 1, 1, 0]]
-    assert ended.tolist() == [True, False, True, True]
-
-
-def test_sampled_responses_are_pad_after_eos(tiny_lm):
-    model, tok = load_lm(tiny_lm)
-    eos_ids = list(range(3, 120))  # most bytes end the response: EOS shows up early and often
-    ids, mask = encode_queries(tok, ["hello there", "a"], 64, chat=False)
-    torch.manual_seed(0)
-    response_ids = sample_responses(model, tok, ids, mask, GenerationSettings(max_new_tokens=12), eos_ids)
-    rmask, ended = response_mask_from_eos(response_ids, eos_ids)
-    assert ended.all()
-    assert (response_ids[rmask == 0] == PAD).all()
-    assert response_ids.shape[1] <= 12
 
 
 def test_rollout_logprobs_are_those_of_the_sampling_distribution(tiny_lm):

@@ -10,9 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from rlhfkit.cli import main
 from rlhfkit.config import ConfigError, from_dict
-from rlhfkit.ppo.cli import main_ppo
-from rlhfkit.ppo.trainer import PPOConfig, PPOStopped, train_ppo
+from rlhfkit.errors import RunStopped
+from rlhfkit.ppo.trainer import PPOConfig, train_ppo
 from rlhfkit.tracking import read_metrics
 
 WORDS = ["the", "cat", "sat", "on", "a", "mat", "dog", "ran", "far", "big"]
@@ -115,36 +116,73 @@ def test_gradient_accumulation_equals_the_full_minibatch(tiny_lm, ppo_files, tmp
 
 def test_kl_past_max_kl_stops_and_keeps_the_last_good_checkpoint(tiny_lm, ppo_files, tmp_path):
     out = tmp_path / "run"
-    with pytest.raises(PPOStopped, match=r"update 2: mean KL to the reference is .* past --max-kl 0.01.*checkpoint .* is intact") as e:
+    with pytest.raises(RunStopped, match=r"update 2: mean KL to the reference is .* past --max-kl 0.01.*checkpoint .* \(step 1\) is intact") as e:
         train_ppo(cfg(tiny_lm, ppo_files, out, steps=10, batch_size=8, mini_batch_size=8, lr=5e-2, max_kl=0.01, save_every=1))
     assert json.loads((out / "checkpoint" / "trainer_state.json").read_text())["step"] == 1
     assert "Lower --lr, raise --kl-coef" in str(e.value)
 
 
-def test_non_finite_loss_stops_before_the_weights_change(tiny_lm, ppo_files, tmp_path, monkeypatch, capsys):
-    import rlhfkit.ppo.losses as losses
+class _NanGradient(torch.autograd.Function):
+    """The identity forward, a NaN gradient backward: a finite loss whose gradient is not."""
 
-    real = losses.policy_loss
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
 
-    def poisoned(*args, **kw):
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+@pytest.mark.parametrize("poison, message", [
+    (lambda loss: loss * float("nan"), r"non-finite loss \(nan\) at update 2 \(PPO epoch 1\), micro-batch 0"),
+    (_NanGradient.apply, r"non-finite gradient norm at update 2 \(PPO epoch 1\) with a finite loss"),
+])
+def test_non_finite_loss_or_gradient_stops_and_keeps_the_last_good_checkpoint(tiny_lm, ppo_files, tmp_path, monkeypatch, poison, message):
+    import rlhfkit.ppo.trainer as T
+
+    common = dict(steps=3, batch_size=4, mini_batch_size=4, save_every=1)
+    good = tmp_path / "good"
+    train_ppo(cfg(tiny_lm, ppo_files, good, stop_after_steps=1, **common))  # the uninterrupted first update
+    real, calls = T.policy_loss, {"n": 0}
+
+    def poisoned(*args, **kw):  # update 1 is clean; the first minibatch of update 2 is not
         loss, stats = real(*args, **kw)
-        return loss * float("nan"), stats
+        calls["n"] += 1
+        return (poison(loss) if calls["n"] > 4 else loss), stats  # 4 = ppo_epochs x 1 minibatch in update 1
 
-    monkeypatch.setattr(losses, "policy_loss", poisoned)
+    monkeypatch.setattr(T, "policy_loss", poisoned)
+    out = tmp_path / "nan"
+    with pytest.raises(RunStopped, match=message + r".*Nothing was saved from this step; the last good checkpoint in .* \(step 1\) is intact"):
+        train_ppo(cfg(tiny_lm, ppo_files, out, **common))
+    assert json.loads((out / "checkpoint" / "trainer_state.json").read_text())["step"] == 1
+    kept, expected = (load_file(str(d / "checkpoint" / "model.safetensors")) for d in (out, good))
+    for k in expected:  # the weights of the last good update, bit for bit: the bad step wrote nothing
+        torch.testing.assert_close(kept[k], expected[k], rtol=0, atol=0, msg=k)
+    assert not (out / "policy").exists()
+
+
+def test_cli_stop_exits_1_and_says_why(tiny_lm, ppo_files, tmp_path, monkeypatch, capsys):
+    import rlhfkit.ppo.trainer as T
+
+    real = T.policy_loss
+    monkeypatch.setattr(T, "policy_loss", lambda *a, **k: (real(*a, **k)[0] * float("nan"), real(*a, **k)[1]))
     prompts, rewards = ppo_files
-    code = main_ppo(["--policy", str(tiny_lm), "--reward", f"{rewards}:share_lower", "--prompts", str(prompts),
-                     "--output", str(tmp_path / "nan"), "--steps", "2", "--batch-size", "4", "--mini-batch-size", "4",
-                     "--no-progress", "--no-tensorboard"])
+    code = main(["ppo", "--policy", str(tiny_lm), "--reward", f"{rewards}:share_lower", "--prompts", str(prompts),
+                 "--output", str(tmp_path / "nan"), "--steps", "2", "--batch-size", "4", "--mini-batch-size", "4",
+                 "--no-progress", "--no-tensorboard"])
     assert code == 1
-    assert "non-finite loss at update 1 (PPO epoch 1)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "rlhfkit ppo: stopped: non-finite loss (nan) at update 1 (PPO epoch 1)" in err
+    assert "no checkpoint had been written yet" in err and "Traceback" not in err
 
 
 def test_config_errors_say_what_to_do(tiny_lm, ppo_files, tmp_path):
-    with pytest.raises(ConfigError, match=r"'mini_batch_size' \(8\) must divide 'batch_size' \(12\).*--mini-batch-size 4"):
+    with pytest.raises(ConfigError, match=r"--mini-batch-size \(8\) must divide --batch-size \(12\).*--mini-batch-size 4"):
         cfg(tiny_lm, ppo_files, tmp_path, batch_size=12, mini_batch_size=8)
-    with pytest.raises(ConfigError, match=r"'grad_accum' \(3\) must divide 'mini_batch_size' \(8\)"):
+    with pytest.raises(ConfigError, match=r"--grad-accum \(3\) must divide --mini-batch-size \(8\)"):
         cfg(tiny_lm, ppo_files, tmp_path, batch_size=8, mini_batch_size=8, grad_accum=3)
-    with pytest.raises(ConfigError, match="option 'reward' is required"):
+    with pytest.raises(ConfigError, match="option --reward is required"):
         from_dict(PPOConfig, {"prompts": "p.txt", "output": "o"})
     with pytest.raises(ConfigError, match="has no checkpoint to resume from"):
         train_ppo(cfg(tiny_lm, ppo_files, tmp_path / "empty", resume=True))
@@ -165,7 +203,7 @@ def test_cli_ppo_with_lora_and_a_reward_model_critic(tiny_lm, ppo_files, tmp_pat
     argv = ["--config", str(yaml_file), "--policy", str(tiny_lm), "--reward", str(rm_dir), "--prompts", str(prompts),
             "--output", str(out), "--steps", "2", "--batch-size", "4", "--mini-batch-size", "2", "--max-new-tokens", "6",
             "--lr", "1e-3", "--sample-every", "1", "--no-progress"]  # flags override the YAML (steps 2, not 5)
-    assert main_ppo(argv) == 0
+    assert main(["ppo", *argv]) == 0
     assert list((out / "tensorboard").iterdir()) and (out / "curves.png").is_file()
     captured = capsys.readouterr()
     assert "policy saved to" in captured.out and "--- update 1: samples ---" in captured.out + captured.err
@@ -176,8 +214,9 @@ def test_cli_ppo_with_lora_and_a_reward_model_critic(tiny_lm, ppo_files, tmp_pat
     # a separate critic is prepared (and checkpointed) as its own model, beside the actor
     actor, critic = (load_file(str(out / "checkpoint" / f)) for f in ("model.safetensors", "model_1.safetensors"))
     assert any("lora_A" in k for k in actor) and any(k.endswith("score.weight") for k in critic)
+    assert (out / "checkpoint" / "optimizer.bin").is_file() and (out / "checkpoint" / "optimizer_1.bin").is_file()  # one each
     assert not any("value_head" in k for k in actor | critic)
-    assert main_ppo(argv) == 2  # the folder now holds a run
+    assert main(["ppo", *argv]) == 2  # the folder now holds a run
     assert "already holds a run; pass --resume" in capsys.readouterr().err
 
 
@@ -192,8 +231,9 @@ def test_a_separate_critic_trains_exactly_as_with_the_summed_loss(tiny_lm, tmp_p
     from rlhfkit.models.reward import RewardModel
     from rlhfkit.ppo.critic import ActorCritic, load_critic
     from rlhfkit.ppo.rollout import Rollout, policy_logprobs
-    from rlhfkit.ppo.trainer import _optimise
-    from rlhfkit.training import make_adamw
+    from rlhfkit.ppo.trainer import optimise
+    from rlhfkit.training.optim import make_adamw
+    from rlhfkit.training.run import Run
 
     torch.manual_seed(0)
     RewardModel.from_pretrained(tiny_lm).save_pretrained(tmp_path / "rm")
@@ -216,12 +256,12 @@ def test_a_separate_critic_trains_exactly_as_with_the_summed_loss(tiny_lm, tmp_p
     advantages, returns = torch.randn(M, N), torch.randn(M, N)
     c = cfg(tiny_lm, ("p.txt", "r.py"), tmp_path / "unused", batch_size=M, mini_batch_size=3, grad_accum=3,
             ppo_epochs=2, max_grad_norm=0.5, entropy_coef=0.01, lr=1e-3, critic_lr=3e-3)
-    accelerator = Accelerator(cpu=True)
+    run = Run(c, "test", Accelerator(cpu=True), None)
     stats = {}
-    for name, model, nets in (("joint", joint, (joint,)), ("split", split, (split.actor, split.critic))):
-        params = (model.actor_parameters(), model.critic_parameters())
-        opt = make_adamw([{"params": params[0], "lr": c.lr}, {"params": params[1], "lr": c.critic_lr}])
-        stats[name] = _optimise(c, accelerator, nets, opt, params, r, advantages, returns, step=0, where="test")
+    joint_opt = (make_adamw([{"params": joint.actor_parameters(), "lr": c.lr}, {"params": joint.critic_parameters(), "lr": c.critic_lr}]),)
+    split_opts = (make_adamw(split.actor_parameters(), lr=c.lr), make_adamw(split.critic_parameters(), lr=c.critic_lr))
+    for name, nets, opts in (("joint", (joint,), joint_opt), ("split", (split.actor, split.critic), split_opts)):
+        stats[name] = optimise(c, run, nets, opts, r, advantages, returns, step=0)
     for (k, a), (_, b) in zip(joint.named_parameters(), split.named_parameters()):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=k)
     assert any(not torch.equal(a, b) for a, b in zip(joint.parameters(), ActorCritic(

@@ -143,7 +143,7 @@ def test_minilm_alias_resolves_to_the_wheel():
 
 
 def test_disable_dropout_makes_training_mode_deterministic(tiny_encoder):
-    from rlhfkit.training import disable_dropout
+    from rlhfkit.training.optim import disable_dropout
 
     rm = RewardModel.from_pretrained(tiny_encoder)
     batch = rm.pad([rm.encode("p", t)[0] for t in TEXTS])

@@ -82,19 +82,19 @@ def test_batch_8_x_accum_1_equals_batch_1_x_accum_8(tiny_lm, separable_tsv, tmp_
 
 def test_non_finite_loss_stops_and_keeps_good_checkpoint(tiny_lm, separable_tsv, tmp_path, monkeypatch):
     import rlhfkit.rm.train as T
-    from rlhfkit.rm import objective
+    from rlhfkit.errors import RunStopped
 
     out = tmp_path / "nan"
-    real, calls = objective.list_losses, {"n": 0}
+    real, calls = T.list_losses, {"n": 0}
 
     def poisoned(*args, **kwargs):  # the 5th training batch produces a NaN loss
         calls["n"] += 1
         per_list = real(*args, **kwargs)
         return per_list * float("nan") if calls["n"] == 5 else per_list
 
-    monkeypatch.setattr(objective, "list_losses", poisoned)
+    monkeypatch.setattr(T, "list_losses", poisoned)
     c = cfg(model=str(tiny_lm), train=str(separable_tsv), n_train=90, output=str(out), epochs=2, save_every=2)
-    with pytest.raises(T.NonFiniteLossError, match=r"non-finite loss \(nan\) at step 5 .*lists from .*lists\.tsv:\d+"):
+    with pytest.raises(RunStopped, match=r"non-finite loss \(nan\) at step 5 .*lists from .*lists\.tsv:\d+.*checkpoint in .* \(step 4\) is intact"):
         train_reward_model(c)
     state = json.loads((out / "checkpoint" / "trainer_state.json").read_text())
     assert state["step"] == 4  # the last good checkpoint, untouched by the failing step
@@ -106,10 +106,10 @@ def test_non_finite_loss_stops_and_keeps_good_checkpoint(tiny_lm, separable_tsv,
 @pytest.mark.parametrize(
     "bad, match",
     [
-        (dict(loss="hinge"), r"option 'loss': unknown loss 'hinge'; choose one of pairwise, logexp"),
-        (dict(batch_size=0), r"option 'batch_size' must be >= 1, got 0"),
-        (dict(lr=-1.0), r"option 'lr' must be a positive number, got -1.0"),
-        (dict(n_train=5, eval_fraction=0.1), r"'n_train' and 'eval_fraction' both split --train"),
+        (dict(loss="hinge"), r"option --loss got 'hinge'; choose one of pairwise, logexp"),
+        (dict(batch_size=0), r"option --batch-size must be >= 1, got 0"),
+        (dict(lr=-1.0), r"option --lr must be > 0, got -1.0"),
+        (dict(n_train=5, eval_fraction=0.1), r"--n-train and --eval-fraction both split --train"),
         (dict(lrr=1.0), r"unknown option\(s\) 'lrr'"),
         (dict(batch_size="eight"), r"option --batch-size expects int, got 'eight'"),
     ],

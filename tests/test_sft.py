@@ -17,7 +17,8 @@ from rlhfkit.sft.data import (
     EncodedSFT, SFTExample, block_causal_mask, chat_segments, collate, encode_example, pack_examples, read_sft_data,
 )
 from rlhfkit.sft.losses import IGNORE_INDEX, sft_loss, token_nll
-from rlhfkit.sft.train import NonFiniteLossError, SFTConfig, model_token_nll, train_sft
+from rlhfkit.errors import RunStopped, UserError
+from rlhfkit.sft.train import SFTConfig, model_token_nll, train_sft
 from rlhfkit.tracking import read_metrics
 
 QA = [("color of the sky?", "blue"), ("2+2?", "four"), ("capital of France?", "paris"), ("say hi", "hello there")]
@@ -136,10 +137,11 @@ def test_plain_format_masks_the_prompt_and_ends_with_eos(tok):
 
 
 def test_prompt_response_rows_see_what_generation_sees(tok):
-    from rlhfkit.generation import format_prompt
+    from rlhfkit.data.prompts import Prompt
+    from rlhfkit.sampling import render_prompt
 
     ids, labels, _, _ = encode_example(tok, SFTExample("Say hi", "hi there"), max_length=128)
-    before = tok(format_prompt(tok, "Say hi"), add_special_tokens=False)["input_ids"]
+    before = tok(render_prompt(tok, Prompt("Say hi"), chat=True), add_special_tokens=False)["input_ids"]
     assert ids[: len(before)] == before  # the prompt side is exactly the sampling-time prompt
     assert all(t == IGNORE_INDEX for t in labels[: len(before)])
     assert tok.decode(ids[len(before):]) == targets_text(tok, labels) == "hi there<|im_end|>"
@@ -283,11 +285,11 @@ def test_reader_accepts_both_formats_and_missing_prompt(tmp_path):
 @pytest.mark.parametrize(
     "bad, match",
     [
-        (dict(batch_size=0), r"option 'batch_size' must be >= 1, got 0"),
-        (dict(lr=0.0), r"option 'lr' must be a positive number, got 0.0"),
+        (dict(batch_size=0), r"option --batch-size must be >= 1, got 0"),
+        (dict(lr=0.0), r"option --lr must be > 0, got 0.0"),
         (dict(eval="e.jsonl", eval_fraction=0.1), r"give either --eval FILE or --eval-fraction"),
-        (dict(eval_fraction=1.5), r"option 'eval_fraction' must be between 0 and 1, got 1.5"),
-        (dict(max_length=4), r"option 'max_length' must be at least 8, got 4"),
+        (dict(eval_fraction=1.5), r"option --eval-fraction must be < 1, got 1.5"),
+        (dict(max_length=4), r"option --max-length must be >= 8, got 4"),
         (dict(mixed_precision="fp8"), r"option --mixed-precision got 'fp8'; choose one of auto, no, bf16"),
         (dict(packin=True), r"unknown option\(s\) 'packin'"),
     ],
@@ -299,10 +301,12 @@ def test_config_errors_name_the_option(bad, match):
 
 # --------------------------------------------------------------- training runs
 def test_tiny_model_learns_and_greedy_generation_reproduces_replies(lm32, qa_jsonl, tmp_path):
-    from rlhfkit.generation import load_policy, sample_responses
+    from rlhfkit.data.prompts import Prompt
+    from rlhfkit.models.policy import load_policy
+    from rlhfkit.sampling import SamplingSettings, sample_texts
 
     out = tmp_path / "run"
-    result = train_sft(cfg(model=str(lm32), train=str(qa_jsonl), eval=str(qa_jsonl), output=str(out), epochs=60, lr=5e-3, n_samples=2))
+    result = train_sft(cfg(policy=str(lm32), train=str(qa_jsonl), eval=str(qa_jsonl), output=str(out), epochs=60, lr=5e-3, n_samples=2))
     rows = read_metrics(out / "metrics.jsonl")
     first_eval = next(r["eval/loss"] for r in rows if "eval/loss" in r)
     assert first_eval > 5.0 and result["eval/loss"] < 0.1, (first_eval, result)
@@ -310,9 +314,9 @@ def test_tiny_model_learns_and_greedy_generation_reproduces_replies(lm32, qa_jso
     for f in ("final/model.safetensors", "final/tokenizer.json", "best/config.json", "curves.png", "metrics.jsonl",
               "config.yaml", "samples.jsonl", "checkpoint/trainer_state.json"):
         assert (out / f).exists(), f
-    model, tokenizer = load_policy(out / "final", device="cpu")
+    model, tokenizer = load_policy(str(out / "final"))
     assert tokenizer.pad_token_id != tokenizer.eos_token_id
-    replies = sample_responses(model, tokenizer, [p for p, _ in QA], n=1, temperature=0.0, max_new_tokens=20)
+    replies = sample_texts(model, tokenizer, [Prompt(p) for p, _ in QA], 1, SamplingSettings(max_new_tokens=20, temperature=0.0), chat=True)
     assert [r[0] for r in replies] == [r for _, r in QA]
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert [s["generated"] for s in samples] == [s["reference"] for s in samples] == ["blue", "four"]
@@ -325,7 +329,7 @@ def test_lora_learns_and_saves_a_merged_plain_model(lm32, qa_jsonl, tmp_path, to
     from rlhfkit.sft.train import evaluate_sft
 
     out = tmp_path / "lora"
-    result = train_sft(cfg(model=str(lm32), train=str(qa_jsonl), eval=str(qa_jsonl), output=str(out), epochs=10,
+    result = train_sft(cfg(policy=str(lm32), train=str(qa_jsonl), eval=str(qa_jsonl), output=str(out), epochs=10,
                            lora=True, lora_r=8, lora_dropout=0.0, lr=5e-2))
     first = next(r["eval/loss"] for r in read_metrics(out / "metrics.jsonl") if "eval/loss" in r)
     # Adapters on q/v of a random model with tied, small embeddings cannot sharpen the logits
@@ -343,7 +347,7 @@ def test_lora_learns_and_saves_a_merged_plain_model(lm32, qa_jsonl, tmp_path, to
 
 
 def test_resume_after_stop_matches_uninterrupted_run_with_packing(lm32, mixed_jsonl, tmp_path):
-    common = dict(model=str(lm32), train=str(mixed_jsonl), epochs=2, batch_size=2, packing=True, max_length=96, save_every=3,
+    common = dict(policy=str(lm32), train=str(mixed_jsonl), epochs=2, batch_size=2, packing=True, max_length=96, save_every=3,
                   scheduler="cosine", warmup_ratio=0.2)
     full = tmp_path / "full"
     res = train_sft(cfg(output=str(full), **common))
@@ -361,7 +365,7 @@ def test_resume_after_stop_matches_uninterrupted_run_with_packing(lm32, mixed_js
 
 
 def test_batch_4_x_accum_1_equals_batch_1_x_accum_4(lm32, mixed_jsonl, tmp_path):
-    common = dict(model=str(lm32), train=str(mixed_jsonl), max_steps=3, max_grad_norm=0.0)
+    common = dict(policy=str(lm32), train=str(mixed_jsonl), max_steps=3, max_grad_norm=0.0)
     one, four = tmp_path / "b4", tmp_path / "b1x4"
     train_sft(cfg(output=str(one), batch_size=4, grad_accum=1, **common))
     train_sft(cfg(output=str(four), batch_size=1, grad_accum=4, **common))
@@ -372,19 +376,19 @@ def test_batch_4_x_accum_1_equals_batch_1_x_accum_4(lm32, mixed_jsonl, tmp_path)
 
 
 def test_non_finite_loss_stops_and_keeps_good_checkpoint(lm32, qa_jsonl, tmp_path, monkeypatch):
-    from rlhfkit.sft import losses
+    from rlhfkit.sft import train as T
 
-    real, calls = losses.token_nll, {"n": 0}
+    real, calls = T.token_nll, {"n": 0}
 
     def poisoned(*args, **kwargs):  # the 5th training batch produces a NaN loss
         calls["n"] += 1
         nll, mask = real(*args, **kwargs)
         return (nll * float("nan"), mask) if calls["n"] == 5 else (nll, mask)
 
-    monkeypatch.setattr(losses, "token_nll", poisoned)
+    monkeypatch.setattr(T, "token_nll", poisoned)
     out = tmp_path / "nan"
-    with pytest.raises(NonFiniteLossError, match=r"non-finite loss \(nan\) at step 5 .*examples from .*qa\.jsonl:\d+"):
-        train_sft(cfg(model=str(lm32), train=str(qa_jsonl), output=str(out), batch_size=4, max_steps=8, save_every=2))
+    with pytest.raises(RunStopped, match=r"non-finite loss \(nan\) at step 5 .*examples from .*qa\.jsonl:\d+.*\(step 4\) is intact"):
+        train_sft(cfg(policy=str(lm32), train=str(qa_jsonl), output=str(out), batch_size=4, max_steps=8, save_every=2))
     state = json.loads((out / "checkpoint" / "trainer_state.json").read_text())
     assert state["step"] == 4  # the last good checkpoint, untouched by the failing step
     for name, t in load_file(str(out / "checkpoint" / "model.safetensors")).items():
@@ -393,7 +397,7 @@ def test_non_finite_loss_stops_and_keeps_good_checkpoint(lm32, qa_jsonl, tmp_pat
 
 
 def test_existing_run_needs_resume_and_chat_rows_need_a_template(lm32, qa_jsonl, tmp_path):
-    c = dict(model=str(lm32), train=str(qa_jsonl), output=str(tmp_path / "o"), max_steps=1)
+    c = dict(policy=str(lm32), train=str(qa_jsonl), output=str(tmp_path / "o"), max_steps=1)
     train_sft(cfg(**c))
     with pytest.raises(ConfigError, match="already holds a run; pass --resume"):
         train_sft(cfg(**c))
@@ -403,15 +407,16 @@ def test_existing_run_needs_resume_and_chat_rows_need_a_template(lm32, qa_jsonl,
 
     plain = Path(shutil.copytree(lm32, tmp_path / "no-template"))
     (plain / "chat_template.jinja").unlink()
-    with pytest.raises(ConfigError, match="has no chat template, but --chat-template is on .* pass --no-chat-template"):
-        train_sft(cfg(**{**c, "model": str(plain), "output": str(tmp_path / "p")}))
-    assert train_sft(cfg(**{**c, "model": str(plain), "output": str(tmp_path / "p2")}, chat_template=False))["finished"]
+    with pytest.raises(UserError, match="--chat-template: the tokenizer of .* has no chat template; pass --no-chat-template"):
+        train_sft(cfg(**{**c, "policy": str(plain), "output": str(tmp_path / "p")}, chat_template=True))
+    assert not (tmp_path / "p").exists()  # refused before anything was written
+    assert train_sft(cfg(**{**c, "policy": str(plain), "output": str(tmp_path / "p2")}))["finished"]  # default: plain text
 
 
 # ------------------------------------------------------------------------ CLI
 def test_cli_trains_and_reports(lm32, mixed_jsonl, tmp_path, capsys):
     out = tmp_path / "cli"
-    rc = main(["--model", str(lm32), "--train", str(mixed_jsonl), "--eval-fraction", "0.25", "--output", str(out),
+    rc = main(["--policy", str(lm32), "--train", str(mixed_jsonl), "--eval-fraction", "0.25", "--output", str(out),
                "--max-steps", "4", "--batch-size", "4", "--lr", "1e-2", "--packing", "--max-length", "128",
                "--no-progress", "--no-tensorboard", "--n-samples", "1"])
     assert rc == 0
@@ -422,9 +427,9 @@ def test_cli_trains_and_reports(lm32, mixed_jsonl, tmp_path, capsys):
 
 def test_cli_errors_exit_2_with_the_line(lm32, tmp_path, capsys):
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "a", "response": "b"}, {"prompt": "a"}])
-    assert main(["--model", str(lm32), "--train", str(bad), "--output", str(tmp_path / "o")]) == 2
+    assert main(["--policy", str(lm32), "--train", str(bad), "--output", str(tmp_path / "o")]) == 2
     assert "bad.jsonl, line 2: has no 'response'" in capsys.readouterr().err
     assert main(["--train", str(bad), "--output", str(tmp_path / "o"), "--batch-size", "0"]) == 2
-    assert "option 'batch_size' must be >= 1" in capsys.readouterr().err
+    assert "option --batch-size must be >= 1" in capsys.readouterr().err
     assert main(["--help"]) == 0
     assert "--packing" in capsys.readouterr().out

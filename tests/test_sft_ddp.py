@@ -13,14 +13,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rlhfkit.sft.cli import main
+from rlhfkit.cli import main
 from rlhfkit.tracking import read_metrics
 
 pytestmark = pytest.mark.slow
 
 
 def _args(model: Path, data: Path, out: Path, batch_size: int) -> list[str]:
-    return ["--model", str(model), "--train", str(data), "--output", str(out), "--max-steps", "3", "--batch-size", str(batch_size),
+    return ["sft", "--policy", str(model), "--train", str(data), "--output", str(out), "--max-steps", "3", "--batch-size", str(batch_size),
             "--lr", "1e-2", "--log-every", "1", "--warmup-ratio", "0", "--max-grad-norm", "0", "--packing", "--max-length", "64",
             "--n-samples", "0", "--no-progress", "--no-tensorboard", "--cpu"]
 
@@ -35,10 +35,10 @@ def test_two_processes_match_one_process_with_double_batch(tiny_lm, tmp_path):
     two = tmp_path / "ddp"
     # As in test_rm_ddp: --multi_gpu uses torch's launcher; our --cpu makes Accelerator pick gloo on CPU.
     launch = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-              "--dynamo_backend", "no", "--main_process_port", "0", "-m", "rlhfkit.sft.cli"]
+              "--dynamo_backend", "no", "--main_process_port", "0", "-m", "rlhfkit.cli"]
     res = subprocess.run(launch + _args(tiny_lm, data, two, 2), env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "processes: 2" in res.stderr, res.stderr[-2000:]
+    assert "sft: 2 process(es), distributed mode MULTI_CPU" in res.stderr, res.stderr[-2000:]
     one = tmp_path / "single"
     assert main(_args(tiny_lm, data, one, 4)) == 0  # the single-process reference runs in this process
 

@@ -9,9 +9,11 @@ leaves the previous complete checkpoint in place (or at ``checkpoint.old``, whic
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,26 @@ def replace_dir(new: Path, target: Path) -> None:
     os.replace(new, target)
     if old.exists():
         shutil.rmtree(old)
+
+
+def export_pretrained(model: Any, tokenizer: Any, target: str | Path, files: dict[str, str] | None = None) -> Path:
+    """A plain Hugging Face folder at ``target``, written atomically: a LoRA model is merged
+    into a copy first, weights as safetensors, the tokenizer and any extra text ``files``."""
+    target = Path(target)
+    if hasattr(model, "merge_and_unload"):
+        model = copy.deepcopy(model).merge_and_unload()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        for name, text in (files or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
+        replace_dir(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
 
 
 def find_checkpoint(out_dir: str | Path) -> Path | None:

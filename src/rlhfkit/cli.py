@@ -1,10 +1,23 @@
-"""The ``rlhfkit`` command: parse, call the library, exit code. Nothing else lives here."""
+"""The ``rlhfkit`` command: parse, call the library, exit code. Nothing else lives here.
+
+Every entry point, including ``accelerate launch -m rlhfkit.cli ...`` in each process,
+goes through :func:`run_command`, the one error path: a :class:`~rlhfkit.errors.UserError`
+(a bad option, file or line) prints one paragraph and exits with 2, a
+:class:`~rlhfkit.errors.RunStopped` (the run stopped itself) exits with 1, never a
+traceback for either. Each command imports its library module when it runs (the only
+imports inside functions here), so ``rlhfkit --help`` answers without loading torch.
+"""
 
 from __future__ import annotations
 
+import importlib
 import logging
+import os
 import sys
 from typing import Callable, Sequence
+
+from rlhfkit.config import parse_args
+from rlhfkit.errors import RunStopped, UserError
 
 USAGE = """usage: rlhfkit COMMAND [options]   (rlhfkit COMMAND --help for each)
 
@@ -27,96 +40,145 @@ annotation
   annotate      web app where annotators rank K generations; add-user, export
 
 models
-  models        list the embedded default models; 'models prepare NAME' converts one now
+  models        list the embedded default models; 'models prepare [NAME...]' converts them now
 """
 
 
-def _rm(argv: Sequence[str]) -> int:
+def _main_process() -> bool:
+    """Under ``accelerate launch`` only one process prints the summary."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+# ------------------------------------------------------------------------ commands
+def _rm(argv: Sequence[str]) -> None:
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: rlhfkit rm {train,eval} [options]")
-        return 0 if argv else 2
+        print("usage: rlhfkit rm {train,eval} [options]   (rlhfkit rm train --help, rlhfkit rm eval --help)")
+        if not argv:
+            raise UserError("rlhfkit rm needs a subcommand: train or eval")
+        return
     sub, rest = argv[0], argv[1:]
-    from rlhfkit.config import parse_args
-
     if sub == "train":
-        from rlhfkit.rm.train import RMTrainConfig, train_reward_model
-
-        cfg = parse_args(RMTrainConfig, rest, prog="rlhfkit rm train")
-        train_reward_model(cfg)
-        return 0
-    if sub == "eval":
-        from rlhfkit.rm.commands import RMEvalConfig, print_eval, run_eval
-
-        cfg = parse_args(RMEvalConfig, rest, prog="rlhfkit rm eval")
-        print_eval(run_eval(cfg), cfg.json)
-        return 0
-    print(f"rlhfkit rm: unknown subcommand {sub!r}; use 'train' or 'eval'", file=sys.stderr)
-    return 2
+        train = importlib.import_module("rlhfkit.rm.train")
+        train.train_reward_model(parse_args(train.RMTrainConfig, rest, prog="rlhfkit rm train"))
+    elif sub == "eval":
+        commands = importlib.import_module("rlhfkit.rm.commands")
+        cfg = parse_args(commands.RMEvalConfig, rest, prog="rlhfkit rm eval")
+        commands.print_eval(commands.run_eval(cfg), cfg.json)
+    else:
+        raise UserError(f"rlhfkit rm: unknown subcommand {sub!r}; use 'train' or 'eval'")
 
 
-def _score(argv: Sequence[str]) -> int:
-    from rlhfkit.config import parse_args
-    from rlhfkit.rm.commands import ScoreConfig, print_scores, read_score_inputs, run_score
-
-    cfg = parse_args(ScoreConfig, argv, prog="rlhfkit score", positional="texts")
-    scores = run_score(cfg)
-    print_scores(read_score_inputs(cfg)[1], scores, cfg.json)
-    return 0
+def _score(argv: Sequence[str]) -> None:
+    commands = importlib.import_module("rlhfkit.rm.commands")
+    cfg = parse_args(commands.ScoreConfig, argv, prog="rlhfkit score", positional="texts")
+    texts, scores = commands.run_score(cfg)
+    commands.print_scores(texts, scores, cfg.json)
 
 
-def _models(argv: Sequence[str]) -> int:
-    from rlhfkit.models.hub import ALIASES, resolve_model
+def _sft(argv: Sequence[str]) -> None:
+    sft = importlib.import_module("rlhfkit.sft.train")
+    cfg = parse_args(sft.SFTConfig, argv, prog="rlhfkit sft")
+    result = sft.train_sft(cfg)
+    if not _main_process():
+        return
+    if result.get("finished"):
+        line = f"model saved to {result['final']} after {result['step']} steps; train loss {result.get('train/loss', float('nan')):.4f}"
+        if "eval/loss" in result:
+            line += f", eval loss {result['eval/loss']:.4f} (perplexity {result['eval/perplexity']:.2f}); best/ from step {result['best_step']}"
+        print(line)
+    else:
+        print(f"stopped at step {result['step']} with a checkpoint in {cfg.output}/checkpoint; continue with --resume")
 
+
+def _ppo(argv: Sequence[str]) -> None:
+    trainer = importlib.import_module("rlhfkit.ppo.trainer")
+    result = trainer.train_ppo(parse_args(trainer.PPOConfig, argv, prog="rlhfkit ppo"))
+    if "policy" in result and _main_process():
+        print(f"policy saved to {result['policy']}; score {result.get('ppo/score_mean', float('nan')):.4f}, "
+              f"KL {result.get('ppo/kl', float('nan')):.4f} at the last update")
+
+
+def _generate(argv: Sequence[str]) -> None:
+    commands = importlib.import_module("rlhfkit.ppo.commands")
+    commands.run_generate(parse_args(commands.GenerateConfig, argv, prog="rlhfkit generate"))
+
+
+def _bon(argv: Sequence[str]) -> None:
+    commands = importlib.import_module("rlhfkit.ppo.commands")
+    commands.run_bon(parse_args(commands.BonConfig, argv, prog="rlhfkit bon"))
+
+
+def _ppo_eval(argv: Sequence[str]) -> None:
+    commands = importlib.import_module("rlhfkit.ppo.commands")
+    cfg = parse_args(commands.PPOEvalConfig, argv, prog="rlhfkit ppo-eval")
+    commands.print_eval_table(commands.run_ppo_eval(cfg), cfg.json)
+
+
+def _pipeline(argv: Sequence[str]) -> None:
+    run = importlib.import_module("rlhfkit.pipeline.run")
+    argv = list(argv)
+    if argv and not argv[0].startswith("-"):  # the old positional form: rlhfkit pipeline CONFIG.yaml
+        argv = ["--config", argv[0], *argv[1:]]
+    cfg = parse_args(run.PipelineConfig, argv, prog="rlhfkit pipeline")
+    result = run.run_pipeline(cfg)
+    print(f"\nPipeline finished in {result['seconds']:.0f} s.")
+    print(f"Report: {result['report_html']}  (Markdown: {result['report_md']})")
+    print(f"\n{result['summary']}")
+
+
+def _annotate(argv: Sequence[str]) -> None:
+    importlib.import_module("rlhfkit.annotate.cli").main(list(argv))
+
+
+def _models(argv: Sequence[str]) -> None:
+    hub = importlib.import_module("rlhfkit.models.hub")
+    if argv and argv[0] in ("-h", "--help"):
+        print("usage: rlhfkit models [prepare [NAME ...]]\n\n"
+              "  rlhfkit models                 list the embedded default models\n"
+              "  rlhfkit models prepare [NAME]  convert them into the model cache now (default: all)")
+        return
     if argv and argv[0] == "prepare":
-        for name in argv[1:] or list(ALIASES):
-            print(f"{name}: {resolve_model(name)}")
-        return 0
-    for name, what in ALIASES.items():
+        for name in argv[1:] or list(hub.ALIASES):
+            print(f"{name}: {hub.resolve_model(name)}")
+        return
+    if argv:
+        raise UserError(f"rlhfkit models: unknown argument {argv[0]!r}; use 'rlhfkit models' or 'rlhfkit models prepare [NAME]'")
+    for name, what in hub.ALIASES.items():
         print(f"{name:14s} {what}")
-    return 0
 
 
-def _annotate(argv: Sequence[str]) -> int:
-    from rlhfkit.annotate.cli import main as annotate_main
-
-    return annotate_main(list(argv))
-
-
-def _lazy(module: str, attr: str) -> Callable[[Sequence[str]], int]:
-    def run(argv: Sequence[str]) -> int:
-        import importlib
-
-        return getattr(importlib.import_module(module), attr)(list(argv))
-
-    return run
-
-
-COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
-    "rm": _rm,
-    "score": _score,
-    "models": _models,
-    "annotate": _annotate,
-    "sft": _lazy("rlhfkit.sft.cli", "main"),
-    "ppo": _lazy("rlhfkit.ppo.cli", "main_ppo"),
-    "bon": _lazy("rlhfkit.ppo.cli", "main_bon"),
-    "generate": _lazy("rlhfkit.ppo.cli", "main_generate"),
-    "ppo-eval": _lazy("rlhfkit.ppo.cli", "main_ppo_eval"),
-    "pipeline": _lazy("rlhfkit.pipeline.cli", "main"),
+COMMANDS: dict[str, Callable[[Sequence[str]], None]] = {
+    "rm": _rm, "score": _score, "sft": _sft, "ppo": _ppo, "bon": _bon, "generate": _generate, "ppo-eval": _ppo_eval,
+    "pipeline": _pipeline, "annotate": _annotate, "models": _models,
 }
+
+
+# ---------------------------------------------------------------------- error path
+def run_command(prog: str, body: Callable[[], object]) -> int:
+    """Run ``body`` and turn what it raises into an exit code (module docstring)."""
+    try:
+        code = body()
+    except UserError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except RunStopped as e:
+        print(f"{prog}: stopped: {e}", file=sys.stderr)
+        return 1
+    except SystemExit as e:  # argparse's --help (0); our own exits
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; continue a training run with --resume", file=sys.stderr)
+        return 130
+    return code if isinstance(code, int) else 0
 
 
 def _quiet_transformers() -> None:
     """Keep transformers' per-file progress bars and load reports off the user's screen."""
-    import os
-
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging
 
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-    except ImportError:
-        pass
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -134,23 +196,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"rlhfkit: unknown command {argv[0]!r}\n\n{USAGE}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    _quiet_transformers()
-    from rlhfkit.config import ConfigError
-    from rlhfkit.data.types import DataFormatError
+    prog = f"rlhfkit {argv[0]}"
 
-    try:
-        return command(argv[1:])
-    except (ConfigError, DataFormatError, FileNotFoundError) as e:
-        print(f"rlhfkit {argv[0]}: error: {e}", file=sys.stderr)
-        return 2
-    except RuntimeError as e:
-        if type(e).__name__ != "NonFiniteLossError":
-            raise
-        print(f"rlhfkit {argv[0]}: stopped: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    def body() -> None:
+        if not any(a in ("-h", "--help") for a in argv[1:]):
+            _quiet_transformers()
+        command(argv[1:])
+
+    return run_command(prog, body)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ import yaml
 from rlhfkit.errors import ConfigError, UserError
 from rlhfkit.files import read_text
 
-__all__ = ["ConfigError", "Options", "opt", "from_dict", "load_yaml", "build_parser", "parse_args", "to_dict", "save_yaml"]
+__all__ = ["ConfigError", "Options", "opt", "require", "from_dict", "load_yaml", "build_parser", "parse_args", "to_dict", "save_yaml"]
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +90,12 @@ def check_fields(obj: Any) -> None:
             bound = m.get(key)
             if bound is not None and not ok(value, bound):
                 raise ConfigError(f"option {_flag(f.name)} must be {word} {bound}, got {value}")
+
+
+def require(condition: bool, message: str) -> None:
+    """Raise :class:`ConfigError` with ``message`` unless ``condition``: for cross-field checks."""
+    if not condition:
+        raise ConfigError(message)
 
 
 @dataclasses.dataclass(kw_only=True)

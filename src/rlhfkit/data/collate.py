@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import random
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -165,6 +165,27 @@ def plan_batches(
     if shuffle:
         rng.shuffle(batches)
     return batches
+
+
+def iter_batches(
+    lengths: Sequence[int], effective_batch: int, seed: int, start_epoch: int = 0, start_batch: int = 0
+) -> Iterator[tuple[int, int, int, list[int]]]:
+    """``(epoch, batch index, batches in the epoch, ids)`` of every effective batch from
+    ``(start_epoch, start_batch)`` on, epoch after epoch (:func:`plan_batches`), without end."""
+    epoch, first = start_epoch, start_batch
+    while True:
+        plan = plan_batches(lengths, effective_batch, seed, epoch)
+        for b in range(first, len(plan)):
+            yield epoch, b, len(plan), plan[b]
+        epoch, first = epoch + 1, 0
+
+
+def process_micro_batches(batch: Sequence[int], world_size: int, accumulation: int, rank: int) -> list[tuple[list[int], bool]]:
+    """This process's micro-batches of one step as ``(ids, live)``: an empty slot (fewer rows
+    than slots) becomes ``([batch[0]], False)``, which must take part in the gradient
+    all-reduce with zero weight."""
+    return [(ids, True) if ids else ([batch[0]], False)
+            for ids in split_effective_batch(batch, world_size, accumulation, rank)]
 
 
 def split_effective_batch(batch: Sequence[int], world_size: int, accumulation: int, rank: int) -> list[list[int]]:

@@ -21,6 +21,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from rlhfkit.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -33,8 +35,8 @@ ALIASES = {
 SMOLLM2_PAD_TOKEN = "<|endoftext|>"
 
 
-class ModelNotFoundError(FileNotFoundError):
-    pass
+class ModelNotFoundError(UserError, FileNotFoundError):
+    """A model name that is no alias, no checkpoint folder and no hub id."""
 
 
 def cache_dir() -> Path:
@@ -137,7 +139,10 @@ def resolve_model(name_or_path: str | os.PathLike) -> str:
         return str(minilm_path())
     path = Path(resolve_run_folder(str(Path(name).expanduser())))
     if path.exists():
-        if path.is_dir() and not (path / "config.json").is_file():
+        if not path.is_dir():
+            raise ModelNotFoundError(f"{path} is a file, not a model: give a Hugging Face checkpoint folder, a run folder "
+                                     f"or an alias ({', '.join(ALIASES)})")
+        if not (path / "config.json").is_file():
             raise ModelNotFoundError(
                 f"{path} is a folder but has no config.json: it is not a Hugging Face checkpoint. "
                 f"Built-in aliases: {', '.join(ALIASES)}"

@@ -22,8 +22,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -31,7 +29,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from rlhfkit.checkpoint import replace_dir
+from rlhfkit.checkpoint import export_pretrained
 from rlhfkit.models.hub import resolve_model
 from rlhfkit.models.tokenizers import ensure_distinct_pad
 
@@ -259,28 +257,12 @@ class RewardModel(nn.Module):
 
     # ---------------------------------------------------------------- saving
     def save_pretrained(self, path: str | os.PathLike, extra_files: dict[str, str] | None = None) -> None:
-        """Write a plain HF checkpoint (LoRA merged, safetensors) atomically: temp dir, then rename."""
-        path = Path(path)
-        model = self.model
-        if hasattr(model, "merge_and_unload"):
-            import copy
-
-            model = copy.deepcopy(model).merge_and_unload()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-        try:
-            model.config.num_labels = 1
-            if self.tokenizer.pad_token_id is not None:
-                model.config.pad_token_id = self.tokenizer.pad_token_id
-            model.save_pretrained(tmp, safe_serialization=True)
-            self.tokenizer.save_pretrained(tmp)
-            (tmp / META_FILE).write_text(json.dumps(asdict(self.meta), indent=2))
-            for name, text in (extra_files or {}).items():
-                (tmp / name).write_text(text, encoding="utf-8")
-            replace_dir(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        """Write a plain HF checkpoint (LoRA merged, safetensors) and the scoring metadata, atomically."""
+        config = self.hf_model.config
+        config.num_labels = 1
+        if self.tokenizer.pad_token_id is not None:
+            config.pad_token_id = self.tokenizer.pad_token_id
+        export_pretrained(self.model, self.tokenizer, path, {META_FILE: json.dumps(asdict(self.meta), indent=2), **(extra_files or {})})
 
 
 def _read_meta(path: str) -> RewardModelMeta | None:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
+from rlhfkit.errors import UserError
+
 # Tried in order when a tokenizer has no pad token, or pads with its end token.
 PAD_CANDIDATES = ("<|endoftext|>", "<|finetune_right_pad_id|>", "<pad>", "[PAD]")
 FALLBACK_PAD_TOKEN = "<|pad|>"
@@ -53,3 +55,17 @@ def eos_token_ids(model: Any, tokenizer: Any) -> list[int]:
     if not ids:
         raise ValueError("the policy has no EOS token (neither its tokenizer nor its generation config names one)")
     return ids
+
+
+def use_chat_template(tokenizer: Any, choice: bool | None, model_name: str) -> bool:
+    """rlhfkit's one chat-template rule, for every command that renders prompts.
+
+    ``None`` (the default everywhere): render with the tokenizer's chat template when it has
+    one, else plain text. ``True``: the template is required. ``False``: plain text.
+    """
+    if choice is None:
+        return bool(tokenizer.chat_template)
+    if choice and not tokenizer.chat_template:
+        raise UserError(f"--chat-template: the tokenizer of {model_name} has no chat template; "
+                        "pass --no-chat-template (plain prompt text) or leave the option out")
+    return choice

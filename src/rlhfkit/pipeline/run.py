@@ -1,10 +1,13 @@
-"""``rlhfkit pipeline CONFIG.yaml``: SFT -> preferences -> reward model -> PPO -> evaluation -> report.
+"""``rlhfkit pipeline --config CONFIG.yaml``: SFT -> preferences -> reward model -> PPO -> evaluation -> report.
 
-Each stage writes into its own folder under ``output`` and a ``stage.json`` when it
-completes, holding a hash of its configuration and of every stage it depends on. On the
-next run a completed stage with the same hash is skipped; an interrupted one with the same
-hash is resumed from its checkpoint; a changed one is run again from scratch (and so is
-everything downstream, whose hashes change with it).
+Every section of the YAML is the options of its command, checked when the config is built,
+before the first stage runs: each stage's config is made up front with the folders the
+pipeline will fill in (a typo or a bad value in the last section fails in a second, not
+after an hour of SFT). Each stage writes into its own folder under ``output`` and a
+``stage.json`` when it completes, holding a hash of its configuration and of every stage
+it depends on. On the next run a completed stage with the same hash is skipped; an
+interrupted one with the same hash is resumed from its checkpoint; a changed one is run
+again from scratch (and so is everything downstream, whose hashes change with it).
 """
 
 from __future__ import annotations
@@ -16,46 +19,106 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
-from rlhfkit.config import ConfigError, from_dict
+import torch
+
+from rlhfkit.checkpoint import find_checkpoint
+from rlhfkit.config import ConfigError, Options, from_dict, opt, require
+from rlhfkit.data.prompts import read_prompts
+from rlhfkit.data.readers import FORMATS, describe, read_preferences
+from rlhfkit.data.writers import write_preferences
+from rlhfkit.files import check_output_dir
+from rlhfkit.models.cpu_linear import apply_cpu_matmul
+from rlhfkit.models.policy import inference_dtype, load_policy
+from rlhfkit.models.tokenizers import use_chat_template
+from rlhfkit.pipeline.report import write_report
+from rlhfkit.pipeline.simulated import NAME, rank_samples
+from rlhfkit.ppo.commands import PPOEvalConfig, run_ppo_eval
+from rlhfkit.ppo.reward_sources import FunctionSource
+from rlhfkit.ppo.trainer import PPOConfig, train_ppo
+from rlhfkit.rm.train import RMTrainConfig, train_reward_model
+from rlhfkit.sampling import SamplingSettings, sample_texts
+from rlhfkit.sft.data import read_sft_data
+from rlhfkit.sft.train import SFTConfig, train_sft
 
 logger = logging.getLogger(__name__)
 
 STAGES = ("sft", "preferences", "reward_model", "ppo", "evaluation")
 
 
-@dataclass
-class PipelineConfig:
+@dataclass(kw_only=True)
+class PreferencesConfig(Options):
+    """Where the preference data comes from: a file, or a simulated annotator ranking the policy's samples."""
+
+    source: Literal["simulated", "file"] = opt("simulated", "file: read --file; simulated: sample and rank with a scripted rule")
+    file: str | None = opt(None, "source file: preference data in any format 'rlhfkit rm train' reads")
+    format: Literal[FORMATS] = opt("auto", "source file: data format")  # type: ignore[valid-type]
+    prompt_column: bool = opt(False, "source file: rank-list TSV whose first column is the prompt")
+    allow_ties: bool = opt(False, "source file: accept equal ranks")
+    prompts: str | None = opt(None, "simulated: prompt file")
+    n_prompts: int | None = opt(None, "simulated: use the first N prompts", ge=1)
+    samples_per_prompt: int = opt(4, "simulated: responses sampled and ranked per prompt", ge=2, was=("k",))
+    max_new_tokens: int = opt(64, "simulated: response length limit", ge=1)
+    temperature: float = opt(1.0, "simulated: sampling temperature", gt=0)
+    top_p: float = opt(1.0, "simulated: nucleus filter", gt=0, le=1)
+    chat_template: bool | None = opt(None, "simulated: render prompts with the chat template (default: when the tokenizer has one)")
+    seed: int = opt(42, "simulated: sampling seed")
+    batch_size: int = opt(16, "simulated: sequences per generate call", ge=1)
+    labeller: str | None = opt(None, "simulated: the ranking rule as module:function (default: the sentiment lexicon)")
+
+    def validate(self) -> None:
+        super().validate()
+        require(self.source != "file" or bool(self.file), "preferences: source is 'file' but 'file' is not set")
+        require(self.source != "simulated" or bool(self.prompts), "preferences: the simulated annotator needs 'prompts' (a prompt file)")
+
+
+@dataclass(kw_only=True)
+class PipelineConfig(Options):
     """Run the whole RLHF pipeline from one YAML file (every section optional)."""
 
-    output: str = field(default="", metadata={"help": "pipeline folder: one sub-folder per stage, report.html, report.md"})
-    policy: str = field(default="smollm2-135m", metadata={"help": "starting policy (and SFT base): alias, folder or hub id"})
-    title: str = field(default="RLHF pipeline", metadata={"help": "report title"})
-    sft: dict = field(default_factory=dict, metadata={"help": "rlhfkit sft options (model/output are filled in); skip: true to skip"})
-    preferences: dict = field(default_factory=dict, metadata={"help": "source: simulated | file; see the README"})
-    reward_model: dict = field(default_factory=dict, metadata={"help": "rlhfkit rm train options (train/output filled in)"})
-    ppo: dict = field(default_factory=dict, metadata={"help": "rlhfkit ppo options (policy/reward/output filled in)"})
-    evaluation: dict = field(default_factory=dict, metadata={"help": "rlhfkit ppo-eval options (policy/reference/reward filled in)"})
-    force: list[str] = field(default_factory=list, metadata={"help": "stages to re-run even if complete"})
+    output: str = opt(help="pipeline folder: one sub-folder per stage, report.html, report.md")
+    policy: str = opt("smollm2-135m", "starting policy (and SFT base): alias, folder or hub id")
+    title: str = opt("RLHF pipeline", "report title")
+    sft: dict = opt(factory=dict, help="rlhfkit sft options (policy/output are filled in); skip: true to skip", cli=False)
+    preferences: PreferencesConfig | None = opt(None, "where the preference data comes from (PreferencesConfig)", cli=False)
+    reward_model: dict = opt(factory=dict, help="rlhfkit rm train options (train/output filled in)", cli=False)
+    ppo: dict = opt(factory=dict, help="rlhfkit ppo options (policy/reward/output filled in); skip: true to skip", cli=False)
+    evaluation: dict = opt(factory=dict, help="rlhfkit ppo-eval options (policy/reference/reward filled in); skip: true to skip", cli=False)
+    force: list[str] = opt(factory=list, help=f"stages to re-run even if complete ({', '.join(STAGES)})")
 
-    def __post_init__(self):
-        if not self.output:
-            raise ConfigError("option 'output' is required: the pipeline folder")
+    def validate(self) -> None:
+        super().validate()
+        check_output_dir(self.output)
+        require(self.preferences is not None, "pipeline: a 'preferences' section is required: {source: file, file: DATA} "
+                                              "or {source: simulated, prompts: PROMPTS}")
         unknown = [s for s in self.force if s not in STAGES]
-        if unknown:
-            raise ConfigError(f"option 'force': unknown stage(s) {unknown}; stages are {', '.join(STAGES)}")
-        src = self.preferences.get("source", "simulated")
-        if src not in ("simulated", "file"):
-            raise ConfigError(f"preferences.source got {src!r}; choose simulated or file")
-        if src == "file" and not self.preferences.get("file"):
-            raise ConfigError("preferences.source is 'file' but preferences.file is not set")
-        if not self.ppo.get("skip") and not self.ppo.get("prompts"):
-            raise ConfigError("ppo.prompts is required: a prompt file for PPO rollouts")
+        require(not unknown, f"option --force: unknown stage(s) {unknown}; stages are {', '.join(STAGES)}")
+        self.stage_configs()  # every section, built now: errors before the first stage runs
+
+    def stage_configs(self) -> dict[str, Any]:
+        """Each stage's command config (``None`` for a skipped stage), with the folders the pipeline fills in."""
+        out = Path(self.output)
+        sft_opts, ppo_opts, ev_opts = dict(self.sft), dict(self.ppo), dict(self.evaluation)
+        configs: dict[str, Any] = {"preferences": self.preferences}
+        policy = self.policy
+        configs["sft"] = None if sft_opts.pop("skip", False) else _section(SFTConfig, "sft", {"policy": self.policy, **sft_opts, "output": str(out / "sft")})
+        if configs["sft"] is not None:
+            policy = str(out / "sft" / "final")
+        rm_opts = {"model": policy, "eval_fraction": 0.2, "allow_ties": True, **self.reward_model,
+                   "train": str(out / "preferences" / "preferences.jsonl"), "output": str(out / "reward_model")}
+        configs["reward_model"] = _section(RMTrainConfig, "reward_model", rm_opts)
+        require(ppo_opts.get("skip") or "prompts" in ppo_opts, "pipeline ppo: option 'prompts' is required (a prompt file for PPO rollouts)")
+        configs["ppo"] = None if ppo_opts.pop("skip", False) else _section(
+            PPOConfig, "ppo", {**ppo_opts, "policy": policy, "reward": str(out / "reward_model"), "output": str(out / "ppo")})
+        configs["evaluation"] = None if ev_opts.pop("skip", False) or configs["ppo"] is None else _section(
+            PPOEvalConfig, "evaluation", {"prompts": ppo_opts.get("prompts"), **ev_opts, "policy": str(out / "ppo" / "policy"),
+                                          "reference": policy, "reward": str(out / "reward_model"), "output": str(out / "evaluation")})
+        return configs
 
 
-PREFERENCE_KEYS = {"labeller", "source", "file", "format", "prompt_column", "allow_ties", "prompts", "n_prompts", "k", "max_new_tokens",
-                   "temperature", "top_p", "chat_template", "seed", "skip", "batch_size"}
+def _section(cls: type, name: str, values: dict) -> Any:
+    return from_dict(cls, values, where=f"pipeline {name}")
 
 
 def _hash(obj: Any) -> str:
@@ -93,8 +156,6 @@ class Runner:
                 return res
         resume = False
         if folder.exists():
-            from rlhfkit.checkpoint import find_checkpoint
-
             started = folder / "stage.started.json"
             same = started.is_file() and json.loads(started.read_text()).get("hash") == digest
             if same and name not in self.force and not marker.is_file() and find_checkpoint(folder) is not None:
@@ -113,160 +174,93 @@ class Runner:
         self.results[name] = res
         return res
 
+    def hash_of(self, name: str) -> str | None:
+        """The completion hash of stage ``name`` (it enters every downstream stage's hash)."""
+        marker = self.out / name / "stage.json"
+        return json.loads(marker.read_text()).get("hash") if name in self.results and marker.is_file() else None
+
+
+def _options(cfg: Options) -> dict:
+    """A stage config as the plain dict its hash is taken of (the resume flag left out)."""
+    return {k: v for k, v in vars(cfg).items() if k != "resume"}
+
+
+def _resumed(cfg: Options, resume: bool) -> Any:
+    return type(cfg)(**{**vars(cfg), "resume": resume})
+
 
 def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     """Run every stage that is not complete, then write report.html and report.md."""
-    from rlhfkit.pipeline.report import write_report
-
+    configs = cfg.stage_configs()
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     runner = Runner(out, cfg.force)
     t_start = time.time()
-
-    # 1. SFT --------------------------------------------------------------------------------
-    sft_opts = dict(cfg.sft)
     policy = cfg.policy
-    if not sft_opts.pop("skip", False):
-        from rlhfkit.sft.train import SFTConfig, train_sft
 
-        sft_cfg_dict = {"model": cfg.policy, **sft_opts}
+    if configs["sft"] is not None:
+        sft_cfg = configs["sft"]
+        runner.stage("sft", {"config": _options(sft_cfg)}, lambda folder, resume: {
+            "n_train_examples": len(read_sft_data(sft_cfg.train)), **_plain(train_sft(_resumed(sft_cfg, resume)))})
+        policy = str(Path(sft_cfg.output) / "final")
+    upstream = {"policy": policy, "sft": runner.hash_of("sft")}
 
-        def run_sft(folder: Path, resume: bool) -> dict:
-            from rlhfkit.sft.data import read_sft_data
+    prefs = configs["preferences"]
+    runner.stage("preferences", {"prefs": vars(prefs), **upstream}, lambda folder, resume: collect_preferences(policy, prefs, folder))
+    upstream["preferences"] = runner.hash_of("preferences")
 
-            sft_cfg = from_dict(SFTConfig, {**sft_cfg_dict, "output": str(folder), "resume": resume}, where="pipeline sft")
-            return {"n_train_examples": len(read_sft_data(sft_cfg.train)), **_plain(train_sft(sft_cfg))}
+    rm_cfg = configs["reward_model"]
+    runner.stage("reward_model", {"config": _options(rm_cfg), **upstream},
+                 lambda folder, resume: _plain(train_reward_model(_resumed(rm_cfg, resume))))
+    upstream["reward_model"] = runner.hash_of("reward_model")
 
-        _validate(SFTConfig, {**sft_cfg_dict, "output": "x"}, "sft")
-        res = runner.stage("sft", {"config": sft_cfg_dict}, run_sft)
-        policy = str(res.folder / "final")
-    upstream = {"policy": policy, "sft": _marker_hash(runner, "sft")}
+    if configs["ppo"] is not None:
+        ppo_cfg = configs["ppo"]
+        runner.stage("ppo", {"config": _options(ppo_cfg), **upstream}, lambda folder, resume: {
+            "n_prompts": len(read_prompts(ppo_cfg.prompts)), **_plain(train_ppo(_resumed(ppo_cfg, resume)))})
+        upstream["ppo"] = runner.hash_of("ppo")
 
-    # 2. preferences ------------------------------------------------------------------------
-    prefs = dict(cfg.preferences)
-    unknown = sorted(set(prefs) - PREFERENCE_KEYS)
-    if unknown:
-        raise ConfigError(f"pipeline preferences: unknown option(s) {unknown}; valid: {', '.join(sorted(PREFERENCE_KEYS))}")
-    source = prefs.get("source", "simulated")
+    if configs["evaluation"] is not None:
+        ev_cfg = configs["evaluation"]
+        runner.stage("evaluation", {"config": vars(ev_cfg), **upstream},
+                     lambda folder, resume: _plain({k: v for k, v in run_ppo_eval(ev_cfg).items() if k != "plot"}))
 
-    def run_prefs(folder: Path, resume: bool) -> dict:
-        if source == "file":
-            from rlhfkit.data.readers import describe, read_preferences
-
-            examples = read_preferences(prefs["file"], format=prefs.get("format", "auto"),
-                                        prompt_column=bool(prefs.get("prompt_column", False)), allow_ties=bool(prefs.get("allow_ties", False)))
-            from rlhfkit.data.writers import write_preferences
-
-            write_preferences(folder / "preferences.jsonl", examples, "ranked")
-            return {"source": f"file {prefs['file']}", **_plain(describe(examples))}
-        return _simulate_preferences(policy, prefs, folder)
-
-    res = runner.stage("preferences", {"prefs": prefs, **upstream}, run_prefs)
-    pref_file = str(res.folder / "preferences.jsonl")
-    upstream["preferences"] = _marker_hash(runner, "preferences")
-
-    # 3. reward model -----------------------------------------------------------------------
-    from rlhfkit.rm.train import RMTrainConfig, train_reward_model
-
-    rm_dict = {"model": policy, "eval_fraction": 0.2, "allow_ties": True, **cfg.reward_model, "train": pref_file}
-    _validate(RMTrainConfig, {**rm_dict, "output": "x"}, "reward_model")
-
-    def run_rm(folder: Path, resume: bool) -> dict:
-        rm_cfg = from_dict(RMTrainConfig, {**rm_dict, "output": str(folder), "resume": resume}, where="pipeline reward_model")
-        return _plain(train_reward_model(rm_cfg))
-
-    res = runner.stage("reward_model", {"config": rm_dict, **upstream}, run_rm)
-    reward = str(res.folder)
-    upstream["reward_model"] = _marker_hash(runner, "reward_model")
-
-    # 4. PPO ----------------------------------------------------------------------------------
-    ppo_opts = dict(cfg.ppo)
-    final_policy = policy
-    if not ppo_opts.pop("skip", False):
-        from rlhfkit.ppo.trainer import PPOConfig, train_ppo
-
-        ppo_dict = {**ppo_opts, "policy": policy, "reward": reward}
-        _validate(PPOConfig, {**ppo_dict, "output": "x"}, "ppo")
-
-        def run_ppo(folder: Path, resume: bool) -> dict:
-            from rlhfkit.ppo.rollout import read_prompts
-
-            ppo_cfg = from_dict(PPOConfig, {**ppo_dict, "output": str(folder), "resume": resume}, where="pipeline ppo")
-            return {"n_prompts": len(read_prompts(ppo_cfg.prompts)), **_plain(train_ppo(ppo_cfg))}
-
-        res = runner.stage("ppo", {"config": ppo_dict, **upstream}, run_ppo)
-        final_policy = str(res.folder / "policy")
-        upstream["ppo"] = _marker_hash(runner, "ppo")
-
-    # 5. evaluation ---------------------------------------------------------------------------
-    ev_opts = dict(cfg.evaluation)
-    if not ev_opts.pop("skip", False) and final_policy != policy:
-        from rlhfkit.ppo.commands import PPOEvalConfig, run_ppo_eval
-
-        ev_dict = {"prompts": cfg.ppo.get("prompts"), **ev_opts, "policy": final_policy, "reference": policy, "reward": reward}
-        _validate(PPOEvalConfig, ev_dict, "evaluation")
-
-        def run_ev(folder: Path, resume: bool) -> dict:
-            report = run_ppo_eval(from_dict(PPOEvalConfig, {**ev_dict, "output": str(folder)}, where="pipeline evaluation"))
-            return _plain({k: v for k, v in report.items() if k != "plot"})
-
-        runner.stage("evaluation", {"config": ev_dict, **upstream}, run_ev)
-
-    paths = write_report(cfg, runner.results, out, total_seconds=time.time() - t_start)
+    seconds = time.time() - t_start
+    paths = write_report(cfg, runner.results, out, total_seconds=seconds)
     return {"report_html": str(paths[0]), "report_md": str(paths[1]), "stages": {k: v.summary for k, v in runner.results.items()},
-            "summary": paths[2]}
+            "summary": paths[2], "seconds": seconds}
 
 
-def _simulate_preferences(policy: str, prefs: dict, folder: Path) -> dict:
+def collect_preferences(policy: str, prefs: PreferencesConfig, folder: Path) -> dict:
+    """The preference stage: copy a file into ``ranked`` JSONL, or simulate an annotator."""
+    if prefs.source == "file":
+        examples = read_preferences(prefs.file, format=prefs.format, prompt_column=prefs.prompt_column, allow_ties=prefs.allow_ties)
+        write_preferences(folder / "preferences.jsonl", examples, "ranked")
+        return {"source": f"file {prefs.file}", **_plain(describe(examples))}
+    return simulate_preferences(policy, prefs, folder)
+
+
+def simulate_preferences(policy: str, prefs: PreferencesConfig, folder: Path) -> dict:
     """Sample K answers per prompt from the policy and let the scripted labeller rank them."""
-    from rlhfkit.data.readers import describe
-    from rlhfkit.data.writers import write_preferences
-    from rlhfkit.generation import load_policy, sample_responses
-    from rlhfkit.pipeline.simulated import NAME, rank_samples
-    from rlhfkit.ppo.rollout import read_prompts
-
-    if not prefs.get("prompts"):
-        raise ConfigError("preferences.prompts is required for the simulated annotator (a prompt file)")
-    prompts = [p.text if hasattr(p, "text") else str(p) for p in read_prompts(prefs["prompts"])]
-    prompts = prompts[: int(prefs.get("n_prompts", len(prompts)))]
-    k = int(prefs.get("k", 4))
-    model, tokenizer = load_policy(policy)
-    samples = sample_responses(
-        model, tokenizer, prompts, k, max_new_tokens=int(prefs.get("max_new_tokens", 48)),
-        temperature=float(prefs.get("temperature", 1.0)), top_p=float(prefs.get("top_p", 1.0)),
-        use_chat_template=bool(prefs.get("chat_template", True)), seed=int(prefs.get("seed", 0)),
-        batch_size=int(prefs.get("batch_size", 16)),
-    )
+    prompts = read_prompts(prefs.prompts)[: prefs.n_prompts]
+    k = prefs.samples_per_prompt
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = load_policy(policy, device=device, dtype=inference_dtype(None, device))
+    apply_cpu_matmul("auto", device, model)
+    settings = SamplingSettings(max_new_tokens=prefs.max_new_tokens, temperature=prefs.temperature, top_p=prefs.top_p)
+    chat = use_chat_template(tokenizer, prefs.chat_template, policy)
+    samples = sample_texts(model, tokenizer, prompts, k, settings, chat=chat, batch_size=prefs.batch_size, seed=prefs.seed)
     rule, name = None, NAME
-    if prefs.get("labeller"):  # any rule f(prompts, responses) -> scores, as 'module:function'
-        from rlhfkit.ppo.reward_sources import FunctionSource
-
-        rule = FunctionSource(str(prefs["labeller"]))
-        name = f"simulated annotator (rule {prefs['labeller']})"
-    examples, stats = rank_samples(prompts, samples, rule)
+    if prefs.labeller:  # any rule f(prompts, responses) -> scores, as 'module:function'
+        rule, name = FunctionSource(prefs.labeller), f"simulated annotator (rule {prefs.labeller})"
+    texts = [p.text for p in prompts]
+    examples, stats = rank_samples(texts, samples, rule)
     if not examples:
-        raise RuntimeError("the simulated annotator found no preference in any list; sample more prompts or longer answers")
+        raise ConfigError("the simulated annotator found no preference in any list; sample more prompts or longer answers")
     write_preferences(folder / "preferences.jsonl", examples, "ranked")
     (folder / "samples.jsonl").write_text(
-        "".join(json.dumps({"prompt": p, "responses": s}, ensure_ascii=False) + "\n" for p, s in zip(prompts, samples)), encoding="utf-8"
-    )
-    return {"source": name, "k": k, **vars(stats), **_plain(describe(examples))}
-
-
-def _validate(cls, values: dict, section: str) -> None:
-    """Build the stage's config once up front, so a typo fails before hours of earlier stages."""
-    try:
-        from_dict(cls, values, where=f"pipeline {section}")
-    except ConfigError as e:
-        raise ConfigError(str(e)) from None
-
-
-def _marker_hash(runner: Runner, name: str) -> str | None:
-    res = runner.results.get(name)
-    if res is None:
-        return None
-    marker = res.folder / "stage.json"
-    return json.loads(marker.read_text()).get("hash") if marker.is_file() else None
+        "".join(json.dumps({"prompt": p, "responses": s}, ensure_ascii=False) + "\n" for p, s in zip(texts, samples)), encoding="utf-8")
+    return {"source": name, "samples_per_prompt": k, **vars(stats), **_plain(describe(examples))}
 
 
 def _plain(obj: Any) -> Any:

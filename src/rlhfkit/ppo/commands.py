@@ -17,14 +17,26 @@ import json
 import logging
 import math
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from rlhfkit.config import ConfigError
+from rlhfkit.config import ConfigError, opt, require
+from rlhfkit.data.prompts import Prompt, read_prompts
+from rlhfkit.data.types import PreferenceExample, strict_ranks
+from rlhfkit.data.writers import write_preferences
+from rlhfkit.files import check_output_dir, check_output_file
+from rlhfkit.models.cpu_linear import apply_cpu_matmul
+from rlhfkit.models.policy import inference_dtype, load_policy
+from rlhfkit.models.tokenizers import use_chat_template
+from rlhfkit.ops import masked_sum
+from rlhfkit.ppo.reward_sources import RewardSourceOptions
+from rlhfkit.ppo.rollout import policy_logprobs
+from rlhfkit.ppo.trainer import POLICY_INFO
+from rlhfkit.sampling import SamplingOptions, SamplingSettings, iter_samples, sample_texts
 
 logger = logging.getLogger(__name__)
 
@@ -35,172 +47,76 @@ __all__ = [
 
 
 # ------------------------------------------------------------------------- configs
-@dataclass
-class SamplingOptions:
-    """Options every sampling command shares."""
-
-    policy: str = field(default="smollm2-135m", metadata={"help": "model to sample from: alias, folder or hub id"})
-    prompts: str = field(default="", metadata={"help": "prompts: text file (one per line) or JSONL with 'prompt' or 'messages'"})
-    max_new_tokens: int = field(default=64, metadata={"help": "response length limit"})
-    max_prompt_length: int = field(default=256, metadata={"help": "prompt tokens kept (longer prompts keep their end)"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature (0 = greedy)"})
-    top_k: int = field(default=0, metadata={"help": "top-k filter, 0 = off"})
-    top_p: float = field(default=1.0, metadata={"help": "nucleus filter, 1 = off"})
-    chat_template: bool = field(default=False, metadata={"help": "render prompts with the chat template ('messages' rows always are)"})
-    batch_size: int = field(default=16, metadata={"help": "sequences per generate call"})
-    seed: int = field(default=0, metadata={"help": "sampling seed"})
-    cpu: bool = field(default=False, metadata={"help": "run on the CPU even if a GPU is present"})
-
-    def __post_init__(self):
-        if not self.prompts:
-            raise ConfigError("option 'prompts' is required (--prompts FILE)")
-        for name in ("max_new_tokens", "max_prompt_length", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"option '{name}' must be >= 1, got {getattr(self, name)}")
-        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
-            raise ConfigError(f"need temperature >= 0, top_k >= 0, 0 < top_p <= 1; got {self.temperature}, {self.top_k}, {self.top_p}")
-
-
-@dataclass
-class RewardFlags:
-    """How to read the reward source (see ``rlhfkit ppo --help``)."""
-
-    reward: str = field(default="", metadata={"help": "reward: an rlhfkit reward-model folder, a HF sequence classifier, or module:function"})
-    reward_label: str | None = field(default=None, metadata={"help": "classifier rewards: label name or index (default: the last)"})
-    reward_transform: Literal["logit", "logit-diff", "prob", "logprob"] = field(default="logit", metadata={"help": "classifier rewards: score from the label's logits"})
-    reward_text: Literal["prompt+response", "response"] = field(default="prompt+response", metadata={"help": "classifier rewards: the text it reads"})
-    reward_batch_size: int = field(default=32, metadata={"help": "texts per reward-model forward pass"})
-
-    def _check_reward(self):
-        if not self.reward:
-            raise ConfigError("option 'reward' is required (--reward RM_DIR | CLASSIFIER | module:function)")
-
-    def reward_source(self, device):
-        from rlhfkit.ppo.reward_sources import RewardOptions, load_reward_source
-
-        return load_reward_source(self.reward, RewardOptions(
-            label=self.reward_label, transform=self.reward_transform, text=self.reward_text,
-            batch_size=self.reward_batch_size, device=device))
-
-
-@dataclass
+@dataclass(kw_only=True)
 class GenerateConfig(SamplingOptions):
     """Sample responses from a policy: one JSON line per response, {"prompt", "response"}."""
 
-    n: int = field(default=1, metadata={"help": "responses per prompt"})
-    output: str | None = field(default=None, metadata={"help": "JSONL file to write (default: stdout)"})
+    samples_per_prompt: int = opt(1, "responses sampled per prompt", ge=1, was=("n",))
+    output: str | None = opt(None, "JSONL file to write (default: stdout)")
+    batch_size: int = opt(16, "sequences per generate call", ge=1)
+    seed: int = opt(42, "sampling seed")
+    cpu: bool = opt(False, "run on the CPU even if a GPU is present")
 
-    def __post_init__(self):
-        super().__post_init__()
-        if self.n < 1:
-            raise ConfigError(f"option 'n' must be >= 1, got {self.n}")
+    def validate(self) -> None:
+        super().validate()
+        if self.output:
+            check_output_file(self.output)
 
 
-@dataclass
-class BonConfig(SamplingOptions, RewardFlags):
+@dataclass(kw_only=True)
+class BonConfig(GenerateConfig, RewardSourceOptions):
     """Best-of-n: sample n responses per prompt and keep the highest-scoring one."""
 
-    n: int = field(default=4, metadata={"help": "responses sampled per prompt"})
-    output: str | None = field(default=None, metadata={"help": "JSONL of the best responses {prompt, response, score, scores} (default: stdout)"})
-    ranked_output: str | None = field(default=None, metadata={"help": "also write every list, best first, as 'ranked' JSONL (rejection-sampling data)"})
+    samples_per_prompt: int = opt(4, "responses sampled per prompt (the n of best-of-n)", ge=1, was=("n",))
+    output: str | None = opt(None, "JSONL of the best responses {prompt, response, score, scores} (default: stdout)")
+    ranked_output: str | None = opt(None, "also write every list, best first, as 'ranked' JSONL (rejection-sampling data)")
 
-    def __post_init__(self):
-        SamplingOptions.__post_init__(self)
-        self._check_reward()
-        if self.n < 1:
-            raise ConfigError(f"option 'n' must be >= 1, got {self.n}")
-        if self.ranked_output and self.n < 2:
-            raise ConfigError("--ranked-output needs --n >= 2: a ranking needs at least two responses")
+    def validate(self) -> None:
+        super().validate()
+        require(not self.ranked_output or self.samples_per_prompt >= 2,
+                "--ranked-output needs --samples-per-prompt >= 2: a ranking needs at least two responses")
+        if self.ranked_output:
+            check_output_file(self.ranked_output, "--ranked-output")
 
 
-@dataclass
-class PPOEvalConfig(RewardFlags):
+@dataclass(kw_only=True)
+class PPOEvalConfig(RewardSourceOptions):
     """Held-out comparison: PPO policy vs reference vs best-of-n, mean score and KL to the reference."""
 
-    policy: str = field(default="", metadata={"help": "the trained policy (e.g. RUN/policy)"})
-    reference: str | None = field(default=None, metadata={"help": "the reference model (default: as recorded in POLICY/rlhfkit_ppo.json)"})
-    prompts: str = field(default="", metadata={"help": "held-out prompts: text file or JSONL"})
-    n_prompts: int | None = field(default=None, metadata={"help": "use only the first N prompts"})
-    bon: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16], metadata={"help": "best-of-n sizes to evaluate"})
-    max_new_tokens: int | None = field(default=None, metadata={"help": "response length limit (default: as in training, else 64)"})
-    max_prompt_length: int = field(default=256, metadata={"help": "prompt tokens kept"})
-    temperature: float | None = field(default=None, metadata={"help": "sampling temperature (default: as in training, else 1)"})
-    chat_template: bool | None = field(default=None, metadata={"help": "render prompts with the chat template (default: as in training)"})
-    batch_size: int = field(default=16, metadata={"help": "sequences per generate call"})
-    seed: int = field(default=0, metadata={"help": "sampling seed"})
-    output: str = field(default="ppo_eval", metadata={"help": "folder for ppo_eval.json and reward_vs_kl.png"})
-    json: bool = field(default=False, metadata={"help": "print one JSON object instead of the table"})
-    cpu: bool = field(default=False, metadata={"help": "run on the CPU even if a GPU is present"})
+    policy: str = opt(help="the trained policy (e.g. RUN/policy)")
+    reference: str | None = opt(None, "the reference model (default: as recorded in POLICY/rlhfkit_ppo.json)")
+    prompts: str = opt(help="held-out prompts: text file or JSONL")
+    n_prompts: int | None = opt(None, "use only the first N prompts", ge=1)
+    bon: list[int] = opt(factory=lambda: [1, 2, 4, 8, 16], help="best-of-n sizes to evaluate")
+    max_new_tokens: int | None = opt(None, "response length limit (default: as in training, else 64)", ge=1)
+    max_prompt_length: int = opt(256, "prompt tokens kept", ge=1)
+    temperature: float | None = opt(None, "sampling temperature (default: as in training, else 1)", gt=0)
+    chat_template: bool | None = opt(None, "render prompts with the chat template (default: as in training, else when the tokenizer has one)")
+    batch_size: int = opt(16, "sequences per generate call", ge=1)
+    seed: int = opt(42, "sampling seed")
+    output: str = opt("ppo_eval", "folder for ppo_eval.json and reward_vs_kl.png")
+    json: bool = opt(False, "print one JSON object instead of the table")
+    cpu: bool = opt(False, "run on the CPU even if a GPU is present")
 
-    def __post_init__(self):
-        self._check_reward()
-        for name in ("policy", "prompts"):
-            if not getattr(self, name):
-                raise ConfigError(f"option '{name}' is required (--{name} ...)")
-        if not self.bon or any(n < 1 for n in self.bon):
-            raise ConfigError(f"option 'bon' must list sizes >= 1, got {self.bon}")
-        if self.n_prompts is not None and self.n_prompts < 1:
-            raise ConfigError(f"option 'n_prompts' must be >= 1, got {self.n_prompts}")
-        if self.temperature is not None and not self.temperature > 0:
-            raise ConfigError(f"option 'temperature' must be > 0 (KL needs a sampling distribution), got {self.temperature}")
-
-
-# ------------------------------------------------------------------------ sampling
-@dataclass
-class Samples:
-    """Sampled responses of one generate call: ``B`` rows, prompt-major."""
-
-    prompts: list[Any]  # (B,) Prompt objects
-    query_ids: Tensor  # (B, P)
-    query_mask: Tensor  # (B, P)
-    response_ids: Tensor  # (B, N)
-    response_mask: Tensor  # (B, N)
-    responses: list[str]  # (B,)
+    def validate(self) -> None:
+        super().validate()
+        require(bool(self.bon) and all(n >= 1 for n in self.bon), f"option --bon must list sizes >= 1, got {self.bon}")
+        check_output_dir(self.output)
 
 
 def _device(cpu: bool) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() and not cpu else "cpu")
 
 
-def iter_samples(model, tokenizer, prompts: list, n: int, settings, batch_size: int) -> Iterator[Samples]:
-    """Sample ``n`` responses per prompt in batches of ``batch_size`` rows (prompt ``i``'s n first)."""
-    from rlhfkit.ppo.rollout import (
-        decode_responses, encode_queries, eos_token_ids, render_prompt, response_mask_from_eos, sample_responses)
-
-    chat = settings.chat_template or any(p.messages for p in prompts)
-    eos_ids = eos_token_ids(model, tokenizer)
-    flat = [p for p in prompts for _ in range(n)]  # (P * n,) prompt-major
-    for start in range(0, len(flat), batch_size):
-        chunk = flat[start:start + batch_size]
-        texts = [render_prompt(tokenizer, p, chat) for p in chunk]
-        query_ids, query_mask = encode_queries(tokenizer, texts, settings.max_prompt_length, chat)
-        query_ids, query_mask = query_ids.to(model.device), query_mask.to(model.device)
-        response_ids = sample_responses(model, tokenizer, query_ids, query_mask, settings, eos_ids)
-        response_mask, _ = response_mask_from_eos(response_ids, eos_ids)
-        yield Samples(chunk, query_ids, query_mask, response_ids, response_mask,
-                      decode_responses(tokenizer, response_ids, response_mask, eos_ids))
-
-
-def _settings(cfg, max_new_tokens: int, temperature: float, chat_template: bool):
-    from rlhfkit.ppo.rollout import GenerationSettings
-
-    return GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_k=getattr(cfg, "top_k", 0),
-                              top_p=getattr(cfg, "top_p", 1.0), max_prompt_length=cfg.max_prompt_length,
-                              chat_template=chat_template)
-
-
-def _sample_texts(cfg: SamplingOptions, n: int) -> tuple[list, list[list[str]]]:
+def _sample_texts(cfg: GenerateConfig) -> tuple[list[Prompt], list[list[str]]]:
     """(prompts, responses[i][j]) for ``cfg``'s policy and prompts, seeded."""
-    from rlhfkit.generation import load_policy
-    from rlhfkit.ppo.rollout import read_prompts
-
     prompts = read_prompts(cfg.prompts)
-    model, tokenizer = load_policy(cfg.policy, device=_device(cfg.cpu))
-    settings = _settings(cfg, cfg.max_new_tokens, cfg.temperature, cfg.chat_template)
-    with torch.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else []):
-        torch.manual_seed(cfg.seed)
-        flat = [r for s in iter_samples(model, tokenizer, prompts, n, settings, cfg.batch_size) for r in s.responses]
-    return prompts, [flat[i * n:(i + 1) * n] for i in range(len(prompts))]
+    device = _device(cfg.cpu)
+    model, tokenizer = load_policy(cfg.policy, device=device, dtype=inference_dtype(None, device))
+    apply_cpu_matmul("auto", device, model)
+    chat = use_chat_template(tokenizer, cfg.chat_template, cfg.policy)
+    return prompts, sample_texts(model, tokenizer, prompts, cfg.samples_per_prompt, cfg.settings(), chat=chat,
+                                 batch_size=cfg.batch_size, seed=cfg.seed)
 
 
 def _write_jsonl(rows: list[dict[str, Any]], path: str | None) -> None:
@@ -217,8 +133,8 @@ def _write_jsonl(rows: list[dict[str, Any]], path: str | None) -> None:
 
 # ------------------------------------------------------------------------ generate
 def run_generate(cfg: GenerateConfig) -> list[dict[str, Any]]:
-    """Sample ``cfg.n`` responses per prompt; write (and return) ``{"prompt", "response"}`` rows."""
-    prompts, responses = _sample_texts(cfg, cfg.n)
+    """Sample ``cfg.samples_per_prompt`` responses per prompt; write (and return) ``{"prompt", "response"}`` rows."""
+    prompts, responses = _sample_texts(cfg)
     rows = [{"prompt": p.text, "response": r} for p, rs in zip(prompts, responses) for r in rs]
     _write_jsonl(rows, cfg.output)
     return rows
@@ -227,22 +143,20 @@ def run_generate(cfg: GenerateConfig) -> list[dict[str, Any]]:
 # ------------------------------------------------------------------------------ bon
 def run_bon(cfg: BonConfig) -> list[dict[str, Any]]:
     """Best-of-n: one row per prompt ``{"prompt", "response", "score", "scores"}``; optional ranked lists."""
-    prompts, responses = _sample_texts(cfg, cfg.n)
-    reward = cfg.reward_source(_device(cfg.cpu))
+    prompts, responses = _sample_texts(cfg)
+    n = cfg.samples_per_prompt
+    reward = cfg.load_reward(_device(cfg.cpu))
     flat_prompts = [p.text for p, rs in zip(prompts, responses) for _ in rs]
-    scores = reward(flat_prompts, [r for rs in responses for r in rs]).view(len(prompts), cfg.n).tolist()  # (P, n)
+    scores = reward(flat_prompts, [r for rs in responses for r in rs]).view(len(prompts), n).tolist()  # (P, n)
     rows, ranked = [], []
     for p, rs, ss in zip(prompts, responses, scores):
-        order = sorted(range(cfg.n), key=lambda j: -ss[j])  # best first; stable on ties
+        order = sorted(range(n), key=lambda j: -ss[j])  # best first; stable on ties
         rows.append({"prompt": p.text, "response": rs[order[0]], "score": ss[order[0]], "scores": ss})
         unique = list(dict.fromkeys(rs[j] for j in order))  # a ranking cannot hold one text twice
         if len(unique) >= 2:
             ranked.append((p.text, unique))
     _write_jsonl(rows, cfg.output)
     if cfg.ranked_output:
-        from rlhfkit.data.types import PreferenceExample, strict_ranks
-        from rlhfkit.data.writers import write_preferences
-
         skipped = len(prompts) - len(ranked)
         if skipped:
             logger.warning("--ranked-output: %d prompt(s) had fewer than 2 distinct responses and were left out", skipped)
@@ -280,13 +194,10 @@ def expected_best_of_n(scores: Tensor, n: int) -> Tensor:
 
 
 @torch.no_grad()
-def _sample_logprobs(model, ref_model, tokenizer, prompts, n, settings, batch_size) -> tuple[list[str], list[str], Tensor]:
+def _sample_logprobs(model, ref_model, tokenizer, prompts, n, settings, chat, batch_size) -> tuple[list[str], list[str], Tensor]:
     """Sample from ``model``; texts and the per-response KL estimate ``sum_t log p - log p_ref`` (B,)."""
-    from rlhfkit.ops import masked_sum
-    from rlhfkit.ppo.rollout import policy_logprobs
-
     texts, responses, kls = [], [], []
-    for s in iter_samples(model, tokenizer, prompts, n, settings, batch_size):
+    for s in iter_samples(model, tokenizer, prompts, n, settings, chat=chat, batch_size=batch_size):
         texts += [p.text for p in s.prompts]
         responses += s.responses
         if ref_model is None:
@@ -301,36 +212,32 @@ def _sample_logprobs(model, ref_model, tokenizer, prompts, n, settings, batch_si
 
 
 def _policy_info(policy: str) -> dict[str, Any]:
-    from rlhfkit.ppo.trainer import POLICY_INFO
-
     f = Path(policy) / POLICY_INFO
     return json.loads(f.read_text()) if f.is_file() else {}
 
 
 def run_ppo_eval(cfg: PPOEvalConfig) -> dict[str, Any]:
     """Score and KL for the policy, the reference and best-of-n; writes JSON and a PNG to ``cfg.output``."""
-    from rlhfkit.generation import load_policy
-    from rlhfkit.ppo.rollout import read_prompts
-
     info = _policy_info(cfg.policy)
     reference = cfg.reference or info.get("reference")
     if not reference:
         raise ConfigError(f"--reference is needed: {cfg.policy} has no rlhfkit_ppo.json naming the model it was trained from")
     temperature = cfg.temperature if cfg.temperature is not None else float(info.get("temperature", 1.0))
     max_new = cfg.max_new_tokens or int(info.get("max_new_tokens", 64))
-    chat = cfg.chat_template if cfg.chat_template is not None else bool(info.get("chat_template", False))
     prompts = read_prompts(cfg.prompts)[: cfg.n_prompts]
     device = _device(cfg.cpu)
-    policy, tokenizer = load_policy(cfg.policy, device=device)
-    ref_model, _ = load_policy(reference, device=device)
-    reward = cfg.reward_source(device)
-    settings = _settings(cfg, max_new, temperature, chat)
+    policy, tokenizer = load_policy(cfg.policy, device=device, dtype=inference_dtype(None, device))
+    ref_model, _ = load_policy(reference, device=device, dtype=inference_dtype(None, device))
+    apply_cpu_matmul("auto", device, policy, ref_model)
+    chat = use_chat_template(tokenizer, cfg.chat_template if cfg.chat_template is not None else info.get("chat_template"), cfg.policy)
+    reward = cfg.load_reward(device)
+    settings = SamplingSettings(max_new, temperature, 0, 1.0, cfg.max_prompt_length)
     k = max(cfg.bon)
 
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(cfg.seed)
-        p_texts, p_resp, p_kl = _sample_logprobs(policy, ref_model, tokenizer, prompts, 1, settings, cfg.batch_size)
-        r_texts, r_resp, _ = _sample_logprobs(ref_model, None, tokenizer, prompts, k, settings, cfg.batch_size)
+        p_texts, p_resp, p_kl = _sample_logprobs(policy, ref_model, tokenizer, prompts, 1, settings, chat, cfg.batch_size)
+        r_texts, r_resp, _ = _sample_logprobs(ref_model, None, tokenizer, prompts, k, settings, chat, cfg.batch_size)
     p_scores = reward(p_texts, p_resp)  # (P,)
     r_scores = reward(r_texts, r_resp).view(len(prompts), k)  # (P, K)
 

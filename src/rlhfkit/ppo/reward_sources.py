@@ -31,18 +31,20 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Literal, Protocol, Sequence
 
 import torch
 from torch import Tensor
 
-from rlhfkit.config import ConfigError
+from rlhfkit.config import ConfigError, Options, opt
+from rlhfkit.errors import UserError
 from rlhfkit.models.cpu_linear import apply_cpu_matmul
 
 __all__ = [
     "RewardSource",
     "RewardSourceError",
     "RewardOptions",
+    "RewardSourceOptions",
     "RewardModelSource",
     "ClassifierSource",
     "FunctionSource",
@@ -74,7 +76,23 @@ class RewardOptions:
 CLASSIFIER_TRANSFORMS = ("logit", "logit-diff", "prob", "logprob")
 
 
-class RewardSourceError(ValueError):
+@dataclass(kw_only=True)
+class RewardSourceOptions(Options):
+    """The ``--reward*`` options of every command that scores samples (ppo, bon, ppo-eval)."""
+
+    reward: str = opt(help="reward: an rlhfkit reward-model folder, a HF sequence classifier, module:function, or human")
+    reward_label: str | None = opt(None, "classifier rewards: label name or index to read (default: the last)")
+    reward_transform: Literal["logit", "logit-diff", "prob", "logprob"] = opt("logit", "classifier rewards: score from the label's logits")
+    reward_text: Literal["prompt+response", "response"] = opt("prompt+response", "classifier rewards: the text it reads")
+    reward_batch_size: int = opt(32, "texts per reward-model forward pass", ge=1)
+
+    def load_reward(self, device, cpu_matmul: str = "auto") -> "RewardSource":
+        return load_reward_source(self.reward, RewardOptions(
+            label=self.reward_label, transform=self.reward_transform, text=self.reward_text,
+            batch_size=self.reward_batch_size, device=device, cpu_matmul=cpu_matmul))
+
+
+class RewardSourceError(UserError):
     """A reward source returned something that is not one finite score per response."""
 
 

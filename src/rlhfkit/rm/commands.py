@@ -4,110 +4,103 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Literal
 
-from rlhfkit.config import ConfigError
+import torch
+
+from rlhfkit.config import Options, opt, require
+from rlhfkit.data.collate import EncodedPreferences
+from rlhfkit.data.readers import FORMATS, read_preferences
+from rlhfkit.data.types import DataFormatError
+from rlhfkit.files import read_text
+from rlhfkit.models.cpu_linear import apply_cpu_matmul
+from rlhfkit.models.reward import RewardModel
+from rlhfkit.rm.evaluate import evaluate
 
 
-@dataclass
-class RMEvalConfig:
+@dataclass(kw_only=True)
+class RMEvalConfig(Options):
     """Evaluate a reward model on held-out preference data."""
 
-    model: str = field(default="", metadata={"help": "reward model folder (a run folder picks best/)"})
-    data: str = field(default="", metadata={"help": "preference data: .tsv rank lists, .jsonl, .json or .parquet"})
-    format: str = field(default="auto", metadata={"help": "data format (see rm train --help)"})
-    prompt_column: bool = field(default=False, metadata={"help": "rank-list TSV: the first column is the prompt"})
-    allow_ties: bool = field(default=False, metadata={"help": "accept equal ranks in JSONL 'ranks' fields"})
-    n_skip: int = field(default=0, metadata={"help": "skip the first N lists (e.g. the training part of one file)"})
-    batch_size: int = field(default=64, metadata={"help": "texts per forward pass"})
-    max_length: int | None = field(default=None, metadata={"help": "override the model's max length"})
-    json: bool = field(default=False, metadata={"help": "print one JSON object instead of a table"})
+    model: str = opt(help="reward model folder (a run folder picks best/)")
+    eval: str = opt(help="held-out preference data: .tsv rank lists, .jsonl, .json or .parquet", was=("data",))
+    format: Literal[FORMATS] = opt("auto", "data format (see rm train --help)")  # type: ignore[valid-type]
+    prompt_column: bool = opt(False, "rank-list TSV: the first column is the prompt")
+    allow_ties: bool = opt(False, "accept equal ranks in JSONL 'ranks' fields")
+    n_skip: int = opt(0, "skip the first N lists (e.g. the training part of one file)", ge=0)
+    batch_size: int = opt(64, "texts per forward pass", ge=1)
+    max_length: int | None = opt(None, "override the model's max length", ge=8)
+    json: bool = opt(False, "print one JSON object instead of a table")
+    cpu: bool = opt(False, "run on the CPU even if a GPU is present")
 
-    def __post_init__(self):
-        if not self.model:
-            raise ConfigError("option 'model' is required (--model DIR)")
-        if not self.data:
-            raise ConfigError("option 'data' is required (--data FILE)")
-        if self.n_skip < 0:
-            raise ConfigError(f"option 'n_skip' must be >= 0, got {self.n_skip}")
+
+def _device(cpu: bool) -> str:
+    return "cuda" if torch.cuda.is_available() and not cpu else "cpu"
 
 
 def run_eval(cfg: RMEvalConfig) -> dict:
-    import torch
-
-    from rlhfkit.data.collate import EncodedPreferences
-    from rlhfkit.data.readers import read_preferences
-    from rlhfkit.models.cpu_linear import apply_cpu_matmul
-    from rlhfkit.models.reward import RewardModel
-    from rlhfkit.rm.evaluate import evaluate
-
-    examples = read_preferences(cfg.data, format=cfg.format, prompt_column=cfg.prompt_column, allow_ties=cfg.allow_ties)
-    if cfg.n_skip >= len(examples):
-        raise ConfigError(f"--n-skip {cfg.n_skip} skips every list: {cfg.data} has {len(examples)}")
+    """Every held-out metric of :func:`rlhfkit.rm.evaluate.evaluate`, plus the truncation count."""
+    examples = read_preferences(cfg.eval, format=cfg.format, prompt_column=cfg.prompt_column, allow_ties=cfg.allow_ties)
+    require(cfg.n_skip < len(examples), f"--n-skip {cfg.n_skip} skips every list: {cfg.eval} has {len(examples)}")
     examples = examples[cfg.n_skip :]
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = _device(cfg.cpu)
     rm = RewardModel.from_pretrained(cfg.model, max_length=cfg.max_length, device=device)
     apply_cpu_matmul("auto", device, rm)
-    data = EncodedPreferences.build(examples, rm.encode, rm.meta.max_length, what=cfg.data)
+    data = EncodedPreferences.build(examples, rm.encode, rm.meta.max_length, what=cfg.eval)
     metrics, _ = evaluate(rm, data, rm.pad, batch_size=cfg.batch_size, device=device)
     metrics["n_truncated"] = data.n_truncated
     return metrics
 
 
-@dataclass
-class ScoreConfig:
+@dataclass(kw_only=True)
+class ScoreConfig(Options):
     """Score texts with a reward model: one score per line on stdout."""
 
-    model: str = field(default="", metadata={"help": "reward model folder"})
-    texts: list[str] = field(default_factory=list, metadata={"help": "texts to score", "cli": False})
-    input: str | None = field(default=None, metadata={"help": "file of texts, one per line (or JSONL with 'prompt'/'response')"})
-    prompt: str = field(default="", metadata={"help": "prompt shared by all texts"})
-    whiten: bool = field(default=False, metadata={"help": "subtract the batch mean and divide by its std"})
-    batch_size: int = field(default=32, metadata={"help": "texts per forward pass"})
-    json: bool = field(default=False, metadata={"help": "print JSON lines with text and score"})
+    model: str = opt(help="reward model folder")
+    texts: list[str] = opt(factory=list, help="texts to score", cli=False)
+    responses: str | None = opt(None, "file of responses to score, one per line (or JSONL with 'prompt'/'response')", was=("input",))
+    prompt: str = opt("", "prompt shared by all texts")
+    whiten: bool = opt(False, "subtract the batch mean and divide by its std")
+    batch_size: int = opt(32, "texts per forward pass", ge=1)
+    json: bool = opt(False, "print JSON lines with text and score")
+    cpu: bool = opt(False, "run on the CPU even if a GPU is present")
 
-    def __post_init__(self):
-        if not self.model:
-            raise ConfigError("option 'model' is required (--model DIR)")
-        if not self.texts and not self.input:
-            raise ConfigError("nothing to score: give texts as arguments or --input FILE")
+    def validate(self) -> None:
+        super().validate()
+        require(bool(self.texts or self.responses), "nothing to score: give texts as arguments or --responses FILE")
 
 
 def read_score_inputs(cfg: ScoreConfig) -> tuple[list[str], list[str]]:
+    """(prompts, responses): the positional texts, then the rows of ``--responses``."""
     prompts, responses = [cfg.prompt] * len(cfg.texts), list(cfg.texts)
-    if cfg.input:
-        from pathlib import Path
-
-        path = Path(cfg.input)
-        if not path.is_file():
-            raise ConfigError(f"--input {path} does not exist")
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    if cfg.responses:
+        jsonl = cfg.responses.endswith(".jsonl")
+        for n, line in enumerate(read_text(cfg.responses, "--responses").split("\n"), 1):
+            line = line.removesuffix("\r")
             if not line.strip():
                 continue
-            if cfg.input.endswith(".jsonl"):
-                try:
-                    row = json.loads(line)
-                    prompts.append(str(row.get("prompt", cfg.prompt)))
-                    responses.append(str(row["response"]))
-                except (json.JSONDecodeError, KeyError, AttributeError):
-                    raise ConfigError(f"{path}, line {n}: expected a JSON object with a 'response' field") from None
-            else:
+            if not jsonl:
                 prompts.append(cfg.prompt)
                 responses.append(line)
+                continue
+            try:
+                row = json.loads(line)
+                prompts.append(str(row.get("prompt", cfg.prompt)))
+                responses.append(str(row["response"]))
+            except (json.JSONDecodeError, KeyError, AttributeError, TypeError):
+                raise DataFormatError(cfg.responses, n, "expected a JSON object with a 'response' field") from None
+    require(bool(responses), f"nothing to score: {cfg.responses} holds no non-blank line")
     return prompts, responses
 
 
-def run_score(cfg: ScoreConfig) -> list[float]:
-    import torch
-
-    from rlhfkit.models.cpu_linear import apply_cpu_matmul
-    from rlhfkit.models.reward import RewardModel
-
+def run_score(cfg: ScoreConfig) -> tuple[list[str], list[float]]:
+    """(responses, their scores)."""
     prompts, responses = read_score_inputs(cfg)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = _device(cfg.cpu)
     rm = RewardModel.from_pretrained(cfg.model, device=device)
     apply_cpu_matmul("auto", device, rm)
-    return rm.score(prompts, responses, batch_size=cfg.batch_size, whiten=cfg.whiten).tolist()
+    return responses, rm.score(prompts, responses, batch_size=cfg.batch_size, whiten=cfg.whiten).tolist()
 
 
 def print_eval(metrics: dict, as_json: bool) -> None:

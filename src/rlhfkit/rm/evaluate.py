@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from rlhfkit import losses as L
-from rlhfkit.data.collate import EncodedPreferences, RankBatch, collate, plan_batches
+from rlhfkit.data.collate import EncodedPreferences, collate
 from rlhfkit.rm.objective import list_losses
 
 logger = logging.getLogger(__name__)
@@ -140,6 +140,31 @@ def evaluate(model, data: EncodedPreferences, pad, *, batch_size: int = 32, devi
     return metrics, scores
 
 
+def plot_score_histograms(data: EncodedPreferences, scores: torch.Tensor, path) -> None:
+    """Histogram of chosen (best-ranked) vs rejected held-out scores, as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if max(ex.k for ex in data.examples) < 2:
+        return
+    chosen, rejected = [], []
+    for j, ex in enumerate(data.examples):
+        best = min(ex.ranks)
+        for pos, t in enumerate(data.lists[j]):
+            (chosen if ex.ranks[pos] == best else rejected).append(float(scores[t]))
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.hist(rejected, bins=40, alpha=0.6, label="rejected (rank > 0)")
+    ax.hist(chosen, bins=40, alpha=0.6, label="chosen (rank 0)")
+    ax.set_xlabel("reward score")
+    ax.set_title("held-out score distributions")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _pearson(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     if len(a) < 2 or a.std() == 0 or b.std() == 0:
@@ -147,4 +172,4 @@ def _pearson(a: torch.Tensor, b: torch.Tensor) -> float:
     return torch.corrcoef(torch.stack([a, b]))[0, 1].item()
 
 
-__all__ = ["evaluate", "evaluate_scores", "score_texts", "length_warning", "RankBatch", "plan_batches"]
+__all__ = ["evaluate", "evaluate_scores", "score_texts", "length_warning", "plot_score_histograms"]

@@ -6,20 +6,17 @@ across micro-batches, processes and accumulation steps.
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 
 from rlhfkit import losses as L
 from rlhfkit.data.collate import RankBatch
+from rlhfkit.errors import UserError
 
-LOSS_NAMES = ("pairwise", "logexp", "margin", "listwise", "plackett-luce", "token-pairwise", "binary", "mse")
+LossName = Literal["pairwise", "logexp", "margin", "listwise", "plackett-luce", "token-pairwise", "binary", "mse"]
+LOSS_NAMES = get_args(LossName)
 SCALAR_LOSSES = ("binary", "mse")
-
-
-def canonical_loss_name(name: str) -> str:
-    key = name.replace("_", "-").lower()
-    if key not in LOSS_NAMES:
-        raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(LOSS_NAMES)}")
-    return key
 
 
 def check_loss_fits_data(loss: str, examples, where: str) -> None:
@@ -28,24 +25,24 @@ def check_loss_fits_data(loss: str, examples, where: str) -> None:
     if loss in SCALAR_LOSSES:
         bad = next((ex for ex in examples if ex.label is None), None)
         if bad is not None:
-            raise ValueError(
+            raise UserError(
                 f"loss '{loss}' needs scalar labels ({{\"prompt\", \"response\", \"score\"}} rows) but {bad.source or where} "
                 "is a preference list; use loss 'pairwise' for rankings"
             )
         if loss == "binary":
             odd = next((ex for ex in examples if ex.label not in (0.0, 1.0)), None)
             if odd is not None:
-                raise ValueError(f"loss 'binary' needs labels 0 or 1; {odd.source or where} has {odd.label}")
+                raise UserError(f"loss 'binary' needs labels 0 or 1; {odd.source or where} has {odd.label}")
         return
     if ks == {1}:
-        raise ValueError(f"loss '{loss}' needs lists of at least 2 responses; {where} holds scalar-labelled single responses (use 'mse' or 'binary')")
+        raise UserError(f"loss '{loss}' needs lists of at least 2 responses; {where} holds scalar-labelled single responses (use 'mse' or 'binary')")
     if loss == "margin" and any(ex.margin is None for ex in examples):
         bad = next(ex for ex in examples if ex.margin is None)
-        raise ValueError(f"loss 'margin' needs a 'margin' field on every row; {bad.source or where} has none (or use 'pairwise')")
+        raise UserError(f"loss 'margin' needs a 'margin' field on every row; {bad.source or where} has none (or use 'pairwise')")
     if loss == "plackett-luce":
         bad = next((ex for ex in examples if ex.has_ties or ex.choice is not None), None)
         if bad is not None:
-            raise ValueError(
+            raise UserError(
                 f"loss 'plackett-luce' needs full strict rankings; {bad.source or where} has ties or is an n-choose-1 row "
                 "(use 'pairwise' or 'listwise')"
             )

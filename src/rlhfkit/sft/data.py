@@ -11,7 +11,7 @@ What the model reads, and where the loss is (``labels`` are -100 everywhere else
 
 - **chat** (``messages`` rows always; ``prompt``/``response`` rows with ``chat_template=True``):
   the tokenizer's chat template. A prompt/response row is one user turn and one assistant
-  turn, so the text before the reply is exactly what :func:`rlhfkit.generation.format_prompt`
+  turn, so the text before the reply is exactly what :func:`rlhfkit.sampling.render_prompt`
   and PPO's rollout feed the model at sampling time. The loss covers each assistant turn's
   content and its end-of-turn token (``assistant_turns="all"``) or only the final turn's
   (``"last"``); system and user turns, role headers and the newline after the end token are

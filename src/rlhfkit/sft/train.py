@@ -1,12 +1,12 @@
 """``rlhfkit sft``: supervised fine-tuning of a causal LM on instruction data.
 
-The loop, top to bottom: read and tokenise the data (loss only on response tokens, see
-:mod:`rlhfkit.sft.data`) -> optionally pack short examples into rows -> load the model (a
-pad token distinct from EOS, LoRA) -> plan length-grouped effective batches -> for each
-optimizer step, each process runs its micro-batches (forward, per-token NLL) -> clip, step,
-log -> evaluate every N steps (loss, perplexity; best model kept) -> atomic checkpoint for
-``--resume``. At the end: ``final/`` (and ``best/``) as plain Hugging Face causal-LM
-folders, ``curves.png`` and a few greedy samples in ``samples.jsonl``.
+The loop, top to bottom (:func:`train_sft`): read and tokenise the data (loss only on
+response tokens, see :mod:`rlhfkit.sft.data`) -> optionally pack short examples into rows
+-> load the policy (a pad token distinct from EOS, LoRA) -> plan length-grouped effective
+batches -> one :func:`~rlhfkit.training.step.train_step` per batch (forward, per-token
+NLL) -> log, evaluate (loss, perplexity; best model kept), checkpoint on the shared
+:class:`~rlhfkit.training.cadence.Cadence` -> ``final/`` and ``best/`` as plain Hugging
+Face causal-LM folders, ``curves.png`` and a few greedy samples in ``samples.jsonl``.
 
 The loss is the mean NLL over every response token of the optimizer step, exactly,
 however the step is split: the plan fixes which rows a step holds, so the step's token
@@ -24,103 +24,73 @@ variants do not take 4D masks and are refused with a clear error.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-
+import json
 import logging
 import math
-import os
-import time
-from dataclasses import dataclass, field
+from contextlib import nullcontext
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
-from rlhfkit.config import ConfigError
-from rlhfkit.training.options import CPU_MATMUL_HELP
-from rlhfkit.training import NonFiniteLossError
+import torch
+import yaml
+
+from rlhfkit.checkpoint import export_pretrained
+from rlhfkit.config import ConfigError, opt, require, to_dict
+from rlhfkit.data.collate import iter_batches, process_micro_batches
+from rlhfkit.data.prompts import Prompt
+from rlhfkit.models.cpu_linear import apply_cpu_matmul
+from rlhfkit.models.lora import with_lora
+from rlhfkit.models.policy import load_policy
+from rlhfkit.models.tokenizers import use_chat_template
+from rlhfkit.ops import masked_sum
+from rlhfkit.sampling import SamplingSettings, sample_texts
+from rlhfkit.sft.data import EncodedSFT, block_causal_mask, collate, pack_examples, read_sft_data, split_examples
+from rlhfkit.sft.losses import sft_loss, token_nll
+from rlhfkit.tracking import plot_curves, read_metrics
+from rlhfkit.training.cadence import Cadence, MetricsWindow
+from rlhfkit.training.optim import make_optimizer
+from rlhfkit.training.options import LoraOptions, OptimOptions, RunOptions
+from rlhfkit.training.run import Run, TrainState, improved, start_run
+from rlhfkit.training.step import train_step
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SFTConfig", "NonFiniteLossError", "train_sft", "model_token_nll", "evaluate_sft"]
+__all__ = ["SFTConfig", "train_sft", "model_token_nll", "evaluate_sft"]
 
 SAMPLE_MAX_NEW_TOKENS = 64
 SUPPORTED_PACKING_ATTENTION = ("sdpa", "eager")
 
 
-@dataclass
-class SFTConfig:
+@dataclass(kw_only=True)
+class SFTConfig(RunOptions, OptimOptions, LoraOptions):
     """Supervised fine-tuning of a causal language model on prompt/response or chat data."""
 
-    train: str = field(default="", metadata={"help": 'training data: JSONL of {"prompt", "response"} or {"messages": [...]} rows'})
-    output: str = field(default="", metadata={"help": "run folder: final/ and best/ models, checkpoint/, metrics, curves.png, samples.jsonl"})
-    model: str = field(default="smollm2-135m", metadata={"help": "causal LM to fine-tune: alias (smollm2-135m), local folder or hub id"})
-    eval: str | None = field(default=None, metadata={"help": "held-out data file in the same format (default: --eval-fraction of --train, or none)"})
-    eval_fraction: float | None = field(default=None, metadata={"help": "hold out this seeded random share of --train for evaluation"})
-    chat_template: bool = field(default=True, metadata={"help": "prompt/response rows: render as a user and an assistant turn with the tokenizer's chat template (--no-chat-template: prompt + response + EOS); 'messages' rows always use it"})
-    assistant_turns: Literal["all", "last"] = field(default="all", metadata={"help": "chat rows: train on every assistant turn, or only the last"})
-    epochs: float = field(default=1.0, metadata={"help": "passes over the training data (fractions allowed)"})
-    max_steps: int | None = field(default=None, metadata={"help": "optimizer steps in the schedule (overrides --epochs)"})
-    stop_after_steps: int | None = field(default=None, metadata={"help": "stop after this global step with a checkpoint, to continue later with --resume"})
-    batch_size: int = field(default=8, metadata={"help": "rows (examples, or packed rows) per process per micro-batch"})
-    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    lr: float = field(default=2e-5, metadata={"help": "peak learning rate (LoRA usually wants ~1e-4 to 3e-4)"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    warmup_ratio: float = field(default=0.03, metadata={"help": "share of steps spent warming up the learning rate"})
-    scheduler: Literal["linear", "cosine", "constant"] = field(default="cosine", metadata={"help": "learning-rate schedule after warm-up"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient-norm clipping (0 = off)"})
-    max_length: int = field(default=512, metadata={"help": "tokens per example (and per packed row); longer examples are truncated and counted, never dropped"})
-    packing: bool = field(default=False, metadata={"help": "pack short examples into rows of max_length tokens, with no attention across examples"})
-    lora: bool = field(default=False, metadata={"help": "train LoRA adapters (merged into the saved model) instead of all weights"})
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha"})
-    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
-    lora_target: list[str] | None = field(default=None, metadata={"help": "module names for LoRA (default: peft's choice for the architecture)"})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in the backward pass to save memory"})
-    eval_every: int = field(default=100, metadata={"help": "evaluate every N optimizer steps (and before the first and after the last)"})
-    save_every: int = field(default=100, metadata={"help": "write a resumable checkpoint every N steps (and at the end)"})
-    log_every: int = field(default=10, metadata={"help": "log training metrics every N steps"})
-    eval_batch_size: int = field(default=16, metadata={"help": "examples per evaluation forward pass"})
-    n_samples: int = field(default=4, metadata={"help": f"greedy samples (up to {SAMPLE_MAX_NEW_TOKENS} tokens) for the first N eval prompts, written to samples.jsonl at the end (0 = none)"})
-    seed: int = field(default=42, metadata={"help": "random seed (data order, initialisation, dropout)"})
-    resume: bool = field(default=False, metadata={"help": "continue from OUTPUT/checkpoint exactly where it stopped"})
-    mixed_precision: Literal["auto", "no", "bf16"] = field(default="auto", metadata={"help": "auto: bf16 on CUDA, fp32 on CPU"})
-    cpu: bool = field(default=False, metadata={"help": "run on the CPU even if a GPU is present"})
-    cpu_matmul: Literal["auto", "onednn", "torch"] = field(default="auto", metadata={"help": CPU_MATMUL_HELP})
-    tensorboard: bool = field(default=True, metadata={"help": "also write TensorBoard event files"})
-    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+    train: str = opt(help='training data: JSONL of {"prompt", "response"} or {"messages": [...]} rows')
+    policy: str = opt("smollm2-135m", "causal LM to fine-tune: alias (smollm2-135m), local folder or hub id", was=("model",))
+    eval: str | None = opt(None, "held-out data file in the same format (default: --eval-fraction of --train, or none)")
+    eval_fraction: float | None = opt(None, "hold out this seeded random share of --train for evaluation", gt=0, lt=1)
+    chat_template: bool | None = opt(None, "render prompt/response rows as a user and an assistant turn with the chat "
+                                           "template (default: when the tokenizer has one); 'messages' rows always use it")
+    assistant_turns: Literal["all", "last"] = opt("all", "chat rows: train on every assistant turn, or only the last")
+    epochs: float = opt(1.0, "passes over the training data (fractions allowed)", gt=0)
+    max_steps: int | None = opt(None, "optimizer steps in the schedule (overrides --epochs)", ge=1)
+    batch_size: int = opt(8, "rows (examples, or packed rows) per process per micro-batch", ge=1)
+    lr: float = opt(2e-5, "peak learning rate (LoRA usually wants ~1e-4 to 3e-4)", gt=0)
+    warmup_ratio: float = opt(0.03, "share of the optimizer steps spent warming the learning rate up", ge=0, lt=1)
+    scheduler: Literal["linear", "cosine", "constant"] = opt("cosine", "learning-rate schedule after warm-up")
+    max_length: int = opt(512, "tokens per example (and per packed row); longer examples are truncated and counted, never dropped", ge=8)
+    packing: bool = opt(False, "pack short examples into rows of max_length tokens, with no attention across examples")
+    gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass to save memory")
+    eval_every: int = opt(100, "evaluate every N optimizer steps (and before the first and after the last)", ge=1)
+    eval_batch_size: int = opt(16, "examples per evaluation forward pass", ge=1)
+    n_samples: int = opt(4, f"greedy samples (up to {SAMPLE_MAX_NEW_TOKENS} tokens) for the first N eval prompts, "
+                            "written to samples.jsonl at the end (0 = none)", ge=0)
 
-    def __post_init__(self):
-        if not self.train:
-            raise ConfigError("option 'train' is required: the instruction data file (--train FILE.jsonl)")
-        if not self.output:
-            raise ConfigError("option 'output' is required: the run folder to write (--output DIR)")
-        for name in ("batch_size", "grad_accum", "eval_every", "save_every", "log_every", "eval_batch_size", "lora_r"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"option '{name}' must be >= 1, got {getattr(self, name)}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ConfigError(f"option 'lr' must be a positive number, got {self.lr}")
-        if self.max_steps is None and not self.epochs > 0:
-            raise ConfigError(f"option 'epochs' must be > 0, got {self.epochs}")
-        for name in ("max_steps", "stop_after_steps"):
-            v = getattr(self, name)
-            if v is not None and v < 1:
-                raise ConfigError(f"option '{name}' must be >= 1, got {v}")
-        if self.eval and self.eval_fraction is not None:
-            raise ConfigError("give either --eval FILE or --eval-fraction (a split of --train), not both")
-        if self.eval_fraction is not None and not 0 < self.eval_fraction < 1:
-            raise ConfigError(f"option 'eval_fraction' must be between 0 and 1, got {self.eval_fraction}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ConfigError(f"option 'warmup_ratio' must be in [0, 1), got {self.warmup_ratio}")
-        if self.max_length < 8:
-            raise ConfigError(f"option 'max_length' must be at least 8, got {self.max_length}")
-        if self.weight_decay < 0 or self.max_grad_norm < 0 or not 0 <= self.lora_dropout < 1:
-            raise ConfigError("options 'weight_decay' and 'max_grad_norm' must be >= 0 and 'lora_dropout' in [0, 1), got "
-                              f"{self.weight_decay}, {self.max_grad_norm}, {self.lora_dropout}")
-        if self.n_samples < 0:
-            raise ConfigError(f"option 'n_samples' must be >= 0, got {self.n_samples}")
-        if not self.lora and (self.lora_r, self.lora_alpha, self.lora_dropout, self.lora_target) != (16, 32, 0.05, None):
-            logger.warning("the LoRA options (lora_r, lora_alpha, lora_dropout, lora_target) are ignored without --lora")
-
-
+    def validate(self) -> None:
+        super().validate()
+        require(not (self.eval and self.eval_fraction is not None), "give either --eval FILE or --eval-fraction (a split of --train), not both")
 
 
 # ------------------------------------------------------------------ building blocks
@@ -130,11 +100,6 @@ def model_token_nll(model, batch, attn_implementation: str = "sdpa"):
     Packed rows get a 4D block-diagonal causal mask (bool for sdpa, additive for eager) and
     their restarting position ids, so every example sees only itself.
     """
-    import torch
-
-    from rlhfkit.sft.data import block_causal_mask
-    from rlhfkit.sft.losses import token_nll
-
     if batch.seq_ids is None:
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits  # (B, T, V)
     else:
@@ -149,37 +114,29 @@ def model_token_nll(model, batch, attn_implementation: str = "sdpa"):
     return token_nll(logits, batch.labels)
 
 
-def evaluate_sft(model, data, pad_id: int, batch_size: int, device, autocast=None) -> dict[str, float]:
+@torch.no_grad()
+def evaluate_sft(model, data: EncodedSFT, pad_id: int, batch_size: int, device, autocast=None) -> dict[str, float]:
     """Token-mean NLL of every response token in ``data`` (unpacked, length-sorted batches) and its perplexity."""
-    import torch
-
-    from rlhfkit.ops import masked_sum
-    from rlhfkit.sft.data import collate
-
     was_training = model.training
     model.eval()
     order = sorted(range(len(data)), key=lambda i: -data.length(i))
     total, count = torch.zeros((), dtype=torch.float64), 0
-    with torch.no_grad():
-        for start in range(0, len(order), batch_size):
-            batch = collate(data, [[i] for i in order[start : start + batch_size]], pad_id).to(device)
-            with autocast() if autocast is not None else nullcontext():
-                nll, mask = model_token_nll(model, batch)
-            total += masked_sum(nll.double(), mask).cpu()
-            count += int(mask.sum())
+    for start in range(0, len(order), batch_size):
+        batch = collate(data, [[i] for i in order[start : start + batch_size]], pad_id).to(device)
+        with autocast() if autocast is not None else nullcontext():
+            nll, mask = model_token_nll(model, batch)
+        total += masked_sum(nll.double(), mask).cpu()
+        count += int(mask.sum())
     model.train(was_training)
     loss = (total / max(count, 1)).item()
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count, "examples": len(data)}
 
 
-def _load_data(cfg: SFTConfig):
-    from rlhfkit.sft.data import read_sft_data, split_examples
-
+def load_data(cfg: SFTConfig):
+    """(train examples, eval examples)."""
     train = read_sft_data(cfg.train)
-    evals = []
-    if cfg.eval:
-        evals = read_sft_data(cfg.eval)
-    elif cfg.eval_fraction is not None:
+    evals = read_sft_data(cfg.eval) if cfg.eval else []
+    if cfg.eval_fraction is not None:
         try:
             train, evals = split_examples(train, cfg.eval_fraction, cfg.seed)
         except ValueError as e:
@@ -187,289 +144,146 @@ def _load_data(cfg: SFTConfig):
     return train, evals
 
 
-def _load_model(cfg: SFTConfig):
-    """(tokenizer, model): fp32 weights, a pad token distinct from EOS, LoRA adapters if asked."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from rlhfkit.models.hub import resolve_model
-    from rlhfkit.models.tokenizers import ensure_distinct_pad
-
-    path = resolve_model(cfg.model)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    ensure_distinct_pad(tokenizer, model)
-    if tokenizer.eos_token_id is None:
-        raise ConfigError(f"the tokenizer of {cfg.model} has no EOS token, so replies cannot be taught to end")
+def build_policy(cfg: SFTConfig, device):
+    """(tokenizer, model, attention implementation): fp32 weights, pad != EOS, matmul kernel, LoRA."""
+    model, tokenizer = load_policy(cfg.policy)
+    require(tokenizer.eos_token_id is not None, f"the tokenizer of {cfg.policy} has no EOS token, so replies cannot be taught to end")
+    apply_cpu_matmul(cfg.cpu_matmul, device, model)
+    attn = getattr(model.config, "_attn_implementation", None) or "eager"
+    require(not cfg.packing or attn in SUPPORTED_PACKING_ATTENTION,
+            f"--packing builds a 4D block-diagonal attention mask, which the {attn!r} attention of {cfg.policy} does not "
+            "take; use sdpa or eager attention, or turn --packing off")
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora:
-        from peft import LoraConfig, TaskType, get_peft_model
-
-        model = get_peft_model(model, LoraConfig(
-            task_type=TaskType.CAUSAL_LM, r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-            target_modules=cfg.lora_target or None,
-        ))
-    return tokenizer, model
+        model = with_lora(model, cfg, "CAUSAL_LM")
+    return tokenizer, model, attn
 
 
-def _export(model, tokenizer, cfg: SFTConfig, target: Path) -> None:
-    """A plain HF causal-LM folder (LoRA merged, safetensors, tokenizer with its pad token) at ``target``, atomically."""
-    import copy
-    import shutil
-    import tempfile
+def micro_loss(model, data: EncodedSFT, rows, pad_id: int, packed: bool, attn: str, device, n_step_tokens: int, world: int, micro):
+    """One micro-batch: the NLL of its response tokens over ``n_step_tokens``, the whole step's.
+    DDP averages over processes, so ``* world`` makes the sum over processes the step's token mean."""
+    row_ids, live = micro
+    batch = collate(data, [rows[r] for r in row_ids], pad_id, packed=packed).to(device)
+    nll, mask = model_token_nll(model, batch, attn)  # (B, T-1) each
+    n_targets = sum(data.n_targets(i) for r in row_ids for i in rows[r])  # known up front: no device sync
+    stats = {"nll": nll.detach().double().sum() * live, "tokens": n_targets * live,
+             "seen": sum(data.length(i) for r in row_ids for i in rows[r]) * live}
+    return sft_loss(nll, mask, n_step_tokens) * (world if live else 0.0), stats
 
-    import yaml
 
-    from rlhfkit.config import to_dict
-    from rlhfkit.checkpoint import replace_dir
+def evaluate_and_keep_best(run: Run, model, tokenizer, eval_data, cfg: SFTConfig, state: TrainState) -> dict[str, float]:
+    metrics: dict[str, float] = {}
+    if run.main and eval_data is not None:
+        metrics = evaluate_sft(model, eval_data, tokenizer.pad_token_id, cfg.eval_batch_size, run.device, run.accelerator.autocast)
+        run.log.log(state.step, {f"eval/{k}": v for k, v in metrics.items()})
+        run.write(f"step {state.step}: eval loss {metrics['loss']:.4f}, perplexity {metrics['perplexity']:.2f}")
+        if state.step > 0 and improved(state, metrics["loss"], higher_is_better=False):
+            export(model, tokenizer, cfg, run.out / "best")
+    run.accelerator.wait_for_everyone()
+    return metrics
 
-    if hasattr(model, "merge_and_unload"):
-        model = copy.deepcopy(model).merge_and_unload()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "training_config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True), encoding="utf-8")
-        replace_dir(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+def export(model, tokenizer, cfg: SFTConfig, target: Path) -> None:
+    export_pretrained(model, tokenizer, target, {"training_config.yaml": yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)})
+
+
+def log_train(run: Run, window: MetricsWindow, state: TrainState, scheduler, grad_norm, n_batches: int) -> dict[str, float]:
+    sums, seconds = window.flush(run.accelerator)
+    row = {"train/loss": sums["nll"] / max(sums["tokens"], 1), "train/tokens_per_s": sums["seen"] / seconds,  # all real tokens
+           "train/lr": scheduler.get_last_lr()[0], "train/epoch": state.epoch + state.batch_in_epoch / n_batches}
+    if grad_norm is not None:
+        row["train/grad_norm"] = float(grad_norm)
+    run.log.log(state.step, row)
+    run.progress.set_postfix(loss=f"{row['train/loss']:.4f}", tok_s=f"{row['train/tokens_per_s']:.0f}")
+    return row
 
 
 # ---------------------------------------------------------------------- the loop
 def train_sft(cfg: SFTConfig) -> dict[str, Any]:
     """Run the whole fine-tuning. Returns the last logged ``train/*`` and ``eval/*`` metrics
     plus ``step``, ``finished`` and, when finished, the ``final`` and ``best`` model folders."""
-    import torch
-    from tqdm.auto import tqdm
-    from transformers import get_scheduler
-
-    from rlhfkit.checkpoint import load_checkpoint, save_checkpoint
-    from rlhfkit.models.cpu_linear import apply_cpu_matmul
-    from rlhfkit.training import guarded_step, make_adamw, start_run
-    from rlhfkit.data.collate import plan_batches, split_effective_batch
-    from rlhfkit.sft.data import EncodedSFT, collate, pack_examples
-    from rlhfkit.sft.losses import sft_loss
-    from rlhfkit.tracking import MetricsLogger, plot_curves, read_metrics
-
-    out = Path(cfg.output)
-    accelerator, ckpt = start_run(cfg)
-    main = accelerator.is_main_process
-    world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
-
-    # 1. data and model ---------------------------------------------------------------
-    train_ex, eval_ex = _load_data(cfg)
-    tokenizer, model = _load_model(cfg)
-    apply_cpu_matmul(cfg.cpu_matmul, device, model)
-    if not tokenizer.chat_template and (cfg.chat_template or any(e.messages for e in train_ex + eval_ex)):
-        raise ConfigError(
-            f"the tokenizer of {cfg.model} has no chat template, but --chat-template is on or a row has 'messages'; "
-            "pass --no-chat-template and give prompt/response rows"
-        )
-    attn_impl = getattr(model.config, "_attn_implementation", None) or "eager"
-    if cfg.packing and attn_impl not in SUPPORTED_PACKING_ATTENTION:
-        raise ConfigError(
-            f"--packing builds a 4D block-diagonal attention mask, which the {attn_impl!r} attention of {cfg.model} "
-            f"does not take; use sdpa or eager attention, or turn --packing off"
-        )
-    encode = dict(max_length=cfg.max_length, chat_template=cfg.chat_template, assistant_turns=cfg.assistant_turns)
+    run = start_run(cfg, "sft")
+    train_ex, eval_ex = load_data(cfg)
+    tokenizer, model, attn = build_policy(cfg, run.device)
+    chat = use_chat_template(tokenizer, cfg.chat_template, cfg.policy)
+    encode = dict(max_length=cfg.max_length, chat_template=chat, assistant_turns=cfg.assistant_turns)
     train_data = EncodedSFT.build(train_ex, tokenizer, what=cfg.train, **encode)
     eval_data = EncodedSFT.build(eval_ex, tokenizer, what=cfg.eval or "eval split", **encode) if eval_ex else None
     empty = [train_data.sources[i] for i in range(len(train_data)) if train_data.n_targets(i) == 0]
-    if empty:
-        raise ConfigError(f"{len(empty)} training example(s) have no response token left to learn, e.g. {empty[0]}; raise --max-length")
-    if cfg.packing:
-        rows = pack_examples([train_data.length(i) for i in range(len(train_data))], cfg.max_length)
-    else:
-        rows = [[i] for i in range(len(train_data))]
+    require(not empty, f"{len(empty)} training example(s) have no response token left to learn, e.g. {empty[:1]}; raise --max-length")
+    rows = pack_examples([train_data.length(i) for i in range(len(train_data))], cfg.max_length) if cfg.packing else [[i] for i in range(len(train_data))]
     row_lengths = [sum(train_data.length(i) for i in r) for r in rows]
     row_targets = [sum(train_data.n_targets(i) for i in r) for r in rows]
-    if main:
-        n_tok = sum(row_lengths)
-        logger.warning(
-            "sft: %d train examples (%d tokens, %d response tokens), %d eval examples; %s; processes: %d (%s)",
-            len(train_data), n_tok, sum(row_targets), len(eval_ex),
-            f"packed into {len(rows)} rows, {n_tok / (len(rows) * cfg.max_length):.0%} full" if cfg.packing else "no packing",
-            world, accelerator.distributed_type,
-        )
+    require(len(rows) >= run.world, f"{len(rows)} training rows cannot feed {run.world} processes")
+    effective = cfg.batch_size * cfg.grad_accum * run.world
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * math.ceil(len(rows) / effective)))
 
-    effective = cfg.batch_size * cfg.grad_accum * world
-    if len(rows) < world:
-        raise ConfigError(f"{len(rows)} training rows cannot feed {world} processes")
-    steps_per_epoch = math.ceil(len(rows) / effective)
-    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    optimizer, scheduler = make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad], total_steps)
+    wrapped, optimizer = run.accelerator.prepare(model, optimizer)
+    run.accelerator.register_for_checkpointing(scheduler)
+    model = run.accelerator.unwrap_model(wrapped)
+    state = run.begin(TrainState(), total_steps)
+    run.write(f"sft: {len(train_data)} train examples ({sum(row_lengths)} tokens, {sum(row_targets)} response tokens, "
+              f"{train_data.n_truncated} truncated at --max-length), {len(eval_ex)} eval examples"
+              + (f"; packed into {len(rows)} rows, {sum(row_lengths) / (len(rows) * cfg.max_length):.0%} full" if cfg.packing else ""))
+    if run.resume_from is None:
+        evaluate_and_keep_best(run, model, tokenizer, eval_data, cfg, state)  # the starting point of the eval curve
 
-    # 2. optimizer, schedule, state ------------------------------------------------------
-    optimizer = make_adamw([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=int(cfg.warmup_ratio * total_steps), num_training_steps=total_steps)
-    wrapped, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
-    unwrapped = accelerator.unwrap_model(wrapped)
-    pad_id = tokenizer.pad_token_id
-
-    state: dict[str, Any] = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best_eval_loss": None, "best_step": None}
-    if ckpt is not None:
-        state = load_checkpoint(accelerator, ckpt)
-        if main:
-            logger.warning("resuming from %s at step %d (epoch %d, batch %d)", ckpt, state["step"], state["epoch"], state["batch_in_epoch"])
-    log = MetricsLogger(out, enabled=main, resume_step=state["step"] if ckpt else None, tensorboard=cfg.tensorboard)
-    result: dict[str, Any] = {}
-
-    def run_eval(step: int) -> dict[str, float]:
-        metrics: dict[str, float] = {}
-        if main and eval_data is not None:
-            t0 = time.time()
-            metrics = evaluate_sft(unwrapped, eval_data, pad_id, cfg.eval_batch_size, device, accelerator.autocast)
-            metrics["seconds"] = round(time.time() - t0, 2)
-            log.log(step, {f"eval/{k}": v for k, v in metrics.items()})
-            result.update({f"eval/{k}": v for k, v in metrics.items()})
-            if step > 0 and (state["best_eval_loss"] is None or metrics["loss"] < state["best_eval_loss"]):
-                state["best_eval_loss"], state["best_step"] = metrics["loss"], step
-                _export(unwrapped, tokenizer, cfg, out / "best")
-        accelerator.wait_for_everyone()
-        return metrics
-
-    if ckpt is None and eval_data is not None:
-        m = run_eval(0)  # the starting point of the eval curve
-        if m:
-            logger.warning("step 0: eval loss %.4f, perplexity %.2f", m["loss"], m["perplexity"])
-
-    # 3. the loop ------------------------------------------------------------------------
-    progress = tqdm(total=total_steps, initial=state["step"], disable=not (main and cfg.progress), desc="sft", dynamic_ncols=True)
+    cadence = Cadence(total_steps, cfg.log_every, cfg.save_every, cfg.eval_every, cfg.stop_after_steps)
+    window, result = MetricsWindow(), {}
+    batches = iter_batches(row_lengths, effective, cfg.seed, state.epoch, state.batch_in_epoch)
     wrapped.train()
-    window = {"nll": torch.zeros((), dtype=torch.float64), "tokens": 0, "seen": 0}
-    t_window = time.time()
-    last_eval_step = -1
-    stop_at = min(total_steps, cfg.stop_after_steps or total_steps)
+    while state.step < cadence.stop_at:
+        epoch, b, n_batches, step_rows = next(batches)
+        n_step_tokens = sum(row_targets[r] for r in step_rows)  # the step's response tokens, known up front
+        micro = process_micro_batches(step_rows, run.world, cfg.grad_accum, run.rank)
+        loss_fn = partial(micro_loss, wrapped, train_data, rows, tokenizer.pad_token_id, cfg.packing, attn, run.device, n_step_tokens, run.world)
+        grad_norm, stats = train_step(
+            run, wrapped, optimizer, micro, loss_fn, max_grad_norm=cfg.max_grad_norm, scheduler=scheduler,
+            where=f"step {state.step + 1} (epoch {epoch}, batch {b})",
+            describe=lambda m: f"examples from {[train_data.sources[i] for r in m[0] for i in rows[r]][:4]}")
+        state.step, state.epoch, state.batch_in_epoch = state.step + 1, epoch, b + 1
+        for s in stats:
+            window.add(**s)
+        run.progress.update(1)
+        if cadence.log(state.step):
+            result.update(log_train(run, window, state, scheduler, grad_norm, n_batches))
+        if cadence.eval(state.step):
+            evaluate_and_keep_best(run, model, tokenizer, eval_data, cfg, state)
+            window.restart_clock()
+        if cadence.save(state.step):
+            run.save(state)
 
-    while state["step"] < stop_at:
-        plan = plan_batches(row_lengths, effective, cfg.seed, state["epoch"])
-        for b_idx in range(state["batch_in_epoch"], len(plan)):
-            if state["step"] >= stop_at:
-                break
-            eff = plan[b_idx]
-            n_step_tokens = sum(row_targets[r] for r in eff)  # the whole step's response tokens, known up front
-            micro = split_effective_batch(eff, world, cfg.grad_accum, rank)
-            for a, row_ids in enumerate(micro):
-                live = bool(row_ids)
-                if not live:  # fewer rows than slots: take part in the all-reduce with zero weight
-                    row_ids = [eff[0]]
-                batch = collate(train_data, [rows[r] for r in row_ids], pad_id, packed=cfg.packing).to(device)
-                sync = a == len(micro) - 1
-                with (accelerator.no_sync(wrapped) if not sync else nullcontext()):
-                    with accelerator.autocast():
-                        nll, mask = model_token_nll(wrapped, batch, attn_impl)  # (B, T-1) each
-                        # DDP averages over processes, so * world makes the sum the step's token mean.
-                        loss = sft_loss(nll, mask, n_step_tokens) * (world if live else 0.0)
-                    # One host sync per micro-batch, on purpose: a NaN must stop us before
-                    # optimizer.step() writes it into the weights.
-                    if not torch.isfinite(loss).item():
-                        sources = [train_data.sources[i] for r in row_ids for i in rows[r]]
-                        raise NonFiniteLossError(
-                            f"non-finite loss ({loss.item()}) at step {state['step'] + 1} (epoch {state['epoch']}, batch {b_idx}, "
-                            f"micro-batch {a}), examples from {sources[:4]}. Nothing was saved from this step; the last good "
-                            f"checkpoint in {out / 'checkpoint'} is intact. Lower --lr, keep --max-grad-norm on, or check these rows."
-                        )
-                    accelerator.backward(loss)
-                if live:
-                    window["nll"] += nll.detach().double().sum().cpu()
-                    window["tokens"] += sum(row_targets[r] for r in row_ids)  # known up front: no device sync
-                    window["seen"] += sum(row_lengths[r] for r in row_ids)
-            grad_norm = guarded_step(
-                accelerator, wrapped, optimizer, scheduler, cfg.max_grad_norm,
-                where=f"step {state['step'] + 1} (epoch {state['epoch']}, batch {b_idx}); the last good checkpoint in {out / 'checkpoint'} is intact",
-            )
-            state["step"] += 1
-            state["batch_in_epoch"] = b_idx + 1
-            progress.update(1)
-
-            if state["step"] % cfg.log_every == 0 or state["step"] == stop_at:
-                stats = torch.tensor([window["nll"].item(), window["tokens"], window["seen"]], dtype=torch.float64)
-                stats = accelerator.reduce(stats.to(device), reduction="sum").cpu()
-                dt = time.time() - t_window
-                row = {
-                    "train/loss": (stats[0] / stats[1].clamp(min=1)).item(),
-                    "train/tokens_per_s": stats[2].item() / max(dt, 1e-9),  # all real tokens, prompts included
-                    "train/lr": scheduler.get_last_lr()[0],
-                    "train/epoch": state["epoch"] + state["batch_in_epoch"] / len(plan),
-                }
-                if grad_norm is not None:
-                    row["train/grad_norm"] = float(grad_norm)
-                log.log(state["step"], row)
-                result.update(row)
-                progress.set_postfix(loss=f"{row['train/loss']:.4f}", tok_s=f"{row['train/tokens_per_s']:.0f}")
-                window = {"nll": torch.zeros((), dtype=torch.float64), "tokens": 0, "seen": 0}
-                t_window = time.time()
-            if state["step"] % cfg.eval_every == 0 and state["step"] != stop_at:
-                m = run_eval(state["step"])
-                last_eval_step = state["step"]
-                if m:
-                    progress.write(f"step {state['step']}: eval loss {m['loss']:.4f}, perplexity {m['perplexity']:.2f}")
-                t_window = time.time()
-            if state["step"] % cfg.save_every == 0 and state["step"] != stop_at:
-                save_checkpoint(accelerator, out, state)
-        else:
-            state["epoch"] += 1
-            state["batch_in_epoch"] = 0
-    progress.close()
-
-    # 4. the end -----------------------------------------------------------------------
-    finished = state["step"] >= total_steps
-    if last_eval_step != state["step"] and state["step"] > 0:
-        m = run_eval(state["step"])
-        if m:
-            logger.warning("step %d: eval loss %.4f, perplexity %.2f", state["step"], m["loss"], m["perplexity"])
-    save_checkpoint(accelerator, out, state)
-    if finished:
-        result.update(final=str(out / "final"), best=str(out / "best"))
-    if finished and main:
-        _export(unwrapped, tokenizer, cfg, out / "final")
+    if state.step > 0:
+        result.update({f"eval/{k}": v for k, v in evaluate_and_keep_best(run, model, tokenizer, eval_data, cfg, state).items()})
+    run.save(state)
+    finished = run.close(state, total_steps)
+    if finished and run.main:
+        export(model, tokenizer, cfg, run.out / "final")
         if eval_data is None:
-            _export(unwrapped, tokenizer, cfg, out / "best")  # nothing to select by: the final model is the best we know
+            export(model, tokenizer, cfg, run.out / "best")  # nothing to select by: the final model is the best we know
         if cfg.n_samples:
-            _write_samples(unwrapped, tokenizer, (eval_ex or train_ex)[: cfg.n_samples], cfg, out / "samples.jsonl", device)
-    if main:
-        log.close()
-        plot_curves(
-            read_metrics(out / "metrics.jsonl"),
-            [("loss (response tokens)", ["train/loss", "eval/loss"]), ("eval perplexity", ["eval/perplexity"]), ("learning rate", ["train/lr"])],
-            out / "curves.png",
-            title=f"SFT: {cfg.model}" + (" (LoRA)" if cfg.lora else "") + (", packed" if cfg.packing else ""),
-        )
-        if not finished:
-            logger.warning("stopped at step %d of %d; continue with --resume", state["step"], total_steps)
-    accelerator.wait_for_everyone()
-    result.update(step=state["step"], finished=finished, best_step=state["best_step"])
+            write_samples(model, tokenizer, (eval_ex or train_ex)[: cfg.n_samples], chat, run.out / "samples.jsonl")
+    if run.main:
+        plot_curves(read_metrics(run.out / "metrics.jsonl"),
+                    [("loss (response tokens)", ["train/loss", "eval/loss"]), ("eval perplexity", ["eval/perplexity"]),
+                     ("learning rate", ["train/lr"])],
+                    run.out / "curves.png", title=f"SFT: {cfg.policy}" + (" (LoRA)" if cfg.lora else "") + (", packed" if cfg.packing else ""))
+    run.accelerator.wait_for_everyone()
+    result.update(step=state.step, finished=finished, best_step=state.best_step)
+    if finished:
+        result.update(final=str(run.out / "final"), best=str(run.out / "best"))
     return result
 
 
-def _write_samples(model, tokenizer, examples, cfg: SFTConfig, path: Path, device) -> None:
+def write_samples(model, tokenizer, examples, chat: bool, path: Path) -> None:
     """Greedy replies to a few prompts beside their references, one JSON object per line."""
-    import json
-
-    import torch
-
-    from rlhfkit.sft.data import prompt_text
-
-    was_training, side = model.training, tokenizer.padding_side
+    was_training = model.training
     model.eval()
-    tokenizer.padding_side = "left"
-    rows = []
-    try:
-        for ex in examples:
-            chat = ex.messages is not None or cfg.chat_template
-            enc = tokenizer(prompt_text(tokenizer, ex, cfg.chat_template), return_tensors="pt", add_special_tokens=not chat).to(device)
-            with torch.no_grad():
-                new = model.generate(**enc, max_new_tokens=SAMPLE_MAX_NEW_TOKENS, do_sample=False,
-                                     eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)[0, enc["input_ids"].shape[1]:]
-            rows.append({"prompt": ex.prompt, "reference": ex.response, "generated": tokenizer.decode(new, skip_special_tokens=True),
-                         "source": ex.source})
-    finally:
-        model.train(was_training)
-        tokenizer.padding_side = side
+    prompts = [Prompt(ex.prompt, tuple(ex.chat()[:-1]) if ex.messages is not None else None) for ex in examples]
+    replies = sample_texts(model, tokenizer, prompts, 1, SamplingSettings(max_new_tokens=SAMPLE_MAX_NEW_TOKENS, temperature=0.0),
+                           chat=chat, batch_size=1)
+    model.train(was_training)
+    rows = [{"prompt": ex.prompt, "reference": ex.response, "generated": r[0], "source": ex.source} for ex, r in zip(examples, replies)]
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-
-
-
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -1,7 +1,83 @@
-"""Config pieces every trainer shares, written once: run control, optimiser, LoRA."""
+"""Config pieces every trainer shares, written and validated once: run control, optimiser, LoRA.
+
+A trainer's config derives from the pieces it needs and adds its own fields::
+
+    @dataclass(kw_only=True)
+    class RMTrainConfig(RunOptions, OptimOptions, LoraOptions):
+        train: str = opt(help="training data file")
+
+A trainer may give a shared field another default by declaring it again (PPO's ``lr``).
+"""
 
 from __future__ import annotations
 
-# The run-control option every trainer has (rlhfkit.models.cpu_linear does the work).
-CPU_MATMUL_HELP = ("CPU only: fp32 Linear matmuls through oneDNN (auto: on the CPU; ~2x faster where MKL takes a slow "
-                   "path, e.g. AMD) or PyTorch's default BLAS (torch)")
+import logging
+from dataclasses import dataclass
+from typing import Literal
+
+from rlhfkit.config import Options, opt
+from rlhfkit.files import check_output_dir
+
+logger = logging.getLogger(__name__)
+
+CPU_MATMUL_HELP = ("CPU only: how fp32 Linear layers multiply: oneDNN, PyTorch's default BLAS (torch), or auto: "
+                   "time both on this model's shapes once per machine and take the faster")
+
+
+@dataclass(kw_only=True)
+class RunOptions(Options):
+    """Where a run writes, how it starts and stops, and on what hardware."""
+
+    output: str = opt(help="run folder: models, checkpoint/, metrics.jsonl, plots")
+    seed: int = opt(42, "random seed (data order, initialisation, sampling)")
+    resume: bool = opt(False, "continue from OUTPUT/checkpoint exactly where it stopped")
+    stop_after_steps: int | None = opt(None, "stop after this step with a checkpoint, to continue later with --resume", ge=1)
+    save_every: int = opt(100, "write a resumable checkpoint every N steps (and at the end)", ge=1)
+    log_every: int = opt(10, "log training metrics every N steps", ge=1)
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = opt("auto", "auto: bf16 on CUDA, fp32 on the CPU")
+    cpu: bool = opt(False, "run on the CPU even if a GPU is present")
+    cpu_matmul: Literal["auto", "onednn", "torch"] = opt("auto", CPU_MATMUL_HELP)
+    threads: int | None = opt(None, "CPU threads for PyTorch (default: one per physical core, fewer when the machine is busy)", ge=1)
+    tensorboard: bool = opt(True, "also write TensorBoard event files")
+    progress: bool = opt(True, "show a progress bar")
+
+    def validate(self) -> None:
+        super().validate()
+        check_output_dir(self.output)
+
+
+@dataclass(kw_only=True)
+class OptimOptions(Options):
+    """AdamW, its learning-rate schedule, accumulation and clipping."""
+
+    lr: float = opt(2e-5, "peak learning rate", gt=0)
+    weight_decay: float = opt(0.0, "AdamW weight decay", ge=0)
+    scheduler: Literal["linear", "cosine", "constant"] = opt("linear", "learning-rate schedule after warm-up")
+    warmup_ratio: float = opt(0.05, "share of the optimizer steps spent warming the learning rate up", ge=0, lt=1)
+    max_grad_norm: float = opt(1.0, "gradient-norm clipping (0 = off)", ge=0)
+    grad_accum: int = opt(1, "micro-batches per optimizer step", ge=1)
+
+
+LORA_DEFAULTS = {"lora_r": 16, "lora_alpha": 32, "lora_target": None}
+
+
+@dataclass(kw_only=True)
+class LoraOptions(Options):
+    """Low-rank adapters (peft) instead of training every weight."""
+
+    lora: bool = opt(False, "train LoRA adapters (merged into the saved model) instead of all weights")
+    lora_r: int = opt(16, "LoRA rank", ge=1)
+    lora_alpha: int = opt(32, "LoRA alpha", ge=1)
+    lora_dropout: float = opt(0.05, "LoRA dropout", ge=0, lt=1)
+    lora_target: list[str] | None = opt(None, "module names for LoRA (default: peft's choice for the architecture)")
+
+    def validate(self) -> None:
+        super().validate()
+        changed = [k for k, v in LORA_DEFAULTS.items() if getattr(self, k) != v]
+        if not self.lora and changed:
+            logger.warning("%s: ignored without --lora", ", ".join(f"--{k.replace('_', '-')}" for k in changed))
+
+
+def check_resume_matches(saved: dict, current: dict, ignore: tuple[str, ...] = ("resume", "stop_after_steps", "progress", "tensorboard", "threads")) -> list[str]:
+    """The options that differ between a run's saved config and the resuming one (by name)."""
+    return sorted(k for k in current if k not in ignore and k in saved and saved[k] != current[k])

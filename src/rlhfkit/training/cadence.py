@@ -1,0 +1,73 @@
+"""When a loop logs, evaluates and saves, and the running sums it logs.
+
+Every trainer counts optimizer steps (PPO: updates) and does the same things at the same
+moments: log every ``log_every`` steps and at the last one, evaluate every ``eval_every``,
+checkpoint every ``save_every``, and stop at ``stop_after_steps`` (a checkpoint, so
+``--resume`` can continue) or at the end of the schedule. The last step is left to the
+trainer's finish, which evaluates, saves and exports once.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Cadence:
+    """``total``: the schedule's length in steps; ``stop_at``: where this invocation stops."""
+
+    total: int
+    log_every: int
+    save_every: int
+    eval_every: int | None = None
+    stop_after: int | None = None
+
+    @property
+    def stop_at(self) -> int:
+        return min(self.total, self.stop_after or self.total)
+
+    def log(self, step: int) -> bool:
+        return step % self.log_every == 0 or step == self.stop_at
+
+    def eval(self, step: int) -> bool:
+        return self.eval_every is not None and step % self.eval_every == 0 and step != self.stop_at
+
+    def save(self, step: int) -> bool:
+        return step % self.save_every == 0 and step != self.stop_at
+
+
+@dataclass
+class MetricsWindow:
+    """Running sums between two log lines, kept as tensors (no host sync per step).
+
+    ``add(loss=..., lists=...)`` adds to each named sum; ``flush(run)`` sums them over
+    processes (one all-reduce), returns them as floats with the seconds since the last
+    flush, and starts a new window.
+    """
+
+    sums: dict[str, Tensor] = field(default_factory=dict)
+    started: float = field(default_factory=time.perf_counter)
+
+    def add(self, **values) -> None:
+        for key, value in values.items():
+            value = torch.as_tensor(value).detach().to(torch.float64)
+            self.sums[key] = self.sums[key] + value if key in self.sums else value
+
+    def flush(self, accelerator) -> tuple[dict[str, float], float]:
+        keys = sorted(self.sums)
+        totals: dict[str, float] = {}
+        if keys:
+            stacked = torch.stack([self.sums[k].reshape(()).to(accelerator.device) for k in keys])
+            reduced = accelerator.reduce(stacked, reduction="sum").cpu().tolist()
+            totals = dict(zip(keys, reduced))
+        seconds = max(time.perf_counter() - self.started, 1e-9)
+        self.sums, self.started = {}, time.perf_counter()
+        return totals, seconds
+
+    def restart_clock(self) -> None:
+        """Leave time spent outside training (an evaluation) out of the next throughput."""
+        self.started = time.perf_counter()

@@ -1,0 +1,144 @@
+"""Starting, checkpointing and finishing a training run: what every trainer does around its loop.
+
+The order is what makes a bad option or a bad file cost nothing: :func:`start_run` checks
+the run folder and builds the accelerator but writes nothing; the trainer then reads its
+data and loads its models (any error there leaves no trace); only :meth:`Run.begin` makes
+the folder, writes ``config.yaml``, restores a checkpoint and opens the metrics log.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from rlhfkit.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from rlhfkit.config import ConfigError, save_yaml, to_dict
+from rlhfkit.tracking import MetricsLogger
+from rlhfkit.training.options import RunOptions, check_resume_matches
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainState:
+    """Where a run is; saved with every checkpoint as ``trainer_state.json``."""
+
+    step: int = 0  # optimizer steps (PPO: updates) done
+    epoch: int = 0
+    batch_in_epoch: int = 0  # batches of ``epoch`` done
+    episodes: int = 0  # online RL: responses sampled so far, all processes
+    best_metric: float | None = None
+    best_step: int | None = None
+
+
+def improved(state: TrainState, value: float, higher_is_better: bool) -> bool:
+    """Whether ``value`` beats ``state.best_metric``; if so it becomes the best (at ``state.step``)."""
+    best = state.best_metric
+    if best is not None and (value <= best if higher_is_better else value >= best):
+        return False
+    state.best_metric, state.best_step = value, state.step
+    return True
+
+
+def _mixed_precision(choice: str, cpu: bool) -> str:
+    if choice == "auto":
+        return "bf16" if (torch.cuda.is_available() and not cpu) else "no"
+    return choice
+
+
+def start_run(cfg: RunOptions, name: str) -> "Run":
+    """Check ``--output`` against ``--resume``, build the accelerator and seed; write nothing yet."""
+    out = Path(cfg.output)
+    existing = find_checkpoint(out)
+    if cfg.resume and existing is None:
+        raise ConfigError(f"--resume: {out} has no checkpoint to resume from (expected {out}/checkpoint)")
+    if not cfg.resume and existing is not None:
+        raise ConfigError(f"{out} already holds a run; pass --resume to continue it, or choose a new --output")
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    accelerator = Accelerator(mixed_precision=_mixed_precision(cfg.mixed_precision, cfg.cpu), cpu=cfg.cpu)
+    set_seed(cfg.seed)
+    return Run(cfg, name, accelerator, existing if cfg.resume else None)
+
+
+class Run:
+    """One training run: its accelerator, folder, metrics log, progress bar and checkpoints."""
+
+    def __init__(self, cfg: RunOptions, name: str, accelerator: Accelerator, resume_from: Path | None):
+        self.cfg, self.name, self.accelerator, self.resume_from = cfg, name, accelerator, resume_from
+        self.out = Path(cfg.output)
+        self.main = accelerator.is_main_process
+        self.world, self.rank, self.device = accelerator.num_processes, accelerator.process_index, accelerator.device
+        self.log: MetricsLogger | None = None
+        self.progress: Any = None
+        self.saved_step: int | None = None  # the step of the newest checkpoint on disk
+
+    def begin(self, state: TrainState, total_steps: int, unit: str = "step") -> TrainState:
+        """Make the folder, save the config, restore the checkpoint of ``--resume`` (after
+        ``accelerator.prepare``), open the metrics log and the progress bar."""
+        if self.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            if self.resume_from is not None:
+                self._warn_changed_options()
+            save_yaml(self.cfg, self.out / "config.yaml")
+            logger.warning("%s: %d process(es), distributed mode %s, device %s, precision %s", self.name, self.world,
+                           self.accelerator.distributed_type.value, self.device, self.accelerator.mixed_precision)
+        if self.resume_from is not None:
+            saved = load_checkpoint(self.accelerator, self.resume_from)
+            known = {f.name for f in dataclasses.fields(TrainState)}
+            state = TrainState(**{k: v for k, v in saved.items() if k in known})
+            self.saved_step = state.step
+            if self.main:
+                logger.warning("resuming from %s at %s %d", self.resume_from, unit, state.step)
+        self.log = MetricsLogger(self.out, enabled=self.main, resume_step=state.step if self.resume_from else None,
+                                 tensorboard=self.cfg.tensorboard)
+        self.progress = tqdm(total=total_steps, initial=state.step, disable=not (self.main and self.cfg.progress),
+                             desc=self.name, unit=unit, dynamic_ncols=True)
+        return state
+
+    def _warn_changed_options(self) -> None:
+        saved_file = self.out / "config.yaml"
+        if not saved_file.is_file():
+            return
+        saved = yaml.safe_load(saved_file.read_text(encoding="utf-8")) or {}
+        changed = check_resume_matches(saved, to_dict(self.cfg))
+        if changed:
+            logger.warning("--resume with changed options (%s): the run continues with the new values, so it will not "
+                           "end where the uninterrupted run would have", ", ".join(
+                               f"{k}: {saved[k]!r} -> {getattr(self.cfg, k)!r}" for k in changed))
+
+    def save(self, state: TrainState) -> None:
+        """A resumable checkpoint (collective: every process calls it)."""
+        save_checkpoint(self.accelerator, self.out, dataclasses.asdict(state))
+        self.saved_step = state.step
+
+    def stop_note(self) -> str:
+        """What a stopped run leaves behind, for :class:`~rlhfkit.errors.RunStopped` messages."""
+        if self.saved_step is None:
+            return f"no checkpoint had been written yet (the first comes at step {self.cfg.save_every})"
+        return f"the last good checkpoint in {self.out / 'checkpoint'} (step {self.saved_step}) is intact"
+
+    def write(self, text: str) -> None:
+        """Print a line above the progress bar (main process only)."""
+        if self.main:
+            (self.progress.write if self.progress is not None else print)(text)
+
+    def close(self, state: TrainState, total_steps: int) -> bool:
+        """Close the log and the progress bar; returns whether the run reached ``total_steps``."""
+        finished = state.step >= total_steps
+        if self.progress is not None:
+            self.progress.close()
+        if self.log is not None:
+            self.log.close()
+        if self.main and not finished:
+            logger.warning("%s stopped at step %d of %d; continue with --resume", self.name, state.step, total_steps)
+        return finished
