@@ -10,15 +10,18 @@ import json
 import re
 import sqlite3
 import time
+import typing
 
 import pytest
 
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
 
+from fastapi.routing import APIRoute  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
-from rlhfkit.annotate.app import create_app  # noqa: E402
+from rlhfkit.annotate.app import create_app
+SQLITE_INT_MAX = 2**63 - 1  # noqa: E402
 from rlhfkit.annotate.store import AnnotationStore  # noqa: E402
 from rlhfkit.data.readers import read_preferences  # noqa: E402
 
@@ -422,6 +425,78 @@ def test_list_filters_and_pagination(ranked):
 ])
 def test_bad_list_requests(ranked, params, status, code, match):
     assert_error(ranked.client.get("/api/rankings", params=params, headers=auth(ranked.tokens["alice"])), status, code, match)
+
+
+# ------------------------------------------------------------------ integers out of range
+
+
+def _holds_int(tp) -> bool:
+    """``int``, or a type built from it (``int | None``, ``list[list[StrictInt]]``); not bool."""
+    return tp is int or any(_holds_int(arg) for arg in typing.get_args(tp))
+
+
+def int_parameters(app) -> set[tuple[str, str, str]]:
+    """(method, route, parameter) of every integer an API route (or its dependencies) takes: in
+    the path, the query or a field of the JSON body."""
+    found = set()
+    for route in app.routes:
+        if not isinstance(route, APIRoute):
+            continue
+        dependants, names = [route.dependant], []
+        while dependants:
+            d = dependants.pop()
+            dependants += d.dependencies
+            names += [p.name for p in d.path_params + d.query_params if _holds_int(p.field_info.annotation)]
+            for body in d.body_params:
+                names += [name for name, f in body.field_info.annotation.model_fields.items() if _holds_int(f.annotation)]
+        found |= {(method, route.path, name) for method in route.methods for name in names}
+    return found
+
+
+# Each: a request that is valid except that the named integer is ``v``.
+INT_INPUTS = {
+    ("GET", "/api/next", "prompt_id"): lambda v: {"url": "/api/next", "params": {"prompt_id": v}},
+    ("POST", "/api/rankings", "set_id"): lambda v: {"url": "/api/rankings", "json": {"set_id": v, "ranking": [[0], [1], [2]]}},
+    ("POST", "/api/rankings", "ranking"): lambda v: {"url": "/api/rankings", "json": {"set_id": 1, "ranking": [[v], [1], [2]]}},
+    ("POST", "/api/skips", "set_id"): lambda v: {"url": "/api/skips", "json": {"set_id": v}},
+    ("GET", "/api/rankings", "page"): lambda v: {"url": "/api/rankings", "params": {"page": v}},
+    ("GET", "/api/rankings", "per_page"): lambda v: {"url": "/api/rankings", "params": {"per_page": v}},
+    ("GET", "/api/rankings", "prompt_id"): lambda v: {"url": "/api/rankings", "params": {"prompt_id": v}},
+    ("GET", "/api/rankings/{ranking_id}", "ranking_id"): lambda v: {"url": f"/api/rankings/{v}"},
+    ("PATCH", "/api/rankings/{ranking_id}", "ranking_id"): lambda v: {"url": f"/api/rankings/{v}", "json": {"comment": "x"}},
+    ("PATCH", "/api/rankings/{ranking_id}", "ranking"): lambda v: {"url": "/api/rankings/1", "json": {"ranking": [[v], [1], [2]]}},
+    ("DELETE", "/api/rankings/{ranking_id}", "ranking_id"): lambda v: {"url": f"/api/rankings/{v}"},
+    ("POST", "/api/rankings/{ranking_id}/restore", "ranking_id"): lambda v: {"url": f"/api/rankings/{v}/restore"},
+    ("GET", "/api/export", "prompt_id"): lambda v: {"url": "/api/export", "params": {"prompt_id": v}},
+}
+
+
+def test_the_out_of_range_test_covers_every_integer_parameter(env):
+    assert set(INT_INPUTS) == int_parameters(env.client.app)
+
+
+@pytest.mark.parametrize("value", [99999999999999999999999, SQLITE_INT_MAX + 1, -1, -(2**70)])
+@pytest.mark.parametrize("method,route,param", sorted(INT_INPUTS))
+def test_integers_out_of_range_are_4xx_json_errors(ranked, method, route, param, value):
+    before = db_rows(ranked.db)
+    request = INT_INPUTS[method, route, param](value)
+    r = ranked.client.request(method, headers=auth(ranked.tokens["root"]), **request)
+    assert 400 <= r.status_code < 500, (r.status_code, r.text)
+    assert set(r.json()) == {"error", "message"} and param in r.json()["message"], r.json()
+    assert db_rows(ranked.db) == before
+
+
+def test_the_largest_integers_reach_the_database_safely(ranked):
+    h = auth(ranked.tokens["root"])
+    assert_error(ranked.client.get(f"/api/rankings/{SQLITE_INT_MAX}", headers=h), 404, "unknown_ranking", str(SQLITE_INT_MAX))
+    assert_error(ranked.client.post("/api/skips", json={"set_id": SQLITE_INT_MAX}, headers=h), 404, "unknown_set", "")
+    assert_error(ranked.client.get("/api/next", params={"prompt_id": SQLITE_INT_MAX}, headers=h), 404, "unknown_prompt", "")
+    last_page = SQLITE_INT_MAX // 100
+    assert listing(ranked, "root", page=last_page, per_page=100)["items"] == []  # its row offset fits in SQLite
+    assert_error(ranked.client.get("/api/rankings", params={"page": last_page + 1}, headers=h),
+                 422, "invalid_request", f"query.page: Input should be less than or equal to {last_page}")
+    assert_error(ranked.client.get("/api/rankings/0", headers=h), 422, "invalid_request",
+                 "path.ranking_id: Input should be greater than or equal to 1")
 
 
 def test_admin_filter_by_unknown_annotator(ranked):

@@ -75,8 +75,8 @@ def server(tmp_path_factory):
     port = free_port()
     log = open(root / "server.log", "wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "rlhfkit.annotate.cli", "--model", str(model), "--prompts", str(root / "prompts.txt"),
-         "--db", str(db), "--port", str(port), "--k", "4", "--max-new-tokens", "16"],
+        [sys.executable, "-m", "rlhfkit.annotate.cli", "--policy", str(model), "--prompts", str(root / "prompts.txt"),
+         "--db", str(db), "--port", str(port), "--samples-per-prompt", "4", "--max-new-tokens", "16"],
         stdout=log, stderr=subprocess.STDOUT,
         env=os.environ | {"OMP_NUM_THREADS": "1"},  # a tiny model; threads only contend on a busy machine
     )

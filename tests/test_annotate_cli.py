@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import socket
+import sys
+
 import pytest
 
-from rlhfkit.annotate.cli import main, read_prompts
+from rlhfkit.annotate.cli import ServeArgs, main, open_store, read_prompts, serve
 from rlhfkit.annotate.store import AnnotationStore
+from rlhfkit.config import ConfigError, parse_args
 from rlhfkit.data.readers import read_preferences
 from rlhfkit.data.types import DataFormatError
+from rlhfkit.errors import UserError
 
 
 def test_add_user_prints_the_token_once(tmp_path, capsys):
@@ -63,32 +68,142 @@ def test_export_errors(db_with_rankings, tmp_path, capsys):
     assert main(["export", "--db", str(db_with_rankings), "--output", out, "--annotator", "zed"]) == 2
     assert "no annotator named 'zed'" in capsys.readouterr().err
     assert main(["export", "--db", str(tmp_path / "missing.db"), "--output", out]) == 2
-    assert "missing.db does not exist" in capsys.readouterr().err
+    assert "missing.db does not exist; pass the database the server wrote" in capsys.readouterr().err
     assert main(["export", "--db", str(db_with_rankings), "--output", out, "--format", "csv"]) == 2
+    assert "argument --format: invalid choice: 'csv'" in capsys.readouterr().err
     assert main(["export", "--db", str(db_with_rankings)]) == 2
-    assert "output" in capsys.readouterr().err
+    assert "error: command line: option --output is required (file to write, e.g. prefs.jsonl)" in capsys.readouterr().err
     assert main(["frobnicate"]) == 2
     assert "unknown command 'frobnicate'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv,match", [
-    (["--k", "1"], "option 'k' is 1; a rank list needs at least 2"),
-    (["--temperature", "0"], "option 'temperature' is 0.0; it must be > 0"),
-    (["--top-p", "1.5"], "option 'top_p' is 1.5"),
-    (["--port", "70000"], "option 'port' is 70000"),
-    (["--prompts", "/no/such/file.txt"], "option 'prompts': /no/such/file.txt is not a file"),
-    (["--overlap", "0"], "'overlap' (0) must be >= 1"),
-    (["--colour", "red"], ""),
+@pytest.mark.parametrize("output,match", [
+    ("{tmp}", "--output {tmp} is a folder; give a file name"),
+    ("{tmp}/a.db/x.jsonl", "--output {tmp}/a.db/x.jsonl: {tmp}/a.db is a file, so no folder can be made under it"),
+    pytest.param("/proc/rankings.jsonl", "--output /proc/rankings.jsonl: /proc is not writable; choose a folder you can write to",
+                 marks=pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs a read-only /proc")),
 ])
-def test_serve_options_are_validated_before_anything_loads(argv, match, capsys):
-    assert main(argv) == 2
+def test_export_output_that_cannot_be_written(db_with_rankings, tmp_path, output, match, capsys):
+    output, match = output.format(tmp=tmp_path), match.format(tmp=tmp_path)
+    before = sorted(tmp_path.rglob("*"))
+    assert main(["export", "--db", str(db_with_rankings), "--output", output]) == 2
+    assert f"error: {match}" in capsys.readouterr().err
+    assert sorted(tmp_path.rglob("*")) == before  # nothing written, no .tmp left behind
+
+
+class ModelLoaded(Exception):
+    """Raised by the stand-in model: the command got as far as loading the policy."""
+
+
+@pytest.fixture
+def model_calls(monkeypatch):
+    """Replace the policy loader: record each call's arguments, then stop the command there."""
+    calls = []
+
+    def load(policy, **kwargs):
+        calls.append({"policy": policy, **kwargs})
+        raise ModelLoaded
+
+    monkeypatch.setattr("rlhfkit.annotate.generator.ModelGenerator", load)
+    return calls
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--samples-per-prompt", "1"], "option --samples-per-prompt must be >= 2, got 1"),
+    (["--k", "1"], "option --samples-per-prompt must be >= 2, got 1"),  # the old name still works
+    (["--temperature", "0"], "option --temperature must be > 0, got 0.0"),
+    (["--top-p", "1.5"], "option --top-p must be <= 1, got 1.5"),
+    (["--top-p", "0"], "option --top-p must be > 0, got 0.0"),
+    (["--port", "70000"], "option --port must be <= 65535, got 70000"),
+    (["--max-new-tokens", "0"], "option --max-new-tokens must be >= 1, got 0"),
+    (["--prompts", "/no/such/file.txt"], "--prompts /no/such/file.txt does not exist"),
+    (["--overlap", "0"], "option --overlap must be >= 1, got 0"),
+    (["--prefetch", "-1"], "option --prefetch must be >= 0, got -1"),
+    (["--colour", "red"], "unrecognized arguments: --colour red"),
+    (["--device", "cuda"], "unrecognized arguments: --device cuda"),  # now --cpu
+])
+def test_serve_options_are_validated_before_anything_loads(argv, match, model_calls, tmp_path, capsys):
+    assert main(argv + ["--db", str(tmp_path / "a.db")]) == 2
     assert match in capsys.readouterr().err
+    assert model_calls == [] and not (tmp_path / "a.db").exists()
+
+
+def test_serve_option_names_defaults_and_old_names(model_calls, tmp_path, caplog):
+    args = parse_args(ServeArgs, [])
+    assert (args.policy, args.samples_per_prompt, args.max_new_tokens, args.cpu) == ("smollm2-135m", 4, 64, False)
+    with caplog.at_level("WARNING"):
+        args = parse_args(ServeArgs, ["--model", "m", "--k", "3"])
+    assert (args.policy, args.samples_per_prompt) == ("m", 3)
+    assert "option 'model' is now called 'policy'" in caplog.text and "option 'k' is now called 'samples_per_prompt'" in caplog.text
+    with pytest.raises(ConfigError, match="options 'k' and 'samples_per_prompt' are the same option"):
+        parse_args(ServeArgs, ["--k", "3", "--samples-per-prompt", "3"])
+
+    db = str(tmp_path / "a.db")
+    for argv, device in [([], None), (["--cpu"], "cpu")]:
+        with pytest.raises(ModelLoaded):
+            main(["--policy", "tiny", "--db", db, "--port", "0"] + argv)
+        assert model_calls.pop() == {"policy": "tiny", "max_new_tokens": 64, "temperature": 1.0, "top_p": 1.0, "device": device}
 
 
 def test_serve_help(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
     assert "--allow-ties" in out and "(default: smollm2-135m)" in out and "(default: 127.0.0.1)" in out
+    assert "--policy" in out and "--samples-per-prompt" in out and "--cpu" in out and "(default: 64)" in out
+    assert "--model" not in out and "--k " not in out and "--device" not in out
+
+
+# ------------------------------------------------------------------ the port
+
+
+def test_a_busy_port_is_reported_before_the_model_loads(model_calls, tmp_path, capsys):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        db = tmp_path / "a.db"
+        assert main(["--port", str(port), "--db", str(db)]) == 2
+        out, err = capsys.readouterr()
+        assert f"error: port {port} on 127.0.0.1 is already in use (is another server running?); " in err
+        assert f"choose a free port with --port, e.g. --port {port + 1}" in err
+        assert "loading" not in out and "annotate at" not in out
+        assert model_calls == [] and not db.exists()
+        with pytest.raises(UserError, match=f"port {port} on 127.0.0.1 is already in use"):
+            serve(ServeArgs(port=port, db=str(db)))
+
+
+def test_an_address_that_cannot_be_bound(model_calls, tmp_path, capsys):
+    assert main(["--host", "192.0.2.1", "--port", "0", "--db", str(tmp_path / "a.db")]) == 2  # TEST-NET-1: not ours
+    err = capsys.readouterr().err
+    assert "error: cannot listen on 192.0.2.1:0 (" in err and "); check --host and --port" in err
+    assert model_calls == []
+
+
+# ------------------------------------------------------------------ --db
+
+
+@pytest.mark.parametrize("command", [["--port", "0"], ["add-user", "alice"], ["export", "--output", "{tmp}/out.jsonl"]])
+def test_db_that_is_not_a_database(command, model_calls, tmp_path, capsys):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a database, just notes\n" * 100, encoding="utf-8")
+    argv = [arg.format(tmp=tmp_path) for arg in command]
+    assert main(argv + ["--db", str(notes)]) == 2
+    err = capsys.readouterr().err
+    assert f"error: --db {notes} is not an SQLite database; pass the database 'rlhfkit annotate' wrote" in err
+    assert notes.read_text(encoding="utf-8") == "not a database, just notes\n" * 100
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]  # no -wal/-shm, no output
+    assert model_calls == []
+
+    assert main(argv + ["--db", str(tmp_path)]) == 2
+    assert f"error: --db {tmp_path} is a folder; give the database file, e.g. --db {tmp_path / 'annotations.db'}" in capsys.readouterr().err
+    with pytest.raises(UserError, match="is not an SQLite database"):
+        open_store(str(notes), create=True)
+
+
+def test_db_under_a_file(tmp_path, capsys):
+    (tmp_path / "f").write_text("x", encoding="utf-8")
+    assert main(["add-user", "alice", "--db", str(tmp_path / "f" / "a.db")]) == 2
+    assert "is a file, so no folder can be made under it" in capsys.readouterr().err
 
 
 def test_read_prompts(tmp_path):
@@ -107,3 +222,22 @@ def test_read_prompts(tmp_path):
     text.write_text("\n\n", encoding="utf-8")
     with pytest.raises(DataFormatError, match="holds no prompts"):
         read_prompts(text)
+
+
+def test_read_prompts_encoding(tmp_path):
+    text, jsonl = tmp_path / "p.txt", tmp_path / "p.jsonl"
+    text.write_bytes("\ufefffirst\nsecond\n".encode("utf-8"))  # a byte-order mark, as Notepad writes
+    assert read_prompts(text) == ["first", "second"]
+    jsonl.write_bytes("\ufeff{\"prompt\": \"caf\u00e9\"}\n".encode("utf-8"))
+    assert read_prompts(jsonl) == ["caf\u00e9"]
+    text.write_bytes("ok\ncaf\u00e9 in Latin-1\n".encode("latin-1"))
+    with pytest.raises(UserError, match=rf"--prompts {text} is not UTF-8 text \(byte 0xe9 on line 2\); save it as UTF-8"):
+        read_prompts(text)
+
+
+def test_serve_reports_an_undecodable_prompt_file(model_calls, tmp_path, capsys):
+    prompts = tmp_path / "p.txt"
+    prompts.write_bytes(b"ok\n\xff\xfe\n")
+    assert main(["--prompts", str(prompts), "--db", str(tmp_path / "a.db"), "--port", "0"]) == 2
+    assert f"error: --prompts {prompts} is not UTF-8 text (byte 0xff on line 2)" in capsys.readouterr().err
+    assert model_calls == [] and not (tmp_path / "a.db").exists()

@@ -46,6 +46,23 @@ uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[2]), log_level="warning", a
 """
 
 
+# ``rlhfkit annotate`` itself, with a stand-in for the model (the real one is in the browser test).
+SERVE_CLI = """
+import sys
+import rlhfkit.annotate.generator
+
+class EchoGenerator:
+    def __init__(self, policy, **kwargs):
+        self.name = policy
+    def generate(self, prompt, k):
+        return [f"answer {i} to {prompt}" for i in range(k)]
+
+rlhfkit.annotate.generator.ModelGenerator = EchoGenerator
+from rlhfkit.annotate.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -229,3 +246,36 @@ def test_kill_9_loses_no_acknowledged_submission(tmp_path):
         server.stop()
     (tmp_path / "after.jsonl").write_bytes(r.content)
     assert len(read_preferences(tmp_path / "after.jsonl")) == len(rows) >= len(acknowledged)
+
+
+def test_the_cli_serves_on_the_port_it_checked_and_a_second_server_is_refused(tmp_path):
+    db = tmp_path / "annotations.db"
+    (tmp_path / "prompts.txt").write_text("first\nsecond\n", encoding="utf-8")
+    token = make_db(db, 0, 3, ["alice"])["alice"]
+    argv = [sys.executable, "-c", SERVE_CLI, "--db", str(db), "--policy", "echo", "--samples-per-prompt", "3",
+            "--prompts", str(tmp_path / "prompts.txt")]
+    proc = subprocess.Popen(argv + ["--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        while not lines or not lines[-1].startswith("annotate at "):
+            line = proc.stdout.readline()  # '' once the process is gone
+            assert line, f"the server exited: {lines} {proc.stderr.read()}"
+            lines.append(line)
+        assert lines[0] == "added 2 new prompt(s) from " + str(tmp_path / "prompts.txt") + "; the pool holds 2\n"
+        url = lines[-1].split()[2].removesuffix("/annotate")  # http://127.0.0.1:PORT, the port bound for --port 0
+        port = int(url.rsplit(":", 1)[1])
+        assert port != 0
+        task = httpx.get(f"{url}/api/next", params={"wait": 10}, headers={"Authorization": f"Bearer {token}"}, timeout=30).json()
+        assert (task["prompt"], task["model"], task["responses"]) == ("first", "echo", [f"answer {i} to first" for i in range(3)])
+
+        second = subprocess.run(argv + ["--port", str(port)], capture_output=True, text=True, timeout=60)
+        assert second.returncode == 2
+        assert f"error: port {port} on 127.0.0.1 is already in use" in second.stderr and "--port" in second.stderr
+        assert "loading" not in second.stdout and "annotate at" not in second.stdout
+    finally:
+        proc.send_signal(signal.SIGINT)  # Ctrl-C: uvicorn shuts down, then re-raises it
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise

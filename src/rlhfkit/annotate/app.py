@@ -3,7 +3,8 @@
 Every ``/api`` route except ``/api/health`` needs ``Authorization: Bearer <token>``
 (tokens come from ``rlhfkit annotate add-user``). Errors are JSON
 ``{"error": code, "message": what went wrong and what to do}`` with a 4xx status, and a
-request that fails changes nothing. Annotators see and change only their own rankings;
+request that fails changes nothing. Every integer a route takes is range-checked first
+(ids 1 .. 2**63 - 1, what SQLite holds), so none can overflow the database driver. Annotators see and change only their own rankings;
 an admin sees and may delete or restore every ranking. Agreement and per-annotator
 counts are aggregates and visible to everyone.
 
@@ -34,7 +35,7 @@ from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, Strict, StrictInt
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rlhfkit.annotate.agreement import agreement_report
@@ -51,6 +52,8 @@ from rlhfkit.annotate.store import (
 
 MAX_COMMENT_CHARS = 5000
 MAX_PROMPT_CHARS = 4000
+MAX_PER_PAGE = 100
+SQLITE_INT_MAX = 2**63 - 1  # SQLite integers are signed 64-bit; a larger Python int overflows in the driver
 STATIC_DIR = Path(str(resources.files("rlhfkit.annotate") / "static"))
 
 # Pages run only our own scripts and styles; generated text is inserted with textContent,
@@ -127,11 +130,17 @@ class PromptIn(_Body):
     text: Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
 
 
+# Every integer the API takes is range-checked before a route runs, so none reaches SQLite out
+# of range (the driver would raise OverflowError: a 500). Ids are RowId; ``page`` is bounded so
+# that its row offset fits as well.
+RowId = Annotated[int, Field(ge=1, le=SQLITE_INT_MAX)]
+StrictRowId = Annotated[RowId, Strict()]  # in JSON bodies, where "1" (a string) is refused
+# Response indices are checked against 0..K-1 by ranks_from_groups, whose message names the range.
 Groups = Annotated[list[list[StrictInt]], Field(min_length=1, description="tie groups, best first")]
 
 
 class RankingIn(_Body):
-    set_id: StrictInt
+    set_id: StrictRowId
     ranking: Groups
     comment: Annotated[str, Field(max_length=MAX_COMMENT_CHARS)] = ""
 
@@ -142,7 +151,7 @@ class RankingPatch(_Body):
 
 
 class SkipIn(_Body):
-    set_id: StrictInt
+    set_id: StrictRowId
 
 
 # ---------------------------------------------------------------- helpers
@@ -325,7 +334,7 @@ def create_app(
     def next_set(
         user: Auth,
         mode: Literal["next", "random"] = "next",
-        prompt_id: int | None = None,
+        prompt_id: RowId | None = None,
         wait: Annotated[float, Query(ge=0)] = 0.0,
     ) -> Response:
         if prompt_id is None and mode == "next":
@@ -401,11 +410,11 @@ def create_app(
     @app.get("/api/rankings")
     def list_rankings(
         user: Auth,
-        page: Annotated[int, Query(ge=1)] = 1,
-        per_page: Annotated[int, Query(ge=1, le=100)] = 20,
+        page: Annotated[int, Query(ge=1, le=SQLITE_INT_MAX // MAX_PER_PAGE)] = 1,
+        per_page: Annotated[int, Query(ge=1, le=MAX_PER_PAGE)] = 20,
         annotator: str | None = None,
         prompt: Annotated[str | None, Query(max_length=MAX_PROMPT_CHARS)] = None,
-        prompt_id: int | None = None,
+        prompt_id: RowId | None = None,
         deleted: bool = False,
     ) -> dict:
         filters = _filters(user, annotator, prompt_id)
@@ -415,11 +424,11 @@ def create_app(
                 "per_page": per_page, "pages": max(1, -(-total // per_page))}
 
     @app.get("/api/rankings/{ranking_id}")
-    def get_ranking(ranking_id: int, user: Auth) -> dict:
+    def get_ranking(ranking_id: RowId, user: Auth) -> dict:
         return _ranking_json(owned_ranking(ranking_id, user), user)
 
     @app.patch("/api/rankings/{ranking_id}")
-    def edit_ranking(ranking_id: int, body: RankingPatch, user: Auth) -> dict:
+    def edit_ranking(ranking_id: RowId, body: RankingPatch, user: Auth) -> dict:
         ranking = owned_ranking(ranking_id, user)
         ranks = None if body.ranking is None else ranks_from_groups(body.ranking, len(ranking.responses), allow_ties)
         try:
@@ -429,7 +438,7 @@ def create_app(
         return _ranking_json(owned_ranking(ranking_id, user), user)
 
     @app.delete("/api/rankings/{ranking_id}")
-    def delete_ranking(ranking_id: int, user: Auth) -> dict:
+    def delete_ranking(ranking_id: RowId, user: Auth) -> dict:
         owned_ranking(ranking_id, user)
         try:
             store.delete_ranking(ranking_id, user.id)
@@ -438,7 +447,7 @@ def create_app(
         return {"id": ranking_id, "deleted": True}
 
     @app.post("/api/rankings/{ranking_id}/restore")
-    def restore_ranking(ranking_id: int, user: Auth) -> dict:
+    def restore_ranking(ranking_id: RowId, user: Auth) -> dict:
         owned_ranking(ranking_id, user)
         try:
             store.restore_ranking(ranking_id)
@@ -456,7 +465,7 @@ def create_app(
         format: Literal["tsv", "jsonl"] = "jsonl",
         annotator: str | None = None,
         prompt: Annotated[str | None, Query(max_length=MAX_PROMPT_CHARS)] = None,
-        prompt_id: int | None = None,
+        prompt_id: RowId | None = None,
     ) -> Response:
         filters = _filters(user, annotator, prompt_id)
         with tempfile.TemporaryDirectory() as tmp:

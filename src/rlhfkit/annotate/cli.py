@@ -1,92 +1,125 @@
 """``rlhfkit annotate``: serve the annotation app, add users, export rankings.
 
-    rlhfkit annotate [--model M] [--prompts F] [--db annotations.db] [--k 4] [--port 8904] ...
+    rlhfkit annotate [--policy P] [--prompts F] [--db annotations.db] [--samples-per-prompt 4] [--port 8904] ...
     rlhfkit annotate add-user NAME [--admin] --db annotations.db   # prints the token once
     rlhfkit annotate export --db annotations.db --format tsv|jsonl --output F
+
+Options, files (``--db``, ``--prompts``, ``--output``) and the port are checked before the
+model loads or anything is written; a problem is a :class:`~rlhfkit.errors.UserError`.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import socket
+import sqlite3
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Sequence
 
-from rlhfkit.config import ConfigError, parse_args
+from rlhfkit.annotate.store import AnnotationStore, StoreError, export_rankings
+from rlhfkit.config import ConfigError, Options, opt, parse_args
 from rlhfkit.data.types import DataFormatError
+from rlhfkit.errors import UserError
+from rlhfkit.files import check_output_file, read_text
 
 logger = logging.getLogger(__name__)
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
-@dataclass
-class ServeArgs:
+@dataclass(kw_only=True)
+class ServeArgs(Options):
     """Serve the rank-list annotation app."""
 
-    model: str = field(default="smollm2-135m", metadata={"help": "policy that writes the K responses: alias, checkpoint folder or hub id"})
-    prompts: str | None = field(default=None, metadata={"help": "prompt pool to add: a text file (one prompt per line) or JSONL with a 'prompt' key"})
-    db: str = field(default="annotations.db", metadata={"help": "SQLite database (created if missing)"})
-    k: int = field(default=4, metadata={"help": "responses per prompt to rank"})
-    host: str = field(default="127.0.0.1", metadata={"help": "address to bind; anything but loopback exposes the server"})
-    port: int = field(default=8904, metadata={"help": "port to bind"})
-    allow_ties: bool = field(default=False, metadata={"help": "let annotators tie responses"})
-    max_new_tokens: int = field(default=128, metadata={"help": "tokens per generated response at most"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature (> 0: the K responses must differ)"})
-    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling threshold"})
-    overlap: int = field(default=2, metadata={"help": "annotators the pool order gives each generation set to (2+ measures agreement)"})
-    prefetch: int = field(default=4, metadata={"help": "generation sets kept ready ahead of the fastest annotator"})
-    device: str | None = field(default=None, metadata={"help": "torch device for the model (default: cuda if available, else cpu)"})
-
-    def __post_init__(self) -> None:
-        if self.k < 2:
-            raise ConfigError(f"option 'k' is {self.k}; a rank list needs at least 2 responses, use --k 2 or more")
-        if not 0 <= self.port <= 65535:
-            raise ConfigError(f"option 'port' is {self.port}; use a port in 1..65535")
-        if self.max_new_tokens < 1:
-            raise ConfigError(f"option 'max_new_tokens' is {self.max_new_tokens}; use 1 or more")
-        if self.temperature <= 0:
-            raise ConfigError(
-                f"option 'temperature' is {self.temperature}; it must be > 0, or the K responses to a prompt "
-                f"would all be the same"
-            )
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"option 'top_p' is {self.top_p}; use a value in (0, 1]")
-        if self.overlap < 1 or self.prefetch < 0:
-            raise ConfigError(f"options 'overlap' ({self.overlap}) must be >= 1 and 'prefetch' ({self.prefetch}) >= 0")
-        if self.prompts is not None and not Path(self.prompts).is_file():
-            raise ConfigError(f"option 'prompts': {self.prompts} is not a file")
+    policy: str = opt("smollm2-135m", "policy that writes the responses to rank: alias, checkpoint folder or hub id",
+                      was=("model",))
+    prompts: str | None = opt(None, "prompt pool to add: a text file (one prompt per line) or JSONL with a 'prompt' key")
+    db: str = opt("annotations.db", "SQLite database (created if missing)")
+    samples_per_prompt: int = opt(4, "responses per prompt to rank (a rank list needs 2 or more)", ge=2, was=("k",))
+    host: str = opt("127.0.0.1", "address to bind; anything but loopback exposes the server")
+    port: int = opt(8904, "port to bind (0: any free port)", ge=0, le=65535)
+    allow_ties: bool = opt(False, "let annotators tie responses")
+    max_new_tokens: int = opt(64, "tokens per generated response at most", ge=1)
+    temperature: float = opt(1.0, "sampling temperature (> 0, or the responses to a prompt would all be the same)", gt=0)
+    top_p: float = opt(1.0, "nucleus sampling threshold, in (0, 1]", gt=0, le=1)
+    overlap: int = opt(2, "annotators the pool order gives each generation set to (2+ measures agreement)", ge=1)
+    prefetch: int = opt(4, "generation sets kept ready ahead of the fastest annotator", ge=0)
+    cpu: bool = opt(False, "run on the CPU even if a GPU is present")
 
 
-@dataclass
-class AddUserArgs:
+@dataclass(kw_only=True)
+class AddUserArgs(Options):
     """Create an annotator (or admin) and print their token once."""
 
-    name: str = field(metadata={"help": "user name (no spaces)", "cli": False})
-    db: str = field(default="annotations.db", metadata={"help": "SQLite database (created if missing)"})
-    admin: bool = field(default=False, metadata={"help": "the user sees and may delete every annotator's rankings"})
+    name: str = opt(help="user name (no spaces)", cli=False)
+    db: str = opt("annotations.db", "SQLite database (created if missing)")
+    admin: bool = opt(False, "the user sees and may delete every annotator's rankings")
 
 
-@dataclass
-class ExportArgs:
+@dataclass(kw_only=True)
+class ExportArgs(Options):
     """Export the saved rankings in a format `rlhfkit rm train` reads."""
 
-    output: str = field(metadata={"help": "file to write"})
-    db: str = field(default="annotations.db", metadata={"help": "SQLite database"})
-    format: Literal["tsv", "jsonl"] = field(default="jsonl", metadata={"help": "tsv: rank-list TSV with a prompt column; jsonl: 'ranked' JSONL"})
-    annotator: str | None = field(default=None, metadata={"help": "only this annotator's rankings"})
+    output: str = opt(help="file to write, e.g. prefs.jsonl")
+    db: str = opt("annotations.db", "SQLite database the server wrote")
+    format: Literal["tsv", "jsonl"] = opt("jsonl", "tsv: rank-list TSV with a prompt column; jsonl: 'ranked' JSONL")
+    annotator: str | None = opt(None, "only this annotator's rankings")
 
-    def __post_init__(self) -> None:
-        if not Path(self.db).is_file():
-            raise ConfigError(f"option 'db': {self.db} does not exist; pass the database the server wrote")
+    def validate(self) -> None:
+        super().validate()
+        check_output_file(self.output, "--output")
+
+
+def open_store(db: str, *, create: bool) -> AnnotationStore:
+    """The annotation database ``--db``, made if missing when ``create``.
+
+    Raises :class:`UserError` for a folder, a missing file (``create=False``), a place where
+    the file cannot be made, or a file SQLite cannot open (e.g. not a database).
+    """
+    path = Path(db)
+    if path.is_dir():
+        raise UserError(f"--db {db} is a folder; give the database file, e.g. --db {path / 'annotations.db'}")
+    if create:
+        check_output_file(path, "--db")
+    elif not path.is_file():
+        raise UserError(f"--db {db} does not exist; pass the database the server wrote")
+    try:
+        return AnnotationStore(path)
+    except sqlite3.DatabaseError as e:
+        # sqlite_errorname is Python 3.11+; on 3.10 the second wording carries SQLite's own message.
+        not_a_db = getattr(e, "sqlite_errorname", None) == "SQLITE_NOTADB"
+        problem = "is not an SQLite database" if not_a_db else f"cannot be opened ({e})"
+        fresh = " (a new file name starts an empty one)" if create else ""
+        raise UserError(f"--db {db} {problem}; pass the database 'rlhfkit annotate' wrote{fresh}") from None
+
+
+def bind_port(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` for the server to listen on.
+
+    Bound before the model loads, so a busy port is reported at once rather than after
+    minutes of loading, and no other process can take it in between.
+    """
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a port in TIME_WAIT is free
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise UserError(f"port {port} on {host} is already in use (is another server running?); stop it or "
+                            f"choose a free port with --port, e.g. --port {port + 1 if port < 65535 else port - 1}") from None
+        raise UserError(f"cannot listen on {host}:{port} ({e.strerror}); check --host and --port") from None
+    return sock
 
 
 def read_prompts(path: str | Path) -> list[str]:
     """Prompts from a text file (one per non-blank line) or JSONL (``{"prompt": ...}`` per line)."""
     path = Path(path)
-    lines = path.read_text(encoding="utf-8-sig").split("\n")
+    lines = read_text(path, "--prompts").split("\n")
     prompts = []
     for line_no, line in enumerate(lines, start=1):
         line = line.removesuffix("\r")
@@ -109,39 +142,45 @@ def read_prompts(path: str | Path) -> list[str]:
 
 
 def serve(args: ServeArgs) -> int:
+    """Read the prompts, take the port, open the database, load the policy; serve until Ctrl-C."""
     import uvicorn
 
     from rlhfkit.annotate.app import create_app
     from rlhfkit.annotate.generator import ModelGenerator
-    from rlhfkit.annotate.store import AnnotationStore
 
-    store = AnnotationStore(args.db)
-    if args.prompts is not None:
-        added = store.add_prompts(read_prompts(args.prompts))
-        print(f"added {added} new prompt(s) from {args.prompts}; the pool holds {store.count_prompts()['pool']}", flush=True)
-    if not store.users():
-        print(f"no users yet: create one with 'rlhfkit annotate add-user NAME --db {args.db}' (add --admin for an admin)", flush=True)
-    if args.host not in LOOPBACK:
-        logger.warning("binding to %s exposes the server beyond this machine; tokens travel as plain HTTP, "
-                       "so put a TLS proxy in front", args.host)
-    print(f"loading {args.model}...", flush=True)
-    generator = ModelGenerator(args.model, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                               top_p=args.top_p, device=args.device)
-    app = create_app(store, generator, args.k, args.allow_ties, overlap=args.overlap, prefetch=args.prefetch)
-    print(f"annotate at http://{args.host}:{args.port}/annotate (dataset at /dataset)", flush=True)
-    try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
-    finally:
-        store.close()
+    prompts = read_prompts(args.prompts) if args.prompts is not None else []
+    with bind_port(args.host, args.port) as sock:
+        store = open_store(args.db, create=True)
+        try:
+            if prompts:
+                added = store.add_prompts(prompts)
+                print(f"added {added} new prompt(s) from {args.prompts}; the pool holds {store.count_prompts()['pool']}",
+                      flush=True)
+            if not store.users():
+                print(f"no users yet: create one with 'rlhfkit annotate add-user NAME --db {args.db}' "
+                      f"(add --admin for an admin)", flush=True)
+            if args.host not in LOOPBACK:
+                logger.warning("binding to %s exposes the server beyond this machine; tokens travel as plain HTTP, "
+                               "so put a TLS proxy in front", args.host)
+            print(f"loading {args.policy}...", flush=True)
+            generator = ModelGenerator(args.policy, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                       top_p=args.top_p, device="cpu" if args.cpu else None)
+            app = create_app(store, generator, args.samples_per_prompt, args.allow_ties, overlap=args.overlap,
+                             prefetch=args.prefetch)
+            port = sock.getsockname()[1]  # the real one when --port 0
+            print(f"annotate at http://{args.host}:{port}/annotate (dataset at /dataset)", flush=True)
+            uvicorn.Server(uvicorn.Config(app, host=args.host, port=port, log_level="warning")).run(sockets=[sock])
+        finally:
+            store.close()
     return 0
 
 
 def add_user(args: AddUserArgs) -> int:
-    from rlhfkit.annotate.store import AnnotationStore
-
-    store = AnnotationStore(args.db)
-    token = store.add_user(args.name, admin=args.admin)
-    store.close()
+    store = open_store(args.db, create=True)
+    try:
+        token = store.add_user(args.name, admin=args.admin)
+    finally:
+        store.close()
     role = "admin" if args.admin else "annotator"
     print(f"created {role} {args.name!r} in {args.db}. Token (shown once, keep it secret):", file=sys.stderr)
     print(token, flush=True)
@@ -149,15 +188,13 @@ def add_user(args: AddUserArgs) -> int:
 
 
 def export(args: ExportArgs) -> int:
-    from rlhfkit.annotate.store import AnnotationStore, export_rankings
-
-    store = AnnotationStore(args.db)
+    store = open_store(args.db, create=False)
     try:
         user_id = None
         if args.annotator is not None:
             user = store.user_by_name(args.annotator)
             if user is None:
-                raise ConfigError(f"option 'annotator': there is no annotator named {args.annotator!r} in {args.db}")
+                raise ConfigError(f"option --annotator: there is no annotator named {args.annotator!r} in {args.db}")
             user_id = user.id
         lines = export_rankings(store, args.output, args.format, user_id=user_id)
     finally:
@@ -168,9 +205,13 @@ def export(args: ExportArgs) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``rlhfkit annotate``; returns the exit code."""
-    from rlhfkit.annotate.store import StoreError
+    """Entry point of ``rlhfkit annotate``; returns the exit code.
 
+    ``--help`` returns 0. Errors are printed as one ``error: ...`` line: a :class:`UserError`
+    (an option, ``--db``/``--prompts``/``--output``, a prompt file's line, the port) returns
+    2; a ``StoreError`` (the user exists, nothing to export) or other ``ValueError`` (a TSV
+    export the format cannot hold) returns 1. Anything else propagates.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv and not argv[0].startswith("-") else "serve"
     rest = argv[1:] if argv and not argv[0].startswith("-") else argv
@@ -186,11 +227,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if command == "export":
             return export(parse_args(ExportArgs, rest, prog="rlhfkit annotate export"))
         raise ConfigError(f"unknown command {command!r}; use serve (the default), add-user or export")
-    except SystemExit as e:  # argparse: --help or a malformed flag
+    except SystemExit as e:  # --help
         return e.code if isinstance(e.code, int) else 2
-    except (ConfigError, DataFormatError, StoreError, ValueError) as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2 if isinstance(e, ConfigError) else 1
+        return 2
+    except (StoreError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -34,15 +34,15 @@ class GenerationError(RuntimeError):
 class ModelGenerator:
     """Samples K responses from a causal LM (alias, folder or hub id) with the chat template."""
 
-    def __init__(self, model: str, *, max_new_tokens: int = 128, temperature: float = 1.0, top_p: float = 1.0,
+    def __init__(self, policy: str, *, max_new_tokens: int = 64, temperature: float = 1.0, top_p: float = 1.0,
                  device: Any = None):
         from rlhfkit.generation import load_policy
 
-        self.name = model
+        self.name = policy
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
         self.top_p = top_p
-        self.model, self.tokenizer = load_policy(model, device=device)
+        self.model, self.tokenizer = load_policy(policy, device=device)
 
     def generate(self, prompt: str, k: int) -> list[str]:
         from rlhfkit.generation import sample_responses
@@ -170,5 +170,6 @@ class Pregenerator:
                 return self.store.add_generation_set(prompt_id, self.generator.name, responses[: self.k])
         raise GenerationError(
             f"after {self.max_attempts} attempts the model gave only {len(responses)} distinct non-blank "
-            f"responses to prompt {prompt_id} (need {self.k}); raise --max-new-tokens or the temperature, or lower --k"
+            f"responses to prompt {prompt_id} (need {self.k}); raise --max-new-tokens or the temperature, "
+            f"or lower --samples-per-prompt"
         )

@@ -178,7 +178,11 @@ class AnnotationStore:
         self._write_lock = threading.Lock()
         self._connections: list[sqlite3.Connection] = []
         self._connections_lock = threading.Lock()
-        self.schema_version = self._migrate(migrations)
+        try:
+            self.schema_version = self._migrate(migrations)
+        except BaseException:  # not a database, or a newer schema: leave no connection open
+            self.close()
+            raise
 
     # ---------------------------------------------------------------- connections
 
