@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from rlhfkit.annotate.cli import ServeArgs, main, open_store, read_prompts, serve
+from rlhfkit.annotate.cli import ServeArgs, main, open_store, serve
 from rlhfkit.annotate.store import AnnotationStore
 from rlhfkit.config import ConfigError, parse_args
 from rlhfkit.data.readers import read_preferences
@@ -27,7 +27,7 @@ def test_add_user_prints_the_token_once(tmp_path, capsys):
     assert store.user_for_token(token).name == "alice" and not store.user_for_token(token).is_admin
     assert store.user_for_token(admin_token).is_admin
     store.close()
-    assert main(["add-user", "alice", "--db", str(db)]) == 1
+    assert main(["add-user", "alice", "--db", str(db)]) == 2
     assert "user 'alice' already exists" in capsys.readouterr().err
     assert main(["add-user", "--db", str(db)]) == 2
     assert "add-user needs the user name first" in capsys.readouterr().err
@@ -139,10 +139,10 @@ def test_serve_option_names_defaults_and_old_names(model_calls, tmp_path, caplog
         parse_args(ServeArgs, ["--k", "3", "--samples-per-prompt", "3"])
 
     db = str(tmp_path / "a.db")
-    for argv, device in [([], None), (["--cpu"], "cpu")]:
+    for argv, cpu in [([], False), (["--cpu"], True)]:
         with pytest.raises(ModelLoaded):
             main(["--policy", "tiny", "--db", db, "--port", "0"] + argv)
-        assert model_calls.pop() == {"policy": "tiny", "max_new_tokens": 64, "temperature": 1.0, "top_p": 1.0, "device": device}
+        assert model_calls.pop() == {"policy": "tiny", "max_new_tokens": 64, "temperature": 1.0, "top_p": 1.0, "cpu": cpu}
 
 
 def test_serve_help(capsys):
@@ -206,33 +206,14 @@ def test_db_under_a_file(tmp_path, capsys):
     assert "is a file, so no folder can be made under it" in capsys.readouterr().err
 
 
-def test_read_prompts(tmp_path):
-    text = tmp_path / "p.txt"
-    text.write_text("first prompt\r\n\n  second, indented\nthird\n", encoding="utf-8")
-    assert read_prompts(text) == ["first prompt", "  second, indented", "third"]
-    jsonl = tmp_path / "p.jsonl"
-    jsonl.write_text('{"prompt": "line one\\nline two"}\n{"prompt": "b", "id": 7}\n', encoding="utf-8")
-    assert read_prompts(jsonl) == ["line one\nline two", "b"]
-    jsonl.write_text('{"prompt": "ok"}\n{"text": "no prompt key"}\n', encoding="utf-8")
-    with pytest.raises(DataFormatError, match=r"p.jsonl, line 2: needs a non-empty string 'prompt'"):
-        read_prompts(jsonl)
-    jsonl.write_text('{"prompt": "ok"}\nnot json\n', encoding="utf-8")
-    with pytest.raises(DataFormatError, match=r"line 2: is not valid JSON"):
-        read_prompts(jsonl)
-    text.write_text("\n\n", encoding="utf-8")
-    with pytest.raises(DataFormatError, match="holds no prompts"):
-        read_prompts(text)
-
-
-def test_read_prompts_encoding(tmp_path):
-    text, jsonl = tmp_path / "p.txt", tmp_path / "p.jsonl"
-    text.write_bytes("\ufefffirst\nsecond\n".encode("utf-8"))  # a byte-order mark, as Notepad writes
-    assert read_prompts(text) == ["first", "second"]
-    jsonl.write_bytes("\ufeff{\"prompt\": \"caf\u00e9\"}\n".encode("utf-8"))
-    assert read_prompts(jsonl) == ["caf\u00e9"]
-    text.write_bytes("ok\ncaf\u00e9 in Latin-1\n".encode("latin-1"))
-    with pytest.raises(UserError, match=rf"--prompts {text} is not UTF-8 text \(byte 0xe9 on line 2\); save it as UTF-8"):
-        read_prompts(text)
+def test_serve_reads_prompts_with_the_shared_reader(model_calls, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_bytes('\ufeff{"prompt": "line one\\nline two", "id": 7}\n{"prompt": "caf\u00e9"}\n'.encode("utf-8"))
+    with pytest.raises(ModelLoaded):
+        main(["--prompts", str(prompts), "--db", str(tmp_path / "a.db"), "--port", "0"])
+    store = AnnotationStore(tmp_path / "a.db")
+    assert store.count_prompts()["pool"] == 2
+    store.close()
 
 
 def test_serve_reports_an_undecodable_prompt_file(model_calls, tmp_path, capsys):

@@ -1,10 +1,12 @@
 """Atomic training checkpoints for ``--resume``.
 
 ``save_checkpoint`` writes everything (model, optimizer, registered schedulers and
-controllers, every process's RNG, and a ``trainer_state.json`` with the data position) to
-``checkpoint.tmp`` and only then swaps it in for ``checkpoint``: a crash at any moment
-leaves the previous complete checkpoint in place (or at ``checkpoint.old``, which
-``find_checkpoint`` falls back to).
+controllers, every process's RNG) to ``checkpoint.tmp``, then ``trainer_state.json`` (the
+step and data position) last, and only then swaps it in for ``checkpoint``. A folder is
+complete exactly when it holds ``trainer_state.json``: it is written last and deleted first
+when a folder is thrown away, so a crash at any moment leaves at least one complete
+checkpoint among ``checkpoint``, ``checkpoint.tmp`` and ``checkpoint.old``, and
+:func:`find_checkpoint` takes the newest complete one.
 """
 
 from __future__ import annotations
@@ -21,6 +23,12 @@ from typing import Any
 STATE_FILE = "trainer_state.json"
 
 
+def discard_dir(path: Path) -> None:
+    """Remove a folder, its ``trainer_state.json`` first: a half-deleted checkpoint never looks complete."""
+    (path / STATE_FILE).unlink(missing_ok=True)
+    shutil.rmtree(path, ignore_errors=True)
+
+
 def replace_dir(new: Path, target: Path) -> None:
     """Swap ``new`` into ``target``: old moved aside, new renamed in, old removed.
 
@@ -29,12 +37,12 @@ def replace_dir(new: Path, target: Path) -> None:
     """
     old = target.with_name(target.name + ".old")
     if old.exists():
-        shutil.rmtree(old)
+        discard_dir(old)
     if target.exists():
         os.replace(target, old)
     os.replace(new, target)
     if old.exists():
-        shutil.rmtree(old)
+        discard_dir(old)
 
 
 def export_pretrained(model: Any, tokenizer: Any, target: str | Path, files: dict[str, str] | None = None) -> Path:
@@ -58,11 +66,12 @@ def export_pretrained(model: Any, tokenizer: Any, target: str | Path, files: dic
 
 
 def find_checkpoint(out_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint of a run folder (see the module docstring), or None."""
     out = Path(out_dir)
-    for name in ("checkpoint", "checkpoint.old"):
-        if (out / name / STATE_FILE).is_file():
-            return out / name
-    return None
+    complete = [out / name for name in ("checkpoint", "checkpoint.tmp", "checkpoint.old") if (out / name / STATE_FILE).is_file()]
+    if not complete:
+        return None
+    return max(complete, key=lambda p: json.loads((p / STATE_FILE).read_text()).get("step", 0))
 
 
 def save_checkpoint(accelerator, out_dir: str | Path, state: dict[str, Any]) -> Path:
@@ -70,7 +79,7 @@ def save_checkpoint(accelerator, out_dir: str | Path, state: dict[str, Any]) -> 
     out = Path(out_dir)
     tmp = out / "checkpoint.tmp"
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
+        discard_dir(tmp)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))

@@ -127,7 +127,7 @@ def _pipeline(argv: Sequence[str]) -> None:
 
 
 def _annotate(argv: Sequence[str]) -> None:
-    importlib.import_module("rlhfkit.annotate.cli").main(list(argv))
+    importlib.import_module("rlhfkit.annotate.cli").run(argv)
 
 
 def _models(argv: Sequence[str]) -> None:

@@ -11,7 +11,6 @@ model loads or anything is written; a problem is a :class:`~rlhfkit.errors.UserE
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import socket
 import sqlite3
@@ -20,11 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Sequence
 
-from rlhfkit.annotate.store import AnnotationStore, StoreError, export_rankings
+from rlhfkit.annotate.store import AnnotationStore, export_rankings
 from rlhfkit.config import ConfigError, Options, opt, parse_args
-from rlhfkit.data.types import DataFormatError
+from rlhfkit.data.prompts import read_prompts
 from rlhfkit.errors import UserError
-from rlhfkit.files import check_output_file, read_text
+from rlhfkit.files import check_output_file
 
 logger = logging.getLogger(__name__)
 
@@ -116,31 +115,6 @@ def bind_port(host: str, port: int) -> socket.socket:
     return sock
 
 
-def read_prompts(path: str | Path) -> list[str]:
-    """Prompts from a text file (one per non-blank line) or JSONL (``{"prompt": ...}`` per line)."""
-    path = Path(path)
-    lines = read_text(path, "--prompts").split("\n")
-    prompts = []
-    for line_no, line in enumerate(lines, start=1):
-        line = line.removesuffix("\r")
-        if not line.strip():
-            continue
-        if path.suffix.lower() != ".jsonl":
-            prompts.append(line)
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataFormatError(str(path), line_no, f"is not valid JSON ({e.msg}); write one {{\"prompt\": ...}} object per line") from None
-        prompt = record.get("prompt") if isinstance(record, dict) else None
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise DataFormatError(str(path), line_no, "needs a non-empty string 'prompt', like {\"prompt\": \"Why is the sky blue?\"}")
-        prompts.append(prompt)
-    if not prompts:
-        raise DataFormatError(str(path), None, "holds no prompts; write one prompt per line")
-    return prompts
-
-
 def serve(args: ServeArgs) -> int:
     """Read the prompts, take the port, open the database, load the policy; serve until Ctrl-C."""
     import uvicorn
@@ -148,7 +122,7 @@ def serve(args: ServeArgs) -> int:
     from rlhfkit.annotate.app import create_app
     from rlhfkit.annotate.generator import ModelGenerator
 
-    prompts = read_prompts(args.prompts) if args.prompts is not None else []
+    prompts = [p.text for p in read_prompts(args.prompts)] if args.prompts is not None else []
     with bind_port(args.host, args.port) as sock:
         store = open_store(args.db, create=True)
         try:
@@ -164,7 +138,7 @@ def serve(args: ServeArgs) -> int:
                                "so put a TLS proxy in front", args.host)
             print(f"loading {args.policy}...", flush=True)
             generator = ModelGenerator(args.policy, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                       top_p=args.top_p, device="cpu" if args.cpu else None)
+                                       top_p=args.top_p, cpu=args.cpu)
             app = create_app(store, generator, args.samples_per_prompt, args.allow_ties, overlap=args.overlap,
                              prefetch=args.prefetch)
             port = sock.getsockname()[1]  # the real one when --port 0
@@ -204,37 +178,29 @@ def export(args: ExportArgs) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``rlhfkit annotate``; returns the exit code.
-
-    ``--help`` returns 0. Errors are printed as one ``error: ...`` line: a :class:`UserError`
-    (an option, ``--db``/``--prompts``/``--output``, a prompt file's line, the port) returns
-    2; a ``StoreError`` (the user exists, nothing to export) or other ``ValueError`` (a TSV
-    export the format cannot hold) returns 1. Anything else propagates.
-    """
-    argv = list(sys.argv[1:] if argv is None else argv)
+def run(argv: Sequence[str]) -> int:
+    """``rlhfkit annotate [serve|add-user|export] ...``; errors propagate to :func:`rlhfkit.cli.run_command`."""
+    argv = list(argv)
     command = argv[0] if argv and not argv[0].startswith("-") else "serve"
     rest = argv[1:] if argv and not argv[0].startswith("-") else argv
-    try:
-        if command == "serve":
-            return serve(parse_args(ServeArgs, rest, prog="rlhfkit annotate"))
-        if command == "add-user":
-            if not rest or rest[0].startswith("-"):
-                if "-h" in rest or "--help" in rest:
-                    parse_args(AddUserArgs, ["--help"], prog="rlhfkit annotate add-user NAME")
-                raise ConfigError("add-user needs the user name first: rlhfkit annotate add-user NAME [--admin] --db FILE")
-            return add_user(parse_args(AddUserArgs, rest[1:], prog="rlhfkit annotate add-user NAME", extra={"name": rest[0]}))
-        if command == "export":
-            return export(parse_args(ExportArgs, rest, prog="rlhfkit annotate export"))
-        raise ConfigError(f"unknown command {command!r}; use serve (the default), add-user or export")
-    except SystemExit as e:  # --help
-        return e.code if isinstance(e.code, int) else 2
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (StoreError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    if command == "serve":
+        return serve(parse_args(ServeArgs, rest, prog="rlhfkit annotate"))
+    if command == "add-user":
+        if not rest or rest[0].startswith("-"):
+            if "-h" in rest or "--help" in rest:
+                parse_args(AddUserArgs, ["--help"], prog="rlhfkit annotate add-user NAME")
+            raise ConfigError("add-user needs the user name first: rlhfkit annotate add-user NAME [--admin] --db FILE")
+        return add_user(parse_args(AddUserArgs, rest[1:], prog="rlhfkit annotate add-user NAME", extra={"name": rest[0]}))
+    if command == "export":
+        return export(parse_args(ExportArgs, rest, prog="rlhfkit annotate export"))
+    raise ConfigError(f"unknown command {command!r}; use serve (the default), add-user or export")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m rlhfkit.annotate.cli``: the same as ``rlhfkit annotate``, through the one error path."""
+    from rlhfkit.cli import main as rlhfkit_main
+
+    return rlhfkit_main(["annotate", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

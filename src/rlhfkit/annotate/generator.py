@@ -16,7 +16,15 @@ import logging
 import threading
 from typing import Any, Protocol
 
-from rlhfkit.annotate.store import AnnotationStore, Prompt
+import torch
+
+from rlhfkit.annotate.store import AnnotationStore
+from rlhfkit.annotate.store import Prompt as StoredPrompt
+from rlhfkit.data.prompts import Prompt
+from rlhfkit.models.cpu_linear import apply_cpu_matmul
+from rlhfkit.models.policy import inference_dtype, load_policy
+from rlhfkit.models.tokenizers import use_chat_template
+from rlhfkit.sampling import SamplingSettings, sample_texts
 
 logger = logging.getLogger(__name__)
 
@@ -35,22 +43,16 @@ class ModelGenerator:
     """Samples K responses from a causal LM (alias, folder or hub id) with the chat template."""
 
     def __init__(self, policy: str, *, max_new_tokens: int = 64, temperature: float = 1.0, top_p: float = 1.0,
-                 device: Any = None):
-        from rlhfkit.generation import load_policy
-
+                 cpu: bool = False):
+        device = torch.device("cuda" if torch.cuda.is_available() and not cpu else "cpu")
         self.name = policy
-        self.max_new_tokens = max_new_tokens
-        self.temperature = temperature
-        self.top_p = top_p
-        self.model, self.tokenizer = load_policy(policy, device=device)
+        self.settings = SamplingSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+        self.model, self.tokenizer = load_policy(policy, device=device, dtype=inference_dtype(None, device))
+        apply_cpu_matmul("auto", device, self.model)
+        self.chat = use_chat_template(self.tokenizer, None, policy)
 
     def generate(self, prompt: str, k: int) -> list[str]:
-        from rlhfkit.generation import sample_responses
-
-        return sample_responses(
-            self.model, self.tokenizer, [prompt], k,
-            max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
-        )[0]
+        return sample_texts(self.model, self.tokenizer, [Prompt(prompt)], k, self.settings, chat=self.chat)[0]
 
 
 class Pregenerator:
@@ -115,7 +117,7 @@ class Pregenerator:
 
     # ------------------------------------------------------------ the worker thread
 
-    def _next_prefetch(self) -> Prompt | None:
+    def _next_prefetch(self) -> StoredPrompt | None:
         if self.store.count_untouched_pool_sets() >= self.prefetch:
             return None
         with self._cond:

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from rlhfkit.errors import UserError
 from rlhfkit.data.types import PreferenceExample
 
 # Entry i moves the schema from version i to i + 1. Append, never edit a released one.
@@ -82,7 +83,7 @@ MIGRATIONS: list[str] = [
 ]
 
 
-class StoreError(Exception):
+class StoreError(UserError):
     """Base class of the store's errors; the message says what to do."""
 
 
@@ -525,11 +526,11 @@ def export_rankings(
     from rlhfkit.data.writers import write_preferences
 
     if format not in EXPORT_FORMATS:
-        raise ValueError(f"export format {format!r} is not supported; use one of {', '.join(EXPORT_FORMATS)}")
+        raise UserError(f"export format {format!r} is not supported; use one of {', '.join(EXPORT_FORMATS)}")
     rankings, _ = store.list_rankings(user_id=user_id, prompt_id=prompt_id, prompt_contains=prompt_contains)
     if not rankings:
         raise NotFound("no rankings match, so there is nothing to export")
     try:
         return write_preferences(path, [r.example() for r in reversed(rankings)], EXPORT_FORMATS[format])
     except ValueError as e:  # the writer refuses what the format cannot hold; name our flag
-        raise ValueError(f"{e} (here: --format jsonl, or the Export JSONL button)") from None
+        raise UserError(f"{e} (here: --format jsonl, or the Export JSONL button)") from None

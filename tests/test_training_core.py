@@ -1,0 +1,208 @@
+"""The training core every trainer uses: one step with its finite checks, the cadence,
+checkpoints that survive a crash at any moment, and the shared config pieces."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import pytest
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+from rlhfkit.checkpoint import STATE_FILE, find_checkpoint
+from rlhfkit.config import ConfigError, from_dict, opt, parse_args
+from rlhfkit.errors import RunStopped, UserError
+from rlhfkit.training.cadence import Cadence, MetricsWindow
+from rlhfkit.training.options import LoraOptions, OptimOptions, RunOptions
+from rlhfkit.training.run import Run, TrainState, improved
+from rlhfkit.training.step import train_step
+
+
+@dataclass(kw_only=True)
+class Demo(RunOptions, OptimOptions, LoraOptions):
+    """A trainer's config built from the shared pieces."""
+
+    batch_size: int = opt(8, "rows per step", ge=1)
+    policy: str = opt("p", "the model", was=("model",))
+
+
+def run_for(tmp_path) -> Run:
+    return Run(Demo(output=str(tmp_path / "out")), "demo", Accelerator(cpu=True), None)
+
+
+# ------------------------------------------------------------------------- the step
+def test_train_step_accumulates_the_same_gradient_as_one_batch(tmp_path):
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 3), torch.randn(8)
+    one, four = nn.Linear(3, 1), nn.Linear(3, 1)
+    four.load_state_dict(one.state_dict())
+    run = run_for(tmp_path)
+
+    def loss_fn(model, rows):
+        loss = ((model(x[rows]).squeeze(-1) - y[rows]) ** 2).sum() / 8  # each micro-batch's share of the step mean
+        return loss, {"rows": len(rows)}
+
+    for model, micro in ((one, [list(range(8))]), (four, [[0, 1], [2, 3], [4, 5], [6, 7]])):
+        opt_ = torch.optim.SGD(model.parameters(), lr=0.1)
+        norm, stats = train_step(run, model, opt_, micro, lambda m, model=model: loss_fn(model, m), max_grad_norm=10.0, where="step 1")
+        assert sum(s["rows"] for s in stats) == 8 and torch.isfinite(norm)
+    for a, b in zip(one.parameters(), four.parameters()):
+        torch.testing.assert_close(a, b)
+
+
+class _NanGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+@pytest.mark.parametrize("poison, message", [
+    (lambda loss: loss * float("nan"), r"non-finite loss \(nan\) at step 3, micro-batch 1, rows \[2\]\. Nothing was saved"),
+    (_NanGradient.apply, r"non-finite gradient norm at step 3 with a finite loss\. Nothing was saved"),
+])
+def test_a_non_finite_loss_or_gradient_stops_before_the_weights_change(tmp_path, poison, message):
+    model = nn.Linear(3, 1)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt_ = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(4, 3)
+
+    def loss_fn(rows):
+        loss = model(x[rows]).sum()
+        return (poison(loss) if rows == [2] else loss), {}
+
+    with pytest.raises(RunStopped, match=message + r".*no checkpoint had been written yet \(the first comes at step 100\)\. Lower --lr"):
+        train_step(run_for(tmp_path), model, opt_, [[0, 1], [2]], loss_fn, max_grad_norm=1.0, where="step 3",
+                   describe=lambda rows: f"rows {rows}")
+    for a, b in zip(before, model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_clip_groups_are_clipped_each_on_its_own_norm(tmp_path):
+    a, b = nn.Linear(2, 1, bias=False), nn.Linear(2, 1, bias=False)
+    x = torch.ones(1, 2)
+    opt_ = torch.optim.SGD([*a.parameters(), *b.parameters()], lr=1.0)
+    before = [p.detach().clone() for p in (a.weight, b.weight)]
+    loss_fn = lambda m: ((a(x) * 100 + b(x) * 0.01).sum(), {})  # noqa: E731
+    norm, _ = train_step(run_for(tmp_path), [a, b], opt_, [None], loss_fn, max_grad_norm=1.0, where="s",
+                         clip_groups=[list(a.parameters()), list(b.parameters())])
+    assert norm.item() == pytest.approx(100 * 2 ** 0.5, rel=1e-5)  # the largest group norm is reported
+    assert (before[0] - a.weight).norm().item() == pytest.approx(1.0, rel=1e-5)  # clipped to 1
+    assert (before[1] - b.weight).norm().item() == pytest.approx(0.01 * 2 ** 0.5, rel=1e-5)  # untouched: already small
+
+
+# ---------------------------------------------------------------------- the cadence
+def test_cadence_logs_evaluates_and_saves_on_multiples_but_leaves_the_last_step_to_the_finish():
+    c = Cadence(total=10, log_every=3, save_every=4, eval_every=5, stop_after=None)
+    assert [s for s in range(1, 11) if c.log(s)] == [3, 6, 9, 10]
+    assert [s for s in range(1, 11) if c.eval(s)] == [5]
+    assert [s for s in range(1, 11) if c.save(s)] == [4, 8]
+    stopped = Cadence(total=10, log_every=3, save_every=4, stop_after=8)
+    assert stopped.stop_at == 8 and not stopped.save(8) and stopped.log(8)
+    assert Cadence(total=5, log_every=1, save_every=1, stop_after=50).stop_at == 5
+
+
+def test_metrics_window_sums_between_flushes(tmp_path):
+    acc = Accelerator(cpu=True)
+    w = MetricsWindow()
+    w.add(loss=torch.tensor(2.0), n=3)
+    w.add(loss=1.5, n=1)
+    sums, seconds = w.flush(acc)
+    assert sums == {"loss": 3.5, "n": 4.0} and seconds > 0
+    assert w.flush(acc)[0] == {}
+
+
+def test_improved_keeps_the_best_in_either_direction():
+    s = TrainState(step=1)
+    assert improved(s, 0.5, higher_is_better=True) and s.best_metric == 0.5 and s.best_step == 1
+    s.step = 2
+    assert not improved(s, 0.4, higher_is_better=True) and s.best_step == 1
+    s = TrainState(step=3)
+    assert improved(s, 2.0, higher_is_better=False) and not improved(s, 2.5, higher_is_better=False)
+
+
+# ---------------------------------------------------------------------- checkpoints
+def _checkpoint(folder, step, complete=True):
+    folder.mkdir(parents=True)
+    (folder / "model.safetensors").write_text("x")
+    if complete:
+        (folder / STATE_FILE).write_text(json.dumps({"step": step}))
+
+
+def test_find_checkpoint_takes_the_newest_complete_one(tmp_path):
+    assert find_checkpoint(tmp_path) is None
+    _checkpoint(tmp_path / "checkpoint.old", 4, complete=False)  # half deleted: its state file went first
+    _checkpoint(tmp_path / "checkpoint.tmp", 6)  # written, not yet swapped in (a crash in between)
+    assert find_checkpoint(tmp_path) == tmp_path / "checkpoint.tmp"
+    _checkpoint(tmp_path / "checkpoint", 4)
+    assert find_checkpoint(tmp_path) == tmp_path / "checkpoint.tmp"  # newer than the swapped-in one
+    (tmp_path / "checkpoint.tmp" / STATE_FILE).unlink()
+    assert find_checkpoint(tmp_path) == tmp_path / "checkpoint"
+
+
+def test_resume_uses_a_complete_tmp_beside_an_incomplete_old(tiny_lm, separable_tsv, tmp_path):
+    """The crash the issue describes: the swap stopped after moving 'checkpoint' aside."""
+    import shutil
+
+    from rlhfkit.rm.train import RMTrainConfig, train_reward_model
+
+    common = dict(model=str(tiny_lm), train=str(separable_tsv), n_train=90, max_steps=6, batch_size=8, save_every=2,
+                  progress=False, tensorboard=False, eval_every=1000)
+    full = tmp_path / "full"
+    train_reward_model(from_dict(RMTrainConfig, {**common, "output": str(full)}))
+    out = tmp_path / "crashed"
+    train_reward_model(from_dict(RMTrainConfig, {**common, "output": str(out), "stop_after_steps": 4}))
+    shutil.copytree(out / "checkpoint", out / "checkpoint.tmp")
+    (out / "checkpoint").rename(out / "checkpoint.old")
+    (out / "checkpoint.old" / "model.safetensors").unlink()  # and the old one was half removed...
+    (out / "checkpoint.old" / STATE_FILE).unlink()  # ...state file first, as discard_dir does
+    train_reward_model(from_dict(RMTrainConfig, {**common, "output": str(out), "resume": True}))
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(full / "last" / "model.safetensors")), load_file(str(out / "last" / "model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------- shared config pieces
+@pytest.mark.parametrize("bad, match", [
+    (dict(lr=0), r"option --lr must be > 0, got 0"),
+    (dict(warmup_ratio=1.0), r"option --warmup-ratio must be < 1, got 1.0"),
+    (dict(max_grad_norm=-1), r"option --max-grad-norm must be >= 0"),
+    (dict(grad_accum=0), r"option --grad-accum must be >= 1"),
+    (dict(stop_after_steps=0), r"option --stop-after-steps must be >= 1, got 0"),
+    (dict(save_every=0), r"option --save-every must be >= 1"),
+    (dict(lora_r=0), r"option --lora-r must be >= 1"),
+    (dict(lora_dropout=1.0), r"option --lora-dropout must be < 1"),
+    (dict(mixed_precision="fp8"), r"option --mixed-precision got 'fp8'; choose one of auto, no, bf16, fp16"),
+    (dict(lr=float("nan")), r"option --lr must be a finite number"),
+    (dict(batch_size=2.5), r"option --batch-size expects int, got 2.5"),
+])
+def test_shared_options_are_checked_once_for_every_trainer(bad, match, tmp_path):
+    with pytest.raises(ConfigError, match=match):
+        from_dict(Demo, {"output": str(tmp_path / "o"), **bad})
+
+
+def test_required_renamed_and_ignored_options(tmp_path, caplog):
+    with pytest.raises(ConfigError, match=r"option --output is required \(run folder"):
+        from_dict(Demo, {})
+    with caplog.at_level("WARNING"):
+        cfg = parse_args(Demo, ["--output", str(tmp_path / "o"), "--model", "m", "--lora-r", "4"])
+    assert cfg.policy == "m"
+    assert "option 'model' is now called 'policy'" in caplog.text
+    assert "--lora-r: ignored without --lora" in caplog.text
+
+
+def test_output_that_is_a_file_or_unwritable_is_refused_before_anything_is_written(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match=r"--output .*file is a file; give a folder"):
+        from_dict(Demo, {"output": str(tmp_path / "file")})
+    with pytest.raises(UserError, match=r"is a file, so no folder can be made under it"):
+        from_dict(Demo, {"output": str(tmp_path / "file" / "run")})
+    with pytest.raises(UserError, match=r"not writable; choose a folder you can write to"):
+        from_dict(Demo, {"output": "/sys/rlhfkit-run"})  # read-only for every user, root included
