@@ -11,7 +11,6 @@ from rlhfkit.annotate.cli import ServeArgs, main, open_store, serve
 from rlhfkit.annotate.store import AnnotationStore
 from rlhfkit.config import ConfigError, parse_args
 from rlhfkit.data.readers import read_preferences
-from rlhfkit.data.types import DataFormatError
 from rlhfkit.errors import UserError
 
 

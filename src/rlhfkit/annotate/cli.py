@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Literal, Sequence
 
 from rlhfkit.annotate.store import AnnotationStore, export_rankings
+from rlhfkit.cli import main as rlhfkit_main
 from rlhfkit.config import ConfigError, Options, opt, parse_args
 from rlhfkit.data.prompts import read_prompts
 from rlhfkit.errors import UserError
@@ -198,7 +199,6 @@ def run(argv: Sequence[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m rlhfkit.annotate.cli``: the same as ``rlhfkit annotate``, through the one error path."""
-    from rlhfkit.cli import main as rlhfkit_main
 
     return rlhfkit_main(["annotate", *(sys.argv[1:] if argv is None else argv)])
 

@@ -30,8 +30,9 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from rlhfkit.errors import UserError
 from rlhfkit.data.types import PreferenceExample
+from rlhfkit.data.writers import write_preferences
+from rlhfkit.errors import UserError
 
 # Entry i moves the schema from version i to i + 1. Append, never edit a released one.
 # Statements are split on ';', so keep semicolons out of literals and triggers.
@@ -523,7 +524,6 @@ def export_rankings(
     the ranking). ``jsonl`` is the ``ranked`` format and holds everything (ties need
     ``allow_ties=True`` when read).
     """
-    from rlhfkit.data.writers import write_preferences
 
     if format not in EXPORT_FORMATS:
         raise UserError(f"export format {format!r} is not supported; use one of {', '.join(EXPORT_FORMATS)}")

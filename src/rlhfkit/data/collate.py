@@ -168,15 +168,16 @@ def plan_batches(
 
 
 def iter_batches(
-    lengths: Sequence[int], effective_batch: int, seed: int, start_epoch: int = 0, start_batch: int = 0
+    lengths: Sequence[int], effective_batch: int, seed: int, n_batches: int, start_epoch: int = 0, start_batch: int = 0
 ) -> Iterator[tuple[int, int, int, list[int]]]:
-    """``(epoch, batch index, batches in the epoch, ids)`` of every effective batch from
-    ``(start_epoch, start_batch)`` on, epoch after epoch (:func:`plan_batches`), without end."""
+    """``(epoch, batch index, batches in the epoch, ids)`` of the next ``n_batches`` effective
+    batches from ``(start_epoch, start_batch)`` on, epoch after epoch (:func:`plan_batches`)."""
     epoch, first = start_epoch, start_batch
-    while True:
+    while n_batches > 0:
         plan = plan_batches(lengths, effective_batch, seed, epoch)
-        for b in range(first, len(plan)):
+        for b in range(first, min(len(plan), first + n_batches)):
             yield epoch, b, len(plan), plan[b]
+        n_batches -= max(0, len(plan) - first)
         epoch, first = epoch + 1, 0
 
 

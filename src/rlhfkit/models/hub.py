@@ -21,6 +21,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
 from rlhfkit.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -76,8 +79,6 @@ def smollm2_path() -> Path:
 
 def convert_gguf(gguf_dir: Path, gguf_file: str, target: Path, pad_token: str | None = None) -> None:
     """De-quantise a GGUF causal LM into a plain safetensors checkpoint at ``target`` (atomic)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     logger.warning("converting %s to a transformers checkpoint in %s (once, ~25 s)", gguf_file, target)
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)

@@ -28,6 +28,7 @@ from typing import Sequence
 
 import torch
 from torch import nn
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 from rlhfkit.checkpoint import export_pretrained
 from rlhfkit.models.hub import resolve_model
@@ -94,7 +95,6 @@ class RewardModel(nn.Module):
         ``last/`` export is picked when given the run folder), any HF checkpoint, or an
         alias (``smollm2-135m``, ``minilm-l6``).
         """
-        from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
         path = resolve_model(name_or_path)
         saved = _read_meta(path)

@@ -10,6 +10,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import (
+    AutoTokenizer,
+    BertConfig,
+    BertModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
+
+from rlhfkit.models.hub import minilm_path
+
 PAD, BOS, EOS = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 
 # Same shape as SmolLM2's template (ChatML), written for the tiny tokenizer.
@@ -23,8 +36,6 @@ CHAT_TEMPLATE = (
 
 def byte_tokenizer():
     """A byte-level BPE tokenizer with no merges: ids 0..2 are special, 3..258 are bytes."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
 
     byte_chars = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab = {PAD: 0, BOS: 1, EOS: 2}
@@ -43,8 +54,6 @@ def byte_tokenizer():
 
 def build_tiny_causal_lm(path: str | Path, seed: int = 0, hidden_size: int = 16, num_layers: int = 2) -> Path:
     """Save a tiny random Llama causal LM plus tokenizer at ``path``; return the path."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     path = Path(path)
     tokenizer = byte_tokenizer()
@@ -72,11 +81,6 @@ def build_tiny_causal_lm(path: str | Path, seed: int = 0, hidden_size: int = 16,
 
 def build_tiny_encoder(path: str | Path, seed: int = 0, hidden_size: int = 16, num_layers: int = 2) -> Path:
     """Save a tiny random BERT encoder with the MiniLM WordPiece tokenizer at ``path``."""
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    from rlhfkit.models.hub import minilm_path
-
     path = Path(path)
     tokenizer = AutoTokenizer.from_pretrained(minilm_path())
     config = BertConfig(

@@ -27,6 +27,7 @@ from typing import Iterator
 from torch import Tensor, nn
 
 from rlhfkit.config import ConfigError
+from rlhfkit.models.reward import RewardModel
 
 logger = logging.getLogger(__name__)
 
@@ -170,7 +171,6 @@ def load_critic(spec: str, policy_tokenizer, *, reward: str | None, policy: str)
     ``reward-model`` starts from the ``--reward`` folder (InstructGPT), ``policy`` from the
     policy's weights with a new zero head, anything else from that model folder or hub id.
     """
-    from rlhfkit.models.reward import RewardModel
 
     if spec == "value-head":
         return None

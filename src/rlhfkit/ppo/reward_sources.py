@@ -35,10 +35,14 @@ from typing import Any, Callable, Literal, Protocol, Sequence
 
 import torch
 from torch import Tensor
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 from rlhfkit.config import ConfigError, Options, opt
 from rlhfkit.errors import UserError
 from rlhfkit.models.cpu_linear import apply_cpu_matmul
+from rlhfkit.models.hub import ALIASES, resolve_model, resolve_run_folder
+from rlhfkit.models.reward import META_FILE, RewardModel
+from rlhfkit.ppo.human import HumanRewardSource
 
 __all__ = [
     "RewardSource",
@@ -125,8 +129,6 @@ class RewardModelSource:
     """
 
     def __init__(self, path: str, options: RewardOptions | None = None):
-        from rlhfkit.models.reward import RewardModel
-
         self.options = options or RewardOptions()
         self.path = path
         self.model = RewardModel.from_pretrained(path, dtype=self.options.dtype, device=self.options.device)
@@ -152,10 +154,6 @@ class ClassifierSource:
     """
 
     def __init__(self, name_or_path: str, options: RewardOptions | None = None):
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-        from rlhfkit.models.hub import resolve_model
-
         self.options = o = options or RewardOptions()
         if o.transform not in CLASSIFIER_TRANSFORMS:
             raise ConfigError(
@@ -268,7 +266,6 @@ Factory = Callable[[str, RewardOptions], RewardSource]
 
 def _human(spec: str, options: RewardOptions) -> RewardSource:
     """``--reward human[:LOG.jsonl[@LOW..HIGH]]``: a person types the scores (see ppo/human.py)."""
-    from rlhfkit.ppo.human import HumanRewardSource
 
     return HumanRewardSource(spec, options)
 
@@ -296,11 +293,6 @@ def _is_function_spec(spec: str) -> bool:
 
 def _classifier_kind(path: str) -> str:
     """``rm`` for an rlhfkit reward model or a one-label classifier, else ``classifier``."""
-    from transformers import AutoConfig
-
-    from rlhfkit.models.hub import resolve_run_folder
-    from rlhfkit.models.reward import META_FILE
-
     folder = Path(resolve_run_folder(path))
     if (folder / META_FILE).is_file():
         return "rm"
@@ -323,7 +315,6 @@ def _classifier_kind(path: str) -> str:
 
 def load_reward_source(spec: str, options: RewardOptions | None = None) -> RewardSource:
     """Build the reward source that ``spec`` names (see the module docstring)."""
-    from rlhfkit.models.hub import ALIASES, resolve_model
 
     options = options or RewardOptions()
     kind, _, rest = spec.partition(":")

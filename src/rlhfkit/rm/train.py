@@ -23,7 +23,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
 import yaml
 
 from rlhfkit import losses as L
@@ -223,27 +222,17 @@ def train_reward_model(cfg: RMTrainConfig) -> dict[str, Any]:
     cadence = Cadence(total_steps, cfg.log_every, cfg.save_every, cfg.eval_every, cfg.stop_after_steps)
     window = MetricsWindow()
     lengths = [train_data.list_length(j) for j in range(len(train_data))]
-    batches = iter_batches(lengths, effective, cfg.seed, state.epoch, state.batch_in_epoch)
     model.train()
-    while state.step < cadence.stop_at:
-        epoch, b, n_batches, step_ids = next(batches)
+    for epoch, b, n_batches, step_ids in iter_batches(lengths, effective, cfg.seed, cadence.stop_at - state.step, state.epoch, state.batch_in_epoch):
         micro = process_micro_batches(step_ids, run.world, cfg.grad_accum, run.rank)
-        loss_fn = partial(micro_loss, model, train_data, rm.pad, cfg.loss, run.device, run.world / len(step_ids))
         grad_norm, stats = train_step(
-            run, model, optimizer, micro, loss_fn, max_grad_norm=cfg.max_grad_norm, scheduler=scheduler,
-            where=f"step {state.step + 1} (epoch {epoch}, batch {b})",
+            run, model, optimizer, micro, partial(micro_loss, model, train_data, rm.pad, cfg.loss, run.device, run.world / len(step_ids)),
+            max_grad_norm=cfg.max_grad_norm, scheduler=scheduler, where=f"step {state.step + 1} (epoch {epoch}, batch {b})",
             describe=lambda m: f"lists from {[train_data.examples[j].source for j in m[0]][:4]}")
         state.step, state.epoch, state.batch_in_epoch = state.step + 1, epoch, b + 1
-        for s in stats:
-            window.add(**s)
-        run.progress.update(1)
-        if cadence.log(state.step):
-            log_train(run, window, state, scheduler, grad_norm, n_batches)
-        if cadence.eval(state.step):
-            evaluate_and_keep_best(run, rm, eval_data, cfg, state)
-            window.restart_clock()
-        if cadence.save(state.step):
-            run.save(state)
+        window.add(*stats)
+        cadence.after_step(run, state, window, log=partial(log_train, run, window, state, scheduler, grad_norm, n_batches),
+                           evaluate=partial(evaluate_and_keep_best, run, rm, eval_data, cfg, state))
 
     final = evaluate_and_keep_best(run, rm, eval_data, cfg, state)
     run.save(state)

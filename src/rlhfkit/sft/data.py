@@ -50,7 +50,11 @@ from typing import Any, Sequence
 
 import torch
 
-from rlhfkit.data.readers import _iter_jsonl, _show  # one JSONL reader: the same line errors for every data file
+from rlhfkit.data.readers import (  # one JSONL reader: the same line errors for every data file
+    _iter_jsonl,
+    _show,
+    split_train_eval,
+)
 from rlhfkit.data.types import DataFormatError
 from rlhfkit.sft.losses import IGNORE_INDEX
 
@@ -142,7 +146,6 @@ def _parse_messages(messages: Any, bad, where: str) -> SFTExample:
 
 def split_examples(examples: Sequence[SFTExample], eval_fraction: float, seed: int) -> tuple[list[SFTExample], list[SFTExample]]:
     """Hold out ``round(len * eval_fraction)`` (at least 1) seeded random examples; both parts keep file order."""
-    from rlhfkit.data.readers import split_train_eval
 
     return split_train_eval(examples, eval_fraction=eval_fraction, seed=seed)  # type: ignore[arg-type]
 

@@ -188,7 +188,8 @@ def export(model, tokenizer, cfg: SFTConfig, target: Path) -> None:
     export_pretrained(model, tokenizer, target, {"training_config.yaml": yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)})
 
 
-def log_train(run: Run, window: MetricsWindow, state: TrainState, scheduler, grad_norm, n_batches: int) -> dict[str, float]:
+def log_train(run: Run, window: MetricsWindow, state: TrainState, scheduler, grad_norm, n_batches: int, result: dict) -> None:
+    """Log the window's training metrics, and keep them in ``result`` (what :func:`train_sft` returns)."""
     sums, seconds = window.flush(run.accelerator)
     row = {"train/loss": sums["nll"] / max(sums["tokens"], 1), "train/tokens_per_s": sums["seen"] / seconds,  # all real tokens
            "train/lr": scheduler.get_last_lr()[0], "train/epoch": state.epoch + state.batch_in_epoch / n_batches}
@@ -196,7 +197,7 @@ def log_train(run: Run, window: MetricsWindow, state: TrainState, scheduler, gra
         row["train/grad_norm"] = float(grad_norm)
     run.log.log(state.step, row)
     run.progress.set_postfix(loss=f"{row['train/loss']:.4f}", tok_s=f"{row['train/tokens_per_s']:.0f}")
-    return row
+    result.update(row)
 
 
 # ---------------------------------------------------------------------- the loop
@@ -232,10 +233,8 @@ def train_sft(cfg: SFTConfig) -> dict[str, Any]:
 
     cadence = Cadence(total_steps, cfg.log_every, cfg.save_every, cfg.eval_every, cfg.stop_after_steps)
     window, result = MetricsWindow(), {}
-    batches = iter_batches(row_lengths, effective, cfg.seed, state.epoch, state.batch_in_epoch)
     wrapped.train()
-    while state.step < cadence.stop_at:
-        epoch, b, n_batches, step_rows = next(batches)
+    for epoch, b, n_batches, step_rows in iter_batches(row_lengths, effective, cfg.seed, cadence.stop_at - state.step, state.epoch, state.batch_in_epoch):
         n_step_tokens = sum(row_targets[r] for r in step_rows)  # the step's response tokens, known up front
         micro = process_micro_batches(step_rows, run.world, cfg.grad_accum, run.rank)
         loss_fn = partial(micro_loss, wrapped, train_data, rows, tokenizer.pad_token_id, cfg.packing, attn, run.device, n_step_tokens, run.world)
@@ -244,16 +243,9 @@ def train_sft(cfg: SFTConfig) -> dict[str, Any]:
             where=f"step {state.step + 1} (epoch {epoch}, batch {b})",
             describe=lambda m: f"examples from {[train_data.sources[i] for r in m[0] for i in rows[r]][:4]}")
         state.step, state.epoch, state.batch_in_epoch = state.step + 1, epoch, b + 1
-        for s in stats:
-            window.add(**s)
-        run.progress.update(1)
-        if cadence.log(state.step):
-            result.update(log_train(run, window, state, scheduler, grad_norm, n_batches))
-        if cadence.eval(state.step):
-            evaluate_and_keep_best(run, model, tokenizer, eval_data, cfg, state)
-            window.restart_clock()
-        if cadence.save(state.step):
-            run.save(state)
+        window.add(*stats)
+        cadence.after_step(run, state, window, log=partial(log_train, run, window, state, scheduler, grad_norm, n_batches, result),
+                           evaluate=partial(evaluate_and_keep_best, run, model, tokenizer, eval_data, cfg, state))
 
     if state.step > 0:
         result.update({f"eval/{k}": v for k, v in evaluate_and_keep_best(run, model, tokenizer, eval_data, cfg, state).items()})

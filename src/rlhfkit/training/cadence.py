@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -39,6 +40,18 @@ class Cadence:
     def save(self, step: int) -> bool:
         return step % self.save_every == 0 and step != self.stop_at
 
+    def after_step(self, run, state, window: "MetricsWindow", log: Callable[[], object], evaluate: Callable[[], object]) -> None:
+        """What follows every optimizer step: the progress bar, then ``log()``, ``evaluate()``
+        (its time left out of the next throughput) and a checkpoint when each is due."""
+        run.progress.update(1)
+        if self.log(state.step):
+            log()
+        if self.eval(state.step):
+            evaluate()
+            window.restart_clock()
+        if self.save(state.step):
+            run.save(state)
+
 
 @dataclass
 class MetricsWindow:
@@ -52,10 +65,12 @@ class MetricsWindow:
     sums: dict[str, Tensor] = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
 
-    def add(self, **values) -> None:
-        for key, value in values.items():
-            value = torch.as_tensor(value).detach().to(torch.float64)
-            self.sums[key] = self.sums[key] + value if key in self.sums else value
+    def add(self, *stats: dict, **values) -> None:
+        """Add each dict of ``stats`` and the keyword ``values`` to the running sums."""
+        for row in (*stats, values):
+            for key, value in row.items():
+                value = torch.as_tensor(value).detach().to(torch.float64)
+                self.sums[key] = self.sums[key] + value if key in self.sums else value
 
     def flush(self, accelerator) -> tuple[dict[str, float], float]:
         keys = sorted(self.sums)
