@@ -326,7 +326,8 @@ def prepare(args: Args, work: Path) -> dict[str, Any]:
     from rlhfkit.models.hub import resolve_model
     from rlhfkit.models.reward import RewardModel
     from rlhfkit.models.tokenizers import ensure_distinct_pad
-    from rlhfkit.ppo.rollout import Prompt, encode_queries, render_prompt
+    from rlhfkit.data.prompts import Prompt
+    from rlhfkit.sampling import encode_queries, render_prompt
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
@@ -340,7 +341,7 @@ def prepare(args: Args, work: Path) -> dict[str, Any]:
     path = resolve_model(args.policy)  # converts a GGUF alias to the cache once, outside the timings
     tok = AutoTokenizer.from_pretrained(path)
     ensure_distinct_pad(tok)
-    texts = [render_prompt(tok, Prompt(line), chat_template=True) for line in lines]
+    texts = [render_prompt(tok, Prompt(line), chat=True) for line in lines]
     ids, mask = encode_queries(tok, texts, 10**6, chat=True)
     query_ids = [row[m.bool()].tolist() for row, m in zip(ids, mask)]
     (work / "query_ids.json").write_text(json.dumps(query_ids))

@@ -33,7 +33,7 @@ def main() -> None:
     run("rm", "train", "--model", "minilm-l6", "--train", str(data), "--prompt-column", "--n-train", "500",
         "--output", str(OUT), "--epochs", "1", "--batch-size", "8", "--lr", "1e-4", "--max-length", "96",
         "--eval-every", "25")
-    run("rm", "eval", "--model", str(OUT), "--data", str(data), "--prompt-column", "--n-skip", "500")
+    run("rm", "eval", "--model", str(OUT), "--eval", str(data), "--prompt-column", "--n-skip", "500")
     prompt = "Write a short review of the kettle."
     run("score", "--model", str(OUT), "--prompt", prompt,
         "I love this kettle. The design is superb. Highly recommended!",

@@ -45,16 +45,16 @@ def bf_pairs(ranks_row: list, mask_row: list) -> list[tuple[int, int]]:
     return [(i, j) for i in real for j in real if ranks_row[i] < ranks_row[j]]
 
 
-def bf_pairwise(rewards, ranks, mask, margins=None) -> tuple[list[float], float]:
+def bf_pairwise(scores, ranks, mask, margins=None) -> tuple[list[float], float]:
     """Per-list losses and the mean over lists that have pairs, double loop over pairs."""
     per_list, counted = [], []
-    for b in range(len(rewards)):
+    for b in range(len(scores)):
         m = 0.0 if margins is None else margins[b]
         pairs = bf_pairs(ranks[b], mask[b])
         if not pairs:
             per_list.append(0.0)
             continue
-        loss = sum(neg_logsigmoid(rewards[b][i] - rewards[b][j] - m) for i, j in pairs) / len(pairs)
+        loss = sum(neg_logsigmoid(scores[b][i] - scores[b][j] - m) for i, j in pairs) / len(pairs)
         per_list.append(loss)
         counted.append(loss)
     return per_list, (sum(counted) / len(counted) if counted else 0.0)
@@ -90,24 +90,24 @@ def bf_kendall_tau_b(rewards_row, ranks_row, mask_row) -> float:
 
 
 def random_lists(seed: int, b: int = 7, k: int = 5, ties: bool = True, scale: float = 2.0):
-    """Random padded lists as Python lists: rewards, ranks, mask (lengths 1..k)."""
+    """Random padded lists as Python lists: scores, ranks, mask (lengths 1..k)."""
     rng = random.Random(seed)
-    rewards, ranks, mask = [], [], []
+    scores, ranks, mask = [], [], []
     for _ in range(b):
         n = rng.randint(1, k)
         row_ranks = list(range(n))
         rng.shuffle(row_ranks)
         if ties and n > 2 and rng.random() < 0.5:
             row_ranks[rng.randrange(n)] = row_ranks[rng.randrange(n)]
-        rewards.append([rng.gauss(0, scale) for _ in range(n)] + [rng.gauss(0, 50) for _ in range(k - n)])
+        scores.append([rng.gauss(0, scale) for _ in range(n)] + [rng.gauss(0, 50) for _ in range(k - n)])
         ranks.append(row_ranks + [rng.randint(-3, 3) for _ in range(k - n)])  # pad ranks: junk
         mask.append([1] * n + [0] * (k - n))
-    return rewards, ranks, mask
+    return scores, ranks, mask
 
 
-def as_tensors(rewards, ranks, mask):
+def as_tensors(scores, ranks, mask):
     return (
-        torch.tensor(rewards, dtype=torch.float64),
+        torch.tensor(scores, dtype=torch.float64),
         torch.tensor(ranks, dtype=torch.long),
         torch.tensor(mask, dtype=torch.long),
     )
@@ -126,9 +126,9 @@ def test_pairwise_hand_computed():
 
 @pytest.mark.parametrize("seed", range(5))
 def test_pairwise_matches_brute_force(seed):
-    rewards, ranks, mask = random_lists(seed)
-    per_list, mean = bf_pairwise(rewards, ranks, mask)
-    r, rk, m = as_tensors(rewards, ranks, mask)
+    scores, ranks, mask = random_lists(seed)
+    per_list, mean = bf_pairwise(scores, ranks, mask)
+    r, rk, m = as_tensors(scores, ranks, mask)
     expected = torch.tensor(per_list, dtype=torch.float64)
     torch.testing.assert_close(pairwise_loss(r, rk, m, reduction="none"), expected)
     assert pairwise_loss(r, rk, m).item() == pytest.approx(mean, abs=1e-12)
@@ -137,8 +137,8 @@ def test_pairwise_matches_brute_force(seed):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_pairwise_equals_logexp_including_extremes(dtype):
-    rewards, ranks, mask = random_lists(11, scale=30.0)
-    r, rk, m = as_tensors(rewards, ranks, mask)
+    scores, ranks, mask = random_lists(11, scale=30.0)
+    r, rk, m = as_tensors(scores, ranks, mask)
     r = r.to(dtype)
     r[0, :2] = torch.tensor([100.0, -100.0], dtype=dtype)
     r[1, :2] = torch.tensor([-100.0, 100.0], dtype=dtype)
@@ -190,7 +190,7 @@ def test_ties_give_no_pair():
     ranks = torch.tensor([[0, 1, 1]])  # slots 1 and 2 tied: pairs (0,1), (0,2) only
     expected = (neg_logsigmoid(0.8) + neg_logsigmoid(1.3)) / 2
     assert pairwise_loss(r, ranks, torch.ones(1, 3)).item() == pytest.approx(expected, abs=1e-12)
-    # moving the tied rewards does not add a pair between them
+    # moving the tied scores does not add a pair between them
     r2 = torch.tensor([[1.0, -0.3, 0.2]], dtype=torch.float64)
     assert pairwise_loss(r2, ranks, torch.ones(1, 3)).item() == pytest.approx(expected, abs=1e-12)
 
@@ -216,10 +216,10 @@ def test_each_list_weighted_equally():
 
 @pytest.mark.parametrize("seed", range(3))
 def test_margin_matches_brute_force(seed):
-    rewards, ranks, mask = random_lists(seed + 100)
-    margins = [random.Random(seed).uniform(0, 2) for _ in rewards]
-    per_list, mean = bf_pairwise(rewards, ranks, mask, margins)
-    r, rk, m = as_tensors(rewards, ranks, mask)
+    scores, ranks, mask = random_lists(seed + 100)
+    margins = [random.Random(seed).uniform(0, 2) for _ in scores]
+    per_list, mean = bf_pairwise(scores, ranks, mask, margins)
+    r, rk, m = as_tensors(scores, ranks, mask)
     mg = torch.tensor(margins, dtype=torch.float64)
     expected = torch.tensor(per_list, dtype=torch.float64)
     torch.testing.assert_close(margin_loss(r, rk, m, mg, reduction="none"), expected)
@@ -247,15 +247,15 @@ def test_margin_loss_requires_margins():
 
 @pytest.mark.parametrize("seed", range(3))
 def test_listwise_matches_brute_force(seed):
-    rewards, _, mask = random_lists(seed + 200)
+    scores, _, mask = random_lists(seed + 200)
     rng = random.Random(seed)
     choice = [rng.choice(real_slots(m)) for m in mask]
     expected = []
-    for b in range(len(rewards)):
+    for b in range(len(scores)):
         real = real_slots(mask[b])
-        z = sum(math.exp(rewards[b][k]) for k in real)
-        expected.append(-math.log(math.exp(rewards[b][choice[b]]) / z))
-    r = torch.tensor(rewards, dtype=torch.float64)
+        z = sum(math.exp(scores[b][k]) for k in real)
+        expected.append(-math.log(math.exp(scores[b][choice[b]]) / z))
+    r = torch.tensor(scores, dtype=torch.float64)
     m, c = torch.tensor(mask), torch.tensor(choice)
     got = listwise_loss(r, c, m, reduction="none")
     torch.testing.assert_close(got, torch.tensor(expected, dtype=torch.float64))
@@ -280,9 +280,9 @@ def test_listwise_rejects_choice_on_padding():
 
 @pytest.mark.parametrize("seed", range(4))
 def test_plackett_luce_matches_explicit_product(seed):
-    rewards, ranks, mask = random_lists(seed + 300, ties=False)
-    expected = [bf_plackett_luce(*row) for row in zip(rewards, ranks, mask)]
-    r, rk, m = as_tensors(rewards, ranks, mask)
+    scores, ranks, mask = random_lists(seed + 300, ties=False)
+    expected = [bf_plackett_luce(*row) for row in zip(scores, ranks, mask)]
+    r, rk, m = as_tensors(scores, ranks, mask)
     got = plackett_luce_loss(r, rk, m, reduction="none")
     torch.testing.assert_close(got, torch.tensor(expected, dtype=torch.float64))
     counted = [e for e, mk in zip(expected, mask) if sum(mk) >= 2]
@@ -290,7 +290,7 @@ def test_plackett_luce_matches_explicit_product(seed):
 
 
 def test_plackett_luce_hand_computed():
-    # order 2 > 0 > 1 with rewards (0, 0, 0): P = 1/3 * 1/2 -> log 6 over 2 choices
+    # order 2 > 0 > 1 with scores (0, 0, 0): P = 1/3 * 1/2 -> log 6 over 2 choices
     r = torch.zeros(1, 3, dtype=torch.float64)
     got = plackett_luce_loss(r, torch.tensor([[1, 2, 0]]), torch.ones(1, 3)).item()
     assert got == pytest.approx(math.log(6.0) / 2, abs=1e-12)
@@ -325,7 +325,7 @@ def test_binary_and_mse_match_brute_force():
 def test_binary_rejects_labels_outside_unit_interval():
     with pytest.raises(ValueError, match=r"binary_loss: labels\[1\] = 2.0 is outside \[0, 1\]"):
         binary_loss(torch.zeros(3), torch.tensor([0.0, 2.0, 1.0]))
-    with pytest.raises(ValueError, match=r"mse_loss: rewards and targets must both be \(N,\)"):
+    with pytest.raises(ValueError, match=r"mse_loss: scores and targets must both be \(N,\)"):
         mse_loss(torch.zeros(3), torch.zeros(4))
 
 
@@ -431,20 +431,20 @@ def test_token_pairwise_rejects_identical_and_bad_masks():
 
 @pytest.mark.parametrize("seed", range(4))
 def test_metrics_match_brute_force(seed):
-    rewards, ranks, mask = random_lists(seed + 400)
+    scores, ranks, mask = random_lists(seed + 400)
     rng = random.Random(seed)
-    for row in rewards:  # reward ties too
+    for row in scores:  # reward ties too
         if len(row) > 2 and rng.random() < 0.5:
             row[1] = row[0]
     correct = total = 0
     exact, taus = [], []
-    for b in range(len(rewards)):
+    for b in range(len(scores)):
         pairs = bf_pairs(ranks[b], mask[b])
-        ok = [rewards[b][i] > rewards[b][j] for i, j in pairs]
+        ok = [scores[b][i] > scores[b][j] for i, j in pairs]
         correct, total = correct + sum(ok), total + len(ok)
         exact.append(all(ok))
-        taus.append(bf_kendall_tau_b(rewards[b], ranks[b], mask[b]))
-    r, rk, m = as_tensors(rewards, ranks, mask)
+        taus.append(bf_kendall_tau_b(scores[b], ranks[b], mask[b]))
+    r, rk, m = as_tensors(scores, ranks, mask)
     c, t = pairwise_accuracy(r, rk, m)
     assert (c.item(), t.item()) == (correct, total)
     assert list_exact_match(r, rk, m).tolist() == exact
@@ -483,7 +483,7 @@ def test_bad_inputs_raise():
     r, ranks, mask = torch.zeros(2, 3), torch.zeros(2, 3, dtype=torch.long), torch.ones(2, 3)
     with pytest.raises(ValueError, match=r"reduction='sum' is not supported; use one of mean, none"):
         pairwise_loss(r, ranks, mask, reduction="sum")
-    with pytest.raises(ValueError, match=r"ranks has shape \(2, 2\) but rewards has \(2, 3\)"):
+    with pytest.raises(ValueError, match=r"ranks has shape \(2, 2\) but scores has \(2, 3\)"):
         pairwise_loss(r, ranks[:, :2], mask)
-    with pytest.raises(ValueError, match=r"rewards must be \(B, K\) scores"):
+    with pytest.raises(ValueError, match=r"scores must be \(B, K\) scores"):
         plackett_luce_loss(torch.zeros(3), torch.zeros(3), torch.ones(3))

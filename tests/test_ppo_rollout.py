@@ -91,7 +91,7 @@ def test_left_padding_and_post_eos_tokens_change_nothing(actor_critic_pair, kind
     garbage = resp + [77, 88, 99, EOS, 5]
     batched = run([long_q, q], [tok("hello", add_special_tokens=False)["input_ids"], garbage], 9)
     assert batched.response_mask[1].tolist() == [1, 1, 1, 1, 0, 0, 0, 0, 0]
-    for name in ("old_logprobs", "ref_logprobs", "values"):
+    for name in ("old_logprobs", "ref_logprobs", "old_values"):
         a, b = getattr(alone, name)[0], getattr(batched, name)[1, :4]
         torch.testing.assert_close(b, a, atol=1e-5, rtol=0, msg=name)
         assert (getattr(batched, name)[1, 4:] == 0).all(), f"{name} is not zero after EOS"

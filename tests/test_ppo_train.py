@@ -252,7 +252,7 @@ def test_a_separate_critic_trains_exactly_as_with_the_summed_loss(tiny_lm, tmp_p
     r = Rollout(prompts=["p"] * M, responses=["r"] * M, query_ids=query_ids, query_mask=query_mask,
                 response_ids=response_ids, response_mask=response_mask, ended=torch.ones(M, dtype=torch.bool),
                 old_logprobs=old * response_mask, ref_logprobs=old * response_mask,
-                values=torch.randn(M, N) * response_mask, scores=torch.randn(M))
+                old_values=torch.randn(M, N) * response_mask, scores=torch.randn(M))
     advantages, returns = torch.randn(M, N), torch.randn(M, N)
     c = cfg(tiny_lm, ("p.txt", "r.py"), tmp_path / "unused", batch_size=M, mini_batch_size=3, grad_accum=3,
             ppo_epochs=2, max_grad_norm=0.5, entropy_coef=0.01, lr=1e-3, critic_lr=3e-3)

@@ -47,8 +47,8 @@ def test_score_is_read_at_the_eos_token_not_a_pad_slot(lm_rm):
     assert ids[-1] == lm_rm.tokenizer.eos_token_id and n_prompt == 3 and not cut
     batch = lm_rm.pad([feats, lm_rm.encode("", TEXTS[2])[0]])
     with torch.no_grad():
-        scores, token_rewards = lm_rm(**batch, return_token_rewards=True)
-    assert scores[0] == token_rewards[0, len(ids) - 1]
+        scores, token_scores = lm_rm(**batch, return_token_scores=True)
+    assert scores[0] == token_scores[0, len(ids) - 1]
 
 
 def test_gradients_flow_only_through_real_tokens(lm_rm):

@@ -3,10 +3,10 @@
 Layout shared by the list losses and the metrics (one row = one list of responses to one
 prompt; lists of different lengths are right- or arbitrarily padded to a common ``K``):
 
-- ``rewards (B, K)``: the reward model's score of each response.
+- ``scores (B, K)``: the reward model's score of each response.
 - ``ranks (B, K)`` integers: 0 = best. Equal ranks are a tie and give no pair.
 - ``list_mask (B, K)``: 1 = real response slot, 0 = padding. Values in padded slots of
-  ``rewards`` and ``ranks`` are ignored, and padded slots get exactly zero gradient.
+  ``scores`` and ``ranks`` are ignored, and padded slots get exactly zero gradient.
 
 Each loss returns per-list losses ``(B,)`` for ``reduction="none"`` and, for the default
 ``reduction="mean"``, the mean over lists with each list weighted equally (a list of 6
@@ -60,26 +60,26 @@ def _reduce(per_item: Tensor, include: Tensor, reduction: str, fn: str) -> Tenso
     )
 
 
-def _check_lists(fn: str, rewards: Tensor, list_mask: Tensor, ranks: Tensor | None = None) -> Tensor:
+def _check_lists(fn: str, scores: Tensor, list_mask: Tensor, ranks: Tensor | None = None) -> Tensor:
     """Validate the ``(B, K)`` list layout and return ``list_mask`` as bool."""
-    if rewards.dim() != 2:
+    if scores.dim() != 2:
         raise ValueError(
-            f"{fn}: rewards must be (B, K) scores, one row per list; got shape "
-            f"{tuple(rewards.shape)}. Reshape flat pairs to (num_pairs, 2)."
+            f"{fn}: scores must be (B, K) scores, one row per list; got shape "
+            f"{tuple(scores.shape)}. Reshape flat pairs to (num_pairs, 2)."
         )
     named = {"list_mask": list_mask} if ranks is None else {"ranks": ranks, "list_mask": list_mask}
     for name, t in named.items():
-        if t.shape != rewards.shape:
+        if t.shape != scores.shape:
             raise ValueError(
-                f"{fn}: {name} has shape {tuple(t.shape)} but rewards has "
-                f"{tuple(rewards.shape)}; both must be (B, K)."
+                f"{fn}: {name} has shape {tuple(t.shape)} but scores has "
+                f"{tuple(scores.shape)}; both must be (B, K)."
             )
     return list_mask.to(torch.bool)
 
 
-def _sanitize(rewards: Tensor, real: Tensor) -> Tensor:
+def _sanitize(scores: Tensor, real: Tensor) -> Tensor:
     # Zero the padded slots first so a nan/inf there cannot reach the loss or the gradient.
-    return torch.where(real, rewards, torch.zeros((), dtype=rewards.dtype, device=rewards.device))
+    return torch.where(real, scores, torch.zeros((), dtype=scores.dtype, device=scores.device))
 
 
 def _pair_mask(ranks: Tensor, real: Tensor) -> Tensor:
@@ -88,24 +88,24 @@ def _pair_mask(ranks: Tensor, real: Tensor) -> Tensor:
     return better & real.unsqueeze(2) & real.unsqueeze(1)
 
 
-def _pair_diffs(rewards: Tensor, margins: Tensor | None, fn: str) -> Tensor:
+def _pair_diffs(scores: Tensor, margins: Tensor | None, fn: str) -> Tensor:
     """``(B, K, K)`` with ``[b, i, j] = r_i - r_j - margin_b``."""
-    diff = rewards.unsqueeze(2) - rewards.unsqueeze(1)  # (B, K, K)
+    diff = scores.unsqueeze(2) - scores.unsqueeze(1)  # (B, K, K)
     if margins is None:
         return diff
-    if margins.shape != rewards.shape[:1]:
+    if margins.shape != scores.shape[:1]:
         raise ValueError(
-            f"{fn}: margins must be one value per list, shape ({rewards.shape[0]},); got "
+            f"{fn}: margins must be one value per list, shape ({scores.shape[0]},); got "
             f"{tuple(margins.shape)}."
         )
-    return diff - margins.to(rewards.dtype)[:, None, None]
+    return diff - margins.to(scores.dtype)[:, None, None]
 
 
 # --------------------------------------------------------------------------- list losses
 
 
 def pairwise_loss(
-    rewards: Tensor,
+    scores: Tensor,
     ranks: Tensor,
     list_mask: Tensor,
     margins: Tensor | None = None,
@@ -119,24 +119,24 @@ def pairwise_loss(
     with no pair (all tied, or one real slot) give 0 and are excluded from the mean.
 
     Args:
-        rewards: ``(B, K)`` scores.
+        scores: ``(B, K)`` scores.
         ranks: ``(B, K)`` integer ranks, 0 = best; equal ranks give no pair.
         list_mask: ``(B, K)``, 1 = real slot.
         margins: ``(B,)`` per-list margin subtracted inside the sigmoid (Llama 2,
             arXiv:2307.09288, eq. 2), or ``None`` for no margin.
         reduction: ``"mean"`` (over lists) or ``"none"`` (``(B,)``).
     """
-    real = _check_lists("pairwise_loss", rewards, list_mask, ranks)
-    rewards = _sanitize(rewards, real)
+    real = _check_lists("pairwise_loss", scores, list_mask, ranks)
+    scores = _sanitize(scores, real)
     pairs = _pair_mask(ranks, real)  # (B, K, K)
-    diff = _pair_diffs(rewards, margins, "pairwise_loss")
+    diff = _pair_diffs(scores, margins, "pairwise_loss")
     per_pair = -F.logsigmoid(diff)  # InstructGPT eq. 1, stable for any |diff|
     per_list = masked_mean(per_pair, pairs, dim=(1, 2))  # mean over the pairs of each list
     return _reduce(per_list, pairs.flatten(1).any(dim=1), reduction, "pairwise_loss")
 
 
 def logexp_loss(
-    rewards: Tensor,
+    scores: Tensor,
     ranks: Tensor,
     list_mask: Tensor,
     margins: Tensor | None = None,
@@ -151,17 +151,17 @@ def logexp_loss(
 
     Args: as :func:`pairwise_loss`.
     """
-    real = _check_lists("logexp_loss", rewards, list_mask, ranks)
-    rewards = _sanitize(rewards, real)
+    real = _check_lists("logexp_loss", scores, list_mask, ranks)
+    scores = _sanitize(scores, real)
     pairs = _pair_mask(ranks, real)  # (B, K, K)
-    diff = _pair_diffs(rewards, margins, "logexp_loss")
+    diff = _pair_diffs(scores, margins, "logexp_loss")
     per_pair = F.softplus(-diff)  # log(1 + exp(r_l - r_w + m)), arXiv:2112.00861 sec. 4
     per_list = masked_mean(per_pair, pairs, dim=(1, 2))
     return _reduce(per_list, pairs.flatten(1).any(dim=1), reduction, "logexp_loss")
 
 
 def margin_loss(
-    rewards: Tensor,
+    scores: Tensor,
     ranks: Tensor,
     list_mask: Tensor,
     margins: Tensor | None,
@@ -179,11 +179,11 @@ def margin_loss(
             "margin_loss: margins is None, but this loss needs one margin per list, shape "
             "(B,); give the data a 'margin' field, or use loss 'pairwise' for no margin."
         )
-    return pairwise_loss(rewards, ranks, list_mask, margins=margins, reduction=reduction)
+    return pairwise_loss(scores, ranks, list_mask, margins=margins, reduction=reduction)
 
 
 def listwise_loss(
-    rewards: Tensor,
+    scores: Tensor,
     choice: Tensor,
     list_mask: Tensor,
     reduction: str = "mean",
@@ -196,20 +196,20 @@ def listwise_loss(
     0 and is excluded from the mean.
 
     Args:
-        rewards: ``(B, K)`` scores.
+        scores: ``(B, K)`` scores.
         choice: ``(B,)`` integer index of the chosen slot; must be a real slot.
         list_mask: ``(B, K)``, 1 = real slot.
         reduction: ``"mean"`` (over lists) or ``"none"`` (``(B,)``).
     """
-    real = _check_lists("listwise_loss", rewards, list_mask)
-    if choice.shape != rewards.shape[:1]:
+    real = _check_lists("listwise_loss", scores, list_mask)
+    if choice.shape != scores.shape[:1]:
         raise ValueError(
-            f"listwise_loss: choice must hold one index per list, shape ({rewards.shape[0]},); "
+            f"listwise_loss: choice must hold one index per list, shape ({scores.shape[0]},); "
             f"got {tuple(choice.shape)}."
         )
     choice = choice.long()
-    in_range = (choice >= 0) & (choice < rewards.shape[1])
-    chose_real = in_range & real.gather(1, choice.clamp(0, rewards.shape[1] - 1).unsqueeze(1)).squeeze(1)
+    in_range = (choice >= 0) & (choice < scores.shape[1])
+    chose_real = in_range & real.gather(1, choice.clamp(0, scores.shape[1] - 1).unsqueeze(1)).squeeze(1)
     if not bool(chose_real.all()):
         b = int((~chose_real).nonzero()[0])
         raise ValueError(
@@ -217,9 +217,9 @@ def listwise_loss(
             f"(real slots: {real[b].nonzero().flatten().tolist()}); choice must index a "
             "response that exists in that list."
         )
-    rewards = _sanitize(rewards, real)
-    logits = rewards.masked_fill(~real, float("-inf"))  # (B, K), pads drop out of the softmax
-    chosen = rewards.gather(1, choice.unsqueeze(1)).squeeze(1)  # (B,)
+    scores = _sanitize(scores, real)
+    logits = scores.masked_fill(~real, float("-inf"))  # (B, K), pads drop out of the softmax
+    chosen = scores.gather(1, choice.unsqueeze(1)).squeeze(1)  # (B,)
     per_list = torch.logsumexp(logits, dim=1) - chosen  # cross-entropy, arXiv:1909.08593 eq. 1
     return _reduce(per_list, real.sum(dim=1) >= 2, reduction, "listwise_loss")
 
@@ -238,7 +238,7 @@ def _check_no_ties(fn: str, ranks: Tensor, real: Tensor) -> None:
 
 
 def plackett_luce_loss(
-    rewards: Tensor,
+    scores: Tensor,
     ranks: Tensor,
     list_mask: Tensor,
     reduction: str = "mean",
@@ -257,13 +257,13 @@ def plackett_luce_loss(
 
         for b in range(B):
             order = sorted((k for k in range(K) if list_mask[b][k]), key=lambda k: ranks[b][k])
-            r = [rewards[b][k] for k in order]
+            r = [scores[b][k] for k in order]
             n = len(r)
             nll = sum(logsumexp(r[k:]) - r[k] for k in range(n - 1))
             loss[b] = nll / (n - 1) if n > 1 else 0.0
 
     Args:
-        rewards: ``(B, K)`` scores.
+        scores: ``(B, K)`` scores.
         ranks: ``(B, K)`` integer ranks, 0 = best, no ties among the real slots.
         list_mask: ``(B, K)``, 1 = real slot.
         reduction: ``"mean"`` (over lists) or ``"none"`` (``(B,)``).
@@ -271,19 +271,19 @@ def plackett_luce_loss(
     Raises:
         ValueError: two real slots of a list share a rank.
     """
-    real = _check_lists("plackett_luce_loss", rewards, list_mask, ranks)
+    real = _check_lists("plackett_luce_loss", scores, list_mask, ranks)
     _check_no_ties("plackett_luce_loss", ranks, real)
-    rewards = _sanitize(rewards, real)
-    k = rewards.shape[1]
+    scores = _sanitize(scores, real)
+    k = scores.shape[1]
     # Sort real slots best first; padded slots go last.
     key = ranks.long().masked_fill(~real, torch.iinfo(torch.long).max)
     order = torch.argsort(key, dim=1, stable=True)  # (B, K)
-    sorted_r = rewards.gather(1, order)  # (B, K)
+    sorted_r = scores.gather(1, order)  # (B, K)
     sorted_real = real.gather(1, order)  # (B, K), real slots first
-    pos = torch.arange(k, device=rewards.device)
+    pos = torch.arange(k, device=scores.device)
     # still[b, k, j]: slot j is still available at choice k. A padded position k keeps
     # itself so its (unused) row is never all -inf.
-    eye = torch.eye(k, dtype=torch.bool, device=rewards.device)
+    eye = torch.eye(k, dtype=torch.bool, device=scores.device)
     still = (pos[None, :] >= pos[:, None]) & (sorted_real.unsqueeze(1) | eye)  # (B, K, K)
     pool = sorted_r.unsqueeze(1).expand(-1, k, -1).masked_fill(~still, float("-inf"))  # (B, K, K)
     # -log P(r_(k) picked first among the remaining), Plackett-Luce
@@ -297,22 +297,22 @@ def plackett_luce_loss(
 # --------------------------------------------------------------------------- pointwise
 
 
-def binary_loss(rewards: Tensor, labels: Tensor, reduction: str = "mean") -> Tensor:
+def binary_loss(scores: Tensor, labels: Tensor, reduction: str = "mean") -> Tensor:
     """Binary cross-entropy with logits: the reward is the logit of "good".
 
     ``-(y log sigmoid(r) + (1 - y) log sigmoid(-r))``.
 
     Args:
-        rewards: ``(N,)`` scores.
+        scores: ``(N,)`` scores.
         labels: ``(N,)`` in ``[0, 1]`` (0/1 labels; soft labels are accepted).
         reduction: ``"mean"`` or ``"none"`` (``(N,)``).
     """
-    if rewards.shape != labels.shape or rewards.dim() != 1:
+    if scores.shape != labels.shape or scores.dim() != 1:
         raise ValueError(
-            f"binary_loss: rewards and labels must both be (N,); got {tuple(rewards.shape)} "
+            f"binary_loss: scores and labels must both be (N,); got {tuple(scores.shape)} "
             f"and {tuple(labels.shape)}."
         )
-    labels = labels.to(rewards.dtype)
+    labels = labels.to(scores.dtype)
     bad = (labels < 0) | (labels > 1) | torch.isnan(labels)
     if bool(bad.any()):
         i = int(bad.nonzero()[0])
@@ -320,24 +320,24 @@ def binary_loss(rewards: Tensor, labels: Tensor, reduction: str = "mean") -> Ten
             f"binary_loss: labels[{i}] = {float(labels[i])} is outside [0, 1]; binary labels "
             "must be 0 (bad) or 1 (good). For real-valued targets use loss 'mse'."
         )
-    per_item = F.binary_cross_entropy_with_logits(rewards, labels, reduction="none")
+    per_item = F.binary_cross_entropy_with_logits(scores, labels, reduction="none")
     return _reduce(per_item, torch.ones_like(per_item, dtype=torch.bool), reduction, "binary_loss")
 
 
-def mse_loss(rewards: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:
+def mse_loss(scores: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:
     """Squared error ``(r - target)^2`` against a scalar label.
 
     Args:
-        rewards: ``(N,)`` scores.
+        scores: ``(N,)`` scores.
         targets: ``(N,)`` target scores.
         reduction: ``"mean"`` or ``"none"`` (``(N,)``).
     """
-    if rewards.shape != targets.shape or rewards.dim() != 1:
+    if scores.shape != targets.shape or scores.dim() != 1:
         raise ValueError(
-            f"mse_loss: rewards and targets must both be (N,); got {tuple(rewards.shape)} "
+            f"mse_loss: scores and targets must both be (N,); got {tuple(scores.shape)} "
             f"and {tuple(targets.shape)}."
         )
-    per_item = (rewards - targets.to(rewards.dtype)) ** 2
+    per_item = (scores - targets.to(scores.dtype)) ** 2
     return _reduce(per_item, torch.ones_like(per_item, dtype=torch.bool), reduction, "mse_loss")
 
 
@@ -355,8 +355,8 @@ def _check_right_padded(fn: str, name: str, mask: Tensor) -> None:
 
 
 def token_pairwise_loss(
-    chosen_token_rewards: Tensor,
-    rejected_token_rewards: Tensor,
+    chosen_token_scores: Tensor,
+    rejected_token_scores: Tensor,
     chosen_input_ids: Tensor,
     rejected_input_ids: Tensor,
     chosen_mask: Tensor,
@@ -374,7 +374,7 @@ def token_pairwise_loss(
     - the loss is ``mean_{t = d}^{max(n_c, n_r) - 1} -log sigmoid(rc[t] - rr[t])``
       (Bradley-Terry per token, InstructGPT arXiv:2203.02155 eq. 1);
     - past its own end a side's reward stays at its last real token's value:
-      ``rc[t] = chosen_token_rewards[p, min(t, n_c - 1)]`` (same for ``rr``). Values in
+      ``rc[t] = chosen_token_scores[p, min(t, n_c - 1)]`` (same for ``rr``). Values in
       padded positions are never read, and prompt tokens never enter the loss.
 
     Plain loop this function vectorises::
@@ -384,13 +384,13 @@ def token_pairwise_loss(
             end = max(n_c, n_r)
             d = next(t for t in range(prompt_lengths[p], end)
                      if t >= min(n_c, n_r) or chosen_input_ids[p][t] != rejected_input_ids[p][t])
-            rc = lambda t: chosen_token_rewards[p][min(t, n_c - 1)]
-            rr = lambda t: rejected_token_rewards[p][min(t, n_r - 1)]
+            rc = lambda t: chosen_token_scores[p][min(t, n_c - 1)]
+            rr = lambda t: rejected_token_scores[p][min(t, n_r - 1)]
             loss[p] = mean(-logsigmoid(rc(t) - rr(t)) for t in range(d, end))
 
     Args:
-        chosen_token_rewards: ``(P, T)`` per-token scores of the chosen sequence.
-        rejected_token_rewards: ``(P, T)`` per-token scores of the rejected sequence.
+        chosen_token_scores: ``(P, T)`` per-token scores of the chosen sequence.
+        rejected_token_scores: ``(P, T)`` per-token scores of the rejected sequence.
         chosen_input_ids: ``(P, T)`` token ids (prompt + response), right-padded.
         rejected_input_ids: ``(P, T)`` token ids, right-padded.
         chosen_mask: ``(P, T)``, 1 = real token, right-padded.
@@ -404,23 +404,23 @@ def token_pairwise_loss(
     """
     fn = "token_pairwise_loss"
     tensors = {
-        "rejected_token_rewards": rejected_token_rewards,
+        "rejected_token_scores": rejected_token_scores,
         "chosen_input_ids": chosen_input_ids,
         "rejected_input_ids": rejected_input_ids,
         "chosen_mask": chosen_mask,
         "rejected_mask": rejected_mask,
     }
-    if chosen_token_rewards.dim() != 2:
-        raise ValueError(f"{fn}: chosen_token_rewards must be (P, T); got {tuple(chosen_token_rewards.shape)}.")
+    if chosen_token_scores.dim() != 2:
+        raise ValueError(f"{fn}: chosen_token_scores must be (P, T); got {tuple(chosen_token_scores.shape)}.")
     for name, t in tensors.items():
-        if t.shape != chosen_token_rewards.shape:
+        if t.shape != chosen_token_scores.shape:
             raise ValueError(
-                f"{fn}: {name} has shape {tuple(t.shape)} but chosen_token_rewards has "
-                f"{tuple(chosen_token_rewards.shape)}; pad chosen and rejected to the same length T."
+                f"{fn}: {name} has shape {tuple(t.shape)} but chosen_token_scores has "
+                f"{tuple(chosen_token_scores.shape)}; pad chosen and rejected to the same length T."
             )
-    if prompt_lengths.shape != chosen_token_rewards.shape[:1]:
+    if prompt_lengths.shape != chosen_token_scores.shape[:1]:
         raise ValueError(
-            f"{fn}: prompt_lengths must be one count per pair, shape ({chosen_token_rewards.shape[0]},); "
+            f"{fn}: prompt_lengths must be one count per pair, shape ({chosen_token_scores.shape[0]},); "
             f"got {tuple(prompt_lengths.shape)}."
         )
     c_real, r_real = chosen_mask.to(torch.bool), rejected_mask.to(torch.bool)
@@ -439,7 +439,7 @@ def token_pairwise_loss(
             "(raise the max length or drop the pair)."
         )
 
-    t = torch.arange(chosen_token_rewards.shape[1], device=chosen_token_rewards.device).unsqueeze(0)  # (1, T)
+    t = torch.arange(chosen_token_scores.shape[1], device=chosen_token_scores.device).unsqueeze(0)  # (1, T)
     diverged = (t >= n_min) | (chosen_input_ids != rejected_input_ids)
     candidate = (t >= prompt) & (t < n_max) & diverged  # (P, T)
     found = candidate.any(dim=1)
@@ -452,12 +452,12 @@ def token_pairwise_loss(
     d = candidate.int().argmax(dim=1, keepdim=True)  # (P, 1), first divergent index
     window = (t >= d) & (t < n_max)  # (P, T)
 
-    def extend(token_rewards: Tensor, n: Tensor, real: Tensor) -> Tensor:
-        last = token_rewards.gather(1, n - 1)  # (P, 1), reward at the last real token
-        return torch.where(real, token_rewards, last)  # (P, T)
+    def extend(token_scores: Tensor, n: Tensor, real: Tensor) -> Tensor:
+        last = token_scores.gather(1, n - 1)  # (P, 1), reward at the last real token
+        return torch.where(real, token_scores, last)  # (P, T)
 
-    rc = extend(chosen_token_rewards, n_c, c_real)
-    rr = extend(rejected_token_rewards, n_r, r_real)
+    rc = extend(chosen_token_scores, n_c, c_real)
+    rr = extend(rejected_token_scores, n_r, r_real)
     per_token = -F.logsigmoid(rc - rr)  # per-token Bradley-Terry, arXiv:2203.02155 eq. 1
     per_pair = masked_mean(per_token, window, dim=1)  # mean over the divergent span
     return _reduce(per_pair, torch.ones_like(found), reduction, fn)
@@ -467,47 +467,47 @@ def token_pairwise_loss(
 
 
 @torch.no_grad()
-def pairwise_accuracy(rewards: Tensor, ranks: Tensor, list_mask: Tensor) -> tuple[Tensor, Tensor]:
-    """Count the ordered pairs whose rewards agree with the ranks.
+def pairwise_accuracy(scores: Tensor, ranks: Tensor, list_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Count the ordered pairs whose scores agree with the ranks.
 
     A pair ``(i, j)`` with ``ranks[i] < ranks[j]`` is correct when ``r_i > r_j`` strictly (an
     exact reward tie counts as wrong). Tied ranks give no pair. Counts, not a ratio, so
     batches can be summed before dividing; both are 0-d int64 tensors (no host sync).
 
     Args:
-        rewards, ranks, list_mask: ``(B, K)`` as in :func:`pairwise_loss`.
+        scores, ranks, list_mask: ``(B, K)`` as in :func:`pairwise_loss`.
 
     Returns:
         ``(correct, total)``.
     """
-    real = _check_lists("pairwise_accuracy", rewards, list_mask, ranks)
+    real = _check_lists("pairwise_accuracy", scores, list_mask, ranks)
     pairs = _pair_mask(ranks, real)  # (B, K, K)
-    correct = pairs & (rewards.unsqueeze(2) > rewards.unsqueeze(1))
+    correct = pairs & (scores.unsqueeze(2) > scores.unsqueeze(1))
     return correct.sum(), pairs.sum()
 
 
 @torch.no_grad()
-def list_exact_match(rewards: Tensor, ranks: Tensor, list_mask: Tensor) -> Tensor:
-    """Whether the rewards reproduce each list's whole order.
+def list_exact_match(scores: Tensor, ranks: Tensor, list_mask: Tensor) -> Tensor:
+    """Whether the scores reproduce each list's whole order.
 
     True when every pair with ``ranks[i] < ranks[j]`` has ``r_i > r_j`` strictly; tied
-    ranks impose nothing (a tie is satisfied by any rewards). A list with no pair is True.
+    ranks impose nothing (a tie is satisfied by any scores). A list with no pair is True.
 
     Args:
-        rewards, ranks, list_mask: ``(B, K)`` as in :func:`pairwise_loss`.
+        scores, ranks, list_mask: ``(B, K)`` as in :func:`pairwise_loss`.
 
     Returns:
         ``(B,)`` bool.
     """
-    real = _check_lists("list_exact_match", rewards, list_mask, ranks)
+    real = _check_lists("list_exact_match", scores, list_mask, ranks)
     pairs = _pair_mask(ranks, real)  # (B, K, K)
-    wrong = pairs & ~(rewards.unsqueeze(2) > rewards.unsqueeze(1))
+    wrong = pairs & ~(scores.unsqueeze(2) > scores.unsqueeze(1))
     return ~wrong.flatten(1).any(dim=1)
 
 
 @torch.no_grad()
-def kendall_tau(rewards: Tensor, ranks: Tensor, list_mask: Tensor) -> Tensor:
-    """Kendall's tau-b between each list's rewards and its ranks (higher reward = better).
+def kendall_tau(scores: Tensor, ranks: Tensor, list_mask: Tensor) -> Tensor:
+    """Kendall's tau-b between each list's scores and its ranks (higher reward = better).
 
     ``tau_b = (C - D) / sqrt((n0 - n1) (n0 - n2))`` over the unordered pairs of real slots:
     ``C``/``D`` concordant/discordant pairs, ``n0`` all pairs, ``n1`` pairs tied in rank,
@@ -517,21 +517,21 @@ def kendall_tau(rewards: Tensor, ranks: Tensor, list_mask: Tensor) -> Tensor:
     as in ``scipy.stats.kendalltau``; aggregate with ``nanmean``.
 
     Args:
-        rewards, ranks, list_mask: ``(B, K)`` as in :func:`pairwise_loss`.
+        scores, ranks, list_mask: ``(B, K)`` as in :func:`pairwise_loss`.
 
     Returns:
         ``(B,)`` float, in ``[-1, 1]`` or ``nan``.
     """
-    real = _check_lists("kendall_tau", rewards, list_mask, ranks)
-    k = rewards.shape[1]
-    upper = torch.ones(k, k, dtype=torch.bool, device=rewards.device).triu(diagonal=1)
+    real = _check_lists("kendall_tau", scores, list_mask, ranks)
+    k = scores.shape[1]
+    upper = torch.ones(k, k, dtype=torch.bool, device=scores.device).triu(diagonal=1)
     both = upper & real.unsqueeze(2) & real.unsqueeze(1)  # (B, K, K), each unordered pair once
-    rank_sign = torch.sign(ranks.unsqueeze(1) - ranks.unsqueeze(2)).to(rewards.dtype)  # + if i ranked above j
-    reward_sign = torch.sign(rewards.unsqueeze(2) - rewards.unsqueeze(1))  # + if r_i > r_j
+    rank_sign = torch.sign(ranks.unsqueeze(1) - ranks.unsqueeze(2)).to(scores.dtype)  # + if i ranked above j
+    reward_sign = torch.sign(scores.unsqueeze(2) - scores.unsqueeze(1))  # + if r_i > r_j
     c_minus_d = masked_sum(rank_sign * reward_sign, both, dim=(1, 2))  # C - D
-    n0 = both.sum(dim=(1, 2)).to(rewards.dtype)
-    n1 = (both & (rank_sign == 0)).sum(dim=(1, 2)).to(rewards.dtype)
-    n2 = (both & (reward_sign == 0)).sum(dim=(1, 2)).to(rewards.dtype)
+    n0 = both.sum(dim=(1, 2)).to(scores.dtype)
+    n1 = (both & (rank_sign == 0)).sum(dim=(1, 2)).to(scores.dtype)
+    n2 = (both & (reward_sign == 0)).sum(dim=(1, 2)).to(scores.dtype)
     denom = torch.sqrt((n0 - n1) * (n0 - n2))
     return torch.where(denom > 0, c_minus_d / denom, torch.full_like(denom, float("nan")))
 

@@ -104,7 +104,7 @@ class RankBatch:
         )
 
     def gather_lists(self, scores: torch.Tensor) -> torch.Tensor:
-        """Scores (N,) -> rewards (B, K) in the list layout (0 on padded slots)."""
+        """Scores (N,) of the unique texts -> scores (B, K) in the list layout (0 on padded slots)."""
         return scores[self.text_index.clamp(min=0)] * self.list_mask.to(scores.dtype)
 
 

@@ -129,23 +129,23 @@ class RewardModel(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         token_type_ids: torch.Tensor | None = None,
-        return_token_rewards: bool = False,
+        return_token_scores: bool = False,
     ):
-        """Scores (N,) for sequences (N, T); with ``return_token_rewards`` also (N, T).
+        """Scores (N,) for sequences (N, T); with ``return_token_scores`` also (N, T).
 
-        Token rewards are the head applied to every position (decoders only): the per-token
+        Token scores are the head applied to every position (decoders only): the per-token
         values that the ``token-pairwise`` loss and a PPO critic read.
         """
         hf = self.hf_model
         if self.meta.kind == "decoder":
             backbone = getattr(hf, hf.base_model_prefix)
             hidden = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (N, T, H)
-            token_rewards = hf.score(hidden).squeeze(-1)  # (N, T)
+            token_scores = hf.score(hidden).squeeze(-1)  # (N, T)
             idx = last_token_index(attention_mask)  # (N,)
-            scores = token_rewards.gather(1, idx[:, None]).squeeze(1)  # (N,)
-            return (scores, token_rewards) if return_token_rewards else scores
-        if return_token_rewards:
-            raise ValueError("per-token rewards need a decoder backbone; this reward model is an encoder")
+            scores = token_scores.gather(1, idx[:, None]).squeeze(1)  # (N,)
+            return (scores, token_scores) if return_token_scores else scores
+        if return_token_scores:
+            raise ValueError("per-token scores need a decoder backbone; this reward model is an encoder")
         if self.meta.pooling == "auto":
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
             return out.logits.squeeze(-1)

@@ -7,7 +7,7 @@ For a batch of ``M`` prompts and ``N`` response tokens (the longest response of 
   0 after it (the pad tokens ``generate`` writes, or anything else);
 - under ``torch.no_grad``, one batched forward pass each for ``old_logprobs (M, N)`` (actor),
   ``ref_logprobs (M, N)`` (reference: the LoRA actor with its adapter disabled, or a frozen
-  copy), ``values (M, N)`` (critic) and ``scores (M,)`` (the reward source, which sees the
+  copy), ``old_values (M, N)`` (critic) and ``scores (M,)`` (the reward source, which sees the
   prompt and response as text, the response cut before EOS).
 
 Log-probs are taken from ``logits / temperature``: the distribution the tokens were
@@ -46,7 +46,7 @@ class Rollout:
     ended: Tensor  # (M,) bool: the response ends with EOS (not cut at max_new_tokens)
     old_logprobs: Tensor  # (M, N)
     ref_logprobs: Tensor  # (M, N)
-    values: Tensor  # (M, N)
+    old_values: Tensor  # (M, N) the critic's values at rollout time
     scores: Tensor  # (M,)
 
     @property
@@ -116,7 +116,7 @@ def score_rollout(
         response_ids=response_ids, response_mask=response_mask, ended=ended,
         old_logprobs=torch.where(real, old_logprobs.float(), zero),
         ref_logprobs=torch.where(real, ref_logprobs.float(), zero),
-        values=torch.where(real, values.float(), zero), scores=scores,
+        old_values=torch.where(real, values.float(), zero), scores=scores,
     )
 
 

@@ -3,7 +3,7 @@
 One update, top to bottom (the loop in :func:`train_ppo` reads in this order):
 
 1. rollout: ``M`` prompts -> sampled responses -> ``old_logprobs``, ``ref_logprobs``,
-   ``values`` ``(M, N)`` and ``scores`` ``(M,)`` (:mod:`rlhfkit.ppo.rollout`);
+   ``old_values`` ``(M, N)`` and ``scores`` ``(M,)`` (:mod:`rlhfkit.ppo.rollout`);
 2. scores: running whitening or scaling, a penalty for responses cut without EOS, clipping;
 3. rewards: ``-kl_coef * KL`` per token plus the score at the last real token
    (:func:`rlhfkit.ppo.rewards.compute_rewards`);
@@ -199,7 +199,7 @@ def critic_micro_loss(cfg: PPOConfig, critic, r: Rollout, returns, mb_tokens, mi
     mask = r.response_mask[micro]
     weight = mask.sum() / mb_tokens
     values = critic(r.input_ids[micro], r.attention_mask[micro], mask.shape[1])  # (m, N)
-    vf_loss, vf_stats = value_loss(values.float(), r.values[micro], returns[micro], mask, cfg.vf_clip)
+    vf_loss, vf_stats = value_loss(values.float(), r.old_values[micro], returns[micro], mask, cfg.vf_clip)
     stats = {"ppo/value_loss": vf_loss, "ppo/vf_clipfrac": vf_stats["vf_clipfrac"]}
     return cfg.vf_coef * vf_loss * weight, {k: v.detach().float() * weight.detach() for k, v in stats.items()}
 
@@ -212,7 +212,7 @@ def joint_micro_loss(cfg: PPOConfig, actor_critic, r: Rollout, advantages, retur
     logprobs = logprobs_from_logits(logits, r.response_ids[micro])
     pg_loss, pg_stats = policy_loss(logprobs.float(), r.old_logprobs[micro], advantages[micro], mask, cfg.clip_eps)
     entropy = entropy_bonus(logits if cfg.entropy_coef > 0 else logits.detach(), mask)
-    vf_loss, vf_stats = value_loss(values.float(), r.values[micro], returns[micro], mask, cfg.vf_clip)
+    vf_loss, vf_stats = value_loss(values.float(), r.old_values[micro], returns[micro], mask, cfg.vf_clip)
     loss = pg_loss - cfg.entropy_coef * entropy + cfg.vf_coef * vf_loss
     stats = {"ppo/policy_loss": pg_loss, "ppo/entropy": entropy, "ppo/clipfrac": pg_stats["clipfrac"],
              "ppo/approx_kl": pg_stats["approx_kl"], "ppo/value_loss": vf_loss, "ppo/vf_clipfrac": vf_stats["vf_clipfrac"]}
@@ -276,7 +276,7 @@ def update_metrics(r: Rollout, rewards, kl_per_seq, returns, losses: dict) -> di
         "ppo/reward_mean": masked_sum(rewards, mask, dim=1).mean(),  # score minus KL penalty, per response
         "ppo/kl": kl_per_seq.mean(),
         "ppo/kl_k3": masked_sum(kl_estimate(r.old_logprobs, r.ref_logprobs, "k3"), mask, dim=1).mean(),
-        "ppo/explained_variance": explained_variance(r.values, returns, mask).nan_to_num(0.0),
+        "ppo/explained_variance": explained_variance(r.old_values, returns, mask).nan_to_num(0.0),
         "ppo/response_length": mask.sum(1).float().mean(),
         "ppo/eos_fraction": r.ended.float().mean(),
         **losses,
@@ -329,7 +329,7 @@ def train_ppo(cfg: PPOConfig) -> dict[str, Any]:
         kl_per_seq = masked_sum(kl, mask, dim=1)  # (M,) KL summed over each response
         kl_mean = run.accelerator.reduce(kl_per_seq.mean(), reduction="mean")
         check_kl(cfg, run, kl_mean, step)
-        advantages, returns = compute_gae(r.values, rewards, mask, cfg.gamma, cfg.lam)  # (M, N) each
+        advantages, returns = compute_gae(r.old_values, rewards, mask, cfg.gamma, cfg.lam)  # (M, N) each
         if cfg.whiten_advantages and int(mask.sum()) > 1:
             advantages = masked_whiten(advantages, mask)
 

@@ -51,7 +51,7 @@ def evaluate_scores(data: EncodedPreferences, scores: torch.Tensor, loss: str | 
         idx[j, : len(row)] = torch.tensor(row)
         ranks[j, : len(row)] = torch.tensor(data.examples[j].ranks)
     mask = (idx >= 0).long()
-    rewards = scores[idx.clamp(min=0)] * mask  # (B, K)
+    list_scores = scores[idx.clamp(min=0)] * mask  # (B, K)
     lengths = torch.tensor(data.response_lengths, dtype=torch.float)
     out: dict[str, Any] = {
         "n_lists": b,
@@ -68,11 +68,11 @@ def evaluate_scores(data: EncodedPreferences, scores: torch.Tensor, loss: str | 
             out["binary_accuracy"] = ((s > 0).float() == labels).float().mean().item()
         out["n_pairs"] = 0
         return out
-    correct, total = L.pairwise_accuracy(rewards, ranks, mask)
+    correct, total = L.pairwise_accuracy(list_scores, ranks, mask)
     out["n_pairs"] = int(total)
     out["pairwise_accuracy"] = correct.item() / max(1, int(total))
-    out["list_exact_accuracy"] = L.list_exact_match(rewards, ranks, mask).float().mean().item()
-    taus = L.kendall_tau(rewards, ranks, mask)
+    out["list_exact_accuracy"] = L.list_exact_match(list_scores, ranks, mask).float().mean().item()
+    taus = L.kendall_tau(list_scores, ranks, mask)
     out["kendall_tau"] = torch.nanmean(taus).item() if torch.isfinite(taus).any() else float("nan")
 
     # Accuracy by rank gap: are near neighbours the hard part, or is even 1st vs last wrong?
@@ -104,8 +104,8 @@ def evaluate_scores(data: EncodedPreferences, scores: torch.Tensor, loss: str | 
     # Length diagnostics: correlation of score with response length, and how well
     # "longer is better" alone would rank these lists.
     out["length_corr"] = _pearson(scores, lengths)
-    len_rewards = lengths[idx.clamp(min=0)] * mask
-    lc, lt = L.pairwise_accuracy(len_rewards, ranks, mask)
+    len_scores = lengths[idx.clamp(min=0)] * mask
+    lc, lt = L.pairwise_accuracy(len_scores, ranks, mask)
     out["length_only_accuracy"] = lc.item() / max(1, int(lt))
     if loss is not None:
         # Over all lists in order, collate numbers texts by first appearance, which is how

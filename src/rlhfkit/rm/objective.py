@@ -48,41 +48,41 @@ def check_loss_fits_data(loss: str, examples, where: str) -> None:
             )
 
 
-def list_losses(loss: str, batch: RankBatch, scores: torch.Tensor, token_rewards: torch.Tensor | None = None) -> torch.Tensor:
+def list_losses(loss: str, batch: RankBatch, scores: torch.Tensor, token_scores: torch.Tensor | None = None) -> torch.Tensor:
     """Per-list losses (B,) for one batch. scores (N,) of the batch's unique texts."""
     if loss in SCALAR_LOSSES:
         list_scores = scores[batch.text_index[:, 0]]  # (B,) K == 1
         fn = L.binary_loss if loss == "binary" else L.mse_loss
         return fn(list_scores, batch.labels.to(scores.dtype), reduction="none")
-    rewards = batch.gather_lists(scores)  # (B, K)
+    list_scores = batch.gather_lists(scores)  # (B, K)
     if loss in ("pairwise", "logexp"):
         fn = L.pairwise_loss if loss == "pairwise" else L.logexp_loss
-        return fn(rewards, batch.ranks, batch.list_mask, reduction="none")
+        return fn(list_scores, batch.ranks, batch.list_mask, reduction="none")
     if loss == "margin":
-        return L.margin_loss(rewards, batch.ranks, batch.list_mask, batch.margins, reduction="none")
+        return L.margin_loss(list_scores, batch.ranks, batch.list_mask, batch.margins, reduction="none")
     if loss == "listwise":
         # n-choose-1 rows carry their choice; for ranked lists the best response is the choice.
         choice = batch.choice if batch.choice is not None else batch.ranks.masked_fill(batch.list_mask == 0, 1 << 30).argmin(dim=1)
-        return L.listwise_loss(rewards, choice, batch.list_mask, reduction="none")
+        return L.listwise_loss(list_scores, choice, batch.list_mask, reduction="none")
     if loss == "plackett-luce":
-        return L.plackett_luce_loss(rewards, batch.ranks, batch.list_mask, reduction="none")
+        return L.plackett_luce_loss(list_scores, batch.ranks, batch.list_mask, reduction="none")
     if loss == "token-pairwise":
-        return _token_pairwise(batch, token_rewards)
+        return _token_pairwise(batch, token_scores)
     raise ValueError(f"unknown loss {loss!r}")
 
 
-def _token_pairwise(batch: RankBatch, token_rewards: torch.Tensor | None) -> torch.Tensor:
+def _token_pairwise(batch: RankBatch, token_scores: torch.Tensor | None) -> torch.Tensor:
     """Expand each list into its ordered pairs (index gathering only: every text was still
     encoded once), take the per-token loss per pair, then average the pairs of each list."""
-    if token_rewards is None:
-        raise ValueError("loss 'token-pairwise' needs per-token rewards (a decoder reward model)")
+    if token_scores is None:
+        raise ValueError("loss 'token-pairwise' needs per-token scores (a decoder reward model)")
     ranks, mask, idx = batch.ranks, batch.list_mask.bool(), batch.text_index
     pairs = (ranks[:, :, None] < ranks[:, None, :]) & mask[:, :, None] & mask[:, None, :]  # (B, K, K)
     b, i, j = pairs.nonzero(as_tuple=True)  # (P,) each
     chosen, rejected = idx[b, i], idx[b, j]  # (P,) text ids
     ids, am = batch.inputs["input_ids"], batch.inputs["attention_mask"]
     per_pair = L.token_pairwise_loss(
-        token_rewards[chosen], token_rewards[rejected], ids[chosen], ids[rejected], am[chosen], am[rejected],
+        token_scores[chosen], token_scores[rejected], ids[chosen], ids[rejected], am[chosen], am[rejected],
         torch.minimum(batch.prompt_lengths[chosen], batch.prompt_lengths[rejected]), reduction="none",
     )  # (P,)
     n_lists = ranks.shape[0]

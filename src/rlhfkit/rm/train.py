@@ -153,7 +153,7 @@ def micro_loss(model, data: EncodedPreferences, pad, loss: str, device, weight: 
     list_ids, live = micro
     batch = collate(data, list_ids, pad).to(device)
     if loss == "token-pairwise":
-        scores, token_scores = model(**batch.inputs, return_token_rewards=True)
+        scores, token_scores = model(**batch.inputs, return_token_scores=True)
         token_scores = token_scores.float()
     else:
         scores, token_scores = model(**batch.inputs), None
