@@ -20,6 +20,10 @@ class ConfigError(UserError):
     """A bad configuration value; the message names the option and how to fix it."""
 
 
+class MissingFileError(UserError, FileNotFoundError):
+    """An input file that does not exist; the message names the option or the kind of file."""
+
+
 class RunStopped(RuntimeError):
     """The run stopped itself before writing a bad step into the weights; the message says why,
     at which step, and where the last good checkpoint is."""

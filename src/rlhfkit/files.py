@@ -11,7 +11,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from rlhfkit.errors import UserError
+from rlhfkit.errors import MissingFileError, UserError
 
 
 def read_text(path: str | Path, option: str) -> str:
@@ -20,7 +20,7 @@ def read_text(path: str | Path, option: str) -> str:
     if path.is_dir():
         raise UserError(f"{option} {path} is a folder; give a file")
     if not path.is_file():
-        raise UserError(f"{option} {path} does not exist (or is not a file)")
+        raise MissingFileError(f"{option} {path} does not exist (or is not a file)")
     try:
         data = path.read_bytes()
     except OSError as e:

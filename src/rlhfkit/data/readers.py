@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhfkit.data.types import DataFormatError, PreferenceExample, strict_ranks
+from rlhfkit.errors import MissingFileError
 
 FORMATS = ("auto", "ranklist-tsv", "pairs", "hh", "ranked", "choice", "scored")
 """Values accepted by ``read_preferences(format=...)``."""
@@ -95,7 +96,7 @@ def read_preferences(
         raise ValueError(f"format={format!r} is not supported; use one of {', '.join(FORMATS)}")
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"preference data file {str(path)!r} does not exist (or is not a file)")
+        raise MissingFileError(f"preference data file {str(path)!r} does not exist (or is not a file)")
     extension = path.suffix.lower()
     if format == "auto" and extension not in _EXTENSION_FORMATS and extension not in _RECORD_EXTENSIONS:
         raise DataFormatError(

@@ -56,6 +56,7 @@ from rlhfkit.data.readers import (  # one JSONL reader: the same line errors for
     split_train_eval,
 )
 from rlhfkit.data.types import DataFormatError
+from rlhfkit.errors import MissingFileError
 from rlhfkit.sft.losses import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
@@ -93,7 +94,7 @@ def read_sft_data(path: str | Path) -> list[SFTExample]:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"instruction data file {str(path)!r} does not exist (or is not a file)")
+        raise MissingFileError(f"instruction data file {str(path)!r} does not exist (or is not a file)")
     examples = [_parse_row(row, str(path), n) for n, row in _iter_jsonl(path)]
     if not examples:
         raise DataFormatError(str(path), None, "contains no examples; check that this is the right file")
