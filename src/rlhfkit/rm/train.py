@@ -32,6 +32,7 @@ from rlhfkit.data.readers import FORMATS, describe, read_preferences, split_trai
 from rlhfkit.models.cpu_linear import apply_cpu_matmul
 from rlhfkit.models.lora import with_lora
 from rlhfkit.models.reward import RewardModel
+from rlhfkit.models.tokenizers import use_chat_template
 from rlhfkit.rm.evaluate import evaluate, plot_score_histograms
 from rlhfkit.rm.objective import LossName, check_loss_fits_data, list_losses
 from rlhfkit.tracking import plot_curves, read_metrics
@@ -65,7 +66,8 @@ class RMTrainConfig(RunOptions, OptimOptions, LoraOptions):
     head_lr: float | None = opt(None, "learning rate of the new scalar head (default: --lr)", gt=0)
     max_length: int = opt(256, "tokens per (prompt, response); longer texts are truncated and counted, never dropped", ge=8)
     pooling: Literal["auto", "cls", "mean", "last"] = opt("auto", "encoders: auto (the architecture's head), cls or mean; decoders read the last token")
-    text_format: Literal["plain", "chat"] = opt("plain", "decoders: prompt+response+EOS, or the chat template")
+    chat_template: bool | None = opt(None, "decoders: read (prompt, response) through the chat template, as a user and an "
+                                           "assistant turn (default: when the tokenizer has one), else prompt+response+EOS")
     freeze_layers: int = opt(0, "freeze the embeddings and this many lowest transformer layers", ge=0)
     disable_dropout: bool = opt(True, "set every dropout probability to 0 (as TRL does): same scores in training and use")
     eval_every: int = opt(100, "evaluate every N optimizer steps (and at the end)", ge=1)
@@ -97,8 +99,9 @@ def load_data(cfg: RMTrainConfig):
 
 def build_model(cfg: RMTrainConfig, device) -> RewardModel:
     """The reward model to train: backbone, no dropout, matmul kernel, frozen layers, LoRA."""
-    rm = RewardModel.from_pretrained(cfg.model, pooling=None if cfg.pooling == "auto" else cfg.pooling,
-                                     text_format=cfg.text_format, max_length=cfg.max_length)
+    rm = RewardModel.from_pretrained(cfg.model, pooling=None if cfg.pooling == "auto" else cfg.pooling, max_length=cfg.max_length)
+    if rm.meta.kind == "decoder":  # the one chat-template rule (encoders read the pair as two segments)
+        rm.meta.text_format = "chat" if use_chat_template(rm.tokenizer, cfg.chat_template, cfg.model) else "plain"
     if cfg.loss == "token-pairwise" and rm.meta.kind != "decoder":
         raise ConfigError(f"--loss token-pairwise needs a decoder backbone; {cfg.model} is an encoder")
     if rm.meta.kind == "encoder" and rm.meta.pooling != "auto":
