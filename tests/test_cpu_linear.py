@@ -11,7 +11,7 @@ from torch import nn
 
 from rlhfkit.models import cpu_linear
 from rlhfkit.models.cpu_linear import (
-    MIN_MACS, OneDNNLinear, apply_cpu_matmul, onednn_available, resolve_cpu_matmul, use_onednn_linear)
+    MIN_MACS, OneDNNLinear, apply_cpu_matmul, onednn_available, use_onednn_linear)
 
 needs_onednn = pytest.mark.skipif(not onednn_available(), reason="this PyTorch build has no oneDNN")
 
@@ -134,19 +134,70 @@ def test_a_model_keeps_its_weights_checkpoints_and_lora(tiny_lm, tmp_path):
     assert all(p.grad is not None for n_, p in lora.named_parameters() if p.requires_grad)
 
 
-def test_resolve_cpu_matmul():
-    assert resolve_cpu_matmul("torch", "cpu") is False
-    assert resolve_cpu_matmul("auto", "cuda") is False and resolve_cpu_matmul("onednn", "cuda") is False
-    assert resolve_cpu_matmul("auto", "cpu") is onednn_available()
+def test_apply_cpu_matmul_choices(tmp_path, monkeypatch):
+    monkeypatch.setenv("RLHFKIT_CACHE", str(tmp_path))
+    model = nn.Sequential(nn.Linear(64, 64))
+    assert apply_cpu_matmul("torch", "cpu", model) is None and type(model[0]) is nn.Linear
+    assert apply_cpu_matmul("auto", "cuda", model) is None and apply_cpu_matmul("onednn", "cuda", model) is None
     with pytest.raises(ValueError, match="cpu_matmul must be auto, onednn or torch"):
-        resolve_cpu_matmul("mkl", "cpu")
-    model = nn.Sequential(nn.Linear(4, 4))
-    assert apply_cpu_matmul("torch", "cpu", model) is False and type(model[0]) is nn.Linear
-    assert apply_cpu_matmul("auto", "cpu", model, None) is onednn_available()
+        apply_cpu_matmul("mkl", "cpu", model)
+    forced = apply_cpu_matmul("onednn", "cpu", model)
+    assert forced.kernel == "onednn" and forced.source == "forced" and type(model[0]) is OneDNNLinear
 
 
 def test_onednn_insists_or_says_what_to_do(monkeypatch):
     monkeypatch.setattr(cpu_linear, "onednn_available", lambda: False)
-    assert resolve_cpu_matmul("auto", "cpu") is False
+    assert apply_cpu_matmul("auto", "cpu", nn.Linear(4, 4)) is None
     with pytest.raises(RuntimeError, match="no oneDNN.*--cpu-matmul torch"):
-        resolve_cpu_matmul("onednn", "cpu")
+        apply_cpu_matmul("onednn", "cpu", nn.Linear(4, 4))
+
+
+# ----------------------------------------------------- auto: measured, with the timer injected
+SHAPES = {(576, 576): 60, (576, 1536): 60, (1536, 576): 30, (576, 49152): 1}
+
+
+def fake_timer(gflops: dict[str, float], calls: list | None = None):
+    """A timer that reports a fixed speed per kernel (seconds = work / speed), recording its calls."""
+    def timer(kernel, tokens, k, n):
+        if calls is not None:
+            calls.append((kernel, tokens, k, n))
+        return 3 * 2 * tokens * k * n / (gflops[kernel] * 1e9)
+    return timer
+
+
+@pytest.mark.parametrize("speeds, expected", [
+    ({"onednn": 240.0, "torch": 105.0}, "onednn"),  # AMD Zen 5, one thread: MKL on its AVX2 path
+    ({"onednn": 48.0, "torch": 53.0}, "torch"),  # an AVX2-only EPYC, one thread (the issue's numbers)
+    ({"onednn": 119.0, "torch": 79.0}, "onednn"),  # the same machine, two threads
+])
+def test_auto_takes_the_kernel_measured_faster_and_reports_both(speeds, expected, tmp_path):
+    choice = cpu_linear.choose_cpu_matmul(SHAPES, threads=1, cache_file=tmp_path / "c.json", timer=fake_timer(speeds))
+    assert choice.kernel == expected and choice.source == "measured"
+    assert choice.onednn_gflops == pytest.approx(speeds["onednn"]) and choice.torch_gflops == pytest.approx(speeds["torch"])
+
+
+def test_auto_is_cached_per_machine_threads_torch_and_model(tmp_path, monkeypatch):
+    cache, calls = tmp_path / "c.json", []
+    first = cpu_linear.choose_cpu_matmul(SHAPES, threads=1, cache_file=cache, timer=fake_timer({"onednn": 2.0, "torch": 1.0}, calls))
+    assert first.kernel == "onednn" and len(calls) == 2 * len(SHAPES)
+    assert all(t * k * n <= max(2**27, 8 * k * n) for _, t, k, n in calls)  # an LM head is timed on fewer rows: a second or two
+    again = cpu_linear.choose_cpu_matmul(SHAPES, threads=1, cache_file=cache, timer=fake_timer({"onednn": 1.0, "torch": 2.0}, calls))
+    assert again.source == "cache" and again.kernel == "onednn" and len(calls) == 2 * len(SHAPES)  # not timed again
+    for changed in (dict(threads=2), dict(threads=1, shapes={(8, 8): 1})):  # another thread count, another model
+        shapes = changed.pop("shapes", SHAPES)
+        assert cpu_linear.choose_cpu_matmul(shapes, cache_file=cache, timer=fake_timer({"onednn": 1.0, "torch": 2.0}), **changed).source == "measured"
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # an emulated older CPU is another machine
+    slow = cpu_linear.choose_cpu_matmul(SHAPES, threads=1, cache_file=cache, timer=fake_timer({"onednn": 1.0, "torch": 2.0}))
+    assert slow.source == "measured" and slow.kernel == "torch"
+    busy = cpu_linear.choose_cpu_matmul({(4, 4): 1}, threads=1, cache_file=cache, timer=fake_timer({"onednn": 1.0, "torch": 2.0}), cache_ok=False)
+    assert busy.source == "measured" and "(4, 4)" not in cache.read_text()  # measured on a busy machine: not kept
+
+
+def test_the_real_timer_times_both_kernels_quickly():
+    import time
+
+    shapes = cpu_linear.linear_shapes(nn.Sequential(nn.Linear(576, 1536), nn.Linear(1536, 576), nn.Linear(576, 1536)))
+    assert shapes == {(576, 1536): 2, (1536, 576): 1}
+    t0 = time.perf_counter()
+    onednn, plain = cpu_linear.measure_kernels(shapes)
+    assert onednn > 0 and plain > 0 and time.perf_counter() - t0 < 5

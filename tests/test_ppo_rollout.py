@@ -138,3 +138,46 @@ def test_lora_reference_is_the_actor_with_its_adapter_off(tiny_lm):
     n_model = sum(p.numel() for p in model.parameters())
     n_extra = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n or "value_head" in n)
     assert n_model == n_base + n_extra  # one copy of the base weights
+
+
+# ----------------------------------------------------- old log-probs from the sampling pass
+def test_sampling_pass_logprobs_equal_a_forward_pass(tiny_lm):
+    """The saving: old_logprobs recorded while sampling are those of a forward pass over the
+    finished sequences (what the PPO ratio divides by), on every real token, early EOS included."""
+    from rlhfkit.ppo.rollout import policy_logprobs
+    from rlhfkit.sampling import SamplingSettings, sample
+
+    model, tok = load_lm(tiny_lm)
+    ids, mask = encode_queries(tok, ["the cat sat", "hi", "a longer prompt here"], 64, chat=False)
+    eos_ids = [EOS, *range(40, 46)]  # some rows end early
+    torch.manual_seed(0)
+    response_ids, sampled = sample(model, tok, ids, mask, SamplingSettings(max_new_tokens=10, temperature=0.7), eos_ids,
+                                   with_logprobs=True)
+    rmask, ended = response_mask_from_eos(response_ids, eos_ids)
+    assert ended.any() and not ended.all()
+    full_ids, full_mask = torch.cat([ids, response_ids], 1), torch.cat([mask, rmask], 1)
+    forward = policy_logprobs(model, full_ids, full_mask, response_ids, 0.7)
+    real = rmask.bool()
+    torch.testing.assert_close(sampled[real], forward[real], atol=2e-5, rtol=0)
+
+
+def test_an_update_from_sampling_pass_logprobs_equals_one_from_a_forward_pass(tiny_lm, tmp_path):
+    from safetensors.torch import load_file
+
+    from rlhfkit.config import from_dict
+    from rlhfkit.models.reward import RewardModel
+    from rlhfkit.ppo.trainer import PPOConfig, train_ppo
+
+    RewardModel.from_pretrained(tiny_lm).save_pretrained(tmp_path / "rm")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("".join(f"prompt {i}\n" for i in range(8)))
+    weights = {}
+    for source in ("sampling", "forward"):
+        out = tmp_path / source
+        train_ppo(from_dict(PPOConfig, dict(
+            policy=str(tiny_lm), reward=str(tmp_path / "rm"), critic="reward-model", prompts=str(prompts), output=str(out),
+            steps=2, batch_size=8, mini_batch_size=4, max_new_tokens=6, lr=1e-3, rollout_logprobs=source, seed=3,
+            progress=False, tensorboard=False, sample_every=0, cpu=True)))
+        weights[source] = load_file(str(out / "policy" / "model.safetensors"))
+    for k in weights["forward"]:
+        torch.testing.assert_close(weights["sampling"][k], weights["forward"][k], rtol=1e-4, atol=1e-6, msg=k)

@@ -147,6 +147,7 @@ def _models(argv: Sequence[str]) -> None:
         print(f"{name:14s} {what}")
 
 
+THREADED = ("score", "bon", "generate", "ppo-eval", "annotate", "pipeline", "rm")  # commands that run models on the CPU
 COMMANDS: dict[str, Callable[[Sequence[str]], None]] = {
     "rm": _rm, "score": _score, "sft": _sft, "ppo": _ppo, "bon": _bon, "generate": _generate, "ppo-eval": _ppo_eval,
     "pipeline": _pipeline, "annotate": _annotate, "models": _models,
@@ -201,6 +202,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     def body() -> None:
         if not any(a in ("-h", "--help") for a in argv[1:]):
             _quiet_transformers()
+            if argv[0] in THREADED:  # the trainers choose their threads in start_run (--threads)
+                importlib.import_module("rlhfkit.cpu").configure_threads(None)
         command(argv[1:])
 
     return run_command(prog, body)

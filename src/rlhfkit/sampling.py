@@ -22,6 +22,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 from torch import Tensor
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from rlhfkit.config import Options, opt
 from rlhfkit.data.prompts import Prompt
@@ -90,24 +91,56 @@ def encode_queries(tokenizer: Any, texts: Sequence[str], max_prompt_length: int,
     return query_ids, query_mask
 
 
+class LogprobRecorder(LogitsProcessor):
+    """Records, while ``generate`` samples, each sampled token's log-probability under
+    ``softmax(logits / temperature)``: what a forward pass over the finished sequences would
+    give (up to the summation order of the KV-cached steps), without that forward pass.
+
+    It sees the model's raw logits: ``generate`` runs user processors before its temperature
+    and top-k/top-p warpers (transformers 4.x-5.x), and rlhfkit sets no other processor. It
+    keeps one step's ``(M, V)`` log-softmax at a time, never all ``N`` steps'.
+    """
+
+    def __init__(self, temperature: float):
+        self.temperature = temperature
+        self.previous: Tensor | None = None  # (M, V) log-probs of the step whose token is not yet known
+        self.steps: list[Tensor] = []  # N x (M,)
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        if self.previous is not None:  # the token sampled from the previous step is now the last input
+            self.steps.append(self.previous.gather(1, input_ids[:, -1:]).squeeze(1))
+        self.previous = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        return scores
+
+    def logprobs(self, response_ids: Tensor) -> Tensor:
+        """``(M, N)`` log-probs of ``response_ids`` (the last step's token gathered here)."""
+        steps = self.steps + [self.previous.gather(1, response_ids[:, len(self.steps):len(self.steps) + 1]).squeeze(1)]
+        return torch.stack(steps[: response_ids.shape[1]], dim=1)
+
+
 @torch.no_grad()
 def sample(model: Any, tokenizer: Any, query_ids: Tensor, query_mask: Tensor, settings: SamplingSettings,
-           eos_ids: Sequence[int]) -> Tensor:
+           eos_ids: Sequence[int], with_logprobs: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """Sample ``response_ids (M, N)`` with the KV cache; every token after a row's EOS is pad.
 
     ``N <= max_new_tokens``: generation stops when every row has ended. ``temperature`` 0 is
-    greedy decoding.
+    greedy decoding. ``with_logprobs`` also returns the sampled tokens' log-probabilities
+    ``(M, N)`` under ``softmax(logits / temperature)`` (:class:`LogprobRecorder`); they are
+    the sampling distribution's only without top-k/top-p filters.
     """
     sampling: dict[str, Any] = dict(do_sample=False)
     if settings.temperature > 0:
         sampling = dict(do_sample=True, temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p)
+    recorder = LogprobRecorder(settings.temperature if settings.temperature > 0 else 1.0) if with_logprobs else None
     out = model.generate(
         input_ids=query_ids, attention_mask=query_mask, max_new_tokens=settings.max_new_tokens, min_new_tokens=0,
-        eos_token_id=list(eos_ids), pad_token_id=tokenizer.pad_token_id, use_cache=True, **sampling,
+        eos_token_id=list(eos_ids), pad_token_id=tokenizer.pad_token_id, use_cache=True,
+        logits_processor=LogitsProcessorList([recorder]) if recorder is not None else None, **sampling,
     )
     response_ids = out[:, query_ids.shape[1]:]  # (M, N)
     mask, _ = response_mask_from_eos(response_ids, eos_ids)
-    return torch.where(mask.bool(), response_ids, torch.full_like(response_ids, tokenizer.pad_token_id))
+    response_ids = torch.where(mask.bool(), response_ids, torch.full_like(response_ids, tokenizer.pad_token_id))
+    return (response_ids, recorder.logprobs(out[:, query_ids.shape[1]:])) if recorder is not None else response_ids
 
 
 def response_mask_from_eos(response_ids: Tensor, eos_ids: Sequence[int]) -> tuple[Tensor, Tensor]:

@@ -19,16 +19,26 @@ matmul is large enough to pay for oneDNN's per-call overhead; otherwise it is ex
 
 from __future__ import annotations
 
+import json
 import logging
-from typing import Literal
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rlhfkit.cpu import busy_cpus, cpu_model
+from rlhfkit.models.hub import cache_dir
+
 logger = logging.getLogger(__name__)
 
-__all__ = ["OneDNNLinear", "onednn_available", "use_onednn_linear", "resolve_cpu_matmul", "apply_cpu_matmul", "MIN_MACS"]
+__all__ = ["OneDNNLinear", "onednn_available", "use_onednn_linear", "KernelChoice", "linear_shapes", "measure_kernels",
+           "choose_cpu_matmul", "apply_cpu_matmul", "MIN_MACS"]
 
 CpuMatmul = Literal["auto", "onednn", "torch"]
 
@@ -93,21 +103,6 @@ class OneDNNLinear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
 
-def resolve_cpu_matmul(choice: CpuMatmul, device: torch.device | str) -> bool:
-    """Whether ``choice`` means oneDNN on this device: ``auto`` = on the CPU where the build
-    has oneDNN; ``onednn`` insists (an error if the build lacks it); ``torch`` = off. (Non-fp32
-    tensors take ``nn.Linear``'s own path either way.)"""
-    if choice not in ("auto", "onednn", "torch"):
-        raise ValueError(f"cpu_matmul must be auto, onednn or torch, got {choice!r}")
-    if choice == "torch" or torch.device(device).type != "cpu":
-        return False
-    if not onednn_available():
-        if choice == "onednn":
-            raise RuntimeError("--cpu-matmul onednn: this PyTorch build has no oneDNN (mkldnn); use --cpu-matmul torch")
-        return False
-    return True
-
-
 def use_onednn_linear(model: nn.Module) -> int:
     """Switch every plain ``nn.Linear`` in ``model`` to :class:`OneDNNLinear` in place.
 
@@ -123,10 +118,129 @@ def use_onednn_linear(model: nn.Module) -> int:
     return n
 
 
-def apply_cpu_matmul(choice: CpuMatmul, device, *models: nn.Module | None) -> bool:
-    """:func:`use_onednn_linear` on each model when :func:`resolve_cpu_matmul` says so."""
-    on = resolve_cpu_matmul(choice, device)
-    if on:
+@dataclass
+class KernelChoice:
+    """What ``--cpu-matmul auto`` decided, and the two measurements behind it."""
+
+    kernel: str  # "onednn" | "torch"
+    onednn_gflops: float
+    torch_gflops: float
+    source: str  # "measured" | "cache" | "forced"
+
+
+Timer = Callable[[str, int, int, int], float]  # (kernel, tokens, in_features, out_features) -> seconds per layer call
+
+
+def linear_shapes(*models: nn.Module | None) -> dict[tuple[int, int], int]:
+    """``{(in_features, out_features): count}`` of the fp32 ``nn.Linear`` layers of ``models``."""
+    shapes: dict[tuple[int, int], int] = {}
+    for model in models:
+        for m in (model.modules() if model is not None else ()):
+            if isinstance(m, nn.Linear) and m.weight.dtype == torch.float32:
+                key = (m.in_features, m.out_features)
+                shapes[key] = shapes.get(key, 0) + 1
+    return shapes
+
+
+def _tokens_for(k: int, n: int) -> int:
+    """Rows to time a (k -> n) layer with: 256, fewer for huge layers (an LM head) to stay within budget."""
+    return int(min(256, max(8, 2**27 // (k * n))))
+
+
+def time_layer(kernel: str, tokens: int, k: int, n: int, repeats: int = 2) -> float:
+    """Seconds for one training call of a (k -> n) linear layer on ``tokens`` rows: the forward
+    matmul and the two of the backward pass, through ``kernel``; the best of ``repeats``."""
+    x, w, g = torch.randn(tokens, k), torch.randn(n, k), torch.randn(tokens, n)
+    if kernel == "onednn":
+        calls = (lambda: _nt(x, w), lambda: _nt(g, w.t()), lambda: _nt(g.t(), x.t()))
+    else:
+        calls = (lambda: F.linear(x, w), lambda: g @ w, lambda: g.t() @ x)
+    for call in calls:  # warm-up: oneDNN builds and caches a primitive per shape
+        call()
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for call in calls:
+            call()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def measure_kernels(shapes: dict[tuple[int, int], int], timer: Timer = time_layer) -> tuple[float, float]:
+    """(oneDNN GFLOP/s, PyTorch GFLOP/s) over a model's layers, each weighted by its share of the
+    model's multiply-adds (every layer timed at :func:`_tokens_for` rows, then scaled)."""
+    flops = {"onednn": 0.0, "torch": 0.0}
+    seconds = {"onednn": 0.0, "torch": 0.0}
+    for (k, n), count in shapes.items():
+        t = _tokens_for(k, n)
+        for kernel in flops:
+            flops[kernel] += count * 3 * 2 * t * k * n
+            seconds[kernel] += count * timer(kernel, t, k, n)
+    return tuple(flops[kk] / max(seconds[kk], 1e-12) / 1e9 for kk in ("onednn", "torch"))  # type: ignore[return-value]
+
+
+def machine_key(threads: int) -> str:
+    """What a kernel measurement depends on: the CPU, oneDNN's instruction-set cap, torch, threads."""
+    isa_cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "default")
+    return f"{cpu_model()} | ONEDNN_MAX_CPU_ISA={isa_cap} | torch {torch.__version__} | {threads} thread(s)"
+
+
+def choose_cpu_matmul(shapes: dict[tuple[int, int], int], *, threads: int | None = None, cache_file: Path | None = None,
+                      timer: Timer = time_layer, cache_ok: bool = True) -> KernelChoice:
+    """The faster kernel for these layer shapes on this machine, measured once and cached.
+
+    The cache (``cache_file``, JSON) is keyed by :func:`machine_key` and the shapes, so another
+    CPU, thread count, torch version or model measures again. ``cache_ok=False`` (the machine
+    was busy while measuring) uses the result without storing it.
+    """
+    threads = threads or torch.get_num_threads()
+    key = f"{machine_key(threads)} | {sorted(shapes.items())}"
+    cache: dict = {}
+    if cache_file is not None and cache_file.is_file():
+        try:
+            cache = json.loads(cache_file.read_text())
+        except (OSError, json.JSONDecodeError):
+            cache = {}
+    if key in cache:
+        hit = cache[key]
+        return KernelChoice(hit["kernel"], hit["onednn_gflops"], hit["torch_gflops"], "cache")
+    onednn, plain = measure_kernels(shapes, timer)
+    choice = KernelChoice("onednn" if onednn > plain else "torch", round(onednn, 1), round(plain, 1), "measured")
+    if cache_file is not None and cache_ok:
+        cache[key] = {"kernel": choice.kernel, "onednn_gflops": choice.onednn_gflops, "torch_gflops": choice.torch_gflops}
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_name(f".{cache_file.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cache, indent=1))
+        os.replace(tmp, cache_file)
+    return choice
+
+
+def default_cache_file() -> Path:
+    return cache_dir() / "cpu_matmul.json"
+
+
+def apply_cpu_matmul(choice: CpuMatmul, device, *models: nn.Module | None) -> KernelChoice | None:
+    """Run ``models``' fp32 Linear layers through the kernel ``choice`` names (``auto``: the one
+    :func:`choose_cpu_matmul` measures faster on this machine). Returns the decision, or None
+    off the CPU or without oneDNN (then nothing changes)."""
+    if choice not in ("auto", "onednn", "torch"):
+        raise ValueError(f"cpu_matmul must be auto, onednn or torch, got {choice!r}")
+    if torch.device(device).type != "cpu" or choice == "torch":
+        return None
+    if not onednn_available():
+        if choice == "onednn":
+            raise RuntimeError("--cpu-matmul onednn: this PyTorch build has no oneDNN (mkldnn); use --cpu-matmul torch")
+        return None
+    if choice == "onednn":
+        decision = KernelChoice("onednn", math.nan, math.nan, "forced")
+    else:
+        shapes = linear_shapes(*models)
+        if not shapes:
+            return None
+        decision = choose_cpu_matmul(shapes, cache_file=default_cache_file(), cache_ok=busy_cpus(0.1) < 0.5)
+        logger.warning("--cpu-matmul auto: %s (%s: oneDNN %.0f GFLOP/s, PyTorch %.0f GFLOP/s on these layers, %d thread(s))",
+                       decision.kernel, decision.source, decision.onednn_gflops, decision.torch_gflops, torch.get_num_threads())
+    if decision.kernel == "onednn":
         n = sum(use_onednn_linear(m) for m in models if m is not None)
         logger.info("cpu_matmul: %d linear layers run their fp32 matmuls through oneDNN", n)
-    return on
+    return decision

@@ -83,6 +83,7 @@ def score_rollout(
     *,
     temperature: float,
     eos_ids: Sequence[int],
+    old_logprobs: Tensor | None = None,
 ) -> Rollout:
     """Everything PPO needs about sampled responses, each in one batched no-grad pass.
 
@@ -94,13 +95,19 @@ def score_rollout(
         query_ids, query_mask: ``(M, P)`` left-padded.
         response_ids, response_mask: ``(M, N)`` right-padded; tokens where the mask is 0
             change nothing in the results.
+        old_logprobs: ``(M, N)`` from the sampling pass (:func:`~rlhfkit.sampling.sample`); then
+            a separate critic needs no forward pass of the actor at all.
     """
     input_ids = torch.cat([query_ids, response_ids], dim=1)  # (M, P + N)
     attention_mask = torch.cat([query_mask, response_mask], dim=1)  # (M, P + N)
     n = response_ids.shape[1]
-    logits, values = model(input_ids, attention_mask, n, temperature)  # (M, N, V), (M, N)
-    old_logprobs = logprobs_from_logits(logits, response_ids)  # (M, N)
-    del logits
+    if old_logprobs is not None and model.critic is not None:  # the actor's log-probs came with the samples
+        values = model.critic(input_ids, attention_mask, n)  # (M, N)
+    else:
+        logits, values = model(input_ids, attention_mask, n, temperature)  # (M, N, V), (M, N)
+        if old_logprobs is None:
+            old_logprobs = logprobs_from_logits(logits, response_ids)  # (M, N)
+        del logits
     if ref_model is None:
         with model.reference() as ref:
             ref_logprobs = policy_logprobs(ref, input_ids, attention_mask, response_ids, temperature)
@@ -122,18 +129,24 @@ def score_rollout(
 
 def make_rollout(
     model: Any, ref_model: Any | None, reward: Any, tokenizer: Any, prompts: Sequence[Prompt], settings: SamplingSettings,
-    chat: bool,
+    chat: bool, logprobs_from_sampling: bool = True,
 ) -> Rollout:
-    """Sample one response per prompt and score it: :func:`~rlhfkit.sampling.sample` then :func:`score_rollout`."""
+    """Sample one response per prompt and score it: :func:`~rlhfkit.sampling.sample` then :func:`score_rollout`.
+
+    ``logprobs_from_sampling``: take ``old_logprobs`` from the sampling pass when they are the
+    sampling distribution's (no top-k/top-p filter), instead of another forward pass.
+    """
     device = next(model.parameters()).device
     chat = chat or any(p.messages is not None for p in prompts)  # one format for the whole batch
     texts = [render_prompt(tokenizer, p, chat) for p in prompts]
     query_ids, query_mask = encode_queries(tokenizer, texts, settings.max_prompt_length, chat)
     query_ids, query_mask = query_ids.to(device), query_mask.to(device)
     eos_ids = eos_token_ids(model.actor, tokenizer)
-    response_ids = sample(model.actor, tokenizer, query_ids, query_mask, settings, eos_ids)
+    exact = logprobs_from_sampling and settings.temperature > 0 and settings.top_k == 0 and settings.top_p >= 1
+    sampled = sample(model.actor, tokenizer, query_ids, query_mask, settings, eos_ids, with_logprobs=exact)
+    response_ids, old_logprobs = sampled if exact else (sampled, None)
     response_mask, _ = response_mask_from_eos(response_ids, eos_ids)
     return score_rollout(
         model, ref_model, reward, tokenizer, [p.text for p in prompts], query_ids, query_mask, response_ids, response_mask,
-        temperature=settings.temperature if settings.temperature > 0 else 1.0, eos_ids=eos_ids,
+        temperature=settings.temperature if settings.temperature > 0 else 1.0, eos_ids=eos_ids, old_logprobs=old_logprobs,
     )

@@ -56,6 +56,7 @@ from rlhfkit.ppo.rewards import RunningMoments, compute_rewards
 from rlhfkit.ppo.rollout import Rollout, make_rollout
 from rlhfkit.sampling import SamplingOptions
 from rlhfkit.tracking import plot_curves, read_metrics
+from rlhfkit.training.cadence import Cadence
 from rlhfkit.training.optim import make_optimizer
 from rlhfkit.training.options import LoraOptions, OptimOptions, RunOptions
 from rlhfkit.training.run import Run, TrainState, start_run
@@ -97,6 +98,9 @@ class PPOConfig(SamplingOptions, RewardSourceOptions, RunOptions, OptimOptions, 
     lr: float = opt(1e-5, "actor learning rate", gt=0)
     critic_lr: float | None = opt(None, "critic (or value head) learning rate (default: --lr)", gt=0)
     warmup_ratio: float = opt(0.0, "share of the updates spent warming the learning rate up", ge=0, lt=1)
+    rollout_logprobs: Literal["sampling", "forward"] = opt(
+        "sampling", "where the rollout's old log-probs come from: the sampling pass itself (no extra forward pass; "
+                    "with top-k/top-p filters a forward pass is used anyway) or a forward pass over the finished responses")
     critic: str = opt("auto", "value-head, reward-model (InstructGPT), policy, or a model folder; auto: reward-model when "
                               "it shares the policy's tokenizer, else value-head")
     lora_dropout: float = opt(0.0, "LoRA dropout (0 keeps log-probs of the rollout and the update equal)", ge=0, lt=1)
@@ -311,14 +315,14 @@ def train_ppo(cfg: PPOConfig) -> dict[str, Any]:
     state = run.begin(TrainState(), cfg.steps, unit="update")
     run.write(f"ppo: {len(prompts)} prompts, policy {cfg.policy}{' (LoRA)' if cfg.lora else ''}, reward {reward!r}, "
               f"critic {critic_spec}, chat template {'on' if chat else 'off'}")
-    stop_at, row = min(cfg.steps, cfg.stop_after_steps or cfg.steps), {}
+    cadence, row = Cadence(cfg.steps, cfg.log_every, cfg.save_every, stop_after=cfg.stop_after_steps), {}
 
-    while state.step < stop_at:
+    while state.step < cadence.stop_at:
         step, t_start = state.step, time.perf_counter()
         # 1. rollout ---------------------------------------------------------------
         batch = [prompts[i] for i in prompt_indices(len(prompts), cfg.batch_size, step, cfg.seed, run.rank, run.world)]
         with run.accelerator.autocast():
-            r = make_rollout(model, ref_model, reward, tokenizer, batch, settings, chat)
+            r = make_rollout(model, ref_model, reward, tokenizer, batch, settings, chat, cfg.rollout_logprobs == "sampling")
         t_rollout = time.perf_counter() - t_start
         mask, M, kl_coef = r.response_mask, len(r), kl_ctl.kl_coef  # mask (M, N)
 
@@ -351,14 +355,10 @@ def train_ppo(cfg: PPOConfig) -> dict[str, Any]:
             "ppo/lr": schedulers[0].get_last_lr()[0], "ppo/critic_lr": schedulers[-1].get_last_lr()[-1],
             "time/rollout_s": t_rollout, "time/update_s": dt, "ppo/episodes": state.episodes,
         })
-        if state.step % cfg.log_every == 0 or state.step == stop_at:
-            run.log.log(state.step, row)
-        run.progress.update(1)
         run.progress.set_postfix(score=f"{row['ppo/score_mean']:.3f}", kl=f"{row['ppo/kl']:.3f}", ep_s=f"{row['ppo/episodes_per_s']:.1f}")
         if cfg.sample_every and cfg.n_samples and state.step % cfg.sample_every == 0:
             run.write(samples_text(state.step, r, cfg.n_samples))
-        if state.step % cfg.save_every == 0 and state.step != stop_at:
-            run.save(state)
+        cadence.after_step(run, state, log=partial(run.log.log, state.step, row))
 
     run.save(state)
     finished = run.close(state, cfg.steps)

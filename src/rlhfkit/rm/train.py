@@ -234,7 +234,7 @@ def train_reward_model(cfg: RMTrainConfig) -> dict[str, Any]:
             describe=lambda m: f"lists from {[train_data.examples[j].source for j in m[0]][:4]}")
         state.step, state.epoch, state.batch_in_epoch = state.step + 1, epoch, b + 1
         window.add(*stats)
-        cadence.after_step(run, state, window, log=partial(log_train, run, window, state, scheduler, grad_norm, n_batches),
+        cadence.after_step(run, state, window=window, log=partial(log_train, run, window, state, scheduler, grad_norm, n_batches),
                            evaluate=partial(evaluate_and_keep_best, run, rm, eval_data, cfg, state))
 
     final = evaluate_and_keep_best(run, rm, eval_data, cfg, state)

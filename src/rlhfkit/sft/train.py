@@ -244,7 +244,7 @@ def train_sft(cfg: SFTConfig) -> dict[str, Any]:
             describe=lambda m: f"examples from {[train_data.sources[i] for r in m[0] for i in rows[r]][:4]}")
         state.step, state.epoch, state.batch_in_epoch = state.step + 1, epoch, b + 1
         window.add(*stats)
-        cadence.after_step(run, state, window, log=partial(log_train, run, window, state, scheduler, grad_norm, n_batches, result),
+        cadence.after_step(run, state, window=window, log=partial(log_train, run, window, state, scheduler, grad_norm, n_batches, result),
                            evaluate=partial(evaluate_and_keep_best, run, model, tokenizer, eval_data, cfg, state))
 
     if state.step > 0:

@@ -40,15 +40,18 @@ class Cadence:
     def save(self, step: int) -> bool:
         return step % self.save_every == 0 and step != self.stop_at
 
-    def after_step(self, run, state, window: "MetricsWindow", log: Callable[[], object], evaluate: Callable[[], object]) -> None:
-        """What follows every optimizer step: the progress bar, then ``log()``, ``evaluate()``
-        (its time left out of the next throughput) and a checkpoint when each is due."""
-        run.progress.update(1)
+    def after_step(self, run, state, log: Callable[[], object], evaluate: Callable[[], object] | None = None,
+                   window: "MetricsWindow | None" = None) -> None:
+        """What follows every optimizer step: the progress bar (and one early time estimate),
+        then ``log()``, ``evaluate()`` (its time left out of the window's next throughput) and a
+        checkpoint, each when it is due."""
+        run.step_done(state.step)
         if self.log(state.step):
             log()
-        if self.eval(state.step):
+        if evaluate is not None and self.eval(state.step):
             evaluate()
-            window.restart_clock()
+            if window is not None:
+                window.restart_clock()
         if self.save(state.step):
             run.save(state)
 

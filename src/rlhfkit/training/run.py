@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from tqdm.auto import tqdm
 
 from rlhfkit.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from rlhfkit.config import ConfigError, save_yaml, to_dict
+from rlhfkit.cpu import configure_threads
 from rlhfkit.tracking import MetricsLogger
 from rlhfkit.training.options import RunOptions, check_resume_matches
 
@@ -49,6 +51,11 @@ def improved(state: TrainState, value: float, higher_is_better: bool) -> bool:
     return True
 
 
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes} min {secs} s" if minutes else f"{secs} s"
+
+
 def _mixed_precision(choice: str, cpu: bool) -> str:
     if choice == "auto":
         return "bf16" if (torch.cuda.is_available() and not cpu) else "no"
@@ -63,8 +70,8 @@ def start_run(cfg: RunOptions, name: str) -> "Run":
         raise ConfigError(f"--resume: {out} has no checkpoint to resume from (expected {out}/checkpoint)")
     if not cfg.resume and existing is not None:
         raise ConfigError(f"{out} already holds a run; pass --resume to continue it, or choose a new --output")
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
+    if cfg.threads is not None or cfg.cpu or not torch.cuda.is_available():  # GPU runs keep PyTorch's default
+        configure_threads(cfg.threads)
     accelerator = Accelerator(mixed_precision=_mixed_precision(cfg.mixed_precision, cfg.cpu), cpu=cfg.cpu)
     set_seed(cfg.seed)
     return Run(cfg, name, accelerator, existing if cfg.resume else None)
@@ -81,6 +88,7 @@ class Run:
         self.log: MetricsLogger | None = None
         self.progress: Any = None
         self.saved_step: int | None = None  # the step of the newest checkpoint on disk
+        self._unit, self._stop_at, self._eta_marks = "step", 0, []  # for the one early time estimate
 
     def begin(self, state: TrainState, total_steps: int, unit: str = "step") -> TrainState:
         """Make the folder, save the config, restore the checkpoint of ``--resume`` (after
@@ -103,7 +111,18 @@ class Run:
                                  tensorboard=self.cfg.tensorboard)
         self.progress = tqdm(total=total_steps, initial=state.step, disable=not (self.main and self.cfg.progress),
                              desc=self.name, unit=unit, dynamic_ncols=True)
+        self._unit, self._stop_at = unit, min(total_steps, self.cfg.stop_after_steps or total_steps)
         return state
+
+    def step_done(self, step: int) -> None:
+        """Advance the progress bar; after the first measured steps, print once how long the
+        rest should take (the first step, with its one-off set-up, is left out of the rate)."""
+        self.progress.update(1)
+        self._eta_marks.append(time.perf_counter())
+        if len(self._eta_marks) == 3 and self._stop_at - step > 0:
+            per_step = (self._eta_marks[2] - self._eta_marks[0]) / 2
+            self.write(f"{self.name}: {per_step:.1f} s per {self._unit}; about {_duration(per_step * (self._stop_at - step))} "
+                       f"left for the remaining {self._stop_at - step} {self._unit}s")
 
     def _warn_changed_options(self) -> None:
         saved_file = self.out / "config.yaml"
