@@ -338,7 +338,9 @@ def train_ppo(cfg: PPOConfig) -> dict[str, Any]:
             advantages = masked_whiten(advantages, mask)
 
         # 5. PPO epochs over shuffled minibatches ------------------------------------------
+        t_optimise = time.perf_counter()
         losses = optimise(cfg, run, nets, optimizers, r, advantages, returns, step)
+        t_optimise = time.perf_counter() - t_optimise
         for scheduler in schedulers:
             scheduler.step()
         kl_ctl.update(kl_mean.item(), n_steps=M * run.world)  # arXiv:1909.08593 sec. 2.2, per batch
@@ -353,7 +355,7 @@ def train_ppo(cfg: PPOConfig) -> dict[str, Any]:
             "ppo/score_std": all_scores.std().item() if all_scores.numel() > 1 else 0.0, "ppo/kl_coef": kl_coef,
             "ppo/tokens_per_s": row["ppo/response_length"] * M * run.world / dt, "ppo/episodes_per_s": M * run.world / dt,
             "ppo/lr": schedulers[0].get_last_lr()[0], "ppo/critic_lr": schedulers[-1].get_last_lr()[-1],
-            "time/rollout_s": t_rollout, "time/update_s": dt, "ppo/episodes": state.episodes,
+            "time/rollout_s": t_rollout, "time/optimise_s": t_optimise, "time/update_s": dt, "ppo/episodes": state.episodes,
         })
         run.progress.set_postfix(score=f"{row['ppo/score_mean']:.3f}", kl=f"{row['ppo/kl']:.3f}", ep_s=f"{row['ppo/episodes_per_s']:.1f}")
         if cfg.sample_every and cfg.n_samples and state.step % cfg.sample_every == 0:
