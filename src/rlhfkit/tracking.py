@@ -4,8 +4,52 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any, Iterable
+
+
+class Progress:
+    """A tqdm bar (its ETA on a terminal) that also prints, once, after the first measured
+    updates, how long the rest should take: a line that survives in a log file or a
+    pipeline's output, where a bar does not. The first update, with its one-off set-up, is
+    left out of the rate.
+    """
+
+    def __init__(self, total: int, desc: str, unit: str = "step", initial: int = 0, enabled: bool = True,
+                 estimate_after: int = 3):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, initial=initial, disable=not enabled, desc=desc, unit=unit, dynamic_ncols=True)
+        self.desc, self.unit, self.enabled = desc, unit, enabled
+        self.total, self.done, self.estimate_after = total, initial, estimate_after
+        self._marks: list[float] = []
+
+    def update(self, n: int = 1, stop_at: int | None = None) -> None:
+        """``n`` more done; ``stop_at`` (default: the total) is where this invocation ends."""
+        self.bar.update(n)
+        self.done += n
+        self._marks.append(time.perf_counter())
+        left = (stop_at if stop_at is not None else self.total) - self.done
+        if len(self._marks) == self.estimate_after and left > 0 and self.enabled:
+            per = (self._marks[-1] - self._marks[0]) / (self.estimate_after - 1)
+            self.write(f"{self.desc}: {per:.1f} s per {self.unit}; about {duration(per * left)} left for the "
+                       f"remaining {left} {self.unit}s")
+
+    def set_postfix(self, **values) -> None:
+        self.bar.set_postfix(**values)
+
+    def write(self, text: str) -> None:
+        self.bar.write(text) if not self.bar.disable else print(text, flush=True)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def duration(seconds: float) -> str:
+    """``'2 min 5 s'`` or ``'45 s'``."""
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes} min {secs} s" if minutes else f"{secs} s"
 
 
 class MetricsLogger:

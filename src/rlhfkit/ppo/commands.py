@@ -36,7 +36,13 @@ from rlhfkit.ops import masked_sum
 from rlhfkit.ppo.reward_sources import RewardSourceOptions
 from rlhfkit.ppo.rollout import policy_logprobs
 from rlhfkit.ppo.trainer import POLICY_INFO
-from rlhfkit.sampling import SamplingOptions, SamplingSettings, iter_samples, sample_texts
+from rlhfkit.sampling import (
+    SamplingOptions,
+    SamplingSettings,
+    iter_samples,
+    sample_texts,
+)
+from rlhfkit.tracking import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -194,20 +200,22 @@ def expected_best_of_n(scores: Tensor, n: int) -> Tensor:
 
 
 @torch.no_grad()
-def _sample_logprobs(model, ref_model, tokenizer, prompts, n, settings, chat, batch_size) -> tuple[list[str], list[str], Tensor]:
+def _sample_logprobs(model, ref_model, tokenizer, prompts, n, settings, chat, batch_size, what: str) -> tuple[list[str], list[str], Tensor]:
     """Sample from ``model``; texts and the per-response KL estimate ``sum_t log p - log p_ref`` (B,)."""
     texts, responses, kls = [], [], []
+    progress = Progress(math.ceil(len(prompts) * n / batch_size), f"ppo-eval: {what}", "batch")
     for s in iter_samples(model, tokenizer, prompts, n, settings, chat=chat, batch_size=batch_size):
         texts += [p.text for p in s.prompts]
         responses += s.responses
-        if ref_model is None:
-            continue
-        ids = torch.cat([s.query_ids, s.response_ids], 1)
-        mask = torch.cat([s.query_mask, s.response_mask], 1)
-        lp = policy_logprobs(model, ids, mask, s.response_ids, settings.temperature)  # (B, N)
-        ref_lp = policy_logprobs(ref_model, ids.to(ref_model.device), mask.to(ref_model.device), s.response_ids.to(ref_model.device),
-                                 settings.temperature).to(lp.device)
-        kls.append(masked_sum(lp - ref_lp, s.response_mask, dim=1).float().cpu())  # k1, unbiased on own samples
+        if ref_model is not None:
+            ids = torch.cat([s.query_ids, s.response_ids], 1)
+            mask = torch.cat([s.query_mask, s.response_mask], 1)
+            lp = policy_logprobs(model, ids, mask, s.response_ids, settings.temperature)  # (B, N)
+            ref_lp = policy_logprobs(ref_model, ids.to(ref_model.device), mask.to(ref_model.device),
+                                     s.response_ids.to(ref_model.device), settings.temperature).to(lp.device)
+            kls.append(masked_sum(lp - ref_lp, s.response_mask, dim=1).float().cpu())  # k1, unbiased on own samples
+        progress.update(1)
+    progress.close()
     return texts, responses, (torch.cat(kls) if kls else torch.zeros(len(texts)))
 
 
@@ -236,8 +244,9 @@ def run_ppo_eval(cfg: PPOEvalConfig) -> dict[str, Any]:
 
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(cfg.seed)
-        p_texts, p_resp, p_kl = _sample_logprobs(policy, ref_model, tokenizer, prompts, 1, settings, chat, cfg.batch_size)
-        r_texts, r_resp, _ = _sample_logprobs(ref_model, None, tokenizer, prompts, k, settings, chat, cfg.batch_size)
+        p_texts, p_resp, p_kl = _sample_logprobs(policy, ref_model, tokenizer, prompts, 1, settings, chat, cfg.batch_size, "policy samples")
+        r_texts, r_resp, _ = _sample_logprobs(ref_model, None, tokenizer, prompts, k, settings, chat, cfg.batch_size,
+                                              f"{k} reference samples per prompt")
     p_scores = reward(p_texts, p_resp)  # (P,)
     r_scores = reward(r_texts, r_resp).view(len(prompts), k)  # (P, K)
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,12 +18,11 @@ import torch
 import yaml
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from tqdm.auto import tqdm
 
 from rlhfkit.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from rlhfkit.config import ConfigError, save_yaml, to_dict
 from rlhfkit.cpu import configure_threads
-from rlhfkit.tracking import MetricsLogger
+from rlhfkit.tracking import MetricsLogger, Progress
 from rlhfkit.training.options import RunOptions, check_resume_matches
 
 logger = logging.getLogger(__name__)
@@ -49,11 +47,6 @@ def improved(state: TrainState, value: float, higher_is_better: bool) -> bool:
         return False
     state.best_metric, state.best_step = value, state.step
     return True
-
-
-def _duration(seconds: float) -> str:
-    minutes, secs = divmod(int(round(seconds)), 60)
-    return f"{minutes} min {secs} s" if minutes else f"{secs} s"
 
 
 def _mixed_precision(choice: str, cpu: bool) -> str:
@@ -88,7 +81,7 @@ class Run:
         self.log: MetricsLogger | None = None
         self.progress: Any = None
         self.saved_step: int | None = None  # the step of the newest checkpoint on disk
-        self._unit, self._stop_at, self._eta_marks = "step", 0, []  # for the one early time estimate
+        self._stop_at = 0
 
     def begin(self, state: TrainState, total_steps: int, unit: str = "step") -> TrainState:
         """Make the folder, save the config, restore the checkpoint of ``--resume`` (after
@@ -109,20 +102,13 @@ class Run:
                 logger.warning("resuming from %s at %s %d", self.resume_from, unit, state.step)
         self.log = MetricsLogger(self.out, enabled=self.main, resume_step=state.step if self.resume_from else None,
                                  tensorboard=self.cfg.tensorboard)
-        self.progress = tqdm(total=total_steps, initial=state.step, disable=not (self.main and self.cfg.progress),
-                             desc=self.name, unit=unit, dynamic_ncols=True)
-        self._unit, self._stop_at = unit, min(total_steps, self.cfg.stop_after_steps or total_steps)
+        self.progress = Progress(total_steps, self.name, unit, initial=state.step, enabled=self.main and self.cfg.progress)
+        self._stop_at = min(total_steps, self.cfg.stop_after_steps or total_steps)
         return state
 
     def step_done(self, step: int) -> None:
-        """Advance the progress bar; after the first measured steps, print once how long the
-        rest should take (the first step, with its one-off set-up, is left out of the rate)."""
-        self.progress.update(1)
-        self._eta_marks.append(time.perf_counter())
-        if len(self._eta_marks) == 3 and self._stop_at - step > 0:
-            per_step = (self._eta_marks[2] - self._eta_marks[0]) / 2
-            self.write(f"{self.name}: {per_step:.1f} s per {self._unit}; about {_duration(per_step * (self._stop_at - step))} "
-                       f"left for the remaining {self._stop_at - step} {self._unit}s")
+        """Advance the progress bar (and print the one early time estimate)."""
+        self.progress.update(1, stop_at=self._stop_at)
 
     def _warn_changed_options(self) -> None:
         saved_file = self.out / "config.yaml"
@@ -149,7 +135,7 @@ class Run:
     def write(self, text: str) -> None:
         """Print a line above the progress bar (main process only)."""
         if self.main:
-            (self.progress.write if self.progress is not None else print)(text)
+            self.progress.write(text) if self.progress is not None else print(text, flush=True)
 
     def close(self, state: TrainState, total_steps: int) -> bool:
         """Close the log and the progress bar; returns whether the run reached ``total_steps``."""
