@@ -27,6 +27,7 @@ from typing import Iterator
 from torch import Tensor, nn
 
 from rlhfkit.config import ConfigError
+from rlhfkit.models.packing import PackedBatch, packed_kwargs
 from rlhfkit.models.reward import RewardModel
 
 logger = logging.getLogger(__name__)
@@ -50,13 +51,24 @@ def _forward_takes_logits_to_keep(cls: type) -> bool:
     return "logits_to_keep" in inspect.signature(cls.forward).parameters
 
 
+def response_positions(packed: PackedBatch, total_length: int, n_response: int) -> Tensor:
+    """``(B, N)``: where, in the packed row, the state predicting response token ``t`` of each
+    row sits (padded column ``P - 1 + t``); 0 where that column is padding (masked later)."""
+    p = total_length - n_response
+    return packed.index[:, p - 1:p - 1 + n_response].clamp(min=0)
+
+
 def response_logits(
-    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, n_response: int, output_hidden: bool = False
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, n_response: int, output_hidden: bool = False,
+    packed: PackedBatch | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Logits ``(B, N, V)`` predicting the last ``N`` tokens, and optionally the last hidden state ``(B, N, H)``.
 
-    Only the last ``N + 1`` positions go through the LM head (``logits_to_keep``): the prompt
-    positions' ``(B, P, V)`` logits are never built.
+    Only the positions that predict response tokens go through the LM head
+    (``logits_to_keep``): the prompt positions' ``(B, P, V)`` logits are never built. With
+    ``packed`` (:func:`rlhfkit.models.packing.pack` of the same batch, the model switched
+    by :func:`~rlhfkit.models.packing.use_packed_attention`) the model runs on the packed
+    row: no pad tokens, a shared prefix once.
 
     Args:
         model: a Hugging Face causal LM (possibly wrapped by peft).
@@ -64,6 +76,12 @@ def response_logits(
         attention_mask: ``(B, P + N)``, 1 = real token.
         n_response: ``N``.
     """
+    if packed is not None:
+        keep = response_positions(packed, input_ids.shape[1], n_response)  # (B, N)
+        out = model(**packed_kwargs(packed), logits_to_keep=keep.flatten(), output_hidden_states=output_hidden, use_cache=False)
+        logits = out.logits[0].view(*keep.shape, -1)  # (B, N, V)
+        hidden = out.hidden_states[-1][0, keep.flatten()].view(*keep.shape, -1) if output_hidden else None  # (B, N, H)
+        return logits, hidden
     kwargs = dict(logits_to_keep=n_response + 1) if _accepts_logits_to_keep(model) else {}
     out = model(
         input_ids=input_ids,
@@ -103,13 +121,17 @@ class Critic(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, n_response: int) -> Tensor:
-        """Values ``(B, N)`` for the last ``N`` tokens of ``input_ids (B, P + N)``."""
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, n_response: int, packed: PackedBatch | None = None) -> Tensor:
+        """Values ``(B, N)`` for the last ``N`` tokens of ``input_ids (B, P + N)`` (``packed``: as in :func:`response_logits`)."""
         backbone = getattr(self.model, self.model.base_model_prefix)
-        hidden = backbone(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
-            use_cache=False,
-        ).last_hidden_state[:, -n_response - 1:-1]  # (B, N, H)
+        if packed is not None:
+            keep = response_positions(packed, input_ids.shape[1], n_response)  # (B, N)
+            hidden = backbone(**packed_kwargs(packed), use_cache=False).last_hidden_state[0, keep]  # (B, N, H)
+        else:
+            hidden = backbone(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
+                use_cache=False,
+            ).last_hidden_state[:, -n_response - 1:-1]  # (B, N, H)
         return self.model.score(hidden).squeeze(-1).float()  # (B, N)
 
 
@@ -133,14 +155,16 @@ class ActorCritic(nn.Module):
         return hasattr(self.actor, "disable_adapter")
 
     def forward(
-        self, input_ids: Tensor, attention_mask: Tensor, n_response: int, temperature: float = 1.0
+        self, input_ids: Tensor, attention_mask: Tensor, n_response: int, temperature: float = 1.0,
+        packed: PackedBatch | None = None,
     ) -> tuple[Tensor, Tensor]:
         """``(logits (B, N, V), values (B, N))`` for the response tokens of ``input_ids (B, P + N)``."""
-        logits, hidden = response_logits(self.actor, input_ids, attention_mask, n_response, output_hidden=self.critic is None)
+        logits, hidden = response_logits(self.actor, input_ids, attention_mask, n_response, output_hidden=self.critic is None,
+                                         packed=packed)
         if self.critic is None:
             values = self.value_head(hidden)  # (B, N)
         else:
-            values = self.critic(input_ids, attention_mask, n_response)  # (B, N)
+            values = self.critic(input_ids, attention_mask, n_response, packed=packed)  # (B, N)
         return logits / temperature, values
 
     @contextlib.contextmanager

@@ -24,12 +24,20 @@ import torch
 from torch import Tensor
 
 from rlhfkit.data.prompts import Prompt
+from rlhfkit.models.packing import PackedBatch, pack
 from rlhfkit.models.tokenizers import eos_token_ids
 from rlhfkit.ops import logprobs_from_logits
 from rlhfkit.ppo.critic import response_logits
-from rlhfkit.sampling import SamplingSettings, decode_responses, encode_queries, render_prompt, response_mask_from_eos, sample
+from rlhfkit.sampling import (
+    SamplingSettings,
+    decode_responses,
+    encode_queries,
+    render_prompt,
+    response_mask_from_eos,
+    sample,
+)
 
-__all__ = ["Rollout", "policy_logprobs", "score_rollout", "make_rollout"]
+__all__ = ["Rollout", "policy_logprobs", "pack_rows", "score_rollout", "make_rollout"]
 
 
 # ----------------------------------------------------------------------- rollout
@@ -48,6 +56,7 @@ class Rollout:
     ref_logprobs: Tensor  # (M, N)
     old_values: Tensor  # (M, N) the critic's values at rollout time
     scores: Tensor  # (M,)
+    packed: bool = False  # its forward passes ran packed (and the update's should too)
 
     @property
     def input_ids(self) -> Tensor:
@@ -62,11 +71,19 @@ class Rollout:
 
 
 def policy_logprobs(
-    model: Any, input_ids: Tensor, attention_mask: Tensor, response_ids: Tensor, temperature: float
+    model: Any, input_ids: Tensor, attention_mask: Tensor, response_ids: Tensor, temperature: float,
+    packed: PackedBatch | None = None,
 ) -> Tensor:
     """Log-probs ``(M, N)`` of ``response_ids`` under a plain causal LM (the reference, or eval)."""
-    logits, _ = response_logits(model, input_ids, attention_mask, response_ids.shape[1])
+    logits, _ = response_logits(model, input_ids, attention_mask, response_ids.shape[1], packed=packed)
     return logprobs_from_logits(logits / temperature, response_ids)
+
+
+def pack_rows(query_mask: Tensor, input_ids: Tensor, attention_mask: Tensor) -> PackedBatch:
+    """The rows ``[query | response]`` as one packed row (:func:`rlhfkit.models.packing.pack`):
+    no pad tokens, and the opening tokens every query shares (a chat template's system prompt)
+    computed once. Only query tokens are shared."""
+    return pack(input_ids, attention_mask, share_until=query_mask.sum(dim=1))
 
 
 @torch.no_grad()
@@ -84,6 +101,7 @@ def score_rollout(
     temperature: float,
     eos_ids: Sequence[int],
     old_logprobs: Tensor | None = None,
+    packing: bool = False,
 ) -> Rollout:
     """Everything PPO needs about sampled responses, each in one batched no-grad pass.
 
@@ -97,22 +115,24 @@ def score_rollout(
             change nothing in the results.
         old_logprobs: ``(M, N)`` from the sampling pass (:func:`~rlhfkit.sampling.sample`); then
             a separate critic needs no forward pass of the actor at all.
+        packing: run the forward passes on the packed batch (:func:`pack_rows`).
     """
     input_ids = torch.cat([query_ids, response_ids], dim=1)  # (M, P + N)
     attention_mask = torch.cat([query_mask, response_mask], dim=1)  # (M, P + N)
     n = response_ids.shape[1]
+    packed = pack_rows(query_mask, input_ids, attention_mask) if packing else None
     if old_logprobs is not None and model.critic is not None:  # the actor's log-probs came with the samples
-        values = model.critic(input_ids, attention_mask, n)  # (M, N)
+        values = model.critic(input_ids, attention_mask, n, packed=packed)  # (M, N)
     else:
-        logits, values = model(input_ids, attention_mask, n, temperature)  # (M, N, V), (M, N)
+        logits, values = model(input_ids, attention_mask, n, temperature, packed=packed)  # (M, N, V), (M, N)
         if old_logprobs is None:
             old_logprobs = logprobs_from_logits(logits, response_ids)  # (M, N)
         del logits
     if ref_model is None:
         with model.reference() as ref:
-            ref_logprobs = policy_logprobs(ref, input_ids, attention_mask, response_ids, temperature)
+            ref_logprobs = policy_logprobs(ref, input_ids, attention_mask, response_ids, temperature, packed)
     else:
-        ref_logprobs = policy_logprobs(ref_model, input_ids, attention_mask, response_ids, temperature)
+        ref_logprobs = policy_logprobs(ref_model, input_ids, attention_mask, response_ids, temperature, packed)
     responses = decode_responses(tokenizer, response_ids, response_mask, eos_ids)
     scores = reward(list(prompts), responses).to(values.device, torch.float32)  # (M,)
     _, ended = response_mask_from_eos(torch.where(response_mask.bool(), response_ids, -1), eos_ids)
@@ -123,13 +143,13 @@ def score_rollout(
         response_ids=response_ids, response_mask=response_mask, ended=ended,
         old_logprobs=torch.where(real, old_logprobs.float(), zero),
         ref_logprobs=torch.where(real, ref_logprobs.float(), zero),
-        old_values=torch.where(real, values.float(), zero), scores=scores,
+        old_values=torch.where(real, values.float(), zero), scores=scores, packed=packing,
     )
 
 
 def make_rollout(
     model: Any, ref_model: Any | None, reward: Any, tokenizer: Any, prompts: Sequence[Prompt], settings: SamplingSettings,
-    chat: bool, logprobs_from_sampling: bool = True,
+    chat: bool, logprobs_from_sampling: bool = True, packing: bool = False,
 ) -> Rollout:
     """Sample one response per prompt and score it: :func:`~rlhfkit.sampling.sample` then :func:`score_rollout`.
 
@@ -149,4 +169,5 @@ def make_rollout(
     return score_rollout(
         model, ref_model, reward, tokenizer, [p.text for p in prompts], query_ids, query_mask, response_ids, response_mask,
         temperature=settings.temperature if settings.temperature > 0 else 1.0, eos_ids=eos_ids, old_logprobs=old_logprobs,
+        packing=packing,
     )

@@ -39,21 +39,27 @@ from typing import Any, Literal
 import torch
 
 from rlhfkit.checkpoint import export_pretrained
-from rlhfkit.config import opt, require
+from rlhfkit.config import ConfigError, opt, require
 from rlhfkit.data.prompts import read_prompts
 from rlhfkit.errors import RunStopped
 from rlhfkit.models.cpu_linear import apply_cpu_matmul
 from rlhfkit.models.lora import with_lora
+from rlhfkit.models.packing import packing_unsupported, use_packed_attention
 from rlhfkit.models.policy import load_policy
 from rlhfkit.models.tokenizers import use_chat_template
 from rlhfkit.ops import logprobs_from_logits, masked_sum, masked_whiten
 from rlhfkit.ppo.advantages import compute_gae
 from rlhfkit.ppo.critic import ActorCritic, load_critic, response_logits
 from rlhfkit.ppo.kl import AdaptiveKLController, FixedKLController, kl_estimate
-from rlhfkit.ppo.losses import entropy_bonus, explained_variance, policy_loss, value_loss
+from rlhfkit.ppo.losses import (
+    entropy_bonus,
+    explained_variance,
+    policy_loss,
+    value_loss,
+)
 from rlhfkit.ppo.reward_sources import RewardModelSource, RewardSourceOptions
 from rlhfkit.ppo.rewards import RunningMoments, compute_rewards
-from rlhfkit.ppo.rollout import Rollout, make_rollout
+from rlhfkit.ppo.rollout import Rollout, make_rollout, pack_rows
 from rlhfkit.sampling import SamplingOptions
 from rlhfkit.tracking import plot_curves, read_metrics
 from rlhfkit.training.cadence import Cadence
@@ -98,6 +104,8 @@ class PPOConfig(SamplingOptions, RewardSourceOptions, RunOptions, OptimOptions, 
     lr: float = opt(1e-5, "actor learning rate", gt=0)
     critic_lr: float | None = opt(None, "critic (or value head) learning rate (default: --lr)", gt=0)
     warmup_ratio: float = opt(0.0, "share of the updates spent warming the learning rate up", ge=0, lt=1)
+    packing: bool = opt(True, "run the scoring and training passes on packed rows: no pad tokens, and the opening "
+                              "tokens every prompt shares (a chat template's system prompt) computed once")
     rollout_logprobs: Literal["sampling", "forward"] = opt(
         "sampling", "where the rollout's old log-probs come from: the sampling pass itself (no extra forward pass; "
                     "with top-k/top-p filters a forward pass is used anyway) or a forward pass over the finished responses")
@@ -125,9 +133,14 @@ class PPOConfig(SamplingOptions, RewardSourceOptions, RunOptions, OptimOptions, 
 
 # ------------------------------------------------------------------ building blocks
 def load_models(cfg: PPOConfig, device):
-    """(tokenizer, ActorCritic, frozen reference or None with LoRA, reward source, the critic kind used)."""
+    """(tokenizer, ActorCritic, frozen reference or None with LoRA, reward source, the critic kind used, packing on)."""
     actor, tokenizer = load_policy(cfg.policy)
-    apply_cpu_matmul(cfg.cpu_matmul, device, actor)  # before the reference copy and LoRA: both inherit it
+    apply_cpu_matmul(cfg.cpu_matmul, device, actor)  # before the reference copy and LoRA: all inherit these
+    packing = cfg.packing and packing_unsupported(actor) is None
+    if cfg.packing and not packing:
+        logger.warning("--packing is off for %s: %s", cfg.policy, packing_unsupported(actor))
+    if packing:
+        use_packed_attention(actor)
     if cfg.gradient_checkpointing:
         actor.gradient_checkpointing_enable()
     ref_model = None
@@ -144,9 +157,14 @@ def load_models(cfg: PPOConfig, device):
     critic = load_critic(critic_spec, tokenizer, reward=cfg.reward if isinstance(reward, RewardModelSource) else None,
                          policy=cfg.policy)
     apply_cpu_matmul(cfg.cpu_matmul, device, critic)
+    if critic is not None and packing:
+        if packing_unsupported(critic.model) is not None:
+            raise ConfigError(f"--packing: the critic {critic_spec} cannot run packed batches "
+                              f"({packing_unsupported(critic.model)}); pass --no-packing")
+        use_packed_attention(critic.model)
     model = ActorCritic(actor, critic)
     model.eval()  # no dropout anywhere: rollout and update must see the same policy
-    return tokenizer, model, ref_model, reward, critic_spec
+    return tokenizer, model, ref_model, reward, critic_spec, packing
 
 
 def prompt_indices(n_prompts: int, batch_size: int, step: int, seed: int, rank: int, world: int) -> list[int]:
@@ -179,11 +197,16 @@ def export_policy(model: ActorCritic, tokenizer, cfg: PPOConfig, chat: bool, out
     return export_pretrained(model.actor, tokenizer, out / "policy", {POLICY_INFO: json.dumps(info, indent=2)})
 
 
+def _packed(cfg: PPOConfig, r: Rollout, micro):
+    """Rows ``micro`` of the rollout, packed (``--packing``), or None."""
+    return pack_rows(r.query_mask[micro], r.input_ids[micro], r.attention_mask[micro]) if r.packed else None
+
+
 def actor_micro_loss(cfg: PPOConfig, actor, r: Rollout, advantages, mb_tokens, micro):
     """The actor's loss on rollout rows ``micro`` (weighted by their share of the minibatch's tokens) and its stats."""
     mask = r.response_mask[micro]  # (m, N)
     weight = mask.sum() / mb_tokens
-    logits, _ = response_logits(actor, r.input_ids[micro], r.attention_mask[micro], mask.shape[1])
+    logits, _ = response_logits(actor, r.input_ids[micro], r.attention_mask[micro], mask.shape[1], packed=_packed(cfg, r, micro))
     logits = logits / cfg.temperature  # (m, N, V): the distribution the tokens were sampled from
     logprobs = logprobs_from_logits(logits, r.response_ids[micro])  # (m, N)
     pg_loss, pg_stats = policy_loss(logprobs.float(), r.old_logprobs[micro], advantages[micro], mask, cfg.clip_eps)
@@ -202,7 +225,7 @@ def critic_micro_loss(cfg: PPOConfig, critic, r: Rollout, returns, mb_tokens, mi
     """``vf_coef`` times the clipped value loss on rollout rows ``micro``, weighted like the actor's."""
     mask = r.response_mask[micro]
     weight = mask.sum() / mb_tokens
-    values = critic(r.input_ids[micro], r.attention_mask[micro], mask.shape[1])  # (m, N)
+    values = critic(r.input_ids[micro], r.attention_mask[micro], mask.shape[1], packed=_packed(cfg, r, micro))  # (m, N)
     vf_loss, vf_stats = value_loss(values.float(), r.old_values[micro], returns[micro], mask, cfg.vf_clip)
     stats = {"ppo/value_loss": vf_loss, "ppo/vf_clipfrac": vf_stats["vf_clipfrac"]}
     return cfg.vf_coef * vf_loss * weight, {k: v.detach().float() * weight.detach() for k, v in stats.items()}
@@ -212,7 +235,8 @@ def joint_micro_loss(cfg: PPOConfig, actor_critic, r: Rollout, advantages, retur
     """A value head shares the actor's forward pass: one loss, ``actor + vf_coef * value``."""
     mask = r.response_mask[micro]
     weight = mask.sum() / mb_tokens
-    logits, values = actor_critic(r.input_ids[micro], r.attention_mask[micro], mask.shape[1], cfg.temperature)
+    logits, values = actor_critic(r.input_ids[micro], r.attention_mask[micro], mask.shape[1], cfg.temperature,
+                                  packed=_packed(cfg, r, micro))
     logprobs = logprobs_from_logits(logits, r.response_ids[micro])
     pg_loss, pg_stats = policy_loss(logprobs.float(), r.old_logprobs[micro], advantages[micro], mask, cfg.clip_eps)
     entropy = entropy_bonus(logits if cfg.entropy_coef > 0 else logits.detach(), mask)
@@ -292,7 +316,7 @@ def train_ppo(cfg: PPOConfig) -> dict[str, Any]:
     """Run PPO; returns the last update's metrics plus ``policy`` (the exported folder, if finished)."""
     run = start_run(cfg, "ppo")
     prompts = read_prompts(cfg.prompts)
-    tokenizer, model, ref_model, reward, critic_spec = load_models(cfg, run.device)
+    tokenizer, model, ref_model, reward, critic_spec, packing = load_models(cfg, run.device)
     chat = use_chat_template(tokenizer, cfg.chat_template, cfg.policy)
     settings = cfg.settings()
 
@@ -322,7 +346,8 @@ def train_ppo(cfg: PPOConfig) -> dict[str, Any]:
         # 1. rollout ---------------------------------------------------------------
         batch = [prompts[i] for i in prompt_indices(len(prompts), cfg.batch_size, step, cfg.seed, run.rank, run.world)]
         with run.accelerator.autocast():
-            r = make_rollout(model, ref_model, reward, tokenizer, batch, settings, chat, cfg.rollout_logprobs == "sampling")
+            r = make_rollout(model, ref_model, reward, tokenizer, batch, settings, chat, cfg.rollout_logprobs == "sampling",
+                             packing)
         t_rollout = time.perf_counter() - t_start
         mask, M, kl_coef = r.response_mask, len(r), kl_ctl.kl_coef  # mask (M, N)
 
