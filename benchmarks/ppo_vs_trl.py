@@ -204,7 +204,7 @@ def set_threads(n: int) -> None:
 
 
 def run_ours(args: Args, work: Path) -> dict[str, Any]:
-    from rlhfkit.ppo.trainer import PPOConfig, train_ppo
+    from rlhfkit.rl.trainer import PPOConfig, train_ppo
     from rlhfkit.tracking import read_metrics
 
     never = 10**9

@@ -48,8 +48,8 @@ def _commands(f, out: str) -> dict[str, tuple[list[str], type, dict[str, str]]]:
     """command -> (valid argv writing to ``out``, its config class, {input-file option: its flag})."""
     from rlhfkit.annotate.cli import ExportArgs, ServeArgs
     from rlhfkit.pipeline.run import PipelineConfig
-    from rlhfkit.ppo.commands import BonConfig, GenerateConfig, PPOEvalConfig
-    from rlhfkit.ppo.trainer import PPOConfig
+    from rlhfkit.rl.commands import BonConfig, GenerateConfig, PPOEvalConfig
+    from rlhfkit.rl.trainer import PPOConfig
     from rlhfkit.rm.commands import RMEvalConfig, ScoreConfig
     from rlhfkit.rm.train import RMTrainConfig
     from rlhfkit.sft.train import SFTConfig

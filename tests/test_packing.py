@@ -13,8 +13,8 @@ from rlhfkit.models.packing import (
     packing_unsupported,
     use_packed_attention,
 )
-from rlhfkit.ppo.critic import ActorCritic, Critic, response_logits
-from rlhfkit.ppo.rollout import pack_rows
+from rlhfkit.rl.critic import ActorCritic, Critic, response_logits
+from rlhfkit.rl.rollout import pack_rows
 
 
 def gqa_model(seed: int = 0) -> LlamaForCausalLM:
@@ -111,7 +111,7 @@ def test_a_ppo_update_on_packed_rows_equals_the_padded_update(tiny_lm, tmp_path)
 
     from rlhfkit.config import from_dict
     from rlhfkit.models.reward import RewardModel
-    from rlhfkit.ppo.trainer import PPOConfig, train_ppo
+    from rlhfkit.rl.trainer import PPOConfig, train_ppo
 
     RewardModel.from_pretrained(tiny_lm).save_pretrained(tmp_path / "rm")
     prompts = tmp_path / "p.txt"

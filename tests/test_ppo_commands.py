@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from rlhfkit.cli import main
-from rlhfkit.ppo.commands import best_of_n_kl, expected_best_of_n
+from rlhfkit.rl.commands import best_of_n_kl, expected_best_of_n
 
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rlhfkit.config import ConfigError
-from rlhfkit.ppo.critic import ActorCritic, Critic, load_critic, position_ids_from_mask
+from rlhfkit.rl.critic import ActorCritic, Critic, load_critic, position_ids_from_mask
 
 
 

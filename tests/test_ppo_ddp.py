@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 # Each rank writes a digest of its actor and critic weights after training: DDP must have kept them equal.
 PROBE = """
 import sys, torch
-import rlhfkit.ppo.trainer as T
+import rlhfkit.rl.trainer as T
 from rlhfkit.cli import main
 
 real = T.optimise

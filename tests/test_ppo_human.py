@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from rlhfkit.ppo.human import HumanRewardSource
+from rlhfkit.rl.human import HumanRewardSource
 
 P = ["Review the kettle.", "Review the lamp.", "Review the mug."]
 R = ["Great kettle.", "The lamp broke.", "A fine mug."]

@@ -16,10 +16,10 @@ from rlhfkit.ops import (
     masked_var,
     masked_whiten,
 )
-from rlhfkit.ppo.advantages import compute_gae
-from rlhfkit.ppo.kl import AdaptiveKLController, FixedKLController, kl_estimate
-from rlhfkit.ppo.losses import entropy_bonus, explained_variance, policy_loss, value_loss
-from rlhfkit.ppo.rewards import RunningMoments, compute_rewards
+from rlhfkit.rl.advantages import compute_gae
+from rlhfkit.rl.kl import AdaptiveKLController, FixedKLController, kl_estimate
+from rlhfkit.rl.losses import entropy_bonus, explained_variance, policy_loss, value_loss
+from rlhfkit.rl.rewards import RunningMoments, compute_rewards
 
 
 def right_padded_mask(lengths: list[int], n: int) -> torch.Tensor:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from rlhfkit.config import ConfigError
-from rlhfkit.ppo.reward_sources import (
+from rlhfkit.rl.reward_sources import (
     ClassifierSource,
     FunctionSource,
     RewardModelSource,
@@ -84,8 +84,8 @@ def test_reward_model_source_reencodes_text_with_its_own_tokenizer(tiny_lm, tiny
     from transformers import AutoTokenizer
 
     from rlhfkit.models.reward import RewardModel
-    from rlhfkit.ppo.critic import ActorCritic
-    from rlhfkit.ppo.rollout import encode_queries, response_mask_from_eos, score_rollout
+    from rlhfkit.rl.critic import ActorCritic
+    from rlhfkit.rl.rollout import encode_queries, response_mask_from_eos, score_rollout
     from transformers import AutoModelForCausalLM
 
     _, enc_dir = tiny_rm_dirs

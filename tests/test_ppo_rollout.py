@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from rlhfkit.ops import logprobs_from_logits
-from rlhfkit.ppo.critic import ActorCritic, Critic
-from rlhfkit.ppo.rewards import compute_rewards
-from rlhfkit.ppo.rollout import score_rollout
+from rlhfkit.rl.critic import ActorCritic, Critic
+from rlhfkit.rl.rewards import compute_rewards
+from rlhfkit.rl.rollout import score_rollout
 from rlhfkit.sampling import encode_queries, response_mask_from_eos
 
 EOS, PAD = 2, 0
@@ -144,7 +144,7 @@ def test_lora_reference_is_the_actor_with_its_adapter_off(tiny_lm):
 def test_sampling_pass_logprobs_equal_a_forward_pass(tiny_lm):
     """The saving: old_logprobs recorded while sampling are those of a forward pass over the
     finished sequences (what the PPO ratio divides by), on every real token, early EOS included."""
-    from rlhfkit.ppo.rollout import policy_logprobs
+    from rlhfkit.rl.rollout import policy_logprobs
     from rlhfkit.sampling import SamplingSettings, sample
 
     model, tok = load_lm(tiny_lm)
@@ -166,7 +166,7 @@ def test_an_update_from_sampling_pass_logprobs_equals_one_from_a_forward_pass(ti
 
     from rlhfkit.config import from_dict
     from rlhfkit.models.reward import RewardModel
-    from rlhfkit.ppo.trainer import PPOConfig, train_ppo
+    from rlhfkit.rl.trainer import PPOConfig, train_ppo
 
     RewardModel.from_pretrained(tiny_lm).save_pretrained(tmp_path / "rm")
     prompts = tmp_path / "p.txt"

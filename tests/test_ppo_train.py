@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from rlhfkit.cli import main
 from rlhfkit.config import ConfigError, from_dict
 from rlhfkit.errors import RunStopped
-from rlhfkit.ppo.trainer import PPOConfig, train_ppo
+from rlhfkit.rl.trainer import PPOConfig, train_ppo
 from rlhfkit.tracking import read_metrics
 
 WORDS = ["the", "cat", "sat", "on", "a", "mat", "dog", "ran", "far", "big"]
@@ -139,7 +139,7 @@ class _NanGradient(torch.autograd.Function):
     (_NanGradient.apply, r"non-finite gradient norm at update 2 \(PPO epoch 1\) with a finite loss"),
 ])
 def test_non_finite_loss_or_gradient_stops_and_keeps_the_last_good_checkpoint(tiny_lm, ppo_files, tmp_path, monkeypatch, poison, message):
-    import rlhfkit.ppo.trainer as T
+    import rlhfkit.rl.trainer as T
 
     common = dict(steps=3, batch_size=4, mini_batch_size=4, save_every=1)
     good = tmp_path / "good"
@@ -163,7 +163,7 @@ def test_non_finite_loss_or_gradient_stops_and_keeps_the_last_good_checkpoint(ti
 
 
 def test_cli_stop_exits_1_and_says_why(tiny_lm, ppo_files, tmp_path, monkeypatch, capsys):
-    import rlhfkit.ppo.trainer as T
+    import rlhfkit.rl.trainer as T
 
     real = T.policy_loss
     monkeypatch.setattr(T, "policy_loss", lambda *a, **k: (real(*a, **k)[0] * float("nan"), real(*a, **k)[1]))
@@ -229,9 +229,9 @@ def test_a_separate_critic_trains_exactly_as_with_the_summed_loss(tiny_lm, tmp_p
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from rlhfkit.models.reward import RewardModel
-    from rlhfkit.ppo.critic import ActorCritic, load_critic
-    from rlhfkit.ppo.rollout import Rollout, policy_logprobs
-    from rlhfkit.ppo.trainer import optimise
+    from rlhfkit.rl.critic import ActorCritic, load_critic
+    from rlhfkit.rl.rollout import Rollout, policy_logprobs
+    from rlhfkit.rl.trainer import optimise
     from rlhfkit.training.optim import make_adamw
     from rlhfkit.training.run import Run
 

@@ -49,21 +49,21 @@ def train_sft(config: Any) -> dict[str, Any]:
 
 def train_ppo(config: Any) -> dict[str, Any]:
     """``rlhfkit ppo``."""
-    from rlhfkit.ppo.trainer import PPOConfig, train_ppo as run
+    from rlhfkit.rl.trainer import PPOConfig, train_ppo as run
 
     return run(_config(PPOConfig, config))
 
 
 def best_of_n(config: Any) -> list[dict[str, Any]]:
     """``rlhfkit bon``; returns the best response per prompt."""
-    from rlhfkit.ppo.commands import BonConfig, run_bon
+    from rlhfkit.rl.commands import BonConfig, run_bon
 
     return run_bon(_config(BonConfig, config))
 
 
 def evaluate_ppo(config: Any) -> dict[str, Any]:
     """``rlhfkit ppo-eval``; returns score and KL for the policy, the reference and best-of-n."""
-    from rlhfkit.ppo.commands import PPOEvalConfig, run_ppo_eval
+    from rlhfkit.rl.commands import PPOEvalConfig, run_ppo_eval
 
     return run_ppo_eval(_config(PPOEvalConfig, config))
 

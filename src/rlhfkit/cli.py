@@ -91,7 +91,7 @@ def _sft(argv: Sequence[str]) -> None:
 
 
 def _ppo(argv: Sequence[str]) -> None:
-    trainer = importlib.import_module("rlhfkit.ppo.trainer")
+    trainer = importlib.import_module("rlhfkit.rl.trainer")
     result = trainer.train_ppo(parse_args(trainer.PPOConfig, argv, prog="rlhfkit ppo"))
     if "policy" in result and _main_process():
         print(f"policy saved to {result['policy']}; score {result.get('ppo/score_mean', float('nan')):.4f}, "
@@ -99,17 +99,17 @@ def _ppo(argv: Sequence[str]) -> None:
 
 
 def _generate(argv: Sequence[str]) -> None:
-    commands = importlib.import_module("rlhfkit.ppo.commands")
+    commands = importlib.import_module("rlhfkit.rl.commands")
     commands.run_generate(parse_args(commands.GenerateConfig, argv, prog="rlhfkit generate"))
 
 
 def _bon(argv: Sequence[str]) -> None:
-    commands = importlib.import_module("rlhfkit.ppo.commands")
+    commands = importlib.import_module("rlhfkit.rl.commands")
     commands.run_bon(parse_args(commands.BonConfig, argv, prog="rlhfkit bon"))
 
 
 def _ppo_eval(argv: Sequence[str]) -> None:
-    commands = importlib.import_module("rlhfkit.ppo.commands")
+    commands = importlib.import_module("rlhfkit.rl.commands")
     cfg = parse_args(commands.PPOEvalConfig, argv, prog="rlhfkit ppo-eval")
     commands.print_eval_table(commands.run_ppo_eval(cfg), cfg.json)
 

@@ -34,9 +34,9 @@ from rlhfkit.models.policy import inference_dtype, load_policy
 from rlhfkit.models.tokenizers import use_chat_template
 from rlhfkit.pipeline.report import write_report
 from rlhfkit.pipeline.simulated import NAME, rank_samples
-from rlhfkit.ppo.commands import PPOEvalConfig, run_ppo_eval
-from rlhfkit.ppo.reward_sources import FunctionSource
-from rlhfkit.ppo.trainer import PPOConfig, train_ppo
+from rlhfkit.rl.commands import PPOEvalConfig, run_ppo_eval
+from rlhfkit.rl.reward_sources import FunctionSource
+from rlhfkit.rl.trainer import PPOConfig, train_ppo
 from rlhfkit.rm.train import RMTrainConfig, train_reward_model
 from rlhfkit.sampling import SamplingSettings, sample_texts
 from rlhfkit.sft.data import read_sft_data

@@ -42,7 +42,7 @@ from rlhfkit.errors import UserError
 from rlhfkit.models.cpu_linear import apply_cpu_matmul
 from rlhfkit.models.hub import ALIASES, resolve_model, resolve_run_folder
 from rlhfkit.models.reward import META_FILE, RewardModel
-from rlhfkit.ppo.human import HumanRewardSource
+from rlhfkit.rl.human import HumanRewardSource
 
 __all__ = [
     "RewardSource",
@@ -265,7 +265,7 @@ Factory = Callable[[str, RewardOptions], RewardSource]
 
 
 def _human(spec: str, options: RewardOptions) -> RewardSource:
-    """``--reward human[:LOG.jsonl[@LOW..HIGH]]``: a person types the scores (see ppo/human.py)."""
+    """``--reward human[:LOG.jsonl[@LOW..HIGH]]``: a person types the scores (see rl/human.py)."""
 
     return HumanRewardSource(spec, options)
 

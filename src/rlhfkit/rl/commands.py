@@ -33,9 +33,9 @@ from rlhfkit.models.cpu_linear import apply_cpu_matmul
 from rlhfkit.models.policy import inference_dtype, load_policy
 from rlhfkit.models.tokenizers import use_chat_template
 from rlhfkit.ops import masked_sum
-from rlhfkit.ppo.reward_sources import RewardSourceOptions
-from rlhfkit.ppo.rollout import policy_logprobs
-from rlhfkit.ppo.trainer import POLICY_INFO
+from rlhfkit.rl.reward_sources import RewardSourceOptions
+from rlhfkit.rl.rollout import policy_logprobs
+from rlhfkit.rl.trainer import POLICY_INFO
 from rlhfkit.sampling import (
     SamplingOptions,
     SamplingSettings,

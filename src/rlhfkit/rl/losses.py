@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from rlhfkit.ops import entropy_from_logits, masked_mean, masked_var
-from rlhfkit.ppo.kl import kl_estimate
+from rlhfkit.rl.kl import kl_estimate
 
 __all__ = ["policy_loss", "value_loss", "entropy_bonus", "explained_variance"]
 
@@ -84,7 +84,7 @@ def value_loss(
     Args:
         values: ``(M, N)`` current value predictions (with grad).
         old_values: ``(M, N)`` value predictions of the rollout.
-        returns: ``(M, N)`` targets from :func:`rlhfkit.ppo.advantages.compute_gae`.
+        returns: ``(M, N)`` targets from :func:`rlhfkit.rl.advantages.compute_gae`.
         response_mask: ``(M, N)``, 1 = real response token.
         clip_range: ``c``; ``None`` disables clipping.
 

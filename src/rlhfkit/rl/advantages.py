@@ -52,7 +52,7 @@ def compute_gae(
 
     Args:
         values: ``(M, N)`` value estimates ``V(s_t)`` of the rollout.
-        rewards: ``(M, N)`` per-token rewards (see :func:`rlhfkit.ppo.rewards.compute_rewards`).
+        rewards: ``(M, N)`` per-token rewards (see :func:`rlhfkit.rl.rewards.compute_rewards`).
         response_mask: ``(M, N)``, 1 = real response token, right-padded.
         gamma: discount factor.
         lam: GAE lambda.

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rlhfkit.ppo.kl import kl_estimate
+from rlhfkit.rl.kl import kl_estimate
 
 __all__ = ["compute_rewards", "RunningMoments"]
 
@@ -40,7 +40,7 @@ def compute_rewards(
         ref_logprobs: ``(M, N)`` reference-model log-probs of the same tokens.
         response_mask: ``(M, N)``, 1 = real response token.
         kl_coef: KL penalty coefficient (``beta``), e.g. ``controller.kl_coef``.
-        estimator: ``"k1"``, ``"k2"`` or ``"k3"``, see :func:`rlhfkit.ppo.kl.kl_estimate`.
+        estimator: ``"k1"``, ``"k2"`` or ``"k3"``, see :func:`rlhfkit.rl.kl.kl_estimate`.
         score_clip: clip scores to ``[-score_clip, score_clip]`` first; ``None`` = no clip.
 
     Returns:

@@ -3,17 +3,17 @@
 One update, top to bottom (the loop in :func:`train_ppo` reads in this order):
 
 1. rollout: ``M`` prompts -> sampled responses -> ``old_logprobs``, ``ref_logprobs``,
-   ``old_values`` ``(M, N)`` and ``scores`` ``(M,)`` (:mod:`rlhfkit.ppo.rollout`);
+   ``old_values`` ``(M, N)`` and ``scores`` ``(M,)`` (:mod:`rlhfkit.rl.rollout`);
 2. scores: running whitening or scaling, a penalty for responses cut without EOS, clipping;
 3. rewards: ``-kl_coef * KL`` per token plus the score at the last real token
-   (:func:`rlhfkit.ppo.rewards.compute_rewards`);
-4. advantages and returns by GAE (:func:`rlhfkit.ppo.advantages.compute_gae`), advantages
+   (:func:`rlhfkit.rl.rewards.compute_rewards`);
+4. advantages and returns by GAE (:func:`rlhfkit.rl.advantages.compute_gae`), advantages
    whitened over real tokens;
 5. ``ppo_epochs`` passes of shuffled minibatches, each one
    :func:`~rlhfkit.training.step.train_step` per network: the actor's
    ``policy_loss - entropy_coef * entropy`` and a separate critic's ``vf_coef * value_loss``
    (or, with a value head, one step on their sum), each network with its own optimizer,
-   learning rate and gradient clipping (:mod:`rlhfkit.ppo.losses`);
+   learning rate and gradient clipping (:mod:`rlhfkit.rl.losses`);
 6. the KL controller moves ``kl_coef``; metrics, samples, checkpoint.
 
 Micro-batch losses are weighted by their share of the minibatch's real tokens, so the
@@ -48,18 +48,18 @@ from rlhfkit.models.packing import packing_unsupported, use_packed_attention
 from rlhfkit.models.policy import load_policy
 from rlhfkit.models.tokenizers import use_chat_template
 from rlhfkit.ops import logprobs_from_logits, masked_sum, masked_whiten
-from rlhfkit.ppo.advantages import compute_gae
-from rlhfkit.ppo.critic import ActorCritic, load_critic, response_logits
-from rlhfkit.ppo.kl import AdaptiveKLController, FixedKLController, kl_estimate
-from rlhfkit.ppo.losses import (
+from rlhfkit.rl.advantages import compute_gae
+from rlhfkit.rl.critic import ActorCritic, load_critic, response_logits
+from rlhfkit.rl.kl import AdaptiveKLController, FixedKLController, kl_estimate
+from rlhfkit.rl.losses import (
     entropy_bonus,
     explained_variance,
     policy_loss,
     value_loss,
 )
-from rlhfkit.ppo.reward_sources import RewardModelSource, RewardSourceOptions
-from rlhfkit.ppo.rewards import RunningMoments, compute_rewards
-from rlhfkit.ppo.rollout import Rollout, make_rollout, pack_rows
+from rlhfkit.rl.reward_sources import RewardModelSource, RewardSourceOptions
+from rlhfkit.rl.rewards import RunningMoments, compute_rewards
+from rlhfkit.rl.rollout import Rollout, make_rollout, pack_rows
 from rlhfkit.sampling import SamplingOptions
 from rlhfkit.tracking import plot_curves, read_metrics
 from rlhfkit.training.cadence import Cadence

@@ -27,7 +27,7 @@ from rlhfkit.data.prompts import Prompt
 from rlhfkit.models.packing import PackedBatch, pack
 from rlhfkit.models.tokenizers import eos_token_ids
 from rlhfkit.ops import logprobs_from_logits
-from rlhfkit.ppo.critic import response_logits
+from rlhfkit.rl.critic import response_logits
 from rlhfkit.sampling import (
     SamplingSettings,
     decode_responses,
@@ -106,7 +106,7 @@ def score_rollout(
     """Everything PPO needs about sampled responses, each in one batched no-grad pass.
 
     Args:
-        model: an :class:`~rlhfkit.ppo.critic.ActorCritic` (unwrapped).
+        model: an :class:`~rlhfkit.rl.critic.ActorCritic` (unwrapped).
         ref_model: the frozen reference causal LM; ``None`` with a LoRA actor (adapter off).
         reward: a reward source, ``reward(prompts, responses) -> (M,)``.
         prompts: ``M`` prompt texts for the reward source.
