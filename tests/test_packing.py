@@ -65,13 +65,31 @@ def test_packed_logits_and_gradients_equal_the_padded_batch(case):
     assert model.generate(ids[:1, :4], max_new_tokens=3, do_sample=False).shape == (1, 7)  # unpacked use still works
 
 
-def test_pack_layout_groups_and_limits():
-    ids, am, qm, _ = batch([5, 6, 7], [[8], [8], [9]], [[1], [2], [3]])
+def test_pack_layout_root_groups_and_limits():
+    ids, am, qm, _ = batch([5, 6], [[7, 8, 9], [7, 8, 10], [11, 12, 13]], [[1], [2], [3]])
     b = pack(ids, am, groups=[[0, 1], [2]], share_until=qm.sum(1))
-    # group [0, 1] shares 5 6 7 (not 8: each row keeps one query token of its own); row 2 shares nothing
-    assert [(s.start, s.end, s.parent) for s in b.segments] == [(0, 3, None), (3, 5, 0), (5, 7, 0), (7, 12, None)]
-    assert b.position_ids[0].tolist() == [0, 1, 2, 3, 4, 3, 4, 0, 1, 2, 3, 4]
-    assert b.index[0].tolist()[-5:] == [0, 1, 2, 3, 4] and b.index[1].tolist()[-5:] == [0, 1, 2, 5, 6]
+    # all rows share 5 6 (the root); rows 0 and 1 further share 7 8 (their group), row 2 nothing more
+    assert [(s.start, s.end, s.parent) for s in b.segments] == [(0, 2, None), (2, 4, 0), (4, 6, 1), (6, 8, 1), (8, 12, 0)]
+    assert b.position_ids[0].tolist() == [0, 1, 2, 3, 4, 5, 4, 5, 2, 3, 4, 5]
+    assert b.index[0].tolist()[-6:] == [0, 1, 2, 3, 4, 5] and b.index[1].tolist()[-6:] == [0, 1, 2, 3, 6, 7]
+    assert b.index[2].tolist()[-6:] == [0, 1, 8, 9, 10, 11]
+    same = pack(ids[:1].repeat(3, 1), am[:1].repeat(3, 1), groups=[[0, 1, 2]], share_until=qm.sum(1))
+    assert [s.end - s.start for s in same.segments] == [4, 2, 2, 2]  # each row keeps its last query token
+
+
+def test_a_three_level_tree_gives_the_padded_outputs():
+    """Group-sampled RL: a system prompt shared by all, a prompt shared by its K samples."""
+    model = gqa_model()
+    prefix = [5, 6, 7]
+    ids, am, qm, _ = batch(prefix, [[8, 9], [8, 9], [10, 11, 12], [10, 11, 12]], [[20, 21], [22], [23, 24, 25], [26]])
+    pos = (am.cumsum(-1) - 1).clamp(min=0)
+    padded = model(input_ids=ids, attention_mask=am, position_ids=pos).logits
+    use_packed_attention(model)
+    b = pack(ids, am, groups=[[0, 1], [2, 3]], share_until=qm.sum(1))
+    assert len({s.parent for s in b.segments}) == 4  # none (the root), the root, two prompt groups
+    packed = model(**packed_kwargs(b)).logits[0]
+    real = am.bool()
+    torch.testing.assert_close(packed[b.index[real]], padded[real], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("critic", ["value-head", "separate"])

@@ -3,11 +3,11 @@ sequences computed once.
 
 A batch of ``M`` sequences (queries left-padded, responses right-padded, as PPO's
 rollouts are) holds pad tokens, and often the same opening tokens in every row: a chat
-template's system prompt, or, in group-sampled RL, the whole prompt of the ``K`` responses
-to it. :func:`pack` lays the batch out as one row of real tokens only: each group's
-shared prefix once (a *parent* segment), then every sequence's own tokens (a *child*
-segment). A child's tokens attend to its parent's and, causally, to its own; a parent's
-to itself. The position ids continue from the parent into each child, so every token
+template's system prompt, and, in group-sampled RL, the whole prompt of the ``K`` responses
+to it. :func:`pack` lays the batch out as one row of real tokens only, a tree of
+segments: the tokens every row shares once (the root), under it what each group of rows
+further shares (a prompt), under that every sequence's own tokens. A segment's tokens
+attend to all of its ancestors' and, causally, to its own. The position ids continue from the parent into each child, so every token
 sees exactly the context and position it has in its own sequence, and the model's
 outputs at every real position equal those of the padded batch (up to the order of
 floating-point sums; tests check the logits, values and gradients). Every linear layer
@@ -18,11 +18,12 @@ The attention runs segment by segment (:func:`shared_prefix_attention`, register
 own keys. Without packing arguments the function is plain SDPA, so a model can keep the
 implementation for generation and unpacked calls.
 
-Plain loop of what a child segment ``c`` with parent ``p`` computes, per head::
+Plain loop of what a segment ``c`` with ancestors ``a_1 ... a_k`` (root first) computes, per head::
 
-    keys = concat(K[p], K[c]); values = concat(V[p], V[c])
-    for j in range(len(c)):                       # query j of the child
-        allowed = len(p) + j + 1                  # the whole parent, the child up to j
+    keys = concat(K[a_1], ..., K[a_k], K[c]); values = concat(V[a_1], ..., V[a_k], V[c])
+    context = len(a_1) + ... + len(a_k)
+    for j in range(len(c)):                       # query j of the segment
+        allowed = context + j + 1                 # every ancestor, the segment up to j
         out[c][j] = softmax(Q[c][j] @ keys[:allowed].T * scale) @ values[:allowed]
 """
 
@@ -54,7 +55,7 @@ class PackedBatch:
 
     input_ids: Tensor  # (1, L)
     position_ids: Tensor  # (1, L)
-    segments: tuple[Segment, ...]
+    segments: tuple[Segment, ...]  # in order; a parent before its children
     index: Tensor  # (M, T)
 
     @property
@@ -62,57 +63,57 @@ class PackedBatch:
         return self.input_ids.shape[1]
 
 
-def _common_prefix(rows: list[list[int]]) -> int:
-    n = min(len(r) for r in rows)
-    for k in range(n):
-        if any(r[k] != rows[0][k] for r in rows[1:]):
-            return k
+def _common_prefix(rows: list[list[int]], start: int, limit: int) -> int:
+    """How many tokens from ``start`` on all ``rows`` share, at most ``limit``."""
+    n = 0
+    while n < limit and all(start + n < len(r) and r[start + n] == rows[0][start + n] for r in rows):
+        n += 1
     return n
 
 
-def pack(input_ids: Tensor, attention_mask: Tensor, groups: list[list[int]] | None = None, share_from: int = 0,
+def pack(input_ids: Tensor, attention_mask: Tensor, groups: list[list[int]] | None = None,
          share_until: Tensor | None = None) -> PackedBatch:
     """Pack ``input_ids (M, T)`` (``attention_mask`` 1 = real token; any padding pattern) into one row.
 
+    The tokens every row begins with form the root segment; within each of ``groups`` (rows
+    that may share more, e.g. the ``K`` samples of one prompt) the tokens its rows further
+    share form a group segment under the root; each row's remaining tokens form its own
+    segment. Every row keeps at least one token of its own before ``share_until``.
+
     Args:
-        groups: rows that may share a prefix (default: all rows, one group). A group's
-            prefix is the longest run of real tokens all its rows begin with, cut so that
-            every row keeps at least one token of its own before ``share_until``.
-        share_until: ``(M,)`` the number of each row's real tokens that may be shared (e.g. its
-            query length: responses are never shared); default: all but the last.
-        share_from: groups of fewer rows than this share nothing (a prefix shared by one row
-            saves nothing).
+        groups: a partition of the rows (default: no groups below the root).
+        share_until: ``(M,)`` how many of each row's real tokens may be shared (e.g. its query
+            length: responses are never shared); default: all but the last.
     """
     M, T = input_ids.shape
     mask = attention_mask.bool()
     real = [input_ids[i][mask[i]].tolist() for i in range(M)]  # each row's real tokens
-    columns = [mask[i].nonzero().flatten().tolist() for i in range(M)]
+    columns = [mask[i].nonzero().flatten() for i in range(M)]
     limits = [len(r) - 1 for r in real] if share_until is None else [int(s) - 1 for s in share_until.tolist()]
-    groups = groups if groups is not None else [list(range(M))]
+    groups = groups if groups is not None else [[i] for i in range(M)]
     ids: list[int] = []
     pos: list[int] = []
     segments: list[Segment] = []
     index = torch.full((M, T), -1, dtype=torch.long)
+
+    def add(tokens: list[int], first_position: int, parent: int | None) -> int:
+        segments.append(Segment(len(ids), len(ids) + len(tokens), parent))
+        ids.extend(tokens)
+        pos.extend(range(first_position, first_position + len(tokens)))
+        return len(segments) - 1
+
+    root_len = _common_prefix(real, 0, max(0, min(limits))) if M > 1 else 0
+    root = add(real[0][:root_len], 0, None) if root_len else None
     for group in groups:
-        shared = 0
-        if len(group) >= max(2, share_from):
-            shared = max(0, min(_common_prefix([real[i] for i in group]), *(limits[i] for i in group)))
-        parent = None
-        if shared:
-            parent = len(segments)
-            segments.append(Segment(len(ids), len(ids) + shared, None))
-            ids += real[group[0]][:shared]
-            pos += list(range(shared))
+        shared = _common_prefix([real[i] for i in group], root_len, max(0, min(limits[i] for i in group) - root_len))
+        parent = add(real[group[0]][root_len:root_len + shared], root_len, root) if len(group) > 1 and shared else root
+        shared = shared if parent != root else 0
         for i in group:
-            start = len(ids)
-            own = real[i][shared:]
-            segments.append(Segment(start, start + len(own), parent))
-            ids += own
-            pos += list(range(shared, shared + len(own)))
-            cols = torch.tensor(columns[i], dtype=torch.long)
-            if shared:
-                index[i, cols[:shared]] = torch.arange(segments[parent].start, segments[parent].end)
-            index[i, cols[shared:]] = torch.arange(start, start + len(own))
+            own = add(real[i][root_len + shared:], root_len + shared, parent)
+            at = [segments[root]] if root is not None else []
+            at += [segments[parent]] if parent != root else []
+            at.append(segments[own])
+            index[i, columns[i]] = torch.cat([torch.arange(s.start, s.end) for s in at])
     device = input_ids.device
     return PackedBatch(torch.tensor([ids], device=device), torch.tensor([pos], device=device), tuple(segments),
                        index.to(device))
@@ -123,7 +124,8 @@ def shared_prefix_attention(module: nn.Module, query: Tensor, key: Tensor, value
     """Attention over a :class:`PackedBatch` row (module docstring); plain SDPA without segments.
 
     ``query (1, H, L, d)``, ``key``/``value (1, H_kv, L, d)`` -> ``(1, L, H, d)``, as
-    ``transformers`` attention functions return.
+    ``transformers`` attention functions return. A segment attends to all of its ancestors
+    (parent, grandparent) and causally to itself.
     """
     if rlhfkit_segments is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
@@ -131,16 +133,18 @@ def shared_prefix_attention(module: nn.Module, query: Tensor, key: Tensor, value
     key, value = repeat_kv(key, n_rep), repeat_kv(value, n_rep)  # (1, H, L, d)
     outputs = []
     for seg in rlhfkit_segments:
+        chain = [seg]
+        while chain[-1].parent is not None:
+            chain.append(rlhfkit_segments[chain[-1].parent])
         q = query[:, :, seg.start:seg.end]
-        if seg.parent is None:
+        if len(chain) == 1:
             out = F.scaled_dot_product_attention(q, key[:, :, seg.start:seg.end], value[:, :, seg.start:seg.end],
                                                  is_causal=True, scale=scaling)
         else:
-            p = rlhfkit_segments[seg.parent]
-            k = torch.cat([key[:, :, p.start:p.end], key[:, :, seg.start:seg.end]], dim=2)
-            v = torch.cat([value[:, :, p.start:p.end], value[:, :, seg.start:seg.end]], dim=2)
-            n_parent, n_own = p.end - p.start, seg.end - seg.start
-            allowed = torch.ones(n_own, n_parent + n_own, dtype=torch.bool, device=q.device).tril(diagonal=n_parent)
+            k = torch.cat([key[:, :, s.start:s.end] for s in reversed(chain)], dim=2)
+            v = torch.cat([value[:, :, s.start:s.end] for s in reversed(chain)], dim=2)
+            n_context = k.shape[2] - (seg.end - seg.start)
+            allowed = torch.ones(seg.end - seg.start, k.shape[2], dtype=torch.bool, device=q.device).tril(diagonal=n_context)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scaling)
         outputs.append(out)
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
