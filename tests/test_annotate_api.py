@@ -21,6 +21,7 @@ from fastapi.routing import APIRoute  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
 from rlhfkit.annotate.app import create_app
+
 SQLITE_INT_MAX = 2**63 - 1  # noqa: E402
 from rlhfkit.annotate.store import AnnotationStore  # noqa: E402
 from rlhfkit.data.readers import read_preferences  # noqa: E402

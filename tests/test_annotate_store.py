@@ -7,7 +7,14 @@ import threading
 
 import pytest
 
-from rlhfkit.annotate.store import MIGRATIONS, AnnotationStore, Conflict, NotFound, StoreError, export_rankings
+from rlhfkit.annotate.store import (
+    MIGRATIONS,
+    AnnotationStore,
+    Conflict,
+    NotFound,
+    StoreError,
+    export_rankings,
+)
 from rlhfkit.data.readers import read_preferences
 
 

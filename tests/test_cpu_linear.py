@@ -11,7 +11,12 @@ from torch import nn
 
 from rlhfkit.models import cpu_linear
 from rlhfkit.models.cpu_linear import (
-    MIN_MACS, OneDNNLinear, apply_cpu_matmul, onednn_available, use_onednn_linear)
+    MIN_MACS,
+    OneDNNLinear,
+    apply_cpu_matmul,
+    onednn_available,
+    use_onednn_linear,
+)
 
 needs_onednn = pytest.mark.skipif(not onednn_available(), reason="this PyTorch build has no oneDNN")
 

@@ -14,8 +14,6 @@ from rlhfkit.cli import main
 from rlhfkit.rl.commands import best_of_n_kl, expected_best_of_n
 
 
-
-
 def test_expected_best_of_n_equals_the_mean_over_all_subsets():
     scores = torch.randn(5, 7, generator=torch.Generator().manual_seed(0))
     for n in range(1, 8):

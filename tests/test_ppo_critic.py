@@ -9,8 +9,6 @@ from rlhfkit.config import ConfigError
 from rlhfkit.rl.critic import ActorCritic, Critic, load_critic, position_ids_from_mask
 
 
-
-
 def test_position_ids_count_real_tokens_only():
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 0]])
     assert position_ids_from_mask(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 3]]

@@ -24,9 +24,9 @@ import rlhfkit.rl.trainer as T
 from rlhfkit.cli import main
 
 real = T.optimise
-def probe(cfg, run, nets, *a, **k):
-    out = real(cfg, run, nets, *a, **k)
-    digest = [float(sum(p.detach().double().sum() for p in n.parameters())) for n in nets]
+def probe(cfg, run, steps, *a, **k):
+    out = real(cfg, run, steps, *a, **k)
+    digest = [float(sum(p.detach().double().sum() for p in s.net.parameters())) for s in steps]
     with open(f"{cfg.output}.rank{run.rank}", "a") as f:
         f.write(repr(digest) + "\\n")
     return out

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
 from rlhfkit.config import ConfigError
 from rlhfkit.rl.reward_sources import (
+    REWARD_SOURCES,
     ClassifierSource,
     FunctionSource,
     RewardModelSource,
@@ -15,10 +15,7 @@ from rlhfkit.rl.reward_sources import (
     RewardSourceError,
     load_reward_source,
     register_reward_source,
-    REWARD_SOURCES,
 )
-
-
 
 
 @pytest.fixture
@@ -81,12 +78,11 @@ def test_function_source_needs_a_function(reward_file):
 
 def test_reward_model_source_reencodes_text_with_its_own_tokenizer(tiny_lm, tiny_rm_dirs):
     """Policy tokens -> text -> the RM's WordPiece ids; scores equal the RM's own scoring of the text."""
-    from transformers import AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from rlhfkit.models.reward import RewardModel
     from rlhfkit.rl.critic import ActorCritic
     from rlhfkit.rl.rollout import encode_queries, response_mask_from_eos, score_rollout
-    from transformers import AutoModelForCausalLM
 
     _, enc_dir = tiny_rm_dirs
     src = load_reward_source(str(enc_dir))

@@ -178,7 +178,7 @@ def test_cli_stop_exits_1_and_says_why(tiny_lm, ppo_files, tmp_path, monkeypatch
 
 
 def test_config_errors_say_what_to_do(tiny_lm, ppo_files, tmp_path):
-    with pytest.raises(ConfigError, match=r"--mini-batch-size \(8\) must divide --batch-size \(12\).*--mini-batch-size 4"):
+    with pytest.raises(ConfigError, match=r"--mini-batch-size \(8\) must divide the rollout's 12 responses.*--mini-batch-size 4"):
         cfg(tiny_lm, ppo_files, tmp_path, batch_size=12, mini_batch_size=8)
     with pytest.raises(ConfigError, match=r"--grad-accum \(3\) must divide --mini-batch-size \(8\)"):
         cfg(tiny_lm, ppo_files, tmp_path, batch_size=8, mini_batch_size=8, grad_accum=3)
@@ -231,7 +231,14 @@ def test_a_separate_critic_trains_exactly_as_with_the_summed_loss(tiny_lm, tmp_p
     from rlhfkit.models.reward import RewardModel
     from rlhfkit.rl.critic import ActorCritic, load_critic
     from rlhfkit.rl.rollout import Rollout, policy_logprobs
-    from rlhfkit.rl.trainer import optimise
+    from rlhfkit.rl.trainer import (
+        NetworkStep,
+        actor_micro_loss,
+        critic_micro_loss,
+        joint_micro_loss,
+        network_steps,
+        optimise,
+    )
     from rlhfkit.training.optim import make_adamw
     from rlhfkit.training.run import Run
 
@@ -260,8 +267,11 @@ def test_a_separate_critic_trains_exactly_as_with_the_summed_loss(tiny_lm, tmp_p
     stats = {}
     joint_opt = (make_adamw([{"params": joint.actor_parameters(), "lr": c.lr}, {"params": joint.critic_parameters(), "lr": c.critic_lr}]),)
     split_opts = (make_adamw(split.actor_parameters(), lr=c.lr), make_adamw(split.critic_parameters(), lr=c.critic_lr))
-    for name, nets, opts in (("joint", (joint,), joint_opt), ("split", (split.actor, split.critic), split_opts)):
-        stats[name] = optimise(c, run, nets, opts, r, advantages, returns, step=0)
+    joint_steps = [NetworkStep(joint, joint_opt[0], joint_micro_loss, [joint.actor_parameters(), joint.critic_parameters()])]
+    split_steps = network_steps((split.actor, split.critic), split_opts, split)  # what the trainer does
+    assert [s.loss for s in split_steps] == [actor_micro_loss, critic_micro_loss]
+    for name, steps in (("joint", joint_steps), ("split", split_steps)):
+        stats[name] = optimise(c, run, steps, r, advantages, returns, step=0)
     for (k, a), (_, b) in zip(joint.named_parameters(), split.named_parameters()):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=k)
     assert any(not torch.equal(a, b) for a, b in zip(joint.parameters(), ActorCritic(

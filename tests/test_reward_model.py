@@ -6,7 +6,12 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from rlhfkit.data.collate import EncodedPreferences, collate, plan_batches, split_effective_batch
+from rlhfkit.data.collate import (
+    EncodedPreferences,
+    collate,
+    plan_batches,
+    split_effective_batch,
+)
 from rlhfkit.data.types import PreferenceExample
 from rlhfkit.models.hub import ModelNotFoundError, resolve_model
 from rlhfkit.models.reward import RewardModel, last_token_index

@@ -14,7 +14,13 @@ from rlhfkit.models.policy import load_policy
 from rlhfkit.models.tiny import EOS, PAD, build_tiny_causal_lm
 from rlhfkit.models.tokenizers import ensure_distinct_pad, use_chat_template
 from rlhfkit.sampling import (
-    SamplingSettings, encode_queries, render_prompt, response_mask_from_eos, sample, sample_texts)
+    SamplingSettings,
+    encode_queries,
+    render_prompt,
+    response_mask_from_eos,
+    sample,
+    sample_texts,
+)
 
 PROMPTS = [Prompt("hi"), Prompt("a much longer prompt than the first one"), Prompt("mid-sized prompt")]
 EOS_ID, PAD_ID = 2, 0

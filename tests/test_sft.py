@@ -12,12 +12,19 @@ from safetensors.torch import load_file
 
 from rlhfkit.config import ConfigError, from_dict
 from rlhfkit.data.types import DataFormatError
+from rlhfkit.errors import RunStopped, UserError
 from rlhfkit.sft.cli import main
 from rlhfkit.sft.data import (
-    EncodedSFT, SFTExample, block_causal_mask, chat_segments, collate, encode_example, pack_examples, read_sft_data,
+    EncodedSFT,
+    SFTExample,
+    block_causal_mask,
+    chat_segments,
+    collate,
+    encode_example,
+    pack_examples,
+    read_sft_data,
 )
 from rlhfkit.sft.losses import IGNORE_INDEX, sft_loss, token_nll
-from rlhfkit.errors import RunStopped, UserError
 from rlhfkit.sft.train import SFTConfig, model_token_nll, train_sft
 from rlhfkit.tracking import read_metrics
 

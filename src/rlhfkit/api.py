@@ -28,7 +28,8 @@ def _config(cls: type, config: Any):
 
 def train_reward_model(config: Any) -> dict[str, Any]:
     """``rlhfkit rm train``; returns the final held-out metrics."""
-    from rlhfkit.rm.train import RMTrainConfig, train_reward_model as run
+    from rlhfkit.rm.train import RMTrainConfig
+    from rlhfkit.rm.train import train_reward_model as run
 
     return run(_config(RMTrainConfig, config))
 
@@ -42,16 +43,26 @@ def evaluate_reward_model(config: Any) -> dict[str, Any]:
 
 def train_sft(config: Any) -> dict[str, Any]:
     """``rlhfkit sft``."""
-    from rlhfkit.sft.train import SFTConfig, train_sft as run
+    from rlhfkit.sft.train import SFTConfig
+    from rlhfkit.sft.train import train_sft as run
 
     return run(_config(SFTConfig, config))
 
 
 def train_ppo(config: Any) -> dict[str, Any]:
     """``rlhfkit ppo``."""
-    from rlhfkit.rl.trainer import PPOConfig, train_ppo as run
+    from rlhfkit.rl.trainer import PPOConfig
+    from rlhfkit.rl.trainer import train_rl as run
 
     return run(_config(PPOConfig, config))
+
+
+def train_rl(config: Any) -> dict[str, Any]:
+    """``rlhfkit rl --algo ppo|rloo|grpo|reinforce++``."""
+    from rlhfkit.rl.trainer import RLConfig
+    from rlhfkit.rl.trainer import train_rl as run
+
+    return run(_config(RLConfig, config))
 
 
 def best_of_n(config: Any) -> list[dict[str, Any]]:
@@ -70,6 +81,7 @@ def evaluate_ppo(config: Any) -> dict[str, Any]:
 
 def run_pipeline(config: Any) -> dict[str, Any]:
     """``rlhfkit pipeline``; returns report paths, per-stage summaries and the summary paragraph."""
-    from rlhfkit.pipeline.run import PipelineConfig, run_pipeline as run
+    from rlhfkit.pipeline.run import PipelineConfig
+    from rlhfkit.pipeline.run import run_pipeline as run
 
     return run(_config(PipelineConfig, config))

@@ -19,7 +19,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-
 STATE_FILE = "trainer_state.json"
 
 

@@ -14,6 +14,7 @@ import importlib
 import logging
 import os
 import sys
+from functools import partial
 from typing import Callable, Sequence
 
 from rlhfkit.config import parse_args
@@ -26,9 +27,10 @@ reward models
   rm eval       held-out accuracy, list-exact accuracy, Kendall tau, diagnostics
   score         score texts with a reward model
 
-supervised fine-tuning and PPO
+supervised fine-tuning and online RL
   sft           supervised fine-tuning on instruction data (loss on response tokens only)
-  ppo           PPO against a reward model, with a KL penalty to the reference
+  rl            online RL against a reward source with a KL leash: --algo ppo|rloo|grpo|reinforce++
+  ppo           the same as rl --algo ppo (a critic, GAE)
   bon           best-of-n sampling (also writes rejection-sampling data)
   generate      plain sampling
   ppo-eval      score and KL of policy, reference and best-of-n on held-out prompts
@@ -90,9 +92,10 @@ def _sft(argv: Sequence[str]) -> None:
         print(f"stopped at step {result['step']} with a checkpoint in {cfg.output}/checkpoint; continue with --resume")
 
 
-def _ppo(argv: Sequence[str]) -> None:
+def _rl(argv: Sequence[str], ppo_only: bool = False) -> None:
     trainer = importlib.import_module("rlhfkit.rl.trainer")
-    result = trainer.train_ppo(parse_args(trainer.PPOConfig, argv, prog="rlhfkit ppo"))
+    cls, prog = (trainer.PPOConfig, "rlhfkit ppo") if ppo_only else (trainer.RLConfig, "rlhfkit rl")
+    result = trainer.train_rl(parse_args(cls, argv, prog=prog))
     if "policy" in result and _main_process():
         print(f"policy saved to {result['policy']}; score {result.get('ppo/score_mean', float('nan')):.4f}, "
               f"KL {result.get('ppo/kl', float('nan')):.4f} at the last update")
@@ -149,7 +152,7 @@ def _models(argv: Sequence[str]) -> None:
 
 THREADED = ("score", "bon", "generate", "ppo-eval", "annotate", "pipeline", "rm")  # commands that run models on the CPU
 COMMANDS: dict[str, Callable[[Sequence[str]], None]] = {
-    "rm": _rm, "score": _score, "sft": _sft, "ppo": _ppo, "bon": _bon, "generate": _generate, "ppo-eval": _ppo_eval,
+    "rm": _rm, "score": _score, "sft": _sft, "ppo": partial(_rl, ppo_only=True), "rl": _rl, "bon": _bon, "generate": _generate, "ppo-eval": _ppo_eval,
     "pipeline": _pipeline, "annotate": _annotate, "models": _models,
 }
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["compute_gae"]
+__all__ = ["compute_gae", "rloo_advantages", "grpo_advantages", "equal_score_groups", "discounted_returns",
+           "broadcast_to_tokens"]
 
 
 def _check_right_padded(response_mask: Tensor, fn: str) -> None:
@@ -89,3 +90,97 @@ def compute_gae(
         advantages[:, t] = last_gae * cont[:, t]
     returns = torch.where(real, advantages + values, zero)
     return advantages, returns
+
+
+# --------------------------------------------------------------------------- critic-free
+# Rows are prompt-major: the K samples of prompt g are rows g*K .. g*K + K - 1.
+
+
+def _groups(scores: Tensor, k: int, fn: str) -> Tensor:
+    if scores.dim() != 1 or k < 1 or scores.numel() % k:
+        raise ValueError(f"{fn}: scores must be (M,) with M a multiple of the group size K={k}; got {tuple(scores.shape)}")
+    return scores.view(-1, k)  # (G, K)
+
+
+def rloo_advantages(scores: Tensor, k: int) -> Tensor:
+    """REINFORCE leave-one-out: each sample's score minus the mean score of the other K - 1
+    samples of its prompt (Ahmadian et al. 2024, arXiv:2402.14740, eq. 5; Kool et al. 2019).
+
+    Plain loop::
+
+        for g in range(G):
+            for i in range(K):
+                others = [scores[g * K + j] for j in range(K) if j != i]
+                adv[g * K + i] = scores[g * K + i] - sum(others) / (K - 1)
+
+    Args:
+        scores: ``(M,)`` sequence-level rewards, ``M = G * K``, prompt-major.
+        k: the group size ``K >= 2``.
+
+    Returns:
+        ``(M,)`` advantages.
+    """
+    if k < 2:
+        raise ValueError("rloo_advantages: a leave-one-out baseline needs K >= 2 samples per prompt")
+    grouped = _groups(scores, k, "rloo_advantages")  # (G, K)
+    baseline = (grouped.sum(dim=1, keepdim=True) - grouped) / (k - 1)  # mean of the other K-1
+    return (grouped - baseline).flatten()
+
+
+def grpo_advantages(scores: Tensor, k: int, scale: bool = True, eps: float = 1e-4) -> Tensor:
+    """Group-relative advantages: ``(r - mean_group) / (std_group + eps)`` (Shao et al. 2024,
+    arXiv:2402.03300, sec. 4.1.2, outcome supervision); ``scale=False`` drops the division, the
+    unbiased variant of Dr. GRPO (Liu et al. 2025, arXiv:2503.20783, sec. 3.1).
+
+    ``std`` is the sample standard deviation (``K - 1`` in the denominator), as TRL's
+    ``GRPOTrainer``. A group whose K scores are equal gets advantage 0: no learning signal.
+
+    Plain loop::
+
+        for g in range(G):
+            group = scores[g * K:(g + 1) * K]
+            mean = sum(group) / K
+            std = (sum((x - mean) ** 2 for x in group) / (K - 1)) ** 0.5
+            for i in range(K):
+                adv[g * K + i] = (group[i] - mean) / (std + eps) if scale else group[i] - mean
+    """
+    if k < 2:
+        raise ValueError("grpo_advantages: a group baseline needs K >= 2 samples per prompt")
+    grouped = _groups(scores, k, "grpo_advantages")  # (G, K)
+    centred = grouped - grouped.mean(dim=1, keepdim=True)
+    if scale:
+        centred = centred / (grouped.std(dim=1, keepdim=True) + eps)
+    return centred.flatten()
+
+
+def equal_score_groups(scores: Tensor, k: int) -> Tensor:
+    """``(G,)`` bool: the groups whose K scores are all equal (no learning signal for GRPO/RLOO)."""
+    grouped = _groups(scores, k, "equal_score_groups")
+    return (grouped == grouped[:, :1]).all(dim=1)
+
+
+def discounted_returns(rewards: Tensor, response_mask: Tensor, gamma: float) -> Tensor:
+    """``G_t = sum_{l >= 0} gamma^l r_{t+l}`` over real tokens of each row (0 after the last).
+
+    The REINFORCE return with per-token rewards (REINFORCE++, Hu 2025, arXiv:2501.03262,
+    eq. 4-5: the score at the last token and ``-beta * KL`` at every token). Plain loop::
+
+        for i in range(M):
+            n = int(response_mask[i].sum())
+            for t in range(n):
+                returns[i][t] = sum(gamma ** l * rewards[i][t + l] for l in range(n - t))
+    """
+    _check_right_padded(response_mask, "discounted_returns")
+    real = response_mask.to(torch.bool)
+    rewards = torch.where(real, rewards, torch.zeros((), dtype=rewards.dtype, device=rewards.device))
+    returns = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])  # (M,)
+    for t in reversed(range(rewards.shape[1])):
+        running = rewards[:, t] + gamma * running
+        returns[:, t] = running
+    return torch.where(real, returns, torch.zeros_like(returns))
+
+
+def broadcast_to_tokens(sequence_values: Tensor, response_mask: Tensor) -> Tensor:
+    """``(M,)`` per-sequence values -> ``(M, N)`` on every real token (0 elsewhere)."""
+    return sequence_values.unsqueeze(1).to(torch.float32) * response_mask.to(torch.float32)

@@ -24,6 +24,7 @@ import inspect
 import logging
 from typing import Iterator
 
+import torch
 from torch import Tensor, nn
 
 from rlhfkit.config import ConfigError
@@ -144,11 +145,16 @@ class ActorCritic(nn.Module):
     are the frozen reference model, and no second copy is held.
     """
 
-    def __init__(self, actor: nn.Module, critic: Critic | None = None):
+    def __init__(self, actor: nn.Module, critic: Critic | None = None, value_head: bool = True):
         super().__init__()
         self.actor = actor
         self.critic = critic
-        self.value_head = None if critic is not None else ValueHead(_hidden_size(actor))
+        self.value_head = ValueHead(_hidden_size(actor)) if critic is None and value_head else None
+
+    @property
+    def has_values(self) -> bool:
+        """False for the critic-free algorithms: no value network is built or held."""
+        return self.critic is not None or self.value_head is not None
 
     @property
     def is_lora(self) -> bool:
@@ -158,13 +164,16 @@ class ActorCritic(nn.Module):
         self, input_ids: Tensor, attention_mask: Tensor, n_response: int, temperature: float = 1.0,
         packed: PackedBatch | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """``(logits (B, N, V), values (B, N))`` for the response tokens of ``input_ids (B, P + N)``."""
-        logits, hidden = response_logits(self.actor, input_ids, attention_mask, n_response, output_hidden=self.critic is None,
-                                         packed=packed)
-        if self.critic is None:
+        """``(logits (B, N, V), values (B, N))`` for the response tokens of ``input_ids (B, P + N)``
+        (values 0 without a value network)."""
+        logits, hidden = response_logits(self.actor, input_ids, attention_mask, n_response,
+                                         output_hidden=self.value_head is not None, packed=packed)
+        if self.value_head is not None:
             values = self.value_head(hidden)  # (B, N)
-        else:
+        elif self.critic is not None:
             values = self.critic(input_ids, attention_mask, n_response, packed=packed)  # (B, N)
+        else:
+            values = torch.zeros(logits.shape[:2], device=logits.device)
         return logits / temperature, values
 
     @contextlib.contextmanager
@@ -177,7 +186,7 @@ class ActorCritic(nn.Module):
 
     def critic_parameters(self) -> list[nn.Parameter]:
         module = self.critic if self.critic is not None else self.value_head
-        return [p for p in module.parameters() if p.requires_grad]
+        return [p for p in module.parameters() if p.requires_grad] if module is not None else []
 
     def actor_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.actor.parameters() if p.requires_grad]

@@ -14,7 +14,7 @@ from torch import Tensor
 from rlhfkit.ops import entropy_from_logits, masked_mean, masked_var
 from rlhfkit.rl.kl import kl_estimate
 
-__all__ = ["policy_loss", "value_loss", "entropy_bonus", "explained_variance"]
+__all__ = ["aggregate", "policy_loss", "kl_loss", "value_loss", "entropy_bonus", "explained_variance"]
 
 
 def _check_same(fn: str, **tensors: Tensor) -> None:
@@ -23,14 +23,27 @@ def _check_same(fn: str, **tensors: Tensor) -> None:
         raise ValueError(f"{fn}: tensors must share one (M, N) shape; got {shapes}.")
 
 
+def aggregate(per_token: Tensor, response_mask: Tensor, aggregation: str = "token") -> Tensor:
+    """Reduce ``(M, N)`` per-token losses to a scalar: ``token``, the mean over every real
+    token (PPO; Dr. GRPO, arXiv:2503.20783, sec. 3.1), or ``sequence``, the mean over
+    sequences of each sequence's token mean (GRPO, arXiv:2402.03300, eq. 3)."""
+    real = response_mask.to(torch.bool)
+    if aggregation == "token":
+        return masked_mean(per_token, real)
+    if aggregation == "sequence":
+        return masked_mean(per_token, real, dim=1).mean()
+    raise ValueError(f"aggregate: aggregation={aggregation!r}; use 'token' or 'sequence'")
+
+
 def policy_loss(
     logprobs: Tensor,
     old_logprobs: Tensor,
     advantages: Tensor,
     response_mask: Tensor,
     clip_eps: float,
+    aggregation: str = "token",
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """PPO clipped surrogate loss, token-level masked mean.
+    """PPO clipped surrogate loss, masked mean over real tokens (``aggregation``: :func:`aggregate`).
 
     ``ratio = exp(logprobs - old_logprobs)``;
     ``loss = mean_t max(-A_t * ratio_t, -A_t * clip(ratio_t, 1 - eps, 1 + eps))``
@@ -59,12 +72,25 @@ def policy_loss(
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
-    loss = masked_mean(torch.maximum(unclipped, clipped), real)  # arXiv:1707.06347 eq. 7, per token
+    loss = aggregate(torch.maximum(unclipped, clipped), real, aggregation)  # arXiv:1707.06347 eq. 7, per token
     with torch.no_grad():
         clipfrac = masked_mean((clipped > unclipped).to(logprobs.dtype), real)
         # samples come from the old policy: KL(old || new) with log(new/old) = log_ratio
         approx_kl = masked_mean(kl_estimate(old_logprobs.detach(), logprobs.detach(), "k3"), real)
     return loss, {"clipfrac": clipfrac, "approx_kl": approx_kl}
+
+
+def kl_loss(logprobs: Tensor, ref_logprobs: Tensor, response_mask: Tensor, aggregation: str = "token") -> Tensor:
+    """The k3 estimate of ``KL(policy || ref)`` as a loss term (GRPO, arXiv:2402.03300, eq. 4:
+    ``pi_ref / pi - log(pi_ref / pi) - 1`` per token), reduced like the policy loss.
+
+    Args:
+        logprobs: ``(M, N)`` current log-probs (with grad); ref_logprobs ``(M, N)``.
+    """
+    _check_same("kl_loss", logprobs=logprobs, ref_logprobs=ref_logprobs, response_mask=response_mask)
+    real = response_mask.to(torch.bool)
+    k3 = kl_estimate(logprobs, ref_logprobs, "k3")  # http://joschu.net/blog/kl-approx.html
+    return aggregate(torch.where(real, k3, torch.zeros((), dtype=k3.dtype, device=k3.device)), real, aggregation)
 
 
 def value_loss(

@@ -81,9 +81,15 @@ def policy_logprobs(
 
 def pack_rows(query_mask: Tensor, input_ids: Tensor, attention_mask: Tensor) -> PackedBatch:
     """The rows ``[query | response]`` as one packed row (:func:`rlhfkit.models.packing.pack`):
-    no pad tokens, and the opening tokens every query shares (a chat template's system prompt)
-    computed once. Only query tokens are shared."""
-    return pack(input_ids, attention_mask, share_until=query_mask.sum(dim=1))
+    no pad tokens, the opening tokens every query shares (a chat template's system prompt)
+    computed once, and rows with the same query (the K samples of a prompt) grouped under it.
+    Only query tokens are shared."""
+    lengths = query_mask.sum(dim=1)
+    queries = [tuple(row[m.bool()].tolist()) for row, m in zip(input_ids[:, :query_mask.shape[1]], query_mask)]
+    groups: dict[tuple, list[int]] = {}
+    for i, q in enumerate(queries):
+        groups.setdefault(q, []).append(i)
+    return pack(input_ids, attention_mask, groups=list(groups.values()), share_until=lengths)
 
 
 @torch.no_grad()
@@ -123,6 +129,8 @@ def score_rollout(
     packed = pack_rows(query_mask, input_ids, attention_mask) if packing else None
     if old_logprobs is not None and model.critic is not None:  # the actor's log-probs came with the samples
         values = model.critic(input_ids, attention_mask, n, packed=packed)  # (M, N)
+    elif old_logprobs is not None and not model.has_values:  # critic-free: nothing left to compute for the actor
+        values = torch.zeros_like(old_logprobs)
     else:
         logits, values = model(input_ids, attention_mask, n, temperature, packed=packed)  # (M, N, V), (M, N)
         if old_logprobs is None:

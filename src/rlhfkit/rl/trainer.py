@@ -1,23 +1,31 @@
-"""``rlhfkit ppo``: fine-tune a policy with PPO against a reward source, leashed by KL.
+"""``rlhfkit rl`` (and ``rlhfkit ppo``): fine-tune a policy online against a reward source,
+leashed by KL to the reference. One trainer, four algorithms that differ only in the
+advantage step and in whether a critic exists (``--algo``):
 
-One update, top to bottom (the loop in :func:`train_ppo` reads in this order):
+- ``ppo``: a critic (a separate model, or a value head on the actor) and GAE;
+- ``rloo``: K samples per prompt, each against the mean of the other K - 1 (arXiv:2402.14740);
+- ``grpo``: K samples per prompt, scores normalised within the group, the KL as a k3 loss
+  term or a reward penalty (arXiv:2402.03300); ``--no-scale-rewards --loss-aggregation
+  token`` is Dr. GRPO (arXiv:2503.20783);
+- ``reinforce++``: the token-level KL penalty in the reward, returns whitened over the
+  global batch (arXiv:2501.03262).
 
-1. rollout: ``M`` prompts -> sampled responses -> ``old_logprobs``, ``ref_logprobs``,
-   ``old_values`` ``(M, N)`` and ``scores`` ``(M,)`` (:mod:`rlhfkit.rl.rollout`);
+One update, top to bottom (the loop in :func:`train_rl` reads in this order):
+
+1. rollout: ``B`` prompts, each sampled ``K`` times -> ``M = B * K`` responses ->
+   ``old_logprobs`` (from the sampling pass), ``ref_logprobs``, ``old_values`` (PPO)
+   ``(M, N)`` and ``scores`` ``(M,)`` (:mod:`rlhfkit.rl.rollout`), on packed rows;
 2. scores: running whitening or scaling, a penalty for responses cut without EOS, clipping;
-3. rewards: ``-kl_coef * KL`` per token plus the score at the last real token
-   (:func:`rlhfkit.rl.rewards.compute_rewards`);
-4. advantages and returns by GAE (:func:`rlhfkit.rl.advantages.compute_gae`), advantages
-   whitened over real tokens;
-5. ``ppo_epochs`` passes of shuffled minibatches, each one
-   :func:`~rlhfkit.training.step.train_step` per network: the actor's
-   ``policy_loss - entropy_coef * entropy`` and a separate critic's ``vf_coef * value_loss``
-   (or, with a value head, one step on their sum), each network with its own optimizer,
-   learning rate and gradient clipping (:mod:`rlhfkit.rl.losses`);
-6. the KL controller moves ``kl_coef``; metrics, samples, checkpoint.
+3. rewards and advantages for ``--algo`` (:func:`compute_advantages`);
+4. ``ppo_epochs`` passes of shuffled minibatches, each one
+   :func:`~rlhfkit.training.step.train_step` per network (:func:`network_steps`): the clipped
+   surrogate (:mod:`rlhfkit.rl.losses`), and for PPO the value loss, each network with its
+   own optimizer, learning rate and gradient clipping;
+5. the KL controller moves ``kl_coef``; metrics, samples, checkpoint.
 
-Micro-batch losses are weighted by their share of the minibatch's real tokens, so the
-gradient is the per-token mean over the minibatch whatever ``grad_accum`` is.
+Micro-batch losses are weighted by their share of the minibatch's real tokens (or of its
+sequences, with ``--loss-aggregation sequence``), so the gradient is the minibatch's
+whatever ``grad_accum`` is.
 
 Every random choice is either the global RNG (sampling), saved in the checkpoint, or a
 generator seeded by ``(seed, step)`` (prompt order, minibatch order), so ``--resume``
@@ -34,7 +42,7 @@ import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
 
@@ -48,12 +56,20 @@ from rlhfkit.models.packing import packing_unsupported, use_packed_attention
 from rlhfkit.models.policy import load_policy
 from rlhfkit.models.tokenizers import use_chat_template
 from rlhfkit.ops import logprobs_from_logits, masked_sum, masked_whiten
-from rlhfkit.rl.advantages import compute_gae
+from rlhfkit.rl.advantages import (
+    broadcast_to_tokens,
+    compute_gae,
+    discounted_returns,
+    equal_score_groups,
+    grpo_advantages,
+    rloo_advantages,
+)
 from rlhfkit.rl.critic import ActorCritic, load_critic, response_logits
 from rlhfkit.rl.kl import AdaptiveKLController, FixedKLController, kl_estimate
 from rlhfkit.rl.losses import (
     entropy_bonus,
     explained_variance,
+    kl_loss,
     policy_loss,
     value_loss,
 )
@@ -70,19 +86,34 @@ from rlhfkit.training.step import train_step
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PPOConfig", "train_ppo"]
+__all__ = ["RLConfig", "PPOConfig", "ALGORITHMS", "train_rl", "train_ppo"]
+
+ALGORITHMS = ("ppo", "rloo", "grpo", "reinforce++")
 
 POLICY_INFO = "rlhfkit_ppo.json"  # written beside the exported policy: reference, sampling settings
 PPO_HINT = "Lower --lr or --critic-lr, or check the reward scale (try --score-norm whiten)."
 
 
 @dataclass(kw_only=True)
-class PPOConfig(SamplingOptions, RewardSourceOptions, RunOptions, OptimOptions, LoraOptions):
-    """Fine-tune a language model with PPO against a reward model, with a KL penalty to the reference."""
+class RLConfig(SamplingOptions, RewardSourceOptions, RunOptions, OptimOptions, LoraOptions):
+    """Fine-tune a language model online against a reward source, with a KL penalty to the reference:
+    PPO with a critic, or the critic-free RLOO, GRPO and REINFORCE++."""
 
-    steps: int = opt(100, "PPO updates (one rollout batch and its optimisation each)", ge=1)
-    batch_size: int = opt(16, "prompts per rollout, per process", ge=1)
-    mini_batch_size: int = opt(8, "rollout rows per optimizer step", ge=1)
+    algo: Literal[ALGORITHMS] = opt("ppo", "ppo (a critic, GAE), rloo (leave-one-out baseline), grpo (group-normalised "  # type: ignore[valid-type]
+                                           "scores) or reinforce++ (token-level KL, globally whitened returns)")
+    samples_per_prompt: int | None = opt(None, "responses sampled per prompt, the group of rloo/grpo (default: 1 for ppo, "
+                                               "4 otherwise)", ge=1)
+    kl_penalty: Literal["reward", "loss"] | None = opt(None, "where the KL to the reference enters: a per-token penalty in "
+                                                             "the reward, or a k3 term in the loss (default: loss for grpo, "
+                                                             "reward otherwise)")
+    scale_rewards: bool = opt(True, "grpo: divide group-centred scores by the group's std (--no-scale-rewards with "
+                                    "--loss-aggregation token is Dr. GRPO)")
+    loss_aggregation: Literal["token", "sequence"] | None = opt(None, "policy loss over a minibatch: mean over every real "
+                                                                       "token, or over sequences of each one's token mean "
+                                                                       "(default: sequence for grpo, token otherwise)")
+    steps: int = opt(100, "updates (one rollout batch and its optimisation each)", ge=1)
+    batch_size: int = opt(16, "prompts per rollout, per process (a rollout has batch_size x samples_per_prompt responses)", ge=1)
+    mini_batch_size: int = opt(8, "rollout rows (responses) per optimizer step", ge=1)
     ppo_epochs: int = opt(4, "passes over each rollout batch", ge=1)
     temperature: float = opt(1.0, "sampling temperature (log-probs are taken at the same temperature)", gt=0)
     score_norm: Literal["none", "scale", "whiten"] = opt("none", "normalise scores by running statistics: divide by the std, or also subtract the mean")
@@ -120,19 +151,44 @@ class PPOConfig(SamplingOptions, RewardSourceOptions, RunOptions, OptimOptions, 
 
     def validate(self) -> None:
         super().validate()
-        require(self.mini_batch_size <= self.batch_size and self.batch_size % self.mini_batch_size == 0,
-                f"option --mini-batch-size ({self.mini_batch_size}) must divide --batch-size ({self.batch_size}) so each PPO "
-                f"epoch sees every rollout row once; e.g. --mini-batch-size {math.gcd(self.batch_size, self.mini_batch_size)}")
+        if self.samples_per_prompt is None:
+            self.samples_per_prompt = 1 if self.algo == "ppo" else 4
+        if self.kl_penalty is None:
+            self.kl_penalty = "loss" if self.algo == "grpo" else "reward"
+        if self.loss_aggregation is None:
+            self.loss_aggregation = "sequence" if self.algo == "grpo" else "token"
+        require(self.algo not in ("rloo", "grpo") or self.samples_per_prompt >= 2,
+                f"--algo {self.algo} compares the samples of a prompt with each other: it needs --samples-per-prompt 2 or "
+                f"more (got {self.samples_per_prompt})")
+        require(self.algo != "ppo" or self.kl_penalty == "reward", "--algo ppo takes the KL as a reward penalty; "
+                                                                   "--kl-penalty loss is for the critic-free algorithms")
+        rows = self.batch_size * self.samples_per_prompt
+        require(self.mini_batch_size <= rows and rows % self.mini_batch_size == 0,
+                f"option --mini-batch-size ({self.mini_batch_size}) must divide the rollout's {rows} responses (--batch-size "
+                f"x --samples-per-prompt) so each epoch sees every response once; e.g. --mini-batch-size "
+                f"{math.gcd(rows, self.mini_batch_size)}")
         require(self.mini_batch_size % self.grad_accum == 0,
                 f"option --grad-accum ({self.grad_accum}) must divide --mini-batch-size ({self.mini_batch_size}): each "
                 "optimizer step splits its minibatch into grad_accum equal micro-batches")
+        if self.algo != "ppo" and self.critic != "auto":
+            logger.warning("--critic %s is ignored: --algo %s builds no critic", self.critic, self.algo)
         if self.top_k or self.top_p < 1:
             logger.warning("top_k=%d top_p=%g: PPO's log-probs do not model these filters, so the ratio is off; "
                            "keep them off for training", self.top_k, self.top_p)
 
 
+@dataclass(kw_only=True)
+class PPOConfig(RLConfig):
+    """Fine-tune a language model with PPO against a reward model, with a KL penalty to the reference
+    (``rlhfkit rl --algo ppo``)."""
+
+    def validate(self) -> None:
+        require(self.algo == "ppo", f"rlhfkit ppo runs PPO; for --algo {self.algo} use rlhfkit rl --algo {self.algo}")
+        super().validate()
+
+
 # ------------------------------------------------------------------ building blocks
-def load_models(cfg: PPOConfig, device):
+def load_models(cfg: RLConfig, device):
     """(tokenizer, ActorCritic, frozen reference or None with LoRA, reward source, the critic kind used, packing on)."""
     actor, tokenizer = load_policy(cfg.policy)
     apply_cpu_matmul(cfg.cpu_matmul, device, actor)  # before the reference copy and LoRA: all inherit these
@@ -149,6 +205,9 @@ def load_models(cfg: PPOConfig, device):
     else:
         ref_model = copy.deepcopy(actor).to(device).eval().requires_grad_(False)
     reward = cfg.load_reward(device, cfg.cpu_matmul)
+    if cfg.algo != "ppo":  # critic-free: no value network is built or held
+        model = ActorCritic(actor, None, value_head=False)
+        return tokenizer, model.eval(), ref_model, reward, "none", packing
     critic_spec = cfg.critic
     if critic_spec == "auto":
         shares = (isinstance(reward, RewardModelSource) and reward.model.meta.kind == "decoder"
@@ -179,7 +238,7 @@ def prompt_indices(n_prompts: int, batch_size: int, step: int, seed: int, rank: 
     return out
 
 
-def normalise_scores(cfg: PPOConfig, scores, ended, stats: RunningMoments):
+def normalise_scores(cfg: RLConfig, scores, ended, stats: RunningMoments):
     """Scores (M,) -> the scores that enter the reward: running whitening or scaling, EOS penalty."""
     if cfg.score_norm == "whiten":
         scores = (scores - stats.mean) / stats.std
@@ -190,26 +249,36 @@ def normalise_scores(cfg: PPOConfig, scores, ended, stats: RunningMoments):
     return scores
 
 
-def export_policy(model: ActorCritic, tokenizer, cfg: PPOConfig, chat: bool, out: Path) -> Path:
+def export_policy(model: ActorCritic, tokenizer, cfg: RLConfig, chat: bool, out: Path) -> Path:
     """The actor as a plain HF checkpoint (LoRA merged) at ``out/policy``, with how it was trained beside it."""
     info = {"reference": cfg.policy, "temperature": cfg.temperature, "chat_template": chat,
             "max_new_tokens": cfg.max_new_tokens, "reward": cfg.reward}
     return export_pretrained(model.actor, tokenizer, out / "policy", {POLICY_INFO: json.dumps(info, indent=2)})
 
 
-def _packed(cfg: PPOConfig, r: Rollout, micro):
+def _packed(r: Rollout, micro):
     """Rows ``micro`` of the rollout, packed (``--packing``), or None."""
     return pack_rows(r.query_mask[micro], r.input_ids[micro], r.attention_mask[micro]) if r.packed else None
 
 
-def actor_micro_loss(cfg: PPOConfig, actor, r: Rollout, advantages, mb_tokens, micro):
-    """The actor's loss on rollout rows ``micro`` (weighted by their share of the minibatch's tokens) and its stats."""
+def _share(cfg: RLConfig, r: Rollout, minibatch, micro, per: str):
+    """The weight of micro-batch rows ``micro`` within ``minibatch``: its share of the real
+    tokens (``per="token"``) or of the sequences, so the micro-batch losses sum to the
+    minibatch's loss whatever ``grad_accum`` is."""
+    if per == "token":
+        return r.response_mask[micro].sum() / r.response_mask[minibatch].sum().clamp(min=1)
+    return torch.tensor(len(micro) / len(minibatch), device=r.response_mask.device)
+
+
+def actor_micro_loss(cfg: RLConfig, actor, r: Rollout, advantages, returns, minibatch, micro):
+    """The actor's loss on rollout rows ``micro`` (weighted by their share of the minibatch) and its stats:
+    the clipped surrogate, minus the entropy bonus, plus the k3 KL term with ``--kl-penalty loss``."""
     mask = r.response_mask[micro]  # (m, N)
-    weight = mask.sum() / mb_tokens
-    logits, _ = response_logits(actor, r.input_ids[micro], r.attention_mask[micro], mask.shape[1], packed=_packed(cfg, r, micro))
+    weight = _share(cfg, r, minibatch, micro, cfg.loss_aggregation)
+    logits, _ = response_logits(actor, r.input_ids[micro], r.attention_mask[micro], mask.shape[1], packed=_packed(r, micro))
     logits = logits / cfg.temperature  # (m, N, V): the distribution the tokens were sampled from
-    logprobs = logprobs_from_logits(logits, r.response_ids[micro])  # (m, N)
-    pg_loss, pg_stats = policy_loss(logprobs.float(), r.old_logprobs[micro], advantages[micro], mask, cfg.clip_eps)
+    logprobs = logprobs_from_logits(logits, r.response_ids[micro]).float()  # (m, N)
+    pg_loss, pg_stats = policy_loss(logprobs, r.old_logprobs[micro], advantages[micro], mask, cfg.clip_eps, cfg.loss_aggregation)
     if cfg.entropy_coef > 0:
         entropy = entropy_bonus(logits, mask)
         loss = pg_loss - cfg.entropy_coef * entropy
@@ -218,25 +287,29 @@ def actor_micro_loss(cfg: PPOConfig, actor, r: Rollout, advantages, mb_tokens, m
             entropy = entropy_bonus(logits.detach(), mask)
         loss = pg_loss
     stats = {"ppo/policy_loss": pg_loss, "ppo/entropy": entropy, "ppo/clipfrac": pg_stats["clipfrac"], "ppo/approx_kl": pg_stats["approx_kl"]}
+    if cfg.kl_penalty == "loss":  # GRPO, arXiv:2402.03300 eq. 3: + beta * KL(pi || pi_ref) in the objective
+        kl_term = kl_loss(logprobs, r.ref_logprobs[micro], mask, cfg.loss_aggregation)
+        loss = loss + cfg.kl_coef * kl_term
+        stats["ppo/kl_loss"] = kl_term
     return loss * weight, {k: v.detach().float() * weight.detach() for k, v in stats.items()}
 
 
-def critic_micro_loss(cfg: PPOConfig, critic, r: Rollout, returns, mb_tokens, micro):
-    """``vf_coef`` times the clipped value loss on rollout rows ``micro``, weighted like the actor's."""
+def critic_micro_loss(cfg: RLConfig, critic, r: Rollout, advantages, returns, minibatch, micro):
+    """``vf_coef`` times the clipped value loss on rollout rows ``micro``, weighted by their share of the tokens."""
     mask = r.response_mask[micro]
-    weight = mask.sum() / mb_tokens
-    values = critic(r.input_ids[micro], r.attention_mask[micro], mask.shape[1], packed=_packed(cfg, r, micro))  # (m, N)
+    weight = _share(cfg, r, minibatch, micro, "token")
+    values = critic(r.input_ids[micro], r.attention_mask[micro], mask.shape[1], packed=_packed(r, micro))  # (m, N)
     vf_loss, vf_stats = value_loss(values.float(), r.old_values[micro], returns[micro], mask, cfg.vf_clip)
     stats = {"ppo/value_loss": vf_loss, "ppo/vf_clipfrac": vf_stats["vf_clipfrac"]}
     return cfg.vf_coef * vf_loss * weight, {k: v.detach().float() * weight.detach() for k, v in stats.items()}
 
 
-def joint_micro_loss(cfg: PPOConfig, actor_critic, r: Rollout, advantages, returns, mb_tokens, micro):
+def joint_micro_loss(cfg: RLConfig, actor_critic, r: Rollout, advantages, returns, minibatch, micro):
     """A value head shares the actor's forward pass: one loss, ``actor + vf_coef * value``."""
     mask = r.response_mask[micro]
-    weight = mask.sum() / mb_tokens
+    weight = _share(cfg, r, minibatch, micro, "token")
     logits, values = actor_critic(r.input_ids[micro], r.attention_mask[micro], mask.shape[1], cfg.temperature,
-                                  packed=_packed(cfg, r, micro))
+                                  packed=_packed(r, micro))
     logprobs = logprobs_from_logits(logits, r.response_ids[micro])
     pg_loss, pg_stats = policy_loss(logprobs.float(), r.old_logprobs[micro], advantages[micro], mask, cfg.clip_eps)
     entropy = entropy_bonus(logits if cfg.entropy_coef > 0 else logits.detach(), mask)
@@ -247,37 +320,49 @@ def joint_micro_loss(cfg: PPOConfig, actor_critic, r: Rollout, advantages, retur
     return loss * weight, {k: v.detach().float() * weight.detach() for k, v in stats.items()}
 
 
-def optimise(cfg: PPOConfig, run: Run, nets, optimizers, r: Rollout, advantages, returns, step: int) -> dict[str, float]:
-    """``ppo_epochs`` passes over the rollout in shuffled minibatches; returns the mean losses and stats.
+@dataclass
+class NetworkStep:
+    """One network's optimizer step on a minibatch: its prepared module, optimizer, micro-batch
+    loss (one of the ``*_micro_loss`` functions) and the parameter groups clipped each on its
+    own norm (None: the whole network)."""
 
-    ``nets``/``optimizers``: ``(actor_critic,)`` with a value head (one step on the joint
-    loss, actor and head clipped separately), or ``(actor, critic)``, each stepped on its own
-    loss with its own optimizer: the gradients are those of the summed loss (no parameter is
-    shared), but only one network's activations are alive at a time. Minibatch order comes
-    from a generator seeded by ``(seed, step, epoch)``.
-    """
-    mask = r.response_mask  # (M, N)
-    M = mask.shape[0]
+    net: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    loss: Callable
+    clip_groups: list | None = None
+
+
+def network_steps(nets, optimizers, model: ActorCritic) -> list[NetworkStep]:
+    """What each minibatch steps: a value head's joint loss (actor and head clipped apart), or
+    the actor and a separate critic each on its own loss and optimizer (the gradients of the
+    summed loss, as no parameter is shared, with one network's activations alive at a time),
+    or the actor alone (critic-free)."""
+    if model.value_head is not None:
+        return [NetworkStep(nets[0], optimizers[0], joint_micro_loss, [model.actor_parameters(), model.critic_parameters()])]
+    steps = [NetworkStep(nets[0], optimizers[0], actor_micro_loss)]
+    if model.critic is not None:
+        steps.append(NetworkStep(nets[1], optimizers[1], critic_micro_loss))
+    return steps
+
+
+def optimise(cfg: RLConfig, run: Run, steps: list[NetworkStep], r: Rollout, advantages, returns, step: int) -> dict[str, float]:
+    """``ppo_epochs`` passes over the rollout in shuffled minibatches, each one optimizer step
+    per network (:func:`network_steps`); returns the mean losses and stats. Minibatch order
+    comes from a generator seeded by ``(seed, step, epoch)``."""
+    M = r.response_mask.shape[0]
     totals: dict[str, torch.Tensor] = {}
     n_minibatches = 0
     for epoch in range(cfg.ppo_epochs):
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 101 + epoch)
-        b_inds = torch.randperm(M, generator=gen).to(mask.device)
+        b_inds = torch.randperm(M, generator=gen).to(r.response_mask.device)
         for start in range(0, M, cfg.mini_batch_size):
-            mb_inds = b_inds[start:start + cfg.mini_batch_size]
-            mb_tokens = mask[mb_inds].sum().clamp(min=1)
-            micro = list(mb_inds.split(cfg.mini_batch_size // cfg.grad_accum))
-            where = f"update {step + 1} (PPO epoch {epoch + 1})"
-            if len(nets) == 1:
-                actor_critic = run.accelerator.unwrap_model(nets[0])
-                groups = [actor_critic.actor_parameters(), actor_critic.critic_parameters()]  # each clipped on its own scale
-                loss_fns = [(nets[0], optimizers[0], partial(joint_micro_loss, cfg, nets[0], r, advantages, returns, mb_tokens), groups)]
-            else:
-                loss_fns = [(nets[0], optimizers[0], partial(actor_micro_loss, cfg, nets[0], r, advantages, mb_tokens), None),
-                            (nets[1], optimizers[1], partial(critic_micro_loss, cfg, nets[1], r, returns, mb_tokens), None)]
-            for net, optimizer, loss_fn, groups in loss_fns:
-                _, stats = train_step(run, net, optimizer, micro, loss_fn, max_grad_norm=cfg.max_grad_norm, where=where,
-                                      clip_groups=groups, hint=PPO_HINT)
+            minibatch = b_inds[start:start + cfg.mini_batch_size]
+            micro = list(minibatch.split(cfg.mini_batch_size // cfg.grad_accum))
+            for net_step in steps:
+                _, stats = train_step(run, net_step.net, net_step.optimizer, micro,
+                                      partial(net_step.loss, cfg, net_step.net, r, advantages, returns, minibatch),
+                                      max_grad_norm=cfg.max_grad_norm, where=f"update {step + 1} (PPO epoch {epoch + 1})",
+                                      clip_groups=net_step.clip_groups, hint=PPO_HINT)
                 for s in stats:
                     for k, v in s.items():
                         totals[k] = totals.get(k, 0) + v
@@ -285,7 +370,7 @@ def optimise(cfg: PPOConfig, run: Run, nets, optimizers, r: Rollout, advantages,
     return {k: v / n_minibatches for k, v in totals.items()}
 
 
-def check_kl(cfg: PPOConfig, run: Run, kl_mean: torch.Tensor, step: int) -> None:
+def check_kl(cfg: RLConfig, run: Run, kl_mean: torch.Tensor, step: int) -> None:
     """Stop before the update when the KL is not finite or past ``--max-kl``."""
     finite = torch.isfinite(kl_mean).item()
     if not finite or (cfg.max_kl is not None and kl_mean.item() > cfg.max_kl):
@@ -296,75 +381,122 @@ def check_kl(cfg: PPOConfig, run: Run, kl_mean: torch.Tensor, step: int) -> None
             "Lower --lr, raise --kl-coef (or use --adaptive-kl), or check the reward for exploits.")
 
 
-def update_metrics(r: Rollout, rewards, kl_per_seq, returns, losses: dict) -> dict[str, torch.Tensor]:
+def global_whiten(x, mask, accelerator):
+    """Whiten ``x (M, N)`` over the real tokens of every process (REINFORCE++'s global batch
+    normalisation, arXiv:2501.03262, sec. 3): one all-reduce of the sums."""
+    real = mask.bool()
+    stats = torch.stack([masked_sum(x, real), masked_sum(x * x, real), real.sum().to(x.dtype)]).double()
+    total, square, count = accelerator.reduce(stats, reduction="sum").tolist()
+    mean = total / max(count, 1.0)
+    var = max(square / max(count, 1.0) - mean * mean, 0.0) * count / max(count - 1.0, 1.0)  # unbiased
+    return torch.where(real, (x - mean) / math.sqrt(var + 1e-8), torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def compute_advantages(cfg: RLConfig, r: Rollout, scores, kl_coef: float, accelerator):
+    """``(advantages, returns, rewards, kl)``, each ``(M, N)``, for ``--algo``.
+
+    Every algorithm starts from the same per-token rewards: the score at the last real token
+    and, with ``--kl-penalty reward``, ``-kl_coef * KL`` at every token (InstructGPT eq. 2).
+    ``ppo``: GAE with the critic's values, whitened over the batch. ``reinforce++``: the
+    return of every token, whitened over the global batch. ``rloo`` and ``grpo``: each
+    response's total reward against its prompt's other samples, the same advantage on
+    every token of the response.
+    """
+    mask = r.response_mask
+    penalty = kl_coef if cfg.kl_penalty == "reward" else 0.0
+    rewards, kl = compute_rewards(scores, r.old_logprobs, r.ref_logprobs, mask, penalty, cfg.kl_estimator, cfg.score_clip)
+    if cfg.algo == "ppo":
+        advantages, returns = compute_gae(r.old_values, rewards, mask, cfg.gamma, cfg.lam)
+        if cfg.whiten_advantages and int(mask.sum()) > 1:
+            advantages = masked_whiten(advantages, mask)
+        return advantages, returns, rewards, kl
+    if cfg.algo == "reinforce++":
+        returns = discounted_returns(rewards, mask, cfg.gamma)
+        return global_whiten(returns, mask, accelerator), returns, rewards, kl
+    totals = masked_sum(rewards, mask, dim=1)  # (M,) the score, minus the summed KL penalty
+    estimate = rloo_advantages if cfg.algo == "rloo" else partial(grpo_advantages, scale=cfg.scale_rewards)
+    advantages = broadcast_to_tokens(estimate(totals, cfg.samples_per_prompt), mask)
+    return advantages, advantages, rewards, kl
+
+
+def update_metrics(cfg: RLConfig, r: Rollout, rewards, kl_per_seq, returns, losses: dict) -> dict[str, torch.Tensor]:
     """This process's per-update means (reduced over processes by the caller)."""
     mask = r.response_mask
-    return {
+    row = {
         "ppo/score_mean": r.scores.mean(),
         "ppo/reward_mean": masked_sum(rewards, mask, dim=1).mean(),  # score minus KL penalty, per response
         "ppo/kl": kl_per_seq.mean(),
         "ppo/kl_k3": masked_sum(kl_estimate(r.old_logprobs, r.ref_logprobs, "k3"), mask, dim=1).mean(),
-        "ppo/explained_variance": explained_variance(r.old_values, returns, mask).nan_to_num(0.0),
         "ppo/response_length": mask.sum(1).float().mean(),
         "ppo/eos_fraction": r.ended.float().mean(),
         **losses,
     }
+    if cfg.algo == "ppo":
+        row["ppo/explained_variance"] = explained_variance(r.old_values, returns, mask).nan_to_num(0.0)
+    if cfg.samples_per_prompt > 1:  # groups whose K scores are all equal carry no learning signal for rloo/grpo
+        row["ppo/equal_score_groups"] = equal_score_groups(r.scores, cfg.samples_per_prompt).float().mean()
+    return row
 
 
-# ---------------------------------------------------------------------- the loop
-def train_ppo(cfg: PPOConfig) -> dict[str, Any]:
-    """Run PPO; returns the last update's metrics plus ``policy`` (the exported folder, if finished)."""
-    run = start_run(cfg, "ppo")
-    prompts = read_prompts(cfg.prompts)
-    tokenizer, model, ref_model, reward, critic_spec, packing = load_models(cfg, run.device)
-    chat = use_chat_template(tokenizer, cfg.chat_template, cfg.policy)
-    settings = cfg.settings()
-
+def build_networks(cfg: RLConfig, run: Run, model: ActorCritic):
+    """Optimizers, schedules and the prepared (under DDP wrapped) networks: ``(steps, schedulers, model)``.
+    A separate critic gets its own optimizer; a value head shares the actor's, in its own group."""
     critic_lr = cfg.critic_lr if cfg.critic_lr is not None else cfg.lr
-    kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl else FixedKLController(cfg.kl_coef)
-    score_stats = RunningMoments()
-    if model.critic is not None:  # two networks, each with its optimizer (and under DDP wrapped) on its own
+    if model.critic is not None:
         actor_opt, actor_sched = make_optimizer(cfg, model.actor_parameters(), cfg.steps)
         critic_opt, critic_sched = make_optimizer(cfg, [{"params": model.critic_parameters(), "lr": critic_lr}], cfg.steps)
         actor, critic, actor_opt, critic_opt = run.accelerator.prepare(model.actor, model.critic, actor_opt, critic_opt)
-        nets, optimizers, schedulers = (actor, critic), (actor_opt, critic_opt), (actor_sched, critic_sched)
-    else:
-        optimizer, scheduler = make_optimizer(cfg, [{"params": model.actor_parameters(), "lr": cfg.lr},
-                                                    {"params": model.critic_parameters(), "lr": critic_lr}], cfg.steps)
+        return network_steps((actor, critic), (actor_opt, critic_opt), model), (actor_sched, critic_sched), model
+    groups = [{"params": model.actor_parameters(), "lr": cfg.lr}]
+    if model.value_head is not None:
+        groups.append({"params": model.critic_parameters(), "lr": critic_lr})
+        optimizer, scheduler = make_optimizer(cfg, groups, cfg.steps)
         wrapped, optimizer = run.accelerator.prepare(model, optimizer)
-        nets, optimizers, schedulers = (wrapped,), (optimizer,), (scheduler,)
-        model = run.accelerator.unwrap_model(wrapped)
+        return network_steps((wrapped,), (optimizer,), model), (scheduler,), run.accelerator.unwrap_model(wrapped)
+    optimizer, scheduler = make_optimizer(cfg, groups, cfg.steps)  # critic-free: the actor alone
+    actor, optimizer = run.accelerator.prepare(model.actor, optimizer)
+    return network_steps((actor,), (optimizer,), model), (scheduler,), model
+
+
+# ---------------------------------------------------------------------- the loop
+def train_rl(cfg: RLConfig) -> dict[str, Any]:
+    """Run ``--algo``; returns the last update's metrics plus ``policy`` (the exported folder, if finished)."""
+    run = start_run(cfg, cfg.algo)
+    prompts = read_prompts(cfg.prompts)
+    tokenizer, model, ref_model, reward, critic_spec, packing = load_models(cfg, run.device)
+    chat = use_chat_template(tokenizer, cfg.chat_template, cfg.policy)
+    settings, k = cfg.settings(), cfg.samples_per_prompt
+    kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl else FixedKLController(cfg.kl_coef)
+    score_stats = RunningMoments()
+    steps, schedulers, model = build_networks(cfg, run, model)
     for obj in (*schedulers, kl_ctl, score_stats):
         run.accelerator.register_for_checkpointing(obj)
     state = run.begin(TrainState(), cfg.steps, unit="update")
-    run.write(f"ppo: {len(prompts)} prompts, policy {cfg.policy}{' (LoRA)' if cfg.lora else ''}, reward {reward!r}, "
-              f"critic {critic_spec}, chat template {'on' if chat else 'off'}")
+    run.write(f"{cfg.algo}: {len(prompts)} prompts, {k} sample(s) per prompt, policy {cfg.policy}{' (LoRA)' if cfg.lora else ''}, "
+              f"reward {reward!r}, critic {critic_spec}, chat template {'on' if chat else 'off'}")
     cadence, row = Cadence(cfg.steps, cfg.log_every, cfg.save_every, stop_after=cfg.stop_after_steps), {}
 
     while state.step < cadence.stop_at:
         step, t_start = state.step, time.perf_counter()
-        # 1. rollout ---------------------------------------------------------------
-        batch = [prompts[i] for i in prompt_indices(len(prompts), cfg.batch_size, step, cfg.seed, run.rank, run.world)]
+        # 1. rollout: batch_size prompts, each sampled k times ---------------------------
+        batch = [prompts[i] for i in prompt_indices(len(prompts), cfg.batch_size, step, cfg.seed, run.rank, run.world) for _ in range(k)]
         with run.accelerator.autocast():
             r = make_rollout(model, ref_model, reward, tokenizer, batch, settings, chat, cfg.rollout_logprobs == "sampling",
                              packing)
         t_rollout = time.perf_counter() - t_start
-        mask, M, kl_coef = r.response_mask, len(r), kl_ctl.kl_coef  # mask (M, N)
+        M, kl_coef = len(r), kl_ctl.kl_coef
 
         # 2-4. scores -> rewards -> advantages ------------------------------------------
         score_stats.update(run.accelerator.gather(r.scores))
         scores = normalise_scores(cfg, r.scores, r.ended, score_stats)  # (M,)
-        rewards, kl = compute_rewards(scores, r.old_logprobs, r.ref_logprobs, mask, kl_coef, cfg.kl_estimator, cfg.score_clip)
-        kl_per_seq = masked_sum(kl, mask, dim=1)  # (M,) KL summed over each response
+        advantages, returns, rewards, kl = compute_advantages(cfg, r, scores, kl_coef, run.accelerator)  # (M, N) each
+        kl_per_seq = masked_sum(kl, r.response_mask, dim=1)  # (M,) KL summed over each response
         kl_mean = run.accelerator.reduce(kl_per_seq.mean(), reduction="mean")
         check_kl(cfg, run, kl_mean, step)
-        advantages, returns = compute_gae(r.old_values, rewards, mask, cfg.gamma, cfg.lam)  # (M, N) each
-        if cfg.whiten_advantages and int(mask.sum()) > 1:
-            advantages = masked_whiten(advantages, mask)
 
-        # 5. PPO epochs over shuffled minibatches ------------------------------------------
+        # 5. epochs over shuffled minibatches --------------------------------------------
         t_optimise = time.perf_counter()
-        losses = optimise(cfg, run, nets, optimizers, r, advantages, returns, step)
+        losses = optimise(cfg, run, steps, r, advantages, returns, step)
         t_optimise = time.perf_counter() - t_optimise
         for scheduler in schedulers:
             scheduler.step()
@@ -373,7 +505,7 @@ def train_ppo(cfg: PPOConfig) -> dict[str, Any]:
 
         # 6. metrics, samples, checkpoint ------------------------------------------------
         dt = time.perf_counter() - t_start
-        local = update_metrics(r, rewards, kl_per_seq, returns, losses)
+        local = update_metrics(cfg, r, rewards, kl_per_seq, returns, losses)
         row = dict(zip(local, run.accelerator.reduce(torch.stack([v.float() for v in local.values()]), reduction="mean").tolist()))
         all_scores = run.accelerator.gather(r.scores)
         row.update({
@@ -395,11 +527,16 @@ def train_ppo(cfg: PPOConfig) -> dict[str, Any]:
             result["policy"] = str(export_policy(model, tokenizer, cfg, chat, run.out))
         plot_curves(read_metrics(run.out / "metrics.jsonl"),
                     [("score", ["ppo/score_mean", "ppo/reward_mean"]), ("KL to reference", ["ppo/kl", "ppo/kl_k3"]),
-                     ("kl_coef", ["ppo/kl_coef"]), ("losses", ["ppo/policy_loss", "ppo/value_loss"]),
+                     ("kl_coef", ["ppo/kl_coef"]), ("losses", ["ppo/policy_loss", "ppo/value_loss", "ppo/kl_loss"]),
                      ("entropy", ["ppo/entropy"]), ("response length", ["ppo/response_length"])],
-                    run.out / "curves.png", title=f"PPO: {cfg.policy} vs {cfg.reward}")
+                    run.out / "curves.png", title=f"{cfg.algo}: {cfg.policy} vs {cfg.reward}")
     run.accelerator.wait_for_everyone()
     return result
+
+
+def train_ppo(cfg: RLConfig) -> dict[str, Any]:
+    """``rlhfkit ppo``: :func:`train_rl` with ``--algo ppo``."""
+    return train_rl(cfg)
 
 
 def samples_text(step: int, r: Rollout, n: int) -> str:

@@ -27,7 +27,12 @@ import yaml
 
 from rlhfkit import losses as L
 from rlhfkit.config import ConfigError, opt, require, to_dict
-from rlhfkit.data.collate import EncodedPreferences, collate, iter_batches, process_micro_batches
+from rlhfkit.data.collate import (
+    EncodedPreferences,
+    collate,
+    iter_batches,
+    process_micro_batches,
+)
 from rlhfkit.data.readers import FORMATS, describe, read_preferences, split_train_eval
 from rlhfkit.models.cpu_linear import apply_cpu_matmul
 from rlhfkit.models.lora import with_lora

@@ -46,7 +46,14 @@ from rlhfkit.models.policy import load_policy
 from rlhfkit.models.tokenizers import use_chat_template
 from rlhfkit.ops import masked_sum
 from rlhfkit.sampling import SamplingSettings, sample_texts
-from rlhfkit.sft.data import EncodedSFT, block_causal_mask, collate, pack_examples, read_sft_data, split_examples
+from rlhfkit.sft.data import (
+    EncodedSFT,
+    block_causal_mask,
+    collate,
+    pack_examples,
+    read_sft_data,
+    split_examples,
+)
 from rlhfkit.sft.losses import sft_loss, token_nll
 from rlhfkit.tracking import plot_curves, read_metrics
 from rlhfkit.training.cadence import Cadence, MetricsWindow
