@@ -6,6 +6,7 @@ import itertools
 import json
 import math
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -98,3 +99,30 @@ def test_ppo_eval_needs_a_reference(tiny_lm, files, tmp_path, capsys):
     prompts, reward = files
     assert main(["ppo-eval", "--policy", str(tiny_lm), "--prompts", str(prompts), "--reward", reward, "--output", str(tmp_path)]) == 2
     assert "--reference is needed" in capsys.readouterr().err
+
+
+def test_expected_best_of_n_of_another_value_is_the_mean_over_subsets_of_the_pick():
+    g = torch.Generator().manual_seed(1)
+    scores, gold = torch.randn(4, 6, generator=g), torch.randn(4, 6, generator=g)
+    for n in range(1, 7):
+        brute = torch.tensor([
+            sum(gold[p, max(s, key=lambda j: scores[p, j].item())].item() for s in itertools.combinations(range(6), n))
+            / math.comb(6, n) for p in range(4)], dtype=torch.float64)
+        torch.testing.assert_close(expected_best_of_n(scores, n, gold), brute)
+
+
+def test_ppo_eval_compares_several_policies_with_a_gold_score(tiny_lm, files, tmp_path, capsys):
+    prompts, reward = files
+    gold = reward.replace(":n_lower", ":n_upper")
+    Path(reward.split(":")[0]).write_text(Path(reward.split(":")[0]).read_text()
+                                          + "def n_upper(prompts, responses):\n    return [float(sum(c.isupper() for c in r)) for r in responses]\n")
+    out = tmp_path / "eval"
+    assert main(["ppo-eval", "--policy", f"a={tiny_lm}", f"b={tiny_lm}", "--reference", str(tiny_lm), "--prompts", str(prompts),
+                 "--reward", reward, "--gold", gold, "--bon", "1", "2", "--max-new-tokens", "6", "--output", str(out)]) == 0
+    report = json.loads((out / "ppo_eval.json").read_text())
+    rows = {r["name"]: r for r in report["rows"]}
+    assert set(rows) == {"a", "b", "reference", "best-of-1", "best-of-2"}
+    assert rows["a"] == {**rows["b"], "name": "a"}  # the same weights and seed: the same samples and numbers
+    assert all("gold" in r for r in report["rows"])
+    assert rows["best-of-1"]["gold"] == pytest.approx(rows["reference"]["gold"])
+    assert "gold" in capsys.readouterr().out and (out / "reward_vs_kl.png").is_file()

@@ -33,7 +33,7 @@ from rlhfkit.models.cpu_linear import apply_cpu_matmul
 from rlhfkit.models.policy import inference_dtype, load_policy
 from rlhfkit.models.tokenizers import use_chat_template
 from rlhfkit.ops import masked_sum
-from rlhfkit.rl.reward_sources import RewardSourceOptions
+from rlhfkit.rl.reward_sources import RewardOptions, RewardSourceOptions, load_reward_source
 from rlhfkit.rl.rollout import policy_logprobs
 from rlhfkit.rl.trainer import POLICY_INFO
 from rlhfkit.sampling import (
@@ -87,10 +87,12 @@ class BonConfig(GenerateConfig, RewardSourceOptions):
 
 @dataclass(kw_only=True)
 class PPOEvalConfig(RewardSourceOptions):
-    """Held-out comparison: PPO policy vs reference vs best-of-n, mean score and KL to the reference."""
+    """Held-out comparison: trained policies vs their reference vs best-of-n, mean score and KL to the reference."""
 
-    policy: str = opt(help="the trained policy (e.g. RUN/policy)")
+    policy: list[str] = opt(help="the trained policies (e.g. RUN/policy), each PATH or NAME=PATH; all share one reference")
     reference: str | None = opt(None, "the reference model (default: as recorded in POLICY/rlhfkit_ppo.json)")
+    gold: str | None = opt(None, "a second scorer, module:function or a reward-model folder, scored on the same samples: "
+                                 "e.g. the rule simulated preferences came from, which the reward model never saw")
     prompts: str = opt(help="held-out prompts: text file or JSONL")
     n_prompts: int | None = opt(None, "use only the first N prompts", ge=1)
     bon: list[int] = opt(factory=lambda: [1, 2, 4, 8, 16], help="best-of-n sizes to evaluate")
@@ -177,16 +179,17 @@ def best_of_n_kl(n: int) -> float:
     return math.log(n) - (n - 1) / n
 
 
-def expected_best_of_n(scores: Tensor, n: int) -> Tensor:
-    """Unbiased estimate of ``E[max of n samples]`` per row from ``K >= n`` samples ``scores (P, K)``.
+def expected_best_of_n(scores: Tensor, n: int, values: Tensor | None = None) -> Tensor:
+    """Unbiased estimate of ``E[max of n samples]`` per row from ``K >= n`` samples ``scores (P, K)``;
+    with ``values (P, K)``, of the value of the sample the scores pick (e.g. its gold score).
 
-    Averages the max over all ``C(K, n)`` subsets of size ``n`` (a U-statistic): with the
-    row sorted ascending, ``x_(i)`` is the max of ``C(i - 1, n - 1)`` of them, so
+    Averages over all ``C(K, n)`` subsets of size ``n`` (a U-statistic): with the row sorted
+    ascending by score, the ``i``-th is the pick of ``C(i - 1, n - 1)`` of them, so
     ``estimate = sum_i C(i - 1, n - 1) / C(K, n) * x_(i)`` for ``i = n..K``. Plain loop::
 
-        for row in scores:
-            subsets = itertools.combinations(row.tolist(), n)
-            estimate = mean(max(s) for s in subsets)
+        for row in range(P):
+            subsets = itertools.combinations(range(K), n)
+            estimate = mean(values[row][max(s, key=lambda j: scores[row][j])] for s in subsets)
 
     Returns:
         ``(P,)`` estimates.
@@ -194,7 +197,8 @@ def expected_best_of_n(scores: Tensor, n: int) -> Tensor:
     k = scores.shape[1]
     if not 1 <= n <= k:
         raise ValueError(f"expected_best_of_n: need 1 <= n <= K, got n={n}, K={k}")
-    x = scores.double().sort(dim=1).values  # (P, K) ascending
+    order = scores.double().argsort(dim=1, stable=True)  # (P, K) ascending by score
+    x = (values if values is not None else scores).double().gather(1, order)
     weights = torch.tensor([math.comb(i - 1, n - 1) for i in range(1, k + 1)], dtype=torch.float64) / math.comb(k, n)  # (K,)
     return (x * weights).sum(dim=1)
 
@@ -224,70 +228,107 @@ def _policy_info(policy: str) -> dict[str, Any]:
     return json.loads(f.read_text()) if f.is_file() else {}
 
 
+def _named(policy: str) -> tuple[str, str]:
+    """``NAME=PATH`` -> (NAME, PATH); a bare path is named by its run folder."""
+    name, _, path = policy.rpartition("=")
+    return (name, path) if name else (Path(path).parent.name or path, path)
+
+
+def _evaluate_policy(name, path, ref_model, tokenizer, prompts, settings, chat, cfg, reward, gold, device) -> dict[str, Any]:
+    """One policy's row: mean score (and gold score) of one sample per prompt, and its KL to the reference."""
+    policy, _ = load_policy(path, device=device, dtype=inference_dtype(None, device))
+    apply_cpu_matmul("auto", device, policy)
+    texts, responses, kl = _sample_logprobs(policy, ref_model, tokenizer, prompts, 1, settings, chat, cfg.batch_size,
+                                            f"{name} samples")
+    row = {"name": name, "score": reward(texts, responses).mean().item(), "kl": kl.mean().item(), "kl_kind": "sampled",
+           "kl_std_error": (kl.std().item() / math.sqrt(len(kl))) if len(kl) > 1 else None, "responses": responses}
+    if gold is not None:
+        row["gold"] = gold(texts, responses).mean().item()
+    return row
+
+
 def run_ppo_eval(cfg: PPOEvalConfig) -> dict[str, Any]:
-    """Score and KL for the policy, the reference and best-of-n; writes JSON and a PNG to ``cfg.output``."""
-    info = _policy_info(cfg.policy)
+    """Score (and gold score) and KL for each policy, the reference and best-of-n; JSON and a PNG in ``cfg.output``."""
+    policies = [_named(p) for p in cfg.policy]
+    if len(policies) == 1:
+        policies = [("policy", policies[0][1])]
+    info = _policy_info(policies[0][1])
     reference = cfg.reference or info.get("reference")
     if not reference:
-        raise ConfigError(f"--reference is needed: {cfg.policy} has no rlhfkit_ppo.json naming the model it was trained from")
+        raise ConfigError(f"--reference is needed: {policies[0][1]} has no rlhfkit_ppo.json naming the model it was trained from")
     temperature = cfg.temperature if cfg.temperature is not None else float(info.get("temperature", 1.0))
     max_new = cfg.max_new_tokens or int(info.get("max_new_tokens", 64))
     prompts = read_prompts(cfg.prompts)[: cfg.n_prompts]
     device = _device(cfg.cpu)
-    policy, tokenizer = load_policy(cfg.policy, device=device, dtype=inference_dtype(None, device))
-    ref_model, _ = load_policy(reference, device=device, dtype=inference_dtype(None, device))
-    apply_cpu_matmul("auto", device, policy, ref_model)
-    chat = use_chat_template(tokenizer, cfg.chat_template if cfg.chat_template is not None else info.get("chat_template"), cfg.policy)
+    ref_model, tokenizer = load_policy(reference, device=device, dtype=inference_dtype(None, device))
+    apply_cpu_matmul("auto", device, ref_model)
+    chat = use_chat_template(tokenizer, cfg.chat_template if cfg.chat_template is not None else info.get("chat_template"), reference)
     reward = cfg.load_reward(device)
+    gold = load_reward_source(cfg.gold, RewardOptions(device=device)) if cfg.gold else None
     settings = SamplingSettings(max_new, temperature, 0, 1.0, cfg.max_prompt_length)
     k = max(cfg.bon)
 
+    rows, samples = [], {}
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(cfg.seed)
-        p_texts, p_resp, p_kl = _sample_logprobs(policy, ref_model, tokenizer, prompts, 1, settings, chat, cfg.batch_size, "policy samples")
+        torch.manual_seed(cfg.seed)  # the first policy, then the reference, on one seeded stream; other policies anew
+        for i, (name, path) in enumerate(policies):
+            if i:
+                torch.manual_seed(cfg.seed)
+            rows.append(_evaluate_policy(name, path, ref_model, tokenizer, prompts, settings, chat, cfg, reward, gold, device))
+            samples[name] = rows[-1].pop("responses")
+        if len(policies) > 1:
+            torch.manual_seed(cfg.seed + 1)
         r_texts, r_resp, _ = _sample_logprobs(ref_model, None, tokenizer, prompts, k, settings, chat, cfg.batch_size,
                                               f"{k} reference samples per prompt")
-    p_scores = reward(p_texts, p_resp)  # (P,)
     r_scores = reward(r_texts, r_resp).view(len(prompts), k)  # (P, K)
-
-    rows = [
-        {"name": "policy", "score": p_scores.mean().item(), "kl": p_kl.mean().item(), "kl_kind": "sampled"},
-        {"name": "reference", "score": r_scores.mean().item(), "kl": 0.0, "kl_kind": "exact"},
-    ]
+    r_gold = gold(r_texts, r_resp).view(len(prompts), k) if gold is not None else None
+    rows.append({"name": "reference", "score": r_scores.mean().item(), "kl": 0.0, "kl_kind": "exact",
+                 **({"gold": r_gold.mean().item()} if r_gold is not None else {})})
     for n in sorted(set(cfg.bon)):
-        rows.append({"name": f"best-of-{n}", "score": expected_best_of_n(r_scores, n).mean().item(),
-                     "kl": best_of_n_kl(n), "kl_kind": "analytic"})
+        row = {"name": f"best-of-{n}", "score": expected_best_of_n(r_scores, n).mean().item(), "kl": best_of_n_kl(n),
+               "kl_kind": "analytic"}
+        if r_gold is not None:  # the gold score of the sample the reward model picks
+            row["gold"] = expected_best_of_n(r_scores, n, r_gold).mean().item()
+        rows.append(row)
+    first = policies[0][0]
     report = {
-        "policy": cfg.policy, "reference": reference, "reward": cfg.reward, "n_prompts": len(prompts),
+        "policy": cfg.policy, "reference": reference, "reward": cfg.reward, "gold": cfg.gold, "n_prompts": len(prompts),
         "max_new_tokens": max_new, "temperature": temperature, "rows": rows,
-        "policy_kl_std_error": (p_kl.std().item() / math.sqrt(len(p_kl))) if len(p_kl) > 1 else None,
-        "samples": [{"prompt": t, "policy": a, "reference": r_resp[i * k]} for i, (t, a) in enumerate(zip(p_texts, p_resp))][:8],
+        "policy_kl_std_error": rows[0]["kl_std_error"],
+        "samples": [{"prompt": p.text, "policy": samples[first][i], "reference": r_resp[i * k],
+                     **{name: samples[name][i] for name, _ in policies[1:]}} for i, p in enumerate(prompts)][:8],
     }
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     (out / "ppo_eval.json").write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
-    _plot_reward_vs_kl(rows, out / "reward_vs_kl.png")
+    _plot_reward_vs_kl(rows, len(policies), out / "reward_vs_kl.png")
     report["plot"] = str(out / "reward_vs_kl.png")
     return report
 
 
-def _plot_reward_vs_kl(rows: list[dict[str, Any]], path: Path) -> None:
+def _plot_reward_vs_kl(rows: list[dict[str, Any]], n_policies: int, path: Path) -> None:
+    """Score against KL for best-of-n, the reference and each policy; beside it the gold score,
+    when there is one, so over-optimisation of the proxy shows (Gao et al. 2022, arXiv:2210.10760, fig. 1)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    keys = [("score", "mean reward-model score (proxy)")] + ([("gold", "mean gold score")] if "gold" in rows[0] else [])
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.6), squeeze=False)
     bon = [r for r in rows if r["name"].startswith("best-of-")]
-    fig, ax = plt.subplots(figsize=(5, 3.6))
-    ax.plot([r["kl"] for r in bon], [r["score"] for r in bon], marker="o", label="best-of-n (reference samples)")
-    for r in bon:
-        ax.annotate(r["name"].removeprefix("best-of-"), (r["kl"], r["score"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    for r, marker in ((rows[0], "*"), (rows[1], "s")):
-        ax.scatter([r["kl"]], [r["score"]], marker=marker, s=90, label=r["name"], zorder=3)
-    ax.set_xlabel("KL to the reference (nats per response)")
-    ax.set_ylabel("mean reward-model score")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    markers = "*^vD<>ph"
+    for ax, (key, label) in zip(axes[0], keys):
+        ax.plot([r["kl"] for r in bon], [r[key] for r in bon], marker="o", label="best-of-n (reference samples)")
+        for r in bon:
+            ax.annotate(r["name"].removeprefix("best-of-"), (r["kl"], r[key]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        for i, r in enumerate(rows[:n_policies] + [rows[n_policies]]):
+            ax.scatter([r["kl"]], [r[key]], marker="s" if r["name"] == "reference" else markers[i % len(markers)], s=90,
+                       label=r["name"], zorder=3)
+        ax.set_xlabel("KL to the reference (nats per response)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -298,7 +339,8 @@ def print_eval_table(report: dict[str, Any], as_json: bool) -> None:
         print(json.dumps({k: v for k, v in report.items() if k != "samples"}, ensure_ascii=False))
         return
     print(f"{report['n_prompts']} held-out prompts, reward {report['reward']}")
-    print(f"{'':14s} {'score':>10s} {'KL (nats)':>10s}")
+    gold = "gold" in report["rows"][0]
+    print(f"{'':14s} {'score':>10s}" + (f" {'gold':>10s}" if gold else "") + f" {'KL (nats)':>10s}")
     for r in report["rows"]:
-        print(f"{r['name']:14s} {r['score']:10.4f} {r['kl']:10.4f}  ({r['kl_kind']})")
+        print(f"{r['name']:14s} {r['score']:10.4f}" + (f" {r['gold']:10.4f}" if gold else "") + f" {r['kl']:10.4f}  ({r['kl_kind']})")
     print(f"report: {Path(report['plot']).parent / 'ppo_eval.json'}, plot: {report['plot']}")
