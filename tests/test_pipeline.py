@@ -49,7 +49,8 @@ policy: {tiny_lm}
 sft: {{train: {sft}, max_steps: 4, batch_size: 4, lr: 1.0e-3, max_length: 48, no_progress: true}}
 preferences: {{source: simulated, labeller: "{tmp_path / 'rule.py'}:count_a", prompts: {prompts}, n_prompts: 12, k: 3, max_new_tokens: 8, chat_template: false}}
 reward_model: {{epochs: 2, batch_size: 4, lr: 3.0e-3, eval_every: 1000, progress: false, tensorboard: false}}
-ppo: {{prompts: {prompts}, steps: {ppo_steps}, batch_size: 4, mini_batch_size: 4, max_new_tokens: 8, lr: 1.0e-3, progress: false, tensorboard: false, sample_every: 0}}
+algorithm: [ppo, grpo]
+rl: {{prompts: {prompts}, steps: {ppo_steps}, batch_size: 4, mini_batch_size: 4, max_new_tokens: 8, lr: 1.0e-3, progress: false, tensorboard: false, sample_every: 0}}
 evaluation: {{n_prompts: 4, bon: [1, 2, 4], max_new_tokens: 8}}
 """.replace("no_progress: true", "progress: false"))
 
@@ -57,20 +58,23 @@ evaluation: {{n_prompts: 4, bon: [1, 2, 4], max_new_tokens: 8}}
     assert main(["pipeline", "--config", str(config)]) == 0
     html = (out / "report.html").read_text()
     md = (out / "report.md").read_text()
-    for needle in ("Supervised fine-tuning", "Preference data", "Reward model", "PPO", "Evaluation on held-out prompts",
-                   "pairwise_accuracy", "best-of-4", "before (starting policy)", "SIMULATED ANNOTATOR"):
+    for needle in ("Supervised fine-tuning", "Preference data", "Reward model", "PPO", "GRPO", "Evaluation on held-out prompts",
+                   "pairwise_accuracy", "best-of-4", "before (starting policy)", "after GRPO", "SIMULATED ANNOTATOR", "gold score"):
         assert needle in html and needle in md, needle
+    evaluation = json.loads((out / "evaluation" / "ppo_eval.json").read_text())
+    assert [r["name"] for r in evaluation["rows"][:3]] == ["ppo", "grpo", "reference"]
+    assert all("gold" in r for r in evaluation["rows"])  # the labeller's own rule, scored on the same samples
     assert html.count("data:image/png;base64,") >= 4  # curves of every stage, inlined: opens offline
-    for stage in ("sft", "preferences", "reward_model", "ppo", "evaluation"):
+    for stage in ("sft", "preferences", "reward_model", "ppo", "grpo", "evaluation"):
         assert (out / stage / "stage.json").is_file(), stage
     summary = json.loads((out / "summary.json").read_text())["summary"]
     assert "held-out prompts" in summary and "nats per response" in summary
 
     # same config: every stage is reused (no stage folder is touched); changed PPO: only PPO and evaluation run again
-    before = {s: (out / s / "stage.json").stat().st_mtime_ns for s in ("sft", "preferences", "reward_model", "ppo", "evaluation")}
+    before = {s: (out / s / "stage.json").stat().st_mtime_ns for s in ("sft", "preferences", "reward_model", "ppo", "grpo", "evaluation")}
     assert main(["pipeline", str(config)]) == 0  # the old positional form still works
     assert {s: (out / s / "stage.json").stat().st_mtime_ns for s in before} == before
-    assert (out / "report.md").read_text().count("reused (complete, same config)") == 5
+    assert (out / "report.md").read_text().count("reused (complete, same config)") == 6
     marks = {s: json.loads((out / s / "stage.json").read_text())["hash"] for s in ("sft", "reward_model", "ppo")}
     write_config(ppo_steps=4)
     assert main(["pipeline", str(config)]) == 0
@@ -90,7 +94,7 @@ policy: {tiny_lm}
 sft: {{train: nowhere.jsonl, max_steps: 4}}
 preferences: {{source: simulated, prompts: p.txt, samples_per_prompt: 3}}
 reward_model: {{epochs: 2}}
-ppo: {{prompts: p.txt, steps: 3}}
+rl: {{prompts: p.txt, steps: 3}}
 evaluation: {{bon: [1, 0]}}
 """)
     t0 = time.time()
@@ -101,7 +105,7 @@ evaluation: {{bon: [1, 0]}}
     assert not (tmp_path / "pipe").exists()
     config.write_text(config.read_text().replace("bon: [1, 0]", "bon: [1, 2]").replace("steps: 3", "steps: -1"))
     assert main(["pipeline", "--config", str(config)]) == 2
-    assert "pipeline ppo: option --steps must be >= 1, got -1" in capsys.readouterr().err
+    assert "pipeline ppo: option --steps must be >= 1, got -1" in capsys.readouterr().err  # the stage of algorithm ppo
     config.write_text(config.read_text().replace("steps: -1", "steps: 3").replace("samples_per_prompt: 3", "samples_per_prompt: many"))
     assert main(["pipeline", "--config", str(config)]) == 2
     assert "option --samples-per-prompt expects int, got 'many'" in capsys.readouterr().err

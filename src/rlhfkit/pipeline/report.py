@@ -14,38 +14,47 @@ STAGE_TITLES = {
     "preferences": "2. Preference data",
     "reward_model": "3. Reward model",
     "ppo": "4. PPO",
+    "rloo": "4. RLOO",
+    "grpo": "4. GRPO",
+    "reinforce++": "4. REINFORCE++",
+    "dpo": "4. DPO",
     "evaluation": "5. Evaluation on held-out prompts",
 }
+POLICY_STAGES = ("ppo", "rloo", "grpo", "reinforce++", "dpo")
 # pictures each stage writes, in the order they are shown
 PICTURES = {
     "sft": ["curves.png"],
     "reward_model": ["curves.png", "eval_scores.png"],
-    "ppo": ["curves.png"],
+    **{name: ["curves.png"] for name in POLICY_STAGES},
     "evaluation": ["reward_vs_kl.png"],
 }
 
 
 def summarize(results: dict) -> str:
-    """One paragraph: did the score go up, at what KL, and how does best-of-n compare."""
+    """One paragraph: did the score go up, at what KL, how does best-of-n compare (and the gold score, when known)."""
     ev = results.get("evaluation")
     if ev is None or not ev.summary.get("rows"):
-        return "PPO evaluation did not run, so there is no before/after comparison."
-    rows = {r["name"]: r for r in ev.summary["rows"]}
-    pol, ref = rows["policy"], rows["reference"]
-    delta = pol["score"] - ref["score"]
-    bons = [r for name, r in rows.items() if name.startswith("best-of-")]
-    # the best-of-n whose analytic KL is closest to the policy's measured KL
-    near = min(bons, key=lambda r: abs(r["kl"] - pol["kl"])) if bons else None
-    verdict = "went up" if delta > 0 else "did not go up"
-    text = (
-        f"The mean reward-model score on {ev.summary.get('n_prompts', '?')} held-out prompts {verdict}: "
-        f"{ref['score']:.3f} for the starting policy, {pol['score']:.3f} after PPO ({delta:+.3f}), "
-        f"at a KL to the starting policy of {pol['kl']:.2f} nats per response."
-    )
-    if near is not None:
-        cmp = "beats" if pol["score"] > near["score"] else "does not beat"
-        text += f" At a similar KL, {near['name']} (KL {near['kl']:.2f}) scores {near['score']:.3f}, so PPO {cmp} best-of-n there."
-    return text
+        return "The evaluation did not run, so there is no before/after comparison."
+    rows = ev.summary["rows"]
+    ref = next(r for r in rows if r["name"] == "reference")
+    bons = [r for r in rows if r["name"].startswith("best-of-")]
+    trained = [r for r in rows[: rows.index(ref)]]
+    sentences = []
+    for pol in trained:
+        delta = pol["score"] - ref["score"]
+        method = "PPO" if pol["name"] in ("policy", "ppo") else pol["name"].upper()
+        label = f"after {method}"
+        text = (f"The mean reward-model score on {ev.summary.get('n_prompts', '?')} held-out prompts "
+                f"{'went up' if delta > 0 else 'did not go up'}: {ref['score']:.3f} for the starting policy, {pol['score']:.3f} "
+                f"{label} ({delta:+.3f}), at a KL to the starting policy of {pol['kl']:.2f} nats per response.")
+        if "gold" in pol:
+            text += f" The gold score (the annotator's own rule) moved {ref['gold']:.3f} -> {pol['gold']:.3f}."
+        near = min(bons, key=lambda r: abs(r["kl"] - pol["kl"])) if bons else None  # best-of-n at the closest KL
+        if near is not None:
+            cmp = "beats" if pol["score"] > near["score"] else "does not beat"
+            text += f" At a similar KL, {near['name']} (KL {near['kl']:.2f}) scores {near['score']:.3f}, so {method} {cmp} best-of-n there."
+        sentences.append(text)
+    return " ".join(sentences)
 
 
 def _img_data(path: Path) -> str:
@@ -66,14 +75,28 @@ def _summary_rows(name: str, summary: dict) -> list[tuple[str, str]]:
         "preferences": ["source", "n_prompts", "k", "n_lists", "n_pairs", "n_with_ties", "n_no_preference", "n_duplicate_answers"],
         "reward_model": ["n_lists", "n_pairs", "pairwise_accuracy", "list_exact_accuracy", "kendall_tau",
                          "accuracy_first_vs_second", "accuracy_first_vs_last", "length_corr", "length_warning"],
-        "ppo": ["n_prompts", "step", "ppo/score_mean", "ppo/reward_mean", "ppo/kl", "ppo/kl_k3", "ppo/kl_coef", "ppo/entropy",
-                "ppo/clipfrac", "ppo/approx_kl", "ppo/explained_variance", "ppo/response_length", "ppo/tokens_per_s"],
+        **{name: ["n_prompts", "step", "ppo/score_mean", "ppo/reward_mean", "ppo/kl", "ppo/kl_k3", "ppo/kl_coef", "ppo/entropy",
+                  "ppo/clipfrac", "ppo/approx_kl", "ppo/explained_variance", "ppo/equal_score_groups", "ppo/response_length",
+                  "ppo/tokens_per_s"] for name in POLICY_STAGES},
         "evaluation": ["n_prompts", "max_new_tokens", "temperature"],
     }[name]
     items = [(k, v) for k, v in summary.items() if not isinstance(v, (list,)) and k != "samples"]
     if keep is not None:
         items = [(k, summary[k]) for k in keep if k in summary]
     return [(k, _fmt(v)) for k, v in items][:24]
+
+
+def _comparison(rows: list[dict], results: dict) -> tuple[list[str], list[list[str]]]:
+    """The evaluation table: every trained policy, the reference and best-of-n on the same held-out
+    prompts: reward-model score, gold score (when known), KL to the reference, training time."""
+    gold = "gold" in rows[0]
+    header = ["model", "mean score"] + (["gold score"] if gold else []) + ["KL to start (nats)", "KL is", "training time (s)"]
+    table = []
+    for r in rows:
+        stage = results.get(r["name"])
+        seconds = f"{stage.seconds:.0f}" if stage is not None and r["name"] != "reference" else ""
+        table.append([r["name"], f"{r['score']:.4f}"] + ([f"{r['gold']:.4f}"] if gold else []) + [f"{r['kl']:.3f}", r["kl_kind"], seconds])
+    return header, table
 
 
 def write_report(cfg, results: dict, out: Path, total_seconds: float) -> tuple[Path, Path, str]:
@@ -107,13 +130,11 @@ def write_report(cfg, results: dict, out: Path, total_seconds: float) -> tuple[P
             md += ["| metric | value |", "|---|---|"] + [f"| {k} | {v.replace('|', '/')} |" for k, v in rows] + [""]
             body.append("<table>" + "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(v)}</td></tr>" for k, v in rows) + "</table>")
         if name == "evaluation" and res.summary.get("rows"):
-            md += ["| model | mean score | KL to start (nats) | KL is |", "|---|---|---|---|"]
-            body.append("<table><tr><th>model</th><th>mean score</th><th>KL to start (nats)</th><th>KL is</th></tr>")
-            for r in res.summary["rows"]:
-                md.append(f"| {r['name']} | {r['score']:.4f} | {r['kl']:.3f} | {r['kl_kind']} |")
-                body.append(f"<tr><td>{r['name']}</td><td>{r['score']:.4f}</td><td>{r['kl']:.3f}</td><td>{r['kl_kind']}</td></tr>")
-            body.append("</table>")
-            md.append("")
+            header, table = _comparison(res.summary["rows"], results)
+            md += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+            md += ["| " + " | ".join(row) + " |" for row in table] + [""]
+            body.append("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"
+                        + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in table) + "</table>")
         for pic in PICTURES.get(name, []):
             path = res.folder / pic
             if path.is_file():
@@ -122,10 +143,14 @@ def write_report(cfg, results: dict, out: Path, total_seconds: float) -> tuple[P
                 body.append(f"<figure><img alt='{html.escape(name)} {html.escape(pic)}' src='{_img_data(path)}'><figcaption>{html.escape(str(rel))}</figcaption></figure>")
         samples = res.summary.get("samples") if name == "evaluation" else None
         if samples:
-            md += ["### The same prompts, before and after PPO", "", "| prompt | before (starting policy) | after PPO |", "|---|---|---|"]
-            body.append("<h3>The same prompts, before and after PPO</h3><table><tr><th>prompt</th><th>before (starting policy)</th><th>after PPO</th></tr>")
+            trained = [r["name"] for r in res.summary["rows"] if r["name"] != "reference" and not r["name"].startswith("best-of-")]
+            columns = ["prompt", "before (starting policy)"] + [f"after {t.upper() if t != 'policy' else 'PPO'}" for t in trained]
+            keys = ["prompt", "reference"] + ["policy" if i == 0 else t for i, t in enumerate(trained)]
+            title = "The same prompts, before and after " + ", ".join(c.removeprefix("after ") for c in columns[2:])
+            md += [f"### {title}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+            body.append(f"<h3>{html.escape(title)}</h3><table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in columns) + "</tr>")
             for s in samples:
-                cells = [s["prompt"], s["reference"], s["policy"]]
+                cells = [str(s.get(k, "")) for k in keys]
                 md.append("| " + " | ".join(c.replace("|", "/").replace("\n", " ")[:300] for c in cells) + " |")
                 body.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
             body.append("</table>")

@@ -18,6 +18,7 @@ import logging
 import shutil
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Literal
 
@@ -36,7 +37,7 @@ from rlhfkit.pipeline.report import write_report
 from rlhfkit.pipeline.simulated import NAME, rank_samples
 from rlhfkit.rl.commands import PPOEvalConfig, run_ppo_eval
 from rlhfkit.rl.reward_sources import FunctionSource
-from rlhfkit.rl.trainer import PPOConfig, train_ppo
+from rlhfkit.rl.trainer import RLConfig, train_rl
 from rlhfkit.rm.train import RMTrainConfig, train_reward_model
 from rlhfkit.sampling import SamplingSettings, sample_texts
 from rlhfkit.sft.data import read_sft_data
@@ -44,7 +45,9 @@ from rlhfkit.sft.train import SFTConfig, train_sft
 
 logger = logging.getLogger(__name__)
 
-STAGES = ("sft", "preferences", "reward_model", "ppo", "evaluation")
+ONLINE = ("ppo", "rloo", "grpo", "reinforce++")  # rlhfkit rl --algo
+ALGORITHMS = ONLINE
+STAGES = ("sft", "preferences", "reward_model", *ALGORITHMS, "evaluation")
 
 
 @dataclass(kw_only=True)
@@ -83,7 +86,10 @@ class PipelineConfig(Options):
     sft: dict = opt(factory=dict, help="rlhfkit sft options (policy/output are filled in); skip: true to skip", cli=False)
     preferences: PreferencesConfig | None = opt(None, "where the preference data comes from (PreferencesConfig)", cli=False)
     reward_model: dict = opt(factory=dict, help="rlhfkit rm train options (train/output filled in)", cli=False)
-    ppo: dict = opt(factory=dict, help="rlhfkit ppo options (policy/reward/output filled in); skip: true to skip", cli=False)
+    algorithm: list[str] = opt(factory=lambda: ["ppo"], help=f"how the policy is trained: one or several of {', '.join(ALGORITHMS)}, "
+                                                             "each from the same starting policy, compared in the report")
+    rl: dict = opt(factory=dict, help="rlhfkit rl options (policy/reward/output/algo filled in); skip: true to skip", cli=False,
+                   was=("ppo",))
     evaluation: dict = opt(factory=dict, help="rlhfkit ppo-eval options (policy/reference/reward filled in); skip: true to skip", cli=False)
     force: list[str] = opt(factory=list, help=f"stages to re-run even if complete ({', '.join(STAGES)})")
 
@@ -92,6 +98,8 @@ class PipelineConfig(Options):
         check_output_dir(self.output)
         require(self.preferences is not None, "pipeline: a 'preferences' section is required: {source: file, file: DATA} "
                                               "or {source: simulated, prompts: PROMPTS}")
+        unknown = [a for a in self.algorithm if a not in ALGORITHMS]
+        require(bool(self.algorithm) and not unknown, f"option 'algorithm': unknown {unknown or 'nothing'}; choose from {', '.join(ALGORITHMS)}")
         unknown = [s for s in self.force if s not in STAGES]
         require(not unknown, f"option --force: unknown stage(s) {unknown}; stages are {', '.join(STAGES)}")
         self.stage_configs()  # every section, built now: errors before the first stage runs
@@ -99,7 +107,7 @@ class PipelineConfig(Options):
     def stage_configs(self) -> dict[str, Any]:
         """Each stage's command config (``None`` for a skipped stage), with the folders the pipeline fills in."""
         out = Path(self.output)
-        sft_opts, ppo_opts, ev_opts = dict(self.sft), dict(self.ppo), dict(self.evaluation)
+        sft_opts, ev_opts = dict(self.sft), dict(self.evaluation)
         configs: dict[str, Any] = {"preferences": self.preferences}
         policy = self.policy
         configs["sft"] = None if sft_opts.pop("skip", False) else _section(SFTConfig, "sft", {"policy": self.policy, **sft_opts, "output": str(out / "sft")})
@@ -108,12 +116,21 @@ class PipelineConfig(Options):
         rm_opts = {"model": policy, "eval_fraction": 0.2, "allow_ties": True, **self.reward_model,
                    "train": str(out / "preferences" / "preferences.jsonl"), "output": str(out / "reward_model")}
         configs["reward_model"] = _section(RMTrainConfig, "reward_model", rm_opts)
-        require(ppo_opts.get("skip") or "prompts" in ppo_opts, "pipeline ppo: option 'prompts' is required (a prompt file for PPO rollouts)")
-        configs["ppo"] = None if ppo_opts.pop("skip", False) else _section(
-            PPOConfig, "ppo", {**ppo_opts, "policy": policy, "reward": str(out / "reward_model"), "output": str(out / "ppo")})
-        configs["evaluation"] = None if ev_opts.pop("skip", False) or configs["ppo"] is None else _section(
-            PPOEvalConfig, "evaluation", {"prompts": ppo_opts.get("prompts"), **ev_opts, "policy": str(out / "ppo" / "policy"),
-                                          "reference": policy, "reward": str(out / "reward_model"), "output": str(out / "evaluation")})
+        rl_opts = dict(self.rl)
+        skip_rl = rl_opts.pop("skip", False)
+        require(skip_rl or "prompts" in rl_opts, "pipeline rl: option 'prompts' is required (a prompt file for the rollouts)")
+        for algo in self.algorithm:
+            configs[algo] = None if skip_rl else _section(
+                RLConfig, algo, {**rl_opts, "algo": algo, "policy": policy, "reward": str(out / "reward_model"),
+                                 "output": str(out / algo)})
+        trained = [a for a in self.algorithm if configs[a] is not None]
+        policies = [f"{a}={out / a / 'policy'}" for a in trained]
+        gold = None
+        if self.preferences.source == "simulated":  # the labeller's own rule, which the reward model never sees
+            gold = self.preferences.labeller or "rlhfkit.pipeline.simulated:lexicon_reward"
+        configs["evaluation"] = None if ev_opts.pop("skip", False) or not trained else _section(
+            PPOEvalConfig, "evaluation", {"prompts": rl_opts.get("prompts"), **ev_opts, "policy": policies, "reference": policy,
+                                          "reward": str(out / "reward_model"), "gold": gold, "output": str(out / "evaluation")})
         return configs
 
 
@@ -214,11 +231,11 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
                  lambda folder, resume: _plain(train_reward_model(_resumed(rm_cfg, resume))))
     upstream["reward_model"] = runner.hash_of("reward_model")
 
-    if configs["ppo"] is not None:
-        ppo_cfg = configs["ppo"]
-        runner.stage("ppo", {"config": _options(ppo_cfg), **upstream}, lambda folder, resume: {
-            "n_prompts": len(read_prompts(ppo_cfg.prompts)), **_plain(train_ppo(_resumed(ppo_cfg, resume)))})
-        upstream["ppo"] = runner.hash_of("ppo")
+    for algo in cfg.algorithm:  # each from the same starting policy and reward model
+        rl_cfg = configs[algo]
+        if rl_cfg is not None:
+            runner.stage(algo, {"config": _options(rl_cfg), **upstream}, partial(_train_online, rl_cfg))
+            upstream[algo] = runner.hash_of(algo)
 
     if configs["evaluation"] is not None:
         ev_cfg = configs["evaluation"]
@@ -229,6 +246,10 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     paths = write_report(cfg, runner.results, out, total_seconds=seconds)
     return {"report_html": str(paths[0]), "report_md": str(paths[1]), "stages": {k: v.summary for k, v in runner.results.items()},
             "summary": paths[2], "seconds": seconds}
+
+
+def _train_online(cfg: RLConfig, folder: Path, resume: bool) -> dict:
+    return {"n_prompts": len(read_prompts(cfg.prompts)), **_plain(train_rl(_resumed(cfg, resume)))}
 
 
 def collect_preferences(policy: str, prefs: PreferencesConfig, folder: Path) -> dict:

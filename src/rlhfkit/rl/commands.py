@@ -250,7 +250,7 @@ def _evaluate_policy(name, path, ref_model, tokenizer, prompts, settings, chat, 
 def run_ppo_eval(cfg: PPOEvalConfig) -> dict[str, Any]:
     """Score (and gold score) and KL for each policy, the reference and best-of-n; JSON and a PNG in ``cfg.output``."""
     policies = [_named(p) for p in cfg.policy]
-    if len(policies) == 1:
+    if len(policies) == 1 and "=" not in cfg.policy[0]:
         policies = [("policy", policies[0][1])]
     info = _policy_info(policies[0][1])
     reference = cfg.reference or info.get("reference")
