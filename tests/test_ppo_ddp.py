@@ -55,7 +55,7 @@ def test_two_processes_with_a_reward_model_critic(tiny_lm, tmp_path):
               "--lr", "1e-3", "--sample-every", "0", "--no-progress", "--no-tensorboard", "--cpu"]
     res = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "ppo: 2 process(es), distributed mode MULTI_CPU" in res.stderr, res.stderr[-2000:]
+    assert "ppo: DDP (2 processes, each with a full copy; MULTI_CPU)" in res.stderr, res.stderr[-2000:]
     rows = read_metrics(out / "metrics.jsonl")
     assert [r["ppo/episodes"] for r in rows] == [8, 16]  # 4 prompts per process per update, 2 processes
     rank0, rank1 = ((tmp_path / f"run.rank{i}").read_text().splitlines() for i in (0, 1))

@@ -35,7 +35,7 @@ def test_two_processes_match_one_process_with_double_batch(tiny_lm, separable_ts
               "--dynamo_backend", "no", "--main_process_port", "0", "-m", "rlhfkit.cli"]
     res = subprocess.run(launch + _train_args(tiny_lm, separable_tsv, two, 4), env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "rm train: 2 process(es), distributed mode MULTI_CPU" in res.stderr, res.stderr[-2000:]
+    assert "rm train: DDP (2 processes, each with a full copy; MULTI_CPU)" in res.stderr, res.stderr[-2000:]
     one = tmp_path / "single"
     res = subprocess.run([sys.executable, "-m", "rlhfkit.cli"] + _train_args(tiny_lm, separable_tsv, one, 8), env=env,
                          capture_output=True, text=True, timeout=300)

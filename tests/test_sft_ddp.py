@@ -38,7 +38,7 @@ def test_two_processes_match_one_process_with_double_batch(tiny_lm, tmp_path):
               "--dynamo_backend", "no", "--main_process_port", "0", "-m", "rlhfkit.cli"]
     res = subprocess.run(launch + _args(tiny_lm, data, two, 2), env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "sft: 2 process(es), distributed mode MULTI_CPU" in res.stderr, res.stderr[-2000:]
+    assert "sft: DDP (2 processes, each with a full copy; MULTI_CPU)" in res.stderr, res.stderr[-2000:]
     one = tmp_path / "single"
     assert main(_args(tiny_lm, data, one, 4)) == 0  # the single-process reference runs in this process
 

@@ -44,10 +44,18 @@ def replace_dir(new: Path, target: Path) -> None:
         discard_dir(old)
 
 
-def export_pretrained(model: Any, tokenizer: Any, target: str | Path, files: dict[str, str] | None = None) -> Path:
+def export_pretrained(model: Any, tokenizer: Any, target: str | Path, files: dict[str, str] | None = None,
+                      state_dict: dict | None = None) -> Path:
     """A plain Hugging Face folder at ``target``, written atomically: a LoRA model is merged
-    into a copy first, weights as safetensors, the tokenizer and any extra text ``files``."""
+    into a copy first, weights as safetensors, the tokenizer and any extra text ``files``.
+
+    ``state_dict``: the full weights gathered from a sharded (FSDP) ``model``, whose own
+    parameters are only this process's shards: they go into an unsharded copy built from
+    the model's config (with its LoRA adapters, then merged) before saving.
+    """
     target = Path(target)
+    if state_dict is not None:
+        model = _unsharded_copy(model, state_dict)
     if hasattr(model, "merge_and_unload"):
         model = copy.deepcopy(model).merge_and_unload()
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -62,6 +70,20 @@ def export_pretrained(model: Any, tokenizer: Any, target: str | Path, files: dic
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def _unsharded_copy(model: Any, state_dict: dict) -> Any:
+    """A plain (unsharded, CPU) model of ``model``'s architecture holding ``state_dict``."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    auto = AutoModelForSequenceClassification if "ForSequenceClassification" in type(base).__name__ else AutoModelForCausalLM
+    plain = auto.from_config(base.config, dtype=next(iter(state_dict.values())).dtype)
+    if hasattr(model, "peft_config"):
+        plain = get_peft_model(plain, model.peft_config["default"])
+    plain.load_state_dict(state_dict, strict=True)
+    return plain.eval()
 
 
 def find_checkpoint(out_dir: str | Path) -> Path | None:

@@ -256,13 +256,18 @@ class RewardModel(nn.Module):
         return scores
 
     # ---------------------------------------------------------------- saving
-    def save_pretrained(self, path: str | os.PathLike, extra_files: dict[str, str] | None = None) -> None:
-        """Write a plain HF checkpoint (LoRA merged, safetensors) and the scoring metadata, atomically."""
+    def save_pretrained(self, path: str | os.PathLike, extra_files: dict[str, str] | None = None,
+                        state_dict: dict | None = None) -> None:
+        """Write a plain HF checkpoint (LoRA merged, safetensors) and the scoring metadata, atomically.
+
+        ``state_dict``: this module's full weights gathered from a sharded (FSDP) run."""
         config = self.hf_model.config
         config.num_labels = 1
         if self.tokenizer.pad_token_id is not None:
             config.pad_token_id = self.tokenizer.pad_token_id
-        export_pretrained(self.model, self.tokenizer, path, {META_FILE: json.dumps(asdict(self.meta), indent=2), **(extra_files or {})})
+        inner = {k.removeprefix("model."): v for k, v in state_dict.items()} if state_dict is not None else None
+        export_pretrained(self.model, self.tokenizer, path, {META_FILE: json.dumps(asdict(self.meta), indent=2), **(extra_files or {})},
+                          state_dict=inner)
 
 
 def _read_meta(path: str) -> RewardModelMeta | None:

@@ -174,23 +174,29 @@ def micro_loss(model, data: EncodedPreferences, pad, loss: str, device, weight: 
     return per_list.sum() * weight, stats
 
 
-def evaluate_and_keep_best(run: Run, rm: RewardModel, eval_data, cfg: RMTrainConfig, state: TrainState) -> dict[str, Any]:
-    """Evaluate on the main process, log, export ``best/`` when it improved, plot the score histograms."""
+def evaluate_and_keep_best(run: Run, model, rm: RewardModel, eval_data, cfg: RMTrainConfig, state: TrainState) -> dict[str, Any]:
+    """Evaluate (on every process when sharded), log, export ``best/`` when it improved, plot the score histograms."""
     metrics: dict[str, Any] = {}
-    if run.main and eval_data is not None:
+    if run.evaluates() and eval_data is not None:
+        # the unwrapped model: no DDP collectives on a main-process-only pass (under FSDP2 it is the sharded module itself)
         metrics, scores = evaluate(rm, eval_data, rm.pad, batch_size=cfg.eval_batch_size, device=run.device, loss=cfg.loss)
-        run.log.log(state.step, {f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
         key = "pairwise_accuracy" if "pairwise_accuracy" in metrics else "mse"
         if improved(state, metrics[key], higher_is_better=key == "pairwise_accuracy"):
-            export(rm, cfg, run.out / "best")
-        plot_score_histograms(eval_data, scores, run.out / "eval_scores.png")
-        run.write(_eval_line(state.step, metrics))
+            export(run, model, rm, cfg, run.out / "best")
+        if run.main:
+            run.log.log(state.step, {f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+            plot_score_histograms(eval_data, scores, run.out / "eval_scores.png")
+            run.write(_eval_line(state.step, metrics))
     run.accelerator.wait_for_everyone()
     return metrics
 
 
-def export(rm: RewardModel, cfg: RMTrainConfig, target: Path) -> None:
-    rm.save_pretrained(target, extra_files={"training_config.yaml": yaml.safe_dump(to_dict(cfg), allow_unicode=True)})
+def export(run: Run, model, rm: RewardModel, cfg: RMTrainConfig, target: Path) -> None:
+    """``target`` as a plain HF reward model (collective when sharded: the weights are gathered first)."""
+    state_dict = run.full_state_dict(model)
+    if run.main:
+        rm.save_pretrained(target, extra_files={"training_config.yaml": yaml.safe_dump(to_dict(cfg), allow_unicode=True)},
+                           state_dict=state_dict)
 
 
 def log_train(run: Run, window: MetricsWindow, state: TrainState, scheduler, grad_norm, n_batches: int) -> None:
@@ -240,14 +246,14 @@ def train_reward_model(cfg: RMTrainConfig) -> dict[str, Any]:
         state.step, state.epoch, state.batch_in_epoch = state.step + 1, epoch, b + 1
         window.add(*stats)
         cadence.after_step(run, state, window=window, log=partial(log_train, run, window, state, scheduler, grad_norm, n_batches),
-                           evaluate=partial(evaluate_and_keep_best, run, rm, eval_data, cfg, state))
+                           evaluate=partial(evaluate_and_keep_best, run, model, rm, eval_data, cfg, state))
 
-    final = evaluate_and_keep_best(run, rm, eval_data, cfg, state)
+    final = evaluate_and_keep_best(run, model, rm, eval_data, cfg, state)
     run.save(state)
-    if run.close(state, total_steps) and run.main:
-        export(rm, cfg, run.out / "last")
+    if run.close(state, total_steps):
+        export(run, model, rm, cfg, run.out / "last")
         if eval_data is None:
-            export(rm, cfg, run.out / "best")  # nothing to select by: the last model is the best we know
+            export(run, model, rm, cfg, run.out / "best")  # nothing to select by: the last model is the best we know
     if run.main:
         plot_curves(read_metrics(run.out / "metrics.jsonl"),
                     [("loss", ["train/loss", "eval/loss"]),

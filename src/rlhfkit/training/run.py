@@ -22,6 +22,7 @@ from accelerate.utils import set_seed
 from rlhfkit.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from rlhfkit.config import ConfigError, save_yaml, to_dict
 from rlhfkit.cpu import configure_threads
+from rlhfkit.training.distributed import describe, enable_fsdp_on_cpu, is_sharded
 from rlhfkit.tracking import MetricsLogger, Progress
 from rlhfkit.training.options import RunOptions, check_resume_matches
 
@@ -66,6 +67,7 @@ def start_run(cfg: RunOptions, name: str) -> "Run":
     if cfg.threads is not None or cfg.cpu or not torch.cuda.is_available():  # GPU runs keep PyTorch's default
         configure_threads(cfg.threads)
     accelerator = Accelerator(mixed_precision=_mixed_precision(cfg.mixed_precision, cfg.cpu), cpu=cfg.cpu)
+    enable_fsdp_on_cpu(accelerator)
     set_seed(cfg.seed)
     return Run(cfg, name, accelerator, existing if cfg.resume else None)
 
@@ -77,6 +79,7 @@ class Run:
         self.cfg, self.name, self.accelerator, self.resume_from = cfg, name, accelerator, resume_from
         self.out = Path(cfg.output)
         self.main = accelerator.is_main_process
+        self.sharded = is_sharded(accelerator)  # FSDP: every process must take part in each forward pass
         self.world, self.rank, self.device = accelerator.num_processes, accelerator.process_index, accelerator.device
         self.log: MetricsLogger | None = None
         self.progress: Any = None
@@ -91,8 +94,8 @@ class Run:
             if self.resume_from is not None:
                 self._warn_changed_options()
             save_yaml(self.cfg, self.out / "config.yaml")
-            logger.warning("%s: %d process(es), distributed mode %s, device %s, precision %s", self.name, self.world,
-                           self.accelerator.distributed_type.value, self.device, self.accelerator.mixed_precision)
+            logger.warning("%s: %s, device %s, precision %s", self.name, describe(self.accelerator), self.device,
+                           self.accelerator.mixed_precision)
         if self.resume_from is not None:
             saved = load_checkpoint(self.accelerator, self.resume_from)
             known = {f.name for f in dataclasses.fields(TrainState)}
@@ -125,6 +128,16 @@ class Run:
         """A resumable checkpoint (collective: every process calls it)."""
         save_checkpoint(self.accelerator, self.out, dataclasses.asdict(state))
         self.saved_step = state.step
+
+    def full_state_dict(self, model) -> dict | None:
+        """The full weights of a sharded ``model`` (collective: every process calls it; the main
+        process gets them), or None when ``model`` holds its full weights already."""
+        return self.accelerator.get_state_dict(model) if self.sharded else None
+
+    def evaluates(self) -> bool:
+        """Whether this process runs evaluations: the main one, or every one when the model is
+        sharded (each forward pass gathers weights from all processes)."""
+        return self.main or self.sharded
 
     def stop_note(self) -> str:
         """What a stopped run leaves behind, for :class:`~rlhfkit.errors.RunStopped` messages."""

@@ -1,0 +1,61 @@
+"""Which distributed mode a run is in, and FSDP2 on the CPU.
+
+``accelerate launch --config_file examples/accelerate/fsdp2.yaml`` asks for FSDP2. On a GPU
+accelerate shards as asked. On the CPU, accelerate 1.15 silently runs the same config as
+plain multi-process data parallelism (``MULTI_CPU``: every process keeps the whole model),
+although ``torch.distributed.fsdp.fully_shard`` works on the CPU with the gloo backend.
+:func:`enable_fsdp_on_cpu` switches accelerate's state to FSDP2 in that case, so the very
+same accelerate code path (``prepare``, ``no_sync``, gradient clipping, sharded
+``save_state``/``load_state``, ``get_state_dict``) runs on the CPU as on a GPU, and tests can
+check sharding on a laptop. The run log names the mode (:func:`describe`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from accelerate import Accelerator, FullyShardedDataParallelPlugin
+from accelerate.state import PartialState
+from accelerate.utils import DistributedType
+
+from rlhfkit.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+
+def fsdp_requested() -> bool:
+    """Whether ``accelerate launch`` was given an FSDP config (it exports ``ACCELERATE_USE_FSDP``)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def enable_fsdp_on_cpu(accelerator: Accelerator) -> bool:
+    """Run an FSDP config as FSDP2 on the CPU (module docstring); True if it switched."""
+    if not fsdp_requested() or accelerator.distributed_type != DistributedType.MULTI_CPU:
+        return False
+    plugin = FullyShardedDataParallelPlugin()  # reads the FSDP_* settings accelerate launch exported
+    if plugin.fsdp_version != 2:
+        raise UserError("on the CPU rlhfkit shards with FSDP2 only; set fsdp_version: 2 in the accelerate config "
+                        "(examples/accelerate/fsdp2.yaml)")
+    # accelerate re-reads PartialState's fields whenever it builds an AcceleratorState: set both.
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    accelerator.state.distributed_type = DistributedType.FSDP
+    accelerator.state.fsdp_plugin = plugin
+    return True
+
+
+def is_sharded(accelerator: Accelerator) -> bool:
+    """Whether models prepared by ``accelerator`` hold only a shard of their parameters (FSDP)."""
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def describe(accelerator: Accelerator) -> str:
+    """The mode for the run log: single process, DDP (every process a full copy) or FSDP2 (sharded)."""
+    if accelerator.num_processes == 1 and not is_sharded(accelerator):
+        return "single process"
+    if is_sharded(accelerator):
+        plugin = accelerator.state.fsdp_plugin
+        offload = ", parameters offloaded to the CPU" if getattr(plugin, "cpu_offload", None) and \
+            getattr(plugin.cpu_offload, "offload_params", False) else ""
+        return f"FSDP{plugin.fsdp_version} (parameters, gradients and optimizer state sharded over {accelerator.num_processes} processes{offload})"
+    return f"DDP ({accelerator.num_processes} processes, each with a full copy; {accelerator.distributed_type.value})"
