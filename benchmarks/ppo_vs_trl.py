@@ -160,7 +160,9 @@ def run_ours(args: Args, work: Path) -> dict[str, Any]:
     train_ppo(cfg)
     clock.remove()
     rows = read_metrics(work / name / "metrics.jsonl")
-    return {**clock.summary(args.ppo_epochs),
+    # A separate critic has its own optimizer: each minibatch is two optimizer.step() calls (actor, then critic).
+    steps_per_update = args.ppo_epochs * (2 if critic == "reward-model" else 1)
+    return {**clock.summary(steps_per_update),
             "response_length": sum(r["ppo/response_length"] for r in rows) / len(rows),
             "score_mean": [r["ppo/score_mean"] for r in rows], "kl": [r["ppo/kl"] for r in rows]}
 
