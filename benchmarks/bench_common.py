@@ -1,11 +1,13 @@
-"""Helpers both benchmarks share: peak memory of this process, and the machine and library
-versions that go into every result file."""
+"""Helpers the benchmarks share: peak memory of this process, the machine and library versions
+that go into every result file, the training-loop clock and running each side in a subprocess."""
 
 from __future__ import annotations
 
 import os
 import platform
+import time
 from pathlib import Path
+from typing import Any
 
 PACKAGES = ("rlhfkit", "torch", "transformers", "accelerate", "peft", "datasets", "trl")
 
@@ -21,6 +23,69 @@ def peak_rss_mib() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+
+
+class LoopClock:
+    """Times the loop identically on both sides with global PyTorch hooks.
+
+    ``start``: the first ``nn.Module`` forward after ``install()`` (the hook then removes
+    itself). At the end of every ``optimizer.step()``: wall time, this process's CPU time
+    (what the loop computed, whatever else the machine runs) and its peak RSS so far, so
+    the memory figure covers loading and the loop but not the saving after it.
+    :meth:`summary` groups the steps into updates and leaves the first update out of the
+    per-update figures when there are at least two.
+    """
+
+    def __init__(self):
+        self.start: float | None = None
+        self.start_cpu: float | None = None
+        self.step_ends: list[float] = []
+        self.step_cpu: list[float] = []
+        self.peak_rss_mib = 0.0
+
+    def install(self) -> None:
+        from torch.nn.modules.module import register_module_forward_pre_hook
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        self._fwd = register_module_forward_pre_hook(self._on_forward)
+        self._opt = register_optimizer_step_post_hook(self._on_step)
+
+    def remove(self) -> None:
+        self._fwd.remove()
+        self._opt.remove()
+
+    def _on_forward(self, module, args):
+        self.start, self.start_cpu = time.perf_counter(), time.process_time()
+        self._fwd.remove()
+
+    def _on_step(self, optimizer, args, kwargs):
+        self.step_ends.append(time.perf_counter())
+        self.step_cpu.append(time.process_time())
+        self.peak_rss_mib = peak_rss_mib()
+
+    def summary(self, steps_per_update: int) -> dict[str, Any]:
+        if self.start is None or not self.step_ends:
+            raise RuntimeError("the loop ran no forward or no optimizer step")
+        n = len(self.step_ends)
+        if n % steps_per_update:
+            raise RuntimeError(f"{n} optimizer steps is not a whole number of updates of {steps_per_update}")
+        updates = n // steps_per_update
+        last = [(u + 1) * steps_per_update - 1 for u in range(updates)]  # the step that ends each update
+        wall = [self.step_ends[i] for i in last]
+        cpu = [self.step_cpu[i] for i in last]
+        per_update = lambda ends, start: (ends[-1] - ends[0]) / (updates - 1) if updates > 1 else ends[-1] - start  # noqa: E731
+        return {"loop_s": wall[-1] - self.start, "loop_cpu_s": cpu[-1] - self.start_cpu, "optimizer_steps": n,
+                "updates": updates, "first_update_s": wall[0] - self.start,
+                "s_per_update": per_update(wall, self.start), "cpu_s_per_update": per_update(cpu, self.start_cpu),
+                "peak_rss_mib": self.peak_rss_mib}
+
+
+def set_threads(n: int) -> None:
+    """``n`` PyTorch threads for this process's kernels, one inter-op thread."""
+    import torch
+
+    torch.set_num_threads(n)
+    torch.set_num_interop_threads(1)
 
 
 def versions() -> dict[str, str]:

@@ -65,7 +65,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script: find bench_common
-from bench_common import machine, peak_rss_mib, run_child, work_folder  # noqa: E402
+from bench_common import LoopClock, machine, run_child, set_threads, work_folder  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_PROMPTS = REPO / "examples" / "review_prompts.txt"
@@ -133,72 +133,6 @@ class Args:
 
 
 # --------------------------------------------------------------------------------------
-# Shared by both sides
-# --------------------------------------------------------------------------------------
-
-
-class LoopClock:
-    """Times the loop identically on both sides with global PyTorch hooks.
-
-    ``start``: the first ``nn.Module`` forward after ``install()`` (the hook then removes
-    itself). At the end of every ``optimizer.step()``: wall time, this process's CPU time
-    (what the loop computed, whatever else the machine runs) and its peak RSS so far, so
-    the memory figure covers loading and the loop but not the saving after it.
-    """
-
-    def __init__(self):
-        self.start: float | None = None
-        self.start_cpu: float | None = None
-        self.step_ends: list[float] = []
-        self.step_cpu: list[float] = []
-        self.peak_rss_mib = 0.0
-
-    def install(self) -> None:
-        from torch.nn.modules.module import register_module_forward_pre_hook
-        from torch.optim.optimizer import register_optimizer_step_post_hook
-
-        self._fwd = register_module_forward_pre_hook(self._on_forward)
-        self._opt = register_optimizer_step_post_hook(self._on_step)
-
-    def remove(self) -> None:
-        self._fwd.remove()
-        self._opt.remove()
-
-    def _on_forward(self, module, args):
-        self.start, self.start_cpu = time.perf_counter(), time.process_time()
-        self._fwd.remove()
-
-    def _on_step(self, optimizer, args, kwargs):
-        self.step_ends.append(time.perf_counter())
-        self.step_cpu.append(time.process_time())
-        self.peak_rss_mib = peak_rss_mib()
-
-    def summary(self, steps_per_update: int) -> dict[str, Any]:
-        if self.start is None or not self.step_ends:
-            raise RuntimeError("the loop ran no forward or no optimizer step")
-        n = len(self.step_ends)
-        if n % steps_per_update:
-            raise RuntimeError(f"{n} optimizer steps is not a whole number of updates of {steps_per_update}")
-        updates = n // steps_per_update
-        last = [(u + 1) * steps_per_update - 1 for u in range(updates)]  # the step that ends each update
-        wall = [self.step_ends[i] for i in last]
-        cpu = [self.step_cpu[i] for i in last]
-        per_update = lambda ends, start: (ends[-1] - ends[0]) / (updates - 1) if updates > 1 else ends[-1] - start  # noqa: E731
-        return {"loop_s": wall[-1] - self.start, "loop_cpu_s": cpu[-1] - self.start_cpu, "optimizer_steps": n,
-                "updates": updates, "first_update_s": wall[0] - self.start,
-                "s_per_update": per_update(wall, self.start), "cpu_s_per_update": per_update(cpu, self.start_cpu),
-                "peak_rss_mib": self.peak_rss_mib}
-
-
-
-def set_threads(n: int) -> None:
-    import torch
-
-    torch.set_num_threads(n)
-    torch.set_num_interop_threads(1)
-
-
-# --------------------------------------------------------------------------------------
 # The two sides (each in its own subprocess)
 # --------------------------------------------------------------------------------------
 
@@ -226,7 +160,9 @@ def run_ours(args: Args, work: Path) -> dict[str, Any]:
     train_ppo(cfg)
     clock.remove()
     rows = read_metrics(work / name / "metrics.jsonl")
-    return {**clock.summary(args.ppo_epochs),
+    # A separate critic has its own optimizer: each minibatch is two optimizer.step() calls (actor, then critic).
+    steps_per_update = args.ppo_epochs * (2 if critic == "reward-model" else 1)
+    return {**clock.summary(steps_per_update),
             "response_length": sum(r["ppo/response_length"] for r in rows) / len(rows),
             "score_mean": [r["ppo/score_mean"] for r in rows], "kl": [r["ppo/kl"] for r in rows]}
 
