@@ -77,6 +77,11 @@ class RewardModel(nn.Module):
         if meta.kind == "decoder":
             tokenizer.padding_side = "right"
 
+    @property
+    def _no_split_modules(self) -> list[str]:
+        """The blocks FSDP shards one by one (``transformers``' name for them, of the inner model)."""
+        return list(getattr(self.hf_model, "_no_split_modules", None) or [])
+
     # ----------------------------------------------------------------- loading
     @classmethod
     def from_pretrained(

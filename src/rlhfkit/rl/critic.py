@@ -122,6 +122,11 @@ class Critic(nn.Module):
         super().__init__()
         self.model = model
 
+    @property
+    def _no_split_modules(self) -> list[str]:
+        """The blocks FSDP shards one by one."""
+        return list(getattr(self.model, "_no_split_modules", None) or [])
+
     def forward(self, input_ids: Tensor, attention_mask: Tensor, n_response: int, packed: PackedBatch | None = None) -> Tensor:
         """Values ``(B, N)`` for the last ``N`` tokens of ``input_ids (B, P + N)`` (``packed``: as in :func:`response_logits`)."""
         backbone = getattr(self.model, self.model.base_model_prefix)
@@ -150,6 +155,12 @@ class ActorCritic(nn.Module):
         self.actor = actor
         self.critic = critic
         self.value_head = ValueHead(_hidden_size(actor)) if critic is None and value_head else None
+
+    @property
+    def _no_split_modules(self) -> list[str]:
+        """The blocks FSDP shards one by one: the actor's and the critic's."""
+        names = list(getattr(self.actor, "_no_split_modules", None) or [])
+        return names + [n for n in (self.critic._no_split_modules if self.critic is not None else []) if n not in names]
 
     @property
     def has_values(self) -> bool:

@@ -55,7 +55,7 @@ from rlhfkit.models.lora import with_lora
 from rlhfkit.models.packing import packing_unsupported, use_packed_attention
 from rlhfkit.models.policy import load_policy
 from rlhfkit.models.tokenizers import use_chat_template
-from rlhfkit.ops import logprobs_from_logits, masked_sum, masked_whiten
+from rlhfkit.ops import logprobs_from_logits, masked_sum
 from rlhfkit.rl.advantages import (
     broadcast_to_tokens,
     compute_gae,
@@ -127,7 +127,7 @@ class RLConfig(SamplingOptions, RewardSourceOptions, RunOptions, OptimOptions, L
     max_kl: float | None = opt(None, "stop the run when the mean KL per response exceeds this (nats)", gt=0)
     gamma: float = opt(1.0, "GAE discount", ge=0, le=1)
     lam: float = opt(0.95, "GAE lambda", ge=0, le=1)
-    whiten_advantages: bool = opt(True, "whiten advantages over the real tokens of each rollout")
+    whiten_advantages: bool = opt(True, "ppo: whiten advantages over the real tokens of the rollout (all processes)")
     clip_eps: float = opt(0.2, "PPO ratio clip range", gt=0)
     vf_clip: float | None = opt(0.2, "value clip range (none = unclipped value loss)", gt=0)
     vf_coef: float = opt(0.1, "weight of the value loss", ge=0)
@@ -249,11 +249,18 @@ def normalise_scores(cfg: RLConfig, scores, ended, stats: RunningMoments):
     return scores
 
 
-def export_policy(model: ActorCritic, tokenizer, cfg: RLConfig, chat: bool, out: Path) -> Path:
-    """The actor as a plain HF checkpoint (LoRA merged) at ``out/policy``, with how it was trained beside it."""
+def export_policy(run: Run, first: NetworkStep, model: ActorCritic, tokenizer, cfg: RLConfig, chat: bool) -> Path:
+    """The actor as a plain HF checkpoint (LoRA merged) at ``OUTPUT/policy``, with how it was trained
+    beside it. Collective when sharded: the actor's weights are gathered first (from the
+    ActorCritic when a value head shares its optimizer step)."""
+    state_dict = run.full_state_dict(first.net)
+    if state_dict is not None and model.value_head is not None:  # keys of the ActorCritic: keep the actor's
+        state_dict = {k.removeprefix("actor."): v for k, v in state_dict.items() if k.startswith("actor.")}
     info = {"reference": cfg.policy, "temperature": cfg.temperature, "chat_template": chat,
             "max_new_tokens": cfg.max_new_tokens, "reward": cfg.reward}
-    return export_pretrained(model.actor, tokenizer, out / "policy", {POLICY_INFO: json.dumps(info, indent=2)})
+    if not run.main:
+        return run.out / "policy"
+    return export_pretrained(model.actor, tokenizer, run.out / "policy", {POLICY_INFO: json.dumps(info, indent=2)}, state_dict)
 
 
 def _packed(r: Rollout, micro):
@@ -397,7 +404,7 @@ def compute_advantages(cfg: RLConfig, r: Rollout, scores, kl_coef: float, accele
 
     Every algorithm starts from the same per-token rewards: the score at the last real token
     and, with ``--kl-penalty reward``, ``-kl_coef * KL`` at every token (InstructGPT eq. 2).
-    ``ppo``: GAE with the critic's values, whitened over the batch. ``reinforce++``: the
+    ``ppo``: GAE with the critic's values, whitened over the global batch. ``reinforce++``: the
     return of every token, whitened over the global batch. ``rloo`` and ``grpo``: each
     response's total reward against its prompt's other samples, the same advantage on
     every token of the response.
@@ -407,8 +414,8 @@ def compute_advantages(cfg: RLConfig, r: Rollout, scores, kl_coef: float, accele
     rewards, kl = compute_rewards(scores, r.old_logprobs, r.ref_logprobs, mask, penalty, cfg.kl_estimator, cfg.score_clip)
     if cfg.algo == "ppo":
         advantages, returns = compute_gae(r.old_values, rewards, mask, cfg.gamma, cfg.lam)
-        if cfg.whiten_advantages and int(mask.sum()) > 1:
-            advantages = masked_whiten(advantages, mask)
+        if cfg.whiten_advantages:  # over the whole batch, every process's share of it
+            advantages = global_whiten(advantages, mask, accelerator)
         return advantages, returns, rewards, kl
     if cfg.algo == "reinforce++":
         returns = discounted_returns(rewards, mask, cfg.gamma)
@@ -442,10 +449,11 @@ def build_networks(cfg: RLConfig, run: Run, model: ActorCritic):
     """Optimizers, schedules and the prepared (under DDP wrapped) networks: ``(steps, schedulers, model)``.
     A separate critic gets its own optimizer; a value head shares the actor's, in its own group."""
     critic_lr = cfg.critic_lr if cfg.critic_lr is not None else cfg.lr
-    if model.critic is not None:
+    if model.critic is not None:  # one prepare call per network: FSDP2 shards one model per call
         actor_opt, actor_sched = make_optimizer(cfg, model.actor_parameters(), cfg.steps)
         critic_opt, critic_sched = make_optimizer(cfg, [{"params": model.critic_parameters(), "lr": critic_lr}], cfg.steps)
-        actor, critic, actor_opt, critic_opt = run.accelerator.prepare(model.actor, model.critic, actor_opt, critic_opt)
+        actor, actor_opt = run.accelerator.prepare(model.actor, actor_opt)
+        critic, critic_opt = run.accelerator.prepare(model.critic, critic_opt)
         return network_steps((actor, critic), (actor_opt, critic_opt), model), (actor_sched, critic_sched), model
     groups = [{"params": model.actor_parameters(), "lr": cfg.lr}]
     if model.value_head is not None:
@@ -522,9 +530,9 @@ def train_rl(cfg: RLConfig) -> dict[str, Any]:
     run.save(state)
     finished = run.close(state, cfg.steps)
     result = dict(row)
+    if finished:
+        result["policy"] = str(export_policy(run, steps[0], model, tokenizer, cfg, chat))
     if run.main:
-        if finished:
-            result["policy"] = str(export_policy(model, tokenizer, cfg, chat, run.out))
         plot_curves(read_metrics(run.out / "metrics.jsonl"),
                     [("score", ["ppo/score_mean", "ppo/reward_mean"]), ("KL to reference", ["ppo/kl", "ppo/kl_k3"]),
                      ("kl_coef", ["ppo/kl_coef"]), ("losses", ["ppo/policy_loss", "ppo/value_loss", "ppo/kl_loss"]),

@@ -180,19 +180,25 @@ def micro_loss(model, data: EncodedSFT, rows, pad_id: int, packed: bool, attn: s
 
 
 def evaluate_and_keep_best(run: Run, model, tokenizer, eval_data, cfg: SFTConfig, state: TrainState) -> dict[str, float]:
+    """Evaluate (on every process when sharded), log, export ``best/`` when the loss improved."""
     metrics: dict[str, float] = {}
-    if run.main and eval_data is not None:
+    if run.evaluates() and eval_data is not None:
         metrics = evaluate_sft(model, eval_data, tokenizer.pad_token_id, cfg.eval_batch_size, run.device, run.accelerator.autocast)
-        run.log.log(state.step, {f"eval/{k}": v for k, v in metrics.items()})
-        run.write(f"step {state.step}: eval loss {metrics['loss']:.4f}, perplexity {metrics['perplexity']:.2f}")
+        if run.main:
+            run.log.log(state.step, {f"eval/{k}": v for k, v in metrics.items()})
+            run.write(f"step {state.step}: eval loss {metrics['loss']:.4f}, perplexity {metrics['perplexity']:.2f}")
         if state.step > 0 and improved(state, metrics["loss"], higher_is_better=False):
-            export(model, tokenizer, cfg, run.out / "best")
+            export(run, model, tokenizer, cfg, run.out / "best")
     run.accelerator.wait_for_everyone()
     return metrics
 
 
-def export(model, tokenizer, cfg: SFTConfig, target: Path) -> None:
-    export_pretrained(model, tokenizer, target, {"training_config.yaml": yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)})
+def export(run: Run, model, tokenizer, cfg: SFTConfig, target: Path) -> None:
+    """``target`` as a plain HF causal LM (collective when sharded: the weights are gathered first)."""
+    state_dict = run.full_state_dict(model)
+    if run.main:
+        export_pretrained(model, tokenizer, target, {"training_config.yaml": yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)},
+                          state_dict=state_dict)
 
 
 def log_train(run: Run, window: MetricsWindow, state: TrainState, scheduler, grad_norm, n_batches: int, result: dict) -> None:
@@ -258,12 +264,12 @@ def train_sft(cfg: SFTConfig) -> dict[str, Any]:
         result.update({f"eval/{k}": v for k, v in evaluate_and_keep_best(run, model, tokenizer, eval_data, cfg, state).items()})
     run.save(state)
     finished = run.close(state, total_steps)
-    if finished and run.main:
-        export(model, tokenizer, cfg, run.out / "final")
+    if finished:
+        export(run, model, tokenizer, cfg, run.out / "final")
         if eval_data is None:
-            export(model, tokenizer, cfg, run.out / "best")  # nothing to select by: the final model is the best we know
-        if cfg.n_samples:
-            write_samples(model, tokenizer, (eval_ex or train_ex)[: cfg.n_samples], chat, run.out / "samples.jsonl")
+            export(run, model, tokenizer, cfg, run.out / "best")  # nothing to select by: the final model is the best we know
+        if cfg.n_samples and run.evaluates():  # greedy: every process of a sharded run writes the same replies
+            write_samples(model, tokenizer, (eval_ex or train_ex)[: cfg.n_samples], chat, run.out / "samples.jsonl", run.main)
     if run.main:
         plot_curves(read_metrics(run.out / "metrics.jsonl"),
                     [("loss (response tokens)", ["train/loss", "eval/loss"]), ("eval perplexity", ["eval/perplexity"]),
@@ -276,7 +282,7 @@ def train_sft(cfg: SFTConfig) -> dict[str, Any]:
     return result
 
 
-def write_samples(model, tokenizer, examples, chat: bool, path: Path) -> None:
+def write_samples(model, tokenizer, examples, chat: bool, path: Path, write: bool = True) -> None:
     """Greedy replies to a few prompts beside their references, one JSON object per line."""
     was_training = model.training
     model.eval()
@@ -285,4 +291,5 @@ def write_samples(model, tokenizer, examples, chat: bool, path: Path) -> None:
                            chat=chat, batch_size=1)
     model.train(was_training)
     rows = [{"prompt": ex.prompt, "reference": ex.response, "generated": r[0], "source": ex.source} for ex, r in zip(examples, replies)]
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    if write:
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")

@@ -12,12 +12,16 @@ check sharding on a laptop. The run log names the mode (:func:`describe`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from typing import Iterator
 
 from accelerate import Accelerator, FullyShardedDataParallelPlugin
 from accelerate.state import PartialState
 from accelerate.utils import DistributedType
+from torch import nn
+from torch.distributed.fsdp import FSDPModule
 
 from rlhfkit.errors import UserError
 
@@ -59,3 +63,21 @@ def describe(accelerator: Accelerator) -> str:
             getattr(plugin.cpu_offload, "offload_params", False) else ""
         return f"FSDP{plugin.fsdp_version} (parameters, gradients and optimizer state sharded over {accelerator.num_processes} processes{offload})"
     return f"DDP ({accelerator.num_processes} processes, each with a full copy; {accelerator.distributed_type.value})"
+
+
+@contextlib.contextmanager
+def gathered(model: nn.Module) -> Iterator[None]:
+    """Inside, a sharded (FSDP2) ``model`` holds its full weights on every process, gathered
+    once: generation's many small forward passes then run locally, with no all-gather per
+    token and no collective that processes sampling different lengths could disagree on.
+    The shards are restored on exit. A model that is not sharded is left as it is."""
+    sharded = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in sharded:
+        m.set_reshard_after_forward(False, recurse=False)
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in sharded:
+            m.reshard()
+            m.set_reshard_after_forward(True, recurse=False)

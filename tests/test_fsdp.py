@@ -1,0 +1,142 @@
+"""Sharded training (FSDP2 through accelerate, 2 CPU processes on gloo): the parameters really
+are sharded, and the runs give what one process gives: the same per-step losses and weights,
+the same RL update, an exact resume, and an export that loads on one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rlhfkit.tracking import read_metrics
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parent.parent
+FSDP2 = REPO / "examples" / "accelerate" / "fsdp2.yaml"
+PROBE = Path(__file__).resolve().parent / "fsdp_probe.py"
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+       "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
+
+
+def launch(prefix: Path, argv: list[str], processes: int = 2) -> subprocess.CompletedProcess:
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or shutil.which("accelerate")
+    cmd = [accelerate, "launch", "--config_file", str(FSDP2), "--num_processes", str(processes), "--main_process_port", "0",
+           str(PROBE), str(prefix), *argv]
+    res = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+    return res
+
+
+def single(prefix: Path, argv: list[str]) -> None:
+    res = subprocess.run([sys.executable, str(PROBE), str(prefix), *argv], env=ENV, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+
+
+def assert_sharded(prefix: Path, processes: int = 2) -> None:
+    """Every trained model's parameters are DTensors and each process holds about 1/N of them."""
+    for rank in range(processes):
+        record = json.loads(Path(f"{prefix}.rank{rank}.json").read_text())
+        assert record, "no training step was recorded"
+        for name, info in record.items():
+            assert info["dtensor"], (rank, name, info)
+            assert 0.4 * info["global"] / processes <= info["local"] <= 0.6 * info["global"] * 2 / processes, (rank, name, info)
+            assert info["local"] < info["global"], (rank, name, info)
+
+
+def losses(out: Path) -> list[float]:
+    return [r["train/loss"] for r in read_metrics(out / "metrics.jsonl") if "train/loss" in r]
+
+
+def assert_same_weights(a: Path, b: Path, rtol=1e-4, atol=1e-5) -> None:
+    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=rtol, atol=atol, msg=k)
+
+
+def rm_args(model: Path, data: Path, out: Path, batch_size: int, **extra) -> list[str]:
+    args = ["rm", "train", "--model", str(model), "--train", str(data), "--n-train", "64", "--output", str(out),
+            "--max-steps", "4", "--batch-size", str(batch_size), "--lr", "3e-3", "--log-every", "1", "--warmup-ratio", "0",
+            "--max-grad-norm", "0", "--eval-every", "2", "--save-every", "2", "--no-progress", "--no-tensorboard", "--cpu"]
+    return args + [x for k, v in extra.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+
+
+def test_reward_model_fsdp2_matches_one_process_and_exports_a_plain_model(tiny_lm, separable_tsv, tmp_path):
+    sharded, one = tmp_path / "fsdp", tmp_path / "single"
+    res = launch(tmp_path / "probe-fsdp", rm_args(tiny_lm, separable_tsv, sharded, 4))
+    assert "rm train: FSDP2 (parameters, gradients and optimizer state sharded over 2 processes)" in res.stderr
+    assert_sharded(tmp_path / "probe-fsdp")
+    assert (sharded / "checkpoint" / "pytorch_model_fsdp_0").is_dir()  # each process wrote its shard
+    single(tmp_path / "probe-one", rm_args(tiny_lm, separable_tsv, one, 8))
+    assert len(losses(one)) == 4 and losses(sharded) == pytest.approx(losses(one), rel=1e-4)
+    assert_same_weights(one / "last", sharded / "last")
+    from transformers import AutoModelForSequenceClassification
+
+    from rlhfkit.models.reward import RewardModel
+
+    rm = RewardModel.from_pretrained(sharded / "last").eval()
+    hf = AutoModelForSequenceClassification.from_pretrained(sharded / "last").eval()
+    batch = rm.pad([rm.encode("", "good good apple")[0], rm.encode("", "apple")[0]])
+    with torch.no_grad():
+        torch.testing.assert_close(rm(**batch), hf(**batch).logits.squeeze(-1), atol=1e-5, rtol=1e-5)
+
+
+def test_a_killed_and_resumed_fsdp2_run_ends_with_the_uninterrupted_weights(tiny_lm, separable_tsv, tmp_path):
+    full, split = tmp_path / "full", tmp_path / "split"
+    launch(tmp_path / "p1", rm_args(tiny_lm, separable_tsv, full, 4))
+    launch(tmp_path / "p2", rm_args(tiny_lm, separable_tsv, split, 4, stop_after_steps=2))
+    assert json.loads((split / "checkpoint" / "trainer_state.json").read_text())["step"] == 2
+    launch(tmp_path / "p3", rm_args(tiny_lm, separable_tsv, split, 4) + ["--resume"])
+    assert_same_weights(full / "last", split / "last", rtol=0, atol=0)
+
+
+def test_sft_fsdp2_matches_one_process(tiny_lm, tmp_path):
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"repeat {'ab' * (i % 4 + 1)}", "response": "ab" * (i % 7 + 1)}) + "\n"
+                            for i in range(40)))
+
+    def args(out: Path, batch: int) -> list[str]:
+        return ["sft", "--policy", str(tiny_lm), "--train", str(data), "--output", str(out), "--max-steps", "3",
+                "--batch-size", str(batch), "--lr", "1e-2", "--log-every", "1", "--warmup-ratio", "0", "--max-grad-norm", "0",
+                "--n-samples", "1", "--eval-fraction", "0.2", "--no-progress", "--no-tensorboard", "--cpu"]
+
+    launch(tmp_path / "probe-fsdp", args(tmp_path / "fsdp", 2))
+    assert_sharded(tmp_path / "probe-fsdp")
+    single(tmp_path / "probe-one", args(tmp_path / "one", 4))
+    assert losses(tmp_path / "fsdp") == pytest.approx(losses(tmp_path / "one"), rel=1e-4)
+    assert_same_weights(tmp_path / "one" / "final", tmp_path / "fsdp" / "final")
+    assert (tmp_path / "fsdp" / "samples.jsonl").read_text() == (tmp_path / "one" / "samples.jsonl").read_text()
+
+
+@pytest.mark.parametrize("algo", ["ppo", "grpo"])
+def test_one_rl_update_under_fsdp2_matches_the_single_process_update(algo, tiny_lm, tmp_path):
+    from rlhfkit.models.reward import RewardModel
+
+    torch.manual_seed(0)
+    RewardModel.from_pretrained(tiny_lm).save_pretrained(tmp_path / "rm")
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or shutil.which("accelerate")
+    update = ["--update", None, str(tiny_lm), str(tmp_path / "rm"), algo]
+    sharded = subprocess.run([accelerate, "launch", "--config_file", str(FSDP2), "--num_processes", "2", "--main_process_port", "0",
+                              str(PROBE), *[str(tmp_path / "fsdp") if x is None else x for x in update]],
+                             env=ENV, capture_output=True, text=True, timeout=600)
+    assert sharded.returncode == 0, sharded.stderr[-4000:]
+    assert_sharded(tmp_path / "fsdp")
+    one = subprocess.run([sys.executable, str(PROBE), *[str(tmp_path / "one") if x is None else x for x in update]],
+                         env=ENV, capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-4000:]
+    a, b = load_file(str(tmp_path / "one.actor.safetensors")), load_file(str(tmp_path / "fsdp.actor.safetensors"))
+    assert a.keys() == b.keys()
+    changed = False
+    before = load_file(str(Path(tiny_lm) / "model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
+        changed |= k in before and not torch.equal(a[k], before[k])
+    assert changed  # the update did move the weights
