@@ -140,3 +140,27 @@ def test_one_rl_update_under_fsdp2_matches_the_single_process_update(algo, tiny_
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
         changed |= k in before and not torch.equal(a[k], before[k])
     assert changed  # the update did move the weights
+
+
+@pytest.mark.parametrize("algo,extra", [("grpo", ["--samples-per-prompt", "4"]), ("ppo", ["--critic", "value-head"])])
+def test_lora_rl_under_fsdp2_shards_trains_and_exports_a_plain_policy(algo, extra, tiny_lm, tmp_path):
+    """LoRA on a sharded policy: generation and the reference pass enter the model below the
+    module that was sharded (peft's ``generate``, the actor inside an actor-critic)."""
+    from transformers import AutoModelForCausalLM
+
+    (tmp_path / "prompts.txt").write_text("alpha beta\ngamma delta\nepsilon zeta\neta theta\n", encoding="utf-8")
+    (tmp_path / "reward.py").write_text("def lower(prompts, responses):\n"
+                                        "    return [sum(c.islower() for c in r) / max(len(r), 1) for r in responses]\n")
+    out = tmp_path / "run"
+    launch(tmp_path / "probe", ["rl", "--algo", algo, *extra, "--policy", str(tiny_lm), "--prompts", str(tmp_path / "prompts.txt"),
+                                "--reward", f"{tmp_path / 'reward.py'}:lower", "--max-new-tokens", "5", "--steps", "2",
+                                "--batch-size", "4", "--mini-batch-size", "4", "--lora", "--lora-r", "4", "--lr", "1e-2",
+                                "--output", str(out), "--log-every", "1", "--no-progress", "--no-tensorboard", "--cpu",
+                                "--cpu-matmul", "torch"])
+    assert_sharded(tmp_path / "probe")
+    assert "FSDP2" in (out / "run.log").read_text()
+    exported = AutoModelForCausalLM.from_pretrained(out / "policy")
+    start = load_file(str(Path(tiny_lm) / "model.safetensors"))
+    state = exported.state_dict()
+    assert not any("lora" in k for k in state)  # the adapter is merged
+    assert any(not torch.equal(state[k], start[k]) for k in start if k in state)

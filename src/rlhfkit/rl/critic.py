@@ -162,6 +162,24 @@ class ActorCritic(nn.Module):
         names = list(getattr(self.actor, "_no_split_modules", None) or [])
         return names + [n for n in (self.critic._no_split_modules if self.critic is not None else []) if n not in names]
 
+    # FSDP2 (accelerate) shards the embeddings and the final norm + LM head as units of their
+    # own when the prepared model names them; ActorCritic names its actor's. Then the root
+    # unit holds only the value head, and the actor alone (generation, reference and old
+    # log-probabilities) runs without the root's parameters.
+    base_model_prefix = "decoder"
+
+    @property
+    def decoder(self) -> nn.Module:
+        """The actor's transformer body (its final norm is a direct child)."""
+        actor = self.actor.get_base_model() if hasattr(self.actor, "get_base_model") else self.actor
+        return actor.base_model
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.actor.get_input_embeddings()
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        return self.actor.get_output_embeddings()
+
     @property
     def has_values(self) -> bool:
         """False for the critic-free algorithms: no value network is built or held."""

@@ -172,7 +172,7 @@ def make_rollout(
     query_ids, query_mask = query_ids.to(device), query_mask.to(device)
     eos_ids = eos_token_ids(model.actor, tokenizer)
     exact = logprobs_from_sampling and settings.temperature > 0 and settings.top_k == 0 and settings.top_p >= 1
-    with gathered(model.actor):  # sharded (FSDP2): the full weights once for the whole generation
+    with gathered(model, skip=model.critic):  # sharded (FSDP2): the actor's full weights once for the whole generation
         sampled = sample(model.actor, tokenizer, query_ids, query_mask, settings, eos_ids, with_logprobs=exact)
     response_ids, old_logprobs = sampled if exact else (sampled, None)
     response_mask, _ = response_mask_from_eos(response_ids, eos_ids)

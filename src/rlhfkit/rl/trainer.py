@@ -79,6 +79,7 @@ from rlhfkit.rl.rollout import Rollout, make_rollout, pack_rows
 from rlhfkit.sampling import SamplingOptions
 from rlhfkit.tracking import plot_curves, read_metrics
 from rlhfkit.training.cadence import Cadence
+from rlhfkit.training.distributed import settle_roots
 from rlhfkit.training.optim import make_optimizer
 from rlhfkit.training.options import LoraOptions, OptimOptions, RunOptions
 from rlhfkit.training.run import Run, TrainState, start_run
@@ -454,15 +455,18 @@ def build_networks(cfg: RLConfig, run: Run, model: ActorCritic):
         critic_opt, critic_sched = make_optimizer(cfg, [{"params": model.critic_parameters(), "lr": critic_lr}], cfg.steps)
         actor, actor_opt = run.accelerator.prepare(model.actor, actor_opt)
         critic, critic_opt = run.accelerator.prepare(model.critic, critic_opt)
+        settle_roots(model)
         return network_steps((actor, critic), (actor_opt, critic_opt), model), (actor_sched, critic_sched), model
     groups = [{"params": model.actor_parameters(), "lr": cfg.lr}]
     if model.value_head is not None:
         groups.append({"params": model.critic_parameters(), "lr": critic_lr})
         optimizer, scheduler = make_optimizer(cfg, groups, cfg.steps)
         wrapped, optimizer = run.accelerator.prepare(model, optimizer)
+        settle_roots(wrapped)
         return network_steps((wrapped,), (optimizer,), model), (scheduler,), run.accelerator.unwrap_model(wrapped)
     optimizer, scheduler = make_optimizer(cfg, groups, cfg.steps)  # critic-free: the actor alone
     actor, optimizer = run.accelerator.prepare(model.actor, optimizer)
+    settle_roots(model)
     return network_steps((actor,), (optimizer,), model), (scheduler,), model
 
 

@@ -65,13 +65,32 @@ def describe(accelerator: Accelerator) -> str:
     return f"DDP ({accelerator.num_processes} processes, each with a full copy; {accelerator.distributed_type.value})"
 
 
+def settle_roots(model: nn.Module) -> None:
+    """Fix now which module is FSDP2's root: the outermost sharded module(s) in ``model``.
+
+    FSDP2 decides it lazily: the first sharded module to run a forward pass becomes the root.
+    ``generate`` on a LoRA (peft) policy, or on the actor inside an actor-critic, enters the
+    model below the module that ``accelerate.prepare`` sharded, and a layer would claim the
+    root, after which the real root's first forward fails ("requires running forward through
+    the root module first"). Call once after ``prepare``; it is what the root's first forward
+    would do (``_lazy_init``, FSDP2's only entry point for it in torch 2.13)."""
+    roots: list[nn.Module] = []
+    for module in model.modules():  # pre-order: a root comes before everything below it
+        if isinstance(module, FSDPModule) and not any(module is m for r in roots for m in r.modules()):
+            roots.append(module)
+    for root in roots:
+        root._get_fsdp_state()._lazy_init()
+
+
 @contextlib.contextmanager
-def gathered(model: nn.Module) -> Iterator[None]:
+def gathered(model: nn.Module, skip: nn.Module | None = None) -> Iterator[None]:
     """Inside, a sharded (FSDP2) ``model`` holds its full weights on every process, gathered
     once: generation's many small forward passes then run locally, with no all-gather per
     token and no collective that processes sampling different lengths could disagree on.
-    The shards are restored on exit. A model that is not sharded is left as it is."""
-    sharded = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    The shards are restored on exit; ``skip``'s (e.g. a critic that generation does not use)
+    stay sharded. A model that is not sharded is left as it is."""
+    skipped = {id(m) for m in skip.modules()} if skip is not None else set()
+    sharded = [m for m in model.modules() if isinstance(m, FSDPModule) and id(m) not in skipped]
     for m in sharded:
         m.set_reshard_after_forward(False, recurse=False)
         m.unshard()

@@ -94,6 +94,7 @@ class Run:
             if self.resume_from is not None:
                 self._warn_changed_options()
             save_yaml(self.cfg, self.out / "config.yaml")
+            _log_to_file(self.out / "run.log")
             logger.warning("%s: %s, device %s, precision %s", self.name, describe(self.accelerator), self.device,
                            self.accelerator.mixed_precision)
         if self.resume_from is not None:
@@ -159,4 +160,24 @@ class Run:
             self.log.close()
         if self.main and not finished:
             logger.warning("%s stopped at step %d of %d; continue with --resume", self.name, state.step, total_steps)
+        _log_to_file(None)
         return finished
+
+
+_RUN_LOG: list[logging.Handler] = []
+
+
+def _log_to_file(path: Path | None) -> None:
+    """Copy rlhfkit's log (the mode line, warnings, the stop note) into the run folder's
+    ``run.log`` (appended to on resume), or stop copying (``None``). One run at a time: a
+    run that died without closing hands the file over to the next one."""
+    package = logging.getLogger("rlhfkit")
+    while _RUN_LOG:
+        handler = _RUN_LOG.pop()
+        package.removeHandler(handler)
+        handler.close()
+    if path is not None:
+        handler = logging.FileHandler(path, encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        package.addHandler(handler)
+        _RUN_LOG.append(handler)
