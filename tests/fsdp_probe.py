@@ -21,15 +21,17 @@ from rlhfkit.cli import main
 RECORD: dict = {}
 
 
+def _record_one(model: torch.nn.Module) -> dict:
+    params = list(model.parameters())
+    return {"dtensor": all(isinstance(p, DTensor) for p in params),
+            "local": sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in params),
+            "global": sum(p.numel() for p in params)}
+
+
 def _record(models) -> None:
     models = [models] if isinstance(models, torch.nn.Module) else list(models)
     for i, model in enumerate(models):
-        params = list(model.parameters())
-        RECORD.setdefault(f"model{i}_{len(RECORD)}", {
-            "dtensor": all(isinstance(p, DTensor) for p in params),
-            "local": sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in params),
-            "global": sum(p.numel() for p in params),
-        })
+        RECORD.setdefault(f"model{i}_{len(RECORD)}", _record_one(model))
 
 
 def probe_train_step(*args, **kwargs):
@@ -107,6 +109,14 @@ if __name__ == "__main__":
 
     for module in (rm_train, sft_train, rl_trainer):
         module.train_step = probe_train_step
+    real_shard_frozen = rl_trainer.shard_frozen
+
+    def probe_shard_frozen(model, accelerator):  # the frozen reference and reward models, once sharded
+        out = real_shard_frozen(model, accelerator)
+        RECORD[f"frozen_{len(RECORD)}"] = _record_one(model)
+        return out
+
+    rl_trainer.shard_frozen = probe_shard_frozen
     code = main(argv)
     import torch.distributed as dist
 

@@ -164,3 +164,30 @@ def test_lora_rl_under_fsdp2_shards_trains_and_exports_a_plain_policy(algo, extr
     state = exported.state_dict()
     assert not any("lora" in k for k in state)  # the adapter is merged
     assert any(not torch.equal(state[k], start[k]) for k in start if k in state)
+
+
+def test_sharded_frozen_models_give_the_replicated_rollout(tiny_lm, tmp_path):
+    """PPO with a reward model and a frozen reference under FSDP2: sharded for inference (the
+    default; each process holds half of them) they score and compare exactly as full copies do."""
+    from rlhfkit.models.reward import RewardModel
+
+    torch.manual_seed(0)
+    RewardModel.from_pretrained(tiny_lm).save_pretrained(tmp_path / "rm")
+    (tmp_path / "prompts.txt").write_text("alpha beta\ngamma delta\nepsilon zeta\neta theta\n", encoding="utf-8")
+    rows = {}
+    for mode in ("shard", "replicate"):
+        out = tmp_path / mode
+        launch(tmp_path / f"probe-{mode}", [
+            "rl", "--algo", "ppo", "--policy", str(tiny_lm), "--reward", str(tmp_path / "rm"), "--critic", "reward-model",
+            "--prompts", str(tmp_path / "prompts.txt"), "--max-new-tokens", "5", "--steps", "2", "--batch-size", "4",
+            "--mini-batch-size", "4", "--kl-coef", "0.1", "--lr", "1e-2", "--frozen-models", mode, "--output", str(out), "--log-every", "1",
+            "--no-progress", "--no-tensorboard", "--cpu", "--cpu-matmul", "torch"])
+        rows[mode] = read_metrics(out / "metrics.jsonl")[-1]  # the second rollout: the policy has left the reference
+        assert f"frozen models {'sharded' if mode == 'shard' else 'replicated'}" in (out / "run.log").read_text()
+    assert_sharded(tmp_path / "probe-shard")  # the reference, the reward model, the actor and the critic
+    frozen = json.loads((tmp_path / "probe-shard.rank0.json").read_text())
+    assert sum(name.startswith("frozen") for name in frozen) == 2
+    assert not any(n.startswith("frozen") for n in json.loads((tmp_path / "probe-replicate.rank0.json").read_text()))
+    assert abs(rows["shard"]["ppo/kl"]) > 1e-4
+    for key in ("ppo/score_mean", "ppo/kl", "ppo/reward_mean", "ppo/policy_loss", "ppo/value_loss"):
+        assert rows["shard"][key] == pytest.approx(rows["replicate"][key], rel=1e-4, abs=1e-7), key

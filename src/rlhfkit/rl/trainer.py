@@ -79,7 +79,7 @@ from rlhfkit.rl.rollout import Rollout, make_rollout, pack_rows
 from rlhfkit.sampling import SamplingOptions
 from rlhfkit.tracking import plot_curves, read_metrics
 from rlhfkit.training.cadence import Cadence
-from rlhfkit.training.distributed import settle_roots
+from rlhfkit.training.distributed import settle_roots, shard_frozen
 from rlhfkit.training.optim import make_optimizer
 from rlhfkit.training.options import LoraOptions, OptimOptions, RunOptions
 from rlhfkit.training.run import Run, TrainState, start_run
@@ -145,6 +145,10 @@ class RLConfig(SamplingOptions, RewardSourceOptions, RunOptions, OptimOptions, L
                               "it shares the policy's tokenizer, else value-head")
     lora_dropout: float = opt(0.0, "LoRA dropout (0 keeps log-probs of the rollout and the update equal)", ge=0, lt=1)
     gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass to save memory")
+    frozen_models: Literal["shard", "replicate"] = opt(
+        "shard", "under FSDP2, the frozen reference and reward models: shard them like the trained networks (1/N of "
+                 "their weights per process) or replicate them (a full copy per process: no gathering per block, faster "
+                 "for small models)")
     save_every: int = opt(25, "write a resumable checkpoint every N updates (and at the end)", ge=1)
     log_every: int = opt(1, "log metrics every N updates", ge=1)
     sample_every: int = opt(10, "print a few generations with their scores every N updates (0 = never)", ge=0)
@@ -476,6 +480,10 @@ def train_rl(cfg: RLConfig) -> dict[str, Any]:
     run = start_run(cfg, cfg.algo)
     prompts = read_prompts(cfg.prompts)
     tokenizer, model, ref_model, reward, critic_spec, packing = load_models(cfg, run.device)
+    frozen = [m for m in (ref_model, getattr(reward, "model", None)) if isinstance(m, torch.nn.Module)]
+    if run.sharded and cfg.frozen_models == "shard":
+        for m in frozen:
+            shard_frozen(m, run.accelerator)
     chat = use_chat_template(tokenizer, cfg.chat_template, cfg.policy)
     settings, k = cfg.settings(), cfg.samples_per_prompt
     kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl else FixedKLController(cfg.kl_coef)
@@ -485,7 +493,8 @@ def train_rl(cfg: RLConfig) -> dict[str, Any]:
         run.accelerator.register_for_checkpointing(obj)
     state = run.begin(TrainState(), cfg.steps, unit="update")
     run.write(f"{cfg.algo}: {len(prompts)} prompts, {k} sample(s) per prompt, policy {cfg.policy}{' (LoRA)' if cfg.lora else ''}, "
-              f"reward {reward!r}, critic {critic_spec}, chat template {'on' if chat else 'off'}")
+              f"reward {reward!r}, critic {critic_spec}, chat template {'on' if chat else 'off'}"
+              + (f", frozen models {'sharded' if cfg.frozen_models == 'shard' else 'replicated'}" if run.sharded and frozen else ""))
     cadence, row = Cadence(cfg.steps, cfg.log_every, cfg.save_every, stop_after=cfg.stop_after_steps), {}
 
     while state.step < cadence.stop_at:

@@ -21,7 +21,7 @@ from accelerate import Accelerator, FullyShardedDataParallelPlugin
 from accelerate.state import PartialState
 from accelerate.utils import DistributedType
 from torch import nn
-from torch.distributed.fsdp import FSDPModule
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, fully_shard
 
 from rlhfkit.errors import UserError
 
@@ -80,6 +80,25 @@ def settle_roots(model: nn.Module) -> None:
             roots.append(module)
     for root in roots:
         root._get_fsdp_state()._lazy_init()
+
+
+def shard_frozen(model: nn.Module, accelerator: Accelerator) -> nn.Module:
+    """Shard a frozen model (the reference policy, a reward model) for inference, one FSDP2
+    unit per transformer block (its ``_no_split_modules``) plus the root, with the run's
+    offload setting: each process then holds 1/N of it, and a forward pass gathers one block
+    at a time. Collective: every process must run the same number of forward passes, as the
+    rollout does (the same number of rows on each process). Returns ``model``, sharded in place."""
+    plugin = accelerator.state.fsdp_plugin
+    kwargs = {"reshard_after_forward": True}
+    if isinstance(getattr(plugin, "cpu_offload", None), CPUOffloadPolicy):
+        kwargs["offload_policy"] = CPUOffloadPolicy()
+    blocks = set(getattr(model, "_no_split_modules", None) or [])
+    for module in list(model.modules())[1:]:
+        if type(module).__name__ in blocks and not isinstance(module, FSDPModule):
+            fully_shard(module, **kwargs)
+    fully_shard(model, **kwargs)
+    settle_roots(model)
+    return model
 
 
 @contextlib.contextmanager

@@ -150,6 +150,8 @@ class Run:
         """Print a line above the progress bar (main process only)."""
         if self.main:
             self.progress.write(text) if self.progress is not None else print(text, flush=True)
+            for handler in _RUN_LOG:
+                handler.emit(logging.LogRecord(logger.name, logging.INFO, __file__, 0, text, None, None))
 
     def close(self, state: TrainState, total_steps: int) -> bool:
         """Close the log and the progress bar; returns whether the run reached ``total_steps``."""
