@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # Re-install when pyproject.toml changes.
 STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml 2>/dev/null | cut -c1-10)
 
-.PHONY: setup demo demo-rm test browser clean-venv bench-rm bench-ppo
+.PHONY: setup demo demo-rm test browser clean-venv bench-rm bench-ppo gpu-check
 
 setup: $(STAMP)
 
@@ -41,6 +41,11 @@ demo-rm: setup
 
 test: setup browser
 	$(BIN)/python -m pytest -q
+
+# On a CUDA machine: the tests marked cuda, then short rm/sft/ppo/grpo(/dpo) runs on
+# SmolLM2-135M printing tokens/s and peak GPU memory (scripts/gpu_check.py).
+gpu-check: setup
+	$(BIN)/python scripts/gpu_check.py
 
 # Benchmarks against TRL run from their own virtualenv (TRL is never a project dependency);
 # benchmarks/README.md has the install commands.

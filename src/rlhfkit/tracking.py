@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
+import torch
+
 
 class Progress:
     """A tqdm bar (its ETA on a terminal) that also prints, once, after the first measured
@@ -59,8 +61,10 @@ class MetricsLogger:
     uninterrupted run. Only the main process writes (``enabled=False`` elsewhere).
     """
 
-    def __init__(self, out_dir: str | Path, enabled: bool = True, resume_step: int | None = None, tensorboard: bool = True):
+    def __init__(self, out_dir: str | Path, enabled: bool = True, resume_step: int | None = None, tensorboard: bool = True,
+                 cuda_memory: bool = False):
         self.enabled = enabled
+        self.cuda_memory = cuda_memory  # add memory/peak_gib: the most GPU memory this process has held so far
         self.path = Path(out_dir) / "metrics.jsonl"
         self._tb = None
         if not enabled:
@@ -83,6 +87,8 @@ class MetricsLogger:
         if not self.enabled:
             return
         row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
+        if self.cuda_memory:
+            row["memory/peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
         if self._tb is not None:

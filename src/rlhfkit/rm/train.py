@@ -167,7 +167,8 @@ def micro_loss(model, data: EncodedPreferences, pad, loss: str, device, weight: 
         scores, token_scores = model(**batch.inputs), None
     per_list = list_losses(loss, batch, scores.float(), token_scores)  # (B,)
     weight = weight if live else 0.0  # a filler micro-batch still joins the all-reduce
-    stats = {"loss": per_list.detach().sum() * live, "lists": len(list_ids) * live}
+    stats = {"loss": per_list.detach().sum() * live, "lists": len(list_ids) * live,
+             "tokens": batch.inputs["attention_mask"].sum() * live}  # the real tokens of the unique texts scored
     if batch.labels is None:
         correct, pairs = L.pairwise_accuracy(batch.gather_lists(scores.detach().float()), batch.ranks, batch.list_mask)
         stats.update(correct=correct * live, pairs=pairs * live)
@@ -202,6 +203,7 @@ def export(run: Run, model, rm: RewardModel, cfg: RMTrainConfig, target: Path) -
 def log_train(run: Run, window: MetricsWindow, state: TrainState, scheduler, grad_norm, n_batches: int) -> None:
     sums, seconds = window.flush(run.accelerator)
     row = {"train/loss": sums["loss"] / max(sums["lists"], 1), "train/lists_per_s": sums["lists"] / seconds,
+           "train/tokens_per_s": sums["tokens"] / seconds,
            "train/lr": scheduler.get_last_lr()[0], "train/epoch": state.epoch + state.batch_in_epoch / n_batches}
     if sums.get("pairs"):
         row["train/accuracy"] = sums["correct"] / sums["pairs"]

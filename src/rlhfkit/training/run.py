@@ -105,7 +105,7 @@ class Run:
             if self.main:
                 logger.warning("resuming from %s at %s %d", self.resume_from, unit, state.step)
         self.log = MetricsLogger(self.out, enabled=self.main, resume_step=state.step if self.resume_from else None,
-                                 tensorboard=self.cfg.tensorboard)
+                                 tensorboard=self.cfg.tensorboard, cuda_memory=self.device.type == "cuda")
         self.progress = Progress(total_steps, self.name, unit, initial=state.step, enabled=self.main and self.cfg.progress)
         self._stop_at = min(total_steps, self.cfg.stop_after_steps or total_steps)
         return state

@@ -1,0 +1,132 @@
+"""The CUDA path: bf16 autocast by default, no CPU-only kernel on the GPU, and the trainers,
+sampling and packed rows working on the device. Tests marked ``cuda`` skip without a GPU;
+``make gpu-check`` (scripts/gpu_check.py) runs them on one. The two unmarked tests pin the
+CPU side of the same rules and run everywhere."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from rlhfkit.config import from_dict
+from rlhfkit.models.cpu_linear import apply_cpu_matmul
+from rlhfkit.tracking import read_metrics
+from rlhfkit.training.run import _mixed_precision
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (make gpu-check runs these)")
+
+
+def test_precision_is_fp32_on_the_cpu():
+    assert _mixed_precision("auto", cpu=True) == "no"
+    assert _mixed_precision("bf16", cpu=True) == "bf16"  # asked for explicitly: honoured
+
+
+def test_the_cpu_matmul_kernel_is_never_applied_off_the_cpu():
+    model = nn.Sequential(nn.Linear(8, 8))
+    for choice in ("auto", "onednn"):
+        assert apply_cpu_matmul(choice, torch.device("cuda"), model) is None
+        assert type(model[0]) is nn.Linear
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_auto_precision_is_bf16_on_cuda():
+    assert _mixed_precision("auto", cpu=False) == "bf16"
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_reward_model_trains_on_cuda_in_bf16_and_loads_on_the_cpu(tiny_lm, separable_tsv, tmp_path):
+    from rlhfkit.models.reward import RewardModel
+    from rlhfkit.rm.train import RMTrainConfig, train_reward_model
+
+    out = tmp_path / "rm"
+    final = train_reward_model(from_dict(RMTrainConfig, dict(
+        model=str(tiny_lm), train=str(separable_tsv), n_train=90, output=str(out), epochs=4, lr=3e-3, batch_size=8,
+        eval_every=1000, save_every=1000, log_every=1, progress=False, tensorboard=False, warmup_ratio=0.0)))
+    assert final["pairwise_accuracy"] > 0.9, final
+    rows = [r for r in read_metrics(out / "metrics.jsonl") if "train/loss" in r]
+    assert all(r["memory/peak_gib"] > 0 for r in rows)
+    assert "precision bf16" in (out / "run.log").read_text() and "device cuda" in (out / "run.log").read_text()
+    texts = ["good good good apple river", "apple river"]
+    on_cpu = RewardModel.from_pretrained(out).score(None, texts)
+    on_gpu = RewardModel.from_pretrained(out, device="cuda").score(None, texts)
+    assert on_cpu[0] > on_cpu[1]
+    torch.testing.assert_close(on_gpu.cpu(), on_cpu, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_sampling_pass_logprobs_equal_a_forward_pass_on_cuda(tiny_lm):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlhfkit.rl.rollout import policy_logprobs
+    from rlhfkit.sampling import SamplingSettings, encode_queries, response_mask_from_eos, sample
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm).cuda().eval()
+    tok = AutoTokenizer.from_pretrained(tiny_lm)
+    ids, mask = encode_queries(tok, ["the cat sat", "hi", "a longer prompt here"], 64, chat=False)
+    ids, mask = ids.cuda(), mask.cuda()
+    eos_ids = [tok.eos_token_id, *range(40, 46)]
+    torch.manual_seed(0)
+    response_ids, sampled = sample(model, tok, ids, mask, SamplingSettings(max_new_tokens=10, temperature=0.7), eos_ids,
+                                   with_logprobs=True)
+    assert response_ids.device.type == "cuda"
+    rmask, _ = response_mask_from_eos(response_ids, eos_ids)
+    forward = policy_logprobs(model, torch.cat([ids, response_ids], 1), torch.cat([mask, rmask], 1), response_ids, 0.7)
+    real = rmask.bool()
+    torch.testing.assert_close(sampled[real], forward[real], atol=1e-4, rtol=0)
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_packed_rows_give_the_padded_logits_on_cuda():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rlhfkit.models.packing import packed_kwargs, use_packed_attention
+    from rlhfkit.rl.rollout import pack_rows
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=128, attn_implementation="sdpa")
+    model = LlamaForCausalLM(config).cuda().eval()
+    prefix, tails, responses = [5, 6, 7, 8], [[10, 11], [12], [10, 11]], [[20, 21, 22], [23], [24, 25]]
+    q = [prefix + t for t in tails]
+    P, N, M = max(map(len, q)), max(map(len, responses)), len(q)
+    ids, am = torch.zeros(M, P + N, dtype=torch.long), torch.zeros(M, P + N, dtype=torch.long)
+    for i in range(M):
+        ids[i, P - len(q[i]):P], am[i, P - len(q[i]):P] = torch.tensor(q[i]), 1
+        ids[i, P:P + len(responses[i])], am[i, P:P + len(responses[i])] = torch.tensor(responses[i]), 1
+    ids, am = ids.cuda(), am.cuda()
+    with torch.no_grad():
+        padded = model(input_ids=ids, attention_mask=am, position_ids=(am.cumsum(-1) - 1).clamp(min=0)).logits
+        use_packed_attention(model)
+        packed_batch = pack_rows(am[:, :P], ids, am)
+        packed = model(**packed_kwargs(packed_batch)).logits[0]
+    real = am.bool()
+    torch.testing.assert_close(packed[packed_batch.index[real]], padded[real], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("algo", ["ppo", "grpo"])
+def test_rl_runs_on_cuda_and_exports_the_policy(algo, tiny_lm, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from rlhfkit.rl.trainer import RLConfig, train_rl
+
+    (tmp_path / "prompts.txt").write_text("alpha beta\ngamma delta\nepsilon zeta\neta theta\n", encoding="utf-8")
+    (tmp_path / "reward.py").write_text("def lower(prompts, responses):\n"
+                                        "    return [sum(c.islower() for c in r) / max(len(r), 1) for r in responses]\n")
+    out = tmp_path / algo
+    result = train_rl(from_dict(RLConfig, dict(
+        algo=algo, policy=str(tiny_lm), prompts=str(tmp_path / "prompts.txt"), reward=f"{tmp_path / 'reward.py'}:lower",
+        samples_per_prompt=4 if algo == "grpo" else 1, critic="value-head" if algo == "ppo" else "auto",
+        max_new_tokens=8, steps=3, batch_size=4, mini_batch_size=4, lr=1e-3, output=str(out), progress=False,
+        tensorboard=False)))
+    rows = read_metrics(out / "metrics.jsonl")
+    assert len(rows) == 3 and all(r["memory/peak_gib"] > 0 for r in rows)
+    assert all(torch.isfinite(torch.tensor(r["ppo/policy_loss"])) for r in rows)
+    assert "precision bf16" in (out / "run.log").read_text()
+    AutoModelForCausalLM.from_pretrained(result["policy"])
