@@ -102,7 +102,10 @@ def versions() -> dict[str, str]:
 
 def machine() -> dict:
     """CPU count, load average at the start (the other jobs a timing competes with), versions."""
-    return {"cpus": os.cpu_count(), "loadavg": " ".join(f"{x:.1f}" for x in os.getloadavg()), "versions": versions()}
+    from rlhfkit.cpu import cpu_model
+
+    return {"cpu": cpu_model(), "cpus": os.cpu_count(), "isa_caps": {k: os.environ[k] for k in ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS") if k in os.environ},
+            "loadavg": " ".join(f"{x:.1f}" for x in os.getloadavg()), "versions": versions()}
 
 
 def work_folder(work_dir: str | None, prefix: str) -> tuple[Path, bool]:
