@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from rlhfkit.config import ConfigError, from_dict
 from rlhfkit.rl.advantages import (
@@ -163,3 +164,34 @@ def test_critic_free_rl_raises_a_synthetic_reward_at_bounded_kl(algo, extra, tin
     assert result["policy"] and (out / "policy" / "model.safetensors").is_file()
     checkpoint = json.loads((out / "checkpoint" / "trainer_state.json").read_text())
     assert checkpoint["episodes"] == 20 * 8 * (extra.get("samples_per_prompt") or 4)
+
+
+@pytest.mark.parametrize("algo", ["grpo", "ppo"])
+def test_kl_coef_0_holds_no_reference_and_trains_as_if_it_did(algo, tiny_lm, rl_files, tmp_path, monkeypatch):
+    """Without a KL term the reference changes nothing but the cost: the run skips it (no copy,
+    no forward pass, no KL logged) and ends with the weights of a run that holds and runs it."""
+    import rlhfkit.rl.trainer as trainer
+
+    prompts, rewards = rl_files
+    common = dict(policy=str(tiny_lm), reward=f"{rewards}:share_lower", prompts=str(prompts), algo=algo, steps=2,
+                  batch_size=4, mini_batch_size=4 if algo == "ppo" else 16, max_new_tokens=6, lr=1e-2, kl_coef=0.0,
+                  sample_every=0, progress=False, tensorboard=False, critic="value-head" if algo == "ppo" else "auto")
+    references = []
+    real_load = trainer.load_models
+
+    def recording_load(cfg, device):
+        models = real_load(cfg, device)
+        references.append(models[2])
+        return models
+
+    monkeypatch.setattr(trainer, "load_models", recording_load)
+    train_rl(from_dict(RLConfig, dict(common, output=str(tmp_path / "skip"))))
+    assert references[-1] is None
+    assert "ppo/kl" not in read_metrics(tmp_path / "skip" / "metrics.jsonl")[-1]
+    monkeypatch.setattr(RLConfig, "uses_reference", property(lambda self: True))
+    train_rl(from_dict(RLConfig, dict(common, output=str(tmp_path / "held"))))
+    assert references[-1] is not None
+    assert read_metrics(tmp_path / "held" / "metrics.jsonl")[-1]["ppo/kl"] != 0.0  # the policy did leave the reference
+    a = load_file(str(tmp_path / "skip" / "policy" / "model.safetensors"))
+    b = load_file(str(tmp_path / "held" / "policy" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -109,6 +109,7 @@ def score_rollout(
     eos_ids: Sequence[int],
     old_logprobs: Tensor | None = None,
     packing: bool = False,
+    reference: bool = True,
 ) -> Rollout:
     """Everything PPO needs about sampled responses, each in one batched no-grad pass.
 
@@ -123,6 +124,8 @@ def score_rollout(
         old_logprobs: ``(M, N)`` from the sampling pass (:func:`~rlhfkit.sampling.sample`); then
             a separate critic needs no forward pass of the actor at all.
         packing: run the forward passes on the packed batch (:func:`pack_rows`).
+        reference: False when the objective has no KL term: no reference pass, and
+            ``ref_logprobs`` are the old log-probs (a KL of exactly 0).
     """
     input_ids = torch.cat([query_ids, response_ids], dim=1)  # (M, P + N)
     attention_mask = torch.cat([query_mask, response_mask], dim=1)  # (M, P + N)
@@ -137,7 +140,9 @@ def score_rollout(
         if old_logprobs is None:
             old_logprobs = logprobs_from_logits(logits, response_ids)  # (M, N)
         del logits
-    if ref_model is None:
+    if not reference:
+        ref_logprobs = old_logprobs
+    elif ref_model is None:
         with model.reference() as ref:
             ref_logprobs = policy_logprobs(ref, input_ids, attention_mask, response_ids, temperature, packed)
     else:
@@ -158,7 +163,7 @@ def score_rollout(
 
 def make_rollout(
     model: Any, ref_model: Any | None, reward: Any, tokenizer: Any, prompts: Sequence[Prompt], settings: SamplingSettings,
-    chat: bool, logprobs_from_sampling: bool = True, packing: bool = False,
+    chat: bool, logprobs_from_sampling: bool = True, packing: bool = False, reference: bool = True,
 ) -> Rollout:
     """Sample one response per prompt and score it: :func:`~rlhfkit.sampling.sample` then :func:`score_rollout`.
 
@@ -179,5 +184,5 @@ def make_rollout(
     return score_rollout(
         model, ref_model, reward, tokenizer, [p.text for p in prompts], query_ids, query_mask, response_ids, response_mask,
         temperature=settings.temperature if settings.temperature > 0 else 1.0, eos_ids=eos_ids, old_logprobs=old_logprobs,
-        packing=packing,
+        packing=packing, reference=reference,
     )

@@ -154,6 +154,13 @@ class RLConfig(SamplingOptions, RewardSourceOptions, RunOptions, OptimOptions, L
     sample_every: int = opt(10, "print a few generations with their scores every N updates (0 = never)", ge=0)
     n_samples: int = opt(3, "generations printed each time", ge=0)
 
+    @property
+    def uses_reference(self) -> bool:
+        """Whether the KL to the reference policy enters the objective. Without it (``--kl-coef 0``,
+        no --adaptive-kl) no reference is held or run, and no KL is logged: there is nothing to
+        compare with."""
+        return self.kl_coef > 0 or self.adaptive_kl
+
     def validate(self) -> None:
         super().validate()
         if self.samples_per_prompt is None:
@@ -194,7 +201,8 @@ class PPOConfig(RLConfig):
 
 # ------------------------------------------------------------------ building blocks
 def load_models(cfg: RLConfig, device):
-    """(tokenizer, ActorCritic, frozen reference or None with LoRA, reward source, the critic kind used, packing on)."""
+    """(tokenizer, ActorCritic, frozen reference (None with LoRA or without a KL term), reward source, the critic
+    kind used, packing on)."""
     actor, tokenizer = load_policy(cfg.policy)
     apply_cpu_matmul(cfg.cpu_matmul, device, actor)  # before the reference copy and LoRA: all inherit these
     packing = cfg.packing and packing_unsupported(actor) is None
@@ -207,7 +215,7 @@ def load_models(cfg: RLConfig, device):
     ref_model = None
     if cfg.lora:
         actor = with_lora(actor, cfg, "CAUSAL_LM")
-    else:
+    elif cfg.uses_reference:
         ref_model = copy.deepcopy(actor).to(device).eval().requires_grad_(False)
     reward = cfg.load_reward(device, cfg.cpu_matmul)
     if cfg.algo != "ppo":  # critic-free: no value network is built or held
@@ -437,12 +445,13 @@ def update_metrics(cfg: RLConfig, r: Rollout, rewards, kl_per_seq, returns, loss
     row = {
         "ppo/score_mean": r.scores.mean(),
         "ppo/reward_mean": masked_sum(rewards, mask, dim=1).mean(),  # score minus KL penalty, per response
-        "ppo/kl": kl_per_seq.mean(),
-        "ppo/kl_k3": masked_sum(kl_estimate(r.old_logprobs, r.ref_logprobs, "k3"), mask, dim=1).mean(),
         "ppo/response_length": mask.sum(1).float().mean(),
         "ppo/eos_fraction": r.ended.float().mean(),
         **losses,
     }
+    if cfg.uses_reference:
+        row["ppo/kl"] = kl_per_seq.mean()
+        row["ppo/kl_k3"] = masked_sum(kl_estimate(r.old_logprobs, r.ref_logprobs, "k3"), mask, dim=1).mean()
     if cfg.algo == "ppo":
         row["ppo/explained_variance"] = explained_variance(r.old_values, returns, mask).nan_to_num(0.0)
     if cfg.samples_per_prompt > 1:  # groups whose K scores are all equal carry no learning signal for rloo/grpo
@@ -494,7 +503,8 @@ def train_rl(cfg: RLConfig) -> dict[str, Any]:
     state = run.begin(TrainState(), cfg.steps, unit="update")
     run.write(f"{cfg.algo}: {len(prompts)} prompts, {k} sample(s) per prompt, policy {cfg.policy}{' (LoRA)' if cfg.lora else ''}, "
               f"reward {reward!r}, critic {critic_spec}, chat template {'on' if chat else 'off'}"
-              + (f", frozen models {'sharded' if cfg.frozen_models == 'shard' else 'replicated'}" if run.sharded and frozen else ""))
+              + (f", frozen models {'sharded' if cfg.frozen_models == 'shard' else 'replicated'}" if run.sharded and frozen else "")
+              + ("" if cfg.uses_reference else "; --kl-coef 0: no reference policy held or run, no KL logged"))
     cadence, row = Cadence(cfg.steps, cfg.log_every, cfg.save_every, stop_after=cfg.stop_after_steps), {}
 
     while state.step < cadence.stop_at:
@@ -503,7 +513,7 @@ def train_rl(cfg: RLConfig) -> dict[str, Any]:
         batch = [prompts[i] for i in prompt_indices(len(prompts), cfg.batch_size, step, cfg.seed, run.rank, run.world) for _ in range(k)]
         with run.accelerator.autocast():
             r = make_rollout(model, ref_model, reward, tokenizer, batch, settings, chat, cfg.rollout_logprobs == "sampling",
-                             packing)
+                             packing, reference=cfg.uses_reference)
         t_rollout = time.perf_counter() - t_start
         M, kl_coef = len(r), kl_ctl.kl_coef
 
@@ -535,7 +545,8 @@ def train_rl(cfg: RLConfig) -> dict[str, Any]:
             "ppo/lr": schedulers[0].get_last_lr()[0], "ppo/critic_lr": schedulers[-1].get_last_lr()[-1],
             "time/rollout_s": t_rollout, "time/optimise_s": t_optimise, "time/update_s": dt, "ppo/episodes": state.episodes,
         })
-        run.progress.set_postfix(score=f"{row['ppo/score_mean']:.3f}", kl=f"{row['ppo/kl']:.3f}", ep_s=f"{row['ppo/episodes_per_s']:.1f}")
+        run.progress.set_postfix(score=f"{row['ppo/score_mean']:.3f}", kl=f"{row.get('ppo/kl', 0.0):.3f}",
+                                 ep_s=f"{row['ppo/episodes_per_s']:.1f}")
         if cfg.sample_every and cfg.n_samples and state.step % cfg.sample_every == 0:
             run.write(samples_text(state.step, r, cfg.n_samples))
         cadence.after_step(run, state, log=partial(run.log.log, state.step, row))
