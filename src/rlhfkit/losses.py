@@ -38,6 +38,7 @@ __all__ = [
     "binary_loss",
     "mse_loss",
     "token_pairwise_loss",
+    "pair_mask",
     "pairwise_accuracy",
     "list_exact_match",
     "kendall_tau",
@@ -82,7 +83,7 @@ def _sanitize(scores: Tensor, real: Tensor) -> Tensor:
     return torch.where(real, scores, torch.zeros((), dtype=scores.dtype, device=scores.device))
 
 
-def _pair_mask(ranks: Tensor, real: Tensor) -> Tensor:
+def pair_mask(ranks: Tensor, real: Tensor) -> Tensor:
     """``(B, K, K)`` bool, ``[b, i, j]`` true when slot i is ranked strictly above slot j."""
     better = ranks.unsqueeze(2) < ranks.unsqueeze(1)  # (B, K, K)
     return better & real.unsqueeze(2) & real.unsqueeze(1)
@@ -128,7 +129,7 @@ def pairwise_loss(
     """
     real = _check_lists("pairwise_loss", scores, list_mask, ranks)
     scores = _sanitize(scores, real)
-    pairs = _pair_mask(ranks, real)  # (B, K, K)
+    pairs = pair_mask(ranks, real)  # (B, K, K)
     diff = _pair_diffs(scores, margins, "pairwise_loss")
     per_pair = -F.logsigmoid(diff)  # InstructGPT eq. 1, stable for any |diff|
     per_list = masked_mean(per_pair, pairs, dim=(1, 2))  # mean over the pairs of each list
@@ -153,7 +154,7 @@ def logexp_loss(
     """
     real = _check_lists("logexp_loss", scores, list_mask, ranks)
     scores = _sanitize(scores, real)
-    pairs = _pair_mask(ranks, real)  # (B, K, K)
+    pairs = pair_mask(ranks, real)  # (B, K, K)
     diff = _pair_diffs(scores, margins, "logexp_loss")
     per_pair = F.softplus(-diff)  # log(1 + exp(r_l - r_w + m)), arXiv:2112.00861 sec. 4
     per_list = masked_mean(per_pair, pairs, dim=(1, 2))
@@ -481,7 +482,7 @@ def pairwise_accuracy(scores: Tensor, ranks: Tensor, list_mask: Tensor) -> tuple
         ``(correct, total)``.
     """
     real = _check_lists("pairwise_accuracy", scores, list_mask, ranks)
-    pairs = _pair_mask(ranks, real)  # (B, K, K)
+    pairs = pair_mask(ranks, real)  # (B, K, K)
     correct = pairs & (scores.unsqueeze(2) > scores.unsqueeze(1))
     return correct.sum(), pairs.sum()
 
@@ -500,7 +501,7 @@ def list_exact_match(scores: Tensor, ranks: Tensor, list_mask: Tensor) -> Tensor
         ``(B,)`` bool.
     """
     real = _check_lists("list_exact_match", scores, list_mask, ranks)
-    pairs = _pair_mask(ranks, real)  # (B, K, K)
+    pairs = pair_mask(ranks, real)  # (B, K, K)
     wrong = pairs & ~(scores.unsqueeze(2) > scores.unsqueeze(1))
     return ~wrong.flatten(1).any(dim=1)
 

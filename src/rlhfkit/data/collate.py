@@ -77,7 +77,9 @@ class RankBatch:
 
     input_ids, attention_mask (N, T) [token_type_ids (N, T)]; prompt_lengths (N,);
     text_index (B, K) index into N, -1 on padded slots; list_mask (B, K) 1 = real slot;
-    ranks (B, K) 0 = best; margins (B,) or None; choice (B,) or None; labels (B,) or None.
+    ranks (B, K) 0 = best; margins (B,) or None; choice (B,) or None; labels (B,) or None;
+    text_ids (N,) which text of the :class:`EncodedPreferences` each row is (to look up
+    per-text values computed once, such as DPO's reference log-probabilities).
     """
 
     inputs: dict[str, torch.Tensor]
@@ -90,6 +92,7 @@ class RankBatch:
     choice: torch.Tensor | None
     labels: torch.Tensor | None
     list_ids: list[int]
+    text_ids: torch.Tensor | None = None
 
     @property
     def n_lists(self) -> int:
@@ -100,7 +103,7 @@ class RankBatch:
         return RankBatch(
             {k: v.to(device) for k, v in self.inputs.items()}, mv(self.prompt_lengths), mv(self.response_lengths),
             mv(self.text_index), mv(self.list_mask), mv(self.ranks), mv(self.margins), mv(self.choice), mv(self.labels),
-            self.list_ids,
+            self.list_ids, mv(self.text_ids),
         )
 
     def gather_lists(self, scores: torch.Tensor) -> torch.Tensor:
@@ -139,6 +142,7 @@ def collate(data: EncodedPreferences, list_ids: Sequence[int], pad: Callable) ->
         choice=choice,
         labels=labels,
         list_ids=list(list_ids),
+        text_ids=torch.tensor(uniq, dtype=torch.long),
     )
 
 

@@ -27,13 +27,9 @@ import yaml
 
 from rlhfkit import losses as L
 from rlhfkit.config import ConfigError, opt, require, to_dict
-from rlhfkit.data.collate import (
-    EncodedPreferences,
-    collate,
-    iter_batches,
-    process_micro_batches,
-)
-from rlhfkit.data.readers import FORMATS, describe, read_preferences, split_train_eval
+from rlhfkit.data.collate import EncodedPreferences, collate, iter_batches, process_micro_batches
+from rlhfkit.data.options import PreferenceDataOptions, read_train_eval
+from rlhfkit.data.readers import describe
 from rlhfkit.models.cpu_linear import apply_cpu_matmul
 from rlhfkit.models.lora import with_lora
 from rlhfkit.models.reward import RewardModel
@@ -53,17 +49,10 @@ __all__ = ["RMTrainConfig", "train_reward_model"]
 
 
 @dataclass(kw_only=True)
-class RMTrainConfig(RunOptions, OptimOptions, LoraOptions):
+class RMTrainConfig(RunOptions, OptimOptions, LoraOptions, PreferenceDataOptions):
     """Train a reward model from rank lists, pairs, choices or scalar labels."""
 
-    train: str = opt(help="training data: .tsv rank lists, .jsonl, .json or .parquet")
     model: str = opt("minilm-l6", "backbone: alias (minilm-l6, smollm2-135m), local folder or hub id")
-    eval: str | None = opt(None, "held-out data file (default: the split below)")
-    n_train: int | None = opt(None, "train on the first N lists of --train and evaluate on the rest", ge=1)
-    eval_fraction: float | None = opt(None, "hold out this seeded random share of --train for evaluation", gt=0, lt=1)
-    format: Literal[FORMATS] = opt("auto", "data format (auto: from the extension and the first record)")  # type: ignore[valid-type]
-    prompt_column: bool = opt(False, "rank-list TSV: the first column is the prompt")
-    allow_ties: bool = opt(False, "accept equal ranks in JSONL 'ranks' fields")
     loss: LossName = opt("pairwise", "training objective (see the README's table)")
     epochs: float = opt(1.0, "passes over the training lists (fractions allowed)", gt=0)
     max_steps: int | None = opt(None, "optimizer steps in the schedule (overrides --epochs)", ge=1)
@@ -78,24 +67,11 @@ class RMTrainConfig(RunOptions, OptimOptions, LoraOptions):
     eval_every: int = opt(100, "evaluate every N optimizer steps (and at the end)", ge=1)
     eval_batch_size: int = opt(64, "texts per evaluation forward pass", ge=1)
 
-    def validate(self) -> None:
-        super().validate()
-        require(self.n_train is None or self.eval_fraction is None, "options --n-train and --eval-fraction both split --train; give one")
-        require(not (self.eval and (self.n_train is not None or self.eval_fraction is not None)),
-                "give either --eval FILE or a split of --train (--n-train / --eval-fraction), not both")
-
 
 # ------------------------------------------------------------------ building blocks
 def load_data(cfg: RMTrainConfig):
     """(train examples, eval examples): read, split, and checked against the loss."""
-    kw = dict(format=cfg.format, prompt_column=cfg.prompt_column, allow_ties=cfg.allow_ties)
-    train = read_preferences(cfg.train, **kw)
-    evals = read_preferences(cfg.eval, **kw) if cfg.eval else []
-    if cfg.n_train is not None:
-        require(cfg.n_train < len(train), f"--n-train {cfg.n_train} leaves no evaluation lists: {cfg.train} has {len(train)}")
-        train, evals = split_train_eval(train, n_train=cfg.n_train)
-    elif cfg.eval_fraction is not None:
-        train, evals = split_train_eval(train, eval_fraction=cfg.eval_fraction, seed=cfg.seed)
+    train, evals = read_train_eval(cfg, cfg.seed)
     check_loss_fits_data(cfg.loss, train, cfg.train)
     if evals:
         check_loss_fits_data(cfg.loss, evals, cfg.eval or cfg.train)
