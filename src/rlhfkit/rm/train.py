@@ -221,10 +221,8 @@ def train_reward_model(cfg: RMTrainConfig) -> dict[str, Any]:
             run, model, optimizer, micro, partial(micro_loss, model, train_data, rm.pad, cfg.loss, run.device, run.world / len(step_ids)),
             max_grad_norm=cfg.max_grad_norm, scheduler=scheduler, where=f"step {state.step + 1} (epoch {epoch}, batch {b})",
             describe=lambda m: f"lists from {[train_data.examples[j].source for j in m[0]][:4]}")
-        state.step, state.epoch, state.batch_in_epoch = state.step + 1, epoch, b + 1
-        window.add(*stats)
-        cadence.after_step(run, state, window=window, log=partial(log_train, run, window, state, scheduler, grad_norm, n_batches),
-                           evaluate=partial(evaluate_and_keep_best, run, model, rm, eval_data, cfg, state))
+        cadence.step_done(run, state, epoch, b, stats, window, log=partial(log_train, run, window, state, scheduler, grad_norm, n_batches),
+                          evaluate=partial(evaluate_and_keep_best, run, model, rm, eval_data, cfg, state))
 
     final = evaluate_and_keep_best(run, model, rm, eval_data, cfg, state)
     run.save(state)

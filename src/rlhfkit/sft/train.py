@@ -255,10 +255,9 @@ def train_sft(cfg: SFTConfig) -> dict[str, Any]:
             run, wrapped, optimizer, micro, loss_fn, max_grad_norm=cfg.max_grad_norm, scheduler=scheduler,
             where=f"step {state.step + 1} (epoch {epoch}, batch {b})",
             describe=lambda m: f"examples from {[train_data.sources[i] for r in m[0] for i in rows[r]][:4]}")
-        state.step, state.epoch, state.batch_in_epoch = state.step + 1, epoch, b + 1
-        window.add(*stats)
-        cadence.after_step(run, state, window=window, log=partial(log_train, run, window, state, scheduler, grad_norm, n_batches, result),
-                           evaluate=partial(evaluate_and_keep_best, run, model, tokenizer, eval_data, cfg, state))
+        cadence.step_done(run, state, epoch, b, stats, window,
+                          log=partial(log_train, run, window, state, scheduler, grad_norm, n_batches, result),
+                          evaluate=partial(evaluate_and_keep_best, run, model, tokenizer, eval_data, cfg, state))
 
     if state.step > 0:
         result.update({f"eval/{k}": v for k, v in evaluate_and_keep_best(run, model, tokenizer, eval_data, cfg, state).items()})

@@ -55,6 +55,14 @@ class Cadence:
         if self.save(state.step):
             run.save(state)
 
+    def step_done(self, run, state, epoch: int, batch: int, stats: list, window: "MetricsWindow", log: Callable[[], object],
+                  evaluate: Callable[[], object] | None = None) -> None:
+        """Count the optimizer step that trained batch ``batch`` of ``epoch`` in ``state``, add its
+        per-micro-batch ``stats`` to ``window``, then :meth:`after_step`."""
+        state.step, state.epoch, state.batch_in_epoch = state.step + 1, epoch, batch + 1
+        window.add(*stats)
+        self.after_step(run, state, log, evaluate, window)
+
 
 @dataclass
 class MetricsWindow:
