@@ -53,6 +53,20 @@ def separable_lists(n: int, k: int = 4, seed: int = 0) -> list[list[str]]:
     return out
 
 
+def weights(folder: Path) -> dict:
+    """The tensors of a saved model folder (``model.safetensors``), by name."""
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+def step_losses(out: Path) -> list[float]:
+    """``train/loss`` of every logged step of a run folder."""
+    from rlhfkit.tracking import read_metrics
+
+    return [r["train/loss"] for r in read_metrics(out / "metrics.jsonl") if "train/loss" in r]
+
+
 @pytest.fixture
 def separable_tsv(tmp_path) -> Path:
     path = tmp_path / "lists.tsv"

@@ -47,6 +47,7 @@ def files(tmp_path_factory, tiny_lm):
 def _commands(f, out: str) -> dict[str, tuple[list[str], type, dict[str, str]]]:
     """command -> (valid argv writing to ``out``, its config class, {input-file option: its flag})."""
     from rlhfkit.annotate.cli import ExportArgs, ServeArgs
+    from rlhfkit.dpo.train import DPOConfig
     from rlhfkit.pipeline.run import PipelineConfig
     from rlhfkit.rl.commands import BonConfig, GenerateConfig, PPOEvalConfig
     from rlhfkit.rl.trainer import PPOConfig
@@ -61,6 +62,7 @@ def _commands(f, out: str) -> dict[str, tuple[list[str], type, dict[str, str]]]:
         "rm eval": (["rm", "eval", "--model", f["rm"], "--eval", f["lists"]], RMEvalConfig, {"eval": "--eval"}),
         "score": (["score", "--model", f["rm"], "--responses", f["prompts"]], ScoreConfig, {"responses": "--responses"}),
         "sft": (["sft", "--policy", f["lm"], "--train", f["sft"], "--output", out, "--max-steps", "1"], SFTConfig, {"train": "--train"}),
+        "dpo": (["dpo", "--policy", f["lm"], "--train", f["lists"], "--output", out, "--max-steps", "1"], DPOConfig, {"train": "--train"}),
         "ppo": (["ppo", *sample, "--reward", f["reward"], "--output", out, "--steps", "1", "--batch-size", "2",
                  "--mini-batch-size", "2"], PPOConfig, {"prompts": "--prompts"}),
         "generate": (["generate", *sample, "--output", str(Path(out) / "g.jsonl")], GenerateConfig, {"prompts": "--prompts"}),
@@ -118,10 +120,10 @@ def test_every_command_refuses_bad_input_with_exit_2_and_writes_nothing(files, t
         assert "Traceback" not in err, (name, argv, err[-2000:])
         assert not out.exists(), (name, argv, "wrote", sorted(out.rglob("*")))
         seen.add(name)
-    assert len(seen) == 11
+    assert len(seen) == 12
 
 
-@pytest.mark.parametrize("command", ["rm train", "sft", "ppo", "ppo-eval", "pipeline", "generate", "bon", "annotate export"])
+@pytest.mark.parametrize("command", ["rm train", "sft", "dpo", "ppo", "ppo-eval", "pipeline", "generate", "bon", "annotate export"])
 def test_output_that_is_a_file_or_read_only_is_refused(command, files, tmp_path, capsys):
     occupied = tmp_path / "occupied"
     occupied.write_text("x")

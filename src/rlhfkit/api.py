@@ -65,6 +65,13 @@ def train_rl(config: Any) -> dict[str, Any]:
     return run(_config(RLConfig, config))
 
 
+def train_dpo(config: Any) -> dict[str, Any]:
+    """``rlhfkit dpo``; returns the last train and eval metrics and the model folders."""
+    from rlhfkit.dpo.train import DPOConfig, train_dpo as run
+
+    return run(_config(DPOConfig, config))
+
+
 def best_of_n(config: Any) -> list[dict[str, Any]]:
     """``rlhfkit bon``; returns the best response per prompt."""
     from rlhfkit.rl.commands import BonConfig, run_bon

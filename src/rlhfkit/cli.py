@@ -25,7 +25,7 @@ USAGE = """usage: rlhfkit COMMAND [options]   (rlhfkit COMMAND --help for each)
 reward models
   rm train      train a reward model on rank lists, pairs, choices or scores
   rm eval       held-out accuracy, list-exact accuracy, Kendall tau, diagnostics
-  score         score texts with a reward model
+  score         score texts with a reward model (or a DPO run's implicit reward)
 
 supervised fine-tuning and online RL
   sft           supervised fine-tuning on instruction data (loss on response tokens only)
@@ -34,6 +34,9 @@ supervised fine-tuning and online RL
   bon           best-of-n sampling (also writes rejection-sampling data)
   generate      plain sampling
   ppo-eval      score and KL of policy, reference and best-of-n on held-out prompts
+
+preference optimisation without a reward model
+  dpo           DPO, IPO or listwise DPO straight from rank lists, pairs or choices
 
 the whole pipeline
   pipeline      SFT -> preferences -> reward model -> PPO -> evaluation -> report.html
@@ -101,6 +104,24 @@ def _rl(argv: Sequence[str], ppo_only: bool = False) -> None:
               f"KL {result.get('ppo/kl', float('nan')):.4f} at the last update")
 
 
+def _dpo(argv: Sequence[str]) -> None:
+    dpo = importlib.import_module("rlhfkit.dpo.train")
+    cfg = parse_args(dpo.DPOConfig, argv, prog="rlhfkit dpo")
+    result = dpo.train_dpo(cfg)
+    if not _main_process():
+        return
+    if not result.get("finished"):
+        print(f"stopped at step {result['step']} with a checkpoint in {cfg.output}/checkpoint; continue with --resume")
+        return
+    line = f"policy saved to {result['final']} after {result['step']} steps; train loss {result.get('train/loss', float('nan')):.4f}"
+    if "eval/pairwise_accuracy" in result:
+        line += (f", held-out implicit-reward accuracy {result['eval/pairwise_accuracy']:.4f} (list-exact "
+                 f"{result['eval/list_exact_accuracy']:.4f}); best/ from step {result['best_step']}")
+    if "eval/kl" in result:
+        line += f"; KL to the reference {result['eval/kl']:.3f} nats per response"
+    print(line)
+
+
 def _generate(argv: Sequence[str]) -> None:
     commands = importlib.import_module("rlhfkit.rl.commands")
     commands.run_generate(parse_args(commands.GenerateConfig, argv, prog="rlhfkit generate"))
@@ -152,7 +173,7 @@ def _models(argv: Sequence[str]) -> None:
 
 THREADED = ("score", "bon", "generate", "ppo-eval", "annotate", "pipeline", "rm")  # commands that run models on the CPU
 COMMANDS: dict[str, Callable[[Sequence[str]], None]] = {
-    "rm": _rm, "score": _score, "sft": _sft, "ppo": partial(_rl, ppo_only=True), "rl": _rl, "bon": _bon, "generate": _generate, "ppo-eval": _ppo_eval,
+    "rm": _rm, "score": _score, "sft": _sft, "ppo": partial(_rl, ppo_only=True), "rl": _rl, "dpo": _dpo, "bon": _bon, "generate": _generate, "ppo-eval": _ppo_eval,
     "pipeline": _pipeline, "annotate": _annotate, "models": _models,
 }
 

@@ -1,4 +1,5 @@
-"""``rlhfkit rm eval`` and ``rlhfkit score``: use a trained reward model."""
+"""``rlhfkit rm eval`` and ``rlhfkit score``: use a trained reward model, or a DPO run read
+as one (its implicit reward ``beta * (log pi - log pi_ref)``, :mod:`rlhfkit.dpo.scorer`)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from rlhfkit.config import Options, opt, require
 from rlhfkit.data.collate import EncodedPreferences
 from rlhfkit.data.readers import FORMATS, read_preferences
 from rlhfkit.data.types import DataFormatError
+from rlhfkit.dpo.scorer import ImplicitReward, is_dpo_model
 from rlhfkit.files import read_text
 from rlhfkit.models.cpu_linear import apply_cpu_matmul
 from rlhfkit.models.reward import RewardModel
@@ -23,7 +25,7 @@ from rlhfkit.rm.evaluate import evaluate
 class RMEvalConfig(Options):
     """Evaluate a reward model on held-out preference data."""
 
-    model: str = opt(help="reward model folder (a run folder picks best/)")
+    model: str = opt(help="reward model folder, or a DPO run (its implicit reward); a run folder picks best/")
     eval: str = opt(help="held-out preference data: .tsv rank lists, .jsonl, .json or .parquet", was=("data",))
     format: Literal[FORMATS] = opt("auto", "data format (see rm train --help)")  # type: ignore[valid-type]
     prompt_column: bool = opt(False, "rank-list TSV: the first column is the prompt")
@@ -39,15 +41,25 @@ def _device(cpu: bool) -> str:
     return "cuda" if torch.cuda.is_available() and not cpu else "cpu"
 
 
+def load_scorer(model: str, device: str, max_length: int | None = None) -> tuple[RewardModel | ImplicitReward, int]:
+    """``(scorer, its max length)``: a DPO run's :class:`ImplicitReward`, else a :class:`RewardModel`."""
+    if is_dpo_model(model):
+        scorer = ImplicitReward.from_pretrained(model, device=device, max_length=max_length)
+        apply_cpu_matmul("auto", device, scorer)
+        return scorer, scorer.max_length
+    rm = RewardModel.from_pretrained(model, max_length=max_length, device=device)
+    apply_cpu_matmul("auto", device, rm)
+    return rm, rm.meta.max_length
+
+
 def run_eval(cfg: RMEvalConfig) -> dict:
     """Every held-out metric of :func:`rlhfkit.rm.evaluate.evaluate`, plus the truncation count."""
     examples = read_preferences(cfg.eval, format=cfg.format, prompt_column=cfg.prompt_column, allow_ties=cfg.allow_ties)
     require(cfg.n_skip < len(examples), f"--n-skip {cfg.n_skip} skips every list: {cfg.eval} has {len(examples)}")
     examples = examples[cfg.n_skip :]
     device = _device(cfg.cpu)
-    rm = RewardModel.from_pretrained(cfg.model, max_length=cfg.max_length, device=device)
-    apply_cpu_matmul("auto", device, rm)
-    data = EncodedPreferences.build(examples, rm.encode, rm.meta.max_length, what=cfg.eval)
+    rm, max_length = load_scorer(cfg.model, device, cfg.max_length)
+    data = EncodedPreferences.build(examples, rm.encode, max_length, what=cfg.eval)
     metrics, _ = evaluate(rm, data, rm.pad, batch_size=cfg.batch_size, device=device)
     metrics["n_truncated"] = data.n_truncated
     return metrics
@@ -57,7 +69,7 @@ def run_eval(cfg: RMEvalConfig) -> dict:
 class ScoreConfig(Options):
     """Score texts with a reward model: one score per line on stdout."""
 
-    model: str = opt(help="reward model folder")
+    model: str = opt(help="reward model folder, or a DPO run (its implicit reward)")
     texts: list[str] = opt(factory=list, help="texts to score", cli=False)
     responses: str | None = opt(None, "file of responses to score, one per line (or JSONL with 'prompt'/'response')", was=("input",))
     prompt: str = opt("", "prompt shared by all texts")
@@ -97,9 +109,7 @@ def read_score_inputs(cfg: ScoreConfig) -> tuple[list[str], list[str]]:
 def run_score(cfg: ScoreConfig) -> tuple[list[str], list[float]]:
     """(responses, their scores)."""
     prompts, responses = read_score_inputs(cfg)
-    device = _device(cfg.cpu)
-    rm = RewardModel.from_pretrained(cfg.model, device=device)
-    apply_cpu_matmul("auto", device, rm)
+    rm, _ = load_scorer(cfg.model, _device(cfg.cpu))
     return responses, rm.score(prompts, responses, batch_size=cfg.batch_size, whiten=cfg.whiten).tolist()
 
 
