@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # Re-install when pyproject.toml changes.
 STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml 2>/dev/null | cut -c1-10)
 
-.PHONY: setup demo demo-rm test browser clean-venv bench-rm bench-ppo gpu-check
+.PHONY: setup demo demo-rm test browser clean-venv bench-rm bench-ppo bench-dpo gpu-check
 
 setup: $(STAMP)
 
@@ -54,6 +54,9 @@ bench-rm:
 
 bench-ppo:
 	.venv-bench/bin/python benchmarks/ppo_vs_trl.py
+
+bench-dpo:
+	.venv-bench/bin/python benchmarks/dpo_vs_trl.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -1,13 +1,20 @@
 """Helpers the benchmarks share: peak memory of this process, the machine and library versions
-that go into every result file, the training-loop clock and running each side in a subprocess."""
+that go into every result file, the training-loop clock, running each side in a subprocess, and
+for the rank-list comparisons their shared options, pre-truncation and the paired bootstrap."""
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import math
 import os
 import platform
+import shutil
+import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, ClassVar, Literal
 
 PACKAGES = ("rlhfkit", "torch", "transformers", "accelerate", "peft", "datasets", "trl")
 
@@ -143,3 +150,168 @@ def run_child(script: str | Path, work: Path, name: str, args: list[str], env: d
     result["process_s"] = time.perf_counter() - t0
     result["process_peak_rss_mib"] = usage.ru_maxrss / 1024
     return result
+
+
+@dataclass
+class ComparisonArgs:
+    """The options every rlhfkit-vs-TRL benchmark on rank lists has; each benchmark derives its
+    ``Args`` from this, adds its own and may give these other defaults by declaring them again."""
+
+    data: str = field(default="", metadata={"help": "rank-list TSV (one list per line, best first)"})
+    n_train: int = field(default=400, metadata={"help": "train on the first N lists"})
+    n_eval: int = field(default=200, metadata={"help": "evaluate on N held-out lists starting at --eval-start"})
+    eval_start: int = field(default=400, metadata={"help": "0-based index of the first held-out list"})
+    max_length: int = field(default=64, metadata={"help": "tokens per text, special/EOS tokens included (texts are pre-truncated to fit)"})
+    batch_size: int = field(default=8, metadata={"help": "lists per optimizer step (TRL: their C(K,2) pairs each)"})
+    lr: float = field(default=1e-4, metadata={"help": "peak learning rate, both sides"})
+    warmup_ratio: float = field(default=0.05, metadata={"help": "share of steps warming up (linear schedule), both sides"})
+    epochs: int = field(default=1, metadata={"help": "passes over the training lists"})
+    seed: int = field(default=42, metadata={"help": "seed for both sides"})
+    eval_batch_size: int = field(default=64, metadata={"help": "texts per forward pass when evaluating"})
+    threads: int = field(default=1, metadata={"help": "PyTorch CPU threads per side (0: PyTorch's default, one per core); see rm_vs_trl.py's docstring"})
+    order: str = field(default="ours,trl", metadata={"help": "which side runs first: ours,trl or trl,ours"})
+    output: str = field(default="", metadata={"help": "JSON result file"})
+    work_dir: str | None = field(default=None, metadata={"help": "keep data, models and logs here (default: a temporary folder, removed after a good run)"})
+    side: Literal["ours", "trl"] | None = field(default=None, metadata={"help": "internal: run one side in this process"})
+
+    at_least_one: ClassVar[tuple[str, ...]] = ("n_train", "n_eval", "batch_size", "epochs", "eval_batch_size")
+
+    def __post_init__(self):
+        from rlhfkit.config import ConfigError
+
+        if self.threads < 0 or self.lr <= 0:
+            raise ConfigError(f"options 'threads' must be >= 0 and 'lr' > 0, got {self.threads} and {self.lr}")
+        for name in self.at_least_one:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"option '{name}' must be >= 1, got {getattr(self, name)}")
+        if self.eval_start < self.n_train:
+            raise ConfigError(f"--eval-start {self.eval_start} overlaps the {self.n_train} training lists; use --eval-start >= --n-train")
+        if self.max_length < 8:
+            raise ConfigError(f"option 'max_length' must be at least 8, got {self.max_length}")
+        if sorted(self.order.split(",")) != ["ours", "trl"]:
+            raise ConfigError(f"option 'order' got {self.order!r}; use ours,trl or trl,ours")
+
+
+def steps_per_run(n_lists: int, lists_per_step: int, epochs: int) -> int:
+    """Optimizer steps of both sides: rlhfkit's count (ceil per epoch), TRL's for C(K,2) pairs per list."""
+    return epochs * math.ceil(n_lists / lists_per_step)
+
+
+def timed(train: Callable[[], Any]) -> tuple[dict[str, Any], Any]:
+    """Run ``train()`` under a :class:`LoopClock` (one optimizer step per update); returns
+    ``({"loop_s", "steps", "step_ends_s", "call_s", "peak_rss_mib"}, what train returned)``:
+    the loop from its first forward to its last optimizer step, the whole call, and the peak
+    RSS at the last optimizer step (loading and the loop, not the saving after it)."""
+    clock = LoopClock()
+    clock.install()
+    t0 = time.perf_counter()
+    value = train()
+    call_s = time.perf_counter() - t0
+    clock.remove()
+    summary = clock.summary(1)
+    return {"loop_s": summary["loop_s"], "steps": summary["optimizer_steps"], "call_s": call_s,
+            "step_ends_s": [t - clock.start for t in clock.step_ends], "peak_rss_mib": summary["peak_rss_mib"]}, value
+
+
+def per_list_counts(data, scores, pairwise_accuracy: float) -> dict[str, list[int]]:
+    """``list_correct`` and ``list_pairs`` of every list of ``data`` (an ``EncodedPreferences``)
+    under per-text ``scores``: what :func:`paired_bootstrap` resamples. Checked against the
+    evaluation's ``pairwise_accuracy``."""
+    out: dict[str, list[int]] = {"list_correct": [], "list_pairs": []}
+    for ex, idx in zip(data.examples, data.lists):
+        r = scores[idx].tolist()
+        pairs = ex.ordered_pairs()
+        out["list_correct"].append(sum(r[a] > r[b] for a, b in pairs))
+        out["list_pairs"].append(len(pairs))
+    assert abs(sum(out["list_correct"]) / sum(out["list_pairs"]) - pairwise_accuracy) < 1e-9
+    return out
+
+
+def paired_bootstrap(ours: dict[str, Any], trl: dict[str, Any], seed: int, n: int = 2000) -> dict[str, list[float]]:
+    """95% intervals of ours - TRL for pairwise and list-exact accuracy, resampling held-out lists."""
+    import random
+
+    rng = random.Random(seed)
+    m = len(ours["list_pairs"])
+    pw, ex = [], []
+    for _ in range(n):
+        idx = [rng.randrange(m) for _ in range(m)]
+        total = sum(ours["list_pairs"][i] for i in idx)
+        pw.append(sum(ours["list_correct"][i] - trl["list_correct"][i] for i in idx) / total)
+        ex.append(sum((ours["list_correct"][i] == ours["list_pairs"][i]) - (trl["list_correct"][i] == trl["list_pairs"][i]) for i in idx) / m)
+    ci = lambda v: [sorted(v)[int(0.025 * n)], sorted(v)[int(0.975 * n) - 1]]  # noqa: E731
+    return {"pairwise_accuracy": ci(pw), "list_exact_accuracy": ci(ex)}
+
+
+def truncate_text(tokenizer, text: str, budget: int) -> str:
+    """The longest prefix of ``text``, cut at a token boundary, of at most ``budget`` tokens."""
+    def n_tokens(s: str) -> int:
+        return len(tokenizer(s, add_special_tokens=False)["input_ids"])
+
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    if len(enc["input_ids"]) <= budget:
+        return text
+    keep = budget
+    while keep > 0:
+        prefix = text[: enc["offset_mapping"][keep - 1][1]]
+        if n_tokens(prefix) <= budget:  # a prefix may tokenise differently (byte-level BPE): check
+            return prefix
+        keep -= 1
+    raise ValueError(f"cannot fit {text[:40]!r} into {budget} tokens")
+
+
+def compare(script: str, argv: list[str] | None, args_cls: type, *, run_side: Callable, prepare: Callable, report: Callable,
+            labels: dict[str, str], install: str) -> int:
+    """The whole run of a benchmark of rlhfkit (``ours``) against a TRL trainer on the same lists.
+
+    In a child (``--side``): ``run_side(args)``. In the parent: ``prepare(args, work)`` once,
+    each side in its own subprocess in ``--order`` (:func:`run_child`), a paired bootstrap
+    of the held-out accuracies, ``report(args, data, ours, trl, env, ci)`` printed, and
+    everything written to ``--output`` as JSON. ``args_cls`` needs the fields ``side``,
+    ``work_dir``, ``order``, ``threads``, ``seed`` and ``output``.
+    """
+    from rlhfkit.config import parse_args, save_yaml
+
+    name = Path(script).stem
+    args = parse_args(args_cls, argv, prog=f"{name}.py")
+    if args.side:
+        return run_side(args)
+    if importlib.util.find_spec("trl") is None:
+        print(install.format(python=sys.executable), file=sys.stderr)
+        return 2
+    work, keep = work_folder(args.work_dir, f"{name}-")
+    args.work_dir = str(work)
+    save_yaml(args, work / "args.yaml")
+    env = machine()
+
+    t0 = time.perf_counter()
+    print(f"preparing data in {work} ...", flush=True)
+    data = prepare(args, work)
+    results = {}
+    for i, side in enumerate(args.order.split(","), 1):
+        print(f"[{i}/2] {labels[side]}: training on {data['train_lists']} lists, then evaluating (log: {work / side}.log) ...", flush=True)
+        threads = {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)} if args.threads else {}
+        results[side] = run_child(script, work, side, ["--side", side], env=threads)
+        r = results[side]
+        print(f"      {r['lists_per_s']:.2f} lists/s, loop {r['loop_s']:.1f} s, pairwise accuracy {r['eval']['pairwise_accuracy']:.4f}", flush=True)
+
+    ci = paired_bootstrap(results["ours"]["eval"], results["trl"]["eval"], args.seed)
+    table = report(args, data, results["ours"], results["trl"], env, ci)
+    print()
+    print(table)
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    repo = Path(script).resolve().parent.parent
+    record = {
+        "command": " ".join([os.path.relpath(sys.executable, repo), f"benchmarks/{name}.py", *(argv if argv is not None else sys.argv[1:])]),
+        "args": {k: v for k, v in vars(args).items() if k not in ("side", "work_dir")},
+        "data": data, "env": env, "ours": results["ours"], "trl": results["trl"],
+        "throughput_ratio": results["ours"]["lists_per_s"] / results["trl"]["lists_per_s"],
+        "accuracy_difference_ci95": ci,
+        "total_s": time.perf_counter() - t0, "table_markdown": table,
+    }
+    out.write_text(json.dumps(record, indent=2))
+    print(f"\nwrote {out}")
+    if not keep:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0

@@ -65,25 +65,25 @@ for transparency: ``time.perf_counter`` around the whole call of each side, name
 ``trainer.train()`` for TRL (after the trainer was built: model load and tokenisation are
 in its constructor) and ``train_reward_model(cfg)`` for rlhfkit (which also loads the
 model, tokenises, writes a resumable checkpoint, exports the model twice and draws its
-curves, so it is not comparable as is). Peak RSS is the child process's ``VmHWM`` read
-right after training, before saving and evaluating.
+curves, so it is not comparable as is). Peak RSS is the child process's ``VmHWM`` at the
+last optimizer step (``bench_common.LoopClock``): loading and training, not the saving and
+evaluating after it.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import math
 import os
-import shutil
 import sys
-import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script: find bench_common
-from bench_common import machine, peak_rss_mib, run_child, work_folder  # noqa: E402
+from bench_common import (  # noqa: E402
+    ComparisonArgs, compare, per_list_counts, steps_per_run, timed, truncate_text,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "sentiment_ranklists.tsv"
@@ -105,92 +105,24 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 @dataclass
-class Args:
+class Args(ComparisonArgs):
     """Benchmark rlhfkit's reward-model training against TRL's RewardTrainer on the same rank lists."""
 
     backbone: str = field(default="minilm-l6", metadata={"help": "backbone for both sides: minilm-l6, smollm2-135m or a checkpoint folder"})
     data: str = field(default=str(DEFAULT_DATA), metadata={"help": "rank-list TSV (one list per line, best first)"})
-    n_train: int = field(default=400, metadata={"help": "train on the first N lists"})
-    n_eval: int = field(default=200, metadata={"help": "evaluate on N held-out lists starting at --eval-start"})
     eval_start: int = field(default=2000, metadata={"help": "0-based index of the first held-out list (2000 = line 2001)"})
-    max_length: int = field(default=64, metadata={"help": "tokens per text, special/EOS tokens included (texts are pre-truncated to fit)"})
-    batch_size: int = field(default=8, metadata={"help": "lists per optimizer step (TRL: their C(K,2) pairs each)"})
     trl_grad_accum: int = field(default=1, metadata={"help": "TRL only: split each step's pairs into this many micro-batches (memory)"})
-    lr: float = field(default=1e-4, metadata={"help": "peak learning rate, both sides"})
-    warmup_ratio: float = field(default=0.05, metadata={"help": "share of steps warming up (linear schedule), both sides"})
-    epochs: int = field(default=1, metadata={"help": "passes over the training lists"})
-    seed: int = field(default=42, metadata={"help": "seed for both sides"})
-    eval_batch_size: int = field(default=64, metadata={"help": "texts per forward pass when evaluating"})
     dropout: Literal["off", "on", "defaults"] = field(default="off", metadata={"help": "off: both sides without dropout (a copy of the backbone with its dropout set to 0; TRL's default); on: both with the backbone's dropout; defaults: each side's default (TRL off, rlhfkit on)"})
     trl_group_by_length: bool = field(default=False, metadata={"help": "give TRL transformers' LengthGroupedSampler (rlhfkit always groups by length)"})
     ours_cpu_matmul: Literal["auto", "torch"] = field(default="auto", metadata={"help": "rlhfkit's fp32 Linear matmuls: auto (its default on the CPU, oneDNN) or torch (PyTorch's default BLAS, as TRL)"})
-    threads: int = field(default=1, metadata={"help": "PyTorch CPU threads per side (0: PyTorch's default, one per core); see the module docstring"})
-    order: str = field(default="ours,trl", metadata={"help": "which side runs first: ours,trl or trl,ours"})
     output: str = field(default=str(DEFAULT_OUTPUT), metadata={"help": "JSON result file"})
-    work_dir: str | None = field(default=None, metadata={"help": "keep data, models and logs here (default: a temporary folder, removed after a good run)"})
-    side: Literal["ours", "trl"] | None = field(default=None, metadata={"help": "internal: run one side in this process"})
 
-    def __post_init__(self):
-        from rlhfkit.config import ConfigError
-
-        if self.threads < 0:
-            raise ConfigError(f"option 'threads' must be >= 0, got {self.threads}")
-        for name in ("n_train", "n_eval", "batch_size", "trl_grad_accum", "epochs", "eval_batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"option '{name}' must be >= 1, got {getattr(self, name)}")
-        if self.eval_start < self.n_train:
-            raise ConfigError(f"--eval-start {self.eval_start} overlaps the {self.n_train} training lists; use --eval-start >= --n-train")
-        if self.max_length < 8:
-            raise ConfigError(f"option 'max_length' must be at least 8, got {self.max_length}")
-        if sorted(self.order.split(",")) != ["ours", "trl"]:
-            raise ConfigError(f"option 'order' got {self.order!r}; use ours,trl or trl,ours")
+    at_least_one: ClassVar[tuple[str, ...]] = ComparisonArgs.at_least_one + ("trl_grad_accum",)
 
 
 # --------------------------------------------------------------------------------------
 # Shared by both sides
 # --------------------------------------------------------------------------------------
-
-
-class LoopClock:
-    """Times a training loop identically on both sides, with global PyTorch hooks.
-
-    ``start``: the first ``nn.Module`` forward after ``install()`` (the hook then removes
-    itself, so later forwards take the fast path). ``end``: the end of the latest
-    ``optimizer.step()``; ``steps`` counts them.
-    """
-
-    def __init__(self):
-        self.start: float | None = None
-        self.end: float | None = None
-        self.steps = 0
-        self.step_ends: list[float] = []  # seconds since start, one per optimizer step
-
-    def install(self) -> None:
-        from torch.nn.modules.module import register_module_forward_pre_hook
-        from torch.optim.optimizer import register_optimizer_step_post_hook
-
-        self._fwd = register_module_forward_pre_hook(self._on_forward)
-        self._opt = register_optimizer_step_post_hook(self._on_step)
-
-    def remove(self) -> None:
-        self._fwd.remove()
-        self._opt.remove()
-
-    def _on_forward(self, module, args):
-        self.start = time.perf_counter()
-        self._fwd.remove()  # safe here: torch iterates over a copy of the hooks
-
-    def _on_step(self, optimizer, args, kwargs):
-        self.steps += 1
-        self.end = time.perf_counter()
-        self.step_ends.append(self.end - (self.start or self.end))
-
-    @property
-    def seconds(self) -> float:
-        if self.start is None or self.end is None:
-            raise RuntimeError("the training loop ran no forward or no optimizer step")
-        return self.end - self.start
-
 
 
 def evaluate_saved(model_dir: Path, eval_path: Path, max_length: int, batch_size: int) -> dict[str, Any]:
@@ -206,36 +138,8 @@ def evaluate_saved(model_dir: Path, eval_path: Path, max_length: int, batch_size
     metrics, scores = evaluate(rm, data, rm.pad, batch_size=batch_size)
     keep = ("pairwise_accuracy", "list_exact_accuracy", "kendall_tau", "n_lists", "n_pairs", "accuracy_first_vs_last", "length_corr")
     out = {k: metrics[k] for k in keep}
-    # Per list, for the paired bootstrap in the report: correct pairs and pairs.
-    out["list_correct"], out["list_pairs"] = [], []
-    for ex, idx in zip(data.examples, data.lists):
-        r = scores[idx].tolist()
-        pairs = ex.ordered_pairs()
-        out["list_correct"].append(sum(r[a] > r[b] for a, b in pairs))
-        out["list_pairs"].append(len(pairs))
-    assert abs(sum(out["list_correct"]) / sum(out["list_pairs"]) - out["pairwise_accuracy"]) < 1e-9
+    out.update(per_list_counts(data, scores, out["pairwise_accuracy"]))  # for the paired bootstrap in the report
     return out
-
-
-def paired_bootstrap(ours: dict[str, Any], trl: dict[str, Any], seed: int, n: int = 2000) -> dict[str, list[float]]:
-    """95% intervals of ours - TRL for pairwise and list-exact accuracy, resampling held-out lists."""
-    import random
-
-    rng = random.Random(seed)
-    m = len(ours["list_pairs"])
-    pw, ex = [], []
-    for _ in range(n):
-        idx = [rng.randrange(m) for _ in range(m)]
-        total = sum(ours["list_pairs"][i] for i in idx)
-        pw.append(sum(ours["list_correct"][i] - trl["list_correct"][i] for i in idx) / total)
-        ex.append(sum((ours["list_correct"][i] == ours["list_pairs"][i]) - (trl["list_correct"][i] == trl["list_pairs"][i]) for i in idx) / m)
-    ci = lambda v: [sorted(v)[int(0.025 * n)], sorted(v)[int(0.975 * n) - 1]]  # noqa: E731
-    return {"pairwise_accuracy": ci(pw), "list_exact_accuracy": ci(ex)}
-
-
-def steps_per_run(n_lists: int, lists_per_step: int, epochs: int) -> int:
-    # rlhfkit's count (ceil per epoch); TRL's is the same for pairs = lists * C(K,2).
-    return epochs * math.ceil(n_lists / lists_per_step)
 
 
 # --------------------------------------------------------------------------------------
@@ -255,15 +159,9 @@ def run_ours(args: Args, work: Path) -> dict[str, Any]:
         seed=args.seed, mixed_precision="no", cpu_matmul=args.ours_cpu_matmul, tensorboard=False, progress=False,
         log_every=never, eval_every=never, save_every=never,
     )
-    clock = LoopClock()
-    clock.install()
-    t0 = time.perf_counter()
-    train_reward_model(cfg)
-    call_s = time.perf_counter() - t0
-    rss = peak_rss_mib()
-    clock.remove()
-    return {"loop_s": clock.seconds, "steps": clock.steps, "step_ends_s": clock.step_ends, "call_s": call_s, "peak_rss_mib": rss,
-            "sequences_per_step": args.batch_size * prepared["k"], "model_dir": str(work / "ours" / "last")}
+    measured, _ = timed(partial(train_reward_model, cfg))
+    return measured | {"sequences_per_step": args.batch_size * prepared["k"],
+                                        "model_dir": str(work / "ours" / "last")}
 
 
 def run_trl(args: Args, work: Path) -> dict[str, Any]:
@@ -323,17 +221,10 @@ def run_trl(args: Args, work: Path) -> dict[str, Any]:
     mismatched = sum(c != ec or r != er for c, r, ec, er in zip(got["chosen_ids"], got["rejected_ids"], ids_c, ids_r))
     assert mismatched == 0, f"{mismatched} of {len(chosen)} TRL pairs are tokenised differently from rlhfkit's texts"
 
-    clock = LoopClock()
-    clock.install()
-    t0 = time.perf_counter()
-    trainer.train()
-    call_s = time.perf_counter() - t0
-    rss = peak_rss_mib()
-    clock.remove()
+    measured, _ = timed(trainer.train)
     assert not trainer.model.is_activation_checkpointing, "TRL trained with gradient checkpointing on"
     trainer.save_model(str(work / "trl" / "model"))
-    return {"loop_s": clock.seconds, "steps": clock.steps, "step_ends_s": clock.step_ends, "call_s": call_s, "peak_rss_mib": rss,
-            "sequences_per_step": 2 * pairs_per_step, "pairs": len(chosen), "model_dir": str(work / "trl" / "model"),
+    return measured | {"sequences_per_step": 2 * pairs_per_step, "pairs": len(chosen), "model_dir": str(work / "trl" / "model"),
             "trl_disable_dropout": args.dropout != "on", "trl_group_by_length": args.trl_group_by_length}
 
 
@@ -358,23 +249,6 @@ def run_side(args: Args) -> int:
 # --------------------------------------------------------------------------------------
 # The parent: prepare the data once, run both sides, report
 # --------------------------------------------------------------------------------------
-
-
-def truncate_text(tokenizer, text: str, budget: int) -> str:
-    """The longest prefix of ``text``, cut at a token boundary, of at most ``budget`` tokens."""
-    def n_tokens(s: str) -> int:
-        return len(tokenizer(s, add_special_tokens=False)["input_ids"])
-
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    if len(enc["input_ids"]) <= budget:
-        return text
-    keep = budget
-    while keep > 0:
-        prefix = text[: enc["offset_mapping"][keep - 1][1]]
-        if n_tokens(prefix) <= budget:  # a prefix may tokenise differently (byte-level BPE): check
-            return prefix
-        keep -= 1
-    raise ValueError(f"cannot fit {text[:40]!r} into {budget} tokens")
 
 
 def backbone_without_dropout(path: Path, work: Path) -> tuple[Path, dict[str, float]]:
@@ -513,51 +387,8 @@ def report(args: Args, data: dict[str, Any], ours: dict[str, Any], trl: dict[str
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rlhfkit.config import parse_args, save_yaml
-
-    args = parse_args(Args, argv, prog="rm_vs_trl.py")
-    if args.side:
-        return run_side(args)
-    if importlib.util.find_spec("trl") is None:
-        print(INSTALL.format(python=sys.executable), file=sys.stderr)
-        return 2
-
-    work, keep = work_folder(args.work_dir, "rm_vs_trl-")
-    args.work_dir = str(work)
-    save_yaml(args, work / "args.yaml")
-    env = machine()
-
-    t0 = time.perf_counter()
-    print(f"preparing data in {work} ...", flush=True)
-    data = prepare_data(args, work)
-    results = {}
-    for i, side in enumerate(args.order.split(","), 1):
-        name = "rlhfkit" if side == "ours" else "TRL RewardTrainer"
-        print(f"[{i}/2] {name}: training on {data['train_lists']} lists, then evaluating (log: {work / side}.log) ...", flush=True)
-        threads = {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)} if args.threads else {}
-        results[side] = run_child(__file__, work, side, ["--side", side], env=threads)
-        r = results[side]
-        print(f"      {r['lists_per_s']:.2f} lists/s, loop {r['loop_s']:.1f} s, pairwise accuracy {r['eval']['pairwise_accuracy']:.4f}", flush=True)
-
-    ci = paired_bootstrap(results["ours"]["eval"], results["trl"]["eval"], args.seed)
-    table = report(args, data, results["ours"], results["trl"], env, ci)
-    print()
-    print(table)
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    record = {
-        "command": " ".join([os.path.relpath(sys.executable, REPO), "benchmarks/rm_vs_trl.py", *(argv if argv is not None else sys.argv[1:])]),
-        "args": {k: v for k, v in vars(args).items() if k not in ("side", "work_dir")},
-        "data": data, "env": env, "ours": results["ours"], "trl": results["trl"],
-        "throughput_ratio": results["ours"]["lists_per_s"] / results["trl"]["lists_per_s"],
-        "accuracy_difference_ci95": ci,
-        "total_s": time.perf_counter() - t0, "table_markdown": table,
-    }
-    out.write_text(json.dumps(record, indent=2))
-    print(f"\nwrote {out}")
-    if not keep:
-        shutil.rmtree(work, ignore_errors=True)
-    return 0
+    return compare(__file__, argv, Args, run_side=run_side, prepare=prepare_data, report=report,
+                   labels={"ours": "rlhfkit", "trl": "TRL RewardTrainer"}, install=INSTALL)
 
 
 if __name__ == "__main__":
