@@ -103,11 +103,12 @@ if __name__ == "__main__":
         sys.exit(0)
     prefix, argv = sys.argv[1], sys.argv[2:]
     step_module.train_step = probe_train_step
+    import rlhfkit.dpo.train as dpo_train
     import rlhfkit.rl.trainer as rl_trainer
     import rlhfkit.rm.train as rm_train
     import rlhfkit.sft.train as sft_train
 
-    for module in (rm_train, sft_train, rl_trainer):
+    for module in (rm_train, sft_train, rl_trainer, dpo_train):
         module.train_step = probe_train_step
     real_shard_frozen = rl_trainer.shard_frozen
 

@@ -116,6 +116,23 @@ def test_sft_fsdp2_matches_one_process(tiny_lm, tmp_path):
     assert (tmp_path / "fsdp" / "samples.jsonl").read_text() == (tmp_path / "one" / "samples.jsonl").read_text()
 
 
+def test_dpo_fsdp2_matches_one_process(tiny_lm, separable_tsv, tmp_path):
+    def args(out: Path, batch: int) -> list[str]:
+        return ["dpo", "--policy", str(tiny_lm), "--train", str(separable_tsv), "--n-train", "64", "--output", str(out),
+                "--max-steps", "3", "--batch-size", str(batch), "--lr", "1e-2", "--log-every", "1", "--warmup-ratio", "0",
+                "--max-grad-norm", "0", "--eval-every", "2", "--eval-kl-prompts", "1", "--no-progress", "--no-tensorboard", "--cpu"]
+
+    launch(tmp_path / "probe-fsdp", args(tmp_path / "fsdp", 2))
+    assert_sharded(tmp_path / "probe-fsdp")
+    single(tmp_path / "probe-one", args(tmp_path / "one", 4))
+    assert losses(tmp_path / "fsdp") == pytest.approx(losses(tmp_path / "one"), rel=1e-4)
+    assert_same_weights(tmp_path / "one" / "final", tmp_path / "fsdp" / "final")
+    ref_one, ref_fsdp = (load_file(str(tmp_path / run / "reference_logprobs.safetensors")) for run in ("one", "fsdp"))
+    torch.testing.assert_close(ref_fsdp["train"], ref_one["train"], rtol=1e-5, atol=1e-5)
+    one, fsdp = (json.loads((tmp_path / run / "eval_report.json").read_text()) for run in ("one", "fsdp"))
+    assert fsdp["eval/pairwise_accuracy"] == one["eval/pairwise_accuracy"] and fsdp["eval/kl"] == pytest.approx(one["eval/kl"], abs=1e-3)
+
+
 @pytest.mark.parametrize("algo", ["ppo", "grpo"])
 def test_one_rl_update_under_fsdp2_matches_the_single_process_update(algo, tiny_lm, tmp_path):
     from rlhfkit.models.reward import RewardModel

@@ -28,6 +28,10 @@ off for it, otherwise ``--policy`` is loaded for the evaluation and freed after 
 ``sum(per-list losses) * world_size / lists_in_step``, as in ``rm train`` (tests check batch
 4 x accumulation 1 equals batch 1 x accumulation 4).
 
+**Several processes.** Every process computes the whole reference pass (under FSDP2 each
+forward needs all of them); under FSDP2 every process also evaluates and the exports gather
+the shards first, as in ``sft`` (a test checks 2 sharded processes match one).
+
 **Exports.** ``final/`` and ``best/`` are plain causal-LM folders (LoRA merged) with
 ``rlhfkit_dpo.json`` beside the weights, naming the reference and ``beta``, so ``rlhfkit rm
 eval`` and ``rlhfkit score`` can read the run as a reward model
@@ -216,9 +220,9 @@ def micro_loss(model, data: EncodedPreferences, ref_logprobs: Tensor, pad: Pad, 
 
 def evaluate_and_keep_best(run: Run, model: SequenceLogprobs, tokenizer, eval_data, ref_eval: Tensor, pad: Pad, prompts,
                            chat: bool, cfg: DPOConfig, state: TrainState) -> dict[str, Any]:
-    """Evaluate on the main process, log, export ``best/`` when held-out implicit-reward accuracy improved."""
+    """Evaluate (on every process when sharded), log, export ``best/`` when held-out implicit-reward accuracy improved."""
     metrics: dict[str, Any] = {}
-    if run.main and eval_data is not None:
+    if run.evaluates() and eval_data is not None:
         was_training = model.training
         model.eval()
         with run.accelerator.autocast():
@@ -229,12 +233,13 @@ def evaluate_and_keep_best(run: Run, model: SequenceLogprobs, tokenizer, eval_da
                 metrics.update(sampled_kl(model.policy, partial(reference_policy, cfg, model.policy, run.device), tokenizer,
                                           prompts, settings, chat=chat, batch_size=cfg.eval_batch_size, seed=cfg.seed))
         model.train(was_training)
-        run.log.log(state.step, {f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
         if improved(state, metrics["pairwise_accuracy"], higher_is_better=True):
-            export(model.policy, tokenizer, cfg, chat, run.out / "best")
-        run.write(f"step {state.step}: eval implicit-reward accuracy {metrics['pairwise_accuracy']:.4f}  list_exact "
-                  f"{metrics['list_exact_accuracy']:.4f}  loss {metrics['loss']:.4f}  logps margin {metrics['logps_margin']:+.3f} "
-                  f"(reference {metrics['ref_logps_margin']:+.3f})" + (f"  KL {metrics['kl']:.3f}" if "kl" in metrics else ""))
+            export(run, model, tokenizer, cfg, chat, run.out / "best")
+        if run.main:
+            run.log.log(state.step, {f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+            run.write(f"step {state.step}: eval implicit-reward accuracy {metrics['pairwise_accuracy']:.4f}  list_exact "
+                      f"{metrics['list_exact_accuracy']:.4f}  loss {metrics['loss']:.4f}  logps margin {metrics['logps_margin']:+.3f} "
+                      f"(reference {metrics['ref_logps_margin']:+.3f})" + (f"  KL {metrics['kl']:.3f}" if "kl" in metrics else ""))
     run.accelerator.wait_for_everyone()
     return metrics
 
@@ -245,11 +250,19 @@ def reference_name(policy: str) -> str:
     return str(local.resolve()) if local.is_dir() else policy
 
 
-def export(policy, tokenizer, cfg: DPOConfig, chat: bool, target: Path) -> None:
+def export(run: Run, model: SequenceLogprobs, tokenizer, cfg: DPOConfig, chat: bool, target: Path) -> None:
+    """``target`` as a plain HF causal LM with ``rlhfkit_dpo.json`` beside it (collective when
+    sharded: the weights are gathered first)."""
+    state_dict = run.full_state_dict(model)
+    if not run.main:
+        return
+    if state_dict is not None:  # gathered from the wrapper: its keys start with 'policy.'
+        state_dict = {k.removeprefix("policy."): v for k, v in state_dict.items()}
     info = {"reference": reference_name(cfg.policy), "beta": cfg.beta, "loss": cfg.loss, "chat_template": chat,
             "max_length": cfg.max_length}
-    export_pretrained(policy, tokenizer, target, {DPO_INFO: json.dumps(info, indent=2),
-                                                  "training_config.yaml": yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)})
+    export_pretrained(model.policy, tokenizer, target, {DPO_INFO: json.dumps(info, indent=2),
+                                                        "training_config.yaml": yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)},
+                      state_dict=state_dict)
 
 
 def log_train(run: Run, window: MetricsWindow, state: TrainState, scheduler, grad_norm, n_batches: int, result: dict) -> None:
@@ -318,10 +331,10 @@ def train_dpo(cfg: DPOConfig) -> dict[str, Any]:
         result.update({f"eval/{k}": v for k, v in evaluate().items() if isinstance(v, (int, float))})
     run.save(state)
     finished = run.close(state, total_steps)
-    if finished and run.main:
-        export(model.policy, tokenizer, cfg, chat, run.out / "final")
+    if finished:
+        export(run, model, tokenizer, cfg, chat, run.out / "final")
         if eval_data is None:
-            export(model.policy, tokenizer, cfg, chat, run.out / "best")  # nothing to select by: the final model is the best we know
+            export(run, model, tokenizer, cfg, chat, run.out / "best")  # nothing to select by: the final model is the best we know
     if run.main:
         plot_curves(read_metrics(run.out / "metrics.jsonl"),
                     [("loss", ["train/loss", "eval/loss"]),
