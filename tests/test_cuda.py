@@ -5,6 +5,8 @@ CPU side of the same rules and run everywhere."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -52,6 +54,27 @@ def test_reward_model_trains_on_cuda_in_bf16_and_loads_on_the_cpu(tiny_lm, separ
     texts = ["good good good apple river", "apple river"]
     on_cpu = RewardModel.from_pretrained(out).score(None, texts)
     on_gpu = RewardModel.from_pretrained(out, device="cuda").score(None, texts)
+    assert on_cpu[0] > on_cpu[1]
+    torch.testing.assert_close(on_gpu.cpu(), on_cpu, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_dpo_trains_on_cuda_in_bf16_and_its_implicit_reward_scores_alike_on_the_cpu(tiny_lm, separable_tsv, tmp_path):
+    from rlhfkit.dpo.scorer import ImplicitReward
+    from rlhfkit.dpo.train import DPOConfig, train_dpo
+
+    out = tmp_path / "dpo"
+    result = train_dpo(from_dict(DPOConfig, dict(
+        policy=str(tiny_lm), train=str(separable_tsv), n_train=90, output=str(out), epochs=3, lr=1e-2, batch_size=8,
+        eval_every=1000, save_every=1000, log_every=1, progress=False, tensorboard=False, warmup_ratio=0.0, eval_kl_prompts=2)))
+    assert result["eval/pairwise_accuracy"] > 0.9 and result["eval/kl"] > 0, result
+    rows = [r for r in read_metrics(out / "metrics.jsonl") if "train/loss" in r]
+    assert rows[0]["train/loss"] == pytest.approx(math.log(2), abs=0.02)  # the reference pass ran under the same autocast
+    assert all(r["memory/peak_gib"] > 0 for r in rows)
+    texts = ["good good good apple river", "apple river"]
+    on_cpu = ImplicitReward.from_pretrained(str(out)).score(["", ""], texts)
+    on_gpu = ImplicitReward.from_pretrained(str(out), device="cuda").score(["", ""], texts)
     assert on_cpu[0] > on_cpu[1]
     torch.testing.assert_close(on_gpu.cpu(), on_cpu, atol=1e-3, rtol=1e-3)
 

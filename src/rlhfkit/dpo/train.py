@@ -213,7 +213,8 @@ def micro_loss(model, data: EncodedPreferences, ref_logprobs: Tensor, pad: Pad, 
     rest = batch.list_mask.bool() & ~best
     stats = {"loss": per_list.detach().sum(), "lists": len(list_ids), "correct": correct, "pairs": pairs, "margin": margin,
              "logps_chosen": masked_sum(logprobs.detach(), best), "chosen": best.sum(),
-             "logps_rejected": masked_sum(logprobs.detach(), rest), "rejected": rest.sum()}
+             "logps_rejected": masked_sum(logprobs.detach(), rest), "rejected": rest.sum(),
+             "tokens": batch.inputs["attention_mask"].sum()}  # the real tokens of the unique texts forwarded
     stats = {k: v * live for k, v in stats.items()}  # a filler micro-batch still joins the all-reduce, and counts nothing
     return per_list.sum() * (weight if live else 0.0), stats
 
@@ -272,6 +273,7 @@ def log_train(run: Run, window: MetricsWindow, state: TrainState, scheduler, gra
            "train/reward_margin": sums["margin"] / max(sums["pairs"], 1),
            "train/logps_chosen": sums["logps_chosen"] / max(sums["chosen"], 1),
            "train/logps_rejected": sums["logps_rejected"] / max(sums["rejected"], 1), "train/lists_per_s": sums["lists"] / seconds,
+           "train/tokens_per_s": sums["tokens"] / seconds,
            "train/lr": scheduler.get_last_lr()[0], "train/epoch": state.epoch + state.batch_in_epoch / n_batches}
     if grad_norm is not None:
         row["train/grad_norm"] = float(grad_norm)
