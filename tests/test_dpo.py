@@ -36,8 +36,9 @@ from tests.conftest import step_losses, weights
 
 
 def cfg(**kw) -> DPOConfig:
+    # cpu_matmul torch: one kernel in every run, so runs compared bit for bit cannot differ by auto's timing choice
     base = dict(lr=1e-2, batch_size=8, eval_every=1000, save_every=1000, log_every=1, progress=False, tensorboard=False,
-                warmup_ratio=0.0, eval_kl_prompts=0)
+                warmup_ratio=0.0, eval_kl_prompts=0, cpu_matmul="torch")
     base.update(kw)
     return from_dict(DPOConfig, base)
 
