@@ -196,6 +196,10 @@ def test_auto_is_cached_per_machine_threads_torch_and_model(tmp_path, monkeypatc
     assert slow.source == "measured" and slow.kernel == "torch"
     busy = cpu_linear.choose_cpu_matmul({(4, 4): 1}, threads=1, cache_file=cache, timer=fake_timer({"onednn": 1.0, "torch": 2.0}), cache_ok=False)
     assert busy.source == "measured" and "(4, 4)" not in cache.read_text()  # measured on a busy machine: not kept
+    calls = []  # ... in the file; this process keeps its decision: a policy and its reference run the same kernel
+    same = cpu_linear.choose_cpu_matmul({(4, 4): 1}, threads=1, cache_file=cache, timer=fake_timer({"onednn": 2.0, "torch": 1.0}, calls),
+                                        cache_ok=False)
+    assert same.kernel == busy.kernel and not calls
 
 
 def test_the_real_timer_times_both_kernels_quickly():

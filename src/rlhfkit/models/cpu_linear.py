@@ -19,6 +19,7 @@ matmul is large enough to pay for oneDNN's per-call overhead; otherwise it is ex
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -185,16 +186,23 @@ def machine_key(threads: int) -> str:
     return f"{cpu_model()} | ONEDNN_MAX_CPU_ISA={isa_cap} | torch {torch.__version__} | {threads} thread(s)"
 
 
+_DECIDED: dict[tuple[Path | None, str], KernelChoice] = {}  # this process's measured decisions
+
+
 def choose_cpu_matmul(shapes: dict[tuple[int, int], int], *, threads: int | None = None, cache_file: Path | None = None,
                       timer: Timer = time_layer, cache_ok: bool = True) -> KernelChoice:
     """The faster kernel for these layer shapes on this machine, measured once and cached.
 
     The cache (``cache_file``, JSON) is keyed by :func:`machine_key` and the shapes, so another
     CPU, thread count, torch version or model measures again. ``cache_ok=False`` (the machine
-    was busy while measuring) uses the result without storing it.
+    was busy while measuring) uses the result without storing it in the file; this process
+    still keeps it, so every model it loads with these shapes runs the same kernel (runs
+    compared with each other, a policy and its reference copy).
     """
     threads = threads or torch.get_num_threads()
     key = f"{machine_key(threads)} | {sorted(shapes.items())}"
+    if (cache_file, key) in _DECIDED:
+        return _DECIDED[cache_file, key]
     cache: dict = {}
     if cache_file is not None and cache_file.is_file():
         try:
@@ -206,6 +214,8 @@ def choose_cpu_matmul(shapes: dict[tuple[int, int], int], *, threads: int | None
         return KernelChoice(hit["kernel"], hit["onednn_gflops"], hit["torch_gflops"], "cache")
     onednn, plain = measure_kernels(shapes, timer)
     choice = KernelChoice("onednn" if onednn > plain else "torch", round(onednn, 1), round(plain, 1), "measured")
+    if not (cache_file is not None and cache_ok):
+        _DECIDED[cache_file, key] = dataclasses.replace(choice, source="measured earlier in this process")
     if cache_file is not None and cache_ok:
         cache[key] = {"kernel": choice.kernel, "onednn_gflops": choice.onednn_gflops, "torch_gflops": choice.torch_gflops}
         cache_file.parent.mkdir(parents=True, exist_ok=True)
