@@ -42,14 +42,15 @@ def test_pipeline_end_to_end_on_tiny_models(tiny_lm, tmp_path):
     out = tmp_path / "pipe"
     config = tmp_path / "pipeline.yaml"
 
-    def write_config(ppo_steps: int) -> None:
+    def write_config(ppo_steps: int, rm_epochs: int = 2) -> None:
         config.write_text(f"""
 output: {out}
 policy: {tiny_lm}
 sft: {{train: {sft}, max_steps: 4, batch_size: 4, lr: 1.0e-3, max_length: 48, no_progress: true}}
 preferences: {{source: simulated, labeller: "{tmp_path / 'rule.py'}:count_a", prompts: {prompts}, n_prompts: 12, k: 3, max_new_tokens: 8, chat_template: false}}
-reward_model: {{epochs: 2, batch_size: 4, lr: 3.0e-3, eval_every: 1000, progress: false, tensorboard: false}}
-algorithm: [ppo, grpo]
+reward_model: {{epochs: {rm_epochs}, batch_size: 4, lr: 3.0e-3, eval_every: 1000, progress: false, tensorboard: false}}
+algorithm: [ppo, grpo, dpo]
+dpo: {{max_steps: 3, batch_size: 2, lr: 1.0e-3, eval_kl_prompts: 2, eval_max_new_tokens: 4, progress: false, tensorboard: false}}
 rl: {{prompts: {prompts}, steps: {ppo_steps}, batch_size: 4, mini_batch_size: 4, max_new_tokens: 8, lr: 1.0e-3, progress: false, tensorboard: false, sample_every: 0}}
 evaluation: {{n_prompts: 4, bon: [1, 2, 4], max_new_tokens: 8}}
 """.replace("no_progress: true", "progress: false"))
@@ -58,30 +59,34 @@ evaluation: {{n_prompts: 4, bon: [1, 2, 4], max_new_tokens: 8}}
     assert main(["pipeline", "--config", str(config)]) == 0
     html = (out / "report.html").read_text()
     md = (out / "report.md").read_text()
-    for needle in ("Supervised fine-tuning", "Preference data", "Reward model", "PPO", "GRPO", "Evaluation on held-out prompts",
+    for needle in ("Supervised fine-tuning", "Preference data", "Reward model", "PPO", "GRPO", "DPO", "Evaluation on held-out prompts",
                    "pairwise_accuracy", "best-of-4", "before (starting policy)", "after GRPO", "SIMULATED ANNOTATOR", "gold score"):
         assert needle in html and needle in md, needle
     evaluation = json.loads((out / "evaluation" / "ppo_eval.json").read_text())
-    assert [r["name"] for r in evaluation["rows"][:3]] == ["ppo", "grpo", "reference"]
+    assert [r["name"] for r in evaluation["rows"][:4]] == ["ppo", "grpo", "dpo", "reference"]
     assert all("gold" in r for r in evaluation["rows"])  # the labeller's own rule, scored on the same samples
     assert html.count("data:image/png;base64,") >= 4  # curves of every stage, inlined: opens offline
-    for stage in ("sft", "preferences", "reward_model", "ppo", "grpo", "evaluation"):
+    for stage in ("sft", "preferences", "reward_model", "ppo", "grpo", "dpo", "evaluation"):
         assert (out / stage / "stage.json").is_file(), stage
     summary = json.loads((out / "summary.json").read_text())["summary"]
     assert "held-out prompts" in summary and "nats per response" in summary
 
     # same config: every stage is reused (no stage folder is touched); changed PPO: only PPO and evaluation run again
-    before = {s: (out / s / "stage.json").stat().st_mtime_ns for s in ("sft", "preferences", "reward_model", "ppo", "grpo", "evaluation")}
+    before = {s: (out / s / "stage.json").stat().st_mtime_ns for s in ("sft", "preferences", "reward_model", "ppo", "grpo", "dpo", "evaluation")}
     assert main(["pipeline", str(config)]) == 0  # the old positional form still works
     assert {s: (out / s / "stage.json").stat().st_mtime_ns for s in before} == before
-    assert (out / "report.md").read_text().count("reused (complete, same config)") == 6
-    marks = {s: json.loads((out / s / "stage.json").read_text())["hash"] for s in ("sft", "reward_model", "ppo")}
+    assert (out / "report.md").read_text().count("reused (complete, same config)") == 7
+    marks = {s: json.loads((out / s / "stage.json").read_text())["hash"] for s in ("sft", "reward_model", "ppo", "dpo")}
     write_config(ppo_steps=4)
     assert main(["pipeline", str(config)]) == 0
     assert json.loads((out / "sft" / "stage.json").read_text())["hash"] == marks["sft"]
     assert json.loads((out / "reward_model" / "stage.json").read_text())["hash"] == marks["reward_model"]
     assert json.loads((out / "ppo" / "stage.json").read_text())["hash"] != marks["ppo"]
     assert "reused (complete, same config)" in (out / "report.md").read_text()
+    write_config(ppo_steps=4, rm_epochs=1)  # another reward model: DPO, which never reads it, is reused
+    assert main(["pipeline", str(config)]) == 0
+    assert json.loads((out / "reward_model" / "stage.json").read_text())["hash"] != marks["reward_model"]
+    assert json.loads((out / "dpo" / "stage.json").read_text())["hash"] == marks["dpo"]
 
 
 def test_a_bad_value_in_the_last_section_fails_before_any_stage(tiny_lm, tmp_path, capsys):
@@ -109,6 +114,13 @@ evaluation: {{bon: [1, 0]}}
     config.write_text(config.read_text().replace("steps: -1", "steps: 3").replace("samples_per_prompt: 3", "samples_per_prompt: many"))
     assert main(["pipeline", "--config", str(config)]) == 2
     assert "option --samples-per-prompt expects int, got 'many'" in capsys.readouterr().err
+    config.write_text(config.read_text().replace("samples_per_prompt: many", "samples_per_prompt: 3")
+                      .replace("reward_model: {epochs: 2}", "reward_model: {skip: true}"))
+    assert main(["pipeline", "--config", str(config)]) == 2
+    assert "pipeline reward_model: skip is only for algorithm: [dpo]; ppo train against the reward model" in capsys.readouterr().err
+    config.write_text(config.read_text() + "algorithm: [dpo]\n")
+    assert main(["pipeline", "--config", str(config)]) == 2
+    assert "pipeline evaluation: with reward_model skipped, give evaluation a 'reward'" in capsys.readouterr().err
     assert not (tmp_path / "pipe").exists()
 
 

@@ -78,6 +78,8 @@ def _summary_rows(name: str, summary: dict) -> list[tuple[str, str]]:
         **{name: ["n_prompts", "step", "ppo/score_mean", "ppo/reward_mean", "ppo/kl", "ppo/kl_k3", "ppo/kl_coef", "ppo/entropy",
                   "ppo/clipfrac", "ppo/approx_kl", "ppo/explained_variance", "ppo/equal_score_groups", "ppo/response_length",
                   "ppo/tokens_per_s"] for name in POLICY_STAGES},
+        "dpo": ["step", "train/loss", "eval/pairwise_accuracy", "eval/list_exact_accuracy", "eval/reward_margin",
+                "eval/logps_margin", "eval/kl", "train/tokens_per_s"],
         "evaluation": ["n_prompts", "max_new_tokens", "temperature"],
     }[name]
     items = [(k, v) for k, v in summary.items() if not isinstance(v, (list,)) and k != "samples"]

@@ -1,4 +1,5 @@
-"""``rlhfkit pipeline --config CONFIG.yaml``: SFT -> preferences -> reward model -> PPO -> evaluation -> report.
+"""``rlhfkit pipeline --config CONFIG.yaml``: SFT -> preferences -> reward model -> PPO (or RLOO, GRPO,
+REINFORCE++, DPO) -> evaluation -> report.
 
 Every section of the YAML is the options of its command, checked when the config is built,
 before the first stage runs: each stage's config is made up front with the folders the
@@ -29,6 +30,7 @@ from rlhfkit.config import ConfigError, Options, from_dict, opt, require
 from rlhfkit.data.prompts import read_prompts
 from rlhfkit.data.readers import FORMATS, describe, read_preferences
 from rlhfkit.data.writers import write_preferences
+from rlhfkit.dpo.train import DPOConfig, train_dpo
 from rlhfkit.files import check_output_dir
 from rlhfkit.models.cpu_linear import apply_cpu_matmul
 from rlhfkit.models.policy import inference_dtype, load_policy
@@ -46,7 +48,7 @@ from rlhfkit.sft.train import SFTConfig, train_sft
 logger = logging.getLogger(__name__)
 
 ONLINE = ("ppo", "rloo", "grpo", "reinforce++")  # rlhfkit rl --algo
-ALGORITHMS = ONLINE
+ALGORITHMS = (*ONLINE, "dpo")  # dpo trains on the preferences directly: no reward model, no sampling
 STAGES = ("sft", "preferences", "reward_model", *ALGORITHMS, "evaluation")
 
 
@@ -85,11 +87,15 @@ class PipelineConfig(Options):
     title: str = opt("RLHF pipeline", "report title")
     sft: dict = opt(factory=dict, help="rlhfkit sft options (policy/output are filled in); skip: true to skip", cli=False)
     preferences: PreferencesConfig | None = opt(None, "where the preference data comes from (PreferencesConfig)", cli=False)
-    reward_model: dict = opt(factory=dict, help="rlhfkit rm train options (train/output filled in)", cli=False)
+    reward_model: dict = opt(factory=dict, help="rlhfkit rm train options (train/output filled in); skip: true (only "
+                                                "with algorithm: [dpo]) to train none: evaluation then needs its own 'reward'",
+                             cli=False)
     algorithm: list[str] = opt(factory=lambda: ["ppo"], help=f"how the policy is trained: one or several of {', '.join(ALGORITHMS)}, "
                                                              "each from the same starting policy, compared in the report")
     rl: dict = opt(factory=dict, help="rlhfkit rl options (policy/reward/output/algo filled in); skip: true to skip", cli=False,
                    was=("ppo",))
+    dpo: dict = opt(factory=dict, help="rlhfkit dpo options (policy/train/output filled in: the pipeline's preferences)",
+                    cli=False)
     evaluation: dict = opt(factory=dict, help="rlhfkit ppo-eval options (policy/reference/reward filled in); skip: true to skip", cli=False)
     force: list[str] = opt(factory=list, help=f"stages to re-run even if complete ({', '.join(STAGES)})")
 
@@ -113,24 +119,38 @@ class PipelineConfig(Options):
         configs["sft"] = None if sft_opts.pop("skip", False) else _section(SFTConfig, "sft", {"policy": self.policy, **sft_opts, "output": str(out / "sft")})
         if configs["sft"] is not None:
             policy = str(out / "sft" / "final")
+        preferences = str(out / "preferences" / "preferences.jsonl")
         rm_opts = {"model": policy, "eval_fraction": 0.2, "allow_ties": True, **self.reward_model,
-                   "train": str(out / "preferences" / "preferences.jsonl"), "output": str(out / "reward_model")}
-        configs["reward_model"] = _section(RMTrainConfig, "reward_model", rm_opts)
+                   "train": preferences, "output": str(out / "reward_model")}
+        skip_rm = bool(rm_opts.pop("skip", False))
+        online = [a for a in self.algorithm if a in ONLINE]
+        require(not (skip_rm and online), f"pipeline reward_model: skip is only for algorithm: [dpo]; {', '.join(online)} "
+                                          "train against the reward model")
+        configs["reward_model"] = None if skip_rm else _section(RMTrainConfig, "reward_model", rm_opts)
+        reward = None if skip_rm else str(out / "reward_model")
         rl_opts = dict(self.rl)
         skip_rl = rl_opts.pop("skip", False)
-        require(skip_rl or "prompts" in rl_opts, "pipeline rl: option 'prompts' is required (a prompt file for the rollouts)")
-        for algo in self.algorithm:
+        require(skip_rl or not online or "prompts" in rl_opts, "pipeline rl: option 'prompts' is required (a prompt file for the rollouts)")
+        for algo in online:
             configs[algo] = None if skip_rl else _section(
-                RLConfig, algo, {**rl_opts, "algo": algo, "policy": policy, "reward": str(out / "reward_model"),
-                                 "output": str(out / algo)})
+                RLConfig, algo, {**rl_opts, "algo": algo, "policy": policy, "reward": reward, "output": str(out / algo)})
+        if "dpo" in self.algorithm:
+            dpo_opts = {"eval_fraction": 0.2, "allow_ties": True, **self.dpo}
+            configs["dpo"] = None if dpo_opts.pop("skip", False) else _section(
+                DPOConfig, "dpo", {**dpo_opts, "policy": policy, "train": preferences, "output": str(out / "dpo")})
         trained = [a for a in self.algorithm if configs[a] is not None]
-        policies = [f"{a}={out / a / 'policy'}" for a in trained]
+        policies = [f"{a}={out / a / ('final' if a == 'dpo' else 'policy')}" for a in trained]
         gold = None
         if self.preferences.source == "simulated":  # the labeller's own rule, which the reward model never sees
             gold = self.preferences.labeller or "rlhfkit.pipeline.simulated:lexicon_reward"
-        configs["evaluation"] = None if ev_opts.pop("skip", False) or not trained else _section(
-            PPOEvalConfig, "evaluation", {"prompts": rl_opts.get("prompts"), **ev_opts, "policy": policies, "reference": policy,
-                                          "reward": str(out / "reward_model"), "gold": gold, "output": str(out / "evaluation")})
+        skip_ev = ev_opts.pop("skip", False) or not trained
+        require(skip_ev or reward is not None or "reward" in ev_opts,
+                "pipeline evaluation: with reward_model skipped, give evaluation a 'reward' to score with (or skip: true)")
+        require(skip_ev or "prompts" in ev_opts or "prompts" in rl_opts,
+                "pipeline evaluation: option 'prompts' is required (held-out prompts to sample from)")
+        configs["evaluation"] = None if skip_ev else _section(
+            PPOEvalConfig, "evaluation", {"prompts": rl_opts.get("prompts"), "reward": reward, **ev_opts, "policy": policies,
+                                          "reference": policy, "gold": gold, "output": str(out / "evaluation")})
         return configs
 
 
@@ -227,15 +247,21 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     upstream["preferences"] = runner.hash_of("preferences")
 
     rm_cfg = configs["reward_model"]
-    runner.stage("reward_model", {"config": _options(rm_cfg), **upstream},
-                 lambda folder, resume: _plain(train_reward_model(_resumed(rm_cfg, resume))))
+    if rm_cfg is not None:
+        runner.stage("reward_model", {"config": _options(rm_cfg), **upstream},
+                     lambda folder, resume: _plain(train_reward_model(_resumed(rm_cfg, resume))))
+    trained_on_prefs = dict(upstream)  # DPO's inputs: it never reads the reward model
     upstream["reward_model"] = runner.hash_of("reward_model")
 
-    for algo in cfg.algorithm:  # each from the same starting policy and reward model
-        rl_cfg = configs[algo]
-        if rl_cfg is not None:
-            runner.stage(algo, {"config": _options(rl_cfg), **upstream}, partial(_train_online, rl_cfg))
-            upstream[algo] = runner.hash_of(algo)
+    for algo in cfg.algorithm:  # each from the same starting policy (and reward model)
+        stage_cfg = configs[algo]
+        if stage_cfg is None:
+            continue
+        if algo == "dpo":
+            runner.stage(algo, {"config": _options(stage_cfg), **trained_on_prefs}, partial(_train_dpo, stage_cfg))
+        else:
+            runner.stage(algo, {"config": _options(stage_cfg), **upstream}, partial(_train_online, stage_cfg))
+        upstream[algo] = runner.hash_of(algo)
 
     if configs["evaluation"] is not None:
         ev_cfg = configs["evaluation"]
@@ -250,6 +276,10 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
 
 def _train_online(cfg: RLConfig, folder: Path, resume: bool) -> dict:
     return {"n_prompts": len(read_prompts(cfg.prompts)), **_plain(train_rl(_resumed(cfg, resume)))}
+
+
+def _train_dpo(cfg: DPOConfig, folder: Path, resume: bool) -> dict:
+    return _plain(train_dpo(_resumed(cfg, resume)))
 
 
 def collect_preferences(policy: str, prefs: PreferencesConfig, folder: Path) -> dict:
