@@ -25,7 +25,7 @@ from rlhfkit.plan.estimate import (
 from rlhfkit.plan.shapes import KNOWN, decoder_shape, parse_size, resolve_shape, shape_for_size
 
 SMOL = KNOWN["smollm2-135m"]
-FP32_PRECISION = Precision(act=4, resid=4, norm=8, casts=False, autocast_copies=False, gathered=4)
+FP32_PRECISION = Precision(act=4, resid=4, norm=8, casts=False, autocast_copies=False, gathered=4, dropout_mask=4)
 
 
 def _meta_count(model_cls, config) -> tuple[int, int]:
@@ -79,12 +79,19 @@ def test_adamw_state_is_two_fp32_moments_per_trained_parameter():
     assert held == adamw_bytes(sum(p.numel() for p in model.parameters()))
 
 
-def test_activation_bytes_match_what_autograd_saves():
-    """fp32, a padded batch (transformers repeats k and v for grouped-query attention then)."""
+@pytest.mark.parametrize("lora_dropout", [None, 0.0, 0.05])
+def test_activation_bytes_match_what_autograd_saves(lora_dropout):
+    """fp32, a padded batch (transformers repeats k and v for grouped-query attention then);
+    full fine-tuning, and LoRA (frozen base weights keep fewer inputs) with and without dropout."""
+    from peft import LoraConfig, get_peft_model
+
     config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
                          num_key_value_heads=2, tie_word_embeddings=True, attn_implementation="sdpa")
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).train()
+    lora = lora_dropout is not None
+    if lora:
+        model = get_peft_model(model, LoraConfig(r=4, lora_dropout=lora_dropout)).base_model.model.train()
     shape = decoder_shape("t", 64, 3, 4, 2, 160, 300, True)
     rows, tokens = 3, 40
     mask = torch.ones(rows, tokens, dtype=torch.long)
@@ -99,8 +106,10 @@ def test_activation_bytes_match_what_autograd_saves():
         model.model(input_ids=torch.randint(0, 300, (rows, tokens)), attention_mask=mask)
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
     measured = sum(n for ptr, n in saved.items() if ptr not in weights)
-    final = rows * tokens * (8 * 64 + 64 * 4)  # the final norm and the LM head's input: not run here
-    assert activation_bytes(shape, rows, tokens, FP32_PRECISION) - final == pytest.approx(measured, rel=0.05)
+    final = rows * tokens * (4 * 64 if lora else 8 * 64 + 64 * 4)  # the final norm and the LM head's input: not run here
+    estimated = activation_bytes(shape, rows, tokens, FP32_PRECISION, lora_modules=2 if lora else 0,
+                                 lora_dropout=lora_dropout or 0.0)
+    assert estimated - final == pytest.approx(measured, rel=0.06)
 
 
 def test_kv_cache_formula_matches_a_dynamic_cache(tiny_lm):

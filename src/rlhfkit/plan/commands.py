@@ -244,6 +244,8 @@ def format_plan(result: dict[str, Any]) -> str:
         lines.append(f"{'+ CPU RAM per process':28s}" + "".join(f"{configs[c]['host_gb']:>{width}.2f}" for c in configs))
     room = f"{result['device_memory_gb']:.0f} GiB" + (f" / {result['gpus']} processes" if result["device"] == "cpu" else "")
     lines.append(f"{'fits in ' + room:28s}" + "".join(f"{'yes' if configs[c]['fits'] else 'no':>{width}s}" for c in configs))
+    lines.append("(each column at its peak phase; backward: the start of the backward pass, all activations and logits "
+                 "alive; step: the optimizer step, all gradients)")
     lines.append("")
     if result["recommended"]:
         lines.append(f"-> {result['recommended']} fits: accelerate launch --config_file {ACCELERATE_FILES[result['recommended']]} "

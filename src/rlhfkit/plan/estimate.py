@@ -82,12 +82,14 @@ class Precision:
     casts: bool  # autocast casts each linear's fp32 input itself: q, k, v (and gate, up) keep one copy each
     autocast_copies: bool  # fp32 weights read through bf16 copies kept for the backward pass
     gathered: int  # FSDP2's gathered weights and unsharded gradients
+    dropout_mask: int = 1  # bytes per element of a dropout mask: bool on CUDA (fused kernel), a float noise tensor on the CPU
 
 
 def precision(setup: Setup, config: str) -> Precision:
     sharded = config != "ddp"
     if not setup.bf16:
-        return Precision(act=4, resid=4, norm=8, casts=False, autocast_copies=False, gathered=4)
+        return Precision(act=4, resid=4, norm=8, casts=False, autocast_copies=False, gathered=4,
+                         dropout_mask=4 if setup.device == "cpu" else 1)
     if sharded:  # bf16 weights in compute: a bf16 residual stream, norms upcast to fp32 inside
         return Precision(act=2, resid=2, norm=6, casts=False, autocast_copies=False, gathered=2)
     return Precision(act=2, resid=4, norm=8, casts=True, autocast_copies=True, gathered=4)
@@ -153,17 +155,28 @@ def layer_activation_bytes(shape: ModelShape, p: Precision, lora_modules: int = 
     - attention: q and, on a padded batch (transformers repeats them for GQA), k and v at
       ``a d`` each, the SDPA output and the ``o_proj`` input (a transposed copy);
     - SwiGLU: gate, SiLU(gate), up and their product (``4 I``); a GELU MLP keeps ``2 I``;
-    - LoRA (peft, q and v): the adapter's input cast (autocast) or dropped out (dropout > 0).
+    - LoRA (peft, q and v): the base weights get no gradient, so autograd keeps none of the
+      inputs only their gradient would need: not the norms' normalised outputs (frozen norm
+      weights), the ``o_proj`` input, the MLP's inputs or the product into ``down``; the
+      adapters keep their input (the norm output; under autocast a bf16 cast each; with
+      dropout the dropped-out copy and its mask: bool on CUDA, fp32 noise on the CPU).
 
     BERT encoders (reward models on MiniLM) are counted with the same items, LayerNorm for RMSNorm.
     """
     h, ad, act = shape.hidden, shape.heads * shape.head_dim, p.act
     kv = ad if repeated_kv else shape.kv_heads * shape.head_dim
-    attn_inputs, mlp_inputs = (3, 2) if p.casts else (1, 1)
-    norms = 2 * p.norm * h + (attn_inputs + mlp_inputs) * h * act
-    attention = (ad + 2 * kv + ad + ad) * act
-    mlp = (4 if shape.gated_mlp else 2) * shape.intermediate * act
-    lora = lora_modules * h * ((act if (p.casts or lora_dropout > 0) else 0) + (1 if lora_dropout > 0 else 0))
+    gated = shape.gated_mlp
+    if lora_modules:  # frozen base weights
+        adapter_input = 1 if not p.casts and lora_dropout == 0 else 0  # the norm output itself, shared by q's and v's adapters
+        norms = 2 * FP32 * h + adapter_input * h * act
+        attention = (ad + 2 * kv + ad) * act
+        mlp = (3 if gated else 1) * shape.intermediate * act
+    else:
+        attn_inputs, mlp_inputs = (3, 2) if p.casts else (1, 1)
+        norms = 2 * p.norm * h + (attn_inputs + mlp_inputs) * h * act
+        attention = (ad + 2 * kv + ad + ad) * act
+        mlp = (4 if gated else 2) * shape.intermediate * act
+    lora = lora_modules * h * ((act if (p.casts or lora_dropout > 0) else 0) + (p.dropout_mask if lora_dropout > 0 else 0))
     return norms + attention + mlp + lora
 
 
@@ -179,7 +192,7 @@ def activation_bytes(shape: ModelShape, rows: int, tokens: int, p: Precision, *,
     n = rows * tokens
     layer = layer_activation_bytes(shape, p, lora_modules, lora_dropout)
     blocks = (shape.layers * shape.hidden * p.resid + layer) if checkpointing else shape.layers * layer
-    final = p.norm * shape.hidden + shape.hidden * p.act
+    final = FP32 * shape.hidden if lora_modules else p.norm * shape.hidden + shape.hidden * p.act  # LoRA: a frozen LM head
     return n * (blocks + final) + (rows * tokens * tokens if padded_mask else 0)
 
 
