@@ -49,6 +49,7 @@ def _commands(f, out: str) -> dict[str, tuple[list[str], type, dict[str, str]]]:
     from rlhfkit.annotate.cli import ExportArgs, ServeArgs
     from rlhfkit.dpo.train import DPOConfig
     from rlhfkit.pipeline.run import PipelineConfig
+    from rlhfkit.plan.commands import PlanConfig
     from rlhfkit.rl.commands import BonConfig, GenerateConfig, PPOEvalConfig
     from rlhfkit.rl.trainer import PPOConfig
     from rlhfkit.rm.commands import RMEvalConfig, ScoreConfig
@@ -74,6 +75,7 @@ def _commands(f, out: str) -> dict[str, tuple[list[str], type, dict[str, str]]]:
                      ServeArgs, {"prompts": "--prompts"}),
         "annotate export": (["annotate", "export", "--db", str(f["root"] / "missing.db"), "--output", str(Path(out) / "e.jsonl")],
                             ExportArgs, {}),
+        "plan": (["plan", "--model", "SmolLM2-135M", "--algo", "grpo"], PlanConfig, {}),
     }
 
 
@@ -151,6 +153,22 @@ def test_misc_user_errors_exit_2(files, tmp_path, capsys):
         (["score", "--model", files["rm"], "--responses", str(tmp_path / "empty.txt")], "does not exist"),
         (["models", "frobnicate"], "unknown argument 'frobnicate'"),
         (["rm", "frob"], "unknown subcommand 'frob'"),
+    ]
+    plan = ["plan", "--model", "7B", "--algo", "sft"]
+    cases += [
+        (["plan", "--algo", "sft"], "option --model is required"),
+        (["plan", "--model", "7B"], "option --algo is required"),
+        (["plan", "--model", "gpt-17", "--algo", "sft"], "'gpt-17' is not a model folder, a known name or a size"),
+        (["plan", "--model", files["sft"], "--algo", "sft"], "is a file; give a model folder"),
+        (["plan", "--model", str(tmp_path), "--algo", "sft"], "has no config.json"),
+        (["plan", "--model", "0.0001B", "--algo", "sft"], "outside the sizes planned for"),
+        ([*plan, "--gpus", "-2"], "option --gpus must be >= 1, got -2"),
+        ([*plan, "--algo", "dpo2"], "argument --algo: invalid choice: 'dpo2'"),
+        ([*plan, "--config", "zero3"], "--config zero3: neither a configuration (auto, ddp, fsdp2, fsdp2-offload) nor a YAML"),
+        ([*plan, "--device", "cpu", "--config", "fsdp2-offload"], "nothing to offload to"),
+        (["plan", "--model", "7B", "--algo", "grpo", "--mini-batch-size", "6"], "--mini-batch-size 6 must divide the rollout's 64 rows"),
+        (["plan", "--model", "7B", "--algo", "ppo", "--critic", "reward-model"], "give --reward-model too"),
+        (["plan", "--model", "7B", "--algo", "grpo", "--reward-model", "gpt-17"], "--reward-model: 'gpt-17' is not"),
     ]
     (tmp_path / "blank.txt").write_text("\n\n")
     cases.append((["score", "--model", files["rm"], "--responses", str(tmp_path / "blank.txt")], "holds no non-blank line"))

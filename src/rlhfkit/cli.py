@@ -46,6 +46,7 @@ annotation
 
 models
   models        list the embedded default models; 'models prepare [NAME...]' converts them now
+  plan          memory per device of a training run (weights, optimizer, activations, KV cache), and which config fits
 """
 
 
@@ -171,10 +172,23 @@ def _models(argv: Sequence[str]) -> None:
         print(f"{name:14s} {what}")
 
 
+def _plan(argv: Sequence[str]) -> None:
+    commands = importlib.import_module("rlhfkit.plan.commands")
+    argv = list(argv)
+    names = ("auto", "ddp", "fsdp2", "fsdp2-offload")
+    for i, arg in enumerate(argv[:-1]):  # --config NAME is the sharding (--sharding); any other value a YAML file of options
+        if arg == "--config" and argv[i + 1] in names:
+            argv[i] = "--sharding"
+        elif arg == "--config" and not os.path.isfile(argv[i + 1]):
+            raise UserError(f"--config {argv[i + 1]}: neither a configuration ({', '.join(names)}) nor a YAML file of options")
+    cfg = parse_args(commands.PlanConfig, argv, prog="rlhfkit plan")
+    commands.print_plan(commands.run_plan(cfg), cfg.json)
+
+
 THREADED = ("score", "bon", "generate", "ppo-eval", "annotate", "pipeline", "rm")  # commands that run models on the CPU
 COMMANDS: dict[str, Callable[[Sequence[str]], None]] = {
     "rm": _rm, "score": _score, "sft": _sft, "ppo": partial(_rl, ppo_only=True), "rl": _rl, "dpo": _dpo, "bon": _bon, "generate": _generate, "ppo-eval": _ppo_eval,
-    "pipeline": _pipeline, "annotate": _annotate, "models": _models,
+    "pipeline": _pipeline, "annotate": _annotate, "models": _models, "plan": _plan,
 }
 
 

@@ -1,0 +1,222 @@
+"""rlhfkit plan: the parameter, optimizer, activation and KV-cache math against brute force
+(models built on the meta device, a real AdamW step, the tensors autograd saves, a real
+DynamicCache), invariances over processes, LoRA, and the command line."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from rlhfkit.cli import main
+from rlhfkit.plan.estimate import (
+    COMPONENTS,
+    FP32,
+    Precision,
+    Setup,
+    activation_bytes,
+    adamw_bytes,
+    estimate,
+    kv_cache_bytes,
+)
+from rlhfkit.plan.shapes import KNOWN, decoder_shape, parse_size, resolve_shape, shape_for_size
+
+SMOL = KNOWN["smollm2-135m"]
+FP32_PRECISION = Precision(act=4, resid=4, norm=8, casts=False, autocast_copies=False, gathered=4, dropout_mask=4)
+
+
+def _meta_count(model_cls, config) -> tuple[int, int]:
+    with torch.device("meta"):
+        model = model_cls(config)
+    return sum(p.numel() for p in model.parameters()), sum(p.numel() for p in model.model.layers[0].parameters())
+
+
+@pytest.mark.parametrize("name", ["smollm2-135m", "smollm2-1.7b", "qwen2.5-0.5b", "qwen2.5-7b", "llama-3.1-8b"])
+def test_known_shapes_count_what_transformers_builds(name):
+    s = KNOWN[name]
+    kw = dict(vocab_size=s.vocab, hidden_size=s.hidden, intermediate_size=s.intermediate, num_hidden_layers=s.layers,
+              num_attention_heads=s.heads, num_key_value_heads=s.kv_heads, tie_word_embeddings=s.tied)
+    model_cls, config = (Qwen2ForCausalLM, Qwen2Config(**kw)) if name.startswith("qwen") else (LlamaForCausalLM, LlamaConfig(**kw))
+    assert _meta_count(model_cls, config) == (s.params, s.block_params)
+
+
+def test_published_sizes():
+    assert SMOL.params == 134_515_008  # "135M"
+    assert round(KNOWN["qwen2.5-7b"].params / 1e9, 2) == 7.62 and round(KNOWN["llama-3.1-8b"].params / 1e9, 2) == 8.03
+
+
+def test_a_folder_is_counted_exactly_and_lora_matches_peft(tiny_lm):
+    from peft import LoraConfig, get_peft_model
+
+    shape = resolve_shape(str(tiny_lm))
+    model = LlamaForCausalLM.from_pretrained(tiny_lm)
+    assert shape.params == sum(p.numel() for p in model.parameters())
+    assert shape.block_params == sum(p.numel() for p in model.model.layers[0].parameters())
+    assert (shape.hidden, shape.layers, shape.vocab, shape.tied) == (16, 2, model.config.vocab_size, True)
+    lora = get_peft_model(model, LoraConfig(r=8))
+    assert 8 * shape.lora_params == sum(p.numel() for p in lora.parameters() if p.requires_grad)
+    formula = decoder_shape("x", 16, 2, 2, 2, 32, model.config.vocab_size, True)  # the tiny config's numbers
+    assert (formula.params, formula.lora_params) == (shape.params, shape.lora_params)
+
+
+def test_sizes_become_llama_like_shapes_near_the_size():
+    assert parse_size("135M") == 135_000_000 and parse_size("1.5b") == 1_500_000_000 and parse_size("7") is None
+    for n in (135e6, 500e6, 3e9, 7e9, 70e9):
+        s = shape_for_size(int(n))
+        assert s.approx and abs(s.params / n - 1) < 0.1, (n, s)
+    assert resolve_shape("7B").approx and resolve_shape("Qwen/Qwen2.5-7B-Instruct") == KNOWN["qwen2.5-7b"]
+
+
+def test_adamw_state_is_two_fp32_moments_per_trained_parameter():
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Linear(32, 4))
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(3, 16)).sum().backward()
+    opt.step()
+    held = sum(t.numel() * t.element_size() for s in opt.state.values() for k, t in s.items() if k != "step")
+    assert held == adamw_bytes(sum(p.numel() for p in model.parameters()))
+
+
+@pytest.mark.parametrize("lora_dropout", [None, 0.0, 0.05])
+def test_activation_bytes_match_what_autograd_saves(lora_dropout):
+    """fp32, a padded batch (transformers repeats k and v for grouped-query attention then);
+    full fine-tuning, and LoRA (frozen base weights keep fewer inputs) with and without dropout."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
+                         num_key_value_heads=2, tie_word_embeddings=True, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).train()
+    lora = lora_dropout is not None
+    if lora:
+        model = get_peft_model(model, LoraConfig(r=4, lora_dropout=lora_dropout)).base_model.model.train()
+    shape = decoder_shape("t", 64, 3, 4, 2, 160, 300, True)
+    rows, tokens = 3, 40
+    mask = torch.ones(rows, tokens, dtype=torch.long)
+    mask[0, -5:] = 0
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model.model(input_ids=torch.randint(0, 300, (rows, tokens)), attention_mask=mask)
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    measured = sum(n for ptr, n in saved.items() if ptr not in weights)
+    final = rows * tokens * (4 * 64 if lora else 8 * 64 + 64 * 4)  # the final norm and the LM head's input: not run here
+    estimated = activation_bytes(shape, rows, tokens, FP32_PRECISION, lora_modules=2 if lora else 0,
+                                 lora_dropout=lora_dropout or 0.0)
+    assert estimated - final == pytest.approx(measured, rel=0.06)
+
+
+def test_kv_cache_formula_matches_a_dynamic_cache(tiny_lm):
+    model = LlamaForCausalLM.from_pretrained(tiny_lm).eval()
+    shape = resolve_shape(str(tiny_lm))
+    prompt, new, rows = 7, 9, 3
+    cache = DynamicCache()
+    with torch.no_grad():
+        model.generate(torch.randint(3, 200, (rows, prompt)), attention_mask=torch.ones(rows, prompt, dtype=torch.long),
+                       max_new_tokens=new, min_new_tokens=new, do_sample=False, past_key_values=cache, pad_token_id=0)
+    held = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    # the last sampled token is never fed back: the cache holds prompt + new - 1 positions
+    assert held == kv_cache_bytes(shape, rows, prompt + new - 1, 4)
+
+
+def _setup(**kw) -> Setup:
+    return Setup(**{"algo": "grpo", "device": "cpu", "bf16": False, "batch_size": 4, "samples_per_prompt": 4,
+                    "prompt_length": 64, "new_tokens": 32, **kw})
+
+
+def test_fsdp2_shards_weights_and_adds_the_gathered_units():
+    one, two = estimate(_setup(algo="sft", gpus=2), SMOL, "ddp"), estimate(_setup(algo="sft", gpus=2), SMOL, "fsdp2")
+    assert two.phases["step"]["weights"] == pytest.approx(SMOL.params * FP32 / 2)
+    assert two.phases["step"]["optimizer"] == pytest.approx(adamw_bytes(SMOL.params) / 2)
+    assert two.phases["step"]["gradients"] == pytest.approx(SMOL.params * FP32 / 2)
+    tail = SMOL.vocab * SMOL.hidden  # the tied embedding, LM head with it
+    assert two.phases["backward"]["gathered"] == (tail + 2 * SMOL.block_params) * 4 + (tail + SMOL.block_params) * 4
+    assert one.phases["step"]["ddp_buckets"] == SMOL.params * FP32 and two.phases["step"]["ddp_buckets"] == 0
+    rollout = estimate(_setup(gpus=2), SMOL, "fsdp2").phases["generate"]
+    assert rollout["gathered"] == SMOL.params * 4  # gathered() holds the actor's full weights for generation
+
+
+def test_more_processes_never_cost_more_under_fsdp2_and_ddp_does_not_depend_on_them():
+    for algo in ("sft", "rm", "grpo", "ppo"):
+        for device, bf16 in (("cpu", False), ("cuda", True)):
+            s = _setup(algo=algo, device=device, bf16=bf16, critic="value-head" if algo == "ppo" else "none")
+            sharded = [estimate(replace(s, gpus=n), SMOL, "fsdp2").peak for n in (1, 2, 4, 8, 16)]
+            assert sharded == sorted(sharded, reverse=True), (algo, device, sharded)
+            data_parallel = {estimate(replace(s, gpus=n), SMOL, "ddp").peak for n in (2, 4, 8, 16)}
+            assert len(data_parallel) == 1, (algo, device)
+
+
+def test_lora_trains_adapters_only_and_drops_the_reference_copy():
+    full, lora = estimate(_setup(), SMOL, "ddp"), estimate(_setup(lora=True, lora_r=8), SMOL, "ddp")
+    adapters = 8 * SMOL.lora_params
+    assert lora.phases["step"]["gradients"] == adapters * FP32 and lora.phases["step"]["optimizer"] == adamw_bytes(adapters)
+    assert full.phases["step"]["frozen_models"] == SMOL.params * FP32 and lora.phases["step"]["frozen_models"] == 0
+    assert lora.peak < full.peak
+
+
+def test_the_peak_is_the_largest_phase_not_the_sum():
+    e = estimate(_setup(), SMOL, "ddp")
+    assert set(e.phases) == {"generate", "score", "backward", "step"}
+    assert e.peak == max(sum(p.values()) for p in e.phases.values()) and e.breakdown == e.phases[e.peak_phase]
+    assert all(set(p) == set(COMPONENTS) for p in e.phases.values())
+    assert e.phases["generate"]["kv_cache"] == kv_cache_bytes(SMOL, 16, 96, 4) and e.phases["backward"]["kv_cache"] == 0
+
+
+def test_gradient_checkpointing_and_bf16_cut_activations():
+    base = estimate(_setup(algo="sft"), SMOL, "ddp").phases["backward"]["activations"]
+    ckpt = estimate(_setup(algo="sft", gradient_checkpointing=True), SMOL, "ddp").phases["backward"]["activations"]
+    half = estimate(_setup(algo="sft", device="cuda", bf16=True), SMOL, "ddp").phases["backward"]["activations"]
+    assert ckpt < base / 5 and half < base
+
+
+PLAN_KEYS = {"model", "reward_model", "algo", "gpus", "device", "precision", "settings", "device_memory_gb", "config",
+             "per_device_gb", "peak_phase", "fits", "host_gb", "breakdown", "phases", "configs", "recommended",
+             "accelerate_config", "notes"}
+
+
+def test_plan_json_is_one_object_whose_total_is_its_breakdown(capsys):
+    assert main(["plan", "--model", "SmolLM2-135M", "--algo", "grpo", "--gpus", "2", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert set(plan) == PLAN_KEYS
+    assert set(plan["breakdown"]) == set(COMPONENTS) and set(plan["configs"]) == {"ddp", "fsdp2", "fsdp2-offload"}
+    assert plan["per_device_gb"] == pytest.approx(sum(plan["breakdown"].values()), abs=1e-3)
+    assert plan["config"] == plan["recommended"] == "ddp" and plan["fits"]
+    for summary in plan["configs"].values():
+        assert summary["per_device_gb"] == pytest.approx(sum(summary["breakdown"].values()), abs=1e-3)
+        assert summary["per_device_gb"] == pytest.approx(max(summary["phases"].values()), abs=1e-3)
+
+
+def test_plan_config_name_and_the_table(capsys):
+    assert main(["plan", "--model", "7B", "--algo", "sft", "--gpus", "8", "--config", "fsdp2", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["config"] == "fsdp2" and list(plan["configs"]) == ["fsdp2"] and plan["model"]["approximate"]
+    assert main(["plan", "--model", "Llama-3.1-8B", "--algo", "ppo", "--reward-model", "Llama-3.1-8B", "--gpus", "8"]) == 0
+    table = capsys.readouterr().out
+    for needle in ("GiB per device", "ddp", "fsdp2-offload", "generate phase", "total per device", "fits in 80 GiB",
+                   "frozen models", "not sharded"):
+        assert needle in table, needle
+
+
+def test_nothing_fits_names_the_changes_that_would(capsys):
+    assert main(["plan", "--model", "Qwen2.5-7B", "--algo", "grpo", "--device-memory-gb", "40", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["recommended"] is None and not plan["fits"]
+    assert any(c.startswith("--lora") for c in plan["changes_that_fit"])
+
+
+def test_ppo_critics_and_the_reward_model():
+    from rlhfkit.plan.estimate import networks
+
+    s = _setup(algo="ppo", samples_per_prompt=1)
+    head = networks(replace(s, critic="value-head"), SMOL, None)
+    assert [n.trainable for n in head[0]] == [SMOL.params + SMOL.hidden + 1] and [n.params for n in head[1]] == [SMOL.params]
+    trained, frozen = networks(replace(s, critic="reward-model", lora=True), SMOL, SMOL)
+    scorer = SMOL.params + SMOL.hidden  # tied: the body keeps the embedding, a 576 -> 1 head replaces the LM head
+    assert [n.trainable for n in trained] == [16 * SMOL.lora_params, scorer]  # the critic trains whole, also with LoRA
+    assert [n.params for n in frozen] == [scorer]  # LoRA: no reference copy; the reward model stays
