@@ -152,6 +152,16 @@ def test_more_processes_never_cost_more_under_fsdp2_and_ddp_does_not_depend_on_t
             assert len(data_parallel) == 1, (algo, device)
 
 
+def test_fsdp2_shards_the_frozen_models_unless_replicated():
+    s = _setup(gpus=4)
+    sharded, replicated = (estimate(replace(s, frozen_models=m), SMOL, "fsdp2") for m in ("shard", "replicate"))
+    assert sharded.phases["step"]["frozen_models"] == SMOL.params * FP32 / 4
+    assert replicated.phases["step"]["frozen_models"] == SMOL.params * FP32
+    assert sharded.phases["score"]["gathered"] > 0 and sharded.peak < replicated.peak
+    ddp = estimate(replace(s, frozen_models="shard"), SMOL, "ddp")  # only FSDP2 shards anything
+    assert ddp.phases["step"]["frozen_models"] == SMOL.params * FP32
+
+
 def test_lora_trains_adapters_only_and_drops_the_reference_copy():
     full, lora = estimate(_setup(), SMOL, "ddp"), estimate(_setup(lora=True, lora_r=8), SMOL, "ddp")
     adapters = 8 * SMOL.lora_params
@@ -199,12 +209,13 @@ def test_plan_config_name_and_the_table(capsys):
     assert main(["plan", "--model", "Llama-3.1-8B", "--algo", "ppo", "--reward-model", "Llama-3.1-8B", "--gpus", "8"]) == 0
     table = capsys.readouterr().out
     for needle in ("GiB per device", "ddp", "fsdp2-offload", "generate phase", "total per device", "fits in 80 GiB",
-                   "frozen models", "not sharded"):
+                   "frozen models", "sharded like the trained networks"):
         assert needle in table, needle
 
 
 def test_nothing_fits_names_the_changes_that_would(capsys):
-    assert main(["plan", "--model", "Qwen2.5-7B", "--algo", "grpo", "--device-memory-gb", "40", "--json"]) == 0
+    assert main(["plan", "--model", "Qwen2.5-7B", "--algo", "grpo", "--device-memory-gb", "40", "--frozen-models", "replicate",
+                 "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
     assert plan["recommended"] is None and not plan["fits"]
     assert any(c.startswith("--lora") for c in plan["changes_that_fit"])

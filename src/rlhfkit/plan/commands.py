@@ -58,6 +58,8 @@ class PlanConfig(Options):
                                          "function, no model)")
     critic: Literal["auto", "value-head", "reward-model"] = opt("auto", "ppo: value-head, or a separate critic from the "
                                                                         "reward model; auto: reward-model when --reward-model is a decoder")
+    frozen_models: Literal["shard", "replicate"] = opt("shard", "rl under fsdp2: the reference and reward model sharded "
+                                                                 "(rl's default) or a full copy per process")
     eval_batch_size: int = opt(0, "count an evaluation pass of this many sequences (the trainers use sft 16, rm 64, dpo 16 "
                                   "when the run has eval data); 0: none", ge=0)
     json: bool = opt(False, "print one JSON object instead of the table")
@@ -119,7 +121,7 @@ def make_setup(cfg: PlanConfig, reward: ModelShape | None) -> Setup:
         batch_size=cfg.batch_size or (16 if rl else DEFAULT_BATCH[cfg.algo]), list_size=cfg.list_size,
         max_length=cfg.max_length or DEFAULT_LENGTH.get(cfg.algo, 512), prompt_length=cfg.max_prompt_length or 256,
         new_tokens=cfg.max_new_tokens or 64, samples_per_prompt=cfg.k, mini_batch_size=cfg.mini_batch_size or 8,
-        grad_accum=cfg.grad_accum, eval_batch_size=cfg.eval_batch_size, critic=critic)
+        grad_accum=cfg.grad_accum, eval_batch_size=cfg.eval_batch_size, critic=critic, frozen_models=cfg.frozen_models)
 
 
 def _fits(e: Estimate, setup: Setup, memory_gib: float) -> bool:

@@ -18,7 +18,8 @@ What the trainers hold (read from ``rlhfkit/{sft,rm,rl}`` and ``training/``):
   ``1/N`` of weights, gradients and AdamW state, plus the units being computed (two blocks:
   the current one and the prefetched next) and their unsharded gradients; the RL rollout
   gathers the actor's full weights for generation (``training.distributed.gathered``); the
-  frozen reference and reward model are full copies in every process;
+  frozen reference and reward model are sharded too (``rl --frozen-models shard``, gathered a
+  unit at a time in their forward passes) or full copies in every process (``replicate``);
 - the peak is the largest phase, never the sum: RL ``generate`` (KV cache), ``score``
   (reference, reward model and critic forward passes), ``backward`` (activations, logits)
   and ``step`` (gradients with AdamW state); SFT/RM/DPO ``backward``, ``step``, ``eval``.
@@ -66,6 +67,7 @@ class Setup:
     grad_accum: int = 1  # micro-batches per optimizer step (rl: the minibatch is split into them)
     eval_batch_size: int = 0  # sequences per evaluation forward pass (0: no evaluation phase)
     critic: str = "none"  # ppo: value-head | reward-model (a separate critic of the reward model's shape)
+    frozen_models: str = "shard"  # rl under fsdp2: shard | replicate the reference and reward model (rl --frozen-models)
 
     @property
     def rl(self) -> bool:
@@ -302,12 +304,14 @@ def estimate(setup: Setup, policy: ModelShape, config: str, reward: ModelShape |
     weights = sum(net.params for net in trained) * FP32 * share
     optimizer = sum(adamw_bytes(net.trainable) for net in trained) * share
     grads = sum(net.trainable for net in trained) * FP32 * share
-    host = weights + optimizer + grads if offload else 0.0
+    shard_frozen = sharded and setup.frozen_models == "shard"  # rl/trainer: training.distributed.shard_frozen
+    frozen_bytes = sum(net.params for net in frozen) * FP32 * (share if shard_frozen else 1.0)
+    host = weights + optimizer + grads + (frozen_bytes if offload and shard_frozen else 0.0) if offload else 0.0
     base = {
         "weights": 0.0 if offload else weights,
         "optimizer": 0.0 if offload else optimizer,
         "ddp_buckets": sum(net.trainable for net in trained) * FP32 if (config == "ddp" and n > 1) else 0.0,
-        "frozen_models": sum(net.params for net in frozen) * FP32,
+        "frozen_models": 0.0 if offload and shard_frozen else frozen_bytes,
         "runtime": CPU_PROCESS_BASELINE if setup.device == "cpu" else CUDA_RUNTIME,
     }
 
@@ -374,9 +378,11 @@ def estimate(setup: Setup, policy: ModelShape, config: str, reward: ModelShape |
         # PPO's old values (a value head: with the actor's logits) run the trained networks; the
         # critic-free algorithms only the frozen reference, their actor resharded after generation
         trained_forward = setup.algo == "ppo"
+        # sharded frozen models gather their units during their own forward pass (one model at a time)
+        frozen_gathered = max([gathered_units(net, False) for net in frozen] or [0.0]) if shard_frozen else 0.0
         phases["score"] = phase(
             autocast_copies=autocast(trained, grad=False),
-            gathered=sum(gathered_units(net, False) for net in trained) if trained_forward else 0.0,
+            gathered=max(sum(gathered_units(net, False) for net in trained) if trained_forward else 0.0, frozen_gathered),
             activations=acts, logits=logits)
     elif setup.eval_batch_size:
         e, t = setup.eval_batch_size, setup.max_length
@@ -390,11 +396,14 @@ def estimate(setup: Setup, policy: ModelShape, config: str, reward: ModelShape |
     if setup.algo == "dpo":
         notes.append("dpo: the reference log-probs are computed once before training by the policy itself (no second "
                      "model held while training)")
-    if sharded and any(not net.trainable for net in frozen):
-        notes.append("fsdp2: the frozen reference and reward model are full copies in every process (not sharded)")
+    if sharded and frozen:
+        notes.append("fsdp2: the frozen reference and reward model are " + (
+            "sharded like the trained networks (rl --frozen-models shard)" if shard_frozen else
+            "full copies in every process (rl --frozen-models replicate)"))
     if setup.device == "cpu":
         notes.append("cpu: the process's resident memory can exceed this: glibc keeps freed blocks in its heap (measured "
                      "+0.4 GiB for one process, +1 GiB per process under FSDP2); MALLOC_MMAP_THRESHOLD_=131072 hands them back")
     if offload:
-        notes.append("fsdp2-offload: weights, gradients and AdamW state live in CPU RAM (host per process)")
+        notes.append("fsdp2-offload: weights, gradients and AdamW state (and sharded frozen models) live in CPU RAM "
+                     "(host per process)")
     return Estimate(config, phases, host=host, notes=notes)
