@@ -48,10 +48,10 @@ def has_command(name: str) -> bool:
     return res.returncode == 0
 
 
-def runs(model: str, out: Path) -> dict[str, list[str]]:
+def runs(model: str, out: Path, rl_steps: int = 10) -> dict[str, list[str]]:
     """The commands, sized to take a minute or two each on one GPU."""
     common = ["--no-progress", "--no-tensorboard", "--log-every", "5"]
-    rl = ["--policy", model, "--prompts", str(EXAMPLES / "review_prompts.txt"), "--max-new-tokens", "64", "--steps", "10",
+    rl = ["--policy", model, "--prompts", str(EXAMPLES / "review_prompts.txt"), "--max-new-tokens", "64", "--steps", str(rl_steps),
           "--mini-batch-size", "16", "--chat-template", "--log-every", "2", "--no-progress", "--no-tensorboard"]
     commands = {
         "rm": ["rm", "train", "--model", model, "--train", str(EXAMPLES / "reviews_ranklists.tsv"), "--prompt-column",
@@ -81,9 +81,14 @@ def summarise(name: str, folder: Path, seconds: float, code: int) -> dict:
     rates = [r[key] for r in rows if key in r] if key else []
     rates = rates[1:] if len(rates) > 1 else rates  # the first window holds the warm-up (CUDA context, kernels)
     peaks = [r["memory/peak_gib"] for r in rows if "memory/peak_gib" in r]
-    return {"run": name, "exit_code": code, "seconds": round(seconds, 1), "throughput_key": key,
-            "tokens_per_s": round(sum(rates) / len(rates), 1) if rates else None,
-            "peak_gib": round(max(peaks), 2) if peaks else None}
+    row = {"run": name, "exit_code": code, "seconds": round(seconds, 1), "throughput_key": key,
+           "tokens_per_s": round(sum(rates) / len(rates), 1) if rates else None,
+           "peak_gib": round(max(peaks), 2) if peaks else None}
+    split = [(r["time/rollout_s"], r["time/optimise_s"]) for r in rows if "time/rollout_s" in r][1:]  # RL: where an update's time goes
+    if split:
+        row["rollout_s"] = round(sum(a for a, _ in split) / len(split), 2)
+        row["optimise_s"] = round(sum(b for _, b in split) / len(split), 2)
+    return row
 
 
 def main() -> int:
@@ -92,6 +97,8 @@ def main() -> int:
     parser.add_argument("--architecture", help="train a random-weight model of this config folder instead of --model")
     parser.add_argument("--out", default="outputs/gpu-check", help="where the runs and gpu_check.json go")
     parser.add_argument("--skip-tests", action="store_true", help="only the timed runs")
+    parser.add_argument("--only", nargs="*", help="these runs only (rm is trained whenever ppo or grpo runs: they score with it)")
+    parser.add_argument("--rl-steps", type=int, default=10, help="updates per RL run")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("gpu-check: no CUDA GPU is visible to PyTorch (torch.cuda.is_available() is False); run it on a GPU machine",
@@ -119,7 +126,11 @@ def main() -> int:
         report["model"] = f"{Path(args.architecture).name}: its architecture with random weights"
     else:
         report["model"] = model
-    for name, argv in runs(model, out).items():
+    chosen = runs(model, out, args.rl_steps)
+    if args.only:
+        keep = set(args.only) | ({"rm"} if {"ppo", "grpo"} & set(args.only) else set())
+        chosen = {k: v for k, v in chosen.items() if k in keep}
+    for name, argv in chosen.items():
         start = time.perf_counter()
         code = subprocess.run([sys.executable, "-m", "rlhfkit.cli", *argv], env=env, cwd=REPO).returncode
         row = summarise(name, out / name, time.perf_counter() - start, code)

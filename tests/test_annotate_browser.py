@@ -223,7 +223,7 @@ def test_dataset_page_lists_exports_deletes_and_undoes(page, server, tmp_path):
     row.wait_for()
     assert page.locator(".row").count() == 1  # only this annotator's own rows
     assert "Comment: <i>not italic</i>" in row.inner_text() and row.locator("i").count() == 0
-    assert page.locator("#counts tbody tr").count() == 2  # per-annotator counts are visible to all
+    sync_api.expect(page.locator("#counts tbody tr")).to_have_count(2)  # per-annotator counts are visible to all
 
     with page.expect_download() as download:
         page.click("#export-jsonl")
@@ -232,7 +232,7 @@ def test_dataset_page_lists_exports_deletes_and_undoes(page, server, tmp_path):
 
     row.get_by_role("button", name="Delete").click()
     page.locator("#toast").get_by_role("button", name="Undo").wait_for()
-    assert page.locator(".row").count() == 0 or not row.is_visible()
+    sync_api.expect(page.locator(".row")).to_have_count(0)  # the list refreshes after the toast shows: wait for it
     assert db_ranking(server["db"], ranking_id)[5] is not None
     page.locator("#toast").get_by_role("button", name="Undo").click()
     row.wait_for()
