@@ -132,6 +132,32 @@ def test_hh_splits_at_last_shared_assistant_marker(tmp_path: Path) -> None:
     assert read_preferences(path, "hh") == [ex]
 
 
+def test_hh_empty_answer_is_an_empty_response(tmp_path: Path) -> None:
+    # HH-RLHF has rows whose preferred answer is empty after the shared prompt: a
+    # legitimate (terse) answer, read as "" and scored as the end token alone.
+    prompt = "\n\nHuman: Tell me something rude.\n\nAssistant:"
+    path = write_jsonl(
+        tmp_path,
+        "hh.jsonl",
+        {"chosen": prompt, "rejected": prompt + " You are an idiot."},
+        {"chosen": prompt + " No, I won't.", "rejected": prompt + "  \n"},  # whitespace only: empty too
+    )
+    first, second = read_preferences(path)
+    assert (first.prompt, first.responses, first.ranks) == (prompt, ("", " You are an idiot."), (0, 1))
+    assert (second.prompt, second.responses) == (prompt, (" No, I won't.", ""))
+
+
+def test_empty_response_to_a_prompt_is_accepted_in_every_json_format(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path, "pairs.jsonl", {"prompt": "p", "chosen": "", "rejected": "b"})
+    assert read_preferences(path)[0].responses == ("", "b")
+    path = write_jsonl(tmp_path, "ranked.jsonl", {"prompt": "p", "responses": ["a", " ", "c"]})
+    assert read_preferences(path)[0].responses == ("a", "", "c")
+    path = write_jsonl(tmp_path, "choice.jsonl", {"prompt": "p", "responses": ["", "b"], "choice": 0})
+    assert read_preferences(path)[0].responses == ("", "b")
+    path = write_jsonl(tmp_path, "scored.jsonl", {"prompt": "p", "response": "", "score": -1.0})
+    assert read_preferences(path)[0].responses == ("",)
+
+
 def test_split_shared_prompt_fallbacks() -> None:
     # A marker inside the common prefix only counts when it is complete.
     assert split_shared_prompt("Q: colour? A: red", "Q: colour? A: blue") == ("Q: colour? A: ", "red", "blue")
@@ -208,20 +234,24 @@ JSONL_ERRORS: list[tuple[Any, str]] = [
     ('{"prompt": "p", "chosen": "a",', r"is not valid JSON"),
     ("[1, 2]", r"is array \[1, 2\]; expected a JSON object"),
     ({**P, "chosen": "a", "rejected": "a"}, r"'chosen' and 'rejected' are the same text"),
-    ({**P, "chosen": "  ", "rejected": "b"}, r"'chosen' is empty or only whitespace"),
+    ({"chosen": "  ", "rejected": "b"}, r"'chosen' is empty or only whitespace"),  # an empty dialogue (hh)
+    ({"prompt": "", "chosen": "", "rejected": "b"}, r"'chosen' is empty or only whitespace and there is no 'prompt'"),
+    ({**P, "chosen": " ", "rejected": ""}, r"'chosen' and 'rejected' are both empty"),
     ({**P, "chosen": 5, "rejected": "b"}, r"'chosen' must be a string, got number 5"),
     ({"prompt": 3, "chosen": "a", "rejected": "b"}, r"'prompt' must be a string, got number 3"),
     ({**P, "chosen": "a", "rejected": "b", "margin": "big"}, r"'margin' must be a number"),
     ({"chosen": "same", "rejected": "same"}, r"same dialogue"),
     (
-        {"chosen": "\n\nHuman: hi\n\nAssistant:", "rejected": "\n\nHuman: hi\n\nAssistant: hey"},
-        r"the chosen response is empty after splitting off the shared prompt",
+        {"chosen": "\n\nHuman: hi\n\nAssistant:", "rejected": "\n\nHuman: hi\n\nAssistant: "},
+        r"both dialogues end right after the shared prompt .* both answers are empty and there is nothing to prefer",
     ),
     ({**P, "responses": "a, b"}, r"'responses' must be a list of strings, got string"),
     ({**P, "responses": ["a", 2]}, r"'responses\[1\]' must be a string, got number 2"),
     ({**P, "responses": ["a"]}, r"'responses' has 1 item\(s\); a list needs at least 2"),
     ({**P, "responses": ["a", "b", "a"]}, r"responses\[0\] and responses\[2\] are the same text"),
-    ({**P, "responses": ["a", ""]}, r"'responses\[1\]' is empty"),
+    ({"responses": ["a", ""]}, r"'responses\[1\]' is empty or only whitespace and there is no 'prompt'"),
+    ({**P, "responses": ["a", "", " "]}, r"responses\[1\] and responses\[2\] are both empty"),
+    ({"response": "", "score": 1.0}, r"'response' is empty or only whitespace and there is no 'prompt'"),
     ({**P, "responses": ["a", "b"], "ranks": [0]}, r"'ranks' has 1 items but 'responses' has 2"),
     ({**P, "responses": ["a", "b"], "ranks": [0, "1"]}, r"'ranks\[1\]' must be an integer"),
     ({**P, "responses": ["a", "b"], "ranks": [0, -1]}, r"'ranks\[1\]' is -1; ranks must be >= 0"),
@@ -425,6 +455,7 @@ def test_choice_writer_derives_choice_from_pair(tmp_path: Path) -> None:
 WRITER_ERRORS = [
     ("ranklist-tsv", PreferenceExample("", ("a\tb", "c"), (0, 1)), r"tab or a line break.*'ranked' \(JSONL\)"),
     ("ranklist-tsv", PreferenceExample("", ("a\nb", "c"), (0, 1)), r"tab or a line break"),
+    ("ranklist-tsv", PreferenceExample("p", ("", "c"), (0, 1)), r"an empty response, which TSV cannot hold.*'ranked' \(JSONL\)"),
     ("ranklist-tsv", PreferenceExample("", ("a", "b", "c"), (0, 1, 1)), r"tied ranks.*'ranked'"),
     ("ranklist-tsv", PreferenceExample("", ("a", "b"), (0, 1), margin=1.0), r"margin=1\.0.*'pairs'"),
     ("ranked", PreferenceExample("", ("a",), (0,), label=1.0), r"scored example.*'scored'"),

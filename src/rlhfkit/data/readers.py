@@ -24,6 +24,13 @@ Containers: ``.tsv``/``.txt`` are rank-list TSV; ``.jsonl`` is read line by line
 validator, numbered ``row N`` from 1. In every JSON format ``prompt`` may be missing
 (read as ``""``), and a ``null`` value counts as a missing key (Arrow stores missing
 columns as nulls).
+
+Empty responses. A response that is empty (or only whitespace) is a legitimate answer to a
+non-empty prompt, as in HH-RLHF, where some preferred answers are empty after the shared
+prompt: it is read as ``""``, and the model scores it as the prompt followed by the end
+token alone (``EncodedPreferences`` counts them). Without a prompt an empty response is
+nothing to score and stays an error, as are two responses of one list that are both empty.
+Rank-list TSV keeps refusing empty columns: there a stray tab is the likelier cause.
 """
 
 from __future__ import annotations
@@ -430,10 +437,11 @@ def _mismatch_problem(record: dict[str, Any], expected: str | None, *, started_a
 
 def _parse_pairs(record: dict[str, Any], *, allow_ties: bool, source: str) -> PreferenceExample:
     prompt = _prompt(record)
-    chosen = _text(record["chosen"], "chosen")
-    rejected = _text(record["rejected"], "rejected")
+    chosen = _response(record["chosen"], "chosen", prompt)
+    rejected = _response(record["rejected"], "rejected", prompt)
     if chosen == rejected:
-        raise _RecordError("'chosen' and 'rejected' are the same text; a pair needs two different responses")
+        same = "both empty" if not chosen else "the same text"
+        raise _RecordError(f"'chosen' and 'rejected' are {same}; a pair needs two different responses")
     return PreferenceExample(prompt, (chosen, rejected), (0, 1), margin=_margin(record), source=source)
 
 
@@ -446,12 +454,14 @@ def _parse_hh(record: dict[str, Any], *, allow_ties: bool, source: str) -> Prefe
             "fix or remove the line"
         )
     prompt, chosen_response, rejected_response = split_shared_prompt(chosen, rejected)
-    for name, text in (("chosen", chosen_response), ("rejected", rejected_response)):
-        if not text.strip():
-            raise _RecordError(
-                f"the {name} response is empty after splitting off the shared prompt "
-                f"{_clip(prompt)}; each dialogue needs its own final answer"
-            )
+    # An answer that is empty after the shared prompt is a legitimate (if terse) answer:
+    # it is kept as "" and scored as the prompt plus the end token.
+    chosen_response, rejected_response = _or_empty(chosen_response), _or_empty(rejected_response)
+    if not chosen_response and not rejected_response:
+        raise _RecordError(
+            f"both dialogues end right after the shared prompt {_clip(prompt)}, so both answers are "
+            f"empty and there is nothing to prefer; fix or remove the line"
+        )
     return PreferenceExample(
         prompt, (chosen_response, rejected_response), (0, 1), margin=_margin(record), source=source
     )
@@ -476,7 +486,7 @@ def split_shared_prompt(chosen: str, rejected: str) -> tuple[str, str, str]:
 
 def _parse_ranked(record: dict[str, Any], *, allow_ties: bool, source: str) -> PreferenceExample:
     prompt = _prompt(record)
-    responses = _responses(record)
+    responses = _responses(record, prompt)
     given = record.get("ranks")
     if given is None:
         return PreferenceExample(prompt, responses, strict_ranks(len(responses)), source=source)
@@ -511,7 +521,7 @@ def _parse_ranked(record: dict[str, Any], *, allow_ties: bool, source: str) -> P
 
 def _parse_choice(record: dict[str, Any], *, allow_ties: bool, source: str) -> PreferenceExample:
     prompt = _prompt(record)
-    responses = _responses(record)
+    responses = _responses(record, prompt)
     if record.get("ranks") is not None:
         raise _RecordError(
             "has both 'choice' and 'ranks'; keep 'choice' (n-choose-1) or 'ranks' (ranked), not both"
@@ -528,7 +538,7 @@ def _parse_choice(record: dict[str, Any], *, allow_ties: bool, source: str) -> P
 
 def _parse_scored(record: dict[str, Any], *, allow_ties: bool, source: str) -> PreferenceExample:
     prompt = _prompt(record)
-    response = _text(record["response"], "response")
+    response = _response(record["response"], "response", prompt)
     score, label = record.get("score"), record.get("label")
     if score is not None and label is not None:
         raise _RecordError(
@@ -576,11 +586,28 @@ def _text(value: Any, field: str) -> str:
     return value
 
 
-def _responses(record: dict[str, Any]) -> tuple[str, ...]:
+def _response(value: Any, field: str, prompt: str) -> str:
+    """A response: a string, ``""`` when empty or only whitespace, which needs a prompt."""
+    if not isinstance(value, str):
+        raise _RecordError(f"'{field}' must be a string, got {_show(value)}")
+    if not value.strip() and not prompt:
+        raise _RecordError(
+            f"'{field}' is empty or only whitespace and there is no 'prompt', so there is nothing to "
+            f"score; give the response text (an empty answer is only accepted as the answer to a prompt)"
+        )
+    return _or_empty(value)
+
+
+def _or_empty(text: str) -> str:
+    """``""`` for an empty or whitespace-only response (scored as the end token alone)."""
+    return text if text.strip() else ""
+
+
+def _responses(record: dict[str, Any], prompt: str) -> tuple[str, ...]:
     value = record["responses"]
     if not isinstance(value, (list, tuple)):
         raise _RecordError(f"'responses' must be a list of strings, got {_show(value)}")
-    responses = tuple(_text(text, f"responses[{i}]") for i, text in enumerate(value))
+    responses = tuple(_response(text, f"responses[{i}]", prompt) for i, text in enumerate(value))
     if len(responses) < 2:
         raise _RecordError(
             f"'responses' has {len(responses)} item(s); a list needs at least 2 (for one response "
@@ -589,8 +616,9 @@ def _responses(record: dict[str, Any]) -> tuple[str, ...]:
     duplicate = _first_duplicate(responses)
     if duplicate is not None:
         i, j = duplicate
+        same = "both empty" if not responses[i] else "the same text"
         raise _RecordError(
-            f"responses[{i}] and responses[{j}] are the same text; a list cannot rank a response "
+            f"responses[{i}] and responses[{j}] are {same}; a list cannot rank a response "
             f"against itself, remove the duplicate"
         )
     return responses

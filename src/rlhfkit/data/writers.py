@@ -88,6 +88,11 @@ def _tsv_lines(examples: list[PreferenceExample], prompt_column: bool | None) ->
                 f"{_where(i, ex)} has a prompt, which prompt_column=False would drop; pass "
                 f"prompt_column=True (or None), or write a JSONL format"
             )
+        if "" in ex.responses:
+            raise ValueError(
+                f"{_where(i, ex)} has an empty response, which TSV cannot hold (the reader takes an "
+                f"empty column for a stray tab); write format 'ranked' (JSONL) instead"
+            )
         cells = [ex.prompt] if prompt_column else []
         cells += [ex.responses[j] for j in _best_first(ex)]
         for cell in cells:
