@@ -84,6 +84,32 @@ def test_truncation_keeps_the_response_end_and_counts(lm_rm, caplog):
     assert data.n_truncated == 2 and "2 of 2 unique texts are longer than max_length=16 and were truncated (kept, not dropped" in caplog.text
 
 
+def test_empty_response_is_the_end_token_alone_and_counted(lm_rm, tiny_encoder, caplog):
+    # decoder: prompt + EOS
+    feats, n_prompt, cut = lm_rm.encode("Human: hi\n\nAssistant:", "")
+    p_ids = lm_rm.tokenizer("Human: hi\n\nAssistant:", add_special_tokens=False)["input_ids"]
+    assert feats["input_ids"] == p_ids + [lm_rm.tokenizer.eos_token_id] and n_prompt == len(p_ids) and not cut
+    # encoder: [CLS] prompt [SEP] [SEP], the last [SEP] being the (empty) answer's segment;
+    # tokenizers would drop an empty second segment and score the prompt alone
+    enc = RewardModel.from_pretrained(tiny_encoder)
+    tok = enc.tokenizer
+    feats, n_prompt, cut = enc.encode("Human: hi", "")
+    prompt_ids = tok("Human: hi")["input_ids"]  # [CLS] human : hi [SEP]
+    assert feats["input_ids"] == prompt_ids + [tok.sep_token_id] and not cut
+    assert feats["token_type_ids"] == [0] * len(prompt_ids) + [1] and n_prompt == len(prompt_ids)
+    # a long prompt is cut from the right and the answer's [SEP] kept
+    short = RewardModel(enc.model, tok, type(enc.meta)(kind="encoder", pooling="auto", max_length=8))
+    feats, n_prompt, cut = short.encode("one two three four five six seven eight nine", "")
+    assert cut and len(feats["input_ids"]) == 8 and feats["input_ids"][-2:] == [tok.sep_token_id] * 2
+    # counted once per unique text, and logged
+    exs = [PreferenceExample("Human: hi", ("", "hello"), (0, 1)), PreferenceExample("Human: yo", ("hey", ""), (0, 1))]
+    with caplog.at_level("WARNING"):
+        data = EncodedPreferences.build(exs, enc.encode, 64, what="hh.jsonl")
+    assert data.n_empty_responses == 2 and data.n_truncated == 0
+    assert "hh.jsonl: 2 of 4 unique texts have an empty response, scored as the prompt and the end token alone" in caplog.text
+    assert data.response_lengths[0] == 1  # the answer's [SEP]
+
+
 def test_whitened_scores_have_zero_mean_unit_std(lm_rm):
     s = lm_rm.score(None, TEXTS, whiten=True)
     assert abs(s.mean().item()) < 1e-5 and abs(s.std(unbiased=False).item() - 1) < 1e-4

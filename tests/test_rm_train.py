@@ -172,6 +172,37 @@ def test_cli_train_eval_score(tiny_lm, separable_tsv, tmp_path, capsys):
     assert len(lines) == 2 and float(lines[0]) > float(lines[1])
 
 
+def hh_rows(n: int, empty_chosen: int) -> list[dict]:
+    """HH-RLHF-style rows (whole dialogues); row ``empty_chosen`` has an empty preferred answer."""
+    rows = []
+    for i in range(n):
+        prompt = f"\n\nHuman: question {i} about the river\n\nAssistant: which river?\n\nHuman: the green one {i}\n\nAssistant:"
+        chosen = "" if i == empty_chosen else " good good apple river"
+        rows.append({"chosen": prompt + chosen, "rejected": prompt + " stone stone"})
+    return rows
+
+
+@pytest.mark.parametrize("backbone", ["tiny_lm", "tiny_encoder"])
+def test_hh_file_with_an_empty_chosen_answer_trains_and_counts_it(backbone, request, tmp_path, capsys, caplog):
+    model = str(request.getfixturevalue(backbone))
+    train, held_out = tmp_path / "hh_train.jsonl", tmp_path / "hh_test.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in hh_rows(24, empty_chosen=5)))
+    held_out.write_text("".join(json.dumps(r) + "\n" for r in hh_rows(6, empty_chosen=2)))
+    out = tmp_path / "hh"
+    with caplog.at_level("WARNING"):
+        rc = main(["rm", "train", "--model", model, "--train", str(train), "--output", str(out), "--epochs", "2",
+                   "--lr", "3e-3", "--max-length", "24", "--no-progress", "--no-tensorboard"])
+    assert rc == 0
+    assert f"{train}: 1 of 48 unique texts have an empty response, scored as the prompt and the end token alone" in caplog.text
+    assert "longer than max_length=24" in caplog.text  # most dialogues overflow 24 tokens: counted too
+    losses = step_losses(out)
+    assert losses and all(math.isfinite(v) for v in losses)
+    capsys.readouterr()
+    assert main(["rm", "eval", "--model", str(out), "--data", str(held_out), "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["n_lists"] == 6 and metrics["n_empty_responses"] == 1 and metrics["n_truncated"] > 0
+
+
 def test_cli_reports_bad_input_with_exit_code_2(tmp_path, capsys):
     bad = tmp_path / "bad.tsv"
     bad.write_text("only one text\n")

@@ -27,7 +27,10 @@ class EncodedPreferences:
     """Examples with every unique (prompt, response) tokenised once.
 
     ``texts[i]`` are the features of unique text i; ``lists[j]`` are the text indices of
-    example j's responses (same order as ``examples[j].responses``).
+    example j's responses (same order as ``examples[j].responses``). ``n_truncated`` counts
+    unique texts longer than ``max_length`` (cut, kept); ``n_empty_responses`` unique texts
+    whose response is ``""`` (encoded as the prompt and the end token alone: ``[CLS] prompt
+    [SEP] [SEP]`` for an encoder, ``prompt EOS`` for a decoder).
     """
 
     examples: list[PreferenceExample]
@@ -36,12 +39,13 @@ class EncodedPreferences:
     response_lengths: list[int]  # in tokens, for the length diagnostics
     lists: list[list[int]]
     n_truncated: int
+    n_empty_responses: int = 0
 
     @classmethod
     def build(cls, examples: Sequence[PreferenceExample], encode: Encoder, max_length: int, what: str = "data") -> "EncodedPreferences":
         index: dict[tuple[str, str], int] = {}
         texts, prompt_lengths, response_lengths, lists = [], [], [], []
-        truncated = 0
+        truncated = empty = 0
         for ex in examples:
             row = []
             for resp in ex.responses:
@@ -53,6 +57,7 @@ class EncodedPreferences:
                     prompt_lengths.append(n_prompt)
                     response_lengths.append(len(feats["input_ids"]) - n_prompt)
                     truncated += int(was_cut)
+                    empty += int(resp == "")
                 row.append(index[key])
             lists.append(row)
         if truncated:
@@ -61,7 +66,13 @@ class EncodedPreferences:
                 "%s: %d of %d unique texts are longer than max_length=%d and were truncated "
                 "(kept, not dropped; raise --max-length to keep more)", what, truncated, len(texts), max_length
             )
-        return cls(list(examples), texts, prompt_lengths, response_lengths, lists, truncated)
+        if empty:
+            # Legitimate (HH-RLHF has them), but worth knowing about.
+            logger.warning(
+                "%s: %d of %d unique texts have an empty response, scored as the prompt and the end token alone",
+                what, empty, len(texts),
+            )
+        return cls(list(examples), texts, prompt_lengths, response_lengths, lists, truncated, empty)
 
     def __len__(self) -> int:
         return len(self.examples)

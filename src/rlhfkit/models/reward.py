@@ -174,6 +174,8 @@ class RewardModel(nn.Module):
         """
         tok, max_len = self.tokenizer, self.meta.max_length
         if self.meta.kind == "encoder":
+            if prompt and not response and getattr(tok, "is_fast", False):
+                return self._encode_empty_response(prompt)
             if prompt:
                 full = tok(prompt, response, truncation=False)
             else:
@@ -205,6 +207,26 @@ class RewardModel(nn.Module):
             if len(r_ids) > max_len:
                 r_ids = r_ids[: max_len - 1] + ([eos] if eos is not None else r_ids[max_len - 1 : max_len])
         return {"input_ids": p_ids + r_ids}, len(p_ids), truncated
+
+    def _encode_empty_response(self, prompt: str) -> tuple[dict[str, list[int]], int, bool]:
+        """Encoder input for an empty answer to ``prompt``: ``[CLS] prompt [SEP] [SEP]``.
+
+        Tokenizers read an empty second segment as none (``[CLS] prompt [SEP]``, the prompt
+        alone); the pair's special tokens are kept here, so the answer is its end token. Made
+        by encoding a placeholder answer and dropping its tokens (sequence id 1), which works
+        for any pair template (BERT, RoBERTa...). A long prompt is cut from the right.
+        """
+        tok, max_len = self.tokenizer, self.meta.max_length
+        enc = tok(prompt, "x", truncation=False)
+        n_placeholder = enc.sequence_ids().count(1)
+        truncated = len(enc["input_ids"]) - n_placeholder > max_len
+        if truncated:
+            enc = tok(prompt, "x", truncation="only_first", max_length=max_len + n_placeholder)
+        keep = [i for i, s in enumerate(enc.sequence_ids()) if s != 1]
+        ids = {k: list(v) for k, v in enc.items() if k in ("input_ids", "token_type_ids")}
+        feats = {k: [v[i] for i in keep] for k, v in ids.items()}
+        n_prompt = feats["token_type_ids"].count(0) if "token_type_ids" in feats else len(feats["input_ids"]) - 1
+        return feats, n_prompt, truncated
 
     def pad(self, features: Sequence[dict[str, list[int]]], padding_side: str = "right") -> dict[str, torch.Tensor]:
         """Dynamic padding to the longest sequence; attention_mask 1 = real token."""

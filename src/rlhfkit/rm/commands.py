@@ -62,6 +62,7 @@ def run_eval(cfg: RMEvalConfig) -> dict:
     data = EncodedPreferences.build(examples, rm.encode, max_length, what=cfg.eval)
     metrics, _ = evaluate(rm, data, rm.pad, batch_size=cfg.batch_size, device=device)
     metrics["n_truncated"] = data.n_truncated
+    metrics["n_empty_responses"] = data.n_empty_responses
     return metrics
 
 
