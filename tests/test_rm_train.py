@@ -17,7 +17,7 @@ from rlhfkit.tracking import read_metrics
 
 
 def cfg(**kw) -> RMTrainConfig:
-    base = dict(lr=3e-3, batch_size=8, eval_every=1000, save_every=1000, log_every=1, progress=False, tensorboard=False, warmup_ratio=0.0)
+    base = dict(lr=3e-3, head_lr=None, batch_size=8, eval_every=1000, save_every=1000, log_every=1, progress=False, tensorboard=False, warmup_ratio=0.0)
     base.update(kw)
     return from_dict(RMTrainConfig, base)
 

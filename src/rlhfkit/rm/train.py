@@ -56,8 +56,11 @@ class RMTrainConfig(RunOptions, OptimOptions, LoraOptions, PreferenceDataOptions
     loss: LossName = opt("pairwise", "training objective (see the README's table)")
     epochs: float = opt(1.0, "passes over the training lists (fractions allowed)", gt=0)
     max_steps: int | None = opt(None, "optimizer steps in the schedule (overrides --epochs)", ge=1)
-    batch_size: int = opt(8, "lists per process per micro-batch", ge=1)
-    head_lr: float | None = opt(None, "learning rate of the new scalar head (default: --lr)", gt=0)
+    batch_size: int = opt(2, "lists per process per micro-batch (2 lists of K=4 = 12 pairs per step: in one epoch, "
+                             "more and smaller steps reach a higher held-out accuracy than 8 lists per step)", ge=1)
+    lr: float = opt(5e-5, "peak learning rate of the backbone", gt=0)
+    head_lr: float | None = opt(1e-3, "learning rate of the new scalar head (and an encoder's pooler): it starts from "
+                                      "random weights and barely moves at the backbone's rate (none: --lr)", gt=0)
     max_length: int = opt(256, "tokens per (prompt, response); longer texts are truncated and counted, never dropped", ge=8)
     pooling: Literal["auto", "cls", "mean", "last"] = opt("auto", "encoders: auto (the architecture's head), cls or mean; decoders read the last token")
     chat_template: bool | None = opt(None, "decoders: read (prompt, response) through the chat template, as a user and an "
