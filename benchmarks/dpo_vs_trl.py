@@ -310,7 +310,7 @@ def report(args: Args, data: dict[str, Any], ours: dict[str, Any], trl: dict[str
         f"DPO, {args.policy}: {data['train_lists']} lists of K={data['k']} ({data['train_pairs']} pairs for TRL), {args.epochs} epoch(s), "
         f"{ours['steps']} steps of {args.batch_size} lists, beta {args.beta:g}, lr {args.lr:g}, max length {args.max_length} "
         f"({data['texts_pre_truncated']} of {data['texts_total']} texts pre-truncated), held-out {data['eval_lists']} lists.",
-        f"CPU: {env['cpus']} cores, torch threads {ours['torch_threads']}, load average at start {env['loadavg']}; torch "
+        f"CPU: {env['cpu']}{' ' + str(env['isa_caps']) if env['isa_caps'] else ''}, {env['cpus']} cores, torch threads {ours['torch_threads']}, load average at start {env['loadavg']}; torch "
         f"{env['versions']['torch']}, transformers {env['versions']['transformers']}, trl {env['versions']['trl']}. Order: {args.order}. "
         f"rlhfkit's --cpu-matmul: {args.ours_cpu_matmul}.",
         "",

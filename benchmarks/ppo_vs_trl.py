@@ -329,7 +329,7 @@ def report(args: Args, data: dict[str, Any], ours: dict[str, dict[str, Any]], tr
         f"{args.steps} updates of {args.batch_size} prompts ({data['prompts']} prompts, {data['mean_prompt_tokens']:.0f} tokens on "
         f"average with the chat template), up to {args.max_new_tokens} new tokens, {args.ppo_epochs} PPO epochs of one optimizer "
         f"step ({args.grad_accum} micro-batch(es)), lr {args.lr:g}, kl_coef {args.kl_coef:g}, fp32.",
-        f"CPU: {env['cpus']} cores, torch threads {trl['torch_threads']}, load average at start {env['loadavg']}; "
+        f"CPU: {env['cpu']}{' ' + str(env['isa_caps']) if env['isa_caps'] else ''}, {env['cpus']} cores, torch threads {trl['torch_threads']}, load average at start {env['loadavg']}; "
         f"torch {env['versions']['torch']}, transformers {env['versions']['transformers']}, trl {env['versions']['trl']}. "
         f"Order: {args.order}.",
         "",

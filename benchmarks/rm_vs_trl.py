@@ -72,10 +72,11 @@ evaluating after it.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -110,7 +111,18 @@ class Args(ComparisonArgs):
 
     backbone: str = field(default="minilm-l6", metadata={"help": "backbone for both sides: minilm-l6, smollm2-135m or a checkpoint folder"})
     data: str = field(default=str(DEFAULT_DATA), metadata={"help": "rank-list TSV (one list per line, best first)"})
+    n_eval: int = field(default=482, metadata={"help": "evaluate on N held-out lists starting at --eval-start (482: lines 2001-2482, all the lists after the first 2,000)"})
     eval_start: int = field(default=2000, metadata={"help": "0-based index of the first held-out list (2000 = line 2001)"})
+    batch_size: int | None = field(default=None, metadata={"help": "rlhfkit: lists per optimizer step (default: rlhfkit's rm train default)"})
+    lr: float | None = field(default=None, metadata={"help": "peak learning rate, both sides (rlhfkit: of the backbone); default: rlhfkit's"})
+    head_lr: float | None = field(default=None, metadata={"help": "rlhfkit: learning rate of the new scalar head (default: rlhfkit's); TRL has one for all weights"})
+    warmup_ratio: float | None = field(default=None, metadata={"help": "share of each side's optimizer steps spent warming up, both sides (default: rlhfkit's)"})
+    scheduler: Literal["linear", "cosine", "constant"] | None = field(default=None, metadata={"help": "learning-rate schedule after warm-up, both sides (default: rlhfkit's)"})
+    trl_pairs_per_step: int | None = field(default=None, metadata={"help": "TRL: pairs per optimizer step (default: the C(K,2) pairs of --batch-size lists, the same lists per step; 8 is TRL's own default)"})
+    trl_lr: float | None = field(default=None, metadata={"help": "TRL: peak learning rate (default: --lr; TRL's own default is 1e-4)"})
+    trl_warmup_ratio: float | None = field(default=None, metadata={"help": "TRL: share of its steps warming up (default: --warmup-ratio; TRL's own default is 0)"})
+    trl_scheduler: Literal["linear", "cosine", "constant"] | None = field(default=None, metadata={"help": "TRL: schedule (default: --scheduler)"})
+    trl_defaults: bool = field(default=False, metadata={"help": "TRL at RewardConfig's own defaults for every --trl-* option not given: pairs per step (8), learning rate (1e-4), warm-up (0), schedule (linear)"})
     trl_grad_accum: int = field(default=1, metadata={"help": "TRL only: split each step's pairs into this many micro-batches (memory)"})
     dropout: Literal["off", "on", "defaults"] = field(default="off", metadata={"help": "off: both sides without dropout (a copy of the backbone with its dropout set to 0; TRL's default); on: both with the backbone's dropout; defaults: each side's default (TRL off, rlhfkit on)"})
     trl_group_by_length: bool = field(default=False, metadata={"help": "give TRL transformers' LengthGroupedSampler (rlhfkit always groups by length)"})
@@ -118,6 +130,47 @@ class Args(ComparisonArgs):
     output: str = field(default=str(DEFAULT_OUTPUT), metadata={"help": "JSON result file"})
 
     at_least_one: ClassVar[tuple[str, ...]] = ComparisonArgs.at_least_one + ("trl_grad_accum",)
+
+    def __post_init__(self):
+        from rlhfkit.config import ConfigError
+        from rlhfkit.rm.train import RMTrainConfig
+
+        # Unset optimisation options take rlhfkit's own defaults, so the benchmark runs what
+        # `rlhfkit rm train` runs (a head_lr of None there means "the same as lr").
+        ours = {f.name: f.default for f in fields(RMTrainConfig)}
+        for name in ("batch_size", "lr", "warmup_ratio", "scheduler"):
+            if getattr(self, name) is None:
+                setattr(self, name, ours[name])
+        if self.head_lr is None:
+            self.head_lr = ours["head_lr"] or self.lr
+        if self.trl_defaults:
+            self.apply_trl_defaults()
+        self.trl_lr = self.lr if self.trl_lr is None else self.trl_lr
+        self.trl_warmup_ratio = self.warmup_ratio if self.trl_warmup_ratio is None else self.trl_warmup_ratio
+        self.trl_scheduler = self.trl_scheduler or self.scheduler
+        if self.trl_pairs_per_step is not None and self.trl_pairs_per_step < 1:
+            raise ConfigError(f"option 'trl_pairs_per_step' must be >= 1, got {self.trl_pairs_per_step}")
+        super().__post_init__()
+
+    def apply_trl_defaults(self) -> None:
+        """Fill the unset --trl-* options from TRL's RewardConfig, as a TRL user would run it."""
+        if importlib.util.find_spec("trl") is None:
+            return  # compare() prints how to install it
+        from trl import RewardConfig
+
+        trl = {f.name: f.default for f in fields(RewardConfig)}
+        if trl["warmup_steps"] != 0 or trl["lr_scheduler_type"] not in ("linear", "cosine", "constant"):
+            raise SystemExit(f"--trl-defaults: RewardConfig's warm-up {trl['warmup_steps']!r} or schedule "
+                             f"{trl['lr_scheduler_type']!r} is new to this script; pass the --trl-* options")
+        self.trl_pairs_per_step = self.trl_pairs_per_step or trl["per_device_train_batch_size"]
+        self.trl_lr = self.trl_lr or trl["learning_rate"]
+        self.trl_warmup_ratio = 0.0 if self.trl_warmup_ratio is None else self.trl_warmup_ratio
+        self.trl_scheduler = self.trl_scheduler or str(trl["lr_scheduler_type"])
+
+
+def trl_pairs_per_step(args: Args, pairs_per_list: int) -> int:
+    """TRL's pairs per optimizer step: --trl-pairs-per-step, else those of --batch-size lists."""
+    return args.trl_pairs_per_step or args.batch_size * pairs_per_list
 
 
 # --------------------------------------------------------------------------------------
@@ -154,8 +207,8 @@ def run_ours(args: Args, work: Path) -> dict[str, Any]:
     never = 10**9
     cfg = RMTrainConfig(
         train=str(work / "train.tsv"), output=str(work / "ours"), model=prepared["backbone_path"], loss="pairwise",
-        epochs=float(args.epochs), batch_size=args.batch_size, grad_accum=1, lr=args.lr, weight_decay=0.0,
-        warmup_ratio=args.warmup_ratio, scheduler="linear", max_grad_norm=1.0, max_length=args.max_length,
+        epochs=float(args.epochs), batch_size=args.batch_size, grad_accum=1, lr=args.lr, head_lr=args.head_lr,
+        weight_decay=0.0, warmup_ratio=args.warmup_ratio, scheduler=args.scheduler, max_grad_norm=1.0, max_length=args.max_length,
         seed=args.seed, mixed_precision="no", cpu_matmul=args.ours_cpu_matmul, tensorboard=False, progress=False,
         log_every=never, eval_every=never, save_every=never,
     )
@@ -199,14 +252,14 @@ def run_trl(args: Args, work: Path) -> dict[str, Any]:
         remove_unused = False  # the Trainer would drop 'length' before the sampler reads it
     dataset = Dataset.from_dict(columns)
 
-    steps = steps_per_run(len(examples), args.batch_size, args.epochs)
-    pairs_per_step = args.batch_size * pairs_per_list
+    pairs_per_step = trl_pairs_per_step(args, pairs_per_list)
+    steps = steps_per_run(len(chosen), pairs_per_step, args.epochs)
     if pairs_per_step % args.trl_grad_accum:
         raise SystemExit(f"--trl-grad-accum {args.trl_grad_accum} does not divide the {pairs_per_step} pairs of a step")
     config = RewardConfig(
         output_dir=str(work / "trl"), per_device_train_batch_size=pairs_per_step // args.trl_grad_accum,
-        gradient_accumulation_steps=args.trl_grad_accum, num_train_epochs=args.epochs, learning_rate=args.lr,
-        lr_scheduler_type="linear", warmup_steps=int(args.warmup_ratio * steps), weight_decay=0.0, max_grad_norm=1.0,
+        gradient_accumulation_steps=args.trl_grad_accum, num_train_epochs=args.epochs, learning_rate=args.trl_lr,
+        lr_scheduler_type=args.trl_scheduler, warmup_steps=int(args.trl_warmup_ratio * steps), weight_decay=0.0, max_grad_norm=1.0,
         seed=args.seed, data_seed=args.seed, bf16=False, fp16=False, activation_checkpointing=False,
         max_length=args.max_length, disable_dropout=args.dropout != "on", model_init_kwargs={"dtype": torch.float32},
         eval_strategy="no", save_strategy="no", logging_strategy="steps", logging_steps=10**9, report_to="none",
@@ -224,7 +277,7 @@ def run_trl(args: Args, work: Path) -> dict[str, Any]:
     measured, _ = timed(trainer.train)
     assert not trainer.model.is_activation_checkpointing, "TRL trained with gradient checkpointing on"
     trainer.save_model(str(work / "trl" / "model"))
-    return measured | {"sequences_per_step": 2 * pairs_per_step, "pairs": len(chosen), "model_dir": str(work / "trl" / "model"),
+    return measured | {"sequences_per_step": 2 * pairs_per_step, "pairs_per_step": pairs_per_step, "pairs": len(chosen), "model_dir": str(work / "trl" / "model"),
             "trl_disable_dropout": args.dropout != "on", "trl_group_by_length": args.trl_group_by_length}
 
 
@@ -235,8 +288,13 @@ def run_side(args: Args) -> int:
         torch.set_num_threads(args.threads)
     work = Path(args.work_dir)
     result = run_ours(args, work) if args.side == "ours" else run_trl(args, work)
-    n_lists = len(json.loads((work / "train_token_ids.json").read_text()))
-    expected_steps = steps_per_run(n_lists, args.batch_size, args.epochs)  # accumulation does not change it
+    prepared = json.loads((work / "prepared.json").read_text())
+    n_lists = prepared["train_lists"]
+    if args.side == "ours":
+        expected_steps = steps_per_run(n_lists, args.batch_size, args.epochs)  # accumulation does not change it
+    else:
+        pairs_per_list = prepared["train_pairs"] // n_lists
+        expected_steps = steps_per_run(prepared["train_pairs"], trl_pairs_per_step(args, pairs_per_list), args.epochs)
     if result["steps"] != expected_steps:
         raise SystemExit(f"{args.side}: {result['steps']} optimizer steps, expected {expected_steps}")
     result["lists_per_s"] = n_lists * args.epochs / result["loop_s"]
@@ -369,9 +427,13 @@ def report(args: Args, data: dict[str, Any], ours: dict[str, Any], trl: dict[str
     ]
     lines = [
         f"Reward model, {args.backbone}: {data['train_lists']} lists of K={data['k']} ({data['train_pairs']} pairs for TRL), "
-        f"{args.epochs} epoch(s), {ours['steps']} steps of {args.batch_size} lists, lr {args.lr:g}, max length {args.max_length} "
-        f"({data['texts_pre_truncated']} of {data['texts_total']} texts pre-truncated), held-out {data['eval_lists']} lists.",
-        f"CPU: {env['cpus']} cores, torch threads {ours['torch_threads']}, load average at start {env['loadavg']}; "
+        f"{args.epochs} epoch(s), max length {args.max_length} ({data['texts_pre_truncated']} of {data['texts_total']} texts "
+        f"pre-truncated), held-out {data['eval_lists']} lists.",
+        f"rlhfkit: {ours['steps']} steps of {args.batch_size} lists, lr {args.lr:g}, head lr {args.head_lr:g}, {args.scheduler} "
+        f"schedule, warm-up {args.warmup_ratio:g} of the steps. TRL: {trl['steps']} steps of {trl['pairs_per_step']} pairs, "
+        f"lr {args.trl_lr:g}, {args.trl_scheduler} schedule, warm-up {args.trl_warmup_ratio:g} of the steps"
+        + (" (--trl-defaults)." if args.trl_defaults else "."),
+        f"CPU: {env['cpu']}{' ' + str(env['isa_caps']) if env['isa_caps'] else ''}, {env['cpus']} cores, torch threads {ours['torch_threads']}, load average at start {env['loadavg']}; "
         f"torch {env['versions']['torch']}, transformers {env['versions']['transformers']}, trl {env['versions']['trl']}. "
         f"Order: {args.order}. rlhfkit's --cpu-matmul: {args.ours_cpu_matmul}. Dropout: {args.dropout}"
         + (f" (zeroed {', '.join(data['dropout_zeroed'])})." if data["dropout_zeroed"] else "."),
