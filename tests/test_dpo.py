@@ -308,3 +308,19 @@ def test_cli_trains_then_rm_eval_and_score_read_the_run(tiny_lm, separable_tsv, 
     assert main(["score", "--model", str(out / "final"), "good good good apple river", "apple river"]) == 0
     scores = [float(x) for x in capsys.readouterr().out.split()]
     assert len(scores) == 2 and scores[0] > scores[1]
+
+
+def test_hh_file_with_an_empty_chosen_answer_trains(tiny_lm, tmp_path):
+    """HH-RLHF's empty preferred answers are data: DPO reads them as the end token alone, as rm train does."""
+    from tests.test_rm_train import hh_rows
+
+    train = tmp_path / "hh.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in hh_rows(12, empty_chosen=3)))
+    examples = read_preferences(train)
+    assert sum(r == "" for ex in examples for r in ex.responses) == 1
+    out = tmp_path / "dpo"
+    assert main(["dpo", "--policy", str(tiny_lm), "--train", str(train), "--output", str(out), "--max-steps", "3",
+                 "--batch-size", "4", "--lr", "1e-3", "--log-every", "1", "--eval-kl-prompts", "0", "--no-progress",
+                 "--no-tensorboard"]) == 0
+    losses = step_losses(out)
+    assert len(losses) == 3 and all(math.isfinite(v) for v in losses)

@@ -146,3 +146,27 @@ def test_interrupted_stage_resumes_from_its_checkpoint_or_restarts(tmp_path):
     assert calls == [False, False, True] and res.summary == {"ok": True}
     again = Runner(tmp_path, []).stage("ppo", {"a": 1}, run)
     assert again.reused and calls == [False, False, True]
+
+
+@pytest.mark.parametrize("name", ["pipeline_demo.yaml", "pipeline_algorithms.yaml"])
+def test_shipped_pipeline_examples_are_valid(name, tmp_path, monkeypatch):
+    """The example YAMLs pass every check the pipeline runs before its first stage."""
+    from pathlib import Path
+
+    from rlhfkit.config import from_dict, load_yaml
+    from rlhfkit.pipeline.run import PipelineConfig
+
+    repo = Path(__file__).resolve().parent.parent
+    monkeypatch.chdir(repo)  # the examples name their files relative to the repository
+    values = load_yaml(repo / "examples" / name) | {"output": str(tmp_path / "out")}
+    config = from_dict(PipelineConfig, values, where=name)
+    config.validate()
+    stages = config.stage_configs()
+    assert all(stages[a] is not None for a in config.algorithm)
+
+
+def test_progress_estimate_names_its_unit_in_the_plural():
+    from rlhfkit.tracking import plural
+
+    assert [plural("batch", 2), plural("step", 3), plural("update", 1), plural("pass", 0)] == [
+        "batches", "steps", "update", "passes"]

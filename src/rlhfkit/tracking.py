@@ -11,6 +11,13 @@ from typing import Any, Iterable
 import torch
 
 
+def plural(unit: str, n: int) -> str:
+    """``batch`` -> ``batches`` (n != 1), ``step`` -> ``steps``, ``step`` (n == 1)."""
+    if n == 1:
+        return unit
+    return unit + ("es" if unit.endswith(("s", "sh", "ch", "x")) else "s")
+
+
 class Progress:
     """A tqdm bar (its ETA on a terminal) that also prints, once, after the first measured
     updates, how long the rest should take: a line that survives in a log file or a
@@ -36,7 +43,7 @@ class Progress:
         if len(self._marks) == self.estimate_after and left > 0 and self.enabled:
             per = (self._marks[-1] - self._marks[0]) / (self.estimate_after - 1)
             self.write(f"{self.desc}: {per:.1f} s per {self.unit}; about {duration(per * left)} left for the "
-                       f"remaining {left} {self.unit}s")
+                       f"remaining {left} {plural(self.unit, left)}")
 
     def set_postfix(self, **values) -> None:
         self.bar.set_postfix(**values)
