@@ -144,8 +144,21 @@ def test_interrupted_stage_resumes_from_its_checkpoint_or_restarts(tmp_path):
             Runner(tmp_path, []).stage("ppo", {"a": 1}, run)
     res = Runner(tmp_path, []).stage("ppo", {"a": 1}, run)
     assert calls == [False, False, True] and res.summary == {"ok": True}
+    assert not (tmp_path / "ppo" / "checkpoint").exists()  # finished: its resumable checkpoint is removed
     again = Runner(tmp_path, []).stage("ppo", {"a": 1}, run)
     assert again.reused and calls == [False, False, True]
+
+
+def test_keep_checkpoints_keeps_a_finished_stage_s_checkpoint(tmp_path):
+    from rlhfkit.pipeline.run import Runner
+
+    def run(folder, resume):
+        (folder / "checkpoint").mkdir()
+        (folder / "checkpoint" / "trainer_state.json").write_text("{}")
+        return {}
+
+    Runner(tmp_path, [], keep_checkpoints=True).stage("sft", {"a": 1}, run)
+    assert (tmp_path / "sft" / "checkpoint" / "trainer_state.json").is_file()
 
 
 @pytest.mark.parametrize("name", ["pipeline_demo.yaml", "pipeline_algorithms.yaml"])
