@@ -210,3 +210,28 @@ def test_the_real_timer_times_both_kernels_quickly():
     t0 = time.perf_counter()
     onednn, plain = cpu_linear.measure_kernels(shapes)
     assert onednn > 0 and plain > 0 and time.perf_counter() - t0 < 5
+
+
+def test_threads_follow_the_flag_then_omp_num_threads_then_the_free_physical_cores():
+    from rlhfkit.cpu import choose_threads
+
+    assert choose_threads(3, cores=8, busy=5.0, env_threads="1").threads == 3  # --threads wins
+    env = choose_threads(None, cores=8, busy=5.0, env_threads="2")
+    assert (env.threads, env.reason) == (2, "OMP_NUM_THREADS")
+    assert choose_threads(None, cores=8, busy=0.2, env_threads="").threads == 8  # unset or empty: the cores
+    assert choose_threads(None, cores=8, busy=0.2, env_threads="0").threads == 8  # not a positive count: ignored
+    assert choose_threads(None, cores=8, busy=0.0, local_processes=2).threads == 4  # shared between processes
+    busy = choose_threads(None, cores=2, busy=1.3)
+    assert busy.threads == 1 and "busy with other processes" in busy.reason
+    assert choose_threads(None, cores=2, busy=3.0).threads == 1  # never fewer than one
+
+
+def test_physical_cores_counts_hyperthread_siblings_once(monkeypatch):
+    from rlhfkit import cpu
+
+    block = "processor\t: {i}\nphysical id\t: 0\ncore id\t\t: {c}\n"
+    info = "\n".join(block.format(i=i, c=i // 2) for i in range(4))  # 2 cores, 2 threads each
+    monkeypatch.setattr(cpu, "usable_cpus", lambda: 4)
+    assert cpu.physical_cores(info) == 2
+    monkeypatch.setattr(cpu, "usable_cpus", lambda: 2)  # the affinity mask allows 2 of the 4
+    assert cpu.physical_cores(info) == 1

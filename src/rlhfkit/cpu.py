@@ -4,8 +4,8 @@ PyTorch's default (one OpenMP thread per core, spinning at every barrier) is rig
 idle machine and badly wrong on a busy one: with other processes on the cores, each
 parallel region waits for its slowest thread, and spinning threads steal the time the
 others need. :func:`choose_threads` starts from one thread per physical core (``--threads``
-overrides it) and, when the machine is busy at start, leaves the busy cores to their
-owners; :func:`configure_threads` applies it. The measurements behind this are in the
+or ``OMP_NUM_THREADS`` overrides it) and, when the machine is busy at start, leaves the busy
+cores to their owners; :func:`configure_threads` applies it. The measurements behind this are in the
 README ("Threads and a busy machine").
 """
 
@@ -91,12 +91,16 @@ class ThreadChoice:
     reason: str
 
 
-def choose_threads(requested: int | None, cores: int, busy: float, local_processes: int = 1) -> ThreadChoice:
-    """``requested`` (``--threads``) as given; else one per physical core (shared out among the
+def choose_threads(requested: int | None, cores: int, busy: float, local_processes: int = 1,
+                   env_threads: str | None = None) -> ThreadChoice:
+    """``requested`` (``--threads``) as given; else ``OMP_NUM_THREADS`` (``env_threads``) when the
+    user set it to a positive integer; else one per physical core (shared out among the
     processes of a multi-process run on this machine), less the cores other processes keep
     busy (rounded), at least one."""
     if requested is not None:
         return ThreadChoice(requested, "--threads")
+    if env_threads is not None and env_threads.strip().isdigit() and int(env_threads) >= 1:
+        return ThreadChoice(int(env_threads), "OMP_NUM_THREADS")
     share = max(1, cores // max(1, local_processes))
     why = f"one per physical core ({cores})" if local_processes == 1 else f"{cores} physical core(s) for {local_processes} processes"
     taken = int(busy + 0.5)
@@ -107,8 +111,9 @@ def choose_threads(requested: int | None, cores: int, busy: float, local_process
 
 def configure_threads(requested: int | None) -> ThreadChoice:
     """Choose (:func:`choose_threads`) and set PyTorch's intra-op thread count; log why."""
-    busy = busy_cpus() if requested is None else 0.0
-    choice = choose_threads(requested, physical_cores(), busy, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    env = os.environ.get("OMP_NUM_THREADS")
+    busy = busy_cpus() if requested is None and not (env or "").strip().isdigit() else 0.0
+    choice = choose_threads(requested, physical_cores(), busy, int(os.environ.get("LOCAL_WORLD_SIZE", "1")), env)
     torch.set_num_threads(choice.threads)
     logger.info("CPU threads: %d (%s)", choice.threads, choice.reason)
     return choice

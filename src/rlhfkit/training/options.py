@@ -37,7 +37,7 @@ class RunOptions(Options):
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = opt("auto", "auto: bf16 on CUDA, fp32 on the CPU")
     cpu: bool = opt(False, "run on the CPU even if a GPU is present")
     cpu_matmul: Literal["auto", "onednn", "torch"] = opt("auto", CPU_MATMUL_HELP)
-    threads: int | None = opt(None, "CPU threads for PyTorch (default: one per physical core, fewer when the machine is busy)", ge=1)
+    threads: int | None = opt(None, "CPU threads for PyTorch (default: OMP_NUM_THREADS if set, else one per physical core, fewer when the machine is busy)", ge=1)
     tensorboard: bool = opt(True, "also write TensorBoard event files")
     progress: bool = opt(True, "show a progress bar")
 
