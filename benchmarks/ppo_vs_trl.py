@@ -152,7 +152,7 @@ def run_ours(args: Args, work: Path) -> dict[str, Any]:
         max_new_tokens=args.max_new_tokens, max_prompt_length=10**6, temperature=1.0, kl_coef=args.kl_coef,
         kl_estimator="k1", clip_eps=0.2, vf_clip=0.2, vf_coef=0.1, entropy_coef=0.0, gamma=1.0, lam=0.95,
         whiten_advantages=True, lr=args.lr, critic_lr=args.lr, scheduler="linear", max_grad_norm=0.0,
-        seed=args.seed, mixed_precision="no", cpu=True, tensorboard=False, progress=False, sample_every=0,
+        seed=args.seed, threads=args.threads, mixed_precision="no", cpu=True, tensorboard=False, progress=False, sample_every=0,
         save_every=never,
     )
     clock = LoopClock()
