@@ -56,7 +56,7 @@ bench-ppo:
 	.venv-bench/bin/python benchmarks/ppo_vs_trl.py
 
 bench-dpo:
-	.venv-bench/bin/python benchmarks/dpo_vs_trl.py
+	.venv-bench/bin/python benchmarks/dpo_vs_trl.py --n-train 64 --n-eval 96
 
 clean-venv:
 	rm -rf $(VENV)
