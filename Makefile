@@ -53,7 +53,7 @@ bench-rm:
 	.venv-bench/bin/python benchmarks/rm_vs_trl.py
 
 bench-ppo:
-	.venv-bench/bin/python benchmarks/ppo_vs_trl.py
+	.venv-bench/bin/python benchmarks/ppo_vs_trl.py --ours-runs reward-model:torch value-head
 
 bench-dpo:
 	.venv-bench/bin/python benchmarks/dpo_vs_trl.py --n-train 64 --n-eval 96
