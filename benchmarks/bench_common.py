@@ -260,6 +260,26 @@ def truncate_text(tokenizer, text: str, budget: int) -> str:
     raise ValueError(f"cannot fit {text[:40]!r} into {budget} tokens")
 
 
+def thread_env(threads: int) -> dict[str, str]:
+    """A child's OpenMP and MKL thread count (rlhfkit honours OMP_NUM_THREADS too); 0: PyTorch's default."""
+    return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else {}
+
+
+def begin(args: Any, name: str, install: str) -> tuple[Path, bool, dict] | None:
+    """The parent's start: None (after printing how to install it) when TRL is not importable;
+    else the work folder (``args.work_dir`` set to it, ``args.yaml`` written), whether to
+    keep it, and :func:`machine`."""
+    from rlhfkit.config import save_yaml
+
+    if importlib.util.find_spec("trl") is None:
+        print(install.format(python=sys.executable), file=sys.stderr)
+        return None
+    work, keep = work_folder(args.work_dir, f"{name}-")
+    args.work_dir = str(work)
+    save_yaml(args, work / "args.yaml")
+    return work, keep, machine()
+
+
 def compare(script: str, argv: list[str] | None, args_cls: type, *, run_side: Callable, prepare: Callable, report: Callable,
             labels: dict[str, str], install: str) -> int:
     """The whole run of a benchmark of rlhfkit (``ours``) against a TRL trainer on the same lists.
@@ -270,19 +290,16 @@ def compare(script: str, argv: list[str] | None, args_cls: type, *, run_side: Ca
     everything written to ``--output`` as JSON. ``args_cls`` needs the fields ``side``,
     ``work_dir``, ``order``, ``threads``, ``seed`` and ``output``.
     """
-    from rlhfkit.config import parse_args, save_yaml
+    from rlhfkit.config import parse_args
 
     name = Path(script).stem
     args = parse_args(args_cls, argv, prog=f"{name}.py")
     if args.side:
         return run_side(args)
-    if importlib.util.find_spec("trl") is None:
-        print(install.format(python=sys.executable), file=sys.stderr)
+    started = begin(args, name, install)
+    if started is None:
         return 2
-    work, keep = work_folder(args.work_dir, f"{name}-")
-    args.work_dir = str(work)
-    save_yaml(args, work / "args.yaml")
-    env = machine()
+    work, keep, env = started
 
     t0 = time.perf_counter()
     print(f"preparing data in {work} ...", flush=True)
@@ -290,8 +307,7 @@ def compare(script: str, argv: list[str] | None, args_cls: type, *, run_side: Ca
     results = {}
     for i, side in enumerate(args.order.split(","), 1):
         print(f"[{i}/2] {labels[side]}: training on {data['train_lists']} lists, then evaluating (log: {work / side}.log) ...", flush=True)
-        threads = {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)} if args.threads else {}
-        results[side] = run_child(script, work, side, ["--side", side], env=threads)
+        results[side] = run_child(script, work, side, ["--side", side], env=thread_env(args.threads))
         r = results[side]
         print(f"      {r['lists_per_s']:.2f} lists/s, loop {r['loop_s']:.1f} s, pairwise accuracy {r['eval']['pairwise_accuracy']:.4f}", flush=True)
 

@@ -42,7 +42,7 @@ def main() -> None:
     args = parser.parse_args()
     accelerator = Accelerator(cpu=args.cpu)
     enable_fsdp_on_cpu(accelerator)
-    rank, world = accelerator.process_index, accelerator.num_processes
+    rank = accelerator.process_index
     policy, tokenizer = load_policy(args.policy)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-6)
     policy, optimizer = accelerator.prepare(policy, optimizer)

@@ -54,7 +54,6 @@ both sides (1 by default: on a small shared machine more threads oversubscribe t
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -65,7 +64,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script: find bench_common
-from bench_common import LoopClock, machine, run_child, set_threads, work_folder  # noqa: E402
+from bench_common import LoopClock, begin, run_child, set_threads  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_PROMPTS = REPO / "examples" / "review_prompts.txt"
@@ -350,19 +349,15 @@ def report(args: Args, data: dict[str, Any], ours: dict[str, dict[str, Any]], tr
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rlhfkit.config import parse_args, save_yaml
+    from rlhfkit.config import parse_args
 
     args = parse_args(Args, argv, prog="ppo_vs_trl.py")
     if args.side:
         return run_side(args)
-    if importlib.util.find_spec("trl") is None:
-        print(INSTALL.format(python=sys.executable), file=sys.stderr)
+    started = begin(args, "ppo_vs_trl", INSTALL)
+    if started is None:
         return 2
-
-    work, keep = work_folder(args.work_dir, "ppo_vs_trl-")
-    args.work_dir = str(work)
-    save_yaml(args, work / "args.yaml")
-    env = machine()
+    work, keep, env = started
 
     t0 = time.perf_counter()
     print(f"preparing prompts and the reward model in {work} ...", flush=True)

@@ -122,7 +122,6 @@ machine the wall clock also measures the neighbours.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -133,7 +132,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script: find bench_common, rl_rewards
-from bench_common import LoopClock, machine, run_child, set_threads, work_folder  # noqa: E402
+from bench_common import LoopClock, begin, run_child, set_threads, thread_env  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_PROMPTS = REPO / "examples" / "review_prompts.txt"
@@ -497,25 +496,21 @@ def report(args: Args, data: dict[str, Any], results: dict[str, dict[str, Any]],
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rlhfkit.config import parse_args, save_yaml
+    from rlhfkit.config import parse_args
 
     args = parse_args(Args, argv, prog="rl_vs_trl.py")
     if args.side:
         return run_side(args)
-    if importlib.util.find_spec("trl") is None:
-        print(INSTALL.format(python=sys.executable), file=sys.stderr)
+    started = begin(args, "rl_vs_trl", INSTALL)
+    if started is None:
         return 2
-
-    work, keep = work_folder(args.work_dir, "rl_vs_trl-")
-    args.work_dir = str(work)
-    save_yaml(args, work / "args.yaml")
-    env = machine()
+    work, keep, env = started
 
     t0 = time.perf_counter()
     print(f"preparing prompts in {work} ...", flush=True)
     data = prepare(args, work)
     results: dict[str, dict[str, Any]] = {}
-    threads = {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    threads = thread_env(args.threads)
     for i, run in enumerate(args.runs, 1):
         side = parse_run(run)[0]
         print(f"[{i}/{len(args.runs)}] {run_label(run)}: {args.steps} updates (log: {work / run_dir(run)}.log) ...", flush=True)
