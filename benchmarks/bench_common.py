@@ -260,6 +260,19 @@ def truncate_text(tokenizer, text: str, budget: int) -> str:
     raise ValueError(f"cannot fit {text[:40]!r} into {budget} tokens")
 
 
+INSTALL = """\
+TRL is not importable from {python}. It is not an rlhfkit dependency; the benchmark runs in
+its own virtualenv (benchmarks/README.md). From the repository root:
+
+    python3 -m venv .venv-bench
+    .venv-bench/bin/pip install torch==2.13.0     # first and pinned: a plain torch pulls CUDA wheels
+    .venv-bench/bin/pip install -e .
+    .venv-bench/bin/pip install --no-deps -r benchmarks/requirements-peer.txt
+
+then run: .venv-bench/bin/python benchmarks/{script}.py
+"""
+
+
 def thread_env(threads: int) -> dict[str, str]:
     """A child's OpenMP and MKL thread count (rlhfkit honours OMP_NUM_THREADS too); 0: PyTorch's default."""
     return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else {}
@@ -272,7 +285,7 @@ def begin(args: Any, name: str, install: str) -> tuple[Path, bool, dict] | None:
     from rlhfkit.config import save_yaml
 
     if importlib.util.find_spec("trl") is None:
-        print(install.format(python=sys.executable), file=sys.stderr)
+        print(install.format(python=sys.executable, script=name), file=sys.stderr)
         return None
     work, keep = work_folder(args.work_dir, f"{name}-")
     args.work_dir = str(work)

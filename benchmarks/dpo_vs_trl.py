@@ -64,7 +64,7 @@ from typing import Any, ClassVar, Literal
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script: find bench_common
 from bench_common import (  # noqa: E402
-    ComparisonArgs, compare, per_list_counts, steps_per_run, timed, truncate_text,
+    INSTALL, ComparisonArgs, compare, per_list_counts, steps_per_run, timed, truncate_text,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -72,15 +72,6 @@ DEFAULT_DATA = REPO / "examples" / "reviews_ranklists.tsv"
 DEFAULT_OUTPUT = REPO / "benchmarks" / "results" / "dpo_vs_trl.json"
 NEVER = 10**9
 
-INSTALL = """\
-TRL is not importable from {python}. It is not an rlhfkit dependency; the benchmark runs in
-its own virtualenv (benchmarks/README.md):
-
-    python3 -m venv .venv-bench
-    .venv-bench/bin/pip install torch==2.13.0     # first and pinned: a plain torch pulls CUDA wheels
-    .venv-bench/bin/pip install -e .
-    .venv-bench/bin/pip install --no-deps -r benchmarks/requirements-peer.txt
-"""
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

@@ -64,23 +64,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script: find bench_common
-from bench_common import LoopClock, begin, run_child, set_threads  # noqa: E402
+from bench_common import INSTALL, LoopClock, begin, run_child, set_threads  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_PROMPTS = REPO / "examples" / "review_prompts.txt"
 DEFAULT_OUTPUT = REPO / "benchmarks" / "results" / "ppo_vs_trl.json"
 
-INSTALL = """\
-TRL is not importable from {python}. It is not an rlhfkit dependency; the benchmark runs in
-its own virtualenv. From the repository root:
-
-    python3 -m venv .venv-bench
-    .venv-bench/bin/pip install torch==2.13.0     # first and pinned: a plain torch pulls CUDA wheels
-    .venv-bench/bin/pip install -e .
-    .venv-bench/bin/pip install --no-deps trl==1.12.0 datasets
-
-then run: .venv-bench/bin/python benchmarks/ppo_vs_trl.py
-"""
 
 FALLBACK_PROMPTS = [
     "What do you think of the suitcase?", "Review the blender you bought last month.", "How was the hotel?",

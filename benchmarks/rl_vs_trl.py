@@ -132,24 +132,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script: find bench_common, rl_rewards
-from bench_common import LoopClock, begin, run_child, set_threads, thread_env  # noqa: E402
+from bench_common import INSTALL, LoopClock, begin, run_child, set_threads, thread_env  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_PROMPTS = REPO / "examples" / "review_prompts.txt"
 DEFAULT_OUTPUT = REPO / "benchmarks" / "results" / "rl_vs_trl.json"
 REWARDS_FILE = Path(__file__).resolve().parent / "rl_rewards.py"
 
-INSTALL = """\
-TRL is not importable from {python}. It is not an rlhfkit dependency; the benchmark runs in
-its own virtualenv. From the repository root:
-
-    python3 -m venv .venv-bench
-    .venv-bench/bin/pip install torch==2.13.0     # first and pinned: a plain torch pulls CUDA wheels
-    .venv-bench/bin/pip install -e .
-    .venv-bench/bin/pip install --no-deps -r benchmarks/requirements-peer.txt
-
-then run: .venv-bench/bin/python benchmarks/rl_vs_trl.py
-"""
 
 ALGOS = ("grpo", "rloo")
 KERNELS = ("auto", "onednn", "torch")

@@ -7,7 +7,7 @@ One invocation trains both sides one after the other, each in its own subprocess
 script re-invokes itself with ``--side ours|trl``), then prints lists/second for both, the
 throughput ratio (ours / TRL), each side's peak RSS and both held-out accuracies, and writes
 ``benchmarks/results/rm_vs_trl.json``. TRL is not a dependency of rlhfkit: it lives in
-``.venv-bench`` (see ``benchmarks/README.md`` and ``INSTALL`` below).
+``.venv-bench`` (see ``benchmarks/README.md`` and ``bench_common.INSTALL``).
 
 Fairness rules (what both sides share):
 
@@ -83,24 +83,13 @@ from typing import Any, ClassVar, Literal
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script: find bench_common
 from bench_common import (  # noqa: E402
-    ComparisonArgs, compare, per_list_counts, steps_per_run, timed, truncate_text,
+    INSTALL, ComparisonArgs, compare, per_list_counts, steps_per_run, timed, truncate_text,
 )
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "sentiment_ranklists.tsv"
 DEFAULT_OUTPUT = REPO / "benchmarks" / "results" / "rm_vs_trl.json"
 
-INSTALL = """\
-TRL is not importable from {python}. It is not an rlhfkit dependency; the benchmark runs in
-its own virtualenv. From the repository root:
-
-    python3 -m venv .venv-bench
-    .venv-bench/bin/pip install torch==2.13.0     # first and pinned: a plain torch pulls CUDA wheels
-    .venv-bench/bin/pip install -e .
-    .venv-bench/bin/pip install --no-deps -r benchmarks/requirements-peer.txt
-
-then run: .venv-bench/bin/python benchmarks/rm_vs_trl.py
-"""
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
