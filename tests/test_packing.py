@@ -90,6 +90,12 @@ def test_a_three_level_tree_gives_the_padded_outputs():
     packed = model(**packed_kwargs(b)).logits[0]
     real = am.bool()
     torch.testing.assert_close(packed[b.index[real]], padded[real], atol=1e-5, rtol=1e-5)
+    # gradients reach the root through every grandchild (one split per tensor, joined by autograd)
+    loss_padded = (padded.log_softmax(-1)[..., 3] * am).sum()
+    loss_packed = (packed[b.index.clamp(min=0)].log_softmax(-1)[..., 3] * am).sum()
+    grads = [torch.autograd.grad(loss, list(model.parameters())) for loss in (loss_padded, loss_packed)]
+    for a, g in zip(*grads):
+        torch.testing.assert_close(g, a, atol=2e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("critic", ["value-head", "separate"])

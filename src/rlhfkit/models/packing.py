@@ -131,20 +131,23 @@ def shared_prefix_attention(module: nn.Module, query: Tensor, key: Tensor, value
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     n_rep = getattr(module, "num_key_value_groups", 1)
     key, value = repeat_kv(key, n_rep), repeat_kv(value, n_rep)  # (1, H, L, d)
+    # One split per tensor, not a slice per segment: autograd then joins the segments'
+    # gradients with one cat, where slices would each add a zero-filled (1, H, L, d) buffer.
+    sizes = [seg.end - seg.start for seg in rlhfkit_segments]
+    queries, keys, values = (t.split(sizes, dim=2) for t in (query, key, value))  # each S x (1, H, len, d)
     outputs = []
-    for seg in rlhfkit_segments:
-        chain = [seg]
-        while chain[-1].parent is not None:
-            chain.append(rlhfkit_segments[chain[-1].parent])
-        q = query[:, :, seg.start:seg.end]
+    for i, seg in enumerate(rlhfkit_segments):
+        chain = [i]  # this segment, then its ancestors
+        while rlhfkit_segments[chain[-1]].parent is not None:
+            chain.append(rlhfkit_segments[chain[-1]].parent)
+        q = queries[i]
         if len(chain) == 1:
-            out = F.scaled_dot_product_attention(q, key[:, :, seg.start:seg.end], value[:, :, seg.start:seg.end],
-                                                 is_causal=True, scale=scaling)
+            out = F.scaled_dot_product_attention(q, keys[i], values[i], is_causal=True, scale=scaling)
         else:
-            k = torch.cat([key[:, :, s.start:s.end] for s in reversed(chain)], dim=2)
-            v = torch.cat([value[:, :, s.start:s.end] for s in reversed(chain)], dim=2)
-            n_context = k.shape[2] - (seg.end - seg.start)
-            allowed = torch.ones(seg.end - seg.start, k.shape[2], dtype=torch.bool, device=q.device).tril(diagonal=n_context)
+            k = torch.cat([keys[j] for j in reversed(chain)], dim=2)
+            v = torch.cat([values[j] for j in reversed(chain)], dim=2)
+            n_context = k.shape[2] - sizes[i]
+            allowed = torch.ones(sizes[i], k.shape[2], dtype=torch.bool, device=q.device).tril(diagonal=n_context)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scaling)
         outputs.append(out)
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
