@@ -147,7 +147,8 @@ def test_sampling_pass_logprobs_equal_a_forward_pass(tiny_lm):
     from rlhfkit.sampling import SamplingSettings, sample
 
     model, tok = load_lm(tiny_lm)
-    ids, mask = encode_queries(tok, ["the cat sat", "hi", "a longer prompt here"], 64, chat=False)
+    # a repeated prompt: its rows start from one shared prefill (sampling.shared_prompt_cache)
+    ids, mask = encode_queries(tok, ["the cat sat", "hi", "a longer prompt here", "hi", "the cat sat"], 64, chat=False)
     eos_ids = [EOS, *range(40, 46)]  # some rows end early
     torch.manual_seed(0)
     response_ids, sampled = sample(model, tok, ids, mask, SamplingSettings(max_new_tokens=10, temperature=0.7), eos_ids,

@@ -20,6 +20,7 @@ from rlhfkit.sampling import (
     response_mask_from_eos,
     sample,
     sample_texts,
+    shared_prompt_cache,
 )
 
 PROMPTS = [Prompt("hi"), Prompt("a much longer prompt than the first one"), Prompt("mid-sized prompt")]
@@ -183,6 +184,27 @@ def test_greedy_output_does_not_depend_on_batching_or_padding(policy):
     six = sample_texts(model, tokenizer, PROMPTS, 2, greedy, chat=True, batch_size=6)
     assert one == six
     assert all(r[0] == r[1] for r in one)  # greedy: the n samples coincide
+
+
+def test_a_repeated_prompt_is_computed_once_and_samples_as_before(policy, monkeypatch):
+    model, tok = policy
+    texts = ["hello there", "a", "hello there", "a", "a mid-sized one"]  # left padding of three lengths
+    ids, mask = encode_queries(tok, texts, 64, chat=False)
+    assert shared_prompt_cache(model, ids[[0, 1, 4]], mask[[0, 1, 4]]) == {}  # all distinct: nothing to share
+    rows = []
+    hook = model.register_forward_pre_hook(lambda m, a, kw: rows.append(kw["input_ids"].shape), with_kwargs=True)
+    try:
+        (cache,) = shared_prompt_cache(model, ids, mask).values()
+    finally:
+        hook.remove()
+    assert rows == [(3, ids.shape[1] - 1)]  # one prefill row per distinct prompt, all but its last token
+    assert cache.get_seq_length() == ids.shape[1] - 1
+    greedy = SamplingSettings(max_new_tokens=10, temperature=0)
+    eos_ids = list(range(100, 110))
+    shared = sample(model, tok, ids, mask, greedy, eos_ids)
+    monkeypatch.setattr("rlhfkit.sampling.shared_prompt_cache", lambda *a: {})
+    assert torch.equal(shared, sample(model, tok, ids, mask, greedy, eos_ids))
+    assert torch.equal(shared[0], shared[2]) and torch.equal(shared[1], shared[3])
 
 
 def test_generation_stops_at_eos_and_drops_it(policy):

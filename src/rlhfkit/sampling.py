@@ -17,6 +17,7 @@ always for ``messages`` prompts. Two details matter downstream:
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
@@ -29,7 +30,7 @@ from rlhfkit.data.prompts import Prompt
 from rlhfkit.errors import UserError
 from rlhfkit.models.tokenizers import eos_token_ids
 
-__all__ = ["SamplingOptions", "SamplingSettings", "render_prompt", "encode_queries", "sample", "response_mask_from_eos",
+__all__ = ["SamplingOptions", "SamplingSettings", "render_prompt", "encode_queries", "shared_prompt_cache", "sample", "response_mask_from_eos",
            "decode_responses", "Samples", "iter_samples", "sample_texts"]
 
 
@@ -118,6 +119,41 @@ class LogprobRecorder(LogitsProcessor):
         return torch.stack(steps[: response_ids.shape[1]], dim=1)
 
 
+def _cache_argument(model: Any) -> str:
+    """The keyword a causal LM's forward (and ``generate``) takes its KV cache by: ``cache``
+    (transformers 5) or ``past_key_values`` (earlier)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
+    return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
+
+
+def shared_prompt_cache(model: Any, query_ids: Tensor, query_mask: Tensor) -> dict[str, Any]:
+    """``generate``'s keyword arguments that compute each distinct prompt once.
+
+    With ``K`` samples per prompt (group-sampled RL, best-of-n, several responses to show), the
+    batch repeats each prompt ``K`` times. The prompt's tokens but the last are run once per
+    distinct prompt and their KV cache copied to each of its rows (``generate`` then runs the
+    last prompt token and samples as before, from the same logits up to the order of
+    floating-point sums). Empty when every prompt is distinct (nothing to share).
+
+    Args:
+        query_ids, query_mask: ``(M, P)`` left-padded prompts.
+    """
+    P = query_ids.shape[1]
+    rows = torch.cat([query_ids, query_mask.to(query_ids.dtype)], dim=1)  # (M, 2P): equal tokens and padding
+    unique, inverse = torch.unique(rows, dim=0, return_inverse=True)  # (U, 2P), (M,)
+    if len(unique) == len(rows) or P < 2:
+        return {}
+    ids, mask = unique[:, : P - 1], unique[:, P:2 * P - 1]  # (U, P - 1): all but the last prompt token
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # as generate numbers left-padded rows
+    name = _cache_argument(model)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    cache = getattr(out, name, None) if name == "cache" else out.past_key_values
+    if cache is None or not hasattr(cache, "batch_select_indices"):
+        return {}  # a model without a reusable cache object: prefill as usual
+    cache.batch_select_indices(inverse)  # (M, ...): each row gets its prompt's keys and values
+    return {name: cache}
+
+
 @torch.no_grad()
 def sample(model: Any, tokenizer: Any, query_ids: Tensor, query_mask: Tensor, settings: SamplingSettings,
            eos_ids: Sequence[int], with_logprobs: bool = False) -> Tensor | tuple[Tensor, Tensor]:
@@ -126,7 +162,8 @@ def sample(model: Any, tokenizer: Any, query_ids: Tensor, query_mask: Tensor, se
     ``N <= max_new_tokens``: generation stops when every row has ended. ``temperature`` 0 is
     greedy decoding. ``with_logprobs`` also returns the sampled tokens' log-probabilities
     ``(M, N)`` under ``softmax(logits / temperature)`` (:class:`LogprobRecorder`); they are
-    the sampling distribution's only without top-k/top-p filters.
+    the sampling distribution's only without top-k/top-p filters. A prompt repeated in the
+    batch is computed once (:func:`shared_prompt_cache`).
     """
     sampling: dict[str, Any] = dict(do_sample=False)
     if settings.temperature > 0:
@@ -136,6 +173,7 @@ def sample(model: Any, tokenizer: Any, query_ids: Tensor, query_mask: Tensor, se
         input_ids=query_ids, attention_mask=query_mask, max_new_tokens=settings.max_new_tokens, min_new_tokens=0,
         eos_token_id=list(eos_ids), pad_token_id=tokenizer.pad_token_id, use_cache=True,
         logits_processor=LogitsProcessorList([recorder]) if recorder is not None else None, **sampling,
+        **shared_prompt_cache(model, query_ids, query_mask),
     )
     response_ids = out[:, query_ids.shape[1]:]  # (M, N)
     mask, _ = response_mask_from_eos(response_ids, eos_ids)
