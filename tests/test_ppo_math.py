@@ -346,3 +346,12 @@ def test_explained_variance():
     expected = 1 - (returns - values)[real].var() / returns[real].var()
     assert explained_variance(values, returns, mask).item() == pytest.approx(expected.item())
     assert math.isnan(explained_variance(values, torch.ones(2, 5), mask).item())
+
+
+def test_tempered_logits_make_no_copy_at_temperature_one():
+    from rlhfkit.ops import tempered
+
+    logits = torch.randn(2, 3, 5, requires_grad=True)
+    assert tempered(logits, 1.0) is logits  # the same values as logits / 1, without the (B, T, V) copy
+    assert torch.equal(logits / 1.0, logits)
+    torch.testing.assert_close(tempered(logits, 0.7), logits / 0.7, rtol=0, atol=0)

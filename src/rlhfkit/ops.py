@@ -20,6 +20,7 @@ __all__ = [
     "masked_whiten",
     "logprobs_from_logits",
     "entropy_from_logits",
+    "tempered",
 ]
 
 Dim = int | tuple[int, ...] | None
@@ -122,6 +123,15 @@ def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float =
     if not shift_mean:
         whitened = whitened + mean
     return torch.where(real, whitened, torch.zeros((), dtype=whitened.dtype, device=x.device))
+
+
+def tempered(logits: Tensor, temperature: float) -> Tensor:
+    """``logits / temperature``: the logits of the distribution sampled at that temperature.
+
+    At temperature 1 the logits themselves (``x / 1`` is ``x`` exactly in IEEE arithmetic), so
+    no ``(B, T, V)`` copy is made and no division runs in the backward pass.
+    """
+    return logits if temperature == 1 else logits / temperature
 
 
 def logprobs_from_logits(logits: Tensor, labels: Tensor) -> Tensor:

@@ -29,6 +29,7 @@ from rlhfkit.config import Options, opt
 from rlhfkit.data.prompts import Prompt
 from rlhfkit.errors import UserError
 from rlhfkit.models.tokenizers import eos_token_ids
+from rlhfkit.ops import tempered
 
 __all__ = ["SamplingOptions", "SamplingSettings", "render_prompt", "encode_queries", "shared_prompt_cache", "sample", "response_mask_from_eos",
            "decode_responses", "Samples", "iter_samples", "sample_texts"]
@@ -110,7 +111,7 @@ class LogprobRecorder(LogitsProcessor):
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
         if self.previous is not None:  # the token sampled from the previous step is now the last input
             self.steps.append(self.previous.gather(1, input_ids[:, -1:]).squeeze(1))
-        self.previous = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        self.previous = torch.log_softmax(tempered(scores.float(), self.temperature), dim=-1)
         return scores
 
     def logprobs(self, response_ids: Tensor) -> Tensor:

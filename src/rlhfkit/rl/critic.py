@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from rlhfkit.config import ConfigError
 from rlhfkit.models.packing import PackedBatch, packed_kwargs
 from rlhfkit.models.reward import RewardModel
+from rlhfkit.ops import tempered
 
 logger = logging.getLogger(__name__)
 
@@ -203,7 +204,7 @@ class ActorCritic(nn.Module):
             values = self.critic(input_ids, attention_mask, n_response, packed=packed)  # (B, N)
         else:
             values = torch.zeros(logits.shape[:2], device=logits.device)
-        return logits / temperature, values
+        return tempered(logits, temperature), values
 
     @contextlib.contextmanager
     def reference(self) -> Iterator[nn.Module]:

@@ -26,7 +26,7 @@ from torch import Tensor
 from rlhfkit.data.prompts import Prompt
 from rlhfkit.models.packing import PackedBatch, pack
 from rlhfkit.models.tokenizers import eos_token_ids
-from rlhfkit.ops import logprobs_from_logits
+from rlhfkit.ops import logprobs_from_logits, tempered
 from rlhfkit.rl.critic import response_logits
 from rlhfkit.sampling import (
     SamplingSettings,
@@ -77,7 +77,7 @@ def policy_logprobs(
 ) -> Tensor:
     """Log-probs ``(M, N)`` of ``response_ids`` under a plain causal LM (the reference, or eval)."""
     logits, _ = response_logits(model, input_ids, attention_mask, response_ids.shape[1], packed=packed)
-    return logprobs_from_logits(logits / temperature, response_ids)
+    return logprobs_from_logits(tempered(logits, temperature), response_ids)
 
 
 def pack_rows(query_mask: Tensor, input_ids: Tensor, attention_mask: Tensor) -> PackedBatch:

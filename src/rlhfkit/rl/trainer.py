@@ -55,7 +55,7 @@ from rlhfkit.models.lora import with_lora
 from rlhfkit.models.packing import packing_unsupported, use_packed_attention
 from rlhfkit.models.policy import load_policy
 from rlhfkit.models.tokenizers import use_chat_template
-from rlhfkit.ops import logprobs_from_logits, masked_sum
+from rlhfkit.ops import logprobs_from_logits, masked_sum, tempered
 from rlhfkit.rl.advantages import (
     broadcast_to_tokens,
     compute_gae,
@@ -296,7 +296,7 @@ def actor_micro_loss(cfg: RLConfig, actor, r: Rollout, advantages, returns, mini
     mask = r.response_mask[micro]  # (m, N)
     weight = _share(cfg, r, minibatch, micro, cfg.loss_aggregation)
     logits, _ = response_logits(actor, r.input_ids[micro], r.attention_mask[micro], mask.shape[1], packed=_packed(r, micro))
-    logits = logits / cfg.temperature  # (m, N, V): the distribution the tokens were sampled from
+    logits = tempered(logits, cfg.temperature)  # (m, N, V): the distribution the tokens were sampled from
     logprobs = logprobs_from_logits(logits, r.response_ids[micro]).float()  # (m, N)
     pg_loss, pg_stats = policy_loss(logprobs, r.old_logprobs[micro], advantages[micro], mask, cfg.clip_eps, cfg.loss_aggregation)
     if cfg.entropy_coef > 0:
