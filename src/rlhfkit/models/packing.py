@@ -39,6 +39,7 @@ from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_f
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 IMPLEMENTATION = "rlhfkit_packed"
+_SDPA_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)  # scaled_dot_product_attention(enable_gqa=)
 
 
 @dataclass(frozen=True)
@@ -125,12 +126,15 @@ def shared_prefix_attention(module: nn.Module, query: Tensor, key: Tensor, value
 
     ``query (1, H, L, d)``, ``key``/``value (1, H_kv, L, d)`` -> ``(1, L, H, d)``, as
     ``transformers`` attention functions return. A segment attends to all of its ancestors
-    (parent, grandparent) and causally to itself.
+    (parent, grandparent) and causally to itself. Grouped-query models keep their ``H_kv``
+    key/value heads (SDPA's ``enable_gqa``, torch 2.5+) instead of copies for all ``H``.
     """
     if rlhfkit_segments is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     n_rep = getattr(module, "num_key_value_groups", 1)
-    key, value = repeat_kv(key, n_rep), repeat_kv(value, n_rep)  # (1, H, L, d)
+    gqa = {"enable_gqa": True} if n_rep > 1 and _SDPA_GQA else {}  # no (1, H, L, d) copies of the key/value heads
+    if n_rep > 1 and not _SDPA_GQA:
+        key, value = repeat_kv(key, n_rep), repeat_kv(value, n_rep)  # (1, H, L, d)
     # One split per tensor, not a slice per segment: autograd then joins the segments'
     # gradients with one cat, where slices would each add a zero-filled (1, H, L, d) buffer.
     sizes = [seg.end - seg.start for seg in rlhfkit_segments]
@@ -142,13 +146,13 @@ def shared_prefix_attention(module: nn.Module, query: Tensor, key: Tensor, value
             chain.append(rlhfkit_segments[chain[-1]].parent)
         q = queries[i]
         if len(chain) == 1:
-            out = F.scaled_dot_product_attention(q, keys[i], values[i], is_causal=True, scale=scaling)
+            out = F.scaled_dot_product_attention(q, keys[i], values[i], is_causal=True, scale=scaling, **gqa)
         else:
             k = torch.cat([keys[j] for j in reversed(chain)], dim=2)
             v = torch.cat([values[j] for j in reversed(chain)], dim=2)
             n_context = k.shape[2] - sizes[i]
             allowed = torch.ones(sizes[i], k.shape[2], dtype=torch.bool, device=q.device).tril(diagonal=n_context)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scaling)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scaling, **gqa)
         outputs.append(out)
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
 
