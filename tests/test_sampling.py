@@ -14,6 +14,7 @@ from rlhfkit.models.policy import load_policy
 from rlhfkit.models.tiny import EOS, PAD, build_tiny_causal_lm
 from rlhfkit.models.tokenizers import ensure_distinct_pad, use_chat_template
 from rlhfkit.sampling import (
+    CategoricalSampler,
     SamplingSettings,
     encode_queries,
     render_prompt,
@@ -210,11 +211,9 @@ def test_a_repeated_prompt_is_computed_once_and_samples_as_before(policy, monkey
 def test_generation_stops_at_eos_and_drops_it(policy):
     model, tokenizer = policy
     text = render_prompt(tokenizer, PROMPTS[0], chat=True)
-    enc = tokenizer([text], return_tensors="pt", add_special_tokens=False)
-    torch.manual_seed(0)  # the same draws sample_texts(seed=0) makes
-    with torch.no_grad():
-        out = model.generate(**enc, max_new_tokens=10, do_sample=True, temperature=1.0, top_p=1.0, top_k=0)
-    tokens = out[0, enc["input_ids"].shape[1]:].tolist()
+    ids, mask = encode_queries(tokenizer, [text], 64, chat=True)
+    torch.manual_seed(0)  # the same draws sample_texts(seed=0) makes: one uniform per row and step
+    tokens = sample(model, tokenizer, ids, mask, SamplingSettings(max_new_tokens=10), [-1])[0].tolist()  # no EOS
     cut = next(i for i in range(1, len(tokens)) if tokens[i] not in tokens[:i])
     # Declare the token at position `cut` an end token: the response must stop right before it.
     saved = model.generation_config.eos_token_id
@@ -225,6 +224,28 @@ def test_generation_stops_at_eos_and_drops_it(policy):
         model.generation_config.eos_token_id = saved
     assert response == tokenizer.decode(tokens[:cut], skip_special_tokens=True)
     assert response != tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("settings, allowed", [
+    (SamplingSettings(temperature=1.0), [0, 1, 2, 3, 4, 5]),
+    (SamplingSettings(temperature=0.5), [0, 1, 2, 3, 4, 5]),
+    (SamplingSettings(temperature=1.0, top_k=2), [4, 5]),
+    (SamplingSettings(temperature=1.0, top_p=0.75), [3, 4, 5]),  # the smallest set of top tokens holding >= 0.75
+])
+def test_the_sampler_draws_from_the_filtered_softmax(settings, allowed):
+    """Inverse-CDF draws: frequencies over 40,000 rows match the (renormalised, filtered)
+    softmax of logits / temperature, and filtered tokens never come up."""
+    logits = torch.log(torch.tensor([0.02, 0.05, 0.08, 0.15, 0.3, 0.4]))
+    scores = logits.repeat(40_000, 1)  # (M, V)
+    torch.manual_seed(0)
+    out = CategoricalSampler(settings)(torch.zeros(40_000, 1, dtype=torch.long), scores.clone())
+    assert ((out == 0).sum(1) == 1).all() and torch.isinf(out).sum() == out.numel() - 40_000  # one finite entry per row
+    counts = torch.bincount(out.argmax(1), minlength=6).double() / 40_000
+    expected = torch.zeros(6, dtype=torch.float64)
+    p = torch.softmax(logits.double() / settings.temperature, -1)[allowed]
+    expected[allowed] = p / p.sum()
+    assert (counts[[i for i in range(6) if i not in allowed]] == 0).all()
+    torch.testing.assert_close(counts, expected, atol=0.01, rtol=0)  # ~4 standard errors at 40,000 draws
 
 
 def test_empty_prompt_is_refused_with_a_fix(policy):

@@ -23,7 +23,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 from torch import Tensor
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessor, LogitsProcessorList, TopKLogitsWarper, TopPLogitsWarper
 
 from rlhfkit.config import Options, opt
 from rlhfkit.data.prompts import Prompt
@@ -31,7 +31,7 @@ from rlhfkit.errors import UserError
 from rlhfkit.models.tokenizers import eos_token_ids
 from rlhfkit.ops import tempered
 
-__all__ = ["SamplingOptions", "SamplingSettings", "render_prompt", "encode_queries", "shared_prompt_cache", "sample", "response_mask_from_eos",
+__all__ = ["SamplingOptions", "SamplingSettings", "render_prompt", "encode_queries", "CategoricalSampler", "shared_prompt_cache", "sample", "response_mask_from_eos",
            "decode_responses", "Samples", "iter_samples", "sample_texts"]
 
 
@@ -98,9 +98,9 @@ class LogprobRecorder(LogitsProcessor):
     ``softmax(logits / temperature)``: what a forward pass over the finished sequences would
     give (up to the summation order of the KV-cached steps), without that forward pass.
 
-    It sees the model's raw logits: ``generate`` runs user processors before its temperature
-    and top-k/top-p warpers (transformers 4.x-5.x), and rlhfkit sets no other processor. It
-    keeps one step's ``(M, V)`` log-softmax at a time, never all ``N`` steps'.
+    It sees the model's raw logits (it runs before :class:`CategoricalSampler`, and rlhfkit
+    sets no other processor). It keeps one step's ``(M, V)`` log-softmax at a time, never all
+    ``N`` steps'.
     """
 
     def __init__(self, temperature: float):
@@ -118,6 +118,40 @@ class LogprobRecorder(LogitsProcessor):
         """``(M, N)`` log-probs of ``response_ids`` (the last step's token gathered here)."""
         steps = self.steps + [self.previous.gather(1, response_ids[:, len(self.steps):len(self.steps) + 1]).squeeze(1)]
         return torch.stack(steps[: response_ids.shape[1]], dim=1)
+
+
+class CategoricalSampler(LogitsProcessor):
+    """Draws each row's next token from ``softmax(logits / temperature)``, after the top-k and
+    top-p filters when set, and returns scores whose only finite entry is that token, so
+    ``generate`` run greedily emits it.
+
+    The draw is by inverse CDF: one uniform ``u`` per row, the first token whose cumulative
+    probability exceeds ``u`` times the total. That is an exact draw from the categorical
+    distribution (up to the rounding of the cumulative sum, which PyTorch accumulates in
+    float64 on the CPU), like ``torch.multinomial``, which ``generate`` uses when it samples
+    and which on the CPU draws one exponential variate per vocabulary entry: 41 ms per step for
+    32 rows of SmolLM2's 49,152 tokens on the Intel Xeon of the README, against 2 ms here.
+    """
+
+    def __init__(self, settings: SamplingSettings, recorder: LogprobRecorder | None = None):
+        self.temperature = settings.temperature
+        self.filters = ([TopKLogitsWarper(settings.top_k)] if settings.top_k > 0 else []) + \
+                       ([TopPLogitsWarper(settings.top_p)] if settings.top_p < 1 else [])  # generate's order
+        self.recorder = recorder  # its log-softmax of this step, reused when nothing is filtered
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        if self.filters or self.recorder is None:
+            logits = tempered(scores.float(), self.temperature)  # (M, V)
+            for f in self.filters:
+                logits = f(input_ids, logits)  # -inf outside the kept tokens
+            probs = torch.softmax(logits, dim=-1)
+        else:
+            probs = self.recorder.previous.exp()  # (M, V): softmax(scores / temperature)
+        # float64 where the cumulative sum would otherwise accumulate in float32 (CUDA)
+        cdf = probs.cumsum(dim=-1) if probs.device.type == "cpu" else probs.double().cumsum(dim=-1)  # (M, V)
+        u = torch.rand((cdf.shape[0], 1), device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]  # (M, 1) in [0, total)
+        token = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[1] - 1)  # (M, 1): first cdf > u
+        return torch.full_like(scores, float("-inf")).scatter_(1, token, 0.0)
 
 
 def _cache_argument(model: Any) -> str:
@@ -161,19 +195,20 @@ def sample(model: Any, tokenizer: Any, query_ids: Tensor, query_mask: Tensor, se
     """Sample ``response_ids (M, N)`` with the KV cache; every token after a row's EOS is pad.
 
     ``N <= max_new_tokens``: generation stops when every row has ended. ``temperature`` 0 is
-    greedy decoding. ``with_logprobs`` also returns the sampled tokens' log-probabilities
+    greedy decoding; otherwise :class:`CategoricalSampler` draws each token. ``with_logprobs`` also returns the sampled tokens' log-probabilities
     ``(M, N)`` under ``softmax(logits / temperature)`` (:class:`LogprobRecorder`); they are
     the sampling distribution's only without top-k/top-p filters. A prompt repeated in the
     batch is computed once (:func:`shared_prompt_cache`).
     """
-    sampling: dict[str, Any] = dict(do_sample=False)
-    if settings.temperature > 0:
-        sampling = dict(do_sample=True, temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p)
     recorder = LogprobRecorder(settings.temperature if settings.temperature > 0 else 1.0) if with_logprobs else None
+    processors = [recorder] if recorder is not None else []
+    if settings.temperature > 0:  # generate runs greedily over the sampler's choice
+        processors.append(CategoricalSampler(settings, recorder))
     out = model.generate(
         input_ids=query_ids, attention_mask=query_mask, max_new_tokens=settings.max_new_tokens, min_new_tokens=0,
-        eos_token_id=list(eos_ids), pad_token_id=tokenizer.pad_token_id, use_cache=True,
-        logits_processor=LogitsProcessorList([recorder]) if recorder is not None else None, **sampling,
+        eos_token_id=list(eos_ids), pad_token_id=tokenizer.pad_token_id, use_cache=True, do_sample=False,
+        temperature=None, top_k=None, top_p=None,  # not the model's generation-config defaults: none apply greedily
+        logits_processor=LogitsProcessorList(processors) if processors else None,
         **shared_prompt_cache(model, query_ids, query_mask),
     )
     response_ids = out[:, query_ids.shape[1]:]  # (M, N)
