@@ -89,7 +89,8 @@ def test_sampling_pass_logprobs_equal_a_forward_pass_on_cuda(tiny_lm):
 
     model = AutoModelForCausalLM.from_pretrained(tiny_lm).cuda().eval()
     tok = AutoTokenizer.from_pretrained(tiny_lm)
-    ids, mask = encode_queries(tok, ["the cat sat", "hi", "a longer prompt here"], 64, chat=False)
+    # a repeated prompt: its rows start from one shared prefill (sampling.shared_prompt_cache)
+    ids, mask = encode_queries(tok, ["the cat sat", "hi", "a longer prompt here", "hi"], 64, chat=False)
     ids, mask = ids.cuda(), mask.cuda()
     eos_ids = [tok.eos_token_id, *range(40, 46)]
     torch.manual_seed(0)
@@ -100,6 +101,22 @@ def test_sampling_pass_logprobs_equal_a_forward_pass_on_cuda(tiny_lm):
     forward = policy_logprobs(model, torch.cat([ids, response_ids], 1), torch.cat([mask, rmask], 1), response_ids, 0.7)
     real = rmask.bool()
     torch.testing.assert_close(sampled[real], forward[real], atol=1e-4, rtol=0)
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_the_sampler_draws_from_the_filtered_softmax_on_cuda():
+    from rlhfkit.sampling import CategoricalSampler, SamplingSettings
+
+    logits = torch.log(torch.tensor([0.02, 0.05, 0.08, 0.15, 0.3, 0.4], device="cuda"))
+    for settings, allowed in [(SamplingSettings(temperature=0.5), [0, 1, 2, 3, 4, 5]),
+                              (SamplingSettings(top_k=2), [4, 5]), (SamplingSettings(top_p=0.75), [3, 4, 5])]:
+        out = CategoricalSampler(settings)(torch.zeros(40_000, 1, dtype=torch.long, device="cuda"), logits.repeat(40_000, 1))
+        counts = torch.bincount(out.argmax(1), minlength=6).double().cpu() / 40_000
+        expected = torch.zeros(6, dtype=torch.float64)
+        p = torch.softmax(logits.double().cpu() / settings.temperature, -1)[allowed]
+        expected[allowed] = p / p.sum()
+        torch.testing.assert_close(counts, expected, atol=0.01, rtol=0)
 
 
 @pytest.mark.cuda

@@ -151,19 +151,21 @@ def test_critic_free_rl_raises_a_synthetic_reward_at_bounded_kl(algo, extra, tin
     out = tmp_path / "run"
     result = train_rl(from_dict(RLConfig, dict(
         policy=str(tiny_lm), reward=f"{rewards}:share_lower", prompts=str(prompts), output=str(out), algo=algo,
-        steps=20, batch_size=8, mini_batch_size=16, ppo_epochs=2, max_new_tokens=8, lr=1e-2, kl_coef=0.02,
+        steps=30, batch_size=8, mini_batch_size=16, ppo_epochs=2, max_new_tokens=8, lr=1e-2, kl_coef=0.02,
         scheduler="constant", sample_every=0, progress=False, tensorboard=False, save_every=1000, **extra)))
     rows = read_metrics(out / "metrics.jsonl")
     score = [r["ppo/score_mean"] for r in rows]
     assert score[0] < 0.2  # random bytes: ~10% lowercase letters
-    assert sum(score[-3:]) / 3 > score[0] + 0.3, (algo, score)  # a large, real improvement
+    # a large, real improvement: 30 updates, not 20, where the seed alone moved the gain between
+    # 0.14 and 0.8 (4 seeds); at 30 every algorithm gained 0.6 to 0.84 on each of 4 seeds
+    assert sum(score[-3:]) / 3 > score[0] + 0.3, (algo, score)
     assert max(r["ppo/kl_k3"] for r in rows) < 30.0
     assert "ppo/value_loss" not in rows[-1] and "ppo/equal_score_groups" in rows[-1]
     if extra.get("kl_penalty", "loss" if algo == "grpo" else "reward") == "loss":
         assert "ppo/kl_loss" in rows[-1]
     assert result["policy"] and (out / "policy" / "model.safetensors").is_file()
     checkpoint = json.loads((out / "checkpoint" / "trainer_state.json").read_text())
-    assert checkpoint["episodes"] == 20 * 8 * (extra.get("samples_per_prompt") or 4)
+    assert checkpoint["episodes"] == 30 * 8 * (extra.get("samples_per_prompt") or 4)
 
 
 @pytest.mark.parametrize("algo", ["grpo", "ppo"])
