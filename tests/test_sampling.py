@@ -212,7 +212,7 @@ def test_generation_stops_at_eos_and_drops_it(policy):
     model, tokenizer = policy
     text = render_prompt(tokenizer, PROMPTS[0], chat=True)
     ids, mask = encode_queries(tokenizer, [text], 64, chat=True)
-    torch.manual_seed(0)  # the same draws sample_texts(seed=0) makes: one uniform per row and step
+    torch.manual_seed(0)  # the same draws sample_texts(seed=0) makes
     tokens = sample(model, tokenizer, ids, mask, SamplingSettings(max_new_tokens=10), [-1])[0].tolist()  # no EOS
     cut = next(i for i in range(1, len(tokens)) if tokens[i] not in tokens[:i])
     # Declare the token at position `cut` an end token: the response must stop right before it.
@@ -233,7 +233,7 @@ def test_generation_stops_at_eos_and_drops_it(policy):
     (SamplingSettings(temperature=1.0, top_p=0.75), [3, 4, 5]),  # the smallest set of top tokens holding >= 0.75
 ])
 def test_the_sampler_draws_from_the_filtered_softmax(settings, allowed):
-    """Inverse-CDF draws: frequencies over 40,000 rows match the (renormalised, filtered)
+    """Exponential-race draws: frequencies over 40,000 rows match the (renormalised, filtered)
     softmax of logits / temperature, and filtered tokens never come up."""
     logits = torch.log(torch.tensor([0.02, 0.05, 0.08, 0.15, 0.3, 0.4]))
     scores = logits.repeat(40_000, 1)  # (M, V)
