@@ -133,7 +133,8 @@ class CategoricalSampler(LogitsProcessor):
     inverse-CDF draw (one uniform per row, 2 ms): a last-bit change in the logits (another
     thread count or CPU) flips a race only when the two best ``p / E`` tie to that bit, while
     it moves every boundary of a cumulative sum, and flipped a token in a few percent of
-    inverse-CDF draws (the demo printed other numbers with one thread than with two).
+    inverse-CDF draws (the demo printed other numbers on an emulated slow machine, one thread
+    and AVX2 kernels, than on the normal run; with the race, the same numbers).
     """
 
     def __init__(self, settings: SamplingSettings, recorder: LogprobRecorder | None = None):
