@@ -17,7 +17,6 @@ always for ``messages`` prompts. Two details matter downstream:
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
@@ -28,6 +27,7 @@ from transformers import LogitsProcessor, LogitsProcessorList, TopKLogitsWarper,
 from rlhfkit.config import Options, opt
 from rlhfkit.data.prompts import Prompt
 from rlhfkit.errors import UserError
+from rlhfkit.models.policy import forward_accepts
 from rlhfkit.models.tokenizers import eos_token_ids
 from rlhfkit.ops import tempered
 
@@ -157,13 +157,6 @@ class CategoricalSampler(LogitsProcessor):
         return torch.full_like(scores, float("-inf")).scatter_(1, token, 0.0)
 
 
-def _cache_argument(model: Any) -> str:
-    """The keyword a causal LM's forward (and ``generate``) takes its KV cache by: ``cache``
-    (transformers 5) or ``past_key_values`` (earlier)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
-    return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
-
-
 def shared_prompt_cache(model: Any, query_ids: Tensor, query_mask: Tensor) -> dict[str, Any]:
     """``generate``'s keyword arguments that compute each distinct prompt once.
 
@@ -183,9 +176,9 @@ def shared_prompt_cache(model: Any, query_ids: Tensor, query_mask: Tensor) -> di
         return {}
     ids, mask = unique[:, : P - 1], unique[:, P:2 * P - 1]  # (U, P - 1): all but the last prompt token
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # as generate numbers left-padded rows
-    name = _cache_argument(model)
+    name = "cache" if forward_accepts(model, "cache") else "past_key_values"  # transformers 5 / earlier
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
-    cache = getattr(out, name, None) if name == "cache" else out.past_key_values
+    cache = getattr(out, name, None)  # the output field has the argument's name
     if cache is None or not hasattr(cache, "batch_select_indices"):
         return {}  # a model without a reusable cache object: prefill as usual
     cache.batch_select_indices(inverse)  # (M, ...): each row gets its prompt's keys and values

@@ -8,6 +8,8 @@ distinct from EOS (masks built from the pad id must not erase real end tokens).
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Any
 
 import torch
@@ -19,6 +21,19 @@ from rlhfkit.models.tokenizers import ensure_distinct_pad
 
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
            "fp16": torch.float16, "float16": torch.float16}
+
+
+def forward_accepts(model: Any, parameter: str) -> bool:
+    """Whether a model's ``forward`` takes ``parameter`` (e.g. ``logits_to_keep``; ``cache``,
+    transformers 5's name for ``past_key_values``), looking through DDP and peft wrappers."""
+    model = getattr(model, "module", model)  # under DistributedDataParallel
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
+    return parameter in _forward_parameters(type(base))
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_parameters(cls: type) -> frozenset[str]:
+    return frozenset(inspect.signature(cls.forward).parameters)
 
 
 def inference_dtype(dtype: Any, device: torch.device) -> torch.dtype:

@@ -19,8 +19,6 @@ token is chosen. Position ids come from the attention mask, so left padding shif
 from __future__ import annotations
 
 import contextlib
-import functools
-import inspect
 import logging
 from typing import Iterator
 
@@ -29,6 +27,7 @@ from torch import Tensor, nn
 
 from rlhfkit.config import ConfigError
 from rlhfkit.models.packing import PackedBatch, packed_kwargs
+from rlhfkit.models.policy import forward_accepts
 from rlhfkit.models.reward import RewardModel
 from rlhfkit.ops import tempered
 
@@ -40,17 +39,6 @@ __all__ = ["ActorCritic", "Critic", "ValueHead", "position_ids_from_mask", "resp
 def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
     """``(B, T)`` positions counting real tokens only: left padding does not shift them."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def _accepts_logits_to_keep(model: nn.Module) -> bool:
-    model = getattr(model, "module", model)  # under DistributedDataParallel
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return _forward_takes_logits_to_keep(type(base))
-
-
-@functools.lru_cache(maxsize=None)
-def _forward_takes_logits_to_keep(cls: type) -> bool:
-    return "logits_to_keep" in inspect.signature(cls.forward).parameters
 
 
 def response_positions(packed: PackedBatch, total_length: int, n_response: int) -> Tensor:
@@ -84,7 +72,7 @@ def response_logits(
         logits = out.logits[0].view(*keep.shape, -1)  # (B, N, V)
         hidden = out.hidden_states[-1][0, keep.flatten()].view(*keep.shape, -1) if output_hidden else None  # (B, N, H)
         return logits, hidden
-    kwargs = dict(logits_to_keep=n_response + 1) if _accepts_logits_to_keep(model) else {}
+    kwargs = dict(logits_to_keep=n_response + 1) if forward_accepts(model, "logits_to_keep") else {}
     out = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
