@@ -166,7 +166,9 @@ class ComparisonArgs:
     lr: float = field(default=1e-4, metadata={"help": "peak learning rate, both sides"})
     warmup_ratio: float = field(default=0.05, metadata={"help": "share of steps warming up (linear schedule), both sides"})
     epochs: int = field(default=1, metadata={"help": "passes over the training lists"})
-    seed: int = field(default=42, metadata={"help": "seed for both sides"})
+    seed: int = field(default=42, metadata={"help": "seed for both sides (the first one, with --seeds above 1)"})
+    seeds: int = field(default=1, metadata={"help": "train each side this many times, with seeds --seed, --seed+1, ...: the table shows "
+                                                     "the means over the runs, and the accuracy interval resamples the runs as well as the held-out lists"})
     eval_batch_size: int = field(default=64, metadata={"help": "texts per forward pass when evaluating"})
     threads: int = field(default=1, metadata={"help": "PyTorch CPU threads per side (0: PyTorch's default, one per core); see rm_vs_trl.py's docstring"})
     order: str = field(default="ours,trl", metadata={"help": "which side runs first: ours,trl or trl,ours"})
@@ -174,7 +176,7 @@ class ComparisonArgs:
     work_dir: str | None = field(default=None, metadata={"help": "keep data, models and logs here (default: a temporary folder, removed after a good run)"})
     side: Literal["ours", "trl"] | None = field(default=None, metadata={"help": "internal: run one side in this process"})
 
-    at_least_one: ClassVar[tuple[str, ...]] = ("n_train", "n_eval", "batch_size", "epochs", "eval_batch_size")
+    at_least_one: ClassVar[tuple[str, ...]] = ("n_train", "n_eval", "batch_size", "epochs", "eval_batch_size", "seeds")
 
     def __post_init__(self):
         from rlhfkit.config import ConfigError
@@ -227,20 +229,94 @@ def per_list_counts(data, scores, pairwise_accuracy: float) -> dict[str, list[in
     return out
 
 
-def paired_bootstrap(ours: dict[str, Any], trl: dict[str, Any], seed: int, n: int = 2000) -> dict[str, list[float]]:
-    """95% intervals of ours - TRL for pairwise and list-exact accuracy, resampling held-out lists."""
-    import random
+def paired_bootstrap(ours: list[dict[str, Any]], trl: list[dict[str, Any]], seed: int, n: int = 2000) -> dict[str, list[float]]:
+    """95% intervals of ours - TRL for pairwise and list-exact accuracy, each side's accuracy
+    being the mean over its runs (one per seed; ``ours`` and ``trl`` hold each run's
+    :func:`per_list_counts`).
 
-    rng = random.Random(seed)
-    m = len(ours["list_pairs"])
-    pw, ex = [], []
-    for _ in range(n):
-        idx = [rng.randrange(m) for _ in range(m)]
-        total = sum(ours["list_pairs"][i] for i in idx)
-        pw.append(sum(ours["list_correct"][i] - trl["list_correct"][i] for i in idx) / total)
-        ex.append(sum((ours["list_correct"][i] == ours["list_pairs"][i]) - (trl["list_correct"][i] == trl["list_pairs"][i]) for i in idx) / m)
-    ci = lambda v: [sorted(v)[int(0.025 * n)], sorted(v)[int(0.975 * n) - 1]]  # noqa: E731
+    Each of the ``n`` replicates resamples the held-out lists (the same lists for both sides:
+    paired) and, independently on each side, its runs, so the interval holds the seed-to-seed
+    spread as well as the choice of held-out lists. With one run a side it is the plain paired
+    bootstrap over lists. The run level is a crude estimate with 3 runs; it cannot narrow the
+    interval below the list level's, only widen it.
+    """
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    pairs = np.asarray(ours[0]["list_pairs"], dtype=np.int64)  # (m,) the same lists on both sides
+    for run in ours + trl:
+        if run["list_pairs"] != ours[0]["list_pairs"]:
+            raise ValueError("the runs were evaluated on different held-out lists")
+    correct = {side: np.asarray([r["list_correct"] for r in runs], dtype=np.int64) for side, runs in (("ours", ours), ("trl", trl))}  # (runs, m)
+    exact = {side: (c == pairs).astype(np.float64) for side, c in correct.items()}  # (runs, m)
+    m = pairs.shape[0]
+    pw, ex = np.empty(n), np.empty(n)
+    for i in range(n):
+        lists = rng.integers(m, size=m)
+        runs = {side: rng.integers(c.shape[0], size=c.shape[0]) for side, c in correct.items()}
+        mean_correct = {side: correct[side][runs[side]][:, lists].sum() / len(runs[side]) for side in correct}
+        pw[i] = (mean_correct["ours"] - mean_correct["trl"]) / pairs[lists].sum()
+        ex[i] = exact["ours"][runs["ours"]][:, lists].mean() - exact["trl"][runs["trl"]][:, lists].mean()
+    ci = lambda v: [float(np.sort(v)[int(0.025 * n)]), float(np.sort(v)[int(0.975 * n) - 1])]  # noqa: E731
     return {"pairwise_accuracy": ci(pw), "list_exact_accuracy": ci(ex)}
+
+
+def mean_over_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One side's result over its runs (one per seed), in the shape of a single run's, so a
+    benchmark's report reads it unchanged: the mean loop time and accuracies, lists/s as all
+    the runs' lists over all their loop time, the largest peak RSS; ``runs`` keeps each run and
+    ``pairwise_accuracy_runs`` each run's held-out pairwise accuracy. The rest (steps, batch
+    shape, threads) is the first run's; the runs differ only in their seed."""
+    if len(runs) == 1:
+        return {**runs[0], "runs": runs, "pairwise_accuracy_runs": [runs[0]["eval"]["pairwise_accuracy"]]}
+    out = dict(runs[0])
+    total_loop = sum(r["loop_s"] for r in runs)
+    out["lists_per_s"] = sum(r["lists_per_s"] * r["loop_s"] for r in runs) / total_loop
+    for key in ("loop_s", "call_s"):
+        out[key] = sum(r[key] for r in runs) / len(runs)
+    out["peak_rss_mib"] = max(r["peak_rss_mib"] for r in runs)
+    out["eval"] = dict(runs[0]["eval"])
+    for key in ("pairwise_accuracy", "list_exact_accuracy", "kendall_tau"):
+        if key in out["eval"]:
+            out["eval"][key] = sum(r["eval"][key] for r in runs) / len(runs)
+    out["runs"] = runs
+    out["pairwise_accuracy_runs"] = [r["eval"]["pairwise_accuracy"] for r in runs]
+    return out
+
+
+def runs_line(args: Any, ours: dict[str, Any], trl: dict[str, Any]) -> list[str]:
+    """The report's line on the runs behind each mean (nothing with one seed)."""
+    if args.seeds == 1:
+        return []
+    fmt = lambda side: " ".join(f"{a:.4f}" for a in side["pairwise_accuracy_runs"])  # noqa: E731
+    return [f"Each side trained {args.seeds} times (seeds {args.seed}..{args.seed + args.seeds - 1}); the table shows means. "
+            f"Held-out pairwise accuracy per seed: rlhfkit {fmt(ours)}; TRL {fmt(trl)}."]
+
+
+def interval_caption(args: Any) -> str:
+    """What the report's accuracy intervals resample."""
+    if args.seeds == 1:
+        return "Accuracy differences: [95% paired bootstrap interval over the held-out lists]."
+    return (f"Accuracy differences: [95% bootstrap interval, resampling the held-out lists (paired) and each side's "
+            f"{args.seeds} runs].")
+
+
+def seed_folder(work: Path, args: Any, seed: int) -> Path:
+    """``WORK/seedN``: links to everything ``prepare`` wrote in ``work`` and an ``args.yaml``
+    with ``--seed N``, where one run of each side trains and writes its results."""
+    import copy
+
+    from rlhfkit.config import save_yaml
+
+    sub = work / f"seed{seed}"
+    sub.mkdir(exist_ok=True)
+    for f in work.iterdir():
+        if f.name != "args.yaml" and not f.name.startswith("seed") and not (sub / f.name).exists():
+            (sub / f.name).symlink_to(f.resolve())
+    one = copy.copy(args)
+    one.seed, one.seeds, one.work_dir = seed, 1, str(sub)
+    save_yaml(one, sub / "args.yaml")
+    return sub
 
 
 def truncate_text(tokenizer, text: str, budget: int) -> str:
@@ -317,14 +393,22 @@ def compare(script: str, argv: list[str] | None, args_cls: type, *, run_side: Ca
     t0 = time.perf_counter()
     print(f"preparing data in {work} ...", flush=True)
     data = prepare(args, work)
-    results = {}
-    for i, side in enumerate(args.order.split(","), 1):
-        print(f"[{i}/2] {labels[side]}: training on {data['train_lists']} lists, then evaluating (log: {work / side}.log) ...", flush=True)
-        results[side] = run_child(script, work, side, ["--side", side], env=thread_env(args.threads))
-        r = results[side]
-        print(f"      {r['lists_per_s']:.2f} lists/s, loop {r['loop_s']:.1f} s, pairwise accuracy {r['eval']['pairwise_accuracy']:.4f}", flush=True)
+    runs: dict[str, list[dict[str, Any]]] = {"ours": [], "trl": []}
+    order = args.order.split(",")
+    total = len(order) * args.seeds
+    for s in range(args.seeds):  # seed by seed, both sides each time: a drift of the machine hits both
+        seed = args.seed + s
+        sub = work if args.seeds == 1 else seed_folder(work, args, seed)
+        for side in order:
+            i = len(runs["ours"]) + len(runs["trl"]) + 1
+            print(f"[{i}/{total}] {labels[side]}, seed {seed}: training on {data['train_lists']} lists, then evaluating "
+                  f"(log: {sub / side}.log) ...", flush=True)
+            r = run_child(script, sub, side, ["--side", side], env=thread_env(args.threads))
+            runs[side].append(r)
+            print(f"      {r['lists_per_s']:.2f} lists/s, loop {r['loop_s']:.1f} s, pairwise accuracy {r['eval']['pairwise_accuracy']:.4f}", flush=True)
 
-    ci = paired_bootstrap(results["ours"]["eval"], results["trl"]["eval"], args.seed)
+    results = {side: mean_over_runs(runs[side]) for side in runs}
+    ci = paired_bootstrap([r["eval"] for r in runs["ours"]], [r["eval"] for r in runs["trl"]], args.seed)
     table = report(args, data, results["ours"], results["trl"], env, ci)
     print()
     print(table)

@@ -64,7 +64,7 @@ from typing import Any, ClassVar, Literal
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script: find bench_common
 from bench_common import (  # noqa: E402
-    INSTALL, ComparisonArgs, compare, per_list_counts, steps_per_run, timed, truncate_text,
+    INSTALL, ComparisonArgs, compare, interval_caption, per_list_counts, runs_line, steps_per_run, timed, truncate_text,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -309,7 +309,8 @@ def report(args: Args, data: dict[str, Any], ours: dict[str, Any], trl: dict[str
         "| --- | ---: | ---: | ---: |",
         *[f"| {a} | {b} | {c} | {d} |" for a, b, c, d in table],
         "",
-        "Accuracy differences: [95% paired bootstrap interval over the held-out lists].",
+        *runs_line(args, ours, trl),
+        interval_caption(args),
         f"Target (>= 3x TRL's lists/s, equal or better held-out accuracy, no more peak memory): {verdict}.",
     ])
 
