@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -25,16 +25,20 @@ logger = logging.getLogger(__name__)
 LENGTH_WARNING_CORR = 0.7
 
 
+def length_sorted_batches(texts: list[dict[str, list[int]]], batch_size: int) -> Iterator[list[int]]:
+    """Indices of ``texts`` in batches of at most ``batch_size``, shortest texts first (little padding)."""
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]["input_ids"]))
+    for start in range(0, len(order), batch_size):
+        yield order[start : start + batch_size]
+
+
 @torch.no_grad()
 def score_texts(model, data: EncodedPreferences, pad, batch_size: int, device) -> torch.Tensor:
     """Scores of every unique text of ``data``, (n_texts,), in length-sorted batches."""
     was_training = model.training
     model.eval()
-    n = len(data.texts)
-    order = sorted(range(n), key=lambda i: len(data.texts[i]["input_ids"]))
-    scores = torch.empty(n)
-    for start in range(0, n, batch_size):
-        idx = order[start : start + batch_size]
+    scores = torch.empty(len(data.texts))
+    for idx in length_sorted_batches(data.texts, batch_size):
         inputs = {k: v.to(device) for k, v in pad([data.texts[i] for i in idx]).items()}
         scores[idx] = model(**inputs).float().cpu()
     model.train(was_training)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -36,6 +37,7 @@ from rlhfkit.models.reward import RewardModel
 from rlhfkit.models.tokenizers import use_chat_template
 from rlhfkit.rm.evaluate import evaluate, plot_score_histograms
 from rlhfkit.rm.objective import LossName, check_loss_fits_data, list_losses
+from rlhfkit.rm.probe import init_head_from_probe
 from rlhfkit.tracking import plot_curves, read_metrics
 from rlhfkit.training.cadence import Cadence, MetricsWindow
 from rlhfkit.training.optim import disable_dropout, make_optimizer
@@ -59,8 +61,13 @@ class RMTrainConfig(RunOptions, OptimOptions, LoraOptions, PreferenceDataOptions
     batch_size: int = opt(2, "lists per process per micro-batch (2 lists of K=4 = 12 pairs per step: in one epoch, "
                              "more and smaller steps reach a higher held-out accuracy than 8 lists per step)", ge=1)
     lr: float = opt(5e-5, "peak learning rate of the backbone", gt=0)
-    head_lr: float | None = opt(1e-3, "learning rate of the new scalar head (and an encoder's pooler): it starts from "
-                                      "random weights and barely moves at the backbone's rate (none: --lr)", gt=0)
+    head_lr: float | None = opt(1e-3, "learning rate of the scalar head (and an encoder's pooler): a random head barely moves at "
+                                      "the backbone's rate (none: --lr, the rate to use after --head-init probe)", gt=0)
+    head_init: Literal["random", "probe"] = opt("random", "random: the architecture's random head; probe: start the head from a "
+                                                          "linear probe fit to the training pairs on the frozen backbone (one forward "
+                                                          "pass over the texts), then fine-tune everything (LP-FT; with --head-lr none)")
+    probe_l2: float = opt(4.0, "--head-init probe: L2 strength, relative to the features' mean squared pairwise difference", gt=0)
+    probe_max_texts: int = opt(20_000, "--head-init probe: encode at most this many unique training texts (whole lists, drawn at random)", ge=2)
     max_length: int = opt(256, "tokens per (prompt, response); longer texts are truncated and counted, never dropped", ge=8)
     pooling: Literal["auto", "cls", "mean", "last"] = opt("auto", "encoders: auto (the architecture's head), cls or mean; decoders read the last token")
     chat_template: bool | None = opt(None, "decoders: read (prompt, response) through the chat template, as a user and an "
@@ -123,6 +130,25 @@ def _find_layers(base):
             continue
         return list(obj)
     raise ConfigError("--freeze-layers: could not find the transformer layers of this architecture")
+
+
+def start_head(run: Run, rm: RewardModel, data: EncodedPreferences, cfg: RMTrainConfig) -> str:
+    """``--head-init probe``: the head from a linear probe on the frozen backbone (every process
+    fits the same one). Not when resuming (the checkpoint has the head) nor for the scalar-label
+    losses, whose objective is not the pairs'. Returns the line for the run's log."""
+    if run.resume_from is not None:
+        return "head: from the checkpoint"
+    if cfg.head_init == "random":
+        return "head: the architecture's random start (--head-init random)"
+    if cfg.loss in ("binary", "mse"):
+        return f"head: random start (--head-init probe fits pairs; --loss {cfg.loss} trains on scalar labels)"
+    t0 = time.perf_counter()
+    fit = init_head_from_probe(rm, data, rm.pad, l2=cfg.probe_l2, max_texts=cfg.probe_max_texts,
+                               batch_size=cfg.eval_batch_size, device=run.device, seed=cfg.seed)
+    if fit is None:
+        return "head: random start (nothing for the probe to fit; see the warning above)"
+    return (f"head: linear probe on the frozen backbone, {fit.pairs} pairs of {fit.texts} texts, train pairwise accuracy "
+            f"{fit.train_accuracy:.4f}, |w| {fit.weight_norm:.3f}, {fit.newton_steps} Newton steps, {time.perf_counter() - t0:.1f} s")
 
 
 def param_groups(rm: RewardModel, cfg: RMTrainConfig) -> list[dict]:
@@ -205,6 +231,7 @@ def train_reward_model(cfg: RMTrainConfig) -> dict[str, Any]:
     effective = cfg.batch_size * cfg.grad_accum * run.world
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * math.ceil(len(train_data) / effective)))
 
+    head_line = start_head(run, rm, train_data, cfg)
     optimizer, scheduler = make_optimizer(cfg, param_groups(rm, cfg), total_steps)
     model, optimizer = run.accelerator.prepare(rm, optimizer)
     run.accelerator.register_for_checkpointing(scheduler)
@@ -213,6 +240,7 @@ def train_reward_model(cfg: RMTrainConfig) -> dict[str, Any]:
     info = describe(train_ex)
     run.write(f"train: {info['n_lists']} lists, {info['n_pairs']} pairs, {len(train_data.texts)} unique texts "
               f"({train_data.n_truncated} truncated at --max-length {cfg.max_length}); eval: {len(eval_ex)} lists")
+    run.write(head_line)
 
     cadence = Cadence(total_steps, cfg.log_every, cfg.save_every, cfg.eval_every, cfg.stop_after_steps)
     window = MetricsWindow()
