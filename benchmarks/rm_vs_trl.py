@@ -1,11 +1,13 @@
 """rlhfkit's reward-model trainer against TRL's ``RewardTrainer``, on the same rank lists.
 
-    .venv-bench/bin/python benchmarks/rm_vs_trl.py            # defaults below, ~8-10 min on 2 cores
-    .venv-bench/bin/python benchmarks/rm_vs_trl.py --n-train 16 --n-eval 16   # smoke run
+    .venv-bench/bin/python benchmarks/rm_vs_trl.py            # defaults below, ~15 min on 2 cores
+    .venv-bench/bin/python benchmarks/rm_vs_trl.py --n-train 16 --n-eval 16 --seeds 1   # smoke run
 
 One invocation trains both sides one after the other, each in its own subprocess (the
-script re-invokes itself with ``--side ours|trl``), then prints lists/second for both, the
-throughput ratio (ours / TRL), each side's peak RSS and both held-out accuracies, and writes
+script re-invokes itself with ``--side ours|trl``), ``--seeds`` times (default 3: one run's
+held-out accuracy moves by about +-0.01 with the seed alone, as much as the differences
+measured), then prints lists/second for both, the throughput ratio (ours / TRL), each side's
+peak RSS and both held-out accuracies (means over the seeds), and writes
 ``benchmarks/results/rm_vs_trl.json``. TRL is not a dependency of rlhfkit: it lives in
 ``.venv-bench`` (see ``benchmarks/README.md`` and ``bench_common.INSTALL``).
 
@@ -53,8 +55,9 @@ Fairness rules (what both sides share):
 - Evaluation: the same code scores both saved models: ``RewardModel.from_pretrained(dir)``
   then ``rlhfkit.rm.evaluate.evaluate`` on the same pre-truncated held-out lists
   (pairwise accuracy over all ordered pairs, list-exact accuracy over whole lists). The
-  report adds a 95% paired bootstrap interval (resampling held-out lists) for each
-  accuracy difference: on 200 lists a difference of a few points can be noise.
+  report adds a 95% bootstrap interval for each accuracy difference, resampling the held-out
+  lists (paired: the same lists for both sides) and each side's runs: on a few hundred lists,
+  and with the seed moving a run by about a point, a difference of a point can be noise.
 
 What is timed. The headline "training loop" is measured identically on both sides by two
 global PyTorch hooks: from the first ``nn.Module`` forward call to the end of the last
@@ -83,7 +86,7 @@ from typing import Any, ClassVar, Literal
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script: find bench_common
 from bench_common import (  # noqa: E402
-    INSTALL, ComparisonArgs, compare, per_list_counts, steps_per_run, timed, truncate_text,
+    INSTALL, ComparisonArgs, compare, interval_caption, per_list_counts, runs_line, steps_per_run, timed, truncate_text,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -102,9 +105,13 @@ class Args(ComparisonArgs):
     data: str = field(default=str(DEFAULT_DATA), metadata={"help": "rank-list TSV (one list per line, best first)"})
     n_eval: int = field(default=482, metadata={"help": "evaluate on N held-out lists starting at --eval-start (482: lines 2001-2482, all the lists after the first 2,000)"})
     eval_start: int = field(default=2000, metadata={"help": "0-based index of the first held-out list (2000 = line 2001)"})
+    seeds: int = field(default=3, metadata={"help": "train each side this many times, with seeds --seed, --seed+1, ...: the table shows the means "
+                                                    "over the runs, and the accuracy interval resamples the runs as well as the held-out lists "
+                                                    "(one run's accuracy moves by about +-0.01 with the seed alone)"})
     batch_size: int | None = field(default=None, metadata={"help": "rlhfkit: lists per optimizer step (default: rlhfkit's rm train default)"})
     lr: float | None = field(default=None, metadata={"help": "peak learning rate, both sides (rlhfkit: of the backbone); default: rlhfkit's"})
     head_lr: float | None = field(default=None, metadata={"help": "rlhfkit: learning rate of the new scalar head (default: rlhfkit's); TRL has one for all weights"})
+    head_init: Literal["probe", "random"] | None = field(default=None, metadata={"help": "rlhfkit: the head's start, a linear probe or random (default: rlhfkit's); TRL's is random"})
     warmup_ratio: float | None = field(default=None, metadata={"help": "share of each side's optimizer steps spent warming up, both sides (default: rlhfkit's)"})
     scheduler: Literal["linear", "cosine", "constant"] | None = field(default=None, metadata={"help": "learning-rate schedule after warm-up, both sides (default: rlhfkit's)"})
     trl_pairs_per_step: int | None = field(default=None, metadata={"help": "TRL: pairs per optimizer step (default: the C(K,2) pairs of --batch-size lists, the same lists per step; 8 is TRL's own default)"})
@@ -132,6 +139,7 @@ class Args(ComparisonArgs):
                 setattr(self, name, ours[name])
         if self.head_lr is None:
             self.head_lr = ours["head_lr"] or self.lr
+        self.head_init = self.head_init or ours["head_init"]
         if self.trl_defaults:
             self.apply_trl_defaults()
         self.trl_lr = self.lr if self.trl_lr is None else self.trl_lr
@@ -196,7 +204,7 @@ def run_ours(args: Args, work: Path) -> dict[str, Any]:
     never = 10**9
     cfg = RMTrainConfig(
         train=str(work / "train.tsv"), output=str(work / "ours"), model=prepared["backbone_path"], loss="pairwise",
-        epochs=float(args.epochs), batch_size=args.batch_size, grad_accum=1, lr=args.lr, head_lr=args.head_lr,
+        epochs=float(args.epochs), batch_size=args.batch_size, grad_accum=1, lr=args.lr, head_lr=args.head_lr, head_init=args.head_init,
         weight_decay=0.0, warmup_ratio=args.warmup_ratio, scheduler=args.scheduler, max_grad_norm=1.0, max_length=args.max_length,
         seed=args.seed, mixed_precision="no", cpu_matmul=args.ours_cpu_matmul, tensorboard=False, progress=False,
         log_every=never, eval_every=never, save_every=never,
@@ -400,7 +408,7 @@ def report(args: Args, data: dict[str, Any], ours: dict[str, Any], trl: dict[str
         verdict = f"met: {ratio:.2f}x at {diff:+.4f} pairwise accuracy"
     elif hi >= 0:
         verdict = (f"throughput met ({ratio:.2f}x); pairwise accuracy {diff:+.4f}, lower but not distinguishable "
-                   f"from TRL's on these {oe['n_lists']} lists (95% CI of the difference includes 0)")
+                   f"from TRL's (the 95% interval of the difference includes 0)")
     else:
         verdict = f"NOT met: {ratio:.2f}x but pairwise accuracy {diff:+.4f} (95% CI excludes 0)"
     rows = [
@@ -418,7 +426,7 @@ def report(args: Args, data: dict[str, Any], ours: dict[str, Any], trl: dict[str
         f"Reward model, {args.backbone}: {data['train_lists']} lists of K={data['k']} ({data['train_pairs']} pairs for TRL), "
         f"{args.epochs} epoch(s), max length {args.max_length} ({data['texts_pre_truncated']} of {data['texts_total']} texts "
         f"pre-truncated), held-out {data['eval_lists']} lists.",
-        f"rlhfkit: {ours['steps']} steps of {args.batch_size} lists, lr {args.lr:g}, head lr {args.head_lr:g}, {args.scheduler} "
+        f"rlhfkit: {ours['steps']} steps of {args.batch_size} lists, lr {args.lr:g}, head lr {args.head_lr:g} from a {args.head_init} start, {args.scheduler} "
         f"schedule, warm-up {args.warmup_ratio:g} of the steps. TRL: {trl['steps']} steps of {trl['pairs_per_step']} pairs, "
         f"lr {args.trl_lr:g}, {args.trl_scheduler} schedule, warm-up {args.trl_warmup_ratio:g} of the steps"
         + (" (--trl-defaults)." if args.trl_defaults else "."),
@@ -431,7 +439,8 @@ def report(args: Args, data: dict[str, Any], ours: dict[str, Any], trl: dict[str
         "| --- | ---: | ---: | ---: |",
         *[f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows],
         "",
-        "Accuracy differences: [95% paired bootstrap interval over the held-out lists].",
+        *runs_line(args, ours, trl),
+        interval_caption(args),
         f"Target (>= 2.5x TRL's lists/s at equal or better pairwise accuracy): {verdict}.",
     ]
     return "\n".join(lines)
