@@ -170,3 +170,24 @@ def test_rl_runs_on_cuda_and_exports_the_policy(algo, tiny_lm, tmp_path):
     assert all(torch.isfinite(torch.tensor(r["ppo/policy_loss"])) for r in rows)
     assert "precision bf16" in (out / "run.log").read_text()
     AutoModelForCausalLM.from_pretrained(result["policy"])
+
+
+def probe_start_run(tiny_lm, separable_tsv, out, cpu: bool) -> dict:
+    from rlhfkit.rm.train import RMTrainConfig, train_reward_model
+
+    return train_reward_model(from_dict(RMTrainConfig, dict(
+        model=str(tiny_lm), train=str(separable_tsv), n_train=60, output=str(out), max_steps=1, lr=1e-9, batch_size=8,
+        head_init="probe", head_lr=None, cpu=cpu, eval_every=1000, save_every=1000, log_every=1, progress=False,
+        tensorboard=False, warmup_ratio=0.0)))
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_the_probe_head_start_on_cuda(tiny_lm, separable_tsv, tmp_path):
+    """--head-init probe on the GPU: the model moved to the device before the probe, features read
+    there, the fit on the CPU, loaded into the head; after one step at a negligible rate the
+    held-out ordering is the probe's."""
+    on_gpu = probe_start_run(tiny_lm, separable_tsv, tmp_path / "gpu", cpu=False)
+    log = (tmp_path / "gpu" / "run.log").read_text()
+    assert "head: linear probe on the frozen backbone, 360 pairs" in log and "device cuda" in log
+    assert on_gpu["pairwise_accuracy"] > 0.85  # the same run on the CPU: 0.933 (one process holds one accelerator: not both here)

@@ -143,6 +143,7 @@ def start_head(run: Run, rm: RewardModel, data: EncodedPreferences, cfg: RMTrain
     if cfg.loss in ("binary", "mse"):
         return f"head: random start (--head-init probe fits pairs; --loss {cfg.loss} trains on scalar labels)"
     t0 = time.perf_counter()
+    rm.to(run.device)  # before accelerate's prepare, which would move it there anyway
     fit = init_head_from_probe(rm, data, rm.pad, l2=cfg.probe_l2, max_texts=cfg.probe_max_texts,
                                batch_size=cfg.eval_batch_size, device=run.device, seed=cfg.seed)
     if fit is None:
