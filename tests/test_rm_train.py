@@ -52,8 +52,9 @@ def test_tiny_encoder_learns(tiny_encoder, separable_tsv, tmp_path):
     assert final["pairwise_accuracy"] > 0.9, final
 
 
-def test_resume_after_stop_matches_uninterrupted_run(tiny_lm, separable_tsv, tmp_path):
-    common = dict(model=str(tiny_lm), train=str(separable_tsv), n_train=90, epochs=2, batch_size=8, save_every=3)
+@pytest.mark.parametrize("head", [{}, {"head_init": "probe"}], ids=["random-head", "probe-head"])
+def test_resume_after_stop_matches_uninterrupted_run(tiny_lm, separable_tsv, tmp_path, head):
+    common = dict(model=str(tiny_lm), train=str(separable_tsv), n_train=90, epochs=2, batch_size=8, save_every=3, **head)
     full = tmp_path / "full"
     train_reward_model(cfg(output=str(full), **common))
     split = tmp_path / "split"
@@ -61,6 +62,7 @@ def test_resume_after_stop_matches_uninterrupted_run(tiny_lm, separable_tsv, tmp
     assert not (split / "last").exists()
     assert json.loads((split / "checkpoint" / "trainer_state.json").read_text())["step"] == 7
     train_reward_model(cfg(output=str(split), resume=True, **common))
+    assert "head: from the checkpoint" in (split / "run.log").read_text()  # a resumed run does not fit a probe again
     a, b = weights(full / "last"), weights(split / "last")
     assert a.keys() == b.keys()
     for k in a:

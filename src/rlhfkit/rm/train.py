@@ -1,7 +1,8 @@
 """``rlhfkit rm train``: train a reward model on preference lists.
 
 The loop, top to bottom (:func:`train_reward_model`): read and check the data -> build the
-model (LoRA, frozen layers) -> encode each unique text once -> plan length-grouped
+model (LoRA, frozen layers) -> encode each unique text once -> the head's start (random, or
+``--head-init probe``: :mod:`rlhfkit.rm.probe`) -> plan length-grouped
 effective batches -> one :func:`~rlhfkit.training.step.train_step` per batch (this
 process's micro-batches: score the unique texts, per-list loss) -> log, evaluate (best
 model kept), checkpoint on the shared :class:`~rlhfkit.training.cadence.Cadence` -> final
