@@ -41,7 +41,7 @@ Fairness rules (what both sides share):
   rows at random, rlhfkit batches lists of similar length; rlhfkit's CPU matmul kernel
   choice (``--ours-cpu-matmul torch`` gives it PyTorch's default, as TRL).
 - Evaluation: the same code for both saved policies: the implicit reward
-  ``beta * (log pi - log pi_ref)`` (:class:`rlhfkit.dpo.scorer.ImplicitReward`) of every
+  ``beta * (log pi - log pi_ref)`` (:class:`rlhfkit.models.implicit_reward.ImplicitReward`) of every
   held-out response, scored by ``rlhfkit.rm.evaluate.evaluate`` (pairwise accuracy over the
   ordered pairs, list-exact accuracy over whole lists), with a 95% paired bootstrap over
   held-out lists for each difference.
@@ -113,7 +113,7 @@ def run_ours(args: Args, work: Path) -> dict[str, Any]:
         policy=prepared["policy_path"], train=str(work / "train.jsonl"), output=str(work / "ours"), loss="dpo", beta=args.beta,
         epochs=float(args.epochs), batch_size=args.batch_size, grad_accum=1, lr=args.lr, weight_decay=0.0,
         warmup_ratio=args.warmup_ratio, scheduler="linear", max_grad_norm=1.0, max_length=args.max_length, chat_template=False,
-        seed=args.seed, mixed_precision="no", cpu_matmul=args.ours_cpu_matmul, tensorboard=False, progress=False,
+        seed=args.seed, mixed_precision="no", cpu_matmul=args.ours_cpu_matmul, report_to="none", progress=False,
         log_every=NEVER, eval_every=NEVER, save_every=NEVER, eval_batch_size=args.ref_batch_size, eval_kl_prompts=0,
     )
     measured, _ = timed(partial(train_dpo, cfg))
@@ -182,7 +182,7 @@ def evaluate_saved(model_dir: Path, reference: str, eval_path: Path, args: Args)
     """Held-out implicit-reward metrics of a saved policy: the same code for both sides."""
     from rlhfkit.data.collate import EncodedPreferences
     from rlhfkit.data.readers import read_preferences
-    from rlhfkit.dpo.scorer import ImplicitReward
+    from rlhfkit.models.implicit_reward import ImplicitReward
     from rlhfkit.models.policy import load_policy
     from rlhfkit.rm.evaluate import evaluate
 
@@ -222,8 +222,8 @@ def run_side(args: Args) -> int:
 def prepare_data(args: Args, work: Path) -> dict[str, Any]:
     """Pre-truncated train and held-out lists as ranked JSONL (prompt + newline), and rlhfkit's token ids."""
     from rlhfkit.data.readers import read_preferences
+    from rlhfkit.data.examples import policy_encoder
     from rlhfkit.data.types import PreferenceExample
-    from rlhfkit.dpo.data import policy_encoder
     from rlhfkit.models.hub import resolve_model
     from rlhfkit.models.policy import load_policy
 

@@ -18,18 +18,19 @@ from safetensors.torch import load_file
 from rlhfkit.cli import main
 from rlhfkit.config import from_dict
 from rlhfkit.data.collate import EncodedPreferences
+from rlhfkit.data.examples import pad_right, policy_encoder
 from rlhfkit.data.prompts import Prompt
 from rlhfkit.data.readers import read_preferences
 from rlhfkit.data.types import PreferenceExample
-from rlhfkit.dpo.data import pad_right, policy_encoder
 from rlhfkit.dpo.evaluate import sampled_kl
 from rlhfkit.dpo.losses import dpo_loss, ipo_loss, list_losses, listwise_dpo_loss
-from rlhfkit.dpo.scorer import DPO_INFO, SequenceLogprobs
 from rlhfkit.dpo.train import REFERENCE_FILE, DPOConfig, micro_loss, train_dpo
 from rlhfkit.errors import UserError
+from rlhfkit.evaluation.scores import score_texts
 from rlhfkit.losses import plackett_luce_loss
+from rlhfkit.models.implicit_reward import DPO_INFO
+from rlhfkit.models.logprobs import SequenceLogprobs
 from rlhfkit.models.policy import load_policy
-from rlhfkit.rm.evaluate import score_texts
 from rlhfkit.sampling import SamplingSettings
 from rlhfkit.tracking import read_metrics
 from tests.conftest import step_losses, weights
@@ -37,7 +38,7 @@ from tests.conftest import step_losses, weights
 
 def cfg(**kw) -> DPOConfig:
     # cpu_matmul torch: one kernel in every run, so runs compared bit for bit cannot differ by auto's timing choice
-    base = dict(lr=1e-2, batch_size=8, eval_every=1000, save_every=1000, log_every=1, progress=False, tensorboard=False,
+    base = dict(lr=1e-2, batch_size=8, eval_every=1000, save_every=1000, log_every=1, progress=False, report_to="none",
                 warmup_ratio=0.0, eval_kl_prompts=0, cpu_matmul="torch")
     base.update(kw)
     return from_dict(DPOConfig, base)
@@ -293,7 +294,7 @@ def test_lora_reference_is_the_disabled_adapter_and_export_is_merged(tiny_lm, se
 def test_cli_trains_then_rm_eval_and_score_read_the_run(tiny_lm, separable_tsv, tmp_path, capsys):
     out = tmp_path / "run"
     rc = main(["dpo", "--policy", str(tiny_lm), "--train", str(separable_tsv), "--n-train", "90", "--output", str(out),
-               "--epochs", "2", "--lr", "1e-2", "--batch-size", "8", "--eval-kl-prompts", "0", "--no-progress", "--no-tensorboard"])
+               "--epochs", "2", "--lr", "1e-2", "--batch-size", "8", "--eval-kl-prompts", "0", "--no-progress", "--report-to", "none"])
     printed = capsys.readouterr().out
     assert rc == 0 and "policy saved to" in printed and "implicit-reward accuracy" in printed, printed
     trained = json.loads((out / "eval_report.json").read_text())
@@ -321,6 +322,6 @@ def test_hh_file_with_an_empty_chosen_answer_trains(tiny_lm, tmp_path):
     out = tmp_path / "dpo"
     assert main(["dpo", "--policy", str(tiny_lm), "--train", str(train), "--output", str(out), "--max-steps", "3",
                  "--batch-size", "4", "--lr", "1e-3", "--log-every", "1", "--eval-kl-prompts", "0", "--no-progress",
-                 "--no-tensorboard"]) == 0
+                 "--report-to", "none"]) == 0
     losses = step_losses(out)
     assert len(losses) == 3 and all(math.isfinite(v) for v in losses)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from rlhfkit.config import ConfigError
-from rlhfkit.rl.critic import ActorCritic, Critic, load_critic, position_ids_from_mask
+from rlhfkit.models.logprobs import position_ids_from_mask
+from rlhfkit.rl.critic import ActorCritic, Critic, load_critic
 
 
 def test_position_ids_count_real_tokens_only():

@@ -10,9 +10,9 @@ import torch
 from rlhfkit.config import from_dict
 from rlhfkit.data.collate import EncodedPreferences
 from rlhfkit.data.readers import read_preferences
+from rlhfkit.evaluation.scores import score_texts
 from rlhfkit.models.reward import RewardModel
 from rlhfkit.rm import probe
-from rlhfkit.rm.evaluate import score_texts
 from rlhfkit.rm.train import RMTrainConfig, build_model, train_reward_model
 
 
@@ -92,7 +92,7 @@ def test_the_text_budget_takes_whole_lists(rm_and_data):
 
 
 def cfg(**kw) -> RMTrainConfig:
-    base = dict(lr=3e-3, batch_size=8, eval_every=1000, save_every=1000, log_every=1, progress=False, tensorboard=False, warmup_ratio=0.0)
+    base = dict(lr=3e-3, batch_size=8, eval_every=1000, save_every=1000, log_every=1, progress=False, report_to="none", warmup_ratio=0.0)
     return from_dict(RMTrainConfig, base | kw)
 
 

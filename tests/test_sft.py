@@ -11,20 +11,18 @@ import torch
 from safetensors.torch import load_file
 
 from rlhfkit.config import ConfigError, from_dict
+from rlhfkit.data.examples import IGNORE_INDEX, SFTExample, chat_segments, encode_example
 from rlhfkit.data.types import DataFormatError
 from rlhfkit.errors import RunStopped, UserError
 from rlhfkit.sft.cli import main
 from rlhfkit.sft.data import (
     EncodedSFT,
-    SFTExample,
     block_causal_mask,
-    chat_segments,
     collate,
-    encode_example,
     pack_examples,
     read_sft_data,
 )
-from rlhfkit.sft.losses import IGNORE_INDEX, sft_loss, token_nll
+from rlhfkit.sft.losses import sft_loss, token_nll
 from rlhfkit.sft.train import SFTConfig, model_token_nll, train_sft
 from rlhfkit.tracking import read_metrics
 
@@ -70,7 +68,7 @@ def mixed_jsonl(tmp_path) -> Path:
 
 
 def cfg(**kw) -> SFTConfig:
-    base = dict(lr=1e-2, batch_size=8, eval_every=1000, save_every=1000, log_every=1, progress=False, tensorboard=False,
+    base = dict(lr=1e-2, batch_size=8, eval_every=1000, save_every=1000, log_every=1, progress=False, report_to="none",
                 warmup_ratio=0.0, scheduler="constant", n_samples=0)
     base.update(kw)
     return from_dict(SFTConfig, base)
@@ -425,7 +423,7 @@ def test_cli_trains_and_reports(lm32, mixed_jsonl, tmp_path, capsys):
     out = tmp_path / "cli"
     rc = main(["--policy", str(lm32), "--train", str(mixed_jsonl), "--eval-fraction", "0.25", "--output", str(out),
                "--max-steps", "4", "--batch-size", "4", "--lr", "1e-2", "--packing", "--max-length", "128",
-               "--no-progress", "--no-tensorboard", "--n-samples", "1"])
+               "--no-progress", "--report-to", "none", "--n-samples", "1"])
     assert rc == 0
     printed = capsys.readouterr().out
     assert f"model saved to {out / 'final'} after 4 steps" in printed and "eval loss" in printed

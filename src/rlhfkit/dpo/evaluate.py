@@ -1,7 +1,7 @@
 """Held-out evaluation of a DPO policy.
 
 - On held-out lists, the implicit reward ``beta * (log pi - log pi_ref)`` of every response
-  scored by the reward-model metrics (:func:`rlhfkit.rm.evaluate.evaluate_scores`:
+  scored by the reward-model metrics (:func:`rlhfkit.evaluation.scores.evaluate_scores`:
   pairwise and list-exact accuracy, Kendall tau, accuracy by rank gap, chosen and rejected
   means), the loss, and the log-probability margins: ``logps_margin`` is the mean over
   ordered pairs of ``log pi(y_w) - log pi(y_l)`` and ``ref_logps_margin`` the same under the
@@ -25,12 +25,12 @@ import torch
 from torch import Tensor, nn
 
 from rlhfkit.data.collate import EncodedPreferences, collate
+from rlhfkit.data.examples import Pad
 from rlhfkit.data.prompts import Prompt
-from rlhfkit.dpo.data import Pad
 from rlhfkit.dpo.losses import best_mask, list_losses, pair_margins
+from rlhfkit.evaluation.scores import evaluate_scores, score_texts
+from rlhfkit.models.logprobs import policy_logprobs
 from rlhfkit.ops import masked_mean, masked_sum
-from rlhfkit.rl.rollout import policy_logprobs
-from rlhfkit.rm.evaluate import evaluate_scores, score_texts
 from rlhfkit.sampling import SamplingSettings, iter_samples
 
 __all__ = ["evaluate_lists", "sampled_kl", "kl_prompts"]
@@ -41,7 +41,7 @@ def evaluate_lists(model: nn.Module, data: EncodedPreferences, ref_logprobs: Ten
                    batch_size: int, device: Any) -> tuple[dict[str, Any], Tensor]:
     """Metrics on held-out lists (module docstring) and the implicit rewards ``(n_texts,)``.
 
-    ``model`` maps padded sequences to ``log pi`` (:class:`~rlhfkit.dpo.scorer.SequenceLogprobs`);
+    ``model`` maps padded sequences to ``log pi`` (:class:`~rlhfkit.models.logprobs.SequenceLogprobs`);
     ``ref_logprobs (n_texts,)`` are the reference's, computed once before training.
     """
     logprobs = score_texts(model, data, pad, batch_size, device)  # (n_texts,), each unique text once

@@ -28,14 +28,15 @@ from rlhfkit.config import ConfigError, opt, require
 from rlhfkit.data.prompts import Prompt, read_prompts
 from rlhfkit.data.types import PreferenceExample, strict_ranks
 from rlhfkit.data.writers import write_preferences
+from rlhfkit.defaults import MAX_PROMPT_LENGTH
 from rlhfkit.files import check_output_dir, check_output_file
 from rlhfkit.models.cpu_linear import apply_cpu_matmul
+from rlhfkit.models.logprobs import policy_logprobs
 from rlhfkit.models.policy import inference_dtype, load_policy
 from rlhfkit.models.tokenizers import use_chat_template
 from rlhfkit.ops import masked_sum
+from rlhfkit.rl.info import read_policy_info
 from rlhfkit.rl.reward_sources import RewardOptions, RewardSourceOptions, load_reward_source
-from rlhfkit.rl.rollout import policy_logprobs
-from rlhfkit.rl.trainer import POLICY_INFO
 from rlhfkit.sampling import (
     SamplingOptions,
     SamplingSettings,
@@ -97,7 +98,7 @@ class PPOEvalConfig(RewardSourceOptions):
     n_prompts: int | None = opt(None, "use only the first N prompts", ge=1)
     bon: list[int] = opt(factory=lambda: [1, 2, 4, 8, 16], help="best-of-n sizes to evaluate")
     max_new_tokens: int | None = opt(None, "response length limit (default: as in training, else 64)", ge=1)
-    max_prompt_length: int = opt(256, "prompt tokens kept", ge=1)
+    max_prompt_length: int = opt(MAX_PROMPT_LENGTH, "prompt tokens kept", ge=1)
     temperature: float | None = opt(None, "sampling temperature (default: as in training, else 1)", gt=0)
     chat_template: bool | None = opt(None, "render prompts with the chat template (default: as in training, else when the tokenizer has one)")
     batch_size: int = opt(16, "sequences per generate call", ge=1)
@@ -223,11 +224,6 @@ def _sample_logprobs(model, ref_model, tokenizer, prompts, n, settings, chat, ba
     return texts, responses, (torch.cat(kls) if kls else torch.zeros(len(texts)))
 
 
-def _policy_info(policy: str) -> dict[str, Any]:
-    f = Path(policy) / POLICY_INFO
-    return json.loads(f.read_text()) if f.is_file() else {}
-
-
 def _named(policy: str) -> tuple[str, str]:
     """``NAME=PATH`` -> (NAME, PATH); a bare path is named by its run folder."""
     name, _, path = policy.rpartition("=")
@@ -252,7 +248,7 @@ def run_ppo_eval(cfg: PPOEvalConfig) -> dict[str, Any]:
     policies = [_named(p) for p in cfg.policy]
     if len(policies) == 1 and "=" not in cfg.policy[0]:
         policies = [("policy", policies[0][1])]
-    info = _policy_info(policies[0][1])
+    info = read_policy_info(policies[0][1])
     reference = cfg.reference or info.get("reference")
     if not reference:
         raise ConfigError(f"--reference is needed: {policies[0][1]} has no rlhfkit_ppo.json naming the model it was trained from")

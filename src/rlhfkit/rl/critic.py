@@ -26,64 +26,14 @@ import torch
 from torch import Tensor, nn
 
 from rlhfkit.config import ConfigError
+from rlhfkit.models.logprobs import position_ids_from_mask, response_logits, response_positions
 from rlhfkit.models.packing import PackedBatch, packed_kwargs
-from rlhfkit.models.policy import forward_accepts
 from rlhfkit.models.reward import RewardModel
 from rlhfkit.ops import tempered
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ActorCritic", "Critic", "ValueHead", "position_ids_from_mask", "response_logits", "load_critic"]
-
-
-def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
-    """``(B, T)`` positions counting real tokens only: left padding does not shift them."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def response_positions(packed: PackedBatch, total_length: int, n_response: int) -> Tensor:
-    """``(B, N)``: where, in the packed row, the state predicting response token ``t`` of each
-    row sits (padded column ``P - 1 + t``); 0 where that column is padding (masked later)."""
-    p = total_length - n_response
-    return packed.index[:, p - 1:p - 1 + n_response].clamp(min=0)
-
-
-def response_logits(
-    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, n_response: int, output_hidden: bool = False,
-    packed: PackedBatch | None = None,
-) -> tuple[Tensor, Tensor | None]:
-    """Logits ``(B, N, V)`` predicting the last ``N`` tokens, and optionally the last hidden state ``(B, N, H)``.
-
-    Only the positions that predict response tokens go through the LM head
-    (``logits_to_keep``): the prompt positions' ``(B, P, V)`` logits are never built. With
-    ``packed`` (:func:`rlhfkit.models.packing.pack` of the same batch, the model switched
-    by :func:`~rlhfkit.models.packing.use_packed_attention`) the model runs on the packed
-    row: no pad tokens, a shared prefix once.
-
-    Args:
-        model: a Hugging Face causal LM (possibly wrapped by peft).
-        input_ids: ``(B, P + N)``, queries left-padded then responses right-padded.
-        attention_mask: ``(B, P + N)``, 1 = real token.
-        n_response: ``N``.
-    """
-    if packed is not None:
-        keep = response_positions(packed, input_ids.shape[1], n_response)  # (B, N)
-        out = model(**packed_kwargs(packed), logits_to_keep=keep.flatten(), output_hidden_states=output_hidden, use_cache=False)
-        logits = out.logits[0].view(*keep.shape, -1)  # (B, N, V)
-        hidden = out.hidden_states[-1][0, keep.flatten()].view(*keep.shape, -1) if output_hidden else None  # (B, N, H)
-        return logits, hidden
-    kwargs = dict(logits_to_keep=n_response + 1) if forward_accepts(model, "logits_to_keep") else {}
-    out = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask),
-        output_hidden_states=output_hidden,
-        use_cache=False,
-        **kwargs,
-    )
-    logits = out.logits[:, -n_response - 1:-1]  # (B, N, V): position P-1+t predicts token t
-    hidden = out.hidden_states[-1][:, -n_response - 1:-1] if output_hidden else None  # (B, N, H)
-    return logits, hidden
+__all__ = ["ActorCritic", "Critic", "ValueHead", "load_critic"]
 
 
 class ValueHead(nn.Module):
@@ -117,7 +67,7 @@ class Critic(nn.Module):
         return list(getattr(self.model, "_no_split_modules", None) or [])
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, n_response: int, packed: PackedBatch | None = None) -> Tensor:
-        """Values ``(B, N)`` for the last ``N`` tokens of ``input_ids (B, P + N)`` (``packed``: as in :func:`response_logits`)."""
+        """Values ``(B, N)`` for the last ``N`` tokens of ``input_ids (B, P + N)`` (``packed``: as in :func:`~rlhfkit.models.logprobs.response_logits`)."""
         backbone = getattr(self.model, self.model.base_model_prefix)
         if packed is not None:
             keep = response_positions(packed, input_ids.shape[1], n_response)  # (B, N)

@@ -24,10 +24,10 @@ import torch
 from torch import Tensor
 
 from rlhfkit.data.prompts import Prompt
+from rlhfkit.models.logprobs import policy_logprobs
 from rlhfkit.models.packing import PackedBatch, pack
 from rlhfkit.models.tokenizers import eos_token_ids
-from rlhfkit.ops import logprobs_from_logits, tempered
-from rlhfkit.rl.critic import response_logits
+from rlhfkit.ops import logprobs_from_logits
 from rlhfkit.sampling import (
     SamplingSettings,
     decode_responses,
@@ -38,7 +38,7 @@ from rlhfkit.sampling import (
 )
 from rlhfkit.training.distributed import gathered
 
-__all__ = ["Rollout", "policy_logprobs", "pack_rows", "score_rollout", "make_rollout"]
+__all__ = ["Rollout", "pack_rows", "score_rollout", "make_rollout"]
 
 
 # ----------------------------------------------------------------------- rollout
@@ -69,15 +69,6 @@ class Rollout:
 
     def __len__(self) -> int:
         return len(self.prompts)
-
-
-def policy_logprobs(
-    model: Any, input_ids: Tensor, attention_mask: Tensor, response_ids: Tensor, temperature: float,
-    packed: PackedBatch | None = None,
-) -> Tensor:
-    """Log-probs ``(M, N)`` of ``response_ids`` under a plain causal LM (the reference, or eval)."""
-    logits, _ = response_logits(model, input_ids, attention_mask, response_ids.shape[1], packed=packed)
-    return logprobs_from_logits(tempered(logits, temperature), response_ids)
 
 
 def pack_rows(query_mask: Tensor, input_ids: Tensor, attention_mask: Tensor) -> PackedBatch:

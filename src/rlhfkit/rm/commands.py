@@ -1,5 +1,5 @@
 """``rlhfkit rm eval`` and ``rlhfkit score``: use a trained reward model, or a DPO run read
-as one (its implicit reward ``beta * (log pi - log pi_ref)``, :mod:`rlhfkit.dpo.scorer`)."""
+as one (its implicit reward ``beta * (log pi - log pi_ref)``, :mod:`rlhfkit.models.implicit_reward`)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from rlhfkit.config import Options, opt, require
 from rlhfkit.data.collate import EncodedPreferences
 from rlhfkit.data.readers import FORMATS, read_preferences
 from rlhfkit.data.types import DataFormatError
-from rlhfkit.dpo.scorer import ImplicitReward, is_dpo_model
 from rlhfkit.files import read_text
 from rlhfkit.models.cpu_linear import apply_cpu_matmul
+from rlhfkit.models.implicit_reward import ImplicitReward, is_dpo_model
 from rlhfkit.models.reward import RewardModel
 from rlhfkit.rm.evaluate import evaluate
 

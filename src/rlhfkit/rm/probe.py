@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from rlhfkit.data.collate import EncodedPreferences
+from rlhfkit.evaluation.scores import length_sorted_batches
 from rlhfkit.models.reward import last_token_index
-from rlhfkit.rm.evaluate import length_sorted_batches
 
 logger = logging.getLogger(__name__)
 

@@ -10,10 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from rlhfkit.data.examples import IGNORE_INDEX
 from rlhfkit.ops import logprobs_from_logits, masked_sum
-
-IGNORE_INDEX = -100
-"""Label of a token that is not a target (prompt, template text, padding); PyTorch's ``ignore_index``."""
 
 
 def token_nll(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:

@@ -6,7 +6,8 @@ model: ``rlhfkit rm eval --model DPO_RUN`` and ``rlhfkit score --model DPO_RUN``
 ``rlhfkit_dpo.json`` that ``rlhfkit dpo`` writes beside each export (the reference model,
 ``beta``, the chat-template choice and the length limit) and score with
 :class:`ImplicitReward`. A (prompt, response) is read exactly as in training
-(:mod:`rlhfkit.dpo.data`).
+(:func:`rlhfkit.data.examples.encode_response`). It sits beside
+:class:`~rlhfkit.models.reward.RewardModel` so that ``rm`` uses it without importing ``dpo``.
 """
 
 from __future__ import annotations
@@ -19,42 +20,18 @@ import torch
 from torch import Tensor, nn
 
 from rlhfkit.data.collate import EncodedPreferences
+from rlhfkit.data.examples import encode_response, pad_right
 from rlhfkit.data.types import PreferenceExample
-from rlhfkit.dpo.data import encode_response, pad_right
 from rlhfkit.errors import UserError
+from rlhfkit.evaluation.scores import score_texts
 from rlhfkit.models.hub import resolve_model, resolve_run_folder
+from rlhfkit.models.logprobs import SequenceLogprobs
 from rlhfkit.models.policy import load_policy
-from rlhfkit.ops import logprobs_from_logits, masked_sum
-from rlhfkit.rl.critic import response_logits
-from rlhfkit.rm.evaluate import score_texts
 
-__all__ = ["DPO_INFO", "SequenceLogprobs", "ImplicitReward", "is_dpo_model", "read_dpo_info"]
+__all__ = ["DPO_INFO", "ImplicitReward", "is_dpo_model", "read_dpo_info"]
 
 DPO_INFO = "rlhfkit_dpo.json"
 """Written beside every export of ``rlhfkit dpo``: ``reference``, ``beta``, ``loss``, ``chat_template``, ``max_length``."""
-
-
-class SequenceLogprobs(nn.Module):
-    """``log pi(y | x)``: a causal LM's log-probability of each sequence's response tokens.
-
-    ``forward(input_ids, attention_mask, response_mask)``, each ``(N, T)`` right-padded
-    (:func:`rlhfkit.dpo.data.pad_right`), returns ``(N,)`` float32: the sum over the tokens
-    where ``response_mask`` is 1 of ``log softmax(logits at t - 1)[token t]``. Only the
-    positions from the batch's earliest response token on go through the LM head
-    (:func:`rlhfkit.rl.critic.response_logits`): prompt logits are never built.
-    """
-
-    def __init__(self, policy: nn.Module):
-        super().__init__()
-        self.policy = policy
-
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor) -> Tensor:
-        # One small host sync: where the response tokens start decides how many logits to build.
-        first = max(1, int(response_mask.argmax(dim=1).min()))  # token 0 is never a target
-        n = input_ids.shape[1] - first
-        logits, _ = response_logits(self.policy, input_ids, attention_mask, n)  # (N, n, V): position first-1+t predicts token first+t
-        logprobs = logprobs_from_logits(logits, input_ids[:, first:])  # (N, n)
-        return masked_sum(logprobs.float(), response_mask[:, first:], dim=1)  # (N,)
 
 
 class ImplicitReward(nn.Module):

@@ -1,0 +1,2 @@
+"""Evaluation shared by the features: scoring the texts of preference data and the ranking
+metrics on those scores (:mod:`.scores`)."""
