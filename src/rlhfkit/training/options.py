@@ -16,7 +16,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 from rlhfkit.config import Options, opt
+from rlhfkit.defaults import LORA_DROPOUT
 from rlhfkit.files import check_output_dir
+from rlhfkit.tracking import TRACKERS, check_installed, parse_report_to
 
 logger = logging.getLogger(__name__)
 
@@ -38,12 +40,26 @@ class RunOptions(Options):
     cpu: bool = opt(False, "run on the CPU even if a GPU is present")
     cpu_matmul: Literal["auto", "onednn", "torch"] = opt("auto", CPU_MATMUL_HELP)
     threads: int | None = opt(None, "CPU threads for PyTorch (default: OMP_NUM_THREADS if set, else one per physical core, fewer when the machine is busy)", ge=1)
-    tensorboard: bool = opt(True, "also write TensorBoard event files")
+    report_to: list[str] = opt(factory=lambda: ["tensorboard"], help=f"where metrics go besides metrics.jsonl: "
+                               f"{', '.join(TRACKERS)} or none; several comma-separated (wandb,mlflow); each "
+                               "configured by its own environment variables (docs/tracking.md)")
+    tensorboard: bool | None = opt(None, "deprecated: use --report-to (--no-tensorboard takes tensorboard out of it)")
     progress: bool = opt(True, "show a progress bar")
 
     def validate(self) -> None:
         super().validate()
         check_output_dir(self.output)
+        self.report_to = parse_report_to(self.report_to)
+        if self.tensorboard is not None:  # the old switch, folded into --report-to once (then unset: rebuilding is silent)
+            others = [n for n in self.report_to if n not in ("tensorboard", "none")]
+            if self.tensorboard:
+                self.report_to = self.report_to if "tensorboard" in self.report_to else [*others, "tensorboard"]
+            else:
+                self.report_to = others or ["none"]
+            logger.warning("--%stensorboard is deprecated; use --report-to (this run: --report-to %s)",
+                           "" if self.tensorboard else "no-", ",".join(self.report_to))
+            self.tensorboard = None
+        check_installed(self.report_to)  # a missing tracker fails here, before anything is written
 
 
 @dataclass(kw_only=True)
@@ -68,7 +84,7 @@ class LoraOptions(Options):
     lora: bool = opt(False, "train LoRA adapters (merged into the saved model) instead of all weights")
     lora_r: int = opt(16, "LoRA rank", ge=1)
     lora_alpha: int = opt(32, "LoRA alpha", ge=1)
-    lora_dropout: float = opt(0.05, "LoRA dropout", ge=0, lt=1)
+    lora_dropout: float = opt(LORA_DROPOUT, "LoRA dropout", ge=0, lt=1)
     lora_target: list[str] | None = opt(None, "module names for LoRA (default: peft's choice for the architecture)")
 
     def validate(self) -> None:
@@ -78,6 +94,6 @@ class LoraOptions(Options):
             logger.warning("%s: ignored without --lora", ", ".join(f"--{k.replace('_', '-')}" for k in changed))
 
 
-def check_resume_matches(saved: dict, current: dict, ignore: tuple[str, ...] = ("resume", "stop_after_steps", "progress", "tensorboard", "threads")) -> list[str]:
+def check_resume_matches(saved: dict, current: dict, ignore: tuple[str, ...] = ("resume", "stop_after_steps", "progress", "tensorboard", "report_to", "threads")) -> list[str]:
     """The options that differ between a run's saved config and the resuming one (by name)."""
     return sorted(k for k in current if k not in ignore and k in saved and saved[k] != current[k])

@@ -3,7 +3,8 @@
 The order is what makes a bad option or a bad file cost nothing: :func:`start_run` checks
 the run folder and builds the accelerator but writes nothing; the trainer then reads its
 data and loads its models (any error there leaves no trace); only :meth:`Run.begin` makes
-the folder, writes ``config.yaml``, restores a checkpoint and opens the metrics log.
+the folder, writes ``config.yaml``, restores a checkpoint and opens the metrics log (and the
+trackers of ``--report-to``, whose packages the config checked for when it was built).
 """
 
 from __future__ import annotations
@@ -88,7 +89,8 @@ class Run:
 
     def begin(self, state: TrainState, total_steps: int, unit: str = "step") -> TrainState:
         """Make the folder, save the config, restore the checkpoint of ``--resume`` (after
-        ``accelerator.prepare``), open the metrics log and the progress bar."""
+        ``accelerator.prepare``), open the metrics log (with its trackers, which get the config
+        once) and the progress bar."""
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
             if self.resume_from is not None:
@@ -105,7 +107,8 @@ class Run:
             if self.main:
                 logger.warning("resuming from %s at %s %d", self.resume_from, unit, state.step)
         self.log = MetricsLogger(self.out, enabled=self.main, resume_step=state.step if self.resume_from else None,
-                                 tensorboard=self.cfg.tensorboard, cuda_memory=self.device.type == "cuda")
+                                 report_to=self.cfg.report_to, run_name=self.out.resolve().name, config=to_dict(self.cfg),
+                                 cuda_memory=self.device.type == "cuda")
         self.progress = Progress(total_steps, self.name, unit, initial=state.step, enabled=self.main and self.cfg.progress)
         self._stop_at = min(total_steps, self.cfg.stop_after_steps or total_steps)
         return state
@@ -154,7 +157,9 @@ class Run:
                 handler.emit(logging.LogRecord(logger.name, logging.INFO, __file__, 0, text, None, None))
 
     def close(self, state: TrainState, total_steps: int) -> bool:
-        """Close the log and the progress bar; returns whether the run reached ``total_steps``."""
+        """Close the log (finishing its trackers) and the progress bar; returns whether the run
+        reached ``total_steps``. A run that raises never gets here: its trackers are finished,
+        as failed, when the next run opens its log or when the process exits."""
         finished = state.step >= total_steps
         if self.progress is not None:
             self.progress.close()
