@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import pytest
 
@@ -72,3 +77,78 @@ def separable_tsv(tmp_path) -> Path:
     path = tmp_path / "lists.tsv"
     path.write_text("\n".join("\t".join(r) for r in separable_lists(120)) + "\n", encoding="utf-8")
     return path
+
+
+# ------------------------------------------------------------------ waiting, multi-process runs, shared data
+# (one block: polling instead of sleeping, the one way tests launch several processes, the data outside the repo)
+
+REPO = Path(__file__).resolve().parent.parent
+T = TypeVar("T")
+
+
+def wait_until(predicate: Callable[[], T], timeout: float = 10.0, what: str = "the condition", interval: float = 0.005) -> T:
+    """Call ``predicate`` every ``interval`` seconds until it returns something true, and return
+    that; after ``timeout`` seconds fail, saying ``what`` was awaited. The timeout is a bound
+    on a hang, not a measurement: a slow machine only makes the test wait longer."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"waited {timeout:g} s for {what}; it did not happen (last value: {value!r})", pytrace=False)
+        time.sleep(interval)
+
+
+def launch(args: list, nprocs: int = 2, *, config_file: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run ``args`` (a script and its arguments, or ``-m module ...``) as ``nprocs`` CPU processes
+    under ``accelerate launch``, or, with ``nprocs=1``, as one plain Python process (the
+    single-process reference of a multi-process test); return the finished process, whose
+    ``stderr`` holds the runs' logs. ``config_file``: an accelerate config (FSDP2); without
+    one, DDP. Each process gets one OpenMP thread (two processes on a shared 2-core machine
+    stall at every barrier with more). A non-zero exit or ``timeout`` seconds fails the test
+    with the tail of stdout and stderr."""
+    if nprocs == 1:
+        cmd = [sys.executable, *map(str, args)]
+    else:
+        accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or shutil.which("accelerate")
+        assert accelerate, "accelerate's launcher is installed with the package"
+        # accelerate 1.x's `launch --cpu --num_processes 2` starts ONE process unless mpirun is
+        # configured; `--multi_gpu` uses torch's launcher, and rlhfkit's own `--cpu` flag then makes
+        # Accelerator pick the gloo backend on CPU (DistributedType.MULTI_CPU).
+        where = ["--config_file", str(config_file)] if config_file is not None else [
+            "--multi_gpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+        # port 0: accelerate picks a free port for the processes to meet on
+        cmd = [accelerate, "launch", *where, "--num_processes", str(nprocs), "--main_process_port", "0", *map(str, args)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": os.pathsep.join(p for p in (str(REPO / "src"), os.environ.get("PYTHONPATH")) if p)}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+        why = f"exited with {proc.returncode}" if proc.returncode else ""
+    except subprocess.TimeoutExpired:
+        import psutil  # accelerate's dependency
+
+        # torch's launcher starts each worker in a session of its own: kill them by id, found
+        # before the launcher goes (they hold the output pipes open until they end)
+        workers = psutil.Process(proc.pid).children(recursive=True)
+        for process in [psutil.Process(proc.pid), *workers]:
+            try:
+                process.kill()
+            except psutil.NoSuchProcess:
+                pass
+        stdout, stderr = proc.communicate()
+        why = f"did not finish in {timeout:g} s (killed)"
+    if why:
+        pytest.fail(f"{' '.join(cmd)}\n{why}.\n--- stdout (end) ---\n{stdout[-2000:]}\n--- stderr (end) ---\n{stderr[-4000:]}",
+                    pytrace=False)
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The data folder shared beside the repository (``../shared/data``); skips where it is absent."""
+    folder = REPO.parent / "shared" / "data"
+    if not folder.is_dir():
+        pytest.skip(f"no shared data folder at {folder} (it sits beside the repository on the development machines)")
+    return folder

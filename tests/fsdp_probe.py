@@ -50,10 +50,11 @@ def fixed_update(prefix: str, policy: str, reward_model: str, algo: str) -> None
     from safetensors.torch import save_file
 
     from rlhfkit.config import from_dict
+    from rlhfkit.models.logprobs import policy_logprobs
     from rlhfkit.models.policy import load_policy
     from rlhfkit.rl.critic import ActorCritic, load_critic
-    from rlhfkit.rl.rollout import Rollout, policy_logprobs
-    from rlhfkit.rl.trainer import RLConfig, build_networks, compute_advantages, optimise
+    from rlhfkit.rl.rollout import Rollout
+    from rlhfkit.rl.trainer import RLConfig, UpdateBatch, build_networks, compute_advantages, optimise
     from rlhfkit.training.distributed import enable_fsdp_on_cpu
     from rlhfkit.training.run import Run
 
@@ -86,8 +87,8 @@ def fixed_update(prefix: str, policy: str, reward_model: str, algo: str) -> None
     r = Rollout(**{k: (v[rows] if isinstance(v, torch.Tensor) else v[rows]) for k, v in vars(r).items() if k != "packed"})
     run = Run(cfg, "probe", accelerator, None)
     steps, _, model = build_networks(cfg, run, model)
-    advantages, returns, _, _ = compute_advantages(cfg, r, r.scores, 0.05, accelerator)
-    optimise(cfg, run, steps, r, advantages, returns, step=0)
+    advantages, returns, _, _ = compute_advantages(cfg, r, r.scores, cfg.kl_coef, accelerator)
+    optimise(cfg, run, steps, UpdateBatch(r, advantages, returns, cfg.kl_coef), step=0)
     _record([s.net for s in steps])
     state = run.full_state_dict(steps[0].net) if run.sharded else steps[0].net.state_dict()
     if accelerator.is_main_process:

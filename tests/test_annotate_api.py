@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import re
 import sqlite3
-import time
 import typing
 
 import pytest
@@ -25,6 +24,7 @@ from rlhfkit.annotate.app import create_app
 SQLITE_INT_MAX = 2**63 - 1  # noqa: E402
 from rlhfkit.annotate.store import AnnotationStore  # noqa: E402
 from rlhfkit.data.readers import read_preferences  # noqa: E402
+from tests.conftest import wait_until  # noqa: E402
 
 PROMPTS = ["Why is the sky blue?", "Name a prime number.", "Write a haiku about rain.", "What is RLHF?"]
 
@@ -244,15 +244,14 @@ def test_skip(env):
 
 
 def test_pregeneration_fills_the_buffer_in_the_background(env):
-    with env.make(prefetch=2) as client:
-        deadline = time.time() + 5
-        while env.store.count_untouched_pool_sets() < 2 and time.time() < deadline:
-            time.sleep(0.02)
-        assert env.store.count_untouched_pool_sets() == 2
-        time.sleep(0.3)
-        assert env.generator.calls == 2  # it stops at the buffer size
+    with env.make(prefetch=2):
+        wait_until(lambda: env.store.count_untouched_pool_sets() >= 2, what="2 pool sets generated in the background")
+    # Leaving the app joins the generation thread, so the count is final: it stops at the buffer size.
+    assert env.store.count_untouched_pool_sets() == 2 and env.generator.calls == 2
+    with env.make() as client:  # no prefetch: what it serves was stored in the background
         r = client.get("/api/next", headers=auth(env.tokens["alice"]))  # wait=0, yet ready
         assert r.status_code == 200 and r.json()["prompt_id"] == 1
+    assert env.generator.calls == 2
 
 
 class FlakyGenerator:

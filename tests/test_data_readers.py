@@ -22,9 +22,6 @@ from rlhfkit.data.readers import (
 from rlhfkit.data.types import DataFormatError, PreferenceExample
 from rlhfkit.data.writers import WRITE_FORMATS, write_preferences
 
-SENTIMENT_TSV = Path("/work/shared/data/sentiment_ranklists.tsv")
-
-
 def write_text(tmp_path: Path, name: str, text: str) -> Path:
     """Write ``text`` byte for byte (no newline translation)."""
     path = tmp_path / name
@@ -531,10 +528,11 @@ def test_split_train_eval() -> None:
         split_train_eval(examples, eval_fraction=1.0)
 
 
-def test_sentiment_ranklists() -> None:
-    if not SENTIMENT_TSV.exists():
-        pytest.skip(f"{SENTIMENT_TSV} not present")
-    examples = read_preferences(SENTIMENT_TSV)
+def test_sentiment_ranklists(shared_data: Path) -> None:
+    path = shared_data / "sentiment_ranklists.tsv"
+    if not path.is_file():
+        pytest.skip(f"{path} not present")
+    examples = read_preferences(path)
     assert len(examples) == 2482
     assert describe(examples)["k_histogram"] == {4: 2482}
     train, eval_ = split_train_eval(examples, n_train=2000)

@@ -5,10 +5,6 @@ the same RL update, an exact resume, and an export that loads on one process."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,28 +12,13 @@ import torch
 from safetensors.torch import load_file
 
 from rlhfkit.tracking import read_metrics
+from tests.conftest import REPO, launch
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parent.parent
 FSDP2 = REPO / "examples" / "accelerate" / "fsdp2.yaml"
+# `PROBE PREFIX ARGS...` runs an rlhfkit command and records how each process held the models it trained
 PROBE = Path(__file__).resolve().parent / "fsdp_probe.py"
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-       "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
-
-
-def launch(prefix: Path, argv: list[str], processes: int = 2) -> subprocess.CompletedProcess:
-    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or shutil.which("accelerate")
-    cmd = [accelerate, "launch", "--config_file", str(FSDP2), "--num_processes", str(processes), "--main_process_port", "0",
-           str(PROBE), str(prefix), *argv]
-    res = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-4000:]
-    return res
-
-
-def single(prefix: Path, argv: list[str]) -> None:
-    res = subprocess.run([sys.executable, str(PROBE), str(prefix), *argv], env=ENV, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-4000:]
 
 
 def assert_sharded(prefix: Path, processes: int = 2) -> None:
@@ -65,25 +46,25 @@ def assert_same_weights(a: Path, b: Path, rtol=1e-4, atol=1e-5) -> None:
 def rm_args(model: Path, data: Path, out: Path, batch_size: int, **extra) -> list[str]:
     args = ["rm", "train", "--model", str(model), "--train", str(data), "--n-train", "64", "--output", str(out),
             "--max-steps", "4", "--batch-size", str(batch_size), "--lr", "3e-3", "--log-every", "1", "--warmup-ratio", "0",
-            "--max-grad-norm", "0", "--eval-every", "2", "--save-every", "2", "--no-progress", "--no-tensorboard", "--cpu"]
+            "--max-grad-norm", "0", "--eval-every", "2", "--save-every", "2", "--no-progress", "--report-to", "none", "--cpu"]
     return args + [x for k, v in extra.items() for x in (f"--{k.replace('_', '-')}", str(v))]
 
 
 def test_reward_model_fsdp2_matches_one_process_and_exports_a_plain_model(tiny_lm, separable_tsv, tmp_path):
     sharded, one = tmp_path / "fsdp", tmp_path / "single"
-    res = launch(tmp_path / "probe-fsdp", rm_args(tiny_lm, separable_tsv, sharded, 4))
+    res = launch([PROBE, tmp_path / "probe-fsdp", *rm_args(tiny_lm, separable_tsv, sharded, 4)], config_file=FSDP2)
     assert "rm train: FSDP2 (parameters, gradients and optimizer state sharded over 2 processes)" in res.stderr
     assert_sharded(tmp_path / "probe-fsdp")
     assert (sharded / "checkpoint" / "pytorch_model_fsdp_0").is_dir()  # each process wrote its shard
-    single(tmp_path / "probe-one", rm_args(tiny_lm, separable_tsv, one, 8))
+    launch([PROBE, tmp_path / "probe-one", *rm_args(tiny_lm, separable_tsv, one, 8)], nprocs=1)
     assert len(losses(one)) == 4 and losses(sharded) == pytest.approx(losses(one), rel=1e-4)
-    assert_same_weights(one / "last", sharded / "last")
+    assert_same_weights(one / "final", sharded / "final")
     from transformers import AutoModelForSequenceClassification
 
     from rlhfkit.models.reward import RewardModel
 
-    rm = RewardModel.from_pretrained(sharded / "last").eval()
-    hf = AutoModelForSequenceClassification.from_pretrained(sharded / "last").eval()
+    rm = RewardModel.from_pretrained(sharded / "final").eval()
+    hf = AutoModelForSequenceClassification.from_pretrained(sharded / "final").eval()
     batch = rm.pad([rm.encode("", "good good apple")[0], rm.encode("", "apple")[0]])
     with torch.no_grad():
         torch.testing.assert_close(rm(**batch), hf(**batch).logits.squeeze(-1), atol=1e-5, rtol=1e-5)
@@ -91,11 +72,11 @@ def test_reward_model_fsdp2_matches_one_process_and_exports_a_plain_model(tiny_l
 
 def test_a_killed_and_resumed_fsdp2_run_ends_with_the_uninterrupted_weights(tiny_lm, separable_tsv, tmp_path):
     full, split = tmp_path / "full", tmp_path / "split"
-    launch(tmp_path / "p1", rm_args(tiny_lm, separable_tsv, full, 4))
-    launch(tmp_path / "p2", rm_args(tiny_lm, separable_tsv, split, 4, stop_after_steps=2))
+    launch([PROBE, tmp_path / "p1", *rm_args(tiny_lm, separable_tsv, full, 4)], config_file=FSDP2)
+    launch([PROBE, tmp_path / "p2", *rm_args(tiny_lm, separable_tsv, split, 4, stop_after_steps=2)], config_file=FSDP2)
     assert json.loads((split / "checkpoint" / "trainer_state.json").read_text())["step"] == 2
-    launch(tmp_path / "p3", rm_args(tiny_lm, separable_tsv, split, 4) + ["--resume"])
-    assert_same_weights(full / "last", split / "last", rtol=0, atol=0)
+    launch([PROBE, tmp_path / "p3", *rm_args(tiny_lm, separable_tsv, split, 4), "--resume"], config_file=FSDP2)
+    assert_same_weights(full / "final", split / "final", rtol=0, atol=0)
 
 
 def test_sft_fsdp2_matches_one_process(tiny_lm, tmp_path):
@@ -106,11 +87,11 @@ def test_sft_fsdp2_matches_one_process(tiny_lm, tmp_path):
     def args(out: Path, batch: int) -> list[str]:
         return ["sft", "--policy", str(tiny_lm), "--train", str(data), "--output", str(out), "--max-steps", "3",
                 "--batch-size", str(batch), "--lr", "1e-2", "--log-every", "1", "--warmup-ratio", "0", "--max-grad-norm", "0",
-                "--n-samples", "1", "--eval-fraction", "0.2", "--no-progress", "--no-tensorboard", "--cpu"]
+                "--n-samples", "1", "--eval-fraction", "0.2", "--no-progress", "--report-to", "none", "--cpu"]
 
-    launch(tmp_path / "probe-fsdp", args(tmp_path / "fsdp", 2))
+    launch([PROBE, tmp_path / "probe-fsdp", *args(tmp_path / "fsdp", 2)], config_file=FSDP2)
     assert_sharded(tmp_path / "probe-fsdp")
-    single(tmp_path / "probe-one", args(tmp_path / "one", 4))
+    launch([PROBE, tmp_path / "probe-one", *args(tmp_path / "one", 4)], nprocs=1)
     assert losses(tmp_path / "fsdp") == pytest.approx(losses(tmp_path / "one"), rel=1e-4)
     assert_same_weights(tmp_path / "one" / "final", tmp_path / "fsdp" / "final")
     assert (tmp_path / "fsdp" / "samples.jsonl").read_text() == (tmp_path / "one" / "samples.jsonl").read_text()
@@ -120,11 +101,11 @@ def test_dpo_fsdp2_matches_one_process(tiny_lm, separable_tsv, tmp_path):
     def args(out: Path, batch: int) -> list[str]:
         return ["dpo", "--policy", str(tiny_lm), "--train", str(separable_tsv), "--n-train", "64", "--output", str(out),
                 "--max-steps", "3", "--batch-size", str(batch), "--lr", "1e-2", "--log-every", "1", "--warmup-ratio", "0",
-                "--max-grad-norm", "0", "--eval-every", "2", "--eval-kl-prompts", "1", "--no-progress", "--no-tensorboard", "--cpu"]
+                "--max-grad-norm", "0", "--eval-every", "2", "--eval-kl-prompts", "1", "--no-progress", "--report-to", "none", "--cpu"]
 
-    launch(tmp_path / "probe-fsdp", args(tmp_path / "fsdp", 2))
+    launch([PROBE, tmp_path / "probe-fsdp", *args(tmp_path / "fsdp", 2)], config_file=FSDP2)
     assert_sharded(tmp_path / "probe-fsdp")
-    single(tmp_path / "probe-one", args(tmp_path / "one", 4))
+    launch([PROBE, tmp_path / "probe-one", *args(tmp_path / "one", 4)], nprocs=1)
     assert losses(tmp_path / "fsdp") == pytest.approx(losses(tmp_path / "one"), rel=1e-4)
     assert_same_weights(tmp_path / "one" / "final", tmp_path / "fsdp" / "final")
     ref_one, ref_fsdp = (load_file(str(tmp_path / run / "reference_logprobs.safetensors")) for run in ("one", "fsdp"))
@@ -139,16 +120,9 @@ def test_one_rl_update_under_fsdp2_matches_the_single_process_update(algo, tiny_
 
     torch.manual_seed(0)
     RewardModel.from_pretrained(tiny_lm).save_pretrained(tmp_path / "rm")
-    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or shutil.which("accelerate")
-    update = ["--update", None, str(tiny_lm), str(tmp_path / "rm"), algo]
-    sharded = subprocess.run([accelerate, "launch", "--config_file", str(FSDP2), "--num_processes", "2", "--main_process_port", "0",
-                              str(PROBE), *[str(tmp_path / "fsdp") if x is None else x for x in update]],
-                             env=ENV, capture_output=True, text=True, timeout=600)
-    assert sharded.returncode == 0, sharded.stderr[-4000:]
+    launch([PROBE, "--update", tmp_path / "fsdp", tiny_lm, tmp_path / "rm", algo], config_file=FSDP2)
     assert_sharded(tmp_path / "fsdp")
-    one = subprocess.run([sys.executable, str(PROBE), *[str(tmp_path / "one") if x is None else x for x in update]],
-                         env=ENV, capture_output=True, text=True, timeout=600)
-    assert one.returncode == 0, one.stderr[-4000:]
+    launch([PROBE, "--update", tmp_path / "one", tiny_lm, tmp_path / "rm", algo], nprocs=1)
     a, b = load_file(str(tmp_path / "one.actor.safetensors")), load_file(str(tmp_path / "fsdp.actor.safetensors"))
     assert a.keys() == b.keys()
     changed = False
@@ -169,14 +143,14 @@ def test_lora_rl_under_fsdp2_shards_trains_and_exports_a_plain_policy(algo, extr
     (tmp_path / "reward.py").write_text("def lower(prompts, responses):\n"
                                         "    return [sum(c.islower() for c in r) / max(len(r), 1) for r in responses]\n")
     out = tmp_path / "run"
-    launch(tmp_path / "probe", ["rl", "--algo", algo, *extra, "--policy", str(tiny_lm), "--prompts", str(tmp_path / "prompts.txt"),
-                                "--reward", f"{tmp_path / 'reward.py'}:lower", "--max-new-tokens", "5", "--steps", "2",
-                                "--batch-size", "4", "--mini-batch-size", "4", "--lora", "--lora-r", "4", "--lr", "1e-2",
-                                "--output", str(out), "--log-every", "1", "--no-progress", "--no-tensorboard", "--cpu",
-                                "--cpu-matmul", "torch"])
+    launch([PROBE, tmp_path / "probe", "rl", "--algo", algo, *extra, "--policy", str(tiny_lm), "--prompts", str(tmp_path / "prompts.txt"),
+            "--reward", f"{tmp_path / 'reward.py'}:lower", "--max-new-tokens", "5", "--max-steps", "2",
+            "--batch-size", "4", "--mini-batch-size", "4", "--lora", "--lora-r", "4", "--lr", "1e-2",
+            "--output", str(out), "--log-every", "1", "--no-progress", "--report-to", "none", "--cpu",
+            "--cpu-matmul", "torch"], config_file=FSDP2)
     assert_sharded(tmp_path / "probe")
     assert "FSDP2" in (out / "run.log").read_text()
-    exported = AutoModelForCausalLM.from_pretrained(out / "policy")
+    exported = AutoModelForCausalLM.from_pretrained(out / "final")
     start = load_file(str(Path(tiny_lm) / "model.safetensors"))
     state = exported.state_dict()
     assert not any("lora" in k for k in state)  # the adapter is merged
@@ -194,17 +168,17 @@ def test_sharded_frozen_models_give_the_replicated_rollout(tiny_lm, tmp_path):
     rows = {}
     for mode in ("shard", "replicate"):
         out = tmp_path / mode
-        launch(tmp_path / f"probe-{mode}", [
-            "rl", "--algo", "ppo", "--policy", str(tiny_lm), "--reward", str(tmp_path / "rm"), "--critic", "reward-model",
-            "--prompts", str(tmp_path / "prompts.txt"), "--max-new-tokens", "5", "--steps", "2", "--batch-size", "4",
+        launch([
+            PROBE, tmp_path / f"probe-{mode}", "rl", "--algo", "ppo", "--policy", str(tiny_lm), "--reward", str(tmp_path / "rm"), "--critic", "reward-model",
+            "--prompts", str(tmp_path / "prompts.txt"), "--max-new-tokens", "5", "--max-steps", "2", "--batch-size", "4",
             "--mini-batch-size", "4", "--kl-coef", "0.1", "--lr", "1e-2", "--frozen-models", mode, "--output", str(out), "--log-every", "1",
-            "--no-progress", "--no-tensorboard", "--cpu", "--cpu-matmul", "torch"])
+            "--no-progress", "--report-to", "none", "--cpu", "--cpu-matmul", "torch"], config_file=FSDP2)
         rows[mode] = read_metrics(out / "metrics.jsonl")[-1]  # the second rollout: the policy has left the reference
         assert f"frozen models {'sharded' if mode == 'shard' else 'replicated'}" in (out / "run.log").read_text()
     assert_sharded(tmp_path / "probe-shard")  # the reference, the reward model, the actor and the critic
     frozen = json.loads((tmp_path / "probe-shard.rank0.json").read_text())
     assert sum(name.startswith("frozen") for name in frozen) == 2
     assert not any(n.startswith("frozen") for n in json.loads((tmp_path / "probe-replicate.rank0.json").read_text()))
-    assert abs(rows["shard"]["ppo/kl"]) > 1e-4
-    for key in ("ppo/score_mean", "ppo/kl", "ppo/reward_mean", "ppo/policy_loss", "ppo/value_loss"):
+    assert abs(rows["shard"]["rl/kl"]) > 1e-4
+    for key in ("rl/score_mean", "rl/kl", "rl/reward_mean", "rl/policy_loss", "rl/value_loss"):
         assert rows["shard"][key] == pytest.approx(rows["replicate"][key], rel=1e-4, abs=1e-7), key
