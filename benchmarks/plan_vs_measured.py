@@ -96,7 +96,7 @@ def make_data(work: Path, n: int) -> dict[str, Path]:
 # --------------------------------------------------------------------------- rows
 def rows(policy: str, tiny: str, f: dict[str, Path], cpu: bool) -> dict[str, dict]:
     """name -> (launcher, processes, rlhfkit argv without --output, plan argv)."""
-    common = ["--no-progress", "--no-tensorboard", "--cpu-matmul", "torch", "--save-every", "1000", *(["--cpu"] if cpu else [])]
+    common = ["--no-progress", "--report-to", "none", "--cpu-matmul", "torch", "--save-every", "1000", *(["--cpu"] if cpu else [])]
     sft = ["sft", "--train", str(f["sft"]), "--max-length", "256", "--n-samples", "0", *common]
     return {
         "baseline": {"launch": None, "procs": 1, "argv": [*sft, "--policy", tiny, "--batch-size", "4", "--max-steps", "2"],
@@ -110,22 +110,22 @@ def rows(policy: str, tiny: str, f: dict[str, Path], cpu: bool) -> dict[str, dic
         "grpo": {"launch": None, "procs": 1,
                  "argv": ["rl", "--algo", "grpo", "--policy", policy, "--prompts", str(f["prompts"]), "--reward", f"{f['reward']}:length",
                           "--batch-size", "4", "--samples-per-prompt", "4", "--mini-batch-size", "8", "--ppo-epochs", "1",
-                          "--steps", "2", "--max-new-tokens", "32", "--max-prompt-length", "64", "--sample-every", "0", *common],
+                          "--max-steps", "2", "--max-new-tokens", "32", "--max-prompt-length", "64", "--sample-every", "0", *common],
                  "plan": ["--model", policy, "--algo", "grpo", "--batch-size", "4", "--samples-per-prompt", "4",
                           "--mini-batch-size", "8", "--max-new-tokens", "32", "--max-prompt-length", "64"]},
         "grpo-lora": {"launch": None, "procs": 1,
                       "argv": ["rl", "--algo", "grpo", "--policy", policy, "--prompts", str(f["prompts"]), "--reward",
                                f"{f['reward']}:length", "--batch-size", "4", "--samples-per-prompt", "4", "--mini-batch-size", "8",
-                               "--ppo-epochs", "1", "--steps", "2", "--max-new-tokens", "32", "--max-prompt-length", "64",
+                               "--ppo-epochs", "1", "--max-steps", "2", "--max-new-tokens", "32", "--max-prompt-length", "64",
                                "--sample-every", "0", "--lora", *common],
                       "plan": ["--model", policy, "--algo", "grpo", "--batch-size", "4", "--samples-per-prompt", "4",
                                "--mini-batch-size", "8", "--max-new-tokens", "32", "--max-prompt-length", "64", "--lora"]},
         "sft-ddp-2": {"launch": "ddp", "procs": 2, "argv": [*sft, "--policy", policy, "--batch-size", "2", "--max-steps", "3"],
                       "plan": ["--model", policy, "--algo", "sft", "--batch-size", "2", "--max-length", "256", "--gpus", "2",
-                               "--config", "ddp"]},
+                               "--sharding", "ddp"]},
         "sft-fsdp2-2": {"launch": "fsdp2", "procs": 2, "argv": [*sft, "--policy", policy, "--batch-size", "2", "--max-steps", "3"],
                         "plan": ["--model", policy, "--algo", "sft", "--batch-size", "2", "--max-length", "256", "--gpus", "2",
-                                 "--config", "fsdp2"]},
+                                 "--sharding", "fsdp2"]},
     }
 
 

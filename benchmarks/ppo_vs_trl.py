@@ -135,12 +135,12 @@ def run_ours(args: Args, work: Path) -> dict[str, Any]:
     shutil.rmtree(work / name, ignore_errors=True)  # a kept --work-dir from an earlier run
     cfg = PPOConfig(
         policy=args.policy, reward=str(work / "rm"), prompts=str(work / "prompts.txt"), output=str(work / name),
-        critic=critic, cpu_matmul=cpu_matmul or "auto", chat_template=True, steps=args.steps, batch_size=args.batch_size,
+        critic=critic, cpu_matmul=cpu_matmul or "auto", chat_template=True, max_steps=args.steps, batch_size=args.batch_size,
         mini_batch_size=args.batch_size, grad_accum=args.grad_accum, ppo_epochs=args.ppo_epochs,
         max_new_tokens=args.max_new_tokens, max_prompt_length=10**6, temperature=1.0, kl_coef=args.kl_coef,
         kl_estimator="k1", clip_eps=0.2, vf_clip=0.2, vf_coef=0.1, entropy_coef=0.0, gamma=1.0, lam=0.95,
         whiten_advantages=True, lr=args.lr, critic_lr=args.lr, scheduler="linear", max_grad_norm=0.0,
-        seed=args.seed, threads=args.threads, mixed_precision="no", cpu=True, tensorboard=False, progress=False, sample_every=0,
+        seed=args.seed, threads=args.threads, mixed_precision="no", cpu=True, report_to="none", progress=False, sample_every=0,
         save_every=never,
     )
     clock = LoopClock()
@@ -151,8 +151,8 @@ def run_ours(args: Args, work: Path) -> dict[str, Any]:
     # A separate critic has its own optimizer: each minibatch is two optimizer.step() calls (actor, then critic).
     steps_per_update = args.ppo_epochs * (2 if critic == "reward-model" else 1)
     return {**clock.summary(steps_per_update),
-            "response_length": sum(r["ppo/response_length"] for r in rows) / len(rows),
-            "score_mean": [r["ppo/score_mean"] for r in rows], "kl": [r["ppo/kl"] for r in rows]}
+            "response_length": sum(r["rl/response_length"] for r in rows) / len(rows),
+            "score_mean": [r["rl/score_mean"] for r in rows], "kl": [r["rl/kl"] for r in rows]}
 
 
 def run_trl(args: Args, work: Path) -> dict[str, Any]:

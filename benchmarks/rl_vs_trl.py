@@ -263,14 +263,14 @@ def run_ours(args: Args, work: Path, algo: str, kernel: str) -> dict[str, Any]:
     shutil.rmtree(work / name, ignore_errors=True)  # a kept --work-dir from an earlier run
     cfg = RLConfig(
         algo=algo, policy=args.policy, reward=f"{REWARDS_FILE}:{args.reward_fn}", prompts=str(work / "prompts.txt"),
-        output=str(work / name), chat_template=True, samples_per_prompt=args.samples_per_prompt, steps=args.steps,
+        output=str(work / name), chat_template=True, samples_per_prompt=args.samples_per_prompt, max_steps=args.steps,
         batch_size=args.batch_size, mini_batch_size=args.mini_batch_size, grad_accum=args.grad_accum,
         ppo_epochs=args.ppo_epochs, max_new_tokens=args.max_new_tokens, max_prompt_length=10**6, temperature=1.0,
         top_k=0, top_p=1.0, kl_coef=args.kl_coef, kl_estimator="k1", clip_eps=0.2, entropy_coef=0.0,
         loss_aggregation=args.loss_aggregation if algo == "grpo" else None, scale_rewards=args.scale_rewards,
         lr=args.lr, scheduler=args.scheduler, warmup_ratio=0.0, weight_decay=0.0, max_grad_norm=args.max_grad_norm,
         packing=args.ours_packing, rollout_logprobs=args.ours_rollout_logprobs, cpu_matmul=kernel,
-        threads=args.threads, seed=args.seed, mixed_precision="no", cpu=True, tensorboard=False, progress=False,
+        threads=args.threads, seed=args.seed, mixed_precision="no", cpu=True, report_to="none", progress=False,
         sample_every=0, save_every=never, log_every=1,
     )
     # Record which kernel --cpu-matmul picked (auto measures): wrap the trainer's call, change nothing.
@@ -292,8 +292,8 @@ def run_ours(args: Args, work: Path, algo: str, kernel: str) -> dict[str, Any]:
         rl_trainer.apply_cpu_matmul = real_apply
     rows = read_metrics(work / name / "metrics.jsonl")
     return {**clock.summary(args.steps_per_update), "kernel": decisions[0] if decisions else "torch",
-            "score_mean": [r["ppo/score_mean"] for r in rows],
-            "response_length": [r["ppo/response_length"] for r in rows], "kl": [r["ppo/kl"] for r in rows],
+            "score_mean": [r["rl/score_mean"] for r in rows],
+            "response_length": [r["rl/response_length"] for r in rows], "kl": [r["rl/kl"] for r in rows],
             "settings": {"algo": algo, "kl_penalty": cfg.kl_penalty, "loss_aggregation": cfg.loss_aggregation,
                          "packing": cfg.packing, "rollout_logprobs": cfg.rollout_logprobs, "cpu_matmul": kernel}}
 

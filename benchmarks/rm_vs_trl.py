@@ -206,12 +206,12 @@ def run_ours(args: Args, work: Path) -> dict[str, Any]:
         train=str(work / "train.tsv"), output=str(work / "ours"), model=prepared["backbone_path"], loss="pairwise",
         epochs=float(args.epochs), batch_size=args.batch_size, grad_accum=1, lr=args.lr, head_lr=args.head_lr, head_init=args.head_init,
         weight_decay=0.0, warmup_ratio=args.warmup_ratio, scheduler=args.scheduler, max_grad_norm=1.0, max_length=args.max_length,
-        seed=args.seed, mixed_precision="no", cpu_matmul=args.ours_cpu_matmul, tensorboard=False, progress=False,
+        seed=args.seed, mixed_precision="no", cpu_matmul=args.ours_cpu_matmul, report_to="none", progress=False,
         log_every=never, eval_every=never, save_every=never,
     )
     measured, _ = timed(partial(train_reward_model, cfg))
     return measured | {"sequences_per_step": args.batch_size * prepared["k"],
-                                        "model_dir": str(work / "ours" / "last")}
+                                        "model_dir": str(work / "ours" / "final")}
 
 
 def run_trl(args: Args, work: Path) -> dict[str, Any]:

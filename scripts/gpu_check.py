@@ -50,9 +50,9 @@ def has_command(name: str) -> bool:
 
 def runs(model: str, out: Path, rl_steps: int = 10) -> dict[str, list[str]]:
     """The commands, sized to take a minute or two each on one GPU."""
-    common = ["--no-progress", "--no-tensorboard", "--log-every", "5"]
-    rl = ["--policy", model, "--prompts", str(EXAMPLES / "review_prompts.txt"), "--max-new-tokens", "64", "--steps", str(rl_steps),
-          "--mini-batch-size", "16", "--chat-template", "--log-every", "2", "--no-progress", "--no-tensorboard"]
+    common = ["--no-progress", "--report-to", "none", "--log-every", "5"]
+    rl = ["--policy", model, "--prompts", str(EXAMPLES / "review_prompts.txt"), "--max-new-tokens", "64", "--max-steps", str(rl_steps),
+          "--mini-batch-size", "16", "--chat-template", "--log-every", "2", "--no-progress", "--report-to", "none"]
     commands = {
         "rm": ["rm", "train", "--model", model, "--train", str(EXAMPLES / "reviews_ranklists.tsv"), "--prompt-column",
                "--max-steps", "60", "--batch-size", "16", "--max-length", "128", "--eval-every", "1000",
@@ -70,7 +70,7 @@ def runs(model: str, out: Path, rl_steps: int = 10) -> dict[str, list[str]]:
     return commands
 
 
-THROUGHPUT = ("train/tokens_per_s", "ppo/tokens_per_s")
+THROUGHPUT = ("train/tokens_per_s", "rl/tokens_per_s")
 
 
 def summarise(name: str, folder: Path, seconds: float, code: int) -> dict:

@@ -64,9 +64,9 @@ def _commands(f, out: str) -> dict[str, tuple[list[str], type, dict[str, str]]]:
         "score": (["score", "--model", f["rm"], "--responses", f["prompts"]], ScoreConfig, {"responses": "--responses"}),
         "sft": (["sft", "--policy", f["lm"], "--train", f["sft"], "--output", out, "--max-steps", "1"], SFTConfig, {"train": "--train"}),
         "dpo": (["dpo", "--policy", f["lm"], "--train", f["lists"], "--output", out, "--max-steps", "1"], DPOConfig, {"train": "--train"}),
-        "ppo": (["ppo", *sample, "--reward", f["reward"], "--output", out, "--steps", "1", "--batch-size", "2",
+        "ppo": (["ppo", *sample, "--reward", f["reward"], "--output", out, "--max-steps", "1", "--batch-size", "2",
                  "--mini-batch-size", "2"], PPOConfig, {"prompts": "--prompts"}),
-        "rl": (["rl", "--algo", "grpo", *sample, "--reward", f["reward"], "--output", out, "--steps", "1", "--batch-size", "2",
+        "rl": (["rl", "--algo", "grpo", *sample, "--reward", f["reward"], "--output", out, "--max-steps", "1", "--batch-size", "2",
                 "--mini-batch-size", "4"], RLConfig, {"prompts": "--prompts"}),
         "generate": (["generate", *sample, "--output", str(Path(out) / "g.jsonl")], GenerateConfig, {"prompts": "--prompts"}),
         "bon": (["bon", *sample, "--reward", f["reward"], "--output", str(Path(out) / "b.jsonl")], BonConfig, {"prompts": "--prompts"}),
@@ -166,8 +166,9 @@ def test_misc_user_errors_exit_2(files, tmp_path, capsys):
         (["plan", "--model", "0.0001B", "--algo", "sft"], "outside the sizes planned for"),
         ([*plan, "--gpus", "-2"], "option --gpus must be >= 1, got -2"),
         ([*plan, "--algo", "dpo2"], "argument --algo: invalid choice: 'dpo2'"),
-        ([*plan, "--config", "zero3"], "--config zero3: neither a configuration (auto, ddp, fsdp2, fsdp2-offload) nor a YAML"),
-        ([*plan, "--device", "cpu", "--config", "fsdp2-offload"], "nothing to offload to"),
+        ([*plan, "--config", "zero3"], "zero3"),
+        ([*plan, "--config", "fsdp2"], "--config is a YAML file of options in every command; for the sharding use --sharding fsdp2"),
+        ([*plan, "--device", "cpu", "--sharding", "fsdp2-offload"], "nothing to offload to"),
         (["plan", "--model", "7B", "--algo", "grpo", "--mini-batch-size", "6"], "--mini-batch-size 6 must divide the rollout's 64 rows"),
         (["plan", "--model", "7B", "--algo", "ppo", "--critic", "reward-model"], "give --reward-model too"),
         (["plan", "--model", "7B", "--algo", "grpo", "--reward-model", "gpt-17"], "--reward-model: 'gpt-17' is not"),
@@ -179,3 +180,51 @@ def test_misc_user_errors_exit_2(files, tmp_path, capsys):
         err = capsys.readouterr().err
         assert needle in err and "Traceback" not in err, (argv, err)
     assert main(["models", "--help"]) == 0 and "usage: rlhfkit models" in capsys.readouterr().out
+
+
+def test_options_valid_alone_but_not_together_exit_2_and_write_nothing(files, tiny_encoder, tmp_path, capsys):
+    """Cross-field cases: each option is a valid value on its own, the combination (with each
+    other, with the model or with the data) is not. Same contract as above: exit 2, the
+    message names the option, no traceback, nothing written."""
+    import shutil
+
+    out = str(tmp_path / "out")
+    cmd = _commands(files, out)
+    no_template = tmp_path / "lm-without-chat-template"
+    shutil.copytree(files["lm"], no_template)
+    config = json.loads((no_template / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (no_template / "tokenizer_config.json").write_text(json.dumps(config))
+    (no_template / "chat_template.jinja").unlink(missing_ok=True)
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"},
+                                                      {"role": "assistant", "content": f"a{i}"}]}) + "\n" for i in range(4)))
+    rm, dpo, sft = cmd["rm train"][0], cmd["dpo"][0], cmd["sft"][0]
+    rm_encoder = ["rm", "train", "--model", str(tiny_encoder), "--train", files["lists"], "--output", out, "--max-steps", "1"]
+    cases = [
+        # the option against the model
+        ([*rm, "--pooling", "cls"], "--pooling cls is for encoders"),
+        ([*rm, "--pooling", "mean"], "--pooling mean is for encoders"),
+        ([*rm_encoder, "--pooling", "last"], "--pooling last is for decoders"),
+        (["sft", "--policy", str(no_template), "--train", str(chats), "--output", out, "--max-steps", "1"],
+         "is a chat ('messages') row, but the tokenizer of"),
+        # the option against the data (12 lists, 8 SFT rows)
+        ([*rm, "--eval-fraction", "0.99"], "--eval-fraction: eval_fraction=0.99 of 12 examples leaves nothing to train on"),
+        ([*dpo, "--eval-fraction", "0.99"], "--eval-fraction: eval_fraction=0.99 of 12 examples leaves nothing to train on"),
+        ([*sft, "--eval-fraction", "0.99"], "--eval-fraction"),
+        ([*rm, "--n-train", "12"], "--n-train 12 leaves no evaluation lists"),
+        # two options against each other
+        ([*rm, "--n-train", "4", "--eval-fraction", "0.5"], "options --n-train and --eval-fraction both split --train"),
+        ([*dpo, "--eval", files["lists"], "--n-train", "4"], "give either --eval FILE or a split of --train"),
+        ([*sft, "--eval", files["sft"], "--eval-fraction", "0.5"], "give either --eval FILE or --eval-fraction"),
+        ([*cmd["rl"][0], "--samples-per-prompt", "1"], "--algo grpo compares the samples of a prompt"),
+        ([*cmd["ppo"][0], "--kl-penalty", "loss"], "--kl-penalty loss is for the critic-free algorithms"),
+        ([*cmd["ppo"][0], "--mini-batch-size", "3"], "option --mini-batch-size (3) must divide the rollout's 2 responses"),
+        ([*cmd["ppo"][0], "--grad-accum", "4"], "option --grad-accum (4) must divide --mini-batch-size (2)"),
+    ]
+    for argv, needle in cases:
+        code = main(argv)
+        err = capsys.readouterr().err
+        assert code == 2, (argv, err[-2000:])
+        assert needle in err and "Traceback" not in err, (argv, needle, err[-2000:])
+        assert not Path(out).exists(), (argv, "wrote", sorted(Path(out).rglob("*")))

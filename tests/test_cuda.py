@@ -46,7 +46,7 @@ def test_reward_model_trains_on_cuda_in_bf16_and_loads_on_the_cpu(tiny_lm, separ
     out = tmp_path / "rm"
     final = train_reward_model(from_dict(RMTrainConfig, dict(
         model=str(tiny_lm), train=str(separable_tsv), n_train=90, output=str(out), epochs=4, lr=3e-3, batch_size=8,
-        eval_every=1000, save_every=1000, log_every=1, progress=False, tensorboard=False, warmup_ratio=0.0)))
+        eval_every=1000, save_every=1000, log_every=1, progress=False, report_to="none", warmup_ratio=0.0)))
     assert final["pairwise_accuracy"] > 0.9, final
     rows = [r for r in read_metrics(out / "metrics.jsonl") if "train/loss" in r]
     assert all(r["memory/peak_gib"] > 0 for r in rows)
@@ -61,13 +61,13 @@ def test_reward_model_trains_on_cuda_in_bf16_and_loads_on_the_cpu(tiny_lm, separ
 @pytest.mark.cuda
 @needs_cuda
 def test_dpo_trains_on_cuda_in_bf16_and_its_implicit_reward_scores_alike_on_the_cpu(tiny_lm, separable_tsv, tmp_path):
-    from rlhfkit.dpo.scorer import ImplicitReward
     from rlhfkit.dpo.train import DPOConfig, train_dpo
+    from rlhfkit.models.implicit_reward import ImplicitReward
 
     out = tmp_path / "dpo"
     result = train_dpo(from_dict(DPOConfig, dict(
         policy=str(tiny_lm), train=str(separable_tsv), n_train=90, output=str(out), epochs=3, lr=1e-2, batch_size=8,
-        eval_every=1000, save_every=1000, log_every=1, progress=False, tensorboard=False, warmup_ratio=0.0, eval_kl_prompts=2)))
+        eval_every=1000, save_every=1000, log_every=1, progress=False, report_to="none", warmup_ratio=0.0, eval_kl_prompts=2)))
     assert result["eval/pairwise_accuracy"] > 0.9 and result["eval/kl"] > 0, result
     rows = [r for r in read_metrics(out / "metrics.jsonl") if "train/loss" in r]
     assert rows[0]["train/loss"] == pytest.approx(math.log(2), abs=0.02)  # the reference pass ran under the same autocast
@@ -84,7 +84,7 @@ def test_dpo_trains_on_cuda_in_bf16_and_its_implicit_reward_scores_alike_on_the_
 def test_sampling_pass_logprobs_equal_a_forward_pass_on_cuda(tiny_lm):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rlhfkit.rl.rollout import policy_logprobs
+    from rlhfkit.models.logprobs import policy_logprobs
     from rlhfkit.sampling import SamplingSettings, encode_queries, response_mask_from_eos, sample
 
     model = AutoModelForCausalLM.from_pretrained(tiny_lm).cuda().eval()
@@ -163,13 +163,13 @@ def test_rl_runs_on_cuda_and_exports_the_policy(algo, tiny_lm, tmp_path):
     result = train_rl(from_dict(RLConfig, dict(
         algo=algo, policy=str(tiny_lm), prompts=str(tmp_path / "prompts.txt"), reward=f"{tmp_path / 'reward.py'}:lower",
         samples_per_prompt=4 if algo == "grpo" else 1, critic="value-head" if algo == "ppo" else "auto",
-        max_new_tokens=8, steps=3, batch_size=4, mini_batch_size=4, lr=1e-3, output=str(out), progress=False,
-        tensorboard=False)))
+        max_new_tokens=8, max_steps=3, batch_size=4, mini_batch_size=4, lr=1e-3, output=str(out), progress=False,
+        report_to="none")))
     rows = read_metrics(out / "metrics.jsonl")
     assert len(rows) == 3 and all(r["memory/peak_gib"] > 0 for r in rows)
-    assert all(torch.isfinite(torch.tensor(r["ppo/policy_loss"])) for r in rows)
+    assert all(torch.isfinite(torch.tensor(r["rl/policy_loss"])) for r in rows)
     assert "precision bf16" in (out / "run.log").read_text()
-    AutoModelForCausalLM.from_pretrained(result["policy"])
+    AutoModelForCausalLM.from_pretrained(result["final"])
 
 
 def probe_start_run(tiny_lm, separable_tsv, out, cpu: bool) -> dict:
@@ -178,7 +178,7 @@ def probe_start_run(tiny_lm, separable_tsv, out, cpu: bool) -> dict:
     return train_reward_model(from_dict(RMTrainConfig, dict(
         model=str(tiny_lm), train=str(separable_tsv), n_train=60, output=str(out), max_steps=1, lr=1e-9, batch_size=8,
         head_init="probe", head_lr=None, cpu=cpu, eval_every=1000, save_every=1000, log_every=1, progress=False,
-        tensorboard=False, warmup_ratio=0.0)))
+        report_to="none", warmup_ratio=0.0)))
 
 
 @pytest.mark.cuda

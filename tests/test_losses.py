@@ -10,9 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from rlhfkit.losses import (
-    LOSSES,
     binary_loss,
-    get_loss,
     kendall_tau,
     list_exact_match,
     listwise_loss,
@@ -466,17 +464,7 @@ def test_metrics_hand_computed():
     assert math.isnan(single.item())
 
 
-# --------------------------------------------------------------------------- registry, errors
-
-
-def test_get_loss_by_name():
-    assert get_loss("pairwise") is pairwise_loss
-    assert set(LOSSES) == {
-        "pairwise", "logexp", "margin", "listwise", "plackett_luce", "binary", "mse", "token_pairwise"
-    }
-    msg = r"unknown reward-model loss 'pairwse'\. Did you mean 'pairwise'\? Valid names: binary, listwise"
-    with pytest.raises(ValueError, match=msg):
-        get_loss("pairwse")
+# --------------------------------------------------------------------------- errors
 
 
 def test_bad_inputs_raise():

@@ -7,13 +7,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
+from rlhfkit.models.logprobs import response_logits
 from rlhfkit.models.packing import (
     pack,
     packed_kwargs,
     packing_unsupported,
     use_packed_attention,
 )
-from rlhfkit.rl.critic import ActorCritic, Critic, response_logits
+from rlhfkit.rl.critic import ActorCritic, Critic
 from rlhfkit.rl.rollout import pack_rows
 
 
@@ -146,8 +147,8 @@ def test_a_ppo_update_on_packed_rows_equals_the_padded_update(tiny_lm, tmp_path)
             out = tmp_path / f"{critic}-{packing}"
             train_ppo(from_dict(PPOConfig, dict(
                 policy=str(tiny_lm), reward=str(tmp_path / "rm"), critic=critic, prompts=str(prompts), output=str(out),
-                steps=2, batch_size=8, mini_batch_size=4, grad_accum=2, max_new_tokens=6, lr=1e-3, packing=packing, seed=5,
-                progress=False, tensorboard=False, sample_every=0, cpu=True)))
-            weights[packing] = load_file(str(out / "policy" / "model.safetensors"))
+                max_steps=2, batch_size=8, mini_batch_size=4, grad_accum=2, max_new_tokens=6, lr=1e-3, packing=packing, seed=5,
+                progress=False, report_to="none", sample_every=0, cpu=True)))
+            weights[packing] = load_file(str(out / "final" / "model.safetensors"))
         for k in weights[False]:
             torch.testing.assert_close(weights[True][k], weights[False][k], rtol=1e-4, atol=1e-6, msg=f"{critic}: {k}")

@@ -203,7 +203,7 @@ def test_plan_json_is_one_object_whose_total_is_its_breakdown(capsys):
 
 
 def test_plan_config_name_and_the_table(capsys):
-    assert main(["plan", "--model", "7B", "--algo", "sft", "--gpus", "8", "--config", "fsdp2", "--json"]) == 0
+    assert main(["plan", "--model", "7B", "--algo", "sft", "--gpus", "8", "--sharding", "fsdp2", "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
     assert plan["config"] == "fsdp2" and list(plan["configs"]) == ["fsdp2"] and plan["model"]["approximate"]
     assert main(["plan", "--model", "Llama-3.1-8B", "--algo", "ppo", "--reward-model", "Llama-3.1-8B", "--gpus", "8"]) == 0
@@ -231,3 +231,35 @@ def test_ppo_critics_and_the_reward_model():
     scorer = SMOL.params + SMOL.hidden  # tied: the body keeps the embedding, a 576 -> 1 head replaces the LM head
     assert [n.trainable for n in trained] == [16 * SMOL.lora_params, scorer]  # the critic trains whole, also with LoRA
     assert [n.params for n in frozen] == [scorer]  # LoRA: no reference copy; the reward model stays
+
+
+@pytest.mark.parametrize("algo", ["sft", "rm", "dpo", "ppo", "grpo"])
+def test_plan_plans_with_the_trainers_own_defaults(algo, tmp_path):
+    """What plan assumes when an option is not given is what the trainer does when it is not
+    given: both read rlhfkit.defaults; this holds every trainer's config to that table."""
+    from dataclasses import fields
+
+    from rlhfkit.config import from_dict
+    from rlhfkit.plan.commands import PlanConfig, make_setup
+
+    if algo == "sft":
+        from rlhfkit.sft.train import SFTConfig as cls
+        values = {"train": "t.jsonl"}
+    elif algo == "rm":
+        from rlhfkit.rm.train import RMTrainConfig as cls
+        values = {"train": "t.tsv"}
+    elif algo == "dpo":
+        from rlhfkit.dpo.train import DPOConfig as cls
+        values = {"train": "t.tsv"}
+    else:
+        from rlhfkit.rl.trainer import RLConfig as cls
+        values = {"algo": algo, "reward": "m:f", "prompts": "p.txt"}
+    trainer = from_dict(cls, {**values, "output": str(tmp_path / "o")})
+    setup = make_setup(from_dict(PlanConfig, {"model": "135M", "algo": algo}), None)
+    names = {f.name for f in fields(cls)}
+    assert setup.batch_size == trainer.batch_size and setup.lora_dropout == trainer.lora_dropout
+    if algo in ("ppo", "grpo"):
+        assert (setup.prompt_length, setup.new_tokens) == (trainer.max_prompt_length, trainer.max_new_tokens)
+        assert (setup.samples_per_prompt, setup.mini_batch_size) == (trainer.samples_per_prompt, trainer.mini_batch_size)
+    else:
+        assert setup.max_length == trainer.max_length and "eval_batch_size" in names

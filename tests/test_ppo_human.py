@@ -54,10 +54,10 @@ def test_ppo_with_human_rewards_end_to_end(tiny_lm, tmp_path, monkeypatch, capsy
     log = tmp_path / "human.jsonl"
     monkeypatch.setattr("sys.stdin", io.StringIO("1\n0\nx\n0.5\n-1\n"))
     args = ["--policy", str(tiny_lm), "--reward", f"human:{log}", "--prompts", str(prompts), "--output", str(tmp_path / "run"),
-            "--steps", "2", "--batch-size", "2", "--mini-batch-size", "2", "--max-new-tokens", "4", "--no-progress",
-            "--no-tensorboard", "--sample-every", "0"]
+            "--max-steps", "2", "--batch-size", "2", "--mini-batch-size", "2", "--max-new-tokens", "4", "--no-progress",
+            "--report-to", "none", "--sample-every", "0"]
     assert main(["ppo", *args]) == 0
     rows = [json.loads(line) for line in log.read_text().splitlines()]
     assert [r["score"] for r in rows] == [1.0, 0.0, 0.5, -1.0]  # 'x' was refused and asked again
     assert "'x' is not a number" in capsys.readouterr().out
-    assert (tmp_path / "run" / "policy" / "config.json").is_file()
+    assert (tmp_path / "run" / "final" / "config.json").is_file()

@@ -143,7 +143,7 @@ def test_lora_reference_is_the_actor_with_its_adapter_off(tiny_lm):
 def test_sampling_pass_logprobs_equal_a_forward_pass(tiny_lm):
     """The saving: old_logprobs recorded while sampling are those of a forward pass over the
     finished sequences (what the PPO ratio divides by), on every real token, early EOS included."""
-    from rlhfkit.rl.rollout import policy_logprobs
+    from rlhfkit.models.logprobs import policy_logprobs
     from rlhfkit.sampling import SamplingSettings, sample
 
     model, tok = load_lm(tiny_lm)
@@ -176,8 +176,8 @@ def test_an_update_from_sampling_pass_logprobs_equals_one_from_a_forward_pass(ti
         out = tmp_path / source
         train_ppo(from_dict(PPOConfig, dict(
             policy=str(tiny_lm), reward=str(tmp_path / "rm"), critic="reward-model", prompts=str(prompts), output=str(out),
-            steps=2, batch_size=8, mini_batch_size=4, max_new_tokens=6, lr=1e-3, rollout_logprobs=source, seed=3,
-            progress=False, tensorboard=False, sample_every=0, cpu=True)))
-        weights[source] = load_file(str(out / "policy" / "model.safetensors"))
+            max_steps=2, batch_size=8, mini_batch_size=4, max_new_tokens=6, lr=1e-3, rollout_logprobs=source, seed=3,
+            progress=False, report_to="none", sample_every=0, cpu=True)))
+        weights[source] = load_file(str(out / "final" / "model.safetensors"))
     for k in weights["forward"]:
         torch.testing.assert_close(weights["sampling"][k], weights["forward"][k], rtol=1e-4, atol=1e-6, msg=k)

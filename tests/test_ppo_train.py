@@ -40,8 +40,8 @@ def cfg(tiny_lm, ppo_files, out, **kw) -> PPOConfig:
     prompts, rewards = ppo_files
     base = dict(
         policy=str(tiny_lm), reward=f"{rewards}:share_lower", prompts=str(prompts), output=str(out),
-        steps=24, batch_size=32, mini_batch_size=16, max_new_tokens=8, lr=1e-2, critic_lr=1e-2, kl_coef=0.02,
-        scheduler="constant", sample_every=0, progress=False, tensorboard=False, save_every=1000,
+        max_steps=24, batch_size=32, mini_batch_size=16, max_new_tokens=8, lr=1e-2, critic_lr=1e-2, kl_coef=0.02,
+        scheduler="constant", sample_every=0, progress=False, report_to="none", save_every=1000,
     )
     base.update(kw)
     return from_dict(PPOConfig, base)
@@ -58,25 +58,25 @@ def mean(xs):
 def test_tiny_policy_learns_the_synthetic_reward_within_a_kl_bound(tiny_lm, ppo_files, tmp_path):
     out = tmp_path / "run"
     train_ppo(cfg(tiny_lm, ppo_files, out))
-    score, kl = series(out, "ppo/score_mean"), series(out, "ppo/kl_k3")
+    score, kl = series(out, "rl/score_mean"), series(out, "rl/kl_k3")
     assert len(score) == 24
     assert score[0] < 0.2  # random bytes: ~10% lowercase letters
     assert mean(score[-3:]) > score[0] + 0.35, score  # a large, real improvement
     assert max(kl) < 30.0, kl  # nats per 8-token response: the leash holds
-    for key in ("ppo/reward_mean", "ppo/kl", "ppo/kl_coef", "ppo/entropy", "ppo/policy_loss", "ppo/value_loss",
-                "ppo/clipfrac", "ppo/approx_kl", "ppo/explained_variance", "ppo/response_length", "ppo/tokens_per_s"):
+    for key in ("rl/reward_mean", "rl/kl", "rl/kl_coef", "rl/entropy", "rl/policy_loss", "rl/value_loss",
+                "rl/clipfrac", "rl/approx_kl", "rl/explained_variance", "rl/response_length", "rl/tokens_per_s"):
         assert len(series(out, key)) == 24, key
-    assert series(out, "ppo/entropy")[-1] < series(out, "ppo/entropy")[0]
+    assert series(out, "rl/entropy")[-1] < series(out, "rl/entropy")[0]
     # the exported policy is a plain HF checkpoint that knows its reference
-    info = json.loads((out / "policy" / "rlhfkit_ppo.json").read_text())
+    info = json.loads((out / "final" / "rlhfkit_ppo.json").read_text())
     assert info["reference"] == str(tiny_lm)
-    assert (out / "curves.png").is_file() and (out / "policy" / "model.safetensors").is_file()
+    assert (out / "curves.png").is_file() and (out / "final" / "model.safetensors").is_file()
 
 
 def test_large_kl_coef_keeps_the_policy_at_the_reference(tiny_lm, ppo_files, tmp_path):
     out = tmp_path / "leashed"
-    train_ppo(cfg(tiny_lm, ppo_files, out, steps=16, kl_coef=3.0))
-    kl, score = series(out, "ppo/kl_k3"), series(out, "ppo/score_mean")
+    train_ppo(cfg(tiny_lm, ppo_files, out, max_steps=16, kl_coef=3.0))
+    kl, score = series(out, "rl/kl_k3"), series(out, "rl/score_mean")
     assert max(kl) < 1.0, kl  # the free run is past 5 nats by update 16
     assert mean(score[-3:]) < score[0] + 0.15, score
 
@@ -87,29 +87,29 @@ def weights(folder: Path) -> dict[str, torch.Tensor]:
 
 def test_resume_continues_exactly_the_interrupted_run(tiny_lm, ppo_files, tmp_path):
     """Adaptive KL and running score whitening too: every piece of state must come back."""
-    common = dict(steps=4, batch_size=8, mini_batch_size=4, adaptive_kl=True, kl_target=0.5, kl_horizon=40,
+    common = dict(max_steps=4, batch_size=8, mini_batch_size=4, adaptive_kl=True, kl_target=0.5, kl_horizon=40,
                   score_norm="whiten", missing_eos_penalty=0.1, scheduler="linear", save_every=2)
     full = tmp_path / "full"
     train_ppo(cfg(tiny_lm, ppo_files, full, **common))
     split = tmp_path / "split"
     train_ppo(cfg(tiny_lm, ppo_files, split, stop_after_steps=2, **common))
-    assert not (split / "policy").exists()
+    assert not (split / "final").exists()
     assert json.loads((split / "checkpoint" / "trainer_state.json").read_text())["step"] == 2
     train_ppo(cfg(tiny_lm, ppo_files, split, resume=True, **common))
-    a, b = weights(full / "policy"), weights(split / "policy")
+    a, b = weights(full / "final"), weights(split / "final")
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=k)
-    for key in ("ppo/score_mean", "ppo/kl", "ppo/kl_coef", "ppo/policy_loss", "ppo/value_loss", "ppo/lr"):
+    for key in ("rl/score_mean", "rl/kl", "rl/kl_coef", "rl/policy_loss", "rl/value_loss", "rl/lr"):
         assert series(split, key) == series(full, key), key
-    assert len(set(series(full, "ppo/kl_coef"))) > 1  # the controller did move, and was restored
+    assert len(set(series(full, "rl/kl_coef"))) > 1  # the controller did move, and was restored
 
 
 def test_gradient_accumulation_equals_the_full_minibatch(tiny_lm, ppo_files, tmp_path):
-    common = dict(steps=1, batch_size=8, mini_batch_size=8, ppo_epochs=2, max_grad_norm=0.0)
+    common = dict(max_steps=1, batch_size=8, mini_batch_size=8, ppo_epochs=2, max_grad_norm=0.0)
     train_ppo(cfg(tiny_lm, ppo_files, tmp_path / "a1", grad_accum=1, **common))
     train_ppo(cfg(tiny_lm, ppo_files, tmp_path / "a4", grad_accum=4, **common))
-    a, b = weights(tmp_path / "a1" / "policy"), weights(tmp_path / "a4" / "policy")
+    a, b = weights(tmp_path / "a1" / "final"), weights(tmp_path / "a4" / "final")
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6, msg=k)
 
@@ -117,7 +117,7 @@ def test_gradient_accumulation_equals_the_full_minibatch(tiny_lm, ppo_files, tmp
 def test_kl_past_max_kl_stops_and_keeps_the_last_good_checkpoint(tiny_lm, ppo_files, tmp_path):
     out = tmp_path / "run"
     with pytest.raises(RunStopped, match=r"update 2: mean KL to the reference is .* past --max-kl 0.01.*checkpoint .* \(step 1\) is intact") as e:
-        train_ppo(cfg(tiny_lm, ppo_files, out, steps=10, batch_size=8, mini_batch_size=8, lr=5e-2, max_kl=0.01, save_every=1))
+        train_ppo(cfg(tiny_lm, ppo_files, out, max_steps=10, batch_size=8, mini_batch_size=8, lr=5e-2, max_kl=0.01, save_every=1))
     assert json.loads((out / "checkpoint" / "trainer_state.json").read_text())["step"] == 1
     assert "Lower --lr, raise --kl-coef" in str(e.value)
 
@@ -141,7 +141,7 @@ class _NanGradient(torch.autograd.Function):
 def test_non_finite_loss_or_gradient_stops_and_keeps_the_last_good_checkpoint(tiny_lm, ppo_files, tmp_path, monkeypatch, poison, message):
     import rlhfkit.rl.trainer as T
 
-    common = dict(steps=3, batch_size=4, mini_batch_size=4, save_every=1)
+    common = dict(max_steps=3, batch_size=4, mini_batch_size=4, save_every=1)
     good = tmp_path / "good"
     train_ppo(cfg(tiny_lm, ppo_files, good, stop_after_steps=1, **common))  # the uninterrupted first update
     real, calls = T.policy_loss, {"n": 0}
@@ -159,7 +159,7 @@ def test_non_finite_loss_or_gradient_stops_and_keeps_the_last_good_checkpoint(ti
     kept, expected = (load_file(str(d / "checkpoint" / "model.safetensors")) for d in (out, good))
     for k in expected:  # the weights of the last good update, bit for bit: the bad step wrote nothing
         torch.testing.assert_close(kept[k], expected[k], rtol=0, atol=0, msg=k)
-    assert not (out / "policy").exists()
+    assert not (out / "final").exists()
 
 
 def test_cli_stop_exits_1_and_says_why(tiny_lm, ppo_files, tmp_path, monkeypatch, capsys):
@@ -169,8 +169,8 @@ def test_cli_stop_exits_1_and_says_why(tiny_lm, ppo_files, tmp_path, monkeypatch
     monkeypatch.setattr(T, "policy_loss", lambda *a, **k: (real(*a, **k)[0] * float("nan"), real(*a, **k)[1]))
     prompts, rewards = ppo_files
     code = main(["ppo", "--policy", str(tiny_lm), "--reward", f"{rewards}:share_lower", "--prompts", str(prompts),
-                 "--output", str(tmp_path / "nan"), "--steps", "2", "--batch-size", "4", "--mini-batch-size", "4",
-                 "--no-progress", "--no-tensorboard"])
+                 "--output", str(tmp_path / "nan"), "--max-steps", "2", "--batch-size", "4", "--mini-batch-size", "4",
+                 "--no-progress", "--report-to", "none"])
     assert code == 1
     err = capsys.readouterr().err
     assert "rlhfkit ppo: stopped: non-finite loss (nan) at update 1 (PPO epoch 1)" in err
@@ -201,13 +201,13 @@ def test_cli_ppo_with_lora_and_a_reward_model_critic(tiny_lm, ppo_files, tmp_pat
     yaml_file = tmp_path / "ppo.yaml"
     yaml_file.write_text("lora: true\nlora_r: 4\nlora_target: [q_proj, v_proj]\nkl_coef: 0.1\nsteps: 5\n")
     argv = ["--config", str(yaml_file), "--policy", str(tiny_lm), "--reward", str(rm_dir), "--prompts", str(prompts),
-            "--output", str(out), "--steps", "2", "--batch-size", "4", "--mini-batch-size", "2", "--max-new-tokens", "6",
+            "--output", str(out), "--max-steps", "2", "--batch-size", "4", "--mini-batch-size", "2", "--max-new-tokens", "6",
             "--lr", "1e-3", "--sample-every", "1", "--no-progress"]  # flags override the YAML (steps 2, not 5)
     assert main(["ppo", *argv]) == 0
     assert list((out / "tensorboard").iterdir()) and (out / "curves.png").is_file()
     captured = capsys.readouterr()
     assert "policy saved to" in captured.out and "--- update 1: samples ---" in captured.out + captured.err
-    merged = AutoModelForCausalLM.from_pretrained(out / "policy")  # a plain model: LoRA merged in
+    merged = AutoModelForCausalLM.from_pretrained(out / "final")  # a plain model: LoRA merged in
     assert not any("lora" in n for n, _ in merged.named_parameters())
     rows = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2]
@@ -220,19 +220,23 @@ def test_cli_ppo_with_lora_and_a_reward_model_critic(tiny_lm, ppo_files, tmp_pat
     assert "already holds a run; pass --resume" in capsys.readouterr().err
 
 
-def test_a_separate_critic_trains_exactly_as_with_the_summed_loss(tiny_lm, tmp_path):
+@pytest.mark.parametrize("aggregation", ["token", "sequence"])
+def test_a_separate_critic_trains_exactly_as_with_the_summed_loss(tiny_lm, tmp_path, aggregation):
     """The actor's and the critic's backward passes run one after the other (less memory);
-    the update must equal the one from the summed loss through one joint forward."""
+    the update must equal the one from the summed loss through one joint forward, with either
+    --loss-aggregation (the value-head path once ignored it and always averaged per token)."""
     import copy
 
     from accelerate import Accelerator
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from rlhfkit.models.logprobs import policy_logprobs
     from rlhfkit.models.reward import RewardModel
     from rlhfkit.rl.critic import ActorCritic, load_critic
-    from rlhfkit.rl.rollout import Rollout, policy_logprobs
+    from rlhfkit.rl.rollout import Rollout
     from rlhfkit.rl.trainer import (
         NetworkStep,
+        UpdateBatch,
         actor_micro_loss,
         critic_micro_loss,
         joint_micro_loss,
@@ -262,7 +266,7 @@ def test_a_separate_critic_trains_exactly_as_with_the_summed_loss(tiny_lm, tmp_p
                 old_values=torch.randn(M, N) * response_mask, scores=torch.randn(M))
     advantages, returns = torch.randn(M, N), torch.randn(M, N)
     c = cfg(tiny_lm, ("p.txt", "r.py"), tmp_path / "unused", batch_size=M, mini_batch_size=3, grad_accum=3,
-            ppo_epochs=2, max_grad_norm=0.5, entropy_coef=0.01, lr=1e-3, critic_lr=3e-3)
+            ppo_epochs=2, max_grad_norm=0.5, entropy_coef=0.01, lr=1e-3, critic_lr=3e-3, loss_aggregation=aggregation)
     run = Run(c, "test", Accelerator(cpu=True), None)
     stats = {}
     joint_opt = (make_adamw([{"params": joint.actor_parameters(), "lr": c.lr}, {"params": joint.critic_parameters(), "lr": c.critic_lr}]),)
@@ -271,7 +275,7 @@ def test_a_separate_critic_trains_exactly_as_with_the_summed_loss(tiny_lm, tmp_p
     split_steps = network_steps((split.actor, split.critic), split_opts, split)  # what the trainer does
     assert [s.loss for s in split_steps] == [actor_micro_loss, critic_micro_loss]
     for name, steps in (("joint", joint_steps), ("split", split_steps)):
-        stats[name] = optimise(c, run, steps, r, advantages, returns, step=0)
+        stats[name] = optimise(c, run, steps, UpdateBatch(r, advantages, returns, c.kl_coef), step=0)
     for (k, a), (_, b) in zip(joint.named_parameters(), split.named_parameters()):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=k)
     assert any(not torch.equal(a, b) for a, b in zip(joint.parameters(), ActorCritic(

@@ -17,7 +17,7 @@ from rlhfkit.tracking import read_metrics
 
 
 def cfg(**kw) -> RMTrainConfig:
-    base = dict(lr=3e-3, head_lr=None, batch_size=8, eval_every=1000, save_every=1000, log_every=1, progress=False, tensorboard=False, warmup_ratio=0.0)
+    base = dict(lr=3e-3, head_lr=None, batch_size=8, eval_every=1000, save_every=1000, log_every=1, progress=False, report_to="none", warmup_ratio=0.0)
     base.update(kw)
     return from_dict(RMTrainConfig, base)
 
@@ -41,7 +41,7 @@ def test_tiny_decoder_learns_separable_rank_lists(tiny_lm, separable_tsv, tmp_pa
     rm = RewardModel.from_pretrained(out)
     s = rm.score(None, ["good good good apple river", "apple river"])
     assert s[0] > s[1]
-    for f in ("curves.png", "eval_scores.png", "metrics.jsonl", "eval_report.json", "config.yaml", "best/config.json", "last/config.json"):
+    for f in ("curves.png", "eval_scores.png", "metrics.jsonl", "eval_report.json", "config.yaml", "best/config.json", "final/config.json"):
         assert (out / f).exists(), f
 
 
@@ -59,11 +59,11 @@ def test_resume_after_stop_matches_uninterrupted_run(tiny_lm, separable_tsv, tmp
     train_reward_model(cfg(output=str(full), **common))
     split = tmp_path / "split"
     train_reward_model(cfg(output=str(split), stop_after_steps=7, **common))  # "killed" mid-epoch 1
-    assert not (split / "last").exists()
+    assert not (split / "final").exists()
     assert json.loads((split / "checkpoint" / "trainer_state.json").read_text())["step"] == 7
     train_reward_model(cfg(output=str(split), resume=True, **common))
     assert "head: from the checkpoint" in (split / "run.log").read_text()  # a resumed run does not fit a probe again
-    a, b = weights(full / "last"), weights(split / "last")
+    a, b = weights(full / "final"), weights(split / "final")
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
@@ -77,7 +77,7 @@ def test_batch_8_x_accum_1_equals_batch_1_x_accum_8(tiny_lm, separable_tsv, tmp_
     train_reward_model(cfg(output=str(one), batch_size=8, grad_accum=1, **common))
     train_reward_model(cfg(output=str(eight), batch_size=1, grad_accum=8, **common))
     assert step_losses(one) == pytest.approx(step_losses(eight), rel=1e-4)
-    a, b = weights(one / "last"), weights(eight / "last")
+    a, b = weights(one / "final"), weights(eight / "final")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
 
@@ -102,7 +102,7 @@ def test_non_finite_loss_stops_and_keeps_good_checkpoint(tiny_lm, separable_tsv,
     assert state["step"] == 4  # the last good checkpoint, untouched by the failing step
     for name, t in load_file(str(out / "checkpoint" / "model.safetensors")).items():
         assert torch.isfinite(t).all(), name
-    assert not (out / "best").exists() and not (out / "last").exists()
+    assert not (out / "best").exists() and not (out / "final").exists()
 
 
 @pytest.mark.parametrize(
@@ -161,7 +161,7 @@ def test_scalar_losses_train(tiny_lm, tmp_path):
 def test_cli_train_eval_score(tiny_lm, separable_tsv, tmp_path, capsys):
     out = tmp_path / "cli"
     rc = main(["rm", "train", "--model", str(tiny_lm), "--train", str(separable_tsv), "--n-train", "90", "--output", str(out),
-               "--epochs", "3", "--lr", "3e-3", "--no-progress", "--no-tensorboard"])
+               "--epochs", "3", "--lr", "3e-3", "--no-progress", "--report-to", "none"])
     assert rc == 0
     capsys.readouterr()
     assert main(["rm", "eval", "--model", str(out), "--data", str(separable_tsv), "--n-skip", "90", "--json"]) == 0
@@ -193,7 +193,7 @@ def test_hh_file_with_an_empty_chosen_answer_trains_and_counts_it(backbone, requ
     out = tmp_path / "hh"
     with caplog.at_level("WARNING"):
         rc = main(["rm", "train", "--model", model, "--train", str(train), "--output", str(out), "--epochs", "2",
-                   "--lr", "3e-3", "--max-length", "24", "--no-progress", "--no-tensorboard"])
+                   "--lr", "3e-3", "--max-length", "24", "--no-progress", "--report-to", "none"])
     assert rc == 0
     assert f"{train}: 1 of 48 unique texts have an empty response, scored as the prompt and the end token alone" in caplog.text
     assert "longer than max_length=24" in caplog.text  # most dialogues overflow 24 tokens: counted too
@@ -236,7 +236,7 @@ def test_freeze_layers_keeps_lower_layers_fixed(tiny_lm, separable_tsv, tmp_path
     out = tmp_path / "frozen"
     train_reward_model(cfg(model=str(tiny_lm), train=str(separable_tsv), output=str(out), max_steps=3, freeze_layers=1))
     before = load_file(str(Path(tiny_lm) / "model.safetensors"))
-    after = weights(out / "last")
+    after = weights(out / "final")
     torch.testing.assert_close(after["model.layers.0.mlp.up_proj.weight"], before["model.layers.0.mlp.up_proj.weight"])
     torch.testing.assert_close(after["model.embed_tokens.weight"], before["model.embed_tokens.weight"])
     assert not torch.equal(after["model.layers.1.mlp.up_proj.weight"], before["model.layers.1.mlp.up_proj.weight"])

@@ -152,7 +152,7 @@ def test_resume_uses_a_complete_tmp_beside_an_incomplete_old(tiny_lm, separable_
     from rlhfkit.rm.train import RMTrainConfig, train_reward_model
 
     common = dict(model=str(tiny_lm), train=str(separable_tsv), n_train=90, max_steps=6, batch_size=8, save_every=2,
-                  progress=False, tensorboard=False, eval_every=1000)
+                  progress=False, report_to="none", eval_every=1000)
     full = tmp_path / "full"
     train_reward_model(from_dict(RMTrainConfig, {**common, "output": str(full)}))
     out = tmp_path / "crashed"
@@ -164,7 +164,7 @@ def test_resume_uses_a_complete_tmp_beside_an_incomplete_old(tiny_lm, separable_
     train_reward_model(from_dict(RMTrainConfig, {**common, "output": str(out), "resume": True}))
     from safetensors.torch import load_file
 
-    a, b = load_file(str(full / "last" / "model.safetensors")), load_file(str(out / "last" / "model.safetensors"))
+    a, b = load_file(str(full / "final" / "model.safetensors")), load_file(str(out / "final" / "model.safetensors"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
 
@@ -206,3 +206,30 @@ def test_output_that_is_a_file_or_unwritable_is_refused_before_anything_is_writt
         from_dict(Demo, {"output": str(tmp_path / "file" / "run")})
     with pytest.raises(UserError, match=r"not writable; choose a folder you can write to"):
         from_dict(Demo, {"output": "/sys/rlhfkit-run"})  # read-only for every user, root included
+
+
+def test_a_bad_value_from_a_yaml_file_is_named_by_its_key(tmp_path):
+    """A value the user wrote in a YAML file is named as written there; a flag by its flag,
+    also when both are given (the flag wins)."""
+    config = tmp_path / "run.yaml"
+    config.write_text(f"output: {tmp_path / 'o'}\nwarmup_ratio: 1.5\n")
+    with pytest.raises(ConfigError, match=r"run.yaml: warmup_ratio must be < 1, got 1.5$"):
+        parse_args(Demo, ["--config", str(config)])
+    with pytest.raises(ConfigError, match=r"run.yaml: option --warmup-ratio must be < 1, got 2.0$"):
+        parse_args(Demo, ["--config", str(config), "--warmup-ratio", "2"])
+    config.write_text(f"output: {tmp_path / 'o'}\nmixed_precision: fp8\n")
+    with pytest.raises(ConfigError, match=r"run.yaml: mixed_precision got 'fp8'; choose one of"):
+        parse_args(Demo, ["--config", str(config)])
+
+
+def test_metrics_written_by_earlier_versions_read_under_todays_names(tmp_path):
+    """Online RL logged ``ppo/...`` before it logged ``rl/...``: an old run folder's metrics
+    still plot and report, under the new keys, and keep the old ones."""
+    from rlhfkit.tracking import read_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(json.dumps({"step": 1, "ppo/score_mean": 0.5, "ppo/kl": 1.25, "time/update_s": 3.0}) + "\n"
+                    + json.dumps({"step": 2, "rl/score_mean": 0.75}) + "\n")
+    old, new = read_metrics(path)
+    assert old["rl/score_mean"] == old["ppo/score_mean"] == 0.5 and old["rl/kl"] == 1.25 and "rl/update_s" not in old
+    assert new == {"step": 2, "rl/score_mean": 0.75}

@@ -20,7 +20,8 @@ def _config(cls: type, config: Any):
     if isinstance(config, cls):
         return config
     if isinstance(config, (str, Path)):
-        return from_dict(cls, load_yaml(config), where=str(config))
+        values = load_yaml(config)
+        return from_dict(cls, values, where=str(config), written=list(values))
     if isinstance(config, dict):
         return from_dict(cls, dict(config), where=f"{cls.__name__} dict")
     raise TypeError(f"expected a {cls.__name__}, a dict of its options, or a YAML path; got {type(config).__name__}")

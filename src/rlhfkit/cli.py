@@ -100,9 +100,9 @@ def _rl(argv: Sequence[str], ppo_only: bool = False) -> None:
     trainer = importlib.import_module("rlhfkit.rl.trainer")
     cls, prog = (trainer.PPOConfig, "rlhfkit ppo") if ppo_only else (trainer.RLConfig, "rlhfkit rl")
     result = trainer.train_rl(parse_args(cls, argv, prog=prog))
-    if "policy" in result and _main_process():
-        print(f"policy saved to {result['policy']}; score {result.get('ppo/score_mean', float('nan')):.4f}, "
-              f"KL {result.get('ppo/kl', float('nan')):.4f} at the last update")
+    if "final" in result and _main_process():
+        print(f"policy saved to {result['final']}; score {result.get('rl/score_mean', float('nan')):.4f}, "
+              f"KL {result.get('rl/kl', float('nan')):.4f} at the last update")
 
 
 def _dpo(argv: Sequence[str]) -> None:
@@ -175,12 +175,10 @@ def _models(argv: Sequence[str]) -> None:
 def _plan(argv: Sequence[str]) -> None:
     commands = importlib.import_module("rlhfkit.plan.commands")
     argv = list(argv)
-    names = ("auto", "ddp", "fsdp2", "fsdp2-offload")
-    for i, arg in enumerate(argv[:-1]):  # --config NAME is the sharding (--sharding); any other value a YAML file of options
-        if arg == "--config" and argv[i + 1] in names:
-            argv[i] = "--sharding"
-        elif arg == "--config" and not os.path.isfile(argv[i + 1]):
-            raise UserError(f"--config {argv[i + 1]}: neither a configuration ({', '.join(names)}) nor a YAML file of options")
+    for i, arg in enumerate(argv[:-1]):  # --config is a YAML file of options here too; the sharding is --sharding
+        if arg == "--config" and argv[i + 1] in commands.SHARDINGS and not os.path.isfile(argv[i + 1]):
+            raise UserError(f"--config {argv[i + 1]}: --config is a YAML file of options in every command; for the "
+                            f"sharding use --sharding {argv[i + 1]}")
     cfg = parse_args(commands.PlanConfig, argv, prog="rlhfkit plan")
     commands.print_plan(commands.run_plan(cfg), cfg.json)
 

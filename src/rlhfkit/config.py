@@ -79,17 +79,17 @@ def check_fields(obj: Any) -> None:
             continue
         choices = _choices(hints[f.name])
         if choices is not None and value not in choices:
-            raise ConfigError(f"option {_flag(f.name)} got {value!r}; choose one of {', '.join(map(str, choices))}")
+            raise ConfigError(f"option {_flag(f.name)} got {value!r}; choose one of {', '.join(map(str, choices))}", f.name)
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             continue
         if isinstance(value, float) and not math.isfinite(value):
-            raise ConfigError(f"option {_flag(f.name)} must be a finite number, got {value}")
+            raise ConfigError(f"option {_flag(f.name)} must be a finite number, got {value}", f.name)
         m = f.metadata
         for key, ok, word in (("ge", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"),
                               ("le", lambda v, b: v <= b, "<="), ("lt", lambda v, b: v < b, "<")):
             bound = m.get(key)
             if bound is not None and not ok(value, bound):
-                raise ConfigError(f"option {_flag(f.name)} must be {word} {bound}, got {value}")
+                raise ConfigError(f"option {_flag(f.name)} must be {word} {bound}, got {value}", f.name)
 
 
 def require(condition: bool, message: str) -> None:
@@ -116,7 +116,7 @@ def _convert(name: str, tp: Any, value: Any, where: str) -> Any:
     if value is None:
         if optional:
             return None
-        raise ConfigError(f"{where}: option {_flag(name)} may not be null")
+        raise ConfigError(f"{where}: option {_flag(name)} may not be null", name)
     if isinstance(value, str) and optional and value.lower() in ("none", "null"):
         return None
     origin = typing.get_origin(base)
@@ -151,19 +151,20 @@ def _convert(name: str, tp: Any, value: Any, where: str) -> Any:
         if origin is typing.Literal:
             choices = typing.get_args(base)
             if value not in choices:
-                raise ConfigError(f"{where}: option {_flag(name)} got {value!r}; choose one of {', '.join(map(str, choices))}")
+                raise ConfigError(f"{where}: option {_flag(name)} got {value!r}; choose one of {', '.join(map(str, choices))}",
+                                  name)
             return value
         if dataclasses.is_dataclass(base):
             if isinstance(value, base):
                 return value
             if not isinstance(value, dict):
                 raise ValueError(value)
-            return from_dict(base, value, where=f"{where}: {name}")
+            return from_dict(base, value, where=where, prefix=f"{name}.", written=list(value))
     except UserError:
         raise
     except (TypeError, ValueError):
         tname = getattr(base, "__name__", str(base))
-        raise ConfigError(f"{where}: option {_flag(name)} expects {tname}, got {value!r}") from None
+        raise ConfigError(f"{where}: option {_flag(name)} expects {tname}, got {value!r}", name) from None
     return value
 
 
@@ -172,9 +173,29 @@ def _renames(cls: type) -> dict[str, str]:
     return {old: f.name for f in dataclasses.fields(cls) for old in f.metadata.get("was", ())}
 
 
-def from_dict(cls: type[T], values: dict[str, Any], where: str = "config") -> T:
-    """Build ``cls`` from a mapping, rejecting unknown keys and coercing types."""
+def from_dict(cls: type[T], values: dict[str, Any], where: str = "config", *, prefix: str = "",
+              written: Sequence[str] = ()) -> T:
+    """Build ``cls`` from a mapping, rejecting unknown keys and coercing types.
+
+    An error about one value the user wrote in a file names it by its key, as written there
+    (``where: evaluation.n_prompts must be >= 1, got -2`` with ``prefix="evaluation."``), not by
+    the command-line flag; ``written``: the keys that came from the file (the others, flags and
+    Python values, keep the ``option --flag`` wording).
+    """
     hints = typing.get_type_hints(cls)
+    renames = _renames(cls)
+    spelled = {renames.get(str(k).replace("-", "_"), str(k).replace("-", "_")): str(k)
+               for k in written}  # field -> the key as the user wrote it
+    try:
+        return _build(cls, hints, values, where)
+    except ConfigError as e:
+        if e.option not in spelled:  # a flag, a cross-field check, or a nested config's error, already worded
+            raise ConfigError(str(e)) from None
+        message = str(e).removeprefix(f"{where}: ").replace(f"option {_flag(e.option)}", f"{prefix}{spelled[e.option]}", 1)
+        raise ConfigError(f"{where}: {message}") from None
+
+
+def _build(cls: type[T], hints: dict[str, Any], values: dict[str, Any], where: str) -> T:
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     values = {str(k).replace("-", "_"): v for k, v in values.items()}
     for old, new in _renames(cls).items():
@@ -196,7 +217,7 @@ def from_dict(cls: type[T], values: dict[str, Any], where: str = "config") -> T:
         return cls(**kwargs)
     except ConfigError as e:
         message = str(e) if str(e).startswith(where) else f"{where}: {e}"
-        raise ConfigError(message) from None
+        raise ConfigError(message, e.option) from None
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -271,12 +292,18 @@ def parse_args(
     values: dict[str, Any] = {}
     if ns.config:
         values.update(load_yaml(ns.config))
+    from_file = set(values)
     if extra:
         values.update(extra)
+    renames = _renames(cls)
     for k, v in vars(ns).items():
         if k != "config" and v is not None:
-            values[k.removeprefix("was:")] = v
-    return from_dict(cls, values, where=ns.config or "command line")
+            k = k.removeprefix("was:")
+            for key in [key for key in from_file if renames.get(key, key) == renames.get(k, k)]:  # a flag overrides
+                del values[key]  # the file's value, under the option's old name or its new one
+                from_file.discard(key)
+            values[k] = v
+    return from_dict(cls, values, where=ns.config or "command line", written=sorted(from_file - set(extra or {})))
 
 
 def _field_help(cls: type, name: str) -> str:

@@ -6,7 +6,7 @@ parallel region waits for its slowest thread, and spinning threads steal the tim
 others need. :func:`choose_threads` starts from one thread per physical core (``--threads``
 or ``OMP_NUM_THREADS`` overrides it) and, when the machine is busy at start, leaves the busy
 cores to their owners; :func:`configure_threads` applies it. The measurements behind this are in the
-README ("Threads and a busy machine").
+docs/benchmarks.md ("Threads and a busy machine").
 """
 
 from __future__ import annotations

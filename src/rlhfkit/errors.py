@@ -17,7 +17,13 @@ class UserError(ValueError):
 
 
 class ConfigError(UserError):
-    """A bad configuration value; the message names the option and how to fix it."""
+    """A bad configuration value; the message names the option and how to fix it. ``option``:
+    the config field a message about one value names (as ``option --flag``), so that a value
+    read from a YAML file can be named by its key instead (:func:`rlhfkit.config.from_dict`)."""
+
+    def __init__(self, message: str, option: str | None = None):
+        super().__init__(message)
+        self.option = option
 
 
 class MissingFileError(UserError, FileNotFoundError):

@@ -13,13 +13,10 @@ Each loss returns per-list losses ``(B,)`` for ``reduction="none"`` and, for the
 responses counts as much as a pair). Lists that carry no comparison (all tied, or one real
 slot) are 0 under ``"none"`` and left out of the ``"mean"``; a batch with none gives 0.
 
-Pick a loss by name with :func:`get_loss`; :data:`LOSSES` lists them.
+Commands pick a loss by its ``--loss`` name through :mod:`rlhfkit.rm.objective`, the one registry.
 """
 
 from __future__ import annotations
-
-import difflib
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -28,8 +25,6 @@ from torch import Tensor
 from rlhfkit.ops import masked_mean, masked_sum
 
 __all__ = [
-    "LOSSES",
-    "get_loss",
     "pairwise_loss",
     "logexp_loss",
     "margin_loss",
@@ -535,34 +530,3 @@ def kendall_tau(scores: Tensor, ranks: Tensor, list_mask: Tensor) -> Tensor:
     n2 = (both & (reward_sign == 0)).sum(dim=(1, 2)).to(scores.dtype)
     denom = torch.sqrt((n0 - n1) * (n0 - n2))
     return torch.where(denom > 0, c_minus_d / denom, torch.full_like(denom, float("nan")))
-
-
-# --------------------------------------------------------------------------- registry
-
-
-LOSSES: dict[str, Callable[..., Tensor]] = {
-    "pairwise": pairwise_loss,
-    "logexp": logexp_loss,
-    "margin": margin_loss,
-    "listwise": listwise_loss,
-    "plackett_luce": plackett_luce_loss,
-    "binary": binary_loss,
-    "mse": mse_loss,
-    "token_pairwise": token_pairwise_loss,
-}
-
-
-def get_loss(name: str) -> Callable[..., Tensor]:
-    """The reward-model loss registered under ``name`` in :data:`LOSSES`.
-
-    Raises:
-        ValueError: unknown name; the message lists the valid names.
-    """
-    try:
-        return LOSSES[name]
-    except KeyError:
-        close = difflib.get_close_matches(str(name), LOSSES, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(
-            f"unknown reward-model loss {name!r}.{hint} Valid names: {', '.join(sorted(LOSSES))}."
-        ) from None

@@ -26,6 +26,7 @@ from transformers import LogitsProcessor, LogitsProcessorList, TopKLogitsWarper,
 
 from rlhfkit.config import Options, opt
 from rlhfkit.data.prompts import Prompt
+from rlhfkit.defaults import MAX_NEW_TOKENS, MAX_PROMPT_LENGTH
 from rlhfkit.errors import UserError
 from rlhfkit.models.policy import forward_accepts
 from rlhfkit.models.tokenizers import eos_token_ids
@@ -37,11 +38,11 @@ __all__ = ["SamplingOptions", "SamplingSettings", "render_prompt", "encode_queri
 
 @dataclass
 class SamplingSettings:
-    max_new_tokens: int = 64
+    max_new_tokens: int = MAX_NEW_TOKENS
     temperature: float = 1.0  # 0 = greedy
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
-    max_prompt_length: int = 256
+    max_prompt_length: int = MAX_PROMPT_LENGTH
 
 
 @dataclass(kw_only=True)
@@ -50,8 +51,8 @@ class SamplingOptions(Options):
 
     policy: str = opt("smollm2-135m", "the policy (a causal LM): alias, folder or hub id")
     prompts: str = opt(help="prompts: text file (one per line) or JSONL with 'prompt' or 'messages'")
-    max_new_tokens: int = opt(64, "response length limit", ge=1)
-    max_prompt_length: int = opt(256, "prompt tokens kept (longer prompts keep their end)", ge=1)
+    max_new_tokens: int = opt(MAX_NEW_TOKENS, "response length limit", ge=1)
+    max_prompt_length: int = opt(MAX_PROMPT_LENGTH, "prompt tokens kept (longer prompts keep their end)", ge=1)
     temperature: float = opt(1.0, "sampling temperature (0 = greedy)", ge=0)
     top_k: int = opt(0, "top-k filter, 0 = off", ge=0)
     top_p: float = opt(1.0, "nucleus filter, 1 = off", gt=0, le=1)
@@ -129,7 +130,7 @@ class CategoricalSampler(LogitsProcessor):
     exact sample of the categorical distribution (the "exponential race", equivalent to the
     Gumbel-max trick). It draws ``E = -log U`` from ``torch.rand``, where the CPU's
     ``exponential_``, which ``multinomial`` uses, takes 34 ms for 32 x 49,152 variates on the
-    Intel Xeon of the README against 6 ms (a whole step: 41 ms -> 11 ms). A race and not an
+    Intel Xeon of docs/benchmarks.md against 6 ms (a whole step: 41 ms -> 11 ms). A race and not an
     inverse-CDF draw (one uniform per row, 2 ms): a last-bit change in the logits (another
     thread count or CPU) flips a race only when the two best ``p / E`` tie to that bit, while
     it moves every boundary of a cumulative sum, and flipped a token in a few percent of

@@ -23,6 +23,7 @@ from rlhfkit.annotate.store import AnnotationStore, export_rankings
 from rlhfkit.cli import main as rlhfkit_main
 from rlhfkit.config import ConfigError, Options, opt, parse_args
 from rlhfkit.data.prompts import read_prompts
+from rlhfkit.defaults import MAX_NEW_TOKENS
 from rlhfkit.errors import UserError
 from rlhfkit.files import check_output_file
 
@@ -43,7 +44,7 @@ class ServeArgs(Options):
     host: str = opt("127.0.0.1", "address to bind; anything but loopback exposes the server")
     port: int = opt(8904, "port to bind (0: any free port)", ge=0, le=65535)
     allow_ties: bool = opt(False, "let annotators tie responses")
-    max_new_tokens: int = opt(64, "tokens per generated response at most", ge=1)
+    max_new_tokens: int = opt(MAX_NEW_TOKENS, "tokens per generated response at most", ge=1)
     temperature: float = opt(1.0, "sampling temperature (> 0, or the responses to a prompt would all be the same)", gt=0)
     top_p: float = opt(1.0, "nucleus sampling threshold, in (0, 1]", gt=0, le=1)
     overlap: int = opt(2, "annotators the pool order gives each generation set to (2+ measures agreement)", ge=1)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from rlhfkit.config import Options, opt, require
+from rlhfkit.config import ConfigError, Options, opt, require
 from rlhfkit.data.readers import FORMATS, read_preferences, split_train_eval
 from rlhfkit.data.types import PreferenceExample
 
@@ -45,5 +45,8 @@ def read_train_eval(cfg: PreferenceDataOptions, seed: int) -> tuple[list[Prefere
         require(cfg.n_train < len(train), f"--n-train {cfg.n_train} leaves no evaluation lists: {cfg.train} has {len(train)}")
         train, evals = split_train_eval(train, n_train=cfg.n_train)
     elif cfg.eval_fraction is not None:
-        train, evals = split_train_eval(train, eval_fraction=cfg.eval_fraction, seed=seed)
+        try:
+            train, evals = split_train_eval(train, eval_fraction=cfg.eval_fraction, seed=seed)
+        except ValueError as e:  # holds out every list: nothing left to train on
+            raise ConfigError(f"--eval-fraction: {e} in {cfg.train}") from None
     return train, evals

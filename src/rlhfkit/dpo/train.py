@@ -3,7 +3,7 @@
 The loop, top to bottom (:func:`train_dpo`): read and check the data (the readers and
 errors of ``rm train``: rank lists, pairs, HH dialogues, n-choose-1, ranked JSONL) -> load
 the policy (no dropout, LoRA) -> encode each unique (prompt, response) once
-(:mod:`rlhfkit.dpo.data`) -> the reference log-probabilities of every text in one batched
+(:func:`rlhfkit.data.examples.encode_response`) -> the reference log-probabilities of every text in one batched
 no-grad pass before the first step (read back from the run folder on ``--resume``) ->
 length-grouped effective batches -> one :func:`~rlhfkit.training.step.train_step` per
 batch (this process's micro-batches: ``log pi`` of the batch's unique texts, per-list loss
@@ -35,7 +35,7 @@ the shards first, as in ``sft`` (a test checks 2 sharded processes match one).
 **Exports.** ``final/`` and ``best/`` are plain causal-LM folders (LoRA merged) with
 ``rlhfkit_dpo.json`` beside the weights, naming the reference and ``beta``, so ``rlhfkit rm
 eval`` and ``rlhfkit score`` can read the run as a reward model
-(:class:`~rlhfkit.dpo.scorer.ImplicitReward`).
+(:class:`~rlhfkit.models.implicit_reward.ImplicitReward`).
 """
 
 from __future__ import annotations
@@ -61,20 +61,22 @@ from rlhfkit import losses as L
 from rlhfkit.checkpoint import export_pretrained
 from rlhfkit.config import opt, require, to_dict
 from rlhfkit.data.collate import EncodedPreferences, collate, iter_batches, process_micro_batches
+from rlhfkit.data.examples import Pad, pad_right, policy_encoder
 from rlhfkit.data.options import PreferenceDataOptions, read_train_eval
 from rlhfkit.data.readers import describe
-from rlhfkit.dpo.data import Pad, pad_right, policy_encoder
+from rlhfkit.defaults import BATCH_SIZE, EVAL_BATCH_SIZE, EXPORT, MAX_LENGTH
 from rlhfkit.dpo.evaluate import evaluate_lists, kl_prompts, sampled_kl
 from rlhfkit.dpo.losses import DPOLossName, best_mask, implicit_rewards, list_losses, pair_margins
-from rlhfkit.dpo.scorer import DPO_INFO, SequenceLogprobs
 from rlhfkit.errors import UserError
+from rlhfkit.evaluation.scores import score_texts
 from rlhfkit.models.cpu_linear import apply_cpu_matmul
 from rlhfkit.models.hub import resolve_run_folder
+from rlhfkit.models.implicit_reward import DPO_INFO
+from rlhfkit.models.logprobs import SequenceLogprobs
 from rlhfkit.models.lora import with_lora
 from rlhfkit.models.policy import load_policy
 from rlhfkit.models.tokenizers import use_chat_template
 from rlhfkit.ops import masked_sum
-from rlhfkit.rm.evaluate import score_texts
 from rlhfkit.sampling import SamplingSettings
 from rlhfkit.tracking import plot_curves, read_metrics
 from rlhfkit.training.cadence import Cadence, MetricsWindow
@@ -101,13 +103,13 @@ class DPOConfig(RunOptions, OptimOptions, LoraOptions, PreferenceDataOptions):
     lr: float = opt(1e-6, "peak learning rate (TRL's DPO default for full fine-tuning; LoRA usually wants ~5e-6 to 5e-5)", gt=0)
     epochs: float = opt(1.0, "passes over the training lists (fractions allowed)", gt=0)
     max_steps: int | None = opt(None, "optimizer steps in the schedule (overrides --epochs)", ge=1)
-    batch_size: int = opt(4, "lists per process per micro-batch (a list of K responses is K sequences)", ge=1)
-    max_length: int = opt(512, "tokens per (prompt, response); longer texts are truncated and counted, never dropped", ge=8)
+    batch_size: int = opt(BATCH_SIZE["dpo"], "lists per process per micro-batch (a list of K responses is K sequences)", ge=1)
+    max_length: int = opt(MAX_LENGTH["dpo"], "tokens per (prompt, response); longer texts are truncated and counted, never dropped", ge=8)
     chat_template: bool | None = opt(None, "read (prompt, response) through the chat template, as a user and an assistant "
                                            "turn (default: when the tokenizer has one), else prompt + response + EOS")
     gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass to save memory")
     eval_every: int = opt(100, "evaluate every N optimizer steps (and at the end)", ge=1)
-    eval_batch_size: int = opt(16, "sequences per forward pass of the reference pass and of evaluation", ge=1)
+    eval_batch_size: int = opt(EVAL_BATCH_SIZE["dpo"], "sequences per forward pass of the reference pass and of evaluation", ge=1)
     eval_kl_prompts: int = opt(16, "held-out prompts sampled at each evaluation for the KL to the reference (0 = none)", ge=0)
     eval_max_new_tokens: int = opt(64, "response length limit of those samples", ge=1)
 
@@ -334,7 +336,7 @@ def train_dpo(cfg: DPOConfig) -> dict[str, Any]:
     run.save(state)
     finished = run.close(state, total_steps)
     if finished:
-        export(run, model, tokenizer, cfg, chat, run.out / "final")
+        export(run, model, tokenizer, cfg, chat, run.out / EXPORT)
         if eval_data is None:
             export(run, model, tokenizer, cfg, chat, run.out / "best")  # nothing to select by: the final model is the best we know
     if run.main:
@@ -349,5 +351,5 @@ def train_dpo(cfg: DPOConfig) -> dict[str, Any]:
     run.accelerator.wait_for_everyone()
     result.update(step=state.step, finished=finished, best_step=state.best_step)
     if finished:
-        result.update(final=str(run.out / "final"), best=str(run.out / "best"))
+        result.update(final=str(run.out / EXPORT), best=str(run.out / "best"))
     return result

@@ -115,13 +115,13 @@ def convert_gguf(gguf_dir: Path, gguf_file: str, target: Path, pad_token: str | 
         raise
 
 
-RUN_EXPORTS = ("best", "final", "last", "policy")
+RUN_EXPORTS = ("best", "final", "last", "policy")  # last/ (rm train) and policy/ (rl): earlier versions' names
 
 
 def resolve_run_folder(path: str) -> str:
-    """A run folder of ``rm train`` / ``sft`` / ``ppo`` holds its model in ``best/``,
-    ``final/``, ``last/`` or ``policy/``: pick the first that exists (or its ``.old`` copy
-    left by an interrupted swap). Anything else is returned unchanged."""
+    """A run folder of any trainer holds its model in ``best/`` or ``final/`` (folders written
+    by earlier versions: ``last/``, ``policy/``): pick the first that exists (or its ``.old``
+    copy left by an interrupted swap). Anything else is returned unchanged."""
     p = Path(path)
     if p.is_dir() and not (p / "config.json").exists():
         for sub in RUN_EXPORTS + tuple(s + ".old" for s in RUN_EXPORTS):

@@ -31,6 +31,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 from rlhfkit.checkpoint import export_pretrained
+from rlhfkit.errors import ConfigError
 from rlhfkit.models.hub import resolve_model
 from rlhfkit.models.tokenizers import ensure_distinct_pad
 
@@ -97,7 +98,7 @@ class RewardModel(nn.Module):
         """Load a trained reward model folder, or start a new one from any backbone.
 
         ``name_or_path`` may be a folder written by ``rlhfkit rm train`` (its ``best/`` or
-        ``last/`` export is picked when given the run folder), any HF checkpoint, or an
+        ``final/`` export is picked when given the run folder), any HF checkpoint, or an
         alias (``smollm2-135m``, ``minilm-l6``).
         """
 
@@ -111,7 +112,7 @@ class RewardModel(nn.Module):
             text_format=text_format or (saved.text_format if saved else "plain"),
             max_length=max_length or (saved.max_length if saved else 512),
         )
-        _validate_meta(meta)
+        _validate_meta(meta, str(name_or_path))
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForSequenceClassification.from_pretrained(
             path, num_labels=1, dtype=dtype or torch.float32
@@ -304,13 +305,15 @@ def _read_meta(path: str) -> RewardModelMeta | None:
     return RewardModelMeta(**json.loads(f.read_text()))
 
 
-def _validate_meta(meta: RewardModelMeta) -> None:
+def _validate_meta(meta: RewardModelMeta, name: str = "the model") -> None:
     if meta.kind == "decoder" and meta.pooling not in ("last", "auto"):
-        raise ValueError(f"pooling={meta.pooling!r} is for encoders; decoder reward models read the last token")
+        raise ConfigError(f"--pooling {meta.pooling} is for encoders, and {name} is a decoder: a decoder reward model "
+                          "reads the hidden state of the last real token. Leave --pooling at auto (or pass last)")
     if meta.kind == "decoder" and meta.pooling == "auto":
         meta.pooling = "last"
     if meta.kind == "encoder" and meta.pooling not in ("auto", "cls", "mean"):
-        raise ValueError(f"pooling={meta.pooling!r} is not one of auto, cls, mean")
+        raise ConfigError(f"--pooling {meta.pooling} is for decoders, and {name} is an encoder: choose auto (the "
+                          "architecture's own head), cls or mean")
     if meta.text_format not in ("plain", "chat"):
         raise ValueError(f"text_format={meta.text_format!r} is not one of plain, chat")
     if meta.max_length < 8:

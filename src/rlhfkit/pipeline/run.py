@@ -30,6 +30,7 @@ from rlhfkit.config import ConfigError, Options, from_dict, opt, require
 from rlhfkit.data.prompts import read_prompts
 from rlhfkit.data.readers import FORMATS, describe, read_preferences
 from rlhfkit.data.writers import write_preferences
+from rlhfkit.defaults import EXPORT, MAX_NEW_TOKENS, RL_ALGORITHMS
 from rlhfkit.dpo.train import DPOConfig, train_dpo
 from rlhfkit.files import check_output_dir
 from rlhfkit.models.cpu_linear import apply_cpu_matmul
@@ -47,7 +48,7 @@ from rlhfkit.sft.train import SFTConfig, train_sft
 
 logger = logging.getLogger(__name__)
 
-ONLINE = ("ppo", "rloo", "grpo", "reinforce++")  # rlhfkit rl --algo
+ONLINE = RL_ALGORITHMS  # rlhfkit rl --algo
 ALGORITHMS = (*ONLINE, "dpo")  # dpo trains on the preferences directly: no reward model, no sampling
 STAGES = ("sft", "preferences", "reward_model", *ALGORITHMS, "evaluation")
 
@@ -64,7 +65,7 @@ class PreferencesConfig(Options):
     prompts: str | None = opt(None, "simulated: prompt file")
     n_prompts: int | None = opt(None, "simulated: use the first N prompts", ge=1)
     samples_per_prompt: int = opt(4, "simulated: responses sampled and ranked per prompt", ge=2, was=("k",))
-    max_new_tokens: int = opt(64, "simulated: response length limit", ge=1)
+    max_new_tokens: int = opt(MAX_NEW_TOKENS, "simulated: response length limit", ge=1)
     temperature: float = opt(1.0, "simulated: sampling temperature", gt=0)
     top_p: float = opt(1.0, "simulated: nucleus filter", gt=0, le=1)
     chat_template: bool | None = opt(None, "simulated: render prompts with the chat template (default: when the tokenizer has one)")
@@ -100,6 +101,8 @@ class PipelineConfig(Options):
     force: list[str] = opt(factory=list, help=f"stages to re-run even if complete ({', '.join(STAGES)})")
     keep_checkpoints: bool = opt(False, "keep each finished stage's resumable checkpoint/ (weights and optimizer state: "
                                         "about 1.6 GB per trained 135M model); its models are kept either way")
+    report_to: list[str] = opt(factory=lambda: ["tensorboard"], help="every training stage's --report-to (tensorboard, wandb, "
+                                                                     "mlflow, trackio or none) unless its section sets its own")
 
     def validate(self) -> None:
         super().validate()
@@ -118,30 +121,31 @@ class PipelineConfig(Options):
         sft_opts, ev_opts = dict(self.sft), dict(self.evaluation)
         configs: dict[str, Any] = {"preferences": self.preferences}
         policy = self.policy
-        configs["sft"] = None if sft_opts.pop("skip", False) else _section(SFTConfig, "sft", {"policy": self.policy, **sft_opts, "output": str(out / "sft")})
+        configs["sft"] = None if sft_opts.pop("skip", False) else _section(SFTConfig, "sft", {"policy": self.policy, "report_to": self.report_to, **sft_opts, "output": str(out / "sft")}, sft_opts)
         if configs["sft"] is not None:
-            policy = str(out / "sft" / "final")
+            policy = str(out / "sft" / EXPORT)
         preferences = str(out / "preferences" / "preferences.jsonl")
-        rm_opts = {"model": policy, "eval_fraction": 0.2, "allow_ties": True, **self.reward_model,
+        rm_opts = {"model": policy, "eval_fraction": 0.2, "allow_ties": True, "report_to": self.report_to, **self.reward_model,
                    "train": preferences, "output": str(out / "reward_model")}
         skip_rm = bool(rm_opts.pop("skip", False))
         online = [a for a in self.algorithm if a in ONLINE]
         require(not (skip_rm and online), f"pipeline reward_model: skip is only for algorithm: [dpo]; {', '.join(online)} "
                                           "train against the reward model")
-        configs["reward_model"] = None if skip_rm else _section(RMTrainConfig, "reward_model", rm_opts)
+        configs["reward_model"] = None if skip_rm else _section(RMTrainConfig, "reward_model", rm_opts, self.reward_model)
         reward = None if skip_rm else str(out / "reward_model")
         rl_opts = dict(self.rl)
         skip_rl = rl_opts.pop("skip", False)
         require(skip_rl or not online or "prompts" in rl_opts, "pipeline rl: option 'prompts' is required (a prompt file for the rollouts)")
         for algo in online:
             configs[algo] = None if skip_rl else _section(
-                RLConfig, algo, {**rl_opts, "algo": algo, "policy": policy, "reward": reward, "output": str(out / algo)})
+                RLConfig, "rl", {"report_to": self.report_to, **rl_opts, "algo": algo, "policy": policy, "reward": reward, "output": str(out / algo)},
+                rl_opts, stage=algo)
         if "dpo" in self.algorithm:
-            dpo_opts = {"eval_fraction": 0.2, "allow_ties": True, **self.dpo}
+            dpo_opts = {"eval_fraction": 0.2, "allow_ties": True, "report_to": self.report_to, **self.dpo}
             configs["dpo"] = None if dpo_opts.pop("skip", False) else _section(
-                DPOConfig, "dpo", {**dpo_opts, "policy": policy, "train": preferences, "output": str(out / "dpo")})
+                DPOConfig, "dpo", {**dpo_opts, "policy": policy, "train": preferences, "output": str(out / "dpo")}, self.dpo)
         trained = [a for a in self.algorithm if configs[a] is not None]
-        policies = [f"{a}={out / a / ('final' if a == 'dpo' else 'policy')}" for a in trained]
+        policies = [f"{a}={out / a / EXPORT}" for a in trained]
         gold = None
         if self.preferences.source == "simulated":  # the labeller's own rule, which the reward model never sees
             gold = self.preferences.labeller or "rlhfkit.pipeline.simulated:lexicon_reward"
@@ -152,12 +156,15 @@ class PipelineConfig(Options):
                 "pipeline evaluation: option 'prompts' is required (held-out prompts to sample from)")
         configs["evaluation"] = None if skip_ev else _section(
             PPOEvalConfig, "evaluation", {"prompts": rl_opts.get("prompts"), "reward": reward, **ev_opts, "policy": policies,
-                                          "reference": policy, "gold": gold, "output": str(out / "evaluation")})
+                                          "reference": policy, "gold": gold, "output": str(out / "evaluation")}, ev_opts)
         return configs
 
 
-def _section(cls: type, name: str, values: dict) -> Any:
-    return from_dict(cls, values, where=f"pipeline {name}")
+def _section(cls: type, section: str, values: dict, written: dict, stage: str | None = None) -> Any:
+    """Section ``section`` of the YAML as its command's config: ``values`` are the user's keys
+    (``written``) and what the pipeline fills in; an error in one of the user's values names it
+    by its key (``evaluation.n_prompts``), the stage too when a section serves several."""
+    return from_dict(cls, values, where=f"pipeline {stage or section}", prefix=f"{section}.", written=list(written))
 
 
 def _hash(obj: Any) -> str:
@@ -227,8 +234,9 @@ class Runner:
 
 
 def _options(cfg: Options) -> dict:
-    """A stage config as the plain dict its hash is taken of (the resume flag left out)."""
-    return {k: v for k, v in vars(cfg).items() if k != "resume"}
+    """A stage config as the plain dict its hash is taken of (the resume flag and the trackers left out:
+    changing --report-to neither re-runs a finished stage nor restarts an interrupted one)."""
+    return {k: v for k, v in vars(cfg).items() if k not in ("resume", "report_to")}
 
 
 def _resumed(cfg: Options, resume: bool) -> Any:
@@ -248,7 +256,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
         sft_cfg = configs["sft"]
         runner.stage("sft", {"config": _options(sft_cfg)}, lambda folder, resume: {
             "n_train_examples": len(read_sft_data(sft_cfg.train)), **_plain(train_sft(_resumed(sft_cfg, resume)))})
-        policy = str(Path(sft_cfg.output) / "final")
+        policy = str(Path(sft_cfg.output) / EXPORT)
     upstream = {"policy": policy, "sft": runner.hash_of("sft")}
 
     prefs = configs["preferences"]

@@ -13,6 +13,17 @@ from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from rlhfkit.config import Options, opt, require
+from rlhfkit.defaults import (
+    BATCH_SIZE,
+    EVAL_BATCH_SIZE,
+    LORA_DROPOUT,
+    MAX_LENGTH,
+    MAX_NEW_TOKENS,
+    MAX_PROMPT_LENGTH,
+    MINI_BATCH_SIZE,
+    RL_LORA_DROPOUT,
+    samples_per_prompt,
+)
 from rlhfkit.plan.estimate import CONFIGS, GIB, RL_ALGOS, Estimate, Setup, estimate
 from rlhfkit.plan.shapes import ModelShape, resolve_shape
 
@@ -21,9 +32,7 @@ logger = logging.getLogger(__name__)
 ALGOS = ("sft", "rm", "dpo", *RL_ALGOS)
 ACCELERATE_FILES = {"ddp": "examples/accelerate/ddp.yaml", "fsdp2": "examples/accelerate/fsdp2.yaml",
                     "fsdp2-offload": "examples/accelerate/fsdp2-offload.yaml"}
-# the trainers' defaults: sft, rm, dpo (branch), rl
-DEFAULT_BATCH = {"sft": 8, "rm": 8, "dpo": 4}
-DEFAULT_LENGTH = {"sft": 512, "rm": 256, "dpo": 512}
+SHARDINGS = ("auto", "ddp", "fsdp2", "fsdp2-offload")
 RL_ONLY = ("max_new_tokens", "max_prompt_length", "samples_per_prompt", "mini_batch_size", "reward_model")
 
 
@@ -35,32 +44,36 @@ class PlanConfig(Options):
                           "Qwen2.5-7B, Llama-3.1-8B, ...) or a size like 135M, 0.5B, 7B")
     algo: Literal[ALGOS] = opt(help="the trainer: sft, rm (rm train), dpo, or rl's ppo, grpo, rloo, reinforce++")  # type: ignore[valid-type]
     gpus: int = opt(1, "processes, one per GPU (with --device cpu: CPU processes)", ge=1)
-    sharding: Literal["auto", "ddp", "fsdp2", "fsdp2-offload"] = opt(
-        "auto", "ddp, fsdp2 or fsdp2-offload (examples/accelerate/*.yaml; --config NAME works too); auto: all three, and "
-                "the cheapest that fits")
+    sharding: Literal[SHARDINGS] = opt(  # type: ignore[valid-type]
+        "auto", "ddp, fsdp2 or fsdp2-offload (examples/accelerate/*.yaml); auto: all three, and the cheapest that fits")
     device: Literal["cuda", "cpu"] = opt("cuda", "cuda: bf16 autocast over fp32 weights; cpu: fp32, plus the process's baseline RAM")
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = opt("auto", "as the trainers' option: auto is bf16 on cuda, fp32 on cpu")
     device_memory_gb: float | None = opt(None, "memory of one device in GiB (default: 80 for cuda; for cpu this machine's "
                                                "RAM, shared by the --gpus processes)", gt=0)
     lora: bool = opt(False, "train LoRA adapters (peft's default modules) instead of all weights; RL then needs no reference copy")
     lora_r: int = opt(16, "LoRA rank", ge=1)
-    lora_dropout: float | None = opt(None, "LoRA dropout (default: the trainer's: 0 for rl, 0.05 otherwise)", ge=0, lt=1)
+    lora_dropout: float | None = opt(None, f"LoRA dropout (default: the trainer's: {RL_LORA_DROPOUT} for rl, {LORA_DROPOUT} "
+                                           "otherwise)", ge=0, lt=1)
     gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass (sft, dpo, rl)")
-    batch_size: int | None = opt(None, "per process: sft rows (8), rm/dpo lists (8/4), rl prompts per rollout (16)", ge=1)
+    batch_size: int | None = opt(None, f"per process: sft rows ({BATCH_SIZE['sft']}), rm/dpo lists ({BATCH_SIZE['rm']}/"
+                                       f"{BATCH_SIZE['dpo']}), rl prompts per rollout ({BATCH_SIZE['rl']})", ge=1)
     list_size: int = opt(2, "rm/dpo: responses per list (2: pairs)", ge=2)
-    max_length: int | None = opt(None, "sft/rm/dpo: tokens per sequence (512/256/512)", ge=8)
+    max_length: int | None = opt(None, f"sft/rm/dpo: tokens per sequence ({MAX_LENGTH['sft']}/{MAX_LENGTH['rm']}/"
+                                       f"{MAX_LENGTH['dpo']})", ge=8)
     grad_accum: int = opt(1, "micro-batches per optimizer step (rl: splits --mini-batch-size)", ge=1)
-    max_prompt_length: int | None = opt(None, "rl: prompt tokens (256)", ge=1)
-    max_new_tokens: int | None = opt(None, "rl: response tokens (64)", ge=1)
-    samples_per_prompt: int | None = opt(None, "rl: responses per prompt (1 for ppo, 4 otherwise)", ge=1)
-    mini_batch_size: int | None = opt(None, "rl: rollout rows per optimizer step (8)", ge=1)
+    max_prompt_length: int | None = opt(None, f"rl: prompt tokens ({MAX_PROMPT_LENGTH})", ge=1)
+    max_new_tokens: int | None = opt(None, f"rl: response tokens ({MAX_NEW_TOKENS})", ge=1)
+    samples_per_prompt: int | None = opt(None, f"rl: responses per prompt ({samples_per_prompt('ppo')} for ppo, "
+                                               f"{samples_per_prompt('grpo')} otherwise)", ge=1)
+    mini_batch_size: int | None = opt(None, f"rl: rollout rows per optimizer step ({MINI_BATCH_SIZE})", ge=1)
     reward_model: str | None = opt(None, "rl: the reward model (a folder, known name or size; default: a Python reward "
                                          "function, no model)")
     critic: Literal["auto", "value-head", "reward-model"] = opt("auto", "ppo: value-head, or a separate critic from the "
                                                                         "reward model; auto: reward-model when --reward-model is a decoder")
     frozen_models: Literal["shard", "replicate"] = opt("shard", "rl under fsdp2: the reference and reward model sharded "
                                                                  "(rl's default) or a full copy per process")
-    eval_batch_size: int = opt(0, "count an evaluation pass of this many sequences (the trainers use sft 16, rm 64, dpo 16 "
+    eval_batch_size: int = opt(0, "count an evaluation pass of this many sequences (the trainers use sft "
+                                  f"{EVAL_BATCH_SIZE['sft']}, rm {EVAL_BATCH_SIZE['rm']}, dpo {EVAL_BATCH_SIZE['dpo']} "
                                   "when the run has eval data); 0: none", ge=0)
     json: bool = opt(False, "print one JSON object instead of the table")
 
@@ -68,7 +81,7 @@ class PlanConfig(Options):
         super().validate()
         rl = self.algo in RL_ALGOS
         require(not (self.device == "cpu" and self.sharding == "fsdp2-offload"),
-                "--config fsdp2-offload moves sharded state from a GPU to the CPU; with --device cpu there is nothing to "
+                "--sharding fsdp2-offload moves sharded state from a GPU to the CPU; with --device cpu there is nothing to "
                 "offload to: use ddp or fsdp2")
         if not rl:
             given = [f"--{k.replace('_', '-')}" for k in RL_ONLY if getattr(self, k) is not None]
@@ -79,8 +92,8 @@ class PlanConfig(Options):
         else:
             if self.max_length is not None:
                 logger.warning("--max-length is ignored for --algo %s: its rows are --max-prompt-length + --max-new-tokens", self.algo)
-            rows = (self.batch_size or 16) * self.k
-            mini = self.mini_batch_size or 8
+            rows = (self.batch_size or BATCH_SIZE["rl"]) * self.k
+            mini = self.mini_batch_size or MINI_BATCH_SIZE
             require(mini <= rows and rows % mini == 0 and mini % self.grad_accum == 0,
                     f"--mini-batch-size {mini} must divide the rollout's {rows} rows (--batch-size x --samples-per-prompt) "
                     f"and be a multiple of --grad-accum {self.grad_accum}, as rlhfkit rl requires")
@@ -91,7 +104,7 @@ class PlanConfig(Options):
 
     @property
     def k(self) -> int:
-        return self.samples_per_prompt or (1 if self.algo == "ppo" else 4)
+        return self.samples_per_prompt or samples_per_prompt(self.algo)
 
 
 def _memory_total_gib() -> float:
@@ -116,11 +129,12 @@ def make_setup(cfg: PlanConfig, reward: ModelShape | None) -> Setup:
             "reward-model" if reward is not None and reward.kind == "decoder" else "value-head")
     return Setup(
         algo=cfg.algo, gpus=cfg.gpus, device=cfg.device, bf16=bf16, lora=cfg.lora, lora_r=cfg.lora_r,
-        lora_dropout=cfg.lora_dropout if cfg.lora_dropout is not None else (0.0 if rl else 0.05),
+        lora_dropout=cfg.lora_dropout if cfg.lora_dropout is not None else (RL_LORA_DROPOUT if rl else LORA_DROPOUT),
         gradient_checkpointing=cfg.gradient_checkpointing,
-        batch_size=cfg.batch_size or (16 if rl else DEFAULT_BATCH[cfg.algo]), list_size=cfg.list_size,
-        max_length=cfg.max_length or DEFAULT_LENGTH.get(cfg.algo, 512), prompt_length=cfg.max_prompt_length or 256,
-        new_tokens=cfg.max_new_tokens or 64, samples_per_prompt=cfg.k, mini_batch_size=cfg.mini_batch_size or 8,
+        batch_size=cfg.batch_size or BATCH_SIZE["rl" if rl else cfg.algo], list_size=cfg.list_size,
+        max_length=cfg.max_length or MAX_LENGTH.get(cfg.algo, MAX_LENGTH["sft"]),
+        prompt_length=cfg.max_prompt_length or MAX_PROMPT_LENGTH, new_tokens=cfg.max_new_tokens or MAX_NEW_TOKENS,
+        samples_per_prompt=cfg.k, mini_batch_size=cfg.mini_batch_size or MINI_BATCH_SIZE,
         grad_accum=cfg.grad_accum, eval_batch_size=cfg.eval_batch_size, critic=critic, frozen_models=cfg.frozen_models)
 
 

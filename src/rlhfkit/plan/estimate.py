@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from rlhfkit.defaults import RL_ALGORITHMS
 from rlhfkit.plan.shapes import ModelShape
 
 GIB = 1024**3
@@ -42,7 +43,7 @@ CPU_PROCESS_BASELINE = 0.40 * GIB
 CUDA_RUNTIME = 0.5 * GIB
 
 CONFIGS = ("ddp", "fsdp2", "fsdp2-offload")
-RL_ALGOS = ("ppo", "grpo", "rloo", "reinforce++")
+RL_ALGOS = RL_ALGORITHMS
 
 
 @dataclass(frozen=True)

@@ -49,8 +49,10 @@ import torch
 from rlhfkit.checkpoint import export_pretrained
 from rlhfkit.config import ConfigError, opt, require
 from rlhfkit.data.prompts import read_prompts
+from rlhfkit.defaults import BATCH_SIZE, EXPORT, MINI_BATCH_SIZE, RL_ALGORITHMS, RL_LORA_DROPOUT, samples_per_prompt
 from rlhfkit.errors import RunStopped
 from rlhfkit.models.cpu_linear import apply_cpu_matmul
+from rlhfkit.models.logprobs import response_logits
 from rlhfkit.models.lora import with_lora
 from rlhfkit.models.packing import packing_unsupported, use_packed_attention
 from rlhfkit.models.policy import load_policy
@@ -64,7 +66,8 @@ from rlhfkit.rl.advantages import (
     grpo_advantages,
     rloo_advantages,
 )
-from rlhfkit.rl.critic import ActorCritic, load_critic, response_logits
+from rlhfkit.rl.critic import ActorCritic, load_critic
+from rlhfkit.rl.info import POLICY_INFO
 from rlhfkit.rl.kl import AdaptiveKLController, FixedKLController, kl_estimate
 from rlhfkit.rl.losses import (
     entropy_bonus,
@@ -89,9 +92,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["RLConfig", "PPOConfig", "ALGORITHMS", "train_rl", "train_ppo"]
 
-ALGORITHMS = ("ppo", "rloo", "grpo", "reinforce++")
+ALGORITHMS = RL_ALGORITHMS
 
-POLICY_INFO = "rlhfkit_ppo.json"  # written beside the exported policy: reference, sampling settings
 PPO_HINT = "Lower --lr or --critic-lr, or check the reward scale (try --score-norm whiten)."
 
 
@@ -112,9 +114,9 @@ class RLConfig(SamplingOptions, RewardSourceOptions, RunOptions, OptimOptions, L
     loss_aggregation: Literal["token", "sequence"] | None = opt(None, "policy loss over a minibatch: mean over every real "
                                                                        "token, or over sequences of each one's token mean "
                                                                        "(default: sequence for grpo, token otherwise)")
-    steps: int = opt(100, "updates (one rollout batch and its optimisation each)", ge=1)
-    batch_size: int = opt(16, "prompts per rollout, per process (a rollout has batch_size x samples_per_prompt responses)", ge=1)
-    mini_batch_size: int = opt(8, "rollout rows (responses) per optimizer step", ge=1)
+    max_steps: int = opt(100, "updates in the run (one rollout batch and its optimisation each)", ge=1, was=("steps",))
+    batch_size: int = opt(BATCH_SIZE["rl"], "prompts per rollout, per process (a rollout has batch_size x samples_per_prompt responses)", ge=1)
+    mini_batch_size: int = opt(MINI_BATCH_SIZE, "rollout rows (responses) per optimizer step", ge=1)
     ppo_epochs: int = opt(4, "passes over each rollout batch", ge=1)
     temperature: float = opt(1.0, "sampling temperature (log-probs are taken at the same temperature)", gt=0)
     score_norm: Literal["none", "scale", "whiten"] = opt("none", "normalise scores by running statistics: divide by the std, or also subtract the mean")
@@ -143,7 +145,7 @@ class RLConfig(SamplingOptions, RewardSourceOptions, RunOptions, OptimOptions, L
                     "with top-k/top-p filters a forward pass is used anyway) or a forward pass over the finished responses")
     critic: str = opt("auto", "value-head, reward-model (InstructGPT), policy, or a model folder; auto: reward-model when "
                               "it shares the policy's tokenizer, else value-head")
-    lora_dropout: float = opt(0.0, "LoRA dropout (0 keeps log-probs of the rollout and the update equal)", ge=0, lt=1)
+    lora_dropout: float = opt(RL_LORA_DROPOUT, "LoRA dropout (0 keeps log-probs of the rollout and the update equal)", ge=0, lt=1)
     gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass to save memory")
     frozen_models: Literal["shard", "replicate"] = opt(
         "shard", "under FSDP2, the frozen reference and reward models: shard them like the trained networks (1/N of "
@@ -164,7 +166,7 @@ class RLConfig(SamplingOptions, RewardSourceOptions, RunOptions, OptimOptions, L
     def validate(self) -> None:
         super().validate()
         if self.samples_per_prompt is None:
-            self.samples_per_prompt = 1 if self.algo == "ppo" else 4
+            self.samples_per_prompt = samples_per_prompt(self.algo)
         if self.kl_penalty is None:
             self.kl_penalty = "loss" if self.algo == "grpo" else "reward"
         if self.loss_aggregation is None:
@@ -263,7 +265,7 @@ def normalise_scores(cfg: RLConfig, scores, ended, stats: RunningMoments):
 
 
 def export_policy(run: Run, first: NetworkStep, model: ActorCritic, tokenizer, cfg: RLConfig, chat: bool) -> Path:
-    """The actor as a plain HF checkpoint (LoRA merged) at ``OUTPUT/policy``, with how it was trained
+    """The actor as a plain HF checkpoint (LoRA merged) at ``OUTPUT/final``, with how it was trained
     beside it. Collective when sharded: the actor's weights are gathered first (from the
     ActorCritic when a value head shares its optimizer step)."""
     state_dict = run.full_state_dict(first.net)
@@ -272,8 +274,20 @@ def export_policy(run: Run, first: NetworkStep, model: ActorCritic, tokenizer, c
     info = {"reference": cfg.policy, "temperature": cfg.temperature, "chat_template": chat,
             "max_new_tokens": cfg.max_new_tokens, "reward": cfg.reward}
     if not run.main:
-        return run.out / "policy"
-    return export_pretrained(model.actor, tokenizer, run.out / "policy", {POLICY_INFO: json.dumps(info, indent=2)}, state_dict)
+        return run.out / EXPORT
+    return export_pretrained(model.actor, tokenizer, run.out / EXPORT, {POLICY_INFO: json.dumps(info, indent=2)}, state_dict)
+
+
+@dataclass
+class UpdateBatch:
+    """What every minibatch loss of one update reads: the rollout, its ``advantages`` and
+    ``returns`` ``(M, N)``, and ``kl_coef``, the KL coefficient in force for this update (the
+    adaptive controller's current value, not the initial ``--kl-coef``)."""
+
+    rollout: Rollout
+    advantages: torch.Tensor
+    returns: torch.Tensor
+    kl_coef: float
 
 
 def _packed(r: Rollout, micro):
@@ -281,7 +295,7 @@ def _packed(r: Rollout, micro):
     return pack_rows(r.query_mask[micro], r.input_ids[micro], r.attention_mask[micro]) if r.packed else None
 
 
-def _share(cfg: RLConfig, r: Rollout, minibatch, micro, per: str):
+def _share(r: Rollout, minibatch, micro, per: str):
     """The weight of micro-batch rows ``micro`` within ``minibatch``: its share of the real
     tokens (``per="token"``) or of the sequences, so the micro-batch losses sum to the
     minibatch's loss whatever ``grad_accum`` is."""
@@ -290,15 +304,15 @@ def _share(cfg: RLConfig, r: Rollout, minibatch, micro, per: str):
     return torch.tensor(len(micro) / len(minibatch), device=r.response_mask.device)
 
 
-def actor_micro_loss(cfg: RLConfig, actor, r: Rollout, advantages, returns, minibatch, micro):
-    """The actor's loss on rollout rows ``micro`` (weighted by their share of the minibatch) and its stats:
-    the clipped surrogate, minus the entropy bonus, plus the k3 KL term with ``--kl-penalty loss``."""
-    mask = r.response_mask[micro]  # (m, N)
-    weight = _share(cfg, r, minibatch, micro, cfg.loss_aggregation)
-    logits, _ = response_logits(actor, r.input_ids[micro], r.attention_mask[micro], mask.shape[1], packed=_packed(r, micro))
-    logits = tempered(logits, cfg.temperature)  # (m, N, V): the distribution the tokens were sampled from
+def policy_objective(cfg: RLConfig, logits, batch: UpdateBatch, micro):
+    """The actor's loss on rollout rows ``micro`` from their tempered response logits ``(m, N, V)``,
+    and its stats: the clipped surrogate aggregated by ``--loss-aggregation``, minus the entropy
+    bonus, plus (``--kl-penalty loss``) ``batch.kl_coef`` times the k3 KL term. The one place
+    the policy loss is put together, for the actor alone and for the actor with a value head."""
+    r, mask = batch.rollout, batch.rollout.response_mask[micro]  # (m, N)
     logprobs = logprobs_from_logits(logits, r.response_ids[micro]).float()  # (m, N)
-    pg_loss, pg_stats = policy_loss(logprobs, r.old_logprobs[micro], advantages[micro], mask, cfg.clip_eps, cfg.loss_aggregation)
+    pg_loss, pg_stats = policy_loss(logprobs, r.old_logprobs[micro], batch.advantages[micro], mask, cfg.clip_eps,
+                                    cfg.loss_aggregation)
     if cfg.entropy_coef > 0:
         entropy = entropy_bonus(logits, mask)
         loss = pg_loss - cfg.entropy_coef * entropy
@@ -306,38 +320,54 @@ def actor_micro_loss(cfg: RLConfig, actor, r: Rollout, advantages, returns, mini
         with torch.no_grad():  # for the log only: no (m, N, V) softmax kept for the backward pass
             entropy = entropy_bonus(logits.detach(), mask)
         loss = pg_loss
-    stats = {"ppo/policy_loss": pg_loss, "ppo/entropy": entropy, "ppo/clipfrac": pg_stats["clipfrac"], "ppo/approx_kl": pg_stats["approx_kl"]}
+    stats = {"rl/policy_loss": pg_loss, "rl/entropy": entropy, "rl/clipfrac": pg_stats["clipfrac"],
+             "rl/approx_kl": pg_stats["approx_kl"]}
     if cfg.kl_penalty == "loss":  # GRPO, arXiv:2402.03300 eq. 3: + beta * KL(pi || pi_ref) in the objective
         kl_term = kl_loss(logprobs, r.ref_logprobs[micro], mask, cfg.loss_aggregation)
-        loss = loss + cfg.kl_coef * kl_term
-        stats["ppo/kl_loss"] = kl_term
+        loss = loss + batch.kl_coef * kl_term
+        stats["rl/kl_loss"] = kl_term
+    return loss, stats
+
+
+def actor_micro_loss(cfg: RLConfig, actor, batch: UpdateBatch, minibatch, micro):
+    """The actor's loss (:func:`policy_objective`) on rollout rows ``micro``, weighted by their
+    share of the minibatch, and its stats."""
+    r = batch.rollout
+    weight = _share(r, minibatch, micro, cfg.loss_aggregation)
+    logits, _ = response_logits(actor, r.input_ids[micro], r.attention_mask[micro], r.response_mask.shape[1],
+                                packed=_packed(r, micro))
+    logits = tempered(logits, cfg.temperature)  # (m, N, V): the distribution the tokens were sampled from
+    loss, stats = policy_objective(cfg, logits, batch, micro)
     return loss * weight, {k: v.detach().float() * weight.detach() for k, v in stats.items()}
 
 
-def critic_micro_loss(cfg: RLConfig, critic, r: Rollout, advantages, returns, minibatch, micro):
+def critic_micro_loss(cfg: RLConfig, critic, batch: UpdateBatch, minibatch, micro):
     """``vf_coef`` times the clipped value loss on rollout rows ``micro``, weighted by their share of the tokens."""
+    r = batch.rollout
     mask = r.response_mask[micro]
-    weight = _share(cfg, r, minibatch, micro, "token")
+    weight = _share(r, minibatch, micro, "token")
     values = critic(r.input_ids[micro], r.attention_mask[micro], mask.shape[1], packed=_packed(r, micro))  # (m, N)
-    vf_loss, vf_stats = value_loss(values.float(), r.old_values[micro], returns[micro], mask, cfg.vf_clip)
-    stats = {"ppo/value_loss": vf_loss, "ppo/vf_clipfrac": vf_stats["vf_clipfrac"]}
+    vf_loss, vf_stats = value_loss(values.float(), r.old_values[micro], batch.returns[micro], mask, cfg.vf_clip)
+    stats = {"rl/value_loss": vf_loss, "rl/vf_clipfrac": vf_stats["vf_clipfrac"]}
     return cfg.vf_coef * vf_loss * weight, {k: v.detach().float() * weight.detach() for k, v in stats.items()}
 
 
-def joint_micro_loss(cfg: RLConfig, actor_critic, r: Rollout, advantages, returns, minibatch, micro):
-    """A value head shares the actor's forward pass: one loss, ``actor + vf_coef * value``."""
+def joint_micro_loss(cfg: RLConfig, actor_critic, batch: UpdateBatch, minibatch, micro):
+    """A value head shares the actor's forward pass: one loss, ``actor + vf_coef * value``, the
+    actor's part (:func:`policy_objective`) weighted by its share of ``--loss-aggregation``'s unit
+    and the value loss by its share of the tokens, exactly as with a separate critic."""
+    r = batch.rollout
     mask = r.response_mask[micro]
-    weight = _share(cfg, r, minibatch, micro, "token")
     logits, values = actor_critic(r.input_ids[micro], r.attention_mask[micro], mask.shape[1], cfg.temperature,
                                   packed=_packed(r, micro))
-    logprobs = logprobs_from_logits(logits, r.response_ids[micro])
-    pg_loss, pg_stats = policy_loss(logprobs.float(), r.old_logprobs[micro], advantages[micro], mask, cfg.clip_eps)
-    entropy = entropy_bonus(logits if cfg.entropy_coef > 0 else logits.detach(), mask)
-    vf_loss, vf_stats = value_loss(values.float(), r.old_values[micro], returns[micro], mask, cfg.vf_clip)
-    loss = pg_loss - cfg.entropy_coef * entropy + cfg.vf_coef * vf_loss
-    stats = {"ppo/policy_loss": pg_loss, "ppo/entropy": entropy, "ppo/clipfrac": pg_stats["clipfrac"],
-             "ppo/approx_kl": pg_stats["approx_kl"], "ppo/value_loss": vf_loss, "ppo/vf_clipfrac": vf_stats["vf_clipfrac"]}
-    return loss * weight, {k: v.detach().float() * weight.detach() for k, v in stats.items()}
+    pg_part, stats = policy_objective(cfg, logits, batch, micro)
+    vf_loss, vf_stats = value_loss(values.float(), r.old_values[micro], batch.returns[micro], mask, cfg.vf_clip)
+    pg_weight, vf_weight = _share(r, minibatch, micro, cfg.loss_aggregation), _share(r, minibatch, micro, "token")
+    loss = pg_part * pg_weight + cfg.vf_coef * vf_loss * vf_weight
+    out = {k: v.detach().float() * pg_weight.detach() for k, v in stats.items()}
+    out.update({"rl/value_loss": vf_loss.detach().float() * vf_weight.detach(),
+                "rl/vf_clipfrac": vf_stats["vf_clipfrac"].float() * vf_weight.detach()})
+    return loss, out
 
 
 @dataclass
@@ -365,10 +395,11 @@ def network_steps(nets, optimizers, model: ActorCritic) -> list[NetworkStep]:
     return steps
 
 
-def optimise(cfg: RLConfig, run: Run, steps: list[NetworkStep], r: Rollout, advantages, returns, step: int) -> dict[str, float]:
+def optimise(cfg: RLConfig, run: Run, steps: list[NetworkStep], batch: UpdateBatch, step: int) -> dict[str, float]:
     """``ppo_epochs`` passes over the rollout in shuffled minibatches, each one optimizer step
     per network (:func:`network_steps`); returns the mean losses and stats. Minibatch order
     comes from a generator seeded by ``(seed, step, epoch)``."""
+    r = batch.rollout
     M = r.response_mask.shape[0]
     totals: dict[str, torch.Tensor] = {}
     n_minibatches = 0
@@ -380,7 +411,7 @@ def optimise(cfg: RLConfig, run: Run, steps: list[NetworkStep], r: Rollout, adva
             micro = list(minibatch.split(cfg.mini_batch_size // cfg.grad_accum))
             for net_step in steps:
                 _, stats = train_step(run, net_step.net, net_step.optimizer, micro,
-                                      partial(net_step.loss, cfg, net_step.net, r, advantages, returns, minibatch),
+                                      partial(net_step.loss, cfg, net_step.net, batch, minibatch),
                                       max_grad_norm=cfg.max_grad_norm, where=f"update {step + 1} (PPO epoch {epoch + 1})",
                                       clip_groups=net_step.clip_groups, hint=PPO_HINT)
                 for s in stats:
@@ -443,19 +474,19 @@ def update_metrics(cfg: RLConfig, r: Rollout, rewards, kl_per_seq, returns, loss
     """This process's per-update means (reduced over processes by the caller)."""
     mask = r.response_mask
     row = {
-        "ppo/score_mean": r.scores.mean(),
-        "ppo/reward_mean": masked_sum(rewards, mask, dim=1).mean(),  # score minus KL penalty, per response
-        "ppo/response_length": mask.sum(1).float().mean(),
-        "ppo/eos_fraction": r.ended.float().mean(),
+        "rl/score_mean": r.scores.mean(),
+        "rl/reward_mean": masked_sum(rewards, mask, dim=1).mean(),  # score minus KL penalty, per response
+        "rl/response_length": mask.sum(1).float().mean(),
+        "rl/eos_fraction": r.ended.float().mean(),
         **losses,
     }
     if cfg.uses_reference:
-        row["ppo/kl"] = kl_per_seq.mean()
-        row["ppo/kl_k3"] = masked_sum(kl_estimate(r.old_logprobs, r.ref_logprobs, "k3"), mask, dim=1).mean()
+        row["rl/kl"] = kl_per_seq.mean()
+        row["rl/kl_k3"] = masked_sum(kl_estimate(r.old_logprobs, r.ref_logprobs, "k3"), mask, dim=1).mean()
     if cfg.algo == "ppo":
-        row["ppo/explained_variance"] = explained_variance(r.old_values, returns, mask).nan_to_num(0.0)
+        row["rl/explained_variance"] = explained_variance(r.old_values, returns, mask).nan_to_num(0.0)
     if cfg.samples_per_prompt > 1:  # groups whose K scores are all equal carry no learning signal for rloo/grpo
-        row["ppo/equal_score_groups"] = equal_score_groups(r.scores, cfg.samples_per_prompt).float().mean()
+        row["rl/equal_score_groups"] = equal_score_groups(r.scores, cfg.samples_per_prompt).float().mean()
     return row
 
 
@@ -464,8 +495,8 @@ def build_networks(cfg: RLConfig, run: Run, model: ActorCritic):
     A separate critic gets its own optimizer; a value head shares the actor's, in its own group."""
     critic_lr = cfg.critic_lr if cfg.critic_lr is not None else cfg.lr
     if model.critic is not None:  # one prepare call per network: FSDP2 shards one model per call
-        actor_opt, actor_sched = make_optimizer(cfg, model.actor_parameters(), cfg.steps)
-        critic_opt, critic_sched = make_optimizer(cfg, [{"params": model.critic_parameters(), "lr": critic_lr}], cfg.steps)
+        actor_opt, actor_sched = make_optimizer(cfg, model.actor_parameters(), cfg.max_steps)
+        critic_opt, critic_sched = make_optimizer(cfg, [{"params": model.critic_parameters(), "lr": critic_lr}], cfg.max_steps)
         actor, actor_opt = run.accelerator.prepare(model.actor, actor_opt)
         critic, critic_opt = run.accelerator.prepare(model.critic, critic_opt)
         settle_roots(model)
@@ -473,11 +504,11 @@ def build_networks(cfg: RLConfig, run: Run, model: ActorCritic):
     groups = [{"params": model.actor_parameters(), "lr": cfg.lr}]
     if model.value_head is not None:
         groups.append({"params": model.critic_parameters(), "lr": critic_lr})
-        optimizer, scheduler = make_optimizer(cfg, groups, cfg.steps)
+        optimizer, scheduler = make_optimizer(cfg, groups, cfg.max_steps)
         wrapped, optimizer = run.accelerator.prepare(model, optimizer)
         settle_roots(wrapped)
         return network_steps((wrapped,), (optimizer,), model), (scheduler,), run.accelerator.unwrap_model(wrapped)
-    optimizer, scheduler = make_optimizer(cfg, groups, cfg.steps)  # critic-free: the actor alone
+    optimizer, scheduler = make_optimizer(cfg, groups, cfg.max_steps)  # critic-free: the actor alone
     actor, optimizer = run.accelerator.prepare(model.actor, optimizer)
     settle_roots(model)
     return network_steps((actor,), (optimizer,), model), (scheduler,), model
@@ -485,7 +516,7 @@ def build_networks(cfg: RLConfig, run: Run, model: ActorCritic):
 
 # ---------------------------------------------------------------------- the loop
 def train_rl(cfg: RLConfig) -> dict[str, Any]:
-    """Run ``--algo``; returns the last update's metrics plus ``policy`` (the exported folder, if finished)."""
+    """Run ``--algo``; returns the last update's metrics plus ``final`` (the exported folder, if finished)."""
     run = start_run(cfg, cfg.algo)
     prompts = read_prompts(cfg.prompts)
     tokenizer, model, ref_model, reward, critic_spec, packing = load_models(cfg, run.device)
@@ -500,12 +531,12 @@ def train_rl(cfg: RLConfig) -> dict[str, Any]:
     steps, schedulers, model = build_networks(cfg, run, model)
     for obj in (*schedulers, kl_ctl, score_stats):
         run.accelerator.register_for_checkpointing(obj)
-    state = run.begin(TrainState(), cfg.steps, unit="update")
+    state = run.begin(TrainState(), cfg.max_steps, unit="update")
     run.write(f"{cfg.algo}: {len(prompts)} prompts, {k} sample(s) per prompt, policy {cfg.policy}{' (LoRA)' if cfg.lora else ''}, "
               f"reward {reward!r}, critic {critic_spec}, chat template {'on' if chat else 'off'}"
               + (f", frozen models {'sharded' if cfg.frozen_models == 'shard' else 'replicated'}" if run.sharded and frozen else "")
               + ("" if cfg.uses_reference else "; --kl-coef 0: no reference policy held or run, no KL logged"))
-    cadence, row = Cadence(cfg.steps, cfg.log_every, cfg.save_every, stop_after=cfg.stop_after_steps), {}
+    cadence, row = Cadence(cfg.max_steps, cfg.log_every, cfg.save_every, stop_after=cfg.stop_after_steps), {}
 
     while state.step < cadence.stop_at:
         step, t_start = state.step, time.perf_counter()
@@ -527,7 +558,7 @@ def train_rl(cfg: RLConfig) -> dict[str, Any]:
 
         # 5. epochs over shuffled minibatches --------------------------------------------
         t_optimise = time.perf_counter()
-        losses = optimise(cfg, run, steps, r, advantages, returns, step)
+        losses = optimise(cfg, run, steps, UpdateBatch(r, advantages, returns, kl_coef), step)
         t_optimise = time.perf_counter() - t_optimise
         for scheduler in schedulers:
             scheduler.step()
@@ -540,27 +571,27 @@ def train_rl(cfg: RLConfig) -> dict[str, Any]:
         row = dict(zip(local, run.accelerator.reduce(torch.stack([v.float() for v in local.values()]), reduction="mean").tolist()))
         all_scores = run.accelerator.gather(r.scores)
         row.update({
-            "ppo/score_std": all_scores.std().item() if all_scores.numel() > 1 else 0.0, "ppo/kl_coef": kl_coef,
-            "ppo/tokens_per_s": row["ppo/response_length"] * M * run.world / dt, "ppo/episodes_per_s": M * run.world / dt,
-            "ppo/lr": schedulers[0].get_last_lr()[0], "ppo/critic_lr": schedulers[-1].get_last_lr()[-1],
-            "time/rollout_s": t_rollout, "time/optimise_s": t_optimise, "time/update_s": dt, "ppo/episodes": state.episodes,
+            "rl/score_std": all_scores.std().item() if all_scores.numel() > 1 else 0.0, "rl/kl_coef": kl_coef,
+            "rl/tokens_per_s": row["rl/response_length"] * M * run.world / dt, "rl/episodes_per_s": M * run.world / dt,
+            "rl/lr": schedulers[0].get_last_lr()[0], "rl/critic_lr": schedulers[-1].get_last_lr()[-1],
+            "time/rollout_s": t_rollout, "time/optimise_s": t_optimise, "time/update_s": dt, "rl/episodes": state.episodes,
         })
-        run.progress.set_postfix(score=f"{row['ppo/score_mean']:.3f}", kl=f"{row.get('ppo/kl', 0.0):.3f}",
-                                 ep_s=f"{row['ppo/episodes_per_s']:.1f}")
+        run.progress.set_postfix(score=f"{row['rl/score_mean']:.3f}", kl=f"{row.get('rl/kl', 0.0):.3f}",
+                                 ep_s=f"{row['rl/episodes_per_s']:.1f}")
         if cfg.sample_every and cfg.n_samples and state.step % cfg.sample_every == 0:
             run.write(samples_text(state.step, r, cfg.n_samples))
         cadence.after_step(run, state, log=partial(run.log.log, state.step, row))
 
     run.save(state)
-    finished = run.close(state, cfg.steps)
+    finished = run.close(state, cfg.max_steps)
     result = dict(row)
     if finished:
-        result["policy"] = str(export_policy(run, steps[0], model, tokenizer, cfg, chat))
+        result["final"] = str(export_policy(run, steps[0], model, tokenizer, cfg, chat))
     if run.main:
         plot_curves(read_metrics(run.out / "metrics.jsonl"),
-                    [("score", ["ppo/score_mean", "ppo/reward_mean"]), ("KL to reference", ["ppo/kl", "ppo/kl_k3"]),
-                     ("kl_coef", ["ppo/kl_coef"]), ("losses", ["ppo/policy_loss", "ppo/value_loss", "ppo/kl_loss"]),
-                     ("entropy", ["ppo/entropy"]), ("response length", ["ppo/response_length"])],
+                    [("score", ["rl/score_mean", "rl/reward_mean"]), ("KL to reference", ["rl/kl", "rl/kl_k3"]),
+                     ("kl_coef", ["rl/kl_coef"]), ("losses", ["rl/policy_loss", "rl/value_loss", "rl/kl_loss"]),
+                     ("entropy", ["rl/entropy"]), ("response length", ["rl/response_length"])],
                     run.out / "curves.png", title=f"{cfg.algo}: {cfg.policy} vs {cfg.reward}")
     run.accelerator.wait_for_everyone()
     return result

@@ -6,7 +6,7 @@ model (LoRA, frozen layers) -> encode each unique text once -> the head's start 
 effective batches -> one :func:`~rlhfkit.training.step.train_step` per batch (this
 process's micro-batches: score the unique texts, per-list loss) -> log, evaluate (best
 model kept), checkpoint on the shared :class:`~rlhfkit.training.cadence.Cadence` -> final
-evaluation, ``last/`` and ``best/`` exports, plots.
+evaluation, ``final/`` and ``best/`` exports, plots.
 
 Equal weighting of lists is exact across processes and accumulation: each micro-batch
 loss is ``sum(per-list losses) * world_size / lists_in_step``; DDP averages over processes
@@ -32,6 +32,7 @@ from rlhfkit.config import ConfigError, opt, require, to_dict
 from rlhfkit.data.collate import EncodedPreferences, collate, iter_batches, process_micro_batches
 from rlhfkit.data.options import PreferenceDataOptions, read_train_eval
 from rlhfkit.data.readers import describe
+from rlhfkit.defaults import BATCH_SIZE, EVAL_BATCH_SIZE, EXPORT, MAX_LENGTH
 from rlhfkit.models.cpu_linear import apply_cpu_matmul
 from rlhfkit.models.lora import with_lora
 from rlhfkit.models.reward import RewardModel
@@ -56,10 +57,10 @@ class RMTrainConfig(RunOptions, OptimOptions, LoraOptions, PreferenceDataOptions
     """Train a reward model from rank lists, pairs, choices or scalar labels."""
 
     model: str = opt("minilm-l6", "backbone: alias (minilm-l6, smollm2-135m), local folder or hub id")
-    loss: LossName = opt("pairwise", "training objective (see the README's table)")
+    loss: LossName = opt("pairwise", "training objective (docs/reward-models.md lists them)")
     epochs: float = opt(1.0, "passes over the training lists (fractions allowed)", gt=0)
     max_steps: int | None = opt(None, "optimizer steps in the schedule (overrides --epochs)", ge=1)
-    batch_size: int = opt(2, "lists per process per micro-batch (2 lists of K=4 = 12 pairs per step: in one epoch, "
+    batch_size: int = opt(BATCH_SIZE["rm"], "lists per process per micro-batch (2 lists of K=4 = 12 pairs per step: in one epoch, "
                              "more and smaller steps reach a higher held-out accuracy than 8 lists per step)", ge=1)
     lr: float = opt(5e-5, "peak learning rate of the backbone", gt=0)
     head_lr: float | None = opt(1e-3, "learning rate of the scalar head (and an encoder's pooler): a random head barely moves at "
@@ -69,14 +70,14 @@ class RMTrainConfig(RunOptions, OptimOptions, LoraOptions, PreferenceDataOptions
                                                           "pass over the texts), then fine-tune everything (LP-FT; with --head-lr none)")
     probe_l2: float = opt(4.0, "--head-init probe: L2 strength, relative to the features' mean squared pairwise difference", gt=0)
     probe_max_texts: int = opt(20_000, "--head-init probe: encode at most this many unique training texts (whole lists, drawn at random)", ge=2)
-    max_length: int = opt(256, "tokens per (prompt, response); longer texts are truncated and counted, never dropped", ge=8)
+    max_length: int = opt(MAX_LENGTH["rm"], "tokens per (prompt, response); longer texts are truncated and counted, never dropped", ge=8)
     pooling: Literal["auto", "cls", "mean", "last"] = opt("auto", "encoders: auto (the architecture's head), cls or mean; decoders read the last token")
     chat_template: bool | None = opt(None, "decoders: read (prompt, response) through the chat template, as a user and an "
                                            "assistant turn (default: when the tokenizer has one), else prompt+response+EOS")
     freeze_layers: int = opt(0, "freeze the embeddings and this many lowest transformer layers", ge=0)
     disable_dropout: bool = opt(True, "set every dropout probability to 0 (as TRL does): same scores in training and use")
     eval_every: int = opt(100, "evaluate every N optimizer steps (and at the end)", ge=1)
-    eval_batch_size: int = opt(64, "texts per evaluation forward pass", ge=1)
+    eval_batch_size: int = opt(EVAL_BATCH_SIZE["rm"], "texts per evaluation forward pass", ge=1)
 
 
 # ------------------------------------------------------------------ building blocks
@@ -260,9 +261,9 @@ def train_reward_model(cfg: RMTrainConfig) -> dict[str, Any]:
     final = evaluate_and_keep_best(run, model, rm, eval_data, cfg, state)
     run.save(state)
     if run.close(state, total_steps):
-        export(run, model, rm, cfg, run.out / "last")
+        export(run, model, rm, cfg, run.out / EXPORT)
         if eval_data is None:
-            export(run, model, rm, cfg, run.out / "best")  # nothing to select by: the last model is the best we know
+            export(run, model, rm, cfg, run.out / "best")  # nothing to select by: the final model is the best we know
     if run.main:
         plot_curves(read_metrics(run.out / "metrics.jsonl"),
                     [("loss", ["train/loss", "eval/loss"]),

@@ -40,6 +40,7 @@ from rlhfkit.checkpoint import export_pretrained
 from rlhfkit.config import ConfigError, opt, require, to_dict
 from rlhfkit.data.collate import iter_batches, process_micro_batches
 from rlhfkit.data.prompts import Prompt
+from rlhfkit.defaults import BATCH_SIZE, EVAL_BATCH_SIZE, EXPORT, MAX_LENGTH
 from rlhfkit.models.cpu_linear import apply_cpu_matmul
 from rlhfkit.models.lora import with_lora
 from rlhfkit.models.policy import load_policy
@@ -83,15 +84,15 @@ class SFTConfig(RunOptions, OptimOptions, LoraOptions):
     assistant_turns: Literal["all", "last"] = opt("all", "chat rows: train on every assistant turn, or only the last")
     epochs: float = opt(1.0, "passes over the training data (fractions allowed)", gt=0)
     max_steps: int | None = opt(None, "optimizer steps in the schedule (overrides --epochs)", ge=1)
-    batch_size: int = opt(8, "rows (examples, or packed rows) per process per micro-batch", ge=1)
+    batch_size: int = opt(BATCH_SIZE["sft"], "rows (examples, or packed rows) per process per micro-batch", ge=1)
     lr: float = opt(2e-5, "peak learning rate (LoRA usually wants ~1e-4 to 3e-4)", gt=0)
     warmup_ratio: float = opt(0.03, "share of the optimizer steps spent warming the learning rate up", ge=0, lt=1)
     scheduler: Literal["linear", "cosine", "constant"] = opt("cosine", "learning-rate schedule after warm-up")
-    max_length: int = opt(512, "tokens per example (and per packed row); longer examples are truncated and counted, never dropped", ge=8)
+    max_length: int = opt(MAX_LENGTH["sft"], "tokens per example (and per packed row); longer examples are truncated and counted, never dropped", ge=8)
     packing: bool = opt(False, "pack short examples into rows of max_length tokens, with no attention across examples")
     gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass to save memory")
     eval_every: int = opt(100, "evaluate every N optimizer steps (and before the first and after the last)", ge=1)
-    eval_batch_size: int = opt(16, "examples per evaluation forward pass", ge=1)
+    eval_batch_size: int = opt(EVAL_BATCH_SIZE["sft"], "examples per evaluation forward pass", ge=1)
     n_samples: int = opt(4, f"greedy samples (up to {SAMPLE_MAX_NEW_TOKENS} tokens) for the first N eval prompts, "
                             "written to samples.jsonl at the end (0 = none)", ge=0)
 
@@ -149,6 +150,20 @@ def load_data(cfg: SFTConfig):
         except ValueError as e:
             raise ConfigError(f"--eval-fraction: {e}") from None
     return train, evals
+
+
+def check_chat_rows(cfg: SFTConfig, tokenizer, *example_sets) -> None:
+    """A chat (``messages``) row is rendered by the tokenizer's chat template: refuse one before
+    anything is written when the tokenizer has none."""
+    if getattr(tokenizer, "chat_template", None):
+        return
+    for option, examples in zip(("--train", "--eval"), example_sets):
+        chat_row = next((ex for ex in examples if ex.messages is not None), None)
+        if chat_row is not None:
+            raise ConfigError(
+                f"{option}: {chat_row.source} is a chat ('messages') row, but the tokenizer of {cfg.policy} has no chat "
+                "template to render it. Use a --policy whose tokenizer has one, or write the rows as "
+                '{"prompt": ..., "response": ...} (trained as plain text with --no-chat-template)')
 
 
 def build_policy(cfg: SFTConfig, device):
@@ -221,6 +236,7 @@ def train_sft(cfg: SFTConfig) -> dict[str, Any]:
     train_ex, eval_ex = load_data(cfg)
     tokenizer, model, attn = build_policy(cfg, run.device)
     chat = use_chat_template(tokenizer, cfg.chat_template, cfg.policy)
+    check_chat_rows(cfg, tokenizer, train_ex, eval_ex)
     encode = dict(max_length=cfg.max_length, chat_template=chat, assistant_turns=cfg.assistant_turns)
     train_data = EncodedSFT.build(train_ex, tokenizer, what=cfg.train, **encode)
     eval_data = EncodedSFT.build(eval_ex, tokenizer, what=cfg.eval or "eval split", **encode) if eval_ex else None
@@ -264,7 +280,7 @@ def train_sft(cfg: SFTConfig) -> dict[str, Any]:
     run.save(state)
     finished = run.close(state, total_steps)
     if finished:
-        export(run, model, tokenizer, cfg, run.out / "final")
+        export(run, model, tokenizer, cfg, run.out / EXPORT)
         if eval_data is None:
             export(run, model, tokenizer, cfg, run.out / "best")  # nothing to select by: the final model is the best we know
         if cfg.n_samples and run.evaluates():  # greedy: every process of a sharded run writes the same replies
@@ -277,7 +293,7 @@ def train_sft(cfg: SFTConfig) -> dict[str, Any]:
     run.accelerator.wait_for_everyone()
     result.update(step=state.step, finished=finished, best_step=state.best_step)
     if finished:
-        result.update(final=str(run.out / "final"), best=str(run.out / "best"))
+        result.update(final=str(run.out / EXPORT), best=str(run.out / "best"))
     return result
 
 
