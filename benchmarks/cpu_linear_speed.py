@@ -30,7 +30,9 @@ SHAPES = {(576, 576): 2 * 30, (576, 192): 2 * 30, (576, 1536): 2 * 30, (1536, 57
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, nargs="*", default=None, help="torch thread counts (default: 1 and the physical cores)")
+    parser.add_argument(
+        "--threads", type=int, nargs="*", default=None, help="torch thread counts (default: 1 and the physical cores)"
+    )
     parser.add_argument("--repeats", type=int, default=3, help="measurements per thread count (the median is reported)")
     args = parser.parse_args()
     if not onednn_available():
@@ -46,8 +48,11 @@ def main() -> None:
             runs.append((time.perf_counter() - t0, onednn, plain))
         seconds, onednn, plain = (statistics.median(x) for x in zip(*runs))
         faster = "oneDNN" if onednn > plain else "PyTorch"
-        print(f"threads {threads}  oneDNN {onednn:6.1f} GFLOP/s  PyTorch {plain:6.1f} GFLOP/s  ({faster} {max(onednn, plain) / min(onednn, plain):.2f}x)"
-              f"  measurement {seconds:.2f} s", flush=True)
+        print(
+            f"threads {threads}  oneDNN {onednn:6.1f} GFLOP/s  PyTorch {plain:6.1f} GFLOP/s  ({faster} {max(onednn, plain) / min(onednn, plain):.2f}x)"
+            f"  measurement {seconds:.2f} s",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -34,7 +34,9 @@ from rlhfkit.training.distributed import describe, enable_fsdp_on_cpu, gathered,
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--policy", default="smollm2-135m")
-    parser.add_argument("--prompts", default=str(Path(__file__).resolve().parent.parent / "examples" / "review_prompts.txt"))
+    parser.add_argument(
+        "--prompts", default=str(Path(__file__).resolve().parent.parent / "examples" / "review_prompts.txt")
+    )
     parser.add_argument("--batch-size", type=int, default=8, help="prompts per process")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
@@ -48,7 +50,7 @@ def main() -> None:
     policy, optimizer = accelerator.prepare(policy, optimizer)
     settle_roots(policy)
     policy.eval()
-    prompts = read_prompts(args.prompts)[rank * args.batch_size:(rank + 1) * args.batch_size]
+    prompts = read_prompts(args.prompts)[rank * args.batch_size : (rank + 1) * args.batch_size]
     chat = use_chat_template(tokenizer, None, args.policy)
     ids, mask = encode_queries(tokenizer, [p.text for p in prompts], 256, chat=chat)
     ids, mask = ids.to(accelerator.device), mask.to(accelerator.device)
@@ -65,21 +67,43 @@ def main() -> None:
             accelerator.wait_for_everyone()
             times["gathered once"].append(time.perf_counter() - t)
             t = time.perf_counter()
-            out = policy.generate(input_ids=ids, attention_mask=mask, max_new_tokens=args.max_new_tokens, do_sample=False,
-                                  synced_gpus=True, pad_token_id=tokenizer.pad_token_id, eos_token_id=eos)
+            out = policy.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=args.max_new_tokens,
+                do_sample=False,
+                synced_gpus=True,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=eos,
+            )
             accelerator.wait_for_everyone()
             times["per-token gathers"].append(time.perf_counter() - t)
-            outputs["per-token gathers"] = out[:, ids.shape[1]:]
+            outputs["per-token gathers"] = out[:, ids.shape[1] :]
     a, b = outputs["gathered once"], outputs["per-token gathers"]
     n = min(a.shape[1], b.shape[1])
     same = bool(torch.equal(a[:, :n], b[:, :n]))
     best = {k: min(v) for k, v in times.items()}
-    row = {"rank": rank, "mode": describe(accelerator), "policy": args.policy, "batch_per_process": args.batch_size,
-           "max_new_tokens": args.max_new_tokens, "seconds_best_of": args.repeats, **{f"{k} s": round(v, 3) for k, v in best.items()},
-           "same_tokens": same, "peak_rss_mib": round(peak_rss_mib())}
+    row = {
+        "rank": rank,
+        "mode": describe(accelerator),
+        "policy": args.policy,
+        "batch_per_process": args.batch_size,
+        "max_new_tokens": args.max_new_tokens,
+        "seconds_best_of": args.repeats,
+        **{f"{k} s": round(v, 3) for k, v in best.items()},
+        "same_tokens": same,
+        "peak_rss_mib": round(peak_rss_mib()),
+    }
     print(json.dumps(row), flush=True)
     if rank == 0:
-        print(json.dumps({"machine": machine(), "speedup of gathering once": round(best["per-token gathers"] / best["gathered once"], 2)}))
+        print(
+            json.dumps(
+                {
+                    "machine": machine(),
+                    "speedup of gathering once": round(best["per-token gathers"] / best["gathered once"], 2),
+                }
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -47,8 +47,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 ACCELERATE = REPO / "examples" / "accelerate"
-WORDS = ("river stone cloud paper green quiet table light music north bread apple window garden morning winter "
-         "story letter friend market").split()
+WORDS = (
+    "river stone cloud paper green quiet table light music north bread apple window garden morning winter "
+    "story letter friend market"
+).split()
 
 
 # ------------------------------------------------------------------ child process
@@ -84,9 +86,17 @@ def _text(i: int, words: int) -> str:
 
 def make_data(work: Path, n: int) -> dict[str, Path]:
     """Texts of ~500 words (past every --max-length here) and prompts of ~200 words."""
-    files = {"sft": work / "sft.jsonl", "pairs": work / "pairs.tsv", "prompts": work / "prompts.txt", "reward": work / "rewards.py"}
-    files["sft"].write_text("".join(json.dumps({"prompt": f"Tell me a story, number {i}.", "response": _text(i, 500)}) + "\n"
-                                    for i in range(n)))
+    files = {
+        "sft": work / "sft.jsonl",
+        "pairs": work / "pairs.tsv",
+        "prompts": work / "prompts.txt",
+        "reward": work / "rewards.py",
+    }
+    files["sft"].write_text(
+        "".join(
+            json.dumps({"prompt": f"Tell me a story, number {i}.", "response": _text(i, 500)}) + "\n" for i in range(n)
+        )
+    )
     files["pairs"].write_text("".join(f"{_text(2 * i, 500)}\t{_text(2 * i + 1, 500)}\n" for i in range(n)))
     files["prompts"].write_text("".join(_text(1000 + i, 200) + "\n" for i in range(n)))
     files["reward"].write_text("def length(prompts, responses):\n    return [float(len(r)) for r in responses]\n")
@@ -96,36 +106,186 @@ def make_data(work: Path, n: int) -> dict[str, Path]:
 # --------------------------------------------------------------------------- rows
 def rows(policy: str, tiny: str, f: dict[str, Path], cpu: bool) -> dict[str, dict]:
     """name -> (launcher, processes, rlhfkit argv without --output, plan argv)."""
-    common = ["--no-progress", "--report-to", "none", "--cpu-matmul", "torch", "--save-every", "1000", *(["--cpu"] if cpu else [])]
+    common = [
+        "--no-progress",
+        "--report-to",
+        "none",
+        "--cpu-matmul",
+        "torch",
+        "--save-every",
+        "1000",
+        *(["--cpu"] if cpu else []),
+    ]
     sft = ["sft", "--train", str(f["sft"]), "--max-length", "256", "--n-samples", "0", *common]
     return {
-        "baseline": {"launch": None, "procs": 1, "argv": [*sft, "--policy", tiny, "--batch-size", "4", "--max-steps", "2"],
-                     "plan": ["--model", tiny, "--algo", "sft", "--batch-size", "4", "--max-length", "256"]},
-        "sft": {"launch": None, "procs": 1, "argv": [*sft, "--policy", policy, "--batch-size", "4", "--max-steps", "3"],
-                "plan": ["--model", policy, "--algo", "sft", "--batch-size", "4", "--max-length", "256"]},
-        "rm": {"launch": None, "procs": 1,
-               "argv": ["rm", "train", "--model", policy, "--train", str(f["pairs"]), "--batch-size", "2", "--max-length", "256",
-                        "--max-steps", "3", *common],
-               "plan": ["--model", policy, "--algo", "rm", "--batch-size", "2", "--max-length", "256"]},
-        "grpo": {"launch": None, "procs": 1,
-                 "argv": ["rl", "--algo", "grpo", "--policy", policy, "--prompts", str(f["prompts"]), "--reward", f"{f['reward']}:length",
-                          "--batch-size", "4", "--samples-per-prompt", "4", "--mini-batch-size", "8", "--ppo-epochs", "1",
-                          "--max-steps", "2", "--max-new-tokens", "32", "--max-prompt-length", "64", "--sample-every", "0", *common],
-                 "plan": ["--model", policy, "--algo", "grpo", "--batch-size", "4", "--samples-per-prompt", "4",
-                          "--mini-batch-size", "8", "--max-new-tokens", "32", "--max-prompt-length", "64"]},
-        "grpo-lora": {"launch": None, "procs": 1,
-                      "argv": ["rl", "--algo", "grpo", "--policy", policy, "--prompts", str(f["prompts"]), "--reward",
-                               f"{f['reward']}:length", "--batch-size", "4", "--samples-per-prompt", "4", "--mini-batch-size", "8",
-                               "--ppo-epochs", "1", "--max-steps", "2", "--max-new-tokens", "32", "--max-prompt-length", "64",
-                               "--sample-every", "0", "--lora", *common],
-                      "plan": ["--model", policy, "--algo", "grpo", "--batch-size", "4", "--samples-per-prompt", "4",
-                               "--mini-batch-size", "8", "--max-new-tokens", "32", "--max-prompt-length", "64", "--lora"]},
-        "sft-ddp-2": {"launch": "ddp", "procs": 2, "argv": [*sft, "--policy", policy, "--batch-size", "2", "--max-steps", "3"],
-                      "plan": ["--model", policy, "--algo", "sft", "--batch-size", "2", "--max-length", "256", "--gpus", "2",
-                               "--sharding", "ddp"]},
-        "sft-fsdp2-2": {"launch": "fsdp2", "procs": 2, "argv": [*sft, "--policy", policy, "--batch-size", "2", "--max-steps", "3"],
-                        "plan": ["--model", policy, "--algo", "sft", "--batch-size", "2", "--max-length", "256", "--gpus", "2",
-                                 "--sharding", "fsdp2"]},
+        "baseline": {
+            "launch": None,
+            "procs": 1,
+            "argv": [*sft, "--policy", tiny, "--batch-size", "4", "--max-steps", "2"],
+            "plan": ["--model", tiny, "--algo", "sft", "--batch-size", "4", "--max-length", "256"],
+        },
+        "sft": {
+            "launch": None,
+            "procs": 1,
+            "argv": [*sft, "--policy", policy, "--batch-size", "4", "--max-steps", "3"],
+            "plan": ["--model", policy, "--algo", "sft", "--batch-size", "4", "--max-length", "256"],
+        },
+        "rm": {
+            "launch": None,
+            "procs": 1,
+            "argv": [
+                "rm",
+                "train",
+                "--model",
+                policy,
+                "--train",
+                str(f["pairs"]),
+                "--batch-size",
+                "2",
+                "--max-length",
+                "256",
+                "--max-steps",
+                "3",
+                *common,
+            ],
+            "plan": ["--model", policy, "--algo", "rm", "--batch-size", "2", "--max-length", "256"],
+        },
+        "grpo": {
+            "launch": None,
+            "procs": 1,
+            "argv": [
+                "rl",
+                "--algo",
+                "grpo",
+                "--policy",
+                policy,
+                "--prompts",
+                str(f["prompts"]),
+                "--reward",
+                f"{f['reward']}:length",
+                "--batch-size",
+                "4",
+                "--samples-per-prompt",
+                "4",
+                "--mini-batch-size",
+                "8",
+                "--ppo-epochs",
+                "1",
+                "--max-steps",
+                "2",
+                "--max-new-tokens",
+                "32",
+                "--max-prompt-length",
+                "64",
+                "--sample-every",
+                "0",
+                *common,
+            ],
+            "plan": [
+                "--model",
+                policy,
+                "--algo",
+                "grpo",
+                "--batch-size",
+                "4",
+                "--samples-per-prompt",
+                "4",
+                "--mini-batch-size",
+                "8",
+                "--max-new-tokens",
+                "32",
+                "--max-prompt-length",
+                "64",
+            ],
+        },
+        "grpo-lora": {
+            "launch": None,
+            "procs": 1,
+            "argv": [
+                "rl",
+                "--algo",
+                "grpo",
+                "--policy",
+                policy,
+                "--prompts",
+                str(f["prompts"]),
+                "--reward",
+                f"{f['reward']}:length",
+                "--batch-size",
+                "4",
+                "--samples-per-prompt",
+                "4",
+                "--mini-batch-size",
+                "8",
+                "--ppo-epochs",
+                "1",
+                "--max-steps",
+                "2",
+                "--max-new-tokens",
+                "32",
+                "--max-prompt-length",
+                "64",
+                "--sample-every",
+                "0",
+                "--lora",
+                *common,
+            ],
+            "plan": [
+                "--model",
+                policy,
+                "--algo",
+                "grpo",
+                "--batch-size",
+                "4",
+                "--samples-per-prompt",
+                "4",
+                "--mini-batch-size",
+                "8",
+                "--max-new-tokens",
+                "32",
+                "--max-prompt-length",
+                "64",
+                "--lora",
+            ],
+        },
+        "sft-ddp-2": {
+            "launch": "ddp",
+            "procs": 2,
+            "argv": [*sft, "--policy", policy, "--batch-size", "2", "--max-steps", "3"],
+            "plan": [
+                "--model",
+                policy,
+                "--algo",
+                "sft",
+                "--batch-size",
+                "2",
+                "--max-length",
+                "256",
+                "--gpus",
+                "2",
+                "--sharding",
+                "ddp",
+            ],
+        },
+        "sft-fsdp2-2": {
+            "launch": "fsdp2",
+            "procs": 2,
+            "argv": [*sft, "--policy", policy, "--batch-size", "2", "--max-steps", "3"],
+            "plan": [
+                "--model",
+                policy,
+                "--algo",
+                "sft",
+                "--batch-size",
+                "2",
+                "--max-length",
+                "256",
+                "--gpus",
+                "2",
+                "--sharding",
+                "fsdp2",
+            ],
+        },
     }
 
 
@@ -138,15 +298,28 @@ def measure(name: str, row: dict, work: Path, extra_env: dict[str, str] | None =
     out = work / f"run-{name}"
     shutil.rmtree(out, ignore_errors=True)
     script = [str(Path(__file__).resolve()), "--child", str(prefix), *row["argv"], "--output", str(out)]
-    env = {**os.environ, **(extra_env or {}), "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        **(extra_env or {}),
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")])),
+    }
     if row["launch"] is None:
         cmd = [sys.executable, *script]
     else:
         env["OMP_NUM_THREADS"] = "1"
         accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
-        cmd = [accelerate, "launch", "--config_file", str(ACCELERATE / f"{row['launch']}.yaml"), "--num_processes",
-               str(row["procs"]), "--main_process_port", "0", *script]
+        cmd = [
+            accelerate,
+            "launch",
+            "--config_file",
+            str(ACCELERATE / f"{row['launch']}.yaml"),
+            "--num_processes",
+            str(row["procs"]),
+            "--main_process_port",
+            "0",
+            *script,
+        ]
     log = work / f"{name}.log"
     with log.open("w") as fh:
         code = subprocess.run(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT).returncode
@@ -157,8 +330,13 @@ def measure(name: str, row: dict, work: Path, extra_env: dict[str, str] | None =
 
 def plan(argv: list[str], device: str) -> dict:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")]))}
-    res = subprocess.run([sys.executable, "-m", "rlhfkit.cli", "plan", *argv, "--device", device, "--json"], env=env,
-                         capture_output=True, text=True, check=True)
+    res = subprocess.run(
+        [sys.executable, "-m", "rlhfkit.cli", "plan", *argv, "--device", device, "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(res.stdout)
 
 
@@ -167,8 +345,10 @@ def machine_line(device: str) -> str:
 
     from rlhfkit.cpu import cpu_model
 
-    line = f"{cpu_model()}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}; torch {torch.__version__} " \
-           f"(CPU capability {torch.backends.cpu.get_cpu_capability()})"
+    line = (
+        f"{cpu_model()}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}; torch {torch.__version__} "
+        f"(CPU capability {torch.backends.cpu.get_cpu_capability()})"
+    )
     if device == "cuda":
         line += f"; GPU {torch.cuda.get_device_name(0)}"
     return line
@@ -192,7 +372,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--policy", default="smollm2-135m", help="causal LM to train (alias or folder)")
-    ap.add_argument("--policy-config", help="a folder with config.json and tokenizer only: train a random model of that shape")
+    ap.add_argument(
+        "--policy-config", help="a folder with config.json and tokenizer only: train a random model of that shape"
+    )
     ap.add_argument("--only", nargs="*", help="rows to run (default: all that this machine can)")
     ap.add_argument("--work", help="working folder (kept); default a temporary one, removed afterwards")
     ap.add_argument("--json-out", help="also write the table as JSON here")
@@ -203,7 +385,11 @@ def main() -> None:
 
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="plan-vs-measured-"))
     work.mkdir(parents=True, exist_ok=True)
-    policy = str(random_model(Path(args.policy_config), work / "policy")) if args.policy_config else resolve_model(args.policy)
+    policy = (
+        str(random_model(Path(args.policy_config), work / "policy"))
+        if args.policy_config
+        else resolve_model(args.policy)
+    )
     tiny = str(build_tiny_causal_lm(work / "tiny"))
     table = rows(policy, tiny, make_data(work, 64), cpu=args.device == "cpu")
     names = args.only or list(table)
@@ -215,11 +401,15 @@ def main() -> None:
     print(f"policy: {policy}\n", flush=True)
     cpu = args.device == "cpu"
     if cpu:
-        print("| run | processes | estimate GiB (peak phase) | peak RSS GiB | estimate / RSS | peak RSS, freed memory returned "
-              "| estimate / that |")
+        print(
+            "| run | processes | estimate GiB (peak phase) | peak RSS GiB | estimate / RSS | peak RSS, freed memory returned "
+            "| estimate / that |"
+        )
         print("| --- | --- | --- | --- | --- | --- | --- |", flush=True)
     else:
-        print("| run | processes | estimate GiB without runtime (peak phase) | max_memory_allocated GiB | estimate / measured |")
+        print(
+            "| run | processes | estimate GiB without runtime (peak phase) | max_memory_allocated GiB | estimate / measured |"
+        )
         print("| --- | --- | --- | --- | --- |", flush=True)
     results = []
     for name in names:
@@ -236,10 +426,22 @@ def main() -> None:
             peaks, live = measure(name, row, work), []
             measured = returned = max(p.get("cuda_max_allocated_mib", 0.0) for p in peaks) / 1024
             line = f"{measured:.2f} | {est / measured:.2f}"
-        results.append({"run": name, "processes": row["procs"], "estimate_gib": est, "peak_phase": estimate["peak_phase"],
-                        "measured_gib": measured, "ratio": est / measured, "measured_returned_gib": returned,
-                        "ratio_returned": est / returned, "breakdown": estimate["breakdown"], "per_process": peaks,
-                        "per_process_returned": live, "argv": row["argv"]})
+        results.append(
+            {
+                "run": name,
+                "processes": row["procs"],
+                "estimate_gib": est,
+                "peak_phase": estimate["peak_phase"],
+                "measured_gib": measured,
+                "ratio": est / measured,
+                "measured_returned_gib": returned,
+                "ratio_returned": est / returned,
+                "breakdown": estimate["breakdown"],
+                "per_process": peaks,
+                "per_process_returned": live,
+                "argv": row["argv"],
+            }
+        )
         print(f"| {name} | {row['procs']} | {est:.2f} ({estimate['peak_phase']}) | {line} |", flush=True)
     if args.json_out:
         Path(args.json_out).write_text(json.dumps({"machine": machine_line(args.device), "rows": results}, indent=2))

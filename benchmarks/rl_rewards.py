@@ -13,7 +13,7 @@ functions ignore them.
 from __future__ import annotations
 
 import re
-from typing import Callable
+from collections.abc import Callable
 
 __all__ = ["lowercase_share", "positive_words", "REWARDS", "for_trl"]
 
@@ -27,8 +27,10 @@ def lowercase_share(prompts: list[str], responses: list[str]) -> list[float]:
     return out
 
 
-POSITIVE = frozenset("""good great excellent love loved lovely amazing awesome perfect nice wonderful fantastic
-happy best recommend comfortable sturdy reliable beautiful easy fast pleased""".split())
+POSITIVE = frozenset(
+    """good great excellent love loved lovely amazing awesome perfect nice wonderful fantastic
+happy best recommend comfortable sturdy reliable beautiful easy fast pleased""".split()
+)
 CAP = 3  # more positive words than this earn nothing: the reward cannot grow by listing them
 
 
@@ -43,7 +45,9 @@ REWARDS: dict[str, Callable[[list[str], list[str]], list[float]]] = {
 }
 
 
-def for_trl(fn: Callable[[list[str], list[str]], list[float]], on_call: Callable[[list[float], list], None] | None = None):
+def for_trl(
+    fn: Callable[[list[str], list[str]], list[float]], on_call: Callable[[list[float], list], None] | None = None
+):
     """``fn`` with TRL's reward-function signature; ``on_call(scores, completion_ids)`` sees every batch."""
 
     def reward(prompts, completions, completion_ids=None, **kwargs):

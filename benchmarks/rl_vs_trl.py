@@ -151,31 +151,73 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 class Args:
     """Benchmark rlhfkit's GRPO and RLOO against TRL's GRPOTrainer and RLOOTrainer on the same policy, prompts and settings."""
 
-    policy: str = field(default="smollm2-135m", metadata={"help": "policy (and reference) for both sides: alias or folder"})
+    policy: str = field(
+        default="smollm2-135m", metadata={"help": "policy (and reference) for both sides: alias or folder"}
+    )
     prompts: str = field(default=str(DEFAULT_PROMPTS), metadata={"help": "prompt file, one per line"})
-    n_prompts: int = field(default=8, metadata={"help": "use the first N distinct prompts (= --batch-size: every update sees all of them on both sides)"})
-    reward_fn: Literal["lowercase_share", "positive_words"] = field(default="lowercase_share", metadata={"help": "the reward, a function in benchmarks/rl_rewards.py"})
-    runs: list[str] = field(default_factory=lambda: list(DEFAULT_RUNS), metadata={"help": "rows, in this order: ours-ALGO[:KERNEL] (KERNEL auto, onednn or torch: rlhfkit's --cpu-matmul) or trl-ALGO, ALGO grpo or rloo"})
-    steps: int = field(default=4, metadata={"help": "updates (rollout + optimisation); the first is left out of the per-update figures"})
+    n_prompts: int = field(
+        default=8,
+        metadata={
+            "help": "use the first N distinct prompts (= --batch-size: every update sees all of them on both sides)"
+        },
+    )
+    reward_fn: Literal["lowercase_share", "positive_words"] = field(
+        default="lowercase_share", metadata={"help": "the reward, a function in benchmarks/rl_rewards.py"}
+    )
+    runs: list[str] = field(
+        default_factory=lambda: list(DEFAULT_RUNS),
+        metadata={
+            "help": "rows, in this order: ours-ALGO[:KERNEL] (KERNEL auto, onednn or torch: rlhfkit's --cpu-matmul) or trl-ALGO, ALGO grpo or rloo"
+        },
+    )
+    steps: int = field(
+        default=4,
+        metadata={"help": "updates (rollout + optimisation); the first is left out of the per-update figures"},
+    )
     batch_size: int = field(default=8, metadata={"help": "prompts per rollout"})
     samples_per_prompt: int = field(default=4, metadata={"help": "K, responses per prompt (the group)"})
-    mini_batch_size: int | None = field(default=None, metadata={"help": "responses per optimizer step (default: the whole rollout, batch_size x K)"})
+    mini_batch_size: int | None = field(
+        default=None, metadata={"help": "responses per optimizer step (default: the whole rollout, batch_size x K)"}
+    )
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     ppo_epochs: int = field(default=1, metadata={"help": "passes over each rollout (TRL: num_iterations)"})
     max_new_tokens: int = field(default=24, metadata={"help": "response length limit (TRL: max_completion_length)"})
     lr: float = field(default=1e-5, metadata={"help": "learning rate, both sides"})
-    scheduler: Literal["constant", "linear"] = field(default="constant", metadata={"help": "learning-rate schedule, both sides (linear matches only with one optimizer step per update)"})
+    scheduler: Literal["constant", "linear"] = field(
+        default="constant",
+        metadata={
+            "help": "learning-rate schedule, both sides (linear matches only with one optimizer step per update)"
+        },
+    )
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient-norm clipping, both sides (0 = off)"})
-    kl_coef: float = field(default=0.05, metadata={"help": "KL coefficient beta, both sides (GRPO: k3 in the loss; RLOO: k1 in the reward)"})
-    loss_aggregation: Literal["sequence", "token"] = field(default="sequence", metadata={"help": "GRPO loss aggregation: sequence (TRL loss_type grpo) or token (TRL bnpo/dapo)"})
-    scale_rewards: bool = field(default=True, metadata={"help": "GRPO: divide group-centred scores by the group std (TRL scale_rewards group/none)"})
-    ours_rollout_logprobs: Literal["sampling", "forward"] = field(default="sampling", metadata={"help": "rlhfkit's --rollout-logprobs: from the sampling pass (its default) or a forward pass (as TRL RLOO)"})
+    kl_coef: float = field(
+        default=0.05,
+        metadata={"help": "KL coefficient beta, both sides (GRPO: k3 in the loss; RLOO: k1 in the reward)"},
+    )
+    loss_aggregation: Literal["sequence", "token"] = field(
+        default="sequence",
+        metadata={"help": "GRPO loss aggregation: sequence (TRL loss_type grpo) or token (TRL bnpo/dapo)"},
+    )
+    scale_rewards: bool = field(
+        default=True,
+        metadata={"help": "GRPO: divide group-centred scores by the group std (TRL scale_rewards group/none)"},
+    )
+    ours_rollout_logprobs: Literal["sampling", "forward"] = field(
+        default="sampling",
+        metadata={
+            "help": "rlhfkit's --rollout-logprobs: from the sampling pass (its default) or a forward pass (as TRL RLOO)"
+        },
+    )
     ours_packing: bool = field(default=True, metadata={"help": "rlhfkit's --packing (its default: on)"})
     threads: int = field(default=1, metadata={"help": "torch threads per side"})
     seed: int = field(default=42, metadata={"help": "seed for both sides"})
     output: str = field(default=str(DEFAULT_OUTPUT), metadata={"help": "JSON result file"})
-    work_dir: str | None = field(default=None, metadata={"help": "keep prompts, run folders and logs here (default: a temporary folder)"})
-    side: Literal["ours", "trl"] | None = field(default=None, metadata={"help": "internal: run one side in this process"})
+    work_dir: str | None = field(
+        default=None, metadata={"help": "keep prompts, run folders and logs here (default: a temporary folder)"}
+    )
+    side: Literal["ours", "trl"] | None = field(
+        default=None, metadata={"help": "internal: run one side in this process"}
+    )
     run: str | None = field(default=None, metadata={"help": "internal: the row this process runs"})
 
     def __post_init__(self):
@@ -185,23 +227,33 @@ class Args:
             if getattr(self, name) < 1:
                 raise ConfigError(f"option '{name}' must be >= 1, got {getattr(self, name)}")
         if self.samples_per_prompt < 2:
-            raise ConfigError(f"option 'samples_per_prompt' must be >= 2 (GRPO and RLOO compare a prompt's samples), got {self.samples_per_prompt}")
+            raise ConfigError(
+                f"option 'samples_per_prompt' must be >= 2 (GRPO and RLOO compare a prompt's samples), got {self.samples_per_prompt}"
+            )
         rows = self.batch_size * self.samples_per_prompt
         if self.mini_batch_size is None:
             self.mini_batch_size = rows
         if self.mini_batch_size < 1 or rows % self.mini_batch_size:
-            raise ConfigError(f"--mini-batch-size {self.mini_batch_size} must divide the rollout's {rows} responses (--batch-size x --samples-per-prompt)")
+            raise ConfigError(
+                f"--mini-batch-size {self.mini_batch_size} must divide the rollout's {rows} responses (--batch-size x --samples-per-prompt)"
+            )
         if self.mini_batch_size % self.grad_accum:
             raise ConfigError(f"--grad-accum {self.grad_accum} must divide --mini-batch-size {self.mini_batch_size}")
         if self.n_prompts < self.batch_size:
-            raise ConfigError(f"--n-prompts {self.n_prompts} cannot fill a rollout of --batch-size {self.batch_size} prompts")
+            raise ConfigError(
+                f"--n-prompts {self.n_prompts} cannot fill a rollout of --batch-size {self.batch_size} prompts"
+            )
         bad = [r for r in self.runs if parse_run(r) is None]
         if bad or not self.runs or len(set(self.runs)) != len(self.runs):
-            raise ConfigError(f"option 'runs' got {self.runs}; give distinct rows ours-ALGO[:KERNEL] or trl-ALGO "
-                              f"(ALGO in {', '.join(ALGOS)}, KERNEL in {', '.join(KERNELS)}), e.g. {','.join(DEFAULT_RUNS)}")
+            raise ConfigError(
+                f"option 'runs' got {self.runs}; give distinct rows ours-ALGO[:KERNEL] or trl-ALGO "
+                f"(ALGO in {', '.join(ALGOS)}, KERNEL in {', '.join(KERNELS)}), e.g. {','.join(DEFAULT_RUNS)}"
+            )
         missing = sorted({f"trl-{parse_run(r)[1]}" for r in self.runs if r.startswith("ours-")} - set(self.runs))
         if missing:
-            raise ConfigError(f"option 'runs': add {', '.join(missing)}: each rlhfkit row is compared with the TRL row of its algorithm")
+            raise ConfigError(
+                f"option 'runs': add {', '.join(missing)}: each rlhfkit row is compared with the TRL row of its algorithm"
+            )
 
     @property
     def responses_per_update(self) -> int:
@@ -262,16 +314,46 @@ def run_ours(args: Args, work: Path, algo: str, kernel: str) -> dict[str, Any]:
     name = run_dir(args.run)
     shutil.rmtree(work / name, ignore_errors=True)  # a kept --work-dir from an earlier run
     cfg = RLConfig(
-        algo=algo, policy=args.policy, reward=f"{REWARDS_FILE}:{args.reward_fn}", prompts=str(work / "prompts.txt"),
-        output=str(work / name), chat_template=True, samples_per_prompt=args.samples_per_prompt, max_steps=args.steps,
-        batch_size=args.batch_size, mini_batch_size=args.mini_batch_size, grad_accum=args.grad_accum,
-        ppo_epochs=args.ppo_epochs, max_new_tokens=args.max_new_tokens, max_prompt_length=10**6, temperature=1.0,
-        top_k=0, top_p=1.0, kl_coef=args.kl_coef, kl_estimator="k1", clip_eps=0.2, entropy_coef=0.0,
-        loss_aggregation=args.loss_aggregation if algo == "grpo" else None, scale_rewards=args.scale_rewards,
-        lr=args.lr, scheduler=args.scheduler, warmup_ratio=0.0, weight_decay=0.0, max_grad_norm=args.max_grad_norm,
-        packing=args.ours_packing, rollout_logprobs=args.ours_rollout_logprobs, cpu_matmul=kernel,
-        threads=args.threads, seed=args.seed, mixed_precision="no", cpu=True, report_to="none", progress=False,
-        sample_every=0, save_every=never, log_every=1,
+        algo=algo,
+        policy=args.policy,
+        reward=f"{REWARDS_FILE}:{args.reward_fn}",
+        prompts=str(work / "prompts.txt"),
+        output=str(work / name),
+        chat_template=True,
+        samples_per_prompt=args.samples_per_prompt,
+        max_steps=args.steps,
+        batch_size=args.batch_size,
+        mini_batch_size=args.mini_batch_size,
+        grad_accum=args.grad_accum,
+        ppo_epochs=args.ppo_epochs,
+        max_new_tokens=args.max_new_tokens,
+        max_prompt_length=10**6,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        kl_coef=args.kl_coef,
+        kl_estimator="k1",
+        clip_eps=0.2,
+        entropy_coef=0.0,
+        loss_aggregation=args.loss_aggregation if algo == "grpo" else None,
+        scale_rewards=args.scale_rewards,
+        lr=args.lr,
+        scheduler=args.scheduler,
+        warmup_ratio=0.0,
+        weight_decay=0.0,
+        max_grad_norm=args.max_grad_norm,
+        packing=args.ours_packing,
+        rollout_logprobs=args.ours_rollout_logprobs,
+        cpu_matmul=kernel,
+        threads=args.threads,
+        seed=args.seed,
+        mixed_precision="no",
+        cpu=True,
+        report_to="none",
+        progress=False,
+        sample_every=0,
+        save_every=never,
+        log_every=1,
     )
     # Record which kernel --cpu-matmul picked (auto measures): wrap the trainer's call, change nothing.
     decisions = []
@@ -291,20 +373,30 @@ def run_ours(args: Args, work: Path, algo: str, kernel: str) -> dict[str, Any]:
         clock.remove()
         rl_trainer.apply_cpu_matmul = real_apply
     rows = read_metrics(work / name / "metrics.jsonl")
-    return {**clock.summary(args.steps_per_update), "kernel": decisions[0] if decisions else "torch",
-            "score_mean": [r["rl/score_mean"] for r in rows],
-            "response_length": [r["rl/response_length"] for r in rows], "kl": [r["rl/kl"] for r in rows],
-            "settings": {"algo": algo, "kl_penalty": cfg.kl_penalty, "loss_aggregation": cfg.loss_aggregation,
-                         "packing": cfg.packing, "rollout_logprobs": cfg.rollout_logprobs, "cpu_matmul": kernel}}
+    return {
+        **clock.summary(args.steps_per_update),
+        "kernel": decisions[0] if decisions else "torch",
+        "score_mean": [r["rl/score_mean"] for r in rows],
+        "response_length": [r["rl/response_length"] for r in rows],
+        "kl": [r["rl/kl"] for r in rows],
+        "settings": {
+            "algo": algo,
+            "kl_penalty": cfg.kl_penalty,
+            "loss_aggregation": cfg.loss_aggregation,
+            "packing": cfg.packing,
+            "rollout_logprobs": cfg.rollout_logprobs,
+            "cpu_matmul": kernel,
+        },
+    }
 
 
 def run_trl(args: Args, work: Path, algo: str) -> dict[str, Any]:
     import torch
     from datasets import Dataset
+    from rl_rewards import REWARDS, for_trl
     from transformers import AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
-    from rl_rewards import REWARDS, for_trl
     from rlhfkit.models.hub import resolve_model
 
     prompts = json.loads((work / "prompts.json").read_text())  # rlhfkit's rendering and token ids
@@ -313,7 +405,9 @@ def run_trl(args: Args, work: Path, algo: str) -> dict[str, Any]:
     # TRL tokenises a plain-text prompt with processing_class(text=...): it must give rlhfkit's ids.
     got = tokenizer(text=prompts["texts"])["input_ids"]
     differ = [i for i, (a, b) in enumerate(zip(got, prompts["ids"])) if a != b]
-    assert not differ, f"TRL's tokens for prompt {differ[0]} differ from rlhfkit's: {got[differ[0]]} vs {prompts['ids'][differ[0]]}"
+    assert not differ, (
+        f"TRL's tokens for prompt {differ[0]} differ from rlhfkit's: {got[differ[0]]} vs {prompts['ids'][differ[0]]}"
+    )
 
     calls: list[dict[str, float]] = []
 
@@ -323,29 +417,74 @@ def run_trl(args: Args, work: Path, algo: str) -> dict[str, Any]:
 
     per_device = args.mini_batch_size // args.grad_accum
     common = dict(
-        output_dir=str(work / run_dir(args.run)), num_generations=args.samples_per_prompt,
-        per_device_train_batch_size=per_device, gradient_accumulation_steps=args.grad_accum,
-        steps_per_generation=args.responses_per_update // per_device, num_iterations=args.ppo_epochs,
-        max_steps=args.steps * args.steps_per_update, max_completion_length=args.max_new_tokens,
-        temperature=1.0, top_k=0, top_p=1.0, min_p=None, repetition_penalty=1.0, beta=args.kl_coef, epsilon=0.2,
-        learning_rate=args.lr, lr_scheduler_type=args.scheduler, warmup_steps=0, weight_decay=0.0,
-        optim="adamw_torch_fused", max_grad_norm=args.max_grad_norm, seed=args.seed, data_seed=args.seed,
-        bf16=False, fp16=False, use_cpu=True, activation_checkpointing=False, disable_dropout=True,
-        use_liger_kernel=False, use_vllm=False, model_init_kwargs={"dtype": "float32"}, save_strategy="no",
-        eval_strategy="no", report_to="none", logging_strategy="steps", logging_steps=10**9, log_completions=False,
-        disable_tqdm=True, dataloader_num_workers=0, dataloader_pin_memory=False,
+        output_dir=str(work / run_dir(args.run)),
+        num_generations=args.samples_per_prompt,
+        per_device_train_batch_size=per_device,
+        gradient_accumulation_steps=args.grad_accum,
+        steps_per_generation=args.responses_per_update // per_device,
+        num_iterations=args.ppo_epochs,
+        max_steps=args.steps * args.steps_per_update,
+        max_completion_length=args.max_new_tokens,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        min_p=None,
+        repetition_penalty=1.0,
+        beta=args.kl_coef,
+        epsilon=0.2,
+        learning_rate=args.lr,
+        lr_scheduler_type=args.scheduler,
+        warmup_steps=0,
+        weight_decay=0.0,
+        optim="adamw_torch_fused",
+        max_grad_norm=args.max_grad_norm,
+        seed=args.seed,
+        data_seed=args.seed,
+        bf16=False,
+        fp16=False,
+        use_cpu=True,
+        activation_checkpointing=False,
+        disable_dropout=True,
+        use_liger_kernel=False,
+        use_vllm=False,
+        model_init_kwargs={"dtype": "float32"},
+        save_strategy="no",
+        eval_strategy="no",
+        report_to="none",
+        logging_strategy="steps",
+        logging_steps=10**9,
+        log_completions=False,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=False,
     )
     if algo == "grpo":
-        config = GRPOConfig(**common, loss_type=trl_loss_type(args), scale_rewards="group" if args.scale_rewards else "none",
-                            use_bias_correction_kl=False, importance_sampling_level="token", mask_truncated_completions=False)
+        config = GRPOConfig(
+            **common,
+            loss_type=trl_loss_type(args),
+            scale_rewards="group" if args.scale_rewards else "none",
+            use_bias_correction_kl=False,
+            importance_sampling_level="token",
+            mask_truncated_completions=False,
+        )
         trainer_cls = GRPOTrainer
     else:
         config = RLOOConfig(**common, normalize_advantages=False, mask_truncated_completions=False)
         trainer_cls = RLOOTrainer
-    assert config.generation_batch_size == args.responses_per_update, (config.generation_batch_size, args.responses_per_update)
-    trainer = trainer_cls(model=path, reward_funcs=for_trl(REWARDS[args.reward_fn], on_call), args=config,
-                          train_dataset=Dataset.from_dict({"prompt": prompts["texts"]}), processing_class=tokenizer)
-    assert all(m.dtype == torch.float32 for m in (trainer.model, trainer.ref_model) if m is not None), "TRL loaded a model in low precision"
+    assert config.generation_batch_size == args.responses_per_update, (
+        config.generation_batch_size,
+        args.responses_per_update,
+    )
+    trainer = trainer_cls(
+        model=path,
+        reward_funcs=for_trl(REWARDS[args.reward_fn], on_call),
+        args=config,
+        train_dataset=Dataset.from_dict({"prompt": prompts["texts"]}),
+        processing_class=tokenizer,
+    )
+    assert all(m.dtype == torch.float32 for m in (trainer.model, trainer.ref_model) if m is not None), (
+        "TRL loaded a model in low precision"
+    )
     assert not trainer.model.is_activation_checkpointing, "TRL would train with gradient checkpointing"
     clock = LoopClock()
     clock.install()
@@ -353,14 +492,26 @@ def run_trl(args: Args, work: Path, algo: str) -> dict[str, Any]:
         trainer.train()
     finally:
         clock.remove()
-    return {**clock.summary(args.steps_per_update), "kernel": "torch",
-            "score_mean": [c["score_mean"] for c in calls], "response_length": [c["response_length"] for c in calls],
-            "settings": {"algo": algo, "loss_type": getattr(config, "loss_type", "rloo (sequence-level)"),
-                         "per_device_train_batch_size": per_device, "gradient_accumulation_steps": args.grad_accum,
-                         "steps_per_generation": config.steps_per_generation,
-                         "generation_batch_size": config.generation_batch_size, "num_generations": config.num_generations,
-                         "num_iterations": config.num_iterations, "max_steps": config.max_steps, "beta": config.beta,
-                         "optim": str(config.optim), "lr_scheduler_type": str(config.lr_scheduler_type)}}
+    return {
+        **clock.summary(args.steps_per_update),
+        "kernel": "torch",
+        "score_mean": [c["score_mean"] for c in calls],
+        "response_length": [c["response_length"] for c in calls],
+        "settings": {
+            "algo": algo,
+            "loss_type": getattr(config, "loss_type", "rloo (sequence-level)"),
+            "per_device_train_batch_size": per_device,
+            "gradient_accumulation_steps": args.grad_accum,
+            "steps_per_generation": config.steps_per_generation,
+            "generation_batch_size": config.generation_batch_size,
+            "num_generations": config.num_generations,
+            "num_iterations": config.num_iterations,
+            "max_steps": config.max_steps,
+            "beta": config.beta,
+            "optim": str(config.optim),
+            "lr_scheduler_type": str(config.lr_scheduler_type),
+        },
+    }
 
 
 def run_side(args: Args) -> int:
@@ -375,8 +526,10 @@ def run_side(args: Args) -> int:
     side, algo, kernel = parse_run(args.run)
     result = run_ours(args, work, algo, kernel) if side == "ours" else run_trl(args, work, algo)
     if result["updates"] != args.steps or len(result["score_mean"]) != args.steps:
-        raise SystemExit(f"{args.run}: {result['updates']} updates timed and {len(result['score_mean'])} rollouts "
-                         f"scored, expected {args.steps}")
+        raise SystemExit(
+            f"{args.run}: {result['updates']} updates timed and {len(result['score_mean'])} rollouts "
+            f"scored, expected {args.steps}"
+        )
     m = args.responses_per_update
     result["episodes_per_s"] = m / result["s_per_update"]
     result["episodes_per_cpu_s"] = m / result["cpu_s_per_update"]
@@ -404,7 +557,7 @@ def prepare(args: Args, work: Path) -> dict[str, Any]:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     src = Path(args.prompts)
-    lines = list(dict.fromkeys(l.strip() for l in src.read_text(encoding="utf-8").splitlines() if l.strip()))
+    lines = list(dict.fromkeys(line.strip() for line in src.read_text(encoding="utf-8").splitlines() if line.strip()))
     lines = lines[: args.n_prompts]
     if len(lines) < args.batch_size:
         raise SystemExit(f"{src} has {len(lines)} distinct prompts; a rollout needs --batch-size {args.batch_size}")
@@ -417,8 +570,12 @@ def prepare(args: Args, work: Path) -> dict[str, Any]:
     ids, mask = encode_queries(tok, texts, 10**6, chat=True)
     query_ids = [row[m.bool()].tolist() for row, m in zip(ids, mask)]
     (work / "prompts.json").write_text(json.dumps({"texts": texts, "ids": query_ids}))
-    return {"prompts": len(lines), "prompt_source": str(src), "policy_path": str(path),
-            "mean_prompt_tokens": sum(map(len, query_ids)) / len(query_ids)}
+    return {
+        "prompts": len(lines),
+        "prompt_source": str(src),
+        "policy_path": str(path),
+        "mean_prompt_tokens": sum(map(len, query_ids)) / len(query_ids),
+    }
 
 
 def run_dir(run: str) -> str:
@@ -444,8 +601,21 @@ def report(args: Args, data: dict[str, Any], results: dict[str, dict[str, Any]],
         return " ".join(f"{s:.3f}" for s in r["score_mean"])
 
     trl_threads = next(iter(results.values()))["torch_threads"]
-    head = ["row", "matmul kernel", "s/update", "episodes/s", "vs TRL", "CPU s/update", "episodes/CPU s", "vs TRL",
-            "peak RSS (MiB)", "vs TRL", "response length", "optimizer steps", "mean score per update"]
+    head = [
+        "row",
+        "matmul kernel",
+        "s/update",
+        "episodes/s",
+        "vs TRL",
+        "CPU s/update",
+        "episodes/CPU s",
+        "vs TRL",
+        "peak RSS (MiB)",
+        "vs TRL",
+        "response length",
+        "optimizer steps",
+        "mean score per update",
+    ]
     lines = [
         f"{', '.join(sorted({parse_run(r)[1].upper() for r in args.runs}))}, policy {args.policy}, reward "
         f"{args.reward_fn}: {args.steps} updates of {args.batch_size} prompts x K={args.samples_per_prompt} = "
@@ -463,12 +633,27 @@ def report(args: Args, data: dict[str, Any], results: dict[str, dict[str, Any]],
     ]
     for run in args.runs:
         r = results[run]
-        lines.append("| " + " | ".join([
-            run_label(run), kernel_name(r["kernel"]), f"{r['s_per_update']:.2f}", f"{r['episodes_per_s']:.2f}",
-            ratio(run, "episodes_per_s"), f"{r['cpu_s_per_update']:.2f}", f"{r['episodes_per_cpu_s']:.2f}",
-            ratio(run, "episodes_per_cpu_s"), f"{r['peak_rss_mib']:.0f}", ratio(run, "peak_rss_mib"),
-            f"{sum(r['response_length']) / len(r['response_length']):.1f}", f"{r['optimizer_steps']}", scores(r),
-        ]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    run_label(run),
+                    kernel_name(r["kernel"]),
+                    f"{r['s_per_update']:.2f}",
+                    f"{r['episodes_per_s']:.2f}",
+                    ratio(run, "episodes_per_s"),
+                    f"{r['cpu_s_per_update']:.2f}",
+                    f"{r['episodes_per_cpu_s']:.2f}",
+                    ratio(run, "episodes_per_cpu_s"),
+                    f"{r['peak_rss_mib']:.0f}",
+                    ratio(run, "peak_rss_mib"),
+                    f"{sum(r['response_length']) / len(r['response_length']):.1f}",
+                    f"{r['optimizer_steps']}",
+                    scores(r),
+                ]
+            )
+            + " |"
+        )
     lines.append("")
     for run in args.runs:
         t = peer(run)
@@ -477,10 +662,16 @@ def report(args: Args, data: dict[str, Any], results: dict[str, dict[str, Any]],
         r = results[run]
         wall, cpu = r["episodes_per_s"] / t["episodes_per_s"], r["episodes_per_cpu_s"] / t["episodes_per_cpu_s"]
         mem = r["peak_rss_mib"] / t["peak_rss_mib"]
-        verdict = lambda x: "met" if x >= 1.5 and mem <= 1.0 else "NOT met"  # noqa: E731
-        same = " (same kernel as TRL: like for like)" if r["kernel"] == t["kernel"] else f" (kernel {r['kernel']} vs TRL's torch)"
-        lines.append(f"Target (>= 1.5x TRL's episodes/s at no more peak memory), {run_label(run)}{same}: "
-                     f"{verdict(wall)} on wall time ({wall:.2f}x), {verdict(cpu)} on CPU time ({cpu:.2f}x); memory {mem:.2f}x.")
+        verdict = lambda x, mem=mem: "met" if x >= 1.5 and mem <= 1.0 else "NOT met"  # noqa: E731
+        same = (
+            " (same kernel as TRL: like for like)"
+            if r["kernel"] == t["kernel"]
+            else f" (kernel {r['kernel']} vs TRL's torch)"
+        )
+        lines.append(
+            f"Target (>= 1.5x TRL's episodes/s at no more peak memory), {run_label(run)}{same}: "
+            f"{verdict(wall)} on wall time ({wall:.2f}x), {verdict(cpu)} on CPU time ({cpu:.2f}x); memory {mem:.2f}x."
+        )
     return "\n".join(lines)
 
 
@@ -502,11 +693,17 @@ def main(argv: list[str] | None = None) -> int:
     threads = thread_env(args.threads)
     for i, run in enumerate(args.runs, 1):
         side = parse_run(run)[0]
-        print(f"[{i}/{len(args.runs)}] {run_label(run)}: {args.steps} updates (log: {work / run_dir(run)}.log) ...", flush=True)
+        print(
+            f"[{i}/{len(args.runs)}] {run_label(run)}: {args.steps} updates (log: {work / run_dir(run)}.log) ...",
+            flush=True,
+        )
         r = run_child(__file__, work, run_dir(run), ["--side", side, "--run", run], env=threads)
         results[run] = r
-        print(f"      {r['s_per_update']:.2f} s/update, {r['episodes_per_s']:.2f} episodes/s, peak RSS "
-              f"{r['peak_rss_mib']:.0f} MiB, kernel {r['kernel']}", flush=True)
+        print(
+            f"      {r['s_per_update']:.2f} s/update, {r['episodes_per_s']:.2f} episodes/s, peak RSS "
+            f"{r['peak_rss_mib']:.0f} MiB, kernel {r['kernel']}",
+            flush=True,
+        )
 
     table = report(args, data, results, env)
     print()
@@ -516,14 +713,29 @@ def main(argv: list[str] | None = None) -> int:
     from rlhfkit.cpu import cpu_model
 
     record = {
-        "command": " ".join([os.path.relpath(sys.executable, REPO), "benchmarks/rl_vs_trl.py", *(argv if argv is not None else sys.argv[1:])]),
+        "command": " ".join(
+            [
+                os.path.relpath(sys.executable, REPO),
+                "benchmarks/rl_vs_trl.py",
+                *(argv if argv is not None else sys.argv[1:]),
+            ]
+        ),
         "args": {k: v for k, v in vars(args).items() if k not in ("side", "work_dir", "run")},
-        "data": data, "env": {**env, "cpu_model": cpu_model()}, "results": results,
-        "episodes_per_s_ratio": {run: r["episodes_per_s"] / results[f"trl-{parse_run(run)[1]}"]["episodes_per_s"]
-                                 for run, r in results.items() if run.startswith("ours-")},
-        "peak_rss_ratio": {run: r["peak_rss_mib"] / results[f"trl-{parse_run(run)[1]}"]["peak_rss_mib"]
-                           for run, r in results.items() if run.startswith("ours-")},
-        "total_s": time.perf_counter() - t0, "table_markdown": table,
+        "data": data,
+        "env": {**env, "cpu_model": cpu_model()},
+        "results": results,
+        "episodes_per_s_ratio": {
+            run: r["episodes_per_s"] / results[f"trl-{parse_run(run)[1]}"]["episodes_per_s"]
+            for run, r in results.items()
+            if run.startswith("ours-")
+        },
+        "peak_rss_ratio": {
+            run: r["peak_rss_mib"] / results[f"trl-{parse_run(run)[1]}"]["peak_rss_mib"]
+            for run, r in results.items()
+            if run.startswith("ours-")
+        },
+        "total_s": time.perf_counter() - t0,
+        "table_markdown": table,
     }
     out.write_text(json.dumps(record, indent=2))
     print(f"\nwrote {out}")

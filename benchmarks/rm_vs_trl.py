@@ -86,7 +86,15 @@ from typing import Any, ClassVar, Literal
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script: find bench_common
 from bench_common import (  # noqa: E402
-    INSTALL, ComparisonArgs, compare, interval_caption, per_list_counts, runs_line, steps_per_run, timed, truncate_text,
+    INSTALL,
+    ComparisonArgs,
+    compare,
+    interval_caption,
+    per_list_counts,
+    runs_line,
+    steps_per_run,
+    timed,
+    truncate_text,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -101,28 +109,92 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 class Args(ComparisonArgs):
     """Benchmark rlhfkit's reward-model training against TRL's RewardTrainer on the same rank lists."""
 
-    backbone: str = field(default="minilm-l6", metadata={"help": "backbone for both sides: minilm-l6, smollm2-135m or a checkpoint folder"})
+    backbone: str = field(
+        default="minilm-l6",
+        metadata={"help": "backbone for both sides: minilm-l6, smollm2-135m or a checkpoint folder"},
+    )
     data: str = field(default=str(DEFAULT_DATA), metadata={"help": "rank-list TSV (one list per line, best first)"})
-    n_eval: int = field(default=482, metadata={"help": "evaluate on N held-out lists starting at --eval-start (482: lines 2001-2482, all the lists after the first 2,000)"})
-    eval_start: int = field(default=2000, metadata={"help": "0-based index of the first held-out list (2000 = line 2001)"})
-    seeds: int = field(default=3, metadata={"help": "train each side this many times, with seeds --seed, --seed+1, ...: the table shows the means "
-                                                    "over the runs, and the accuracy interval resamples the runs as well as the held-out lists "
-                                                    "(one run's accuracy moves by about +-0.01 with the seed alone)"})
-    batch_size: int | None = field(default=None, metadata={"help": "rlhfkit: lists per optimizer step (default: rlhfkit's rm train default)"})
-    lr: float | None = field(default=None, metadata={"help": "peak learning rate, both sides (rlhfkit: of the backbone); default: rlhfkit's"})
-    head_lr: float | None = field(default=None, metadata={"help": "rlhfkit: learning rate of the new scalar head (default: rlhfkit's); TRL has one for all weights"})
-    head_init: Literal["probe", "random"] | None = field(default=None, metadata={"help": "rlhfkit: the head's start, a linear probe or random (default: rlhfkit's); TRL's is random"})
-    warmup_ratio: float | None = field(default=None, metadata={"help": "share of each side's optimizer steps spent warming up, both sides (default: rlhfkit's)"})
-    scheduler: Literal["linear", "cosine", "constant"] | None = field(default=None, metadata={"help": "learning-rate schedule after warm-up, both sides (default: rlhfkit's)"})
-    trl_pairs_per_step: int | None = field(default=None, metadata={"help": "TRL: pairs per optimizer step (default: the C(K,2) pairs of --batch-size lists, the same lists per step; 8 is TRL's own default)"})
-    trl_lr: float | None = field(default=None, metadata={"help": "TRL: peak learning rate (default: --lr; TRL's own default is 1e-4)"})
-    trl_warmup_ratio: float | None = field(default=None, metadata={"help": "TRL: share of its steps warming up (default: --warmup-ratio; TRL's own default is 0)"})
-    trl_scheduler: Literal["linear", "cosine", "constant"] | None = field(default=None, metadata={"help": "TRL: schedule (default: --scheduler)"})
-    trl_defaults: bool = field(default=False, metadata={"help": "TRL at RewardConfig's own defaults for every --trl-* option not given: pairs per step (8), learning rate (1e-4), warm-up (0), schedule (linear)"})
-    trl_grad_accum: int = field(default=1, metadata={"help": "TRL only: split each step's pairs into this many micro-batches (memory)"})
-    dropout: Literal["off", "on", "defaults"] = field(default="off", metadata={"help": "off: both sides without dropout (a copy of the backbone with its dropout set to 0; TRL's default); on: both with the backbone's dropout; defaults: each side's default (TRL off, rlhfkit on)"})
-    trl_group_by_length: bool = field(default=False, metadata={"help": "give TRL transformers' LengthGroupedSampler (rlhfkit always groups by length)"})
-    ours_cpu_matmul: Literal["auto", "torch"] = field(default="auto", metadata={"help": "rlhfkit's fp32 Linear matmuls: auto (its default on the CPU, oneDNN) or torch (PyTorch's default BLAS, as TRL)"})
+    n_eval: int = field(
+        default=482,
+        metadata={
+            "help": "evaluate on N held-out lists starting at --eval-start (482: lines 2001-2482, all the lists after the first 2,000)"
+        },
+    )
+    eval_start: int = field(
+        default=2000, metadata={"help": "0-based index of the first held-out list (2000 = line 2001)"}
+    )
+    seeds: int = field(
+        default=3,
+        metadata={
+            "help": "train each side this many times, with seeds --seed, --seed+1, ...: the table shows the means "
+            "over the runs, and the accuracy interval resamples the runs as well as the held-out lists "
+            "(one run's accuracy moves by about +-0.01 with the seed alone)"
+        },
+    )
+    batch_size: int | None = field(
+        default=None, metadata={"help": "rlhfkit: lists per optimizer step (default: rlhfkit's rm train default)"}
+    )
+    lr: float | None = field(
+        default=None, metadata={"help": "peak learning rate, both sides (rlhfkit: of the backbone); default: rlhfkit's"}
+    )
+    head_lr: float | None = field(
+        default=None,
+        metadata={
+            "help": "rlhfkit: learning rate of the new scalar head (default: rlhfkit's); TRL has one for all weights"
+        },
+    )
+    head_init: Literal["probe", "random"] | None = field(
+        default=None,
+        metadata={"help": "rlhfkit: the head's start, a linear probe or random (default: rlhfkit's); TRL's is random"},
+    )
+    warmup_ratio: float | None = field(
+        default=None,
+        metadata={"help": "share of each side's optimizer steps spent warming up, both sides (default: rlhfkit's)"},
+    )
+    scheduler: Literal["linear", "cosine", "constant"] | None = field(
+        default=None, metadata={"help": "learning-rate schedule after warm-up, both sides (default: rlhfkit's)"}
+    )
+    trl_pairs_per_step: int | None = field(
+        default=None,
+        metadata={
+            "help": "TRL: pairs per optimizer step (default: the C(K,2) pairs of --batch-size lists, the same lists per step; 8 is TRL's own default)"
+        },
+    )
+    trl_lr: float | None = field(
+        default=None, metadata={"help": "TRL: peak learning rate (default: --lr; TRL's own default is 1e-4)"}
+    )
+    trl_warmup_ratio: float | None = field(
+        default=None,
+        metadata={"help": "TRL: share of its steps warming up (default: --warmup-ratio; TRL's own default is 0)"},
+    )
+    trl_scheduler: Literal["linear", "cosine", "constant"] | None = field(
+        default=None, metadata={"help": "TRL: schedule (default: --scheduler)"}
+    )
+    trl_defaults: bool = field(
+        default=False,
+        metadata={
+            "help": "TRL at RewardConfig's own defaults for every --trl-* option not given: pairs per step (8), learning rate (1e-4), warm-up (0), schedule (linear)"
+        },
+    )
+    trl_grad_accum: int = field(
+        default=1, metadata={"help": "TRL only: split each step's pairs into this many micro-batches (memory)"}
+    )
+    dropout: Literal["off", "on", "defaults"] = field(
+        default="off",
+        metadata={
+            "help": "off: both sides without dropout (a copy of the backbone with its dropout set to 0; TRL's default); on: both with the backbone's dropout; defaults: each side's default (TRL off, rlhfkit on)"
+        },
+    )
+    trl_group_by_length: bool = field(
+        default=False,
+        metadata={"help": "give TRL transformers' LengthGroupedSampler (rlhfkit always groups by length)"},
+    )
+    ours_cpu_matmul: Literal["auto", "torch"] = field(
+        default="auto",
+        metadata={
+            "help": "rlhfkit's fp32 Linear matmuls: auto (its default on the CPU, oneDNN) or torch (PyTorch's default BLAS, as TRL)"
+        },
+    )
     output: str = field(default=str(DEFAULT_OUTPUT), metadata={"help": "JSON result file"})
 
     at_least_one: ClassVar[tuple[str, ...]] = ComparisonArgs.at_least_one + ("trl_grad_accum",)
@@ -157,8 +229,10 @@ class Args(ComparisonArgs):
 
         trl = {f.name: f.default for f in fields(RewardConfig)}
         if trl["warmup_steps"] != 0 or trl["lr_scheduler_type"] not in ("linear", "cosine", "constant"):
-            raise SystemExit(f"--trl-defaults: RewardConfig's warm-up {trl['warmup_steps']!r} or schedule "
-                             f"{trl['lr_scheduler_type']!r} is new to this script; pass the --trl-* options")
+            raise SystemExit(
+                f"--trl-defaults: RewardConfig's warm-up {trl['warmup_steps']!r} or schedule "
+                f"{trl['lr_scheduler_type']!r} is new to this script; pass the --trl-* options"
+            )
         self.trl_pairs_per_step = self.trl_pairs_per_step or trl["per_device_train_batch_size"]
         self.trl_lr = self.trl_lr or trl["learning_rate"]
         self.trl_warmup_ratio = 0.0 if self.trl_warmup_ratio is None else self.trl_warmup_ratio
@@ -186,7 +260,15 @@ def evaluate_saved(model_dir: Path, eval_path: Path, max_length: int, batch_size
     data = EncodedPreferences.build(read_preferences(eval_path), rm.encode, max_length, what=str(eval_path))
     assert data.n_truncated == 0, f"{data.n_truncated} held-out texts were cut again: the pre-truncation did not fit"
     metrics, scores = evaluate(rm, data, rm.pad, batch_size=batch_size)
-    keep = ("pairwise_accuracy", "list_exact_accuracy", "kendall_tau", "n_lists", "n_pairs", "accuracy_first_vs_last", "length_corr")
+    keep = (
+        "pairwise_accuracy",
+        "list_exact_accuracy",
+        "kendall_tau",
+        "n_lists",
+        "n_pairs",
+        "accuracy_first_vs_last",
+        "length_corr",
+    )
     out = {k: metrics[k] for k in keep}
     out.update(per_list_counts(data, scores, out["pairwise_accuracy"]))  # for the paired bootstrap in the report
     return out
@@ -203,15 +285,32 @@ def run_ours(args: Args, work: Path) -> dict[str, Any]:
     prepared = json.loads((work / "prepared.json").read_text())
     never = 10**9
     cfg = RMTrainConfig(
-        train=str(work / "train.tsv"), output=str(work / "ours"), model=prepared["backbone_path"], loss="pairwise",
-        epochs=float(args.epochs), batch_size=args.batch_size, grad_accum=1, lr=args.lr, head_lr=args.head_lr, head_init=args.head_init,
-        weight_decay=0.0, warmup_ratio=args.warmup_ratio, scheduler=args.scheduler, max_grad_norm=1.0, max_length=args.max_length,
-        seed=args.seed, mixed_precision="no", cpu_matmul=args.ours_cpu_matmul, report_to="none", progress=False,
-        log_every=never, eval_every=never, save_every=never,
+        train=str(work / "train.tsv"),
+        output=str(work / "ours"),
+        model=prepared["backbone_path"],
+        loss="pairwise",
+        epochs=float(args.epochs),
+        batch_size=args.batch_size,
+        grad_accum=1,
+        lr=args.lr,
+        head_lr=args.head_lr,
+        head_init=args.head_init,
+        weight_decay=0.0,
+        warmup_ratio=args.warmup_ratio,
+        scheduler=args.scheduler,
+        max_grad_norm=1.0,
+        max_length=args.max_length,
+        seed=args.seed,
+        mixed_precision="no",
+        cpu_matmul=args.ours_cpu_matmul,
+        report_to="none",
+        progress=False,
+        log_every=never,
+        eval_every=never,
+        save_every=never,
     )
     measured, _ = timed(partial(train_reward_model, cfg))
-    return measured | {"sequences_per_step": args.batch_size * prepared["k"],
-                                        "model_dir": str(work / "ours" / "final")}
+    return measured | {"sequences_per_step": args.batch_size * prepared["k"], "model_dir": str(work / "ours" / "final")}
 
 
 def run_trl(args: Args, work: Path) -> dict[str, Any]:
@@ -241,8 +340,10 @@ def run_trl(args: Args, work: Path) -> dict[str, Any]:
     else:
         # BERT-style tokenizers have no EOS and TRL's add_eos step fails on None, so give TRL
         # its documented pre-tokenised columns, made exactly as its tokenize step would.
-        columns = {"chosen_ids": [tokenizer(t)["input_ids"] for t in chosen],
-                   "rejected_ids": [tokenizer(t)["input_ids"] for t in rejected]}
+        columns = {
+            "chosen_ids": [tokenizer(t)["input_ids"] for t in chosen],
+            "rejected_ids": [tokenizer(t)["input_ids"] for t in rejected],
+        }
     remove_unused = True
     if args.trl_group_by_length:
         columns["length"] = [max(len(c), len(r)) for c, r in zip(ids_c, ids_r)]
@@ -254,13 +355,32 @@ def run_trl(args: Args, work: Path) -> dict[str, Any]:
     if pairs_per_step % args.trl_grad_accum:
         raise SystemExit(f"--trl-grad-accum {args.trl_grad_accum} does not divide the {pairs_per_step} pairs of a step")
     config = RewardConfig(
-        output_dir=str(work / "trl"), per_device_train_batch_size=pairs_per_step // args.trl_grad_accum,
-        gradient_accumulation_steps=args.trl_grad_accum, num_train_epochs=args.epochs, learning_rate=args.trl_lr,
-        lr_scheduler_type=args.trl_scheduler, warmup_steps=int(args.trl_warmup_ratio * steps), weight_decay=0.0, max_grad_norm=1.0,
-        seed=args.seed, data_seed=args.seed, bf16=False, fp16=False, activation_checkpointing=False,
-        max_length=args.max_length, disable_dropout=args.dropout != "on", model_init_kwargs={"dtype": torch.float32},
-        eval_strategy="no", save_strategy="no", logging_strategy="steps", logging_steps=10**9, report_to="none",
-        dataloader_num_workers=0, dataloader_pin_memory=False, disable_tqdm=True, remove_unused_columns=remove_unused,
+        output_dir=str(work / "trl"),
+        per_device_train_batch_size=pairs_per_step // args.trl_grad_accum,
+        gradient_accumulation_steps=args.trl_grad_accum,
+        num_train_epochs=args.epochs,
+        learning_rate=args.trl_lr,
+        lr_scheduler_type=args.trl_scheduler,
+        warmup_steps=int(args.trl_warmup_ratio * steps),
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        seed=args.seed,
+        data_seed=args.seed,
+        bf16=False,
+        fp16=False,
+        activation_checkpointing=False,
+        max_length=args.max_length,
+        disable_dropout=args.dropout != "on",
+        model_init_kwargs={"dtype": torch.float32},
+        eval_strategy="no",
+        save_strategy="no",
+        logging_strategy="steps",
+        logging_steps=10**9,
+        report_to="none",
+        dataloader_num_workers=0,
+        dataloader_pin_memory=False,
+        disable_tqdm=True,
+        remove_unused_columns=remove_unused,
         train_sampling_strategy="group_by_length" if args.trl_group_by_length else "random",
     )
     trainer = RewardTrainer(model=model_path, args=config, train_dataset=dataset, processing_class=tokenizer)
@@ -274,8 +394,14 @@ def run_trl(args: Args, work: Path) -> dict[str, Any]:
     measured, _ = timed(trainer.train)
     assert not trainer.model.is_activation_checkpointing, "TRL trained with gradient checkpointing on"
     trainer.save_model(str(work / "trl" / "model"))
-    return measured | {"sequences_per_step": 2 * pairs_per_step, "pairs_per_step": pairs_per_step, "pairs": len(chosen), "model_dir": str(work / "trl" / "model"),
-            "trl_disable_dropout": args.dropout != "on", "trl_group_by_length": args.trl_group_by_length}
+    return measured | {
+        "sequences_per_step": 2 * pairs_per_step,
+        "pairs_per_step": pairs_per_step,
+        "pairs": len(chosen),
+        "model_dir": str(work / "trl" / "model"),
+        "trl_disable_dropout": args.dropout != "on",
+        "trl_group_by_length": args.trl_group_by_length,
+    }
 
 
 def run_side(args: Args) -> int:
@@ -313,8 +439,11 @@ def backbone_without_dropout(path: Path, work: Path) -> tuple[Path, dict[str, fl
     ``disable_dropout=True`` does to the modules, done in a way rlhfkit reads too.
     """
     config = json.loads((path / "config.json").read_text())
-    zeroed = {k: v for k, v in config.items()
-              if ("dropout" in k.lower() or k.endswith("pdrop")) and type(v) in (int, float) and v > 0}
+    zeroed = {
+        k: v
+        for k, v in config.items()
+        if ("dropout" in k.lower() or k.endswith("pdrop")) and type(v) in (int, float) and v > 0
+    }
     if not zeroed:
         return path, {}
     dst = work / "backbone"
@@ -332,24 +461,29 @@ def prepare_data(args: Args, work: Path) -> dict[str, Any]:
     Also fixes the backbone both sides load (``--dropout off``: a dropout-free copy) and
     writes WORK/prepared.json for the two sides.
     """
+    from transformers.utils import logging as hf_logging
+
     from rlhfkit.data.readers import read_preferences
     from rlhfkit.data.types import PreferenceExample
     from rlhfkit.data.writers import write_preferences
     from rlhfkit.models.hub import resolve_model
     from rlhfkit.models.reward import RewardModel
-    from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # the new head's "MISSING" load report is expected
     hf_logging.disable_progress_bar()
 
     examples = read_preferences(args.data)
     if args.eval_start + args.n_eval > len(examples):
-        raise SystemExit(f"{args.data} has {len(examples)} lists; --eval-start {args.eval_start} + --n-eval {args.n_eval} needs more")
+        raise SystemExit(
+            f"{args.data} has {len(examples)} lists; --eval-start {args.eval_start} + --n-eval {args.n_eval} needs more"
+        )
     train, held_out = examples[: args.n_train], examples[args.eval_start : args.eval_start + args.n_eval]
     ks = {ex.k for ex in train}
     if len(ks) != 1 or any(ex.prompt for ex in train + held_out):
-        raise SystemExit(f"{args.data}: the benchmark needs prompt-free lists of one size K (found K in {sorted(ks)}), "
-                         "so that a step of B lists is exactly B * C(K,2) pairs for TRL")
+        raise SystemExit(
+            f"{args.data}: the benchmark needs prompt-free lists of one size K (found K in {sorted(ks)}), "
+            "so that a step of B lists is exactly B * C(K,2) pairs for TRL"
+        )
 
     # Resolving here converts a GGUF alias to the cache once, outside the timings.
     backbone = Path(resolve_model(args.backbone))
@@ -373,7 +507,9 @@ def prepare_data(args: Args, work: Path) -> dict[str, Any]:
             texts = tuple(truncate_text(tok, t, budget) for t in ex.responses)
             n_cut += sum(a != b for a, b in zip(texts, ex.responses))
             if len(set(texts)) != len(texts):
-                raise SystemExit(f"{ex.source}: two texts are equal after truncation to {args.max_length} tokens; raise --max-length")
+                raise SystemExit(
+                    f"{ex.source}: two texts are equal after truncation to {args.max_length} tokens; raise --max-length"
+                )
             out.append(PreferenceExample(prompt="", responses=texts, ranks=ex.ranks, source=ex.source))
         return out
 
@@ -390,14 +526,28 @@ def prepare_data(args: Args, work: Path) -> dict[str, Any]:
         token_ids.append(row)
     (work / "train_token_ids.json").write_text(json.dumps(token_ids))
     k = ks.pop()
-    prepared = {"backbone_path": str(backbone), "dropout_zeroed": zeroed, "k": k, "train_lists": len(train),
-                "train_pairs": len(train) * k * (k - 1) // 2, "eval_lists": len(held_out),
-                "texts_pre_truncated": n_cut, "texts_total": (len(train) + len(held_out)) * k}
+    prepared = {
+        "backbone_path": str(backbone),
+        "dropout_zeroed": zeroed,
+        "k": k,
+        "train_lists": len(train),
+        "train_pairs": len(train) * k * (k - 1) // 2,
+        "eval_lists": len(held_out),
+        "texts_pre_truncated": n_cut,
+        "texts_total": (len(train) + len(held_out)) * k,
+    }
     (work / "prepared.json").write_text(json.dumps(prepared, indent=2))
     return prepared
 
 
-def report(args: Args, data: dict[str, Any], ours: dict[str, Any], trl: dict[str, Any], env: dict[str, Any], ci: dict[str, list[float]]) -> str:
+def report(
+    args: Args,
+    data: dict[str, Any],
+    ours: dict[str, Any],
+    trl: dict[str, Any],
+    env: dict[str, Any],
+    ci: dict[str, list[float]],
+) -> str:
     ratio = ours["lists_per_s"] / trl["lists_per_s"]
     oe, te = ours["eval"], trl["eval"]
     diff = oe["pairwise_accuracy"] - te["pairwise_accuracy"]
@@ -407,19 +557,39 @@ def report(args: Args, data: dict[str, Any], ours: dict[str, Any], trl: dict[str
     elif diff >= 0:
         verdict = f"met: {ratio:.2f}x at {diff:+.4f} pairwise accuracy"
     elif hi >= 0:
-        verdict = (f"throughput met ({ratio:.2f}x); pairwise accuracy {diff:+.4f}, lower but not distinguishable "
-                   f"from TRL's (the 95% interval of the difference includes 0)")
+        verdict = (
+            f"throughput met ({ratio:.2f}x); pairwise accuracy {diff:+.4f}, lower but not distinguishable "
+            f"from TRL's (the 95% interval of the difference includes 0)"
+        )
     else:
         verdict = f"NOT met: {ratio:.2f}x but pairwise accuracy {diff:+.4f} (95% CI excludes 0)"
     rows = [
         ("lists/s (training loop)", f"{ours['lists_per_s']:.2f}", f"{trl['lists_per_s']:.2f}", f"**{ratio:.2f}x**"),
-        ("training loop (s)", f"{ours['loop_s']:.1f}", f"{trl['loop_s']:.1f}", f"{trl['loop_s'] / ours['loop_s']:.2f}x less"),
+        (
+            "training loop (s)",
+            f"{ours['loop_s']:.1f}",
+            f"{trl['loop_s']:.1f}",
+            f"{trl['loop_s'] / ours['loop_s']:.2f}x less",
+        ),
         ("sequences per step", f"{ours['sequences_per_step']}", f"{trl['sequences_per_step']}", ""),
-        ("peak RSS, load + train (MiB)", f"{ours['peak_rss_mib']:.0f}", f"{trl['peak_rss_mib']:.0f}", f"{ours['peak_rss_mib'] / trl['peak_rss_mib']:.2f}"),
-        ("held-out pairwise accuracy", f"{oe['pairwise_accuracy']:.4f}", f"{te['pairwise_accuracy']:.4f}",
-         f"{diff:+.4f} [{lo:+.3f}, {hi:+.3f}]"),
-        ("held-out list-exact accuracy", f"{oe['list_exact_accuracy']:.4f}", f"{te['list_exact_accuracy']:.4f}",
-         f"{oe['list_exact_accuracy'] - te['list_exact_accuracy']:+.4f} [{ci['list_exact_accuracy'][0]:+.3f}, {ci['list_exact_accuracy'][1]:+.3f}]"),
+        (
+            "peak RSS, load + train (MiB)",
+            f"{ours['peak_rss_mib']:.0f}",
+            f"{trl['peak_rss_mib']:.0f}",
+            f"{ours['peak_rss_mib'] / trl['peak_rss_mib']:.2f}",
+        ),
+        (
+            "held-out pairwise accuracy",
+            f"{oe['pairwise_accuracy']:.4f}",
+            f"{te['pairwise_accuracy']:.4f}",
+            f"{diff:+.4f} [{lo:+.3f}, {hi:+.3f}]",
+        ),
+        (
+            "held-out list-exact accuracy",
+            f"{oe['list_exact_accuracy']:.4f}",
+            f"{te['list_exact_accuracy']:.4f}",
+            f"{oe['list_exact_accuracy'] - te['list_exact_accuracy']:+.4f} [{ci['list_exact_accuracy'][0]:+.3f}, {ci['list_exact_accuracy'][1]:+.3f}]",
+        ),
         ("whole call (s): train_reward_model / trainer.train", f"{ours['call_s']:.1f}", f"{trl['call_s']:.1f}", ""),
     ]
     lines = [
@@ -447,8 +617,16 @@ def report(args: Args, data: dict[str, Any], ours: dict[str, Any], trl: dict[str
 
 
 def main(argv: list[str] | None = None) -> int:
-    return compare(__file__, argv, Args, run_side=run_side, prepare=prepare_data, report=report,
-                   labels={"ours": "rlhfkit", "trl": "TRL RewardTrainer"}, install=INSTALL)
+    return compare(
+        __file__,
+        argv,
+        Args,
+        run_side=run_side,
+        prepare=prepare_data,
+        report=report,
+        labels={"ours": "rlhfkit", "trl": "TRL RewardTrainer"},
+        install=INSTALL,
+    )
 
 
 if __name__ == "__main__":

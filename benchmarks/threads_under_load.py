@@ -54,11 +54,18 @@ def run(threads: int, passive: bool, load: int, steps: int) -> float:
     env.pop("OMP_WAIT_POLICY", None)
     if passive:
         env["OMP_WAIT_POLICY"] = "passive"
-    busy = [subprocess.Popen([sys.executable, "-c", LOAD], env={**os.environ, "OMP_NUM_THREADS": "1"}) for _ in range(load)]
+    busy = [
+        subprocess.Popen([sys.executable, "-c", LOAD], env={**os.environ, "OMP_NUM_THREADS": "1"}) for _ in range(load)
+    ]
     try:
         time.sleep(1.0 if load else 0.0)
-        out = subprocess.run([sys.executable, "-c", WORKER, str(threads), str(steps)], env=env, capture_output=True,
-                             text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, "-c", WORKER, str(threads), str(steps)],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         return json.loads(out.stdout.strip().splitlines()[-1])["seconds"]
     finally:
         for p in busy:
@@ -83,8 +90,10 @@ def main() -> None:
                 s = run(threads, passive, load, args.steps)
                 idle = idle or s
                 rows.append((load, threads, passive, s))
-                print(f"load {load}  threads {threads}  {'passive' if passive else 'spin   '}  {s:6.2f} s/step  ({s / idle:4.1f}x)",
-                      flush=True)
+                print(
+                    f"load {load}  threads {threads}  {'passive' if passive else 'spin   '}  {s:6.2f} s/step  ({s / idle:4.1f}x)",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

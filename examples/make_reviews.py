@@ -12,22 +12,74 @@ import random
 from pathlib import Path
 
 PRODUCTS = [
-    "kettle", "desk lamp", "backpack", "phone case", "coffee grinder", "rain jacket", "blender", "keyboard",
-    "water bottle", "hiking boots", "toaster", "headphones", "office chair", "frying pan", "bike light",
-    "travel mug", "notebook", "umbrella", "wireless mouse", "sleeping bag", "rice cooker", "tent", "scarf",
-    "electric toothbrush", "bookshelf", "alarm clock", "yoga mat", "suitcase", "garden hose", "monitor stand",
+    "kettle",
+    "desk lamp",
+    "backpack",
+    "phone case",
+    "coffee grinder",
+    "rain jacket",
+    "blender",
+    "keyboard",
+    "water bottle",
+    "hiking boots",
+    "toaster",
+    "headphones",
+    "office chair",
+    "frying pan",
+    "bike light",
+    "travel mug",
+    "notebook",
+    "umbrella",
+    "wireless mouse",
+    "sleeping bag",
+    "rice cooker",
+    "tent",
+    "scarf",
+    "electric toothbrush",
+    "bookshelf",
+    "alarm clock",
+    "yoga mat",
+    "suitcase",
+    "garden hose",
+    "monitor stand",
 ]
-ASPECTS = ["build quality", "price", "design", "delivery", "battery", "size", "finish", "instructions", "packaging", "comfort"]
+ASPECTS = [
+    "build quality",
+    "price",
+    "design",
+    "delivery",
+    "battery",
+    "size",
+    "finish",
+    "instructions",
+    "packaging",
+    "comfort",
+]
 
 # Four sentiment levels, most positive first. Fragments are combined at random.
 OPENERS = [
-    ["I love this {p}.", "This {p} is fantastic.", "Best {p} I have ever owned.", "Absolutely delighted with this {p}."],
+    [
+        "I love this {p}.",
+        "This {p} is fantastic.",
+        "Best {p} I have ever owned.",
+        "Absolutely delighted with this {p}.",
+    ],
     ["The {p} is pretty good.", "Decent {p} overall.", "I am fairly happy with the {p}.", "A solid {p} for the money."],
-    ["The {p} is a bit disappointing.", "Not great, this {p}.", "I expected more from this {p}.", "The {p} is mediocre at best."],
+    [
+        "The {p} is a bit disappointing.",
+        "Not great, this {p}.",
+        "I expected more from this {p}.",
+        "The {p} is mediocre at best.",
+    ],
     ["I hate this {p}.", "This {p} is terrible.", "Worst {p} I have bought.", "The {p} broke and I regret buying it."],
 ]
 ASPECT_LINES = [
-    ["The {a} is excellent.", "The {a} exceeded my expectations.", "Wonderful {a}.", "The {a} is superb and I would buy it again."],
+    [
+        "The {a} is excellent.",
+        "The {a} exceeded my expectations.",
+        "Wonderful {a}.",
+        "The {a} is superb and I would buy it again.",
+    ],
     ["The {a} is fine.", "The {a} is good enough.", "Nice {a}, nothing special.", "The {a} works as described."],
     ["The {a} could be better.", "The {a} is somewhat poor.", "I am not impressed by the {a}.", "The {a} feels cheap."],
     ["The {a} is awful.", "The {a} is a complete failure.", "Horrible {a}, avoid it.", "The {a} made me return it."],
@@ -62,7 +114,11 @@ def rank_lists(n: int, seed: int) -> list[list[str]]:
 
 def prompts(n: int, seed: int) -> list[str]:
     rng = random.Random(seed)
-    starts = ["Write a short review of the {p}.", "What do you think of the {p}?", "Review the {p} you bought last month."]
+    starts = [
+        "Write a short review of the {p}.",
+        "What do you think of the {p}?",
+        "Review the {p} you bought last month.",
+    ]
     return [rng.choice(starts).format(p=rng.choice(PRODUCTS)) for _ in range(n)]
 
 
@@ -73,7 +129,9 @@ def sft_examples(n: int, seed: int) -> list[dict[str, str]]:
     out = []
     for _ in range(n):
         product = rng.choice(PRODUCTS)
-        out.append({"prompt": f"Write a short review of the {product}.", "response": review(rng, rng.randrange(4), product)})
+        out.append(
+            {"prompt": f"Write a short review of the {product}.", "response": review(rng, rng.randrange(4), product)}
+        )
     return out
 
 

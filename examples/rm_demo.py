@@ -30,14 +30,40 @@ def main() -> None:
     data = HERE / "reviews_ranklists.tsv"
     if OUT.exists():
         shutil.rmtree(OUT)  # the demo's own folder: start fresh each time
-    run("rm", "train", "--model", "minilm-l6", "--train", str(data), "--prompt-column", "--n-train", "500",
-        "--output", str(OUT), "--epochs", "1", "--batch-size", "8", "--lr", "1e-4", "--max-length", "96",
-        "--eval-every", "25")
+    run(
+        "rm",
+        "train",
+        "--model",
+        "minilm-l6",
+        "--train",
+        str(data),
+        "--prompt-column",
+        "--n-train",
+        "500",
+        "--output",
+        str(OUT),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--lr",
+        "1e-4",
+        "--max-length",
+        "96",
+        "--eval-every",
+        "25",
+    )
     run("rm", "eval", "--model", str(OUT), "--eval", str(data), "--prompt-column", "--n-skip", "500")
     prompt = "Write a short review of the kettle."
-    run("score", "--model", str(OUT), "--prompt", prompt,
+    run(
+        "score",
+        "--model",
+        str(OUT),
+        "--prompt",
+        prompt,
         "I love this kettle. The design is superb. Highly recommended!",
-        "This kettle is terrible. The lid broke in a week. Do not buy.")
+        "This kettle is terrible. The lid broke in a week. Do not buy.",
+    )
     report = json.loads((OUT / "eval_report.json").read_text())
     print(
         f"\nDemo finished in {time.time() - t0:.0f} s. Held-out pairwise accuracy {report['pairwise_accuracy']:.3f}, "

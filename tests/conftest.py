@@ -8,8 +8,9 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 import pytest
 
@@ -86,7 +87,9 @@ REPO = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
 
 
-def wait_until(predicate: Callable[[], T], timeout: float = 10.0, what: str = "the condition", interval: float = 0.005) -> T:
+def wait_until(
+    predicate: Callable[[], T], timeout: float = 10.0, what: str = "the condition", interval: float = 0.005
+) -> T:
     """Call ``predicate`` every ``interval`` seconds until it returns something true, and return
     that; after ``timeout`` seconds fail, saying ``what`` was awaited. The timeout is a bound
     on a hang, not a measurement: a slow machine only makes the test wait longer."""
@@ -100,7 +103,9 @@ def wait_until(predicate: Callable[[], T], timeout: float = 10.0, what: str = "t
         time.sleep(interval)
 
 
-def launch(args: list, nprocs: int = 2, *, config_file: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+def launch(
+    args: list, nprocs: int = 2, *, config_file: Path | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess:
     """Run ``args`` (a script and its arguments, or ``-m module ...``) as ``nprocs`` CPU processes
     under ``accelerate launch``, or, with ``nprocs=1``, as one plain Python process (the
     single-process reference of a multi-process test); return the finished process, whose
@@ -116,12 +121,28 @@ def launch(args: list, nprocs: int = 2, *, config_file: Path | None = None, time
         # accelerate 1.x's `launch --cpu --num_processes 2` starts ONE process unless mpirun is
         # configured; `--multi_gpu` uses torch's launcher, and rlhfkit's own `--cpu` flag then makes
         # Accelerator pick the gloo backend on CPU (DistributedType.MULTI_CPU).
-        where = ["--config_file", str(config_file)] if config_file is not None else [
-            "--multi_gpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+        where = (
+            ["--config_file", str(config_file)]
+            if config_file is not None
+            else ["--multi_gpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+        )
         # port 0: accelerate picks a free port for the processes to meet on
-        cmd = [accelerate, "launch", *where, "--num_processes", str(nprocs), "--main_process_port", "0", *map(str, args)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": os.pathsep.join(p for p in (str(REPO / "src"), os.environ.get("PYTHONPATH")) if p)}
+        cmd = [
+            accelerate,
+            "launch",
+            *where,
+            "--num_processes",
+            str(nprocs),
+            "--main_process_port",
+            "0",
+            *map(str, args),
+        ]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONPATH": os.pathsep.join(p for p in (str(REPO / "src"), os.environ.get("PYTHONPATH")) if p),
+    }
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
@@ -140,8 +161,10 @@ def launch(args: list, nprocs: int = 2, *, config_file: Path | None = None, time
         stdout, stderr = proc.communicate()
         why = f"did not finish in {timeout:g} s (killed)"
     if why:
-        pytest.fail(f"{' '.join(cmd)}\n{why}.\n--- stdout (end) ---\n{stdout[-2000:]}\n--- stderr (end) ---\n{stderr[-4000:]}",
-                    pytrace=False)
+        pytest.fail(
+            f"{' '.join(cmd)}\n{why}.\n--- stdout (end) ---\n{stdout[-2000:]}\n--- stderr (end) ---\n{stderr[-4000:]}",
+            pytrace=False,
+        )
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 

@@ -23,9 +23,11 @@ RECORD: dict = {}
 
 def _record_one(model: torch.nn.Module) -> dict:
     params = list(model.parameters())
-    return {"dtensor": all(isinstance(p, DTensor) for p in params),
-            "local": sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in params),
-            "global": sum(p.numel() for p in params)}
+    return {
+        "dtensor": all(isinstance(p, DTensor) for p in params),
+        "local": sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in params),
+        "global": sum(p.numel() for p in params),
+    }
 
 
 def _record(models) -> None:
@@ -36,7 +38,9 @@ def _record(models) -> None:
 
 def probe_train_step(*args, **kwargs):
     out = REAL(*args, **kwargs)
-    if len(RECORD) < 4:  # after the step: FSDP2 reshards after the backward pass (a forward alone may leave the root gathered)
+    if (
+        len(RECORD) < 4
+    ):  # after the step: FSDP2 reshards after the backward pass (a forward alone may leave the root gathered)
         _record(args[1])
     return out
 
@@ -61,10 +65,25 @@ def fixed_update(prefix: str, policy: str, reward_model: str, algo: str) -> None
     accelerator = Accelerator(cpu=True)
     enable_fsdp_on_cpu(accelerator)
     world, rank = accelerator.num_processes, accelerator.process_index
-    cfg = from_dict(RLConfig, dict(policy=policy, reward=reward_model, prompts="unused.txt", output=f"{prefix}-run", algo=algo,
-                                   critic="reward-model", batch_size=8 // world // (2 if algo != "ppo" else 1),
-                                   samples_per_prompt=1 if algo == "ppo" else 2, mini_batch_size=8 // world, ppo_epochs=2,
-                                   lr=1e-3, max_grad_norm=0.0, packing=False, kl_coef=0.05))
+    cfg = from_dict(
+        RLConfig,
+        dict(
+            policy=policy,
+            reward=reward_model,
+            prompts="unused.txt",
+            output=f"{prefix}-run",
+            algo=algo,
+            critic="reward-model",
+            batch_size=8 // world // (2 if algo != "ppo" else 1),
+            samples_per_prompt=1 if algo == "ppo" else 2,
+            mini_batch_size=8 // world,
+            ppo_epochs=2,
+            lr=1e-3,
+            max_grad_norm=0.0,
+            packing=False,
+            kl_coef=0.05,
+        ),
+    )
     torch.manual_seed(0)
     actor, tok = load_policy(policy)
     critic = load_critic("reward-model", tok, reward=reward_model, policy=policy) if algo == "ppo" else None
@@ -74,17 +93,31 @@ def fixed_update(prefix: str, policy: str, reward_model: str, algo: str) -> None
     query_ids, response_ids = torch.randint(3, 200, (M, P), generator=g), torch.randint(3, 200, (M, N), generator=g)
     if algo != "ppo":  # the two samples of a prompt share it
         query_ids[1::2] = query_ids[0::2]
-    mask = torch.ones(M, N, dtype=torch.long)  # equal lengths: the mean of the processes' token means is the global mean
+    mask = torch.ones(
+        M, N, dtype=torch.long
+    )  # equal lengths: the mean of the processes' token means is the global mean
     ids, am = torch.cat([query_ids, response_ids], 1), torch.cat([torch.ones(M, P, dtype=torch.long), mask], 1)
     with torch.no_grad():
         old = policy_logprobs(actor, ids, am, response_ids, 1.0)
         values = critic(ids, am, N) if critic is not None else torch.zeros(M, N)
     scores = torch.randn(M, generator=g)
     rows = slice(rank * M // world, (rank + 1) * M // world)
-    r = Rollout(prompts=["p"] * M, responses=["r"] * M, query_ids=query_ids, query_mask=torch.ones(M, P, dtype=torch.long),
-                response_ids=response_ids, response_mask=mask, ended=torch.ones(M, dtype=torch.bool), old_logprobs=old,
-                ref_logprobs=old + 0.1 * torch.randn(M, N, generator=g), old_values=values, scores=scores)
-    r = Rollout(**{k: (v[rows] if isinstance(v, torch.Tensor) else v[rows]) for k, v in vars(r).items() if k != "packed"})
+    r = Rollout(
+        prompts=["p"] * M,
+        responses=["r"] * M,
+        query_ids=query_ids,
+        query_mask=torch.ones(M, P, dtype=torch.long),
+        response_ids=response_ids,
+        response_mask=mask,
+        ended=torch.ones(M, dtype=torch.bool),
+        old_logprobs=old,
+        ref_logprobs=old + 0.1 * torch.randn(M, N, generator=g),
+        old_values=values,
+        scores=scores,
+    )
+    r = Rollout(
+        **{k: (v[rows] if isinstance(v, torch.Tensor) else v[rows]) for k, v in vars(r).items() if k != "packed"}
+    )
     run = Run(cfg, "probe", accelerator, None)
     steps, _, model = build_networks(cfg, run, model)
     advantages, returns, _, _ = compute_advantages(cfg, r, r.scores, cfg.kl_coef, accelerator)

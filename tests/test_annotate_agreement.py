@@ -60,8 +60,11 @@ def test_errors_name_the_problem():
 
 def test_report_groups_by_set_and_annotator_pair():
     rankings = [
-        (1, "alice", (0, 1, 2)), (1, "bob", (0, 2, 1)), (1, "carol", (2, 1, 0)),
-        (2, "alice", (0, 1, 2)), (2, "bob", (0, 1, 2)),
+        (1, "alice", (0, 1, 2)),
+        (1, "bob", (0, 2, 1)),
+        (1, "carol", (2, 1, 0)),
+        (2, "alice", (0, 1, 2)),
+        (2, "bob", (0, 1, 2)),
     ]
     report = agreement_report(rankings)
     pairs = {(p["annotator_a"], p["annotator_b"]): p for p in report["pairs"]}

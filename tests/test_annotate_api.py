@@ -48,7 +48,9 @@ def auth(token: str) -> dict[str, str]:
 
 def db_rows(path) -> list[tuple]:
     with sqlite3.connect(path) as conn:
-        return conn.execute("SELECT id, set_id, user_id, ranks, comment, deleted_at FROM rankings ORDER BY id").fetchall()
+        return conn.execute(
+            "SELECT id, set_id, user_id, ranks, comment, deleted_at FROM rankings ORDER BY id"
+        ).fetchall()
 
 
 @pytest.fixture
@@ -56,7 +58,11 @@ def env(tmp_path):
     """A store with a prompt pool, annotators alice and bob, admin root; an app (K=3, no prefetch)."""
     store = AnnotationStore(tmp_path / "annotations.db")
     store.add_prompts(PROMPTS)
-    tokens = {"alice": store.add_user("alice"), "bob": store.add_user("bob"), "root": store.add_user("root", admin=True)}
+    tokens = {
+        "alice": store.add_user("alice"),
+        "bob": store.add_user("bob"),
+        "root": store.add_user("root", admin=True),
+    }
     generator = EchoGenerator()
 
     def make(**kwargs):
@@ -84,7 +90,9 @@ def next_task(client, token, **params) -> dict:
 
 
 def submit(client, token, set_id, ranking, comment="", expect=201) -> dict:
-    r = client.post("/api/rankings", json={"set_id": set_id, "ranking": ranking, "comment": comment}, headers=auth(token))
+    r = client.post(
+        "/api/rankings", json={"set_id": set_id, "ranking": ranking, "comment": comment}, headers=auth(token)
+    )
     assert r.status_code == expect, r.text
     return r.json()
 
@@ -100,10 +108,17 @@ def assert_error(r, status: int, code: str, match: str = "") -> None:
 
 
 ENDPOINTS = [
-    ("GET", "/api/me", None), ("GET", "/api/next", None), ("POST", "/api/prompts", {"text": "hi"}),
-    ("POST", "/api/rankings", {"set_id": 1, "ranking": [[0], [1], [2]]}), ("POST", "/api/skips", {"set_id": 1}),
-    ("GET", "/api/rankings", None), ("GET", "/api/rankings/1", None), ("PATCH", "/api/rankings/1", {"comment": "x"}),
-    ("DELETE", "/api/rankings/1", None), ("POST", "/api/rankings/1/restore", None), ("GET", "/api/stats", None),
+    ("GET", "/api/me", None),
+    ("GET", "/api/next", None),
+    ("POST", "/api/prompts", {"text": "hi"}),
+    ("POST", "/api/rankings", {"set_id": 1, "ranking": [[0], [1], [2]]}),
+    ("POST", "/api/skips", {"set_id": 1}),
+    ("GET", "/api/rankings", None),
+    ("GET", "/api/rankings/1", None),
+    ("PATCH", "/api/rankings/1", {"comment": "x"}),
+    ("DELETE", "/api/rankings/1", None),
+    ("POST", "/api/rankings/1/restore", None),
+    ("GET", "/api/stats", None),
     ("GET", "/api/export", None),
 ]
 
@@ -113,8 +128,12 @@ def test_every_data_endpoint_needs_a_valid_token(env, method, path, body):
     t = next_task(env.client, env.tokens["alice"])
     submit(env.client, env.tokens["alice"], t["set_id"], [[0], [1], [2]])
     before = db_rows(env.db)
-    for headers, code in [({}, "missing_token"), ({"Authorization": "Basic abc"}, "invalid_token"),
-                          ({"Authorization": "Bearer "}, "invalid_token"), (auth("not-a-token"), "invalid_token")]:
+    for headers, code in [
+        ({}, "missing_token"),
+        ({"Authorization": "Basic abc"}, "invalid_token"),
+        ({"Authorization": "Bearer "}, "invalid_token"),
+        (auth("not-a-token"), "invalid_token"),
+    ]:
         r = env.client.request(method, path, json=body, headers=headers)
         assert_error(r, 401, code, "token")
     assert db_rows(env.db) == before
@@ -132,7 +151,9 @@ def test_health_and_pages_need_no_token_and_send_security_headers(env):
         assert env.client.get(f"/static/{asset}").status_code == 200
     # The front end never feeds server text to innerHTML.
     for asset in ["common.js", "annotate.js", "dataset.js"]:
-        assert not re.search(r"\.(inner|outer)HTML\b|insertAdjacentHTML|document\.write", env.client.get(f"/static/{asset}").text)
+        assert not re.search(
+            r"\.(inner|outer)HTML\b|insertAdjacentHTML|document\.write", env.client.get(f"/static/{asset}").text
+        )
 
 
 def test_unknown_routes_and_methods_are_json_errors(env):
@@ -142,8 +163,14 @@ def test_unknown_routes_and_methods_are_json_errors(env):
 
 def test_me(env):
     r = env.client.get("/api/me", headers=auth(env.tokens["root"]))
-    assert r.json() == {"name": "root", "is_admin": True, "k": 3, "allow_ties": False, "model": "echo",
-                        "prompts": {"pool": 4, "typed": 0}}
+    assert r.json() == {
+        "name": "root",
+        "is_admin": True,
+        "k": 3,
+        "allow_ties": False,
+        "model": "echo",
+        "prompts": {"pool": 4, "typed": 0},
+    }
     assert env.client.get("/api/me", headers=auth(env.tokens["bob"])).json()["is_admin"] is False
 
 
@@ -197,12 +224,24 @@ def test_next_for_an_explicit_prompt_and_random(env):
 
 
 def test_next_unknown_prompt_id_and_bad_params(env):
-    assert_error(env.client.get("/api/next", params={"prompt_id": 999}, headers=auth(env.tokens["alice"])),
-                 404, "unknown_prompt", "prompt 999")
-    assert_error(env.client.get("/api/next", params={"mode": "oldest"}, headers=auth(env.tokens["alice"])),
-                 422, "invalid_request", "mode")
-    assert_error(env.client.get("/api/next", params={"wait": -1}, headers=auth(env.tokens["alice"])),
-                 422, "invalid_request", "wait")
+    assert_error(
+        env.client.get("/api/next", params={"prompt_id": 999}, headers=auth(env.tokens["alice"])),
+        404,
+        "unknown_prompt",
+        "prompt 999",
+    )
+    assert_error(
+        env.client.get("/api/next", params={"mode": "oldest"}, headers=auth(env.tokens["alice"])),
+        422,
+        "invalid_request",
+        "mode",
+    )
+    assert_error(
+        env.client.get("/api/next", params={"wait": -1}, headers=auth(env.tokens["alice"])),
+        422,
+        "invalid_request",
+        "wait",
+    )
     assert env.generator.calls == 0
 
 
@@ -210,7 +249,9 @@ def test_random_with_an_empty_pool(tmp_path):
     store = AnnotationStore(tmp_path / "empty.db")
     token = store.add_user("alice")
     with TestClient(create_app(store, EchoGenerator(), k=3, prefetch=0)) as client:
-        assert_error(client.get("/api/next", params={"mode": "random"}, headers=auth(token)), 404, "no_prompts", "--prompts")
+        assert_error(
+            client.get("/api/next", params={"mode": "random"}, headers=auth(token)), 404, "no_prompts", "--prompts"
+        )
         assert client.get("/api/next", headers=auth(token)).json()["status"] == "empty"
 
 
@@ -269,8 +310,12 @@ class FlakyGenerator:
 
 def test_generation_failure_is_a_503_and_a_retry_works(env):
     with TestClient(create_app(env.store, FlakyGenerator(fail=1), k=3, prefetch=0)) as client:
-        assert_error(client.get("/api/next", params={"wait": 5}, headers=auth(env.tokens["alice"])),
-                     503, "generation_failed", "out of memory")
+        assert_error(
+            client.get("/api/next", params={"wait": 5}, headers=auth(env.tokens["alice"])),
+            503,
+            "generation_failed",
+            "out of memory",
+        )
         assert next_task(client, env.tokens["alice"])["responses"] == ["r0", "r1", "r2"]
 
 
@@ -308,7 +353,9 @@ def test_submit_stores_one_row(env):
 def test_resubmitting_the_same_set_is_a_conflict(env):
     t = next_task(env.client, env.tokens["alice"])
     submit(env.client, env.tokens["alice"], t["set_id"], [[0], [1], [2]])
-    r = env.client.post("/api/rankings", json={"set_id": t["set_id"], "ranking": [[1], [0], [2]]}, headers=auth(env.tokens["alice"]))
+    r = env.client.post(
+        "/api/rankings", json={"set_id": t["set_id"], "ranking": [[1], [0], [2]]}, headers=auth(env.tokens["alice"])
+    )
     assert_error(r, 409, "already_ranked", "edit or delete")
     assert len(db_rows(env.db)) == 1
 
@@ -345,8 +392,18 @@ def test_bad_submissions_are_4xx_and_change_nothing(env, body, status, code, mat
 def test_malformed_and_oversized_bodies(env):
     next_task(env.client, env.tokens["alice"])
     h = auth(env.tokens["alice"]) | {"Content-Type": "application/json"}
-    assert_error(env.client.post("/api/rankings", content=b'{"set_id": 1, "ranking": [[0]', headers=h), 400, "invalid_json", "JSON")
-    assert_error(env.client.post("/api/rankings", content=b"set_id=1", headers=auth(env.tokens["alice"])), 400, "invalid_json", "JSON")
+    assert_error(
+        env.client.post("/api/rankings", content=b'{"set_id": 1, "ranking": [[0]', headers=h),
+        400,
+        "invalid_json",
+        "JSON",
+    )
+    assert_error(
+        env.client.post("/api/rankings", content=b"set_id=1", headers=auth(env.tokens["alice"])),
+        400,
+        "invalid_json",
+        "JSON",
+    )
     big = json.dumps({"set_id": 1, "ranking": [[0], [1], [2]], "comment": "x" * 70_000}).encode()
     assert_error(env.client.post("/api/rankings", content=big, headers=h), 413, "body_too_large", "65536 bytes")
 
@@ -365,7 +422,9 @@ def test_ties_when_the_task_allows_them(env):
         assert t["allow_ties"] is True
         assert submit(client, env.tokens["alice"], t["set_id"], [[2], [0, 1]])["ranks"] == [1, 1, 0]
         t2 = next_task(client, env.tokens["alice"])
-        r = client.post("/api/rankings", json={"set_id": t2["set_id"], "ranking": [[0, 1, 2]]}, headers=auth(env.tokens["alice"]))
+        r = client.post(
+            "/api/rankings", json={"set_id": t2["set_id"], "ranking": [[0, 1, 2]]}, headers=auth(env.tokens["alice"])
+        )
         assert_error(r, 422, "invalid_ranking", "no preference")
     assert len(db_rows(env.db)) == 1
 
@@ -416,15 +475,20 @@ def test_list_filters_and_pagination(ranked):
     assert listing(ranked, "root", per_page=3, page=5)["items"] == []
 
 
-@pytest.mark.parametrize("params,status,code,match", [
-    ({"annotator": "bob"}, 403, "forbidden", "own rankings"),
-    ({"prompt_id": 999}, 404, "unknown_prompt", "999"),
-    ({"page": 0}, 422, "invalid_request", "page"),
-    ({"per_page": 101}, 422, "invalid_request", "per_page"),
-    ({"deleted": "maybe"}, 422, "invalid_request", "deleted"),
-])
+@pytest.mark.parametrize(
+    "params,status,code,match",
+    [
+        ({"annotator": "bob"}, 403, "forbidden", "own rankings"),
+        ({"prompt_id": 999}, 404, "unknown_prompt", "999"),
+        ({"page": 0}, 422, "invalid_request", "page"),
+        ({"per_page": 101}, 422, "invalid_request", "per_page"),
+        ({"deleted": "maybe"}, 422, "invalid_request", "deleted"),
+    ],
+)
 def test_bad_list_requests(ranked, params, status, code, match):
-    assert_error(ranked.client.get("/api/rankings", params=params, headers=auth(ranked.tokens["alice"])), status, code, match)
+    assert_error(
+        ranked.client.get("/api/rankings", params=params, headers=auth(ranked.tokens["alice"])), status, code, match
+    )
 
 
 # ------------------------------------------------------------------ integers out of range
@@ -448,7 +512,9 @@ def int_parameters(app) -> set[tuple[str, str, str]]:
             dependants += d.dependencies
             names += [p.name for p in d.path_params + d.query_params if _holds_int(p.field_info.annotation)]
             for body in d.body_params:
-                names += [name for name, f in body.field_info.annotation.model_fields.items() if _holds_int(f.annotation)]
+                names += [
+                    name for name, f in body.field_info.annotation.model_fields.items() if _holds_int(f.annotation)
+                ]
         found |= {(method, route.path, name) for method in route.methods for name in names}
     return found
 
@@ -456,15 +522,27 @@ def int_parameters(app) -> set[tuple[str, str, str]]:
 # Each: a request that is valid except that the named integer is ``v``.
 INT_INPUTS = {
     ("GET", "/api/next", "prompt_id"): lambda v: {"url": "/api/next", "params": {"prompt_id": v}},
-    ("POST", "/api/rankings", "set_id"): lambda v: {"url": "/api/rankings", "json": {"set_id": v, "ranking": [[0], [1], [2]]}},
-    ("POST", "/api/rankings", "ranking"): lambda v: {"url": "/api/rankings", "json": {"set_id": 1, "ranking": [[v], [1], [2]]}},
+    ("POST", "/api/rankings", "set_id"): lambda v: {
+        "url": "/api/rankings",
+        "json": {"set_id": v, "ranking": [[0], [1], [2]]},
+    },
+    ("POST", "/api/rankings", "ranking"): lambda v: {
+        "url": "/api/rankings",
+        "json": {"set_id": 1, "ranking": [[v], [1], [2]]},
+    },
     ("POST", "/api/skips", "set_id"): lambda v: {"url": "/api/skips", "json": {"set_id": v}},
     ("GET", "/api/rankings", "page"): lambda v: {"url": "/api/rankings", "params": {"page": v}},
     ("GET", "/api/rankings", "per_page"): lambda v: {"url": "/api/rankings", "params": {"per_page": v}},
     ("GET", "/api/rankings", "prompt_id"): lambda v: {"url": "/api/rankings", "params": {"prompt_id": v}},
     ("GET", "/api/rankings/{ranking_id}", "ranking_id"): lambda v: {"url": f"/api/rankings/{v}"},
-    ("PATCH", "/api/rankings/{ranking_id}", "ranking_id"): lambda v: {"url": f"/api/rankings/{v}", "json": {"comment": "x"}},
-    ("PATCH", "/api/rankings/{ranking_id}", "ranking"): lambda v: {"url": "/api/rankings/1", "json": {"ranking": [[v], [1], [2]]}},
+    ("PATCH", "/api/rankings/{ranking_id}", "ranking_id"): lambda v: {
+        "url": f"/api/rankings/{v}",
+        "json": {"comment": "x"},
+    },
+    ("PATCH", "/api/rankings/{ranking_id}", "ranking"): lambda v: {
+        "url": "/api/rankings/1",
+        "json": {"ranking": [[v], [1], [2]]},
+    },
     ("DELETE", "/api/rankings/{ranking_id}", "ranking_id"): lambda v: {"url": f"/api/rankings/{v}"},
     ("POST", "/api/rankings/{ranking_id}/restore", "ranking_id"): lambda v: {"url": f"/api/rankings/{v}/restore"},
     ("GET", "/api/export", "prompt_id"): lambda v: {"url": "/api/export", "params": {"prompt_id": v}},
@@ -488,15 +566,27 @@ def test_integers_out_of_range_are_4xx_json_errors(ranked, method, route, param,
 
 def test_the_largest_integers_reach_the_database_safely(ranked):
     h = auth(ranked.tokens["root"])
-    assert_error(ranked.client.get(f"/api/rankings/{SQLITE_INT_MAX}", headers=h), 404, "unknown_ranking", str(SQLITE_INT_MAX))
+    assert_error(
+        ranked.client.get(f"/api/rankings/{SQLITE_INT_MAX}", headers=h), 404, "unknown_ranking", str(SQLITE_INT_MAX)
+    )
     assert_error(ranked.client.post("/api/skips", json={"set_id": SQLITE_INT_MAX}, headers=h), 404, "unknown_set", "")
-    assert_error(ranked.client.get("/api/next", params={"prompt_id": SQLITE_INT_MAX}, headers=h), 404, "unknown_prompt", "")
+    assert_error(
+        ranked.client.get("/api/next", params={"prompt_id": SQLITE_INT_MAX}, headers=h), 404, "unknown_prompt", ""
+    )
     last_page = SQLITE_INT_MAX // 100
     assert listing(ranked, "root", page=last_page, per_page=100)["items"] == []  # its row offset fits in SQLite
-    assert_error(ranked.client.get("/api/rankings", params={"page": last_page + 1}, headers=h),
-                 422, "invalid_request", f"query.page: Input should be less than or equal to {last_page}")
-    assert_error(ranked.client.get("/api/rankings/0", headers=h), 422, "invalid_request",
-                 "path.ranking_id: Input should be greater than or equal to 1")
+    assert_error(
+        ranked.client.get("/api/rankings", params={"page": last_page + 1}, headers=h),
+        422,
+        "invalid_request",
+        f"query.page: Input should be less than or equal to {last_page}",
+    )
+    assert_error(
+        ranked.client.get("/api/rankings/0", headers=h),
+        422,
+        "invalid_request",
+        "path.ranking_id: Input should be greater than or equal to 1",
+    )
 
 
 def test_admin_filter_by_unknown_annotator(ranked):
@@ -507,25 +597,54 @@ def test_admin_filter_by_unknown_annotator(ranked):
 def test_get_one_ranking_permissions(ranked):
     a1, b1 = ranked.ids["alice"][0], ranked.ids["bob"][0]
     assert ranked.client.get(f"/api/rankings/{a1}", headers=auth(ranked.tokens["alice"])).json()["id"] == a1
-    assert_error(ranked.client.get(f"/api/rankings/{b1}", headers=auth(ranked.tokens["alice"])), 403, "forbidden", "another annotator")
+    assert_error(
+        ranked.client.get(f"/api/rankings/{b1}", headers=auth(ranked.tokens["alice"])),
+        403,
+        "forbidden",
+        "another annotator",
+    )
     assert ranked.client.get(f"/api/rankings/{b1}", headers=auth(ranked.tokens["root"])).json()["annotator"] == "bob"
-    assert_error(ranked.client.get("/api/rankings/999", headers=auth(ranked.tokens["root"])), 404, "unknown_ranking", "999")
-    assert_error(ranked.client.get("/api/rankings/abc", headers=auth(ranked.tokens["root"])), 422, "invalid_request", "ranking_id")
+    assert_error(
+        ranked.client.get("/api/rankings/999", headers=auth(ranked.tokens["root"])), 404, "unknown_ranking", "999"
+    )
+    assert_error(
+        ranked.client.get("/api/rankings/abc", headers=auth(ranked.tokens["root"])),
+        422,
+        "invalid_request",
+        "ranking_id",
+    )
 
 
 def test_edit_own_ranking_only(ranked):
     a1, b1 = ranked.ids["alice"][0], ranked.ids["bob"][0]
     h = auth(ranked.tokens["alice"])
     before = db_rows(ranked.db)
-    assert_error(ranked.client.patch(f"/api/rankings/{b1}", json={"comment": "mine now"}, headers=h), 403, "forbidden", "another")
-    assert_error(ranked.client.patch(f"/api/rankings/{a1}", json={"ranking": [[0], [0], [1]]}, headers=h), 422, "invalid_ranking", "")
-    assert_error(ranked.client.patch(f"/api/rankings/{a1}", json={"ranks": [0, 1, 2]}, headers=h), 422, "invalid_request", "ranks")
+    assert_error(
+        ranked.client.patch(f"/api/rankings/{b1}", json={"comment": "mine now"}, headers=h), 403, "forbidden", "another"
+    )
+    assert_error(
+        ranked.client.patch(f"/api/rankings/{a1}", json={"ranking": [[0], [0], [1]]}, headers=h),
+        422,
+        "invalid_ranking",
+        "",
+    )
+    assert_error(
+        ranked.client.patch(f"/api/rankings/{a1}", json={"ranks": [0, 1, 2]}, headers=h),
+        422,
+        "invalid_request",
+        "ranks",
+    )
     assert_error(ranked.client.patch("/api/rankings/999", json={"comment": "x"}, headers=h), 404, "unknown_ranking", "")
     assert db_rows(ranked.db) == before
     r = ranked.client.patch(f"/api/rankings/{a1}", json={"ranking": [[1], [2], [0]], "comment": "changed"}, headers=h)
     assert r.status_code == 200 and r.json()["ranks"] == [2, 0, 1] and r.json()["comment"] == "changed"
     assert r.json()["updated_at"] is not None
-    assert ranked.client.patch(f"/api/rankings/{b1}", json={"comment": "admin note"}, headers=auth(ranked.tokens["root"])).status_code == 200
+    assert (
+        ranked.client.patch(
+            f"/api/rankings/{b1}", json={"comment": "admin note"}, headers=auth(ranked.tokens["root"])
+        ).status_code
+        == 200
+    )
 
 
 def test_delete_and_undo_own_rankings_only(ranked):
@@ -541,7 +660,9 @@ def test_delete_and_undo_own_rankings_only(ranked):
     assert a1 not in [i["id"] for i in listing(ranked, "alice")["items"]]
     assert [i["id"] for i in listing(ranked, "alice", deleted="true")["items"]] == [a1]
     assert_error(ranked.client.delete(f"/api/rankings/{a1}", headers=ha), 409, "already_deleted", "")
-    assert_error(ranked.client.patch(f"/api/rankings/{a1}", json={"comment": "x"}, headers=ha), 409, "deleted", "restore")
+    assert_error(
+        ranked.client.patch(f"/api/rankings/{a1}", json={"comment": "x"}, headers=ha), 409, "deleted", "restore"
+    )
     assert_error(ranked.client.post(f"/api/rankings/{a1}/restore", headers=hb), 403, "forbidden", "")
     assert ranked.client.post(f"/api/rankings/{a1}/restore", headers=ha).json() == {"id": a1, "deleted": False}
     assert_error(ranked.client.post(f"/api/rankings/{a1}/restore", headers=ha), 409, "cannot_restore", "not deleted")
@@ -559,7 +680,9 @@ def test_undo_after_re_ranking_is_a_conflict(ranked):
     t = next_task(ranked.client, ranked.tokens["alice"], prompt_id=1)
     assert t["set_id"] == 1  # the deleted ranking frees the set again
     submit(ranked.client, ranked.tokens["alice"], 1, [[1], [0], [2]])
-    assert_error(ranked.client.post(f"/api/rankings/{a1}/restore", headers=ha), 409, "cannot_restore", "delete that one first")
+    assert_error(
+        ranked.client.post(f"/api/rankings/{a1}/restore", headers=ha), 409, "cannot_restore", "delete that one first"
+    )
 
 
 # ------------------------------------------------------------------ stats and export
@@ -602,7 +725,9 @@ def test_export_round_trips_through_the_reader(ranked, tmp_path):
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/tab-separated-values")
     (tmp_path / "all.tsv").write_bytes(r.content)
     tsv = read_preferences(tmp_path / "all.tsv", prompt_column=True)
-    assert [(ex.prompt, ex.responses, ex.ranks) for ex in tsv] == [(ex.prompt, ex.responses, ex.ranks) for ex in examples]
+    assert [(ex.prompt, ex.responses, ex.ranks) for ex in tsv] == [
+        (ex.prompt, ex.responses, ex.ranks) for ex in examples
+    ]
 
 
 def test_export_permissions_and_filters(ranked, tmp_path):

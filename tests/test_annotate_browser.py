@@ -32,10 +32,17 @@ from rlhfkit.models.tiny import build_tiny_causal_lm  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SCREENSHOT = REPO / "docs" / "annotate.png"
-BROWSER_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync", "--no-first-run"]
+BROWSER_ARGS = [
+    "--no-sandbox",
+    "--headless",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 
-XSS_PROMPT = 'Reply with HTML <img src=x onerror="window.__xss=\'prompt\'">'
+XSS_PROMPT = "Reply with HTML <img src=x onerror=\"window.__xss='prompt'\">"
 XSS_RESPONSES = [
     "<script>window.__xss = 'script'</script>",
     "<img src=x onerror=\"window.__xss = 'img'\">",
@@ -75,9 +82,25 @@ def server(tmp_path_factory):
     port = free_port()
     log = open(root / "server.log", "wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "rlhfkit.annotate.cli", "--policy", str(model), "--prompts", str(root / "prompts.txt"),
-         "--db", str(db), "--port", str(port), "--samples-per-prompt", "4", "--max-new-tokens", "16"],
-        stdout=log, stderr=subprocess.STDOUT,
+        [
+            sys.executable,
+            "-m",
+            "rlhfkit.annotate.cli",
+            "--policy",
+            str(model),
+            "--prompts",
+            str(root / "prompts.txt"),
+            "--db",
+            str(db),
+            "--port",
+            str(port),
+            "--samples-per-prompt",
+            "4",
+            "--max-new-tokens",
+            "16",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
         env=os.environ | {"OMP_NUM_THREADS": "1"},  # a tiny model; threads only contend on a busy machine
     )
     url = f"http://127.0.0.1:{port}"
@@ -119,8 +142,10 @@ def page(browser):
     page.on("pageerror", lambda e: page.errors.append(str(e)))
     page.on("dialog", lambda d: (page.errors.append(f"dialog: {d.message}"), d.dismiss()))
     # Record CSP violations: a blocked inline script would still mean markup was parsed.
-    page.add_init_script("window.__csp = []; document.addEventListener('securitypolicyviolation', "
-                         "e => window.__csp.push(e.violatedDirective));")
+    page.add_init_script(
+        "window.__csp = []; document.addEventListener('securitypolicyviolation', "
+        "e => window.__csp.push(e.violatedDirective));"
+    )
     yield page
     context.close()
 
@@ -138,7 +163,8 @@ def db_ranking(db, ranking_id: int) -> tuple:
     with sqlite3.connect(db) as conn:
         return conn.execute(
             "SELECT r.set_id, r.ranks, r.comment, s.model, s.responses, r.deleted_at FROM rankings r "
-            "JOIN generation_sets s ON s.id = r.set_id WHERE r.id = ?", (ranking_id,)
+            "JOIN generation_sets s ON s.id = r.set_id WHERE r.id = ?",
+            (ranking_id,),
         ).fetchone()
 
 
@@ -173,12 +199,12 @@ def test_rank_by_keyboard_and_drag_and_drop_then_read_back(page, server, tmp_pat
 
     # The keyboard: arrows select, digits move the selected card to that rank, Shift+arrows move by one.
     page.wait_for_function("document.activeElement.classList.contains('card')")
-    page.keyboard.press("ArrowDown")   # select B
-    page.keyboard.press("1")           # B to rank 1:        B A C D
+    page.keyboard.press("ArrowDown")  # select B
+    page.keyboard.press("1")  # B to rank 1:        B A C D
     page.keyboard.press("ArrowDown")
-    page.keyboard.press("ArrowDown")   # select C
+    page.keyboard.press("ArrowDown")  # select C
     page.keyboard.press("Shift+ArrowDown")  # C down one:    B A D C
-    page.keyboard.press("2")           # C to rank 2:        B C A D
+    page.keyboard.press("2")  # C to rank 2:        B C A D
     assert shown_order(page) == [1, 2, 0, 3]
     assert page.locator("#responses .card .rank").all_inner_texts() == ["1", "2", "3", "4"]
     page.fill("#comment", "keyboard ranked")
@@ -205,7 +231,12 @@ def test_rank_by_keyboard_and_drag_and_drop_then_read_back(page, server, tmp_pat
 
     # The export (the CLI, as `rlhfkit annotate export`) holds both lists, best first.
     out = tmp_path / "export.jsonl"
-    assert annotate_main(["export", "--db", str(server["db"]), "--format", "jsonl", "--output", str(out), "--annotator", "alice"]) == 0
+    assert (
+        annotate_main(
+            ["export", "--db", str(server["db"]), "--format", "jsonl", "--output", str(out), "--annotator", "alice"]
+        )
+        == 0
+    )
     examples = read_preferences(out)
     assert [ex.prompt for ex in examples] == [SAMPLE_PROMPT, MODEL_PROMPTS[0]]
     assert examples[0].responses == tuple(SAMPLE_RESPONSES[i] for i in (1, 2, 0, 3))

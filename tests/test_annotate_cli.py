@@ -55,10 +55,17 @@ def test_export_tsv_and_jsonl(db_with_rankings, tmp_path, capsys):
     assert "wrote 3 ranking(s)" in capsys.readouterr().err
     examples = read_preferences(out, prompt_column=True)
     assert [ex.responses for ex in examples] == [
-        ("Rayleigh scattering.", "Because.", "Magic."), ("Because.", "Rayleigh scattering.", "Magic."), ("Green.", "Seven.", "Blue."),
+        ("Rayleigh scattering.", "Because.", "Magic."),
+        ("Because.", "Rayleigh scattering.", "Magic."),
+        ("Green.", "Seven.", "Blue."),
     ]
     out = tmp_path / "alice.jsonl"
-    assert main(["export", "--db", str(db_with_rankings), "--format", "jsonl", "--output", str(out), "--annotator", "alice"]) == 0
+    assert (
+        main(
+            ["export", "--db", str(db_with_rankings), "--format", "jsonl", "--output", str(out), "--annotator", "alice"]
+        )
+        == 0
+    )
     assert [ex.prompt for ex in read_preferences(out)] == ["Why is the sky blue?", "Name a colour."]
 
 
@@ -71,17 +78,25 @@ def test_export_errors(db_with_rankings, tmp_path, capsys):
     assert main(["export", "--db", str(db_with_rankings), "--output", out, "--format", "csv"]) == 2
     assert "argument --format: invalid choice: 'csv'" in capsys.readouterr().err
     assert main(["export", "--db", str(db_with_rankings)]) == 2
-    assert "error: command line: option --output is required (file to write, e.g. prefs.jsonl)" in capsys.readouterr().err
+    assert (
+        "error: command line: option --output is required (file to write, e.g. prefs.jsonl)" in capsys.readouterr().err
+    )
     assert main(["frobnicate"]) == 2
     assert "unknown command 'frobnicate'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("output,match", [
-    ("{tmp}", "--output {tmp} is a folder; give a file name"),
-    ("{tmp}/a.db/x.jsonl", "--output {tmp}/a.db/x.jsonl: {tmp}/a.db is a file, so no folder can be made under it"),
-    pytest.param("/proc/rankings.jsonl", "--output /proc/rankings.jsonl: /proc is not writable; choose a folder you can write to",
-                 marks=pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs a read-only /proc")),
-])
+@pytest.mark.parametrize(
+    "output,match",
+    [
+        ("{tmp}", "--output {tmp} is a folder; give a file name"),
+        ("{tmp}/a.db/x.jsonl", "--output {tmp}/a.db/x.jsonl: {tmp}/a.db is a file, so no folder can be made under it"),
+        pytest.param(
+            "/proc/rankings.jsonl",
+            "--output /proc/rankings.jsonl: /proc is not writable; choose a folder you can write to",
+            marks=pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs a read-only /proc"),
+        ),
+    ],
+)
 def test_export_output_that_cannot_be_written(db_with_rankings, tmp_path, output, match, capsys):
     output, match = output.format(tmp=tmp_path), match.format(tmp=tmp_path)
     before = sorted(tmp_path.rglob("*"))
@@ -107,20 +122,23 @@ def model_calls(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("argv,match", [
-    (["--samples-per-prompt", "1"], "option --samples-per-prompt must be >= 2, got 1"),
-    (["--k", "1"], "option --samples-per-prompt must be >= 2, got 1"),  # the old name still works
-    (["--temperature", "0"], "option --temperature must be > 0, got 0.0"),
-    (["--top-p", "1.5"], "option --top-p must be <= 1, got 1.5"),
-    (["--top-p", "0"], "option --top-p must be > 0, got 0.0"),
-    (["--port", "70000"], "option --port must be <= 65535, got 70000"),
-    (["--max-new-tokens", "0"], "option --max-new-tokens must be >= 1, got 0"),
-    (["--prompts", "/no/such/file.txt"], "--prompts /no/such/file.txt does not exist"),
-    (["--overlap", "0"], "option --overlap must be >= 1, got 0"),
-    (["--prefetch", "-1"], "option --prefetch must be >= 0, got -1"),
-    (["--colour", "red"], "unrecognized arguments: --colour red"),
-    (["--device", "cuda"], "unrecognized arguments: --device cuda"),  # now --cpu
-])
+@pytest.mark.parametrize(
+    "argv,match",
+    [
+        (["--samples-per-prompt", "1"], "option --samples-per-prompt must be >= 2, got 1"),
+        (["--k", "1"], "option --samples-per-prompt must be >= 2, got 1"),  # the old name still works
+        (["--temperature", "0"], "option --temperature must be > 0, got 0.0"),
+        (["--top-p", "1.5"], "option --top-p must be <= 1, got 1.5"),
+        (["--top-p", "0"], "option --top-p must be > 0, got 0.0"),
+        (["--port", "70000"], "option --port must be <= 65535, got 70000"),
+        (["--max-new-tokens", "0"], "option --max-new-tokens must be >= 1, got 0"),
+        (["--prompts", "/no/such/file.txt"], "--prompts /no/such/file.txt does not exist"),
+        (["--overlap", "0"], "option --overlap must be >= 1, got 0"),
+        (["--prefetch", "-1"], "option --prefetch must be >= 0, got -1"),
+        (["--colour", "red"], "unrecognized arguments: --colour red"),
+        (["--device", "cuda"], "unrecognized arguments: --device cuda"),  # now --cpu
+    ],
+)
 def test_serve_options_are_validated_before_anything_loads(argv, match, model_calls, tmp_path, capsys):
     assert main(argv + ["--db", str(tmp_path / "a.db")]) == 2
     assert match in capsys.readouterr().err
@@ -133,7 +151,10 @@ def test_serve_option_names_defaults_and_old_names(model_calls, tmp_path, caplog
     with caplog.at_level("WARNING"):
         args = parse_args(ServeArgs, ["--model", "m", "--k", "3"])
     assert (args.policy, args.samples_per_prompt) == ("m", 3)
-    assert "option 'model' is now called 'policy'" in caplog.text and "option 'k' is now called 'samples_per_prompt'" in caplog.text
+    assert (
+        "option 'model' is now called 'policy'" in caplog.text
+        and "option 'k' is now called 'samples_per_prompt'" in caplog.text
+    )
     with pytest.raises(ConfigError, match="options 'k' and 'samples_per_prompt' are the same option"):
         parse_args(ServeArgs, ["--k", "3", "--samples-per-prompt", "3"])
 
@@ -141,7 +162,13 @@ def test_serve_option_names_defaults_and_old_names(model_calls, tmp_path, caplog
     for argv, cpu in [([], False), (["--cpu"], True)]:
         with pytest.raises(ModelLoaded):
             main(["--policy", "tiny", "--db", db, "--port", "0"] + argv)
-        assert model_calls.pop() == {"policy": "tiny", "max_new_tokens": 64, "temperature": 1.0, "top_p": 1.0, "cpu": cpu}
+        assert model_calls.pop() == {
+            "policy": "tiny",
+            "max_new_tokens": 64,
+            "temperature": 1.0,
+            "top_p": 1.0,
+            "cpu": cpu,
+        }
 
 
 def test_serve_help(capsys):
@@ -194,7 +221,10 @@ def test_db_that_is_not_a_database(command, model_calls, tmp_path, capsys):
     assert model_calls == []
 
     assert main(argv + ["--db", str(tmp_path)]) == 2
-    assert f"error: --db {tmp_path} is a folder; give the database file, e.g. --db {tmp_path / 'annotations.db'}" in capsys.readouterr().err
+    assert (
+        f"error: --db {tmp_path} is a folder; give the database file, e.g. --db {tmp_path / 'annotations.db'}"
+        in capsys.readouterr().err
+    )
     with pytest.raises(UserError, match="is not an SQLite database"):
         open_store(str(notes), create=True)
 

@@ -73,8 +73,11 @@ class Server:
     def __init__(self, db, k: int):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen([sys.executable, "-c", SERVER, str(db), str(self.port), str(k)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", SERVER, str(db), str(self.port), str(k)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         deadline = time.time() + 60
         while True:
             try:
@@ -143,7 +146,9 @@ def test_8_clients_x_200_submissions_at_once(tmp_path):
             barrier.wait()
             for set_id in set_ids:
                 ranking = random_ranking(rng, k)
-                r = http.post("/api/rankings", json={"set_id": set_id, "ranking": ranking, "comment": f"{name}/{set_id}"})
+                r = http.post(
+                    "/api/rankings", json={"set_id": set_id, "ranking": ranking, "comment": f"{name}/{set_id}"}
+                )
                 statuses[name][r.status_code] += 1
                 submitted[name][set_id] = ranking
 
@@ -169,7 +174,9 @@ def test_8_clients_x_200_submissions_at_once(tmp_path):
         server.stop()
 
     with sqlite3.connect(db) as conn:
-        rows = conn.execute("SELECT u.name, r.set_id, r.ranks, r.comment FROM rankings r JOIN users u ON u.id = r.user_id").fetchall()
+        rows = conn.execute(
+            "SELECT u.name, r.set_id, r.ranks, r.comment FROM rankings r JOIN users u ON u.id = r.user_id"
+        ).fetchall()
     assert len(rows) == n_clients * n_sets == 1600
     for name, set_id, ranks, comment in rows:  # each row is exactly what its client sent
         ranking = submitted[name][set_id]
@@ -178,7 +185,7 @@ def test_8_clients_x_200_submissions_at_once(tmp_path):
 
     # The export round-trips through the reader `rlhfkit rm train` uses.
     expected = Counter()
-    for name, set_id, ranks, _ in rows:
+    for _name, set_id, ranks, _ in rows:
         ranks = json.loads(ranks)
         best_first = tuple(f"answer {j} to prompt {set_id - 1}" for j in sorted(range(k), key=lambda j: ranks[j]))
         expected[(f"prompt {set_id - 1}", best_first)] += 1
@@ -232,7 +239,10 @@ def test_kill_9_loses_no_acknowledged_submission(tmp_path):
 
     with sqlite3.connect(db) as conn:  # opening recovers the WAL; nothing may be half-written
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-        rows = {rid: (set_id, json.loads(ranks)) for rid, set_id, ranks in conn.execute("SELECT id, set_id, ranks FROM rankings")}
+        rows = {
+            rid: (set_id, json.loads(ranks))
+            for rid, set_id, ranks in conn.execute("SELECT id, set_id, ranks FROM rankings")
+        }
     assert all(sorted(ranks) == list(range(k)) for _, ranks in rows.values())
     missing = {rid: v for rid, v in acknowledged.items() if rows.get(rid) != v}
     assert not missing, f"{len(missing)} acknowledged submissions lost or changed, e.g. {list(missing.items())[:3]}"
@@ -240,8 +250,12 @@ def test_kill_9_loses_no_acknowledged_submission(tmp_path):
     # ...and a restarted server serves them all.
     server = Server(db, k)
     try:
-        r = httpx.get(f"{server.url}/api/export", params={"format": "jsonl"},
-                      headers={"Authorization": f"Bearer {tokens['root']}"}, timeout=60)
+        r = httpx.get(
+            f"{server.url}/api/export",
+            params={"format": "jsonl"},
+            headers={"Authorization": f"Bearer {tokens['root']}"},
+            timeout=60,
+        )
     finally:
         server.stop()
     (tmp_path / "after.jsonl").write_bytes(r.content)
@@ -252,8 +266,19 @@ def test_the_cli_serves_on_the_port_it_checked_and_a_second_server_is_refused(tm
     db = tmp_path / "annotations.db"
     (tmp_path / "prompts.txt").write_text("first\nsecond\n", encoding="utf-8")
     token = make_db(db, 0, 3, ["alice"])["alice"]
-    argv = [sys.executable, "-c", SERVE_CLI, "--db", str(db), "--policy", "echo", "--samples-per-prompt", "3",
-            "--prompts", str(tmp_path / "prompts.txt")]
+    argv = [
+        sys.executable,
+        "-c",
+        SERVE_CLI,
+        "--db",
+        str(db),
+        "--policy",
+        "echo",
+        "--samples-per-prompt",
+        "3",
+        "--prompts",
+        str(tmp_path / "prompts.txt"),
+    ]
     proc = subprocess.Popen(argv + ["--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         lines = []
@@ -265,8 +290,14 @@ def test_the_cli_serves_on_the_port_it_checked_and_a_second_server_is_refused(tm
         url = lines[-1].split()[2].removesuffix("/annotate")  # http://127.0.0.1:PORT, the port bound for --port 0
         port = int(url.rsplit(":", 1)[1])
         assert port != 0
-        task = httpx.get(f"{url}/api/next", params={"wait": 10}, headers={"Authorization": f"Bearer {token}"}, timeout=30).json()
-        assert (task["prompt"], task["model"], task["responses"]) == ("first", "echo", [f"answer {i} to first" for i in range(3)])
+        task = httpx.get(
+            f"{url}/api/next", params={"wait": 10}, headers={"Authorization": f"Bearer {token}"}, timeout=30
+        ).json()
+        assert (task["prompt"], task["model"], task["responses"]) == (
+            "first",
+            "echo",
+            [f"answer {i} to first" for i in range(3)],
+        )
 
         second = subprocess.run(argv + ["--port", str(port)], capture_output=True, text=True, timeout=60)
         assert second.returncode == 2

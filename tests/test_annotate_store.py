@@ -45,14 +45,18 @@ def test_reopening_applies_nothing_and_keeps_data(tmp_path):
 
 def test_migrations_run_in_order_from_the_stored_version(tmp_path):
     AnnotationStore(tmp_path / "a.db").close()
-    later = list(MIGRATIONS) + ["ALTER TABLE rankings ADD COLUMN seconds REAL; CREATE INDEX rankings_set ON rankings(set_id)"]
+    later = list(MIGRATIONS) + [
+        "ALTER TABLE rankings ADD COLUMN seconds REAL; CREATE INDEX rankings_set ON rankings(set_id)"
+    ]
     s = AnnotationStore(tmp_path / "a.db", migrations=later)
     assert s.schema_version == len(later)
     columns = [row[1] for row in s._conn().execute("PRAGMA table_info(rankings)")]
     assert "seconds" in columns
     s.close()
     # The current code refuses a database from the future instead of corrupting it.
-    with pytest.raises(StoreError, match=rf"schema version {len(later)} but this rlhfkit knows only up to {len(MIGRATIONS)}; upgrade"):
+    with pytest.raises(
+        StoreError, match=rf"schema version {len(later)} but this rlhfkit knows only up to {len(MIGRATIONS)}; upgrade"
+    ):
         AnnotationStore(tmp_path / "a.db")
 
 
@@ -96,7 +100,10 @@ def test_one_live_ranking_per_user_and_set_even_at_the_sql_level(store):
         store.add_ranking(set_id, uid, [1, 0])
     with pytest.raises(sqlite3.IntegrityError):  # the partial unique index backs the check
         with store.transaction() as conn:
-            conn.execute("INSERT INTO rankings (set_id, user_id, ranks, created_at) VALUES (?, ?, '[1, 0]', 'now')", (set_id, uid))
+            conn.execute(
+                "INSERT INTO rankings (set_id, user_id, ranks, created_at) VALUES (?, ?, '[1, 0]', 'now')",
+                (set_id, uid),
+            )
     store.delete_ranking(first, uid)
     second = store.add_ranking(set_id, uid, [1, 0])
     with pytest.raises(Conflict, match=f"ranking {second} of the same set"):

@@ -17,8 +17,16 @@ def test_import_rlhfkit_does_not_import_torch():
 
 
 def test_train_and_evaluate_reward_model_from_a_dict_and_a_yaml(tiny_lm, separable_tsv, tmp_path):
-    opts = {"model": str(tiny_lm), "train": str(separable_tsv), "n_train": 90, "output": str(tmp_path / "rm"),
-            "epochs": 3, "lr": 3e-3, "progress": False, "report_to": "none"}
+    opts = {
+        "model": str(tiny_lm),
+        "train": str(separable_tsv),
+        "n_train": 90,
+        "output": str(tmp_path / "rm"),
+        "epochs": 3,
+        "lr": 3e-3,
+        "progress": False,
+        "report_to": "none",
+    }
     metrics = rlhfkit.train_reward_model(opts)
     assert metrics["pairwise_accuracy"] > 0.9
     yaml_path = tmp_path / "eval.yaml"

@@ -84,14 +84,22 @@ def imports(module: str, source: str, is_package: bool, known: set[str]) -> list
                 base = node.module or ""
             for alias in node.names:  # ``from rlhfkit import api`` imports the module rlhfkit.api
                 found.append((node.lineno, f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base))
-        elif (isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant)
-              and isinstance(node.args[0].value, str)
-              and (getattr(node.func, "attr", None) == "import_module" or getattr(node.func, "id", None) == "import_module")):
+        elif (
+            isinstance(node, ast.Call)
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+            and (
+                getattr(node.func, "attr", None) == "import_module" or getattr(node.func, "id", None) == "import_module"
+            )
+        ):
             found.append((node.lineno, node.args[0].value))
     return [(line, name) for line, name in dict.fromkeys(found) if name == PACKAGE or name.startswith(PACKAGE + ".")]
 
 
-def violations(module: str, where: str, source: str, rooms: dict[str, str], known: set[str], is_package: bool = False) -> list[str]:
+def violations(
+    module: str, where: str, source: str, rooms: dict[str, str], known: set[str], is_package: bool = False
+) -> list[str]:
     """``"file:line: ..."`` for every import of ``source`` that breaks the rule (docs/architecture.md)."""
     mine = room_of(module, rooms)
     if mine is None:
@@ -103,10 +111,14 @@ def violations(module: str, where: str, source: str, rooms: dict[str, str], know
         if theirs is None:
             out.append(f"{where}:{line}: imports {target}, which has no room in {DOC.name}")
         elif RANK[theirs[0]] > RANK[room]:
-            out.append(f"{where}:{line}: imports {target}: a {room} ({entry}) must not import the {theirs[0]} ({theirs[1]})")
+            out.append(
+                f"{where}:{line}: imports {target}: a {room} ({entry}) must not import the {theirs[0]} ({theirs[1]})"
+            )
         elif room == theirs[0] == "feature" and entry != theirs[1]:
-            out.append(f"{where}:{line}: imports {target}: the feature {entry} must not import its sibling {theirs[1]}; "
-                       "move what both need one floor down")
+            out.append(
+                f"{where}:{line}: imports {target}: the feature {entry} must not import its sibling {theirs[1]}; "
+                "move what both need one floor down"
+            )
     return out
 
 
@@ -132,8 +144,14 @@ def test_imports_follow_the_dependency_rule(rooms):
     modules = source_modules()
     found = []
     for name, path in modules.items():
-        found += violations(name, str(path.relative_to(ROOT)), path.read_text(encoding="utf-8"), rooms, set(modules),
-                            is_package=path.name == "__init__.py")
+        found += violations(
+            name,
+            str(path.relative_to(ROOT)),
+            path.read_text(encoding="utf-8"),
+            rooms,
+            set(modules),
+            is_package=path.name == "__init__.py",
+        )
     assert not found, "imports against docs/architecture.md:\n" + "\n".join(found)
 
 
@@ -147,7 +165,7 @@ def floor_cycle(edges: dict[str, set[str]]) -> list[str] | None:
         path.append(node)
         for nxt in sorted(edges.get(node, ())):
             if state.get(nxt) == 1:
-                return path[path.index(nxt):] + [nxt]
+                return path[path.index(nxt) :] + [nxt]
             if nxt not in state and (cycle := visit(nxt)):
                 return cycle
         state[node] = 2
@@ -170,40 +188,92 @@ def test_floors_import_each_other_without_a_cycle(rooms):
             if room == "floor" and other is not None and other[0] == "floor" and other[1] != entry:
                 edges.setdefault(entry, set()).add(other[1])
     cycle = floor_cycle(edges)
-    assert cycle is None, f"the floors import each other in a cycle: {' -> '.join(cycle)}; move the shared part further down"
+    assert cycle is None, (
+        f"the floors import each other in a cycle: {' -> '.join(cycle)}; move the shared part further down"
+    )
     assert floor_cycle({"models/": {"data/"}, "data/": {"evaluation/"}, "evaluation/": {"models/"}}) == [
-        "data/", "evaluation/", "models/", "data/"]
+        "data/",
+        "evaluation/",
+        "models/",
+        "data/",
+    ]
 
 
 # What the rule must catch: synthetic modules, so the test above cannot pass for want of a check.
-@pytest.mark.parametrize("module, source, expected", [
-    ("rlhfkit.rm.fake", "from rlhfkit.dpo.losses import dpo_loss\n", "the feature rm/ must not import its sibling dpo/"),
-    ("rlhfkit.rm.fake", "def f():\n    import rlhfkit.dpo.train\n", "fake.py:2: imports rlhfkit.dpo.train"),
-    ("rlhfkit.rm.fake", "from ..dpo import losses\n", "imports rlhfkit.dpo.losses: the feature rm/"),
-    ("rlhfkit.rm.fake", "from . import evaluate\nfrom .. import sft\n", "fake.py:2: imports rlhfkit.sft: the feature rm/"),
-    ("rlhfkit.rm.fake", "import importlib\nimportlib.import_module('rlhfkit.rl.trainer')\n", "imports rlhfkit.rl.trainer"),
-    ("rlhfkit.models.fake", "from rlhfkit.rl.critic import ActorCritic\n", "a floor (models/) must not import the feature (rl/)"),
-    ("rlhfkit.ops", "from rlhfkit import api\n", "a floor (ops.py) must not import the top (api.py)"),
-    ("rlhfkit.evaluation.fake", "import rlhfkit.pipeline.run\n", "a floor (evaluation/) must not import the pipeline"),
-    ("rlhfkit.sft.fake", "from rlhfkit.pipeline.run import run_pipeline\n", "a feature (sft/) must not import the pipeline"),
-    ("rlhfkit.dpo.fake", "from rlhfkit.cli import main\n", "a feature (dpo/) must not import the top (cli.py)"),
-    ("rlhfkit.plan.fake", "import rlhfkit\n", "a feature (plan/) must not import the top (__init__.py)"),
-    ("rlhfkit.pipeline.fake", "from rlhfkit import cli\n", "a pipeline (pipeline/) must not import the top (cli.py)"),
-    ("rlhfkit.rm.fake", "import rlhfkit.newpackage.thing\n", "imports rlhfkit.newpackage.thing, which has no room"),
-    ("rlhfkit.newpackage.thing", "import torch\n", "rlhfkit.newpackage.thing has no room"),
-])
+@pytest.mark.parametrize(
+    "module, source, expected",
+    [
+        (
+            "rlhfkit.rm.fake",
+            "from rlhfkit.dpo.losses import dpo_loss\n",
+            "the feature rm/ must not import its sibling dpo/",
+        ),
+        ("rlhfkit.rm.fake", "def f():\n    import rlhfkit.dpo.train\n", "fake.py:2: imports rlhfkit.dpo.train"),
+        ("rlhfkit.rm.fake", "from ..dpo import losses\n", "imports rlhfkit.dpo.losses: the feature rm/"),
+        (
+            "rlhfkit.rm.fake",
+            "from . import evaluate\nfrom .. import sft\n",
+            "fake.py:2: imports rlhfkit.sft: the feature rm/",
+        ),
+        (
+            "rlhfkit.rm.fake",
+            "import importlib\nimportlib.import_module('rlhfkit.rl.trainer')\n",
+            "imports rlhfkit.rl.trainer",
+        ),
+        (
+            "rlhfkit.models.fake",
+            "from rlhfkit.rl.critic import ActorCritic\n",
+            "a floor (models/) must not import the feature (rl/)",
+        ),
+        ("rlhfkit.ops", "from rlhfkit import api\n", "a floor (ops.py) must not import the top (api.py)"),
+        (
+            "rlhfkit.evaluation.fake",
+            "import rlhfkit.pipeline.run\n",
+            "a floor (evaluation/) must not import the pipeline",
+        ),
+        (
+            "rlhfkit.sft.fake",
+            "from rlhfkit.pipeline.run import run_pipeline\n",
+            "a feature (sft/) must not import the pipeline",
+        ),
+        ("rlhfkit.dpo.fake", "from rlhfkit.cli import main\n", "a feature (dpo/) must not import the top (cli.py)"),
+        ("rlhfkit.plan.fake", "import rlhfkit\n", "a feature (plan/) must not import the top (__init__.py)"),
+        (
+            "rlhfkit.pipeline.fake",
+            "from rlhfkit import cli\n",
+            "a pipeline (pipeline/) must not import the top (cli.py)",
+        ),
+        ("rlhfkit.rm.fake", "import rlhfkit.newpackage.thing\n", "imports rlhfkit.newpackage.thing, which has no room"),
+        ("rlhfkit.newpackage.thing", "import torch\n", "rlhfkit.newpackage.thing has no room"),
+    ],
+)
 def test_the_rule_catches(rooms, module, source, expected):
     known = set(source_modules())
     found = violations(module, module.rpartition(".")[2] + ".py", source, rooms, known)
     assert len(found) == 1 and expected in found[0], found
 
 
-@pytest.mark.parametrize("module, source", [
-    ("rlhfkit.rm.fake", "from rlhfkit.models.reward import RewardModel\nfrom rlhfkit import losses as L\nfrom .evaluate import evaluate\n"),
-    ("rlhfkit.models.fake", "from rlhfkit.data.collate import collate\nfrom ..evaluation import scores\nimport torch\n"),
-    ("rlhfkit.pipeline.fake", "from rlhfkit.dpo.train import train_dpo\nfrom rlhfkit.sft.data import read_sft_data\n"),
-    ("rlhfkit.cli", "import importlib\nimportlib.import_module('rlhfkit.pipeline.run')\nfrom rlhfkit import __version__\n"),
-    ("rlhfkit.sft.cli", "from rlhfkit.cli import main\n"),
-])
+@pytest.mark.parametrize(
+    "module, source",
+    [
+        (
+            "rlhfkit.rm.fake",
+            "from rlhfkit.models.reward import RewardModel\nfrom rlhfkit import losses as L\nfrom .evaluate import evaluate\n",
+        ),
+        (
+            "rlhfkit.models.fake",
+            "from rlhfkit.data.collate import collate\nfrom ..evaluation import scores\nimport torch\n",
+        ),
+        (
+            "rlhfkit.pipeline.fake",
+            "from rlhfkit.dpo.train import train_dpo\nfrom rlhfkit.sft.data import read_sft_data\n",
+        ),
+        (
+            "rlhfkit.cli",
+            "import importlib\nimportlib.import_module('rlhfkit.pipeline.run')\nfrom rlhfkit import __version__\n",
+        ),
+        ("rlhfkit.sft.cli", "from rlhfkit.cli import main\n"),
+    ],
+)
 def test_the_rule_allows(rooms, module, source):
     assert violations(module, "fake.py", source, rooms, set(source_modules())) == []

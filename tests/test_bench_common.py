@@ -64,14 +64,30 @@ def test_runs_on_other_lists_are_refused():
 
 
 def test_mean_over_runs():
-    runs = [{"lists_per_s": 4.0, "loop_s": 100.0, "call_s": 110.0, "peak_rss_mib": 900.0, "steps": 200,
-             "eval": {"pairwise_accuracy": 0.60, "list_exact_accuracy": 0.10}},
-            {"lists_per_s": 2.0, "loop_s": 200.0, "call_s": 210.0, "peak_rss_mib": 1000.0, "steps": 200,
-             "eval": {"pairwise_accuracy": 0.70, "list_exact_accuracy": 0.20}}]
+    runs = [
+        {
+            "lists_per_s": 4.0,
+            "loop_s": 100.0,
+            "call_s": 110.0,
+            "peak_rss_mib": 900.0,
+            "steps": 200,
+            "eval": {"pairwise_accuracy": 0.60, "list_exact_accuracy": 0.10},
+        },
+        {
+            "lists_per_s": 2.0,
+            "loop_s": 200.0,
+            "call_s": 210.0,
+            "peak_rss_mib": 1000.0,
+            "steps": 200,
+            "eval": {"pairwise_accuracy": 0.70, "list_exact_accuracy": 0.20},
+        },
+    ]
     out = bc.mean_over_runs(runs)
     assert out["lists_per_s"] == pytest.approx(800 / 300)  # all lists over all loop time, not the mean of the rates
     assert (out["loop_s"], out["call_s"], out["peak_rss_mib"], out["steps"]) == (150.0, 160.0, 1000.0, 200)
-    assert out["eval"]["pairwise_accuracy"] == pytest.approx(0.65) and out["eval"]["list_exact_accuracy"] == pytest.approx(0.15)
+    assert out["eval"]["pairwise_accuracy"] == pytest.approx(0.65) and out["eval"][
+        "list_exact_accuracy"
+    ] == pytest.approx(0.15)
     assert out["pairwise_accuracy_runs"] == [0.60, 0.70] and out["runs"] == runs
     assert runs[0]["eval"]["pairwise_accuracy"] == 0.60  # the runs are left as they were
     assert bc.mean_over_runs(runs[:1])["lists_per_s"] == 4.0

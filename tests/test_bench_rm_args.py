@@ -33,7 +33,12 @@ def test_unset_options_run_rm_train_defaults_on_both_sides(bench):
     ours = {f.name: f.default for f in fields(RMTrainConfig)}
     args = bench.Args()
     assert (args.batch_size, args.lr, args.head_lr, args.warmup_ratio, args.scheduler) == (
-        ours["batch_size"], ours["lr"], ours["head_lr"] or ours["lr"], ours["warmup_ratio"], ours["scheduler"])
+        ours["batch_size"],
+        ours["lr"],
+        ours["head_lr"] or ours["lr"],
+        ours["warmup_ratio"],
+        ours["scheduler"],
+    )
     assert args.head_init == ours["head_init"] and bench.Args(head_init="random").head_init == "random"
     # TRL: the same lists per step (their C(K,2) pairs), body learning rate, warm-up and schedule
     assert bench.trl_pairs_per_step(args, pairs_per_list=6) == 6 * args.batch_size

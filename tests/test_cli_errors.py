@@ -38,10 +38,20 @@ def files(tmp_path_factory, tiny_lm):
 
     RewardModel.from_pretrained(tiny_lm).save_pretrained(root / "rm")
     pipeline = root / "pipeline.yaml"
-    pipeline.write_text(f"output: OUT\npolicy: {tiny_lm}\nsft: {{train: {sft}}}\n"
-                        f"preferences: {{source: file, file: {lists}}}\nppo: {{prompts: {prompts}}}\n")
-    return {"lm": str(tiny_lm), "lists": str(lists), "sft": str(sft), "prompts": str(prompts),
-            "reward": f"{rewards}:n", "rm": str(root / "rm"), "pipeline": str(pipeline), "root": root}
+    pipeline.write_text(
+        f"output: OUT\npolicy: {tiny_lm}\nsft: {{train: {sft}}}\n"
+        f"preferences: {{source: file, file: {lists}}}\nppo: {{prompts: {prompts}}}\n"
+    )
+    return {
+        "lm": str(tiny_lm),
+        "lists": str(lists),
+        "sft": str(sft),
+        "prompts": str(prompts),
+        "reward": f"{rewards}:n",
+        "rm": str(root / "rm"),
+        "pipeline": str(pipeline),
+        "root": root,
+    }
 
 
 def _commands(f, out: str) -> dict[str, tuple[list[str], type, dict[str, str]]]:
@@ -58,25 +68,101 @@ def _commands(f, out: str) -> dict[str, tuple[list[str], type, dict[str, str]]]:
 
     sample = ["--policy", f["lm"], "--prompts", f["prompts"], "--max-new-tokens", "2"]
     return {
-        "rm train": (["rm", "train", "--model", f["lm"], "--train", f["lists"], "--output", out, "--max-steps", "1"],
-                     RMTrainConfig, {"train": "--train"}),
+        "rm train": (
+            ["rm", "train", "--model", f["lm"], "--train", f["lists"], "--output", out, "--max-steps", "1"],
+            RMTrainConfig,
+            {"train": "--train"},
+        ),
         "rm eval": (["rm", "eval", "--model", f["rm"], "--eval", f["lists"]], RMEvalConfig, {"eval": "--eval"}),
-        "score": (["score", "--model", f["rm"], "--responses", f["prompts"]], ScoreConfig, {"responses": "--responses"}),
-        "sft": (["sft", "--policy", f["lm"], "--train", f["sft"], "--output", out, "--max-steps", "1"], SFTConfig, {"train": "--train"}),
-        "dpo": (["dpo", "--policy", f["lm"], "--train", f["lists"], "--output", out, "--max-steps", "1"], DPOConfig, {"train": "--train"}),
-        "ppo": (["ppo", *sample, "--reward", f["reward"], "--output", out, "--max-steps", "1", "--batch-size", "2",
-                 "--mini-batch-size", "2"], PPOConfig, {"prompts": "--prompts"}),
-        "rl": (["rl", "--algo", "grpo", *sample, "--reward", f["reward"], "--output", out, "--max-steps", "1", "--batch-size", "2",
-                "--mini-batch-size", "4"], RLConfig, {"prompts": "--prompts"}),
-        "generate": (["generate", *sample, "--output", str(Path(out) / "g.jsonl")], GenerateConfig, {"prompts": "--prompts"}),
-        "bon": (["bon", *sample, "--reward", f["reward"], "--output", str(Path(out) / "b.jsonl")], BonConfig, {"prompts": "--prompts"}),
-        "ppo-eval": (["ppo-eval", *sample, "--reference", f["lm"], "--reward", f["reward"], "--output", out], PPOEvalConfig,
-                     {"prompts": "--prompts"}),
+        "score": (
+            ["score", "--model", f["rm"], "--responses", f["prompts"]],
+            ScoreConfig,
+            {"responses": "--responses"},
+        ),
+        "sft": (
+            ["sft", "--policy", f["lm"], "--train", f["sft"], "--output", out, "--max-steps", "1"],
+            SFTConfig,
+            {"train": "--train"},
+        ),
+        "dpo": (
+            ["dpo", "--policy", f["lm"], "--train", f["lists"], "--output", out, "--max-steps", "1"],
+            DPOConfig,
+            {"train": "--train"},
+        ),
+        "ppo": (
+            [
+                "ppo",
+                *sample,
+                "--reward",
+                f["reward"],
+                "--output",
+                out,
+                "--max-steps",
+                "1",
+                "--batch-size",
+                "2",
+                "--mini-batch-size",
+                "2",
+            ],
+            PPOConfig,
+            {"prompts": "--prompts"},
+        ),
+        "rl": (
+            [
+                "rl",
+                "--algo",
+                "grpo",
+                *sample,
+                "--reward",
+                f["reward"],
+                "--output",
+                out,
+                "--max-steps",
+                "1",
+                "--batch-size",
+                "2",
+                "--mini-batch-size",
+                "4",
+            ],
+            RLConfig,
+            {"prompts": "--prompts"},
+        ),
+        "generate": (
+            ["generate", *sample, "--output", str(Path(out) / "g.jsonl")],
+            GenerateConfig,
+            {"prompts": "--prompts"},
+        ),
+        "bon": (
+            ["bon", *sample, "--reward", f["reward"], "--output", str(Path(out) / "b.jsonl")],
+            BonConfig,
+            {"prompts": "--prompts"},
+        ),
+        "ppo-eval": (
+            ["ppo-eval", *sample, "--reference", f["lm"], "--reward", f["reward"], "--output", out],
+            PPOEvalConfig,
+            {"prompts": "--prompts"},
+        ),
         "pipeline": (["pipeline", "--config", f["pipeline"], "--output", out], PipelineConfig, {}),
-        "annotate": (["annotate", "--policy", f["lm"], "--prompts", f["prompts"], "--db", str(Path(out) / "a.db"), "--port", "0"],
-                     ServeArgs, {"prompts": "--prompts"}),
-        "annotate export": (["annotate", "export", "--db", str(f["root"] / "missing.db"), "--output", str(Path(out) / "e.jsonl")],
-                            ExportArgs, {}),
+        "annotate": (
+            [
+                "annotate",
+                "--policy",
+                f["lm"],
+                "--prompts",
+                f["prompts"],
+                "--db",
+                str(Path(out) / "a.db"),
+                "--port",
+                "0",
+            ],
+            ServeArgs,
+            {"prompts": "--prompts"},
+        ),
+        "annotate export": (
+            ["annotate", "export", "--db", str(f["root"] / "missing.db"), "--output", str(Path(out) / "e.jsonl")],
+            ExportArgs,
+            {},
+        ),
         "plan": (["plan", "--model", "SmolLM2-135M", "--algo", "grpo"], PlanConfig, {}),
     }
 
@@ -124,10 +210,14 @@ def test_every_command_refuses_bad_input_with_exit_2_and_writes_nothing(files, t
         assert "Traceback" not in err, (name, argv, err[-2000:])
         assert not out.exists(), (name, argv, "wrote", sorted(out.rglob("*")))
         seen.add(name)
-    assert {s.split()[0] for s in seen} >= set(COMMANDS) - {"models"}, set(COMMANDS) - {"models"} - {s.split()[0] for s in seen}
+    assert {s.split()[0] for s in seen} >= set(COMMANDS) - {"models"}, (
+        set(COMMANDS) - {"models"} - {s.split()[0] for s in seen}
+    )
 
 
-@pytest.mark.parametrize("command", ["rm train", "sft", "dpo", "ppo", "ppo-eval", "pipeline", "generate", "bon", "annotate export"])
+@pytest.mark.parametrize(
+    "command", ["rm train", "sft", "dpo", "ppo", "ppo-eval", "pipeline", "generate", "bon", "annotate export"]
+)
 def test_output_that_is_a_file_or_read_only_is_refused(command, files, tmp_path, capsys):
     occupied = tmp_path / "occupied"
     occupied.write_text("x")
@@ -167,14 +257,22 @@ def test_misc_user_errors_exit_2(files, tmp_path, capsys):
         ([*plan, "--gpus", "-2"], "option --gpus must be >= 1, got -2"),
         ([*plan, "--algo", "dpo2"], "argument --algo: invalid choice: 'dpo2'"),
         ([*plan, "--config", "zero3"], "zero3"),
-        ([*plan, "--config", "fsdp2"], "--config is a YAML file of options in every command; for the sharding use --sharding fsdp2"),
+        (
+            [*plan, "--config", "fsdp2"],
+            "--config is a YAML file of options in every command; for the sharding use --sharding fsdp2",
+        ),
         ([*plan, "--device", "cpu", "--sharding", "fsdp2-offload"], "nothing to offload to"),
-        (["plan", "--model", "7B", "--algo", "grpo", "--mini-batch-size", "6"], "--mini-batch-size 6 must divide the rollout's 64 rows"),
+        (
+            ["plan", "--model", "7B", "--algo", "grpo", "--mini-batch-size", "6"],
+            "--mini-batch-size 6 must divide the rollout's 64 rows",
+        ),
         (["plan", "--model", "7B", "--algo", "ppo", "--critic", "reward-model"], "give --reward-model too"),
         (["plan", "--model", "7B", "--algo", "grpo", "--reward-model", "gpt-17"], "--reward-model: 'gpt-17' is not"),
     ]
     (tmp_path / "blank.txt").write_text("\n\n")
-    cases.append((["score", "--model", files["rm"], "--responses", str(tmp_path / "blank.txt")], "holds no non-blank line"))
+    cases.append(
+        (["score", "--model", files["rm"], "--responses", str(tmp_path / "blank.txt")], "holds no non-blank line")
+    )
     for argv, needle in cases:
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
@@ -197,20 +295,44 @@ def test_options_valid_alone_but_not_together_exit_2_and_write_nothing(files, ti
     (no_template / "tokenizer_config.json").write_text(json.dumps(config))
     (no_template / "chat_template.jinja").unlink(missing_ok=True)
     chats = tmp_path / "chats.jsonl"
-    chats.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"},
-                                                      {"role": "assistant", "content": f"a{i}"}]}) + "\n" for i in range(4)))
+    chats.write_text(
+        "".join(
+            json.dumps({"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]})
+            + "\n"
+            for i in range(4)
+        )
+    )
     rm, dpo, sft = cmd["rm train"][0], cmd["dpo"][0], cmd["sft"][0]
-    rm_encoder = ["rm", "train", "--model", str(tiny_encoder), "--train", files["lists"], "--output", out, "--max-steps", "1"]
+    rm_encoder = [
+        "rm",
+        "train",
+        "--model",
+        str(tiny_encoder),
+        "--train",
+        files["lists"],
+        "--output",
+        out,
+        "--max-steps",
+        "1",
+    ]
     cases = [
         # the option against the model
         ([*rm, "--pooling", "cls"], "--pooling cls is for encoders"),
         ([*rm, "--pooling", "mean"], "--pooling mean is for encoders"),
         ([*rm_encoder, "--pooling", "last"], "--pooling last is for decoders"),
-        (["sft", "--policy", str(no_template), "--train", str(chats), "--output", out, "--max-steps", "1"],
-         "is a chat ('messages') row, but the tokenizer of"),
+        (
+            ["sft", "--policy", str(no_template), "--train", str(chats), "--output", out, "--max-steps", "1"],
+            "is a chat ('messages') row, but the tokenizer of",
+        ),
         # the option against the data (12 lists, 8 SFT rows)
-        ([*rm, "--eval-fraction", "0.99"], "--eval-fraction: eval_fraction=0.99 of 12 examples leaves nothing to train on"),
-        ([*dpo, "--eval-fraction", "0.99"], "--eval-fraction: eval_fraction=0.99 of 12 examples leaves nothing to train on"),
+        (
+            [*rm, "--eval-fraction", "0.99"],
+            "--eval-fraction: eval_fraction=0.99 of 12 examples leaves nothing to train on",
+        ),
+        (
+            [*dpo, "--eval-fraction", "0.99"],
+            "--eval-fraction: eval_fraction=0.99 of 12 examples leaves nothing to train on",
+        ),
         ([*sft, "--eval-fraction", "0.99"], "--eval-fraction"),
         ([*rm, "--n-train", "12"], "--n-train 12 leaves no evaluation lists"),
         # two options against each other
@@ -219,7 +341,10 @@ def test_options_valid_alone_but_not_together_exit_2_and_write_nothing(files, ti
         ([*sft, "--eval", files["sft"], "--eval-fraction", "0.5"], "give either --eval FILE or --eval-fraction"),
         ([*cmd["rl"][0], "--samples-per-prompt", "1"], "--algo grpo compares the samples of a prompt"),
         ([*cmd["ppo"][0], "--kl-penalty", "loss"], "--kl-penalty loss is for the critic-free algorithms"),
-        ([*cmd["ppo"][0], "--mini-batch-size", "3"], "option --mini-batch-size (3) must divide the rollout's 2 responses"),
+        (
+            [*cmd["ppo"][0], "--mini-batch-size", "3"],
+            "option --mini-batch-size (3) must divide the rollout's 2 responses",
+        ),
         ([*cmd["ppo"][0], "--grad-accum", "4"], "option --grad-accum (4) must divide --mini-batch-size (2)"),
     ]
     for argv, needle in cases:

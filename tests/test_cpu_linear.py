@@ -130,7 +130,10 @@ def test_a_model_keeps_its_weights_checkpoints_and_lora(tiny_lm, tmp_path):
     torch.testing.assert_close(fast(ids).logits, plain(ids).logits, rtol=1e-5, atol=1e-5)
     fast.save_pretrained(tmp_path / "fast")
     plain.save_pretrained(tmp_path / "plain")
-    a, b = load_file(str(tmp_path / "fast" / "model.safetensors")), load_file(str(tmp_path / "plain" / "model.safetensors"))
+    a, b = (
+        load_file(str(tmp_path / "fast" / "model.safetensors")),
+        load_file(str(tmp_path / "plain" / "model.safetensors")),
+    )
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "fast")
     assert not any(isinstance(m, OneDNNLinear) for m in reloaded.modules())  # a plain HF model again
@@ -163,42 +166,65 @@ SHAPES = {(576, 576): 60, (576, 1536): 60, (1536, 576): 30, (576, 49152): 1}
 
 def fake_timer(gflops: dict[str, float], calls: list | None = None):
     """A timer that reports a fixed speed per kernel (seconds = work / speed), recording its calls."""
+
     def timer(kernel, tokens, k, n):
         if calls is not None:
             calls.append((kernel, tokens, k, n))
         return 3 * 2 * tokens * k * n / (gflops[kernel] * 1e9)
+
     return timer
 
 
-@pytest.mark.parametrize("speeds, expected", [
-    ({"onednn": 240.0, "torch": 105.0}, "onednn"),  # AMD Zen 5, one thread: MKL on its AVX2 path
-    ({"onednn": 48.0, "torch": 53.0}, "torch"),  # an AVX2-only EPYC, one thread (the issue's numbers)
-    ({"onednn": 119.0, "torch": 79.0}, "onednn"),  # the same machine, two threads
-])
+@pytest.mark.parametrize(
+    "speeds, expected",
+    [
+        ({"onednn": 240.0, "torch": 105.0}, "onednn"),  # AMD Zen 5, one thread: MKL on its AVX2 path
+        ({"onednn": 48.0, "torch": 53.0}, "torch"),  # an AVX2-only EPYC, one thread (the issue's numbers)
+        ({"onednn": 119.0, "torch": 79.0}, "onednn"),  # the same machine, two threads
+    ],
+)
 def test_auto_takes_the_kernel_measured_faster_and_reports_both(speeds, expected, tmp_path):
     choice = cpu_linear.choose_cpu_matmul(SHAPES, threads=1, cache_file=tmp_path / "c.json", timer=fake_timer(speeds))
     assert choice.kernel == expected and choice.source == "measured"
-    assert choice.onednn_gflops == pytest.approx(speeds["onednn"]) and choice.torch_gflops == pytest.approx(speeds["torch"])
+    assert choice.onednn_gflops == pytest.approx(speeds["onednn"]) and choice.torch_gflops == pytest.approx(
+        speeds["torch"]
+    )
 
 
 def test_auto_is_cached_per_machine_threads_torch_and_model(tmp_path, monkeypatch):
     cache, calls = tmp_path / "c.json", []
-    first = cpu_linear.choose_cpu_matmul(SHAPES, threads=1, cache_file=cache, timer=fake_timer({"onednn": 2.0, "torch": 1.0}, calls))
+    first = cpu_linear.choose_cpu_matmul(
+        SHAPES, threads=1, cache_file=cache, timer=fake_timer({"onednn": 2.0, "torch": 1.0}, calls)
+    )
     assert first.kernel == "onednn" and len(calls) == 2 * len(SHAPES)
-    assert all(t * k * n <= max(2**27, 8 * k * n) for _, t, k, n in calls)  # an LM head is timed on fewer rows: a second or two
-    again = cpu_linear.choose_cpu_matmul(SHAPES, threads=1, cache_file=cache, timer=fake_timer({"onednn": 1.0, "torch": 2.0}, calls))
+    assert all(
+        t * k * n <= max(2**27, 8 * k * n) for _, t, k, n in calls
+    )  # an LM head is timed on fewer rows: a second or two
+    again = cpu_linear.choose_cpu_matmul(
+        SHAPES, threads=1, cache_file=cache, timer=fake_timer({"onednn": 1.0, "torch": 2.0}, calls)
+    )
     assert again.source == "cache" and again.kernel == "onednn" and len(calls) == 2 * len(SHAPES)  # not timed again
     for changed in (dict(threads=2), dict(threads=1, shapes={(8, 8): 1})):  # another thread count, another model
         shapes = changed.pop("shapes", SHAPES)
-        assert cpu_linear.choose_cpu_matmul(shapes, cache_file=cache, timer=fake_timer({"onednn": 1.0, "torch": 2.0}), **changed).source == "measured"
+        assert (
+            cpu_linear.choose_cpu_matmul(
+                shapes, cache_file=cache, timer=fake_timer({"onednn": 1.0, "torch": 2.0}), **changed
+            ).source
+            == "measured"
+        )
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # an emulated older CPU is another machine
-    slow = cpu_linear.choose_cpu_matmul(SHAPES, threads=1, cache_file=cache, timer=fake_timer({"onednn": 1.0, "torch": 2.0}))
+    slow = cpu_linear.choose_cpu_matmul(
+        SHAPES, threads=1, cache_file=cache, timer=fake_timer({"onednn": 1.0, "torch": 2.0})
+    )
     assert slow.source == "measured" and slow.kernel == "torch"
-    busy = cpu_linear.choose_cpu_matmul({(4, 4): 1}, threads=1, cache_file=cache, timer=fake_timer({"onednn": 1.0, "torch": 2.0}), cache_ok=False)
+    busy = cpu_linear.choose_cpu_matmul(
+        {(4, 4): 1}, threads=1, cache_file=cache, timer=fake_timer({"onednn": 1.0, "torch": 2.0}), cache_ok=False
+    )
     assert busy.source == "measured" and "(4, 4)" not in cache.read_text()  # measured on a busy machine: not kept
     calls = []  # ... in the file; this process keeps its decision: a policy and its reference run the same kernel
-    same = cpu_linear.choose_cpu_matmul({(4, 4): 1}, threads=1, cache_file=cache, timer=fake_timer({"onednn": 2.0, "torch": 1.0}, calls),
-                                        cache_ok=False)
+    same = cpu_linear.choose_cpu_matmul(
+        {(4, 4): 1}, threads=1, cache_file=cache, timer=fake_timer({"onednn": 2.0, "torch": 1.0}, calls), cache_ok=False
+    )
     assert same.kernel == busy.kernel and not calls
 
 
@@ -217,8 +243,12 @@ def test_the_real_timer_times_both_kernels_once_per_shape_on_few_rows():
     onednn, plain = cpu_linear.measure_kernels(shapes, timer=real_timer)
     assert onednn > 0 and plain > 0
     # each shape once per kernel (not once per layer), on few enough rows that the work it times is bounded
-    assert sorted((kernel, k, n) for kernel, _, k, n in calls) == [("onednn", 576, 1536), ("onednn", 1536, 576),
-                                                                   ("torch", 576, 1536), ("torch", 1536, 576)]
+    assert sorted((kernel, k, n) for kernel, _, k, n in calls) == [
+        ("onednn", 576, 1536),
+        ("onednn", 1536, 576),
+        ("torch", 576, 1536),
+        ("torch", 1536, 576),
+    ]
     assert all(8 <= t and t * k * n <= 2**27 for _, t, k, n in calls), calls
 
 

@@ -44,9 +44,26 @@ def test_reward_model_trains_on_cuda_in_bf16_and_loads_on_the_cpu(tiny_lm, separ
     from rlhfkit.rm.train import RMTrainConfig, train_reward_model
 
     out = tmp_path / "rm"
-    final = train_reward_model(from_dict(RMTrainConfig, dict(
-        model=str(tiny_lm), train=str(separable_tsv), n_train=90, output=str(out), epochs=4, lr=3e-3, batch_size=8,
-        eval_every=1000, save_every=1000, log_every=1, progress=False, report_to="none", warmup_ratio=0.0)))
+    final = train_reward_model(
+        from_dict(
+            RMTrainConfig,
+            dict(
+                model=str(tiny_lm),
+                train=str(separable_tsv),
+                n_train=90,
+                output=str(out),
+                epochs=4,
+                lr=3e-3,
+                batch_size=8,
+                eval_every=1000,
+                save_every=1000,
+                log_every=1,
+                progress=False,
+                report_to="none",
+                warmup_ratio=0.0,
+            ),
+        )
+    )
     assert final["pairwise_accuracy"] > 0.9, final
     rows = [r for r in read_metrics(out / "metrics.jsonl") if "train/loss" in r]
     assert all(r["memory/peak_gib"] > 0 for r in rows)
@@ -65,12 +82,32 @@ def test_dpo_trains_on_cuda_in_bf16_and_its_implicit_reward_scores_alike_on_the_
     from rlhfkit.models.implicit_reward import ImplicitReward
 
     out = tmp_path / "dpo"
-    result = train_dpo(from_dict(DPOConfig, dict(
-        policy=str(tiny_lm), train=str(separable_tsv), n_train=90, output=str(out), epochs=3, lr=1e-2, batch_size=8,
-        eval_every=1000, save_every=1000, log_every=1, progress=False, report_to="none", warmup_ratio=0.0, eval_kl_prompts=2)))
+    result = train_dpo(
+        from_dict(
+            DPOConfig,
+            dict(
+                policy=str(tiny_lm),
+                train=str(separable_tsv),
+                n_train=90,
+                output=str(out),
+                epochs=3,
+                lr=1e-2,
+                batch_size=8,
+                eval_every=1000,
+                save_every=1000,
+                log_every=1,
+                progress=False,
+                report_to="none",
+                warmup_ratio=0.0,
+                eval_kl_prompts=2,
+            ),
+        )
+    )
     assert result["eval/pairwise_accuracy"] > 0.9 and result["eval/kl"] > 0, result
     rows = [r for r in read_metrics(out / "metrics.jsonl") if "train/loss" in r]
-    assert rows[0]["train/loss"] == pytest.approx(math.log(2), abs=0.02)  # the reference pass ran under the same autocast
+    assert rows[0]["train/loss"] == pytest.approx(
+        math.log(2), abs=0.02
+    )  # the reference pass ran under the same autocast
     assert all(r["memory/peak_gib"] > 0 for r in rows)
     texts = ["good good good apple river", "apple river"]
     on_cpu = ImplicitReward.from_pretrained(str(out)).score(["", ""], texts)
@@ -94,8 +131,9 @@ def test_sampling_pass_logprobs_equal_a_forward_pass_on_cuda(tiny_lm):
     ids, mask = ids.cuda(), mask.cuda()
     eos_ids = [tok.eos_token_id, *range(40, 46)]
     torch.manual_seed(0)
-    response_ids, sampled = sample(model, tok, ids, mask, SamplingSettings(max_new_tokens=10, temperature=0.7), eos_ids,
-                                   with_logprobs=True)
+    response_ids, sampled = sample(
+        model, tok, ids, mask, SamplingSettings(max_new_tokens=10, temperature=0.7), eos_ids, with_logprobs=True
+    )
     assert response_ids.device.type == "cuda"
     rmask, _ = response_mask_from_eos(response_ids, eos_ids)
     forward = policy_logprobs(model, torch.cat([ids, response_ids], 1), torch.cat([mask, rmask], 1), response_ids, 0.7)
@@ -109,9 +147,14 @@ def test_the_sampler_draws_from_the_filtered_softmax_on_cuda():
     from rlhfkit.sampling import CategoricalSampler, SamplingSettings
 
     logits = torch.log(torch.tensor([0.02, 0.05, 0.08, 0.15, 0.3, 0.4], device="cuda"))
-    for settings, allowed in [(SamplingSettings(temperature=0.5), [0, 1, 2, 3, 4, 5]),
-                              (SamplingSettings(top_k=2), [4, 5]), (SamplingSettings(top_p=0.75), [3, 4, 5])]:
-        out = CategoricalSampler(settings)(torch.zeros(40_000, 1, dtype=torch.long, device="cuda"), logits.repeat(40_000, 1))
+    for settings, allowed in [
+        (SamplingSettings(temperature=0.5), [0, 1, 2, 3, 4, 5]),
+        (SamplingSettings(top_k=2), [4, 5]),
+        (SamplingSettings(top_p=0.75), [3, 4, 5]),
+    ]:
+        out = CategoricalSampler(settings)(
+            torch.zeros(40_000, 1, dtype=torch.long, device="cuda"), logits.repeat(40_000, 1)
+        )
         counts = torch.bincount(out.argmax(1), minlength=6).double().cpu() / 40_000
         expected = torch.zeros(6, dtype=torch.float64)
         p = torch.softmax(logits.double().cpu() / settings.temperature, -1)[allowed]
@@ -128,16 +171,24 @@ def test_packed_rows_give_the_padded_logits_on_cuda():
     from rlhfkit.rl.rollout import pack_rows
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, max_position_embeddings=128, attn_implementation="sdpa")
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        attn_implementation="sdpa",
+    )
     model = LlamaForCausalLM(config).cuda().eval()
     prefix, tails, responses = [5, 6, 7, 8], [[10, 11], [12], [10, 11]], [[20, 21, 22], [23], [24, 25]]
     q = [prefix + t for t in tails]
     P, N, M = max(map(len, q)), max(map(len, responses)), len(q)
     ids, am = torch.zeros(M, P + N, dtype=torch.long), torch.zeros(M, P + N, dtype=torch.long)
     for i in range(M):
-        ids[i, P - len(q[i]):P], am[i, P - len(q[i]):P] = torch.tensor(q[i]), 1
-        ids[i, P:P + len(responses[i])], am[i, P:P + len(responses[i])] = torch.tensor(responses[i]), 1
+        ids[i, P - len(q[i]) : P], am[i, P - len(q[i]) : P] = torch.tensor(q[i]), 1
+        ids[i, P : P + len(responses[i])], am[i, P : P + len(responses[i])] = torch.tensor(responses[i]), 1
     ids, am = ids.cuda(), am.cuda()
     with torch.no_grad():
         padded = model(input_ids=ids, attention_mask=am, position_ids=(am.cumsum(-1) - 1).clamp(min=0)).logits
@@ -157,14 +208,31 @@ def test_rl_runs_on_cuda_and_exports_the_policy(algo, tiny_lm, tmp_path):
     from rlhfkit.rl.trainer import RLConfig, train_rl
 
     (tmp_path / "prompts.txt").write_text("alpha beta\ngamma delta\nepsilon zeta\neta theta\n", encoding="utf-8")
-    (tmp_path / "reward.py").write_text("def lower(prompts, responses):\n"
-                                        "    return [sum(c.islower() for c in r) / max(len(r), 1) for r in responses]\n")
+    (tmp_path / "reward.py").write_text(
+        "def lower(prompts, responses):\n    return [sum(c.islower() for c in r) / max(len(r), 1) for r in responses]\n"
+    )
     out = tmp_path / algo
-    result = train_rl(from_dict(RLConfig, dict(
-        algo=algo, policy=str(tiny_lm), prompts=str(tmp_path / "prompts.txt"), reward=f"{tmp_path / 'reward.py'}:lower",
-        samples_per_prompt=4 if algo == "grpo" else 1, critic="value-head" if algo == "ppo" else "auto",
-        max_new_tokens=8, max_steps=3, batch_size=4, mini_batch_size=4, lr=1e-3, output=str(out), progress=False,
-        report_to="none")))
+    result = train_rl(
+        from_dict(
+            RLConfig,
+            dict(
+                algo=algo,
+                policy=str(tiny_lm),
+                prompts=str(tmp_path / "prompts.txt"),
+                reward=f"{tmp_path / 'reward.py'}:lower",
+                samples_per_prompt=4 if algo == "grpo" else 1,
+                critic="value-head" if algo == "ppo" else "auto",
+                max_new_tokens=8,
+                max_steps=3,
+                batch_size=4,
+                mini_batch_size=4,
+                lr=1e-3,
+                output=str(out),
+                progress=False,
+                report_to="none",
+            ),
+        )
+    )
     rows = read_metrics(out / "metrics.jsonl")
     assert len(rows) == 3 and all(r["memory/peak_gib"] > 0 for r in rows)
     assert all(torch.isfinite(torch.tensor(r["rl/policy_loss"])) for r in rows)
@@ -175,10 +243,29 @@ def test_rl_runs_on_cuda_and_exports_the_policy(algo, tiny_lm, tmp_path):
 def probe_start_run(tiny_lm, separable_tsv, out, cpu: bool) -> dict:
     from rlhfkit.rm.train import RMTrainConfig, train_reward_model
 
-    return train_reward_model(from_dict(RMTrainConfig, dict(
-        model=str(tiny_lm), train=str(separable_tsv), n_train=60, output=str(out), max_steps=1, lr=1e-9, batch_size=8,
-        head_init="probe", head_lr=None, cpu=cpu, eval_every=1000, save_every=1000, log_every=1, progress=False,
-        report_to="none", warmup_ratio=0.0)))
+    return train_reward_model(
+        from_dict(
+            RMTrainConfig,
+            dict(
+                model=str(tiny_lm),
+                train=str(separable_tsv),
+                n_train=60,
+                output=str(out),
+                max_steps=1,
+                lr=1e-9,
+                batch_size=8,
+                head_init="probe",
+                head_lr=None,
+                cpu=cpu,
+                eval_every=1000,
+                save_every=1000,
+                log_every=1,
+                progress=False,
+                report_to="none",
+                warmup_ratio=0.0,
+            ),
+        )
+    )
 
 
 @pytest.mark.cuda
@@ -190,4 +277,6 @@ def test_the_probe_head_start_on_cuda(tiny_lm, separable_tsv, tmp_path):
     on_gpu = probe_start_run(tiny_lm, separable_tsv, tmp_path / "gpu", cpu=False)
     log = (tmp_path / "gpu" / "run.log").read_text()
     assert "head: linear probe on the frozen backbone, 360 pairs" in log and "device cuda" in log
-    assert on_gpu["pairwise_accuracy"] > 0.85  # the same run on the CPU: 0.933 (one process holds one accelerator: not both here)
+    assert (
+        on_gpu["pairwise_accuracy"] > 0.85
+    )  # the same run on the CPU: 0.933 (one process holds one accelerator: not both here)

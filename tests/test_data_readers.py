@@ -22,6 +22,7 @@ from rlhfkit.data.readers import (
 from rlhfkit.data.types import DataFormatError, PreferenceExample
 from rlhfkit.data.writers import WRITE_FORMATS, write_preferences
 
+
 def write_text(tmp_path: Path, name: str, text: str) -> Path:
     """Write ``text`` byte for byte (no newline translation)."""
     path = tmp_path / name
@@ -307,7 +308,9 @@ def test_explicit_format_is_checked(tmp_path: Path) -> None:
     assert read_preferences(nop, "pairs")[0].responses == ("x y", "x z")
     assert read_preferences(nop)[0].responses == ("y", "z")
     unknown = write_jsonl(tmp_path, "unknown.jsonl", {"text": "a"})
-    with pytest.raises(DataFormatError, match=r"unknown\.jsonl, line 1: .*match no known format; expected one of: pairs"):
+    with pytest.raises(
+        DataFormatError, match=r"unknown\.jsonl, line 1: .*match no known format; expected one of: pairs"
+    ):
         read_preferences(unknown)
 
 
@@ -452,7 +455,11 @@ def test_choice_writer_derives_choice_from_pair(tmp_path: Path) -> None:
 WRITER_ERRORS = [
     ("ranklist-tsv", PreferenceExample("", ("a\tb", "c"), (0, 1)), r"tab or a line break.*'ranked' \(JSONL\)"),
     ("ranklist-tsv", PreferenceExample("", ("a\nb", "c"), (0, 1)), r"tab or a line break"),
-    ("ranklist-tsv", PreferenceExample("p", ("", "c"), (0, 1)), r"an empty response, which TSV cannot hold.*'ranked' \(JSONL\)"),
+    (
+        "ranklist-tsv",
+        PreferenceExample("p", ("", "c"), (0, 1)),
+        r"an empty response, which TSV cannot hold.*'ranked' \(JSONL\)",
+    ),
     ("ranklist-tsv", PreferenceExample("", ("a", "b", "c"), (0, 1, 1)), r"tied ranks.*'ranked'"),
     ("ranklist-tsv", PreferenceExample("", ("a", "b"), (0, 1), margin=1.0), r"margin=1\.0.*'pairs'"),
     ("ranked", PreferenceExample("", ("a",), (0,), label=1.0), r"scored example.*'scored'"),

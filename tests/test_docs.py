@@ -19,8 +19,8 @@ import os
 import re
 import shlex
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 from urllib.parse import unquote
 
 import pytest
@@ -197,7 +197,7 @@ def rlhfkit_argv(command: str) -> list[str] | None:
         elif head == "accelerate" or re.fullmatch(r"python[0-9.]*", head):
             for j in range(len(seg) - 1):
                 if seg[j] == "-m" and seg[j + 1] == "rlhfkit.cli":
-                    argv = seg[j + 2:]
+                    argv = seg[j + 2 :]
                     break
         if argv is not None:
             cleaned = []
@@ -325,7 +325,20 @@ def test_the_docs_show_commands_and_links():
     """Not vacuous: the extraction finds the README's tour and its links."""
     readme = ROOT / "README.md"
     commands = [argv[0] for _, argv in shown_commands(readme)]
-    assert {"rm", "score", "sft", "ppo", "rl", "dpo", "ppo-eval", "bon", "generate", "pipeline", "annotate", "plan"} <= set(commands)
+    assert {
+        "rm",
+        "score",
+        "sft",
+        "ppo",
+        "rl",
+        "dpo",
+        "ppo-eval",
+        "bon",
+        "generate",
+        "pipeline",
+        "annotate",
+        "plan",
+    } <= set(commands)
     assert sum(1 for _ in links(readme)) >= 10
 
 
@@ -337,8 +350,8 @@ def test_a_made_up_option_is_caught():
         assert "invalid choice" in argv_problem(["rl", "--algo", "no-such-algo"])
         assert "unknown command" in argv_problem(["no-such-command"])
         assert argv_problem(["rm", "train", "--train", "DATA.tsv", "--epochs", "1"]) is None  # --output missing: fine
-    from rlhfkit.config import parse_args
     import rlhfkit.cli
+    from rlhfkit.config import parse_args
 
     assert rlhfkit.cli.parse_args is parse_args and parse_args.__module__ == "rlhfkit.config"  # put back
 
@@ -363,7 +376,7 @@ def test_command_extraction(tmp_path):
         "rlhfkit.train_sft({})\n"
         "```\n"
         "```sh\n"
-        "rlhfkit score --prompt \"a # b\" \"it's fine\"\n"
+        'rlhfkit score --prompt "a # b" "it\'s fine"\n'
         "```\n"
     )
     assert list(shown_commands(doc)) == [

@@ -38,8 +38,18 @@ from tests.conftest import step_losses, weights
 
 def cfg(**kw) -> DPOConfig:
     # cpu_matmul torch: one kernel in every run, so runs compared bit for bit cannot differ by auto's timing choice
-    base = dict(lr=1e-2, batch_size=8, eval_every=1000, save_every=1000, log_every=1, progress=False, report_to="none",
-                warmup_ratio=0.0, eval_kl_prompts=0, cpu_matmul="torch")
+    base = dict(
+        lr=1e-2,
+        batch_size=8,
+        eval_every=1000,
+        save_every=1000,
+        log_every=1,
+        progress=False,
+        report_to="none",
+        warmup_ratio=0.0,
+        eval_kl_prompts=0,
+        cpu_matmul="torch",
+    )
     base.update(kw)
     return from_dict(DPOConfig, base)
 
@@ -79,7 +89,7 @@ def random_lists(b: int = 16, k: int = 5, seed: int = 0):
     ranks[: b // 2] = torch.stack([torch.randperm(k, generator=g) for _ in range(b // 2)])  # half strict
     mask = torch.ones(b, k)
     for row in range(b):
-        mask[row, int(torch.randint(1, k + 1, (1,), generator=g)):] = 0  # 1..K real slots
+        mask[row, int(torch.randint(1, k + 1, (1,), generator=g)) :] = 0  # 1..K real slots
     lengths = torch.randint(1, 30, (b, k), generator=g)
     return logprobs, ref, ranks, mask, lengths
 
@@ -90,14 +100,19 @@ def plain_loss(loss: str, logprobs, ref, ranks, mask, beta, lengths) -> list[flo
     for b in range(logprobs.shape[0]):
         real = [k for k in range(logprobs.shape[1]) if mask[b][k]]
         h = {k: float(logprobs[b][k] - ref[b][k]) for k in real}
-        pairs = [(w, l) for w in real for l in real if ranks[b][w] < ranks[b][l]]
+        pairs = [(w, lo) for w in real for lo in real if ranks[b][w] < ranks[b][lo]]
         if loss == "dpo":
-            terms = [-F.logsigmoid(torch.tensor(beta * (h[w] - h[l]), dtype=torch.float64)).item() for w, l in pairs]
+            terms = [-F.logsigmoid(torch.tensor(beta * (h[w] - h[lo]), dtype=torch.float64)).item() for w, lo in pairs]
         elif loss == "ipo":
-            terms = [(h[w] / float(lengths[b][w]) - h[l] / float(lengths[b][l]) - 1 / (2 * beta)) ** 2 for w, l in pairs]
+            terms = [
+                (h[w] / float(lengths[b][w]) - h[lo] / float(lengths[b][lo]) - 1 / (2 * beta)) ** 2 for w, lo in pairs
+            ]
         else:
-            terms = [lse(*[beta * h[j] for j in real if ranks[b][j] >= ranks[b][i]]) - beta * h[i]
-                     for i in real if any(ranks[b][j] > ranks[b][i] for j in real)]
+            terms = [
+                lse(*[beta * h[j] for j in real if ranks[b][j] >= ranks[b][i]]) - beta * h[i]
+                for i in real
+                if any(ranks[b][j] > ranks[b][i] for j in real)
+            ]
         out.append(sum(terms) / len(terms) if terms else 0.0)
     return out
 
@@ -106,18 +121,24 @@ def plain_loss(loss: str, logprobs, ref, ranks, mask, beta, lengths) -> list[flo
 def test_vectorised_losses_match_their_plain_loops(loss):
     logprobs, ref, ranks, mask, lengths = random_lists()
     got = list_losses(loss, logprobs.double(), ref.double(), ranks, mask, 0.3, lengths)
-    assert got.tolist() == pytest.approx(plain_loss(loss, logprobs.double(), ref.double(), ranks, mask, 0.3, lengths), rel=1e-9, abs=1e-12)
+    assert got.tolist() == pytest.approx(
+        plain_loss(loss, logprobs.double(), ref.double(), ranks, mask, 0.3, lengths), rel=1e-9, abs=1e-12
+    )
 
 
 def test_listwise_equals_dpo_at_k2_and_plackett_luce_on_strict_lists():
     logprobs, ref, _, _, _ = random_lists(b=32, k=2, seed=1)
     ranks, mask = torch.stack([torch.randperm(2) for _ in range(32)]), torch.ones(32, 2)
-    torch.testing.assert_close(listwise_dpo_loss(logprobs, ref, ranks, mask, 0.5, reduction="none"),
-                               dpo_loss(logprobs, ref, ranks, mask, 0.5, reduction="none"))
+    torch.testing.assert_close(
+        listwise_dpo_loss(logprobs, ref, ranks, mask, 0.5, reduction="none"),
+        dpo_loss(logprobs, ref, ranks, mask, 0.5, reduction="none"),
+    )
     logprobs, ref, _, _, _ = random_lists(b=8, k=5, seed=2)
     ranks, mask = torch.stack([torch.randperm(5) for _ in range(8)]), torch.ones(8, 5)
-    torch.testing.assert_close(listwise_dpo_loss(logprobs, ref, ranks, mask, 0.5, reduction="none"),
-                               plackett_luce_loss(0.5 * (logprobs - ref), ranks, mask, reduction="none"))
+    torch.testing.assert_close(
+        listwise_dpo_loss(logprobs, ref, ranks, mask, 0.5, reduction="none"),
+        plackett_luce_loss(0.5 * (logprobs - ref), ranks, mask, reduction="none"),
+    )
 
 
 @pytest.mark.parametrize("loss", ["dpo", "ipo", "listwise"])
@@ -156,8 +177,8 @@ def test_encode_once_batch_gives_the_loss_and_gradients_of_naive_pair_expansion(
     naive = []
     for j, ex in enumerate(EXAMPLES):  # every pair on its own: chosen and rejected forwarded separately
         per_pair = []
-        for w, l in ex.ordered_pairs():
-            tw, tl = data.lists[j][w], data.lists[j][l]
+        for w, lo in ex.ordered_pairs():
+            tw, tl = data.lists[j][w], data.lists[j][lo]
             lw, ll = model(**pad([data.texts[tw]])), model(**pad([data.texts[tl]]))
             per_pair.append(-F.logsigmoid(0.1 * ((lw - ref[tw]) - (ll - ref[tl]))).squeeze())
         naive.append(torch.stack(per_pair).mean())
@@ -184,7 +205,9 @@ def test_sequence_logprobs_count_response_tokens_only(tiny_lm):
 
 def test_learns_separable_lists_from_log_2_with_the_cached_reference(tiny_lm, separable_tsv, tmp_path):
     out = tmp_path / "run"
-    result = train_dpo(cfg(policy=str(tiny_lm), train=str(separable_tsv), n_train=90, output=str(out), epochs=3, eval_kl_prompts=2))
+    result = train_dpo(
+        cfg(policy=str(tiny_lm), train=str(separable_tsv), n_train=90, output=str(out), epochs=3, eval_kl_prompts=2)
+    )
     assert result["finished"] and result["eval/pairwise_accuracy"] > 0.9, result
     assert step_losses(out)[0] == pytest.approx(math.log(2), abs=1e-5)  # policy == reference at step 0
     assert result["eval/logps_margin"] > result["eval/ref_logps_margin"] and result["eval/kl"] > 0
@@ -203,16 +226,32 @@ def test_learns_separable_lists_from_log_2_with_the_cached_reference(tiny_lm, se
 def test_kl_is_zero_against_itself_and_uses_the_samples(tiny_lm):
     policy, tok = load_policy(str(tiny_lm))
     prompts = [Prompt("hello"), Prompt("good day")]
-    kl = sampled_kl(policy, lambda: contextlib.nullcontext(policy), tok, prompts, SamplingSettings(max_new_tokens=8), chat=True,
-                    batch_size=2, seed=0)
+    kl = sampled_kl(
+        policy,
+        lambda: contextlib.nullcontext(policy),
+        tok,
+        prompts,
+        SamplingSettings(max_new_tokens=8),
+        chat=True,
+        batch_size=2,
+        seed=0,
+    )
     assert kl["kl"] == pytest.approx(0.0, abs=1e-6) and kl["kl_response_tokens"] > 0
 
 
 def test_resume_reuses_the_reference_and_matches_the_uninterrupted_run(tiny_lm, separable_tsv, tmp_path, monkeypatch):
     from rlhfkit.dpo import train as T
 
-    common = dict(policy=str(tiny_lm), train=str(separable_tsv), n_train=64, epochs=2, batch_size=8, save_every=3,
-                  scheduler="cosine", warmup_ratio=0.2)
+    common = dict(
+        policy=str(tiny_lm),
+        train=str(separable_tsv),
+        n_train=64,
+        epochs=2,
+        batch_size=8,
+        save_every=3,
+        scheduler="cosine",
+        warmup_ratio=0.2,
+    )
     full, split = tmp_path / "full", tmp_path / "split"
     train_dpo(cfg(output=str(full), **common))
     part = train_dpo(cfg(output=str(split), stop_after_steps=5, **common))
@@ -246,7 +285,9 @@ def write_jsonl(path: Path, rows) -> Path:
     return path
 
 
-@pytest.mark.parametrize("fmt, loss", [("pairs", "ipo"), ("hh", "dpo"), ("choice", "listwise"), ("ranked", "listwise"), ("ranked", "dpo")])
+@pytest.mark.parametrize(
+    "fmt, loss", [("pairs", "ipo"), ("hh", "dpo"), ("choice", "listwise"), ("ranked", "listwise"), ("ranked", "dpo")]
+)
 def test_every_preference_format_trains(fmt, loss, tiny_lm, tmp_path):
     rows = []
     for i in range(8):
@@ -258,10 +299,27 @@ def test_every_preference_format_trains(fmt, loss, tiny_lm, tmp_path):
         elif fmt == "choice":
             rows.append({"prompt": f"q{i}", "responses": [f"a{i}", f"b{i}", f"c{i}"], "choice": i % 3})
         else:
-            rows.append({"prompt": f"q{i}", "responses": [f"a{i}", f"b{i}", f"c{i}"], "ranks": [0, 0, 1] if i % 2 else [0, 1, 2]})
+            rows.append(
+                {
+                    "prompt": f"q{i}",
+                    "responses": [f"a{i}", f"b{i}", f"c{i}"],
+                    "ranks": [0, 0, 1] if i % 2 else [0, 1, 2],
+                }
+            )
     data = write_jsonl(tmp_path / f"{fmt}.jsonl", rows)
-    result = train_dpo(cfg(policy=str(tiny_lm), train=str(data), output=str(tmp_path / "o"), max_steps=2, batch_size=4, loss=loss,
-                           allow_ties=fmt == "ranked", eval_fraction=0.25, eval_kl_prompts=1))
+    result = train_dpo(
+        cfg(
+            policy=str(tiny_lm),
+            train=str(data),
+            output=str(tmp_path / "o"),
+            max_steps=2,
+            batch_size=4,
+            loss=loss,
+            allow_ties=fmt == "ranked",
+            eval_fraction=0.25,
+            eval_kl_prompts=1,
+        )
+    )
     assert result["finished"] and math.isfinite(result["train/loss"]) and "eval/kl" in result
 
 
@@ -280,8 +338,19 @@ def test_lora_reference_is_the_disabled_adapter_and_export_is_merged(tiny_lm, se
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "lora"
-    result = train_dpo(cfg(policy=str(tiny_lm), train=str(separable_tsv), n_train=90, output=str(out), max_steps=6, lora=True,
-                           lora_r=4, lr=5e-2, eval_kl_prompts=2))
+    result = train_dpo(
+        cfg(
+            policy=str(tiny_lm),
+            train=str(separable_tsv),
+            n_train=90,
+            output=str(out),
+            max_steps=6,
+            lora=True,
+            lora_r=4,
+            lr=5e-2,
+            eval_kl_prompts=2,
+        )
+    )
     assert result["eval/kl"] != 0.0 and step_losses(out)[0] == pytest.approx(math.log(2), abs=1e-5)
     policy, tok = load_policy(str(tiny_lm))
     data = EncodedPreferences.build(read_preferences(separable_tsv)[:90], policy_encoder(tok, True, 512), 512)
@@ -293,8 +362,30 @@ def test_lora_reference_is_the_disabled_adapter_and_export_is_merged(tiny_lm, se
 
 def test_cli_trains_then_rm_eval_and_score_read_the_run(tiny_lm, separable_tsv, tmp_path, capsys):
     out = tmp_path / "run"
-    rc = main(["dpo", "--policy", str(tiny_lm), "--train", str(separable_tsv), "--n-train", "90", "--output", str(out),
-               "--epochs", "2", "--lr", "1e-2", "--batch-size", "8", "--eval-kl-prompts", "0", "--no-progress", "--report-to", "none"])
+    rc = main(
+        [
+            "dpo",
+            "--policy",
+            str(tiny_lm),
+            "--train",
+            str(separable_tsv),
+            "--n-train",
+            "90",
+            "--output",
+            str(out),
+            "--epochs",
+            "2",
+            "--lr",
+            "1e-2",
+            "--batch-size",
+            "8",
+            "--eval-kl-prompts",
+            "0",
+            "--no-progress",
+            "--report-to",
+            "none",
+        ]
+    )
     printed = capsys.readouterr().out
     assert rc == 0 and "policy saved to" in printed and "implicit-reward accuracy" in printed, printed
     trained = json.loads((out / "eval_report.json").read_text())
@@ -303,7 +394,9 @@ def test_cli_trains_then_rm_eval_and_score_read_the_run(tiny_lm, separable_tsv, 
     metrics = json.loads(capsys.readouterr().out)
     assert metrics["n_lists"] == 30  # the run's best/ export, read through its implicit reward
     best_step_metrics = [r for r in read_metrics(out / "metrics.jsonl") if "eval/pairwise_accuracy" in r]
-    assert metrics["pairwise_accuracy"] == pytest.approx(max(r["eval/pairwise_accuracy"] for r in best_step_metrics), abs=1e-9)
+    assert metrics["pairwise_accuracy"] == pytest.approx(
+        max(r["eval/pairwise_accuracy"] for r in best_step_metrics), abs=1e-9
+    )
     assert trained["eval/pairwise_accuracy"] <= metrics["pairwise_accuracy"] + 1e-9
 
     assert main(["score", "--model", str(out / "final"), "good good good apple river", "apple river"]) == 0
@@ -320,8 +413,32 @@ def test_hh_file_with_an_empty_chosen_answer_trains(tiny_lm, tmp_path):
     examples = read_preferences(train)
     assert sum(r == "" for ex in examples for r in ex.responses) == 1
     out = tmp_path / "dpo"
-    assert main(["dpo", "--policy", str(tiny_lm), "--train", str(train), "--output", str(out), "--max-steps", "3",
-                 "--batch-size", "4", "--lr", "1e-3", "--log-every", "1", "--eval-kl-prompts", "0", "--no-progress",
-                 "--report-to", "none"]) == 0
+    assert (
+        main(
+            [
+                "dpo",
+                "--policy",
+                str(tiny_lm),
+                "--train",
+                str(train),
+                "--output",
+                str(out),
+                "--max-steps",
+                "3",
+                "--batch-size",
+                "4",
+                "--lr",
+                "1e-3",
+                "--log-every",
+                "1",
+                "--eval-kl-prompts",
+                "0",
+                "--no-progress",
+                "--report-to",
+                "none",
+            ]
+        )
+        == 0
+    )
     losses = step_losses(out)
     assert len(losses) == 3 and all(math.isfinite(v) for v in losses)

@@ -28,7 +28,11 @@ def assert_sharded(prefix: Path, processes: int = 2) -> None:
         assert record, "no training step was recorded"
         for name, info in record.items():
             assert info["dtensor"], (rank, name, info)
-            assert 0.4 * info["global"] / processes <= info["local"] <= 0.6 * info["global"] * 2 / processes, (rank, name, info)
+            assert 0.4 * info["global"] / processes <= info["local"] <= 0.6 * info["global"] * 2 / processes, (
+                rank,
+                name,
+                info,
+            )
             assert info["local"] < info["global"], (rank, name, info)
 
 
@@ -44,9 +48,38 @@ def assert_same_weights(a: Path, b: Path, rtol=1e-4, atol=1e-5) -> None:
 
 
 def rm_args(model: Path, data: Path, out: Path, batch_size: int, **extra) -> list[str]:
-    args = ["rm", "train", "--model", str(model), "--train", str(data), "--n-train", "64", "--output", str(out),
-            "--max-steps", "4", "--batch-size", str(batch_size), "--lr", "3e-3", "--log-every", "1", "--warmup-ratio", "0",
-            "--max-grad-norm", "0", "--eval-every", "2", "--save-every", "2", "--no-progress", "--report-to", "none", "--cpu"]
+    args = [
+        "rm",
+        "train",
+        "--model",
+        str(model),
+        "--train",
+        str(data),
+        "--n-train",
+        "64",
+        "--output",
+        str(out),
+        "--max-steps",
+        "4",
+        "--batch-size",
+        str(batch_size),
+        "--lr",
+        "3e-3",
+        "--log-every",
+        "1",
+        "--warmup-ratio",
+        "0",
+        "--max-grad-norm",
+        "0",
+        "--eval-every",
+        "2",
+        "--save-every",
+        "2",
+        "--no-progress",
+        "--report-to",
+        "none",
+        "--cpu",
+    ]
     return args + [x for k, v in extra.items() for x in (f"--{k.replace('_', '-')}", str(v))]
 
 
@@ -81,13 +114,43 @@ def test_a_killed_and_resumed_fsdp2_run_ends_with_the_uninterrupted_weights(tiny
 
 def test_sft_fsdp2_matches_one_process(tiny_lm, tmp_path):
     data = tmp_path / "sft.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"repeat {'ab' * (i % 4 + 1)}", "response": "ab" * (i % 7 + 1)}) + "\n"
-                            for i in range(40)))
+    data.write_text(
+        "".join(
+            json.dumps({"prompt": f"repeat {'ab' * (i % 4 + 1)}", "response": "ab" * (i % 7 + 1)}) + "\n"
+            for i in range(40)
+        )
+    )
 
     def args(out: Path, batch: int) -> list[str]:
-        return ["sft", "--policy", str(tiny_lm), "--train", str(data), "--output", str(out), "--max-steps", "3",
-                "--batch-size", str(batch), "--lr", "1e-2", "--log-every", "1", "--warmup-ratio", "0", "--max-grad-norm", "0",
-                "--n-samples", "1", "--eval-fraction", "0.2", "--no-progress", "--report-to", "none", "--cpu"]
+        return [
+            "sft",
+            "--policy",
+            str(tiny_lm),
+            "--train",
+            str(data),
+            "--output",
+            str(out),
+            "--max-steps",
+            "3",
+            "--batch-size",
+            str(batch),
+            "--lr",
+            "1e-2",
+            "--log-every",
+            "1",
+            "--warmup-ratio",
+            "0",
+            "--max-grad-norm",
+            "0",
+            "--n-samples",
+            "1",
+            "--eval-fraction",
+            "0.2",
+            "--no-progress",
+            "--report-to",
+            "none",
+            "--cpu",
+        ]
 
     launch([PROBE, tmp_path / "probe-fsdp", *args(tmp_path / "fsdp", 2)], config_file=FSDP2)
     assert_sharded(tmp_path / "probe-fsdp")
@@ -99,9 +162,37 @@ def test_sft_fsdp2_matches_one_process(tiny_lm, tmp_path):
 
 def test_dpo_fsdp2_matches_one_process(tiny_lm, separable_tsv, tmp_path):
     def args(out: Path, batch: int) -> list[str]:
-        return ["dpo", "--policy", str(tiny_lm), "--train", str(separable_tsv), "--n-train", "64", "--output", str(out),
-                "--max-steps", "3", "--batch-size", str(batch), "--lr", "1e-2", "--log-every", "1", "--warmup-ratio", "0",
-                "--max-grad-norm", "0", "--eval-every", "2", "--eval-kl-prompts", "1", "--no-progress", "--report-to", "none", "--cpu"]
+        return [
+            "dpo",
+            "--policy",
+            str(tiny_lm),
+            "--train",
+            str(separable_tsv),
+            "--n-train",
+            "64",
+            "--output",
+            str(out),
+            "--max-steps",
+            "3",
+            "--batch-size",
+            str(batch),
+            "--lr",
+            "1e-2",
+            "--log-every",
+            "1",
+            "--warmup-ratio",
+            "0",
+            "--max-grad-norm",
+            "0",
+            "--eval-every",
+            "2",
+            "--eval-kl-prompts",
+            "1",
+            "--no-progress",
+            "--report-to",
+            "none",
+            "--cpu",
+        ]
 
     launch([PROBE, tmp_path / "probe-fsdp", *args(tmp_path / "fsdp", 2)], config_file=FSDP2)
     assert_sharded(tmp_path / "probe-fsdp")
@@ -111,7 +202,9 @@ def test_dpo_fsdp2_matches_one_process(tiny_lm, separable_tsv, tmp_path):
     ref_one, ref_fsdp = (load_file(str(tmp_path / run / "reference_logprobs.safetensors")) for run in ("one", "fsdp"))
     torch.testing.assert_close(ref_fsdp["train"], ref_one["train"], rtol=1e-5, atol=1e-5)
     one, fsdp = (json.loads((tmp_path / run / "eval_report.json").read_text()) for run in ("one", "fsdp"))
-    assert fsdp["eval/pairwise_accuracy"] == one["eval/pairwise_accuracy"] and fsdp["eval/kl"] == pytest.approx(one["eval/kl"], abs=1e-3)
+    assert fsdp["eval/pairwise_accuracy"] == one["eval/pairwise_accuracy"] and fsdp["eval/kl"] == pytest.approx(
+        one["eval/kl"], abs=1e-3
+    )
 
 
 @pytest.mark.parametrize("algo", ["ppo", "grpo"])
@@ -140,14 +233,50 @@ def test_lora_rl_under_fsdp2_shards_trains_and_exports_a_plain_policy(algo, extr
     from transformers import AutoModelForCausalLM
 
     (tmp_path / "prompts.txt").write_text("alpha beta\ngamma delta\nepsilon zeta\neta theta\n", encoding="utf-8")
-    (tmp_path / "reward.py").write_text("def lower(prompts, responses):\n"
-                                        "    return [sum(c.islower() for c in r) / max(len(r), 1) for r in responses]\n")
+    (tmp_path / "reward.py").write_text(
+        "def lower(prompts, responses):\n    return [sum(c.islower() for c in r) / max(len(r), 1) for r in responses]\n"
+    )
     out = tmp_path / "run"
-    launch([PROBE, tmp_path / "probe", "rl", "--algo", algo, *extra, "--policy", str(tiny_lm), "--prompts", str(tmp_path / "prompts.txt"),
-            "--reward", f"{tmp_path / 'reward.py'}:lower", "--max-new-tokens", "5", "--max-steps", "2",
-            "--batch-size", "4", "--mini-batch-size", "4", "--lora", "--lora-r", "4", "--lr", "1e-2",
-            "--output", str(out), "--log-every", "1", "--no-progress", "--report-to", "none", "--cpu",
-            "--cpu-matmul", "torch"], config_file=FSDP2)
+    launch(
+        [
+            PROBE,
+            tmp_path / "probe",
+            "rl",
+            "--algo",
+            algo,
+            *extra,
+            "--policy",
+            str(tiny_lm),
+            "--prompts",
+            str(tmp_path / "prompts.txt"),
+            "--reward",
+            f"{tmp_path / 'reward.py'}:lower",
+            "--max-new-tokens",
+            "5",
+            "--max-steps",
+            "2",
+            "--batch-size",
+            "4",
+            "--mini-batch-size",
+            "4",
+            "--lora",
+            "--lora-r",
+            "4",
+            "--lr",
+            "1e-2",
+            "--output",
+            str(out),
+            "--log-every",
+            "1",
+            "--no-progress",
+            "--report-to",
+            "none",
+            "--cpu",
+            "--cpu-matmul",
+            "torch",
+        ],
+        config_file=FSDP2,
+    )
     assert_sharded(tmp_path / "probe")
     assert "FSDP2" in (out / "run.log").read_text()
     exported = AutoModelForCausalLM.from_pretrained(out / "final")
@@ -168,11 +297,48 @@ def test_sharded_frozen_models_give_the_replicated_rollout(tiny_lm, tmp_path):
     rows = {}
     for mode in ("shard", "replicate"):
         out = tmp_path / mode
-        launch([
-            PROBE, tmp_path / f"probe-{mode}", "rl", "--algo", "ppo", "--policy", str(tiny_lm), "--reward", str(tmp_path / "rm"), "--critic", "reward-model",
-            "--prompts", str(tmp_path / "prompts.txt"), "--max-new-tokens", "5", "--max-steps", "2", "--batch-size", "4",
-            "--mini-batch-size", "4", "--kl-coef", "0.1", "--lr", "1e-2", "--frozen-models", mode, "--output", str(out), "--log-every", "1",
-            "--no-progress", "--report-to", "none", "--cpu", "--cpu-matmul", "torch"], config_file=FSDP2)
+        launch(
+            [
+                PROBE,
+                tmp_path / f"probe-{mode}",
+                "rl",
+                "--algo",
+                "ppo",
+                "--policy",
+                str(tiny_lm),
+                "--reward",
+                str(tmp_path / "rm"),
+                "--critic",
+                "reward-model",
+                "--prompts",
+                str(tmp_path / "prompts.txt"),
+                "--max-new-tokens",
+                "5",
+                "--max-steps",
+                "2",
+                "--batch-size",
+                "4",
+                "--mini-batch-size",
+                "4",
+                "--kl-coef",
+                "0.1",
+                "--lr",
+                "1e-2",
+                "--frozen-models",
+                mode,
+                "--output",
+                str(out),
+                "--log-every",
+                "1",
+                "--no-progress",
+                "--report-to",
+                "none",
+                "--cpu",
+                "--cpu-matmul",
+                "torch",
+            ],
+            config_file=FSDP2,
+        )
         rows[mode] = read_metrics(out / "metrics.jsonl")[-1]  # the second rollout: the policy has left the reference
         assert f"frozen models {'sharded' if mode == 'shard' else 'replicated'}" in (out / "run.log").read_text()
     assert_sharded(tmp_path / "probe-shard")  # the reference, the reward model, the actor and the critic

@@ -336,10 +336,7 @@ def token_pairwise_loop(rc, rr, ids_c, ids_r, mask_c, mask_r, prompt_lengths) ->
     for p in range(len(rc)):
         n_c, n_r = sum(mask_c[p]), sum(mask_r[p])
         end = max(n_c, n_r)
-        d = next(
-            t for t in range(prompt_lengths[p], end)
-            if t >= min(n_c, n_r) or ids_c[p][t] != ids_r[p][t]
-        )
+        d = next(t for t in range(prompt_lengths[p], end) if t >= min(n_c, n_r) or ids_c[p][t] != ids_r[p][t])
         terms = [neg_logsigmoid(rc[p][min(t, n_c - 1)] - rr[p][min(t, n_r - 1)]) for t in range(d, end)]
         losses.append(sum(terms) / len(terms))
     return losses
@@ -385,9 +382,7 @@ def token_tensors(d):
 @pytest.mark.parametrize("seed", range(5))
 def test_token_pairwise_vectorised_equals_loop(seed):
     d = random_token_pairs(seed)
-    expected = token_pairwise_loop(
-        d["rc"], d["rr"], d["ids_c"], d["ids_r"], d["mask_c"], d["mask_r"], d["prompt"]
-    )
+    expected = token_pairwise_loop(d["rc"], d["rr"], d["ids_c"], d["ids_r"], d["mask_c"], d["mask_r"], d["prompt"])
     got = token_pairwise_loss(*token_tensors(d), reduction="none")
     torch.testing.assert_close(got, torch.tensor(expected, dtype=torch.float64))
     assert token_pairwise_loss(*token_tensors(d)).item() == pytest.approx(sum(expected) / len(expected))

@@ -21,8 +21,16 @@ from rlhfkit.rl.rollout import pack_rows
 def gqa_model(seed: int = 0) -> LlamaForCausalLM:
     """A tiny Llama with grouped-query attention (4 heads, 2 key/value heads), like SmolLM2."""
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, max_position_embeddings=128, attn_implementation="sdpa")
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        attn_implementation="sdpa",
+    )
     return LlamaForCausalLM(config).eval()
 
 
@@ -33,13 +41,17 @@ def batch(prefix: list[int], query_tails: list[list[int]], responses: list[list[
     ids = torch.zeros(M, P + N, dtype=torch.long)
     am = torch.zeros(M, P + N, dtype=torch.long)
     for i in range(M):
-        ids[i, P - len(q[i]):P], am[i, P - len(q[i]):P] = torch.tensor(q[i]), 1
-        ids[i, P:P + len(responses[i])], am[i, P:P + len(responses[i])] = torch.tensor(responses[i]), 1
+        ids[i, P - len(q[i]) : P], am[i, P - len(q[i]) : P] = torch.tensor(q[i]), 1
+        ids[i, P : P + len(responses[i])], am[i, P : P + len(responses[i])] = torch.tensor(responses[i]), 1
     return ids, am, am[:, :P], N
 
 
 CASES = {
-    "shared system prompt": ([5, 6, 7, 8, 9], [[10, 11], [12], [13, 14, 15], [10, 11]], [[20, 21, 22], [23], [24, 25], [26, 27, 28]]),
+    "shared system prompt": (
+        [5, 6, 7, 8, 9],
+        [[10, 11], [12], [13, 14, 15], [10, 11]],
+        [[20, 21, 22], [23], [24, 25], [26, 27, 28]],
+    ),
     "nothing shared": ([], [[10, 11], [12], [13, 14, 15]], [[20, 21], [23, 24, 25], [26]]),
     "identical prompts": ([5, 6, 7], [[8], [8], [8]], [[20, 21], [22], [23, 24, 25]]),
 }
@@ -70,7 +82,13 @@ def test_pack_layout_root_groups_and_limits():
     ids, am, qm, _ = batch([5, 6], [[7, 8, 9], [7, 8, 10], [11, 12, 13]], [[1], [2], [3]])
     b = pack(ids, am, groups=[[0, 1], [2]], share_until=qm.sum(1))
     # all rows share 5 6 (the root); rows 0 and 1 further share 7 8 (their group), row 2 nothing more
-    assert [(s.start, s.end, s.parent) for s in b.segments] == [(0, 2, None), (2, 4, 0), (4, 6, 1), (6, 8, 1), (8, 12, 0)]
+    assert [(s.start, s.end, s.parent) for s in b.segments] == [
+        (0, 2, None),
+        (2, 4, 0),
+        (4, 6, 1),
+        (6, 8, 1),
+        (8, 12, 0),
+    ]
     assert b.position_ids[0].tolist() == [0, 1, 2, 3, 4, 5, 4, 5, 2, 3, 4, 5]
     assert b.index[0].tolist()[-6:] == [0, 1, 2, 3, 4, 5] and b.index[1].tolist()[-6:] == [0, 1, 2, 3, 6, 7]
     assert b.index[2].tolist()[-6:] == [0, 1, 8, 9, 10, 11]
@@ -145,10 +163,30 @@ def test_a_ppo_update_on_packed_rows_equals_the_padded_update(tiny_lm, tmp_path)
         weights = {}
         for packing in (True, False):
             out = tmp_path / f"{critic}-{packing}"
-            train_ppo(from_dict(PPOConfig, dict(
-                policy=str(tiny_lm), reward=str(tmp_path / "rm"), critic=critic, prompts=str(prompts), output=str(out),
-                max_steps=2, batch_size=8, mini_batch_size=4, grad_accum=2, max_new_tokens=6, lr=1e-3, packing=packing, seed=5,
-                progress=False, report_to="none", sample_every=0, cpu=True)))
+            train_ppo(
+                from_dict(
+                    PPOConfig,
+                    dict(
+                        policy=str(tiny_lm),
+                        reward=str(tmp_path / "rm"),
+                        critic=critic,
+                        prompts=str(prompts),
+                        output=str(out),
+                        max_steps=2,
+                        batch_size=8,
+                        mini_batch_size=4,
+                        grad_accum=2,
+                        max_new_tokens=6,
+                        lr=1e-3,
+                        packing=packing,
+                        seed=5,
+                        progress=False,
+                        report_to="none",
+                        sample_every=0,
+                        cpu=True,
+                    ),
+                )
+            )
             weights[packing] = load_file(str(out / "final" / "model.safetensors"))
         for k in weights[False]:
             torch.testing.assert_close(weights[True][k], weights[False][k], rtol=1e-4, atol=1e-6, msg=f"{critic}: {k}")

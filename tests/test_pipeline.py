@@ -35,31 +35,48 @@ def test_pipeline_end_to_end_on_tiny_models(tiny_lm, tmp_path):
 
     (tmp_path / "rule.py").write_text(RULE)
     sft = tmp_path / "sft.jsonl"
-    sft.write_text("".join(json.dumps({"prompt": f"say a {i}", "response": "aaa ab " * (i % 3 + 1)}) + "\n" for i in range(12)))
+    sft.write_text(
+        "".join(json.dumps({"prompt": f"say a {i}", "response": "aaa ab " * (i % 3 + 1)}) + "\n" for i in range(12))
+    )
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("".join(f"say something {i}\n" for i in range(12)))
     out = tmp_path / "pipe"
     config = tmp_path / "pipeline.yaml"
 
     def write_config(ppo_steps: int, rm_epochs: int = 2) -> None:
-        config.write_text(f"""
+        config.write_text(
+            f"""
 output: {out}
 policy: {tiny_lm}
 sft: {{train: {sft}, max_steps: 4, batch_size: 4, lr: 1.0e-3, max_length: 48, no_progress: true}}
-preferences: {{source: simulated, labeller: "{tmp_path / 'rule.py'}:count_a", prompts: {prompts}, n_prompts: 12, k: 3, max_new_tokens: 8, chat_template: false}}
+preferences: {{source: simulated, labeller: "{tmp_path / "rule.py"}:count_a", prompts: {prompts}, n_prompts: 12, k: 3, max_new_tokens: 8, chat_template: false}}
 reward_model: {{epochs: {rm_epochs}, batch_size: 4, lr: 3.0e-3, eval_every: 1000, progress: false, report_to: none}}
 algorithm: [ppo, grpo, dpo]
 dpo: {{max_steps: 3, batch_size: 2, lr: 1.0e-3, eval_kl_prompts: 2, eval_max_new_tokens: 4, progress: false, report_to: none}}
 rl: {{prompts: {prompts}, max_steps: {ppo_steps}, batch_size: 4, mini_batch_size: 4, max_new_tokens: 8, lr: 1.0e-3, progress: false, report_to: none, sample_every: 0}}
 evaluation: {{n_prompts: 4, bon: [1, 2, 4], max_new_tokens: 8}}
-""".replace("no_progress: true", "progress: false"))
+""".replace("no_progress: true", "progress: false")
+        )
 
     write_config(ppo_steps=3)
     assert main(["pipeline", "--config", str(config)]) == 0
     html = (out / "report.html").read_text()
     md = (out / "report.md").read_text()
-    for needle in ("Supervised fine-tuning", "Preference data", "Reward model", "PPO", "GRPO", "DPO", "Evaluation on held-out prompts",
-                   "pairwise_accuracy", "best-of-4", "before (starting policy)", "after GRPO", "SIMULATED ANNOTATOR", "gold score"):
+    for needle in (
+        "Supervised fine-tuning",
+        "Preference data",
+        "Reward model",
+        "PPO",
+        "GRPO",
+        "DPO",
+        "Evaluation on held-out prompts",
+        "pairwise_accuracy",
+        "best-of-4",
+        "before (starting policy)",
+        "after GRPO",
+        "SIMULATED ANNOTATOR",
+        "gold score",
+    ):
         assert needle in html and needle in md, needle
     evaluation = json.loads((out / "evaluation" / "ppo_eval.json").read_text())
     assert [r["name"] for r in evaluation["rows"][:4]] == ["ppo", "grpo", "dpo", "reference"]
@@ -71,7 +88,10 @@ evaluation: {{n_prompts: 4, bon: [1, 2, 4], max_new_tokens: 8}}
     assert "held-out prompts" in summary and "nats per response" in summary
 
     # same config: every stage is reused (no stage folder is touched); changed PPO: only PPO and evaluation run again
-    before = {s: (out / s / "stage.json").stat().st_mtime_ns for s in ("sft", "preferences", "reward_model", "ppo", "grpo", "dpo", "evaluation")}
+    before = {
+        s: (out / s / "stage.json").stat().st_mtime_ns
+        for s in ("sft", "preferences", "reward_model", "ppo", "grpo", "dpo", "evaluation")
+    }
     assert main(["pipeline", str(config)]) == 0  # the old positional form still works
     assert {s: (out / s / "stage.json").stat().st_mtime_ns for s in before} == before
     assert (out / "report.md").read_text().count("reused (complete, same config)") == 7
@@ -101,7 +121,7 @@ def test_a_bad_value_in_the_last_section_fails_before_any_stage(tiny_lm, tmp_pat
     monkeypatch.setattr(Runner, "stage", no_stage)
     config = tmp_path / "pipeline.yaml"
     config.write_text(f"""
-output: {tmp_path / 'pipe'}
+output: {tmp_path / "pipe"}
 policy: {tiny_lm}
 sft: {{train: nowhere.jsonl, max_steps: 4}}
 preferences: {{source: simulated, prompts: p.txt, samples_per_prompt: 3}}
@@ -118,17 +138,28 @@ evaluation: {{bon: [1, 0]}}
     assert main(["pipeline", "--config", str(config)]) == 2
     # a value read from the YAML is named by its key there; the stage of algorithm ppo too
     assert "pipeline ppo: rl.max_steps must be >= 1, got -1" in capsys.readouterr().err
-    config.write_text(config.read_text().replace("max_steps: -1", "max_steps: 3")
-                      .replace("evaluation: {bon: [1, 2]}", "evaluation: {bon: [1, 2], n_prompts: -2}"))
+    config.write_text(
+        config.read_text()
+        .replace("max_steps: -1", "max_steps: 3")
+        .replace("evaluation: {bon: [1, 2]}", "evaluation: {bon: [1, 2], n_prompts: -2}")
+    )
     assert main(["pipeline", "--config", str(config)]) == 2
     assert "pipeline evaluation: evaluation.n_prompts must be >= 1, got -2" in capsys.readouterr().err
-    config.write_text(config.read_text().replace(", n_prompts: -2", "").replace("samples_per_prompt: 3", "samples_per_prompt: many"))
+    config.write_text(
+        config.read_text().replace(", n_prompts: -2", "").replace("samples_per_prompt: 3", "samples_per_prompt: many")
+    )
     assert main(["pipeline", "--config", str(config)]) == 2
     assert "preferences.samples_per_prompt expects int, got 'many'" in capsys.readouterr().err
-    config.write_text(config.read_text().replace("samples_per_prompt: many", "samples_per_prompt: 3")
-                      .replace("reward_model: {epochs: 2}", "reward_model: {skip: true}"))
+    config.write_text(
+        config.read_text()
+        .replace("samples_per_prompt: many", "samples_per_prompt: 3")
+        .replace("reward_model: {epochs: 2}", "reward_model: {skip: true}")
+    )
     assert main(["pipeline", "--config", str(config)]) == 2
-    assert "pipeline reward_model: skip is only for algorithm: [dpo]; ppo train against the reward model" in capsys.readouterr().err
+    assert (
+        "pipeline reward_model: skip is only for algorithm: [dpo]; ppo train against the reward model"
+        in capsys.readouterr().err
+    )
     config.write_text(config.read_text() + "algorithm: [dpo]\n")
     assert main(["pipeline", "--config", str(config)]) == 2
     assert "pipeline evaluation: with reward_model skipped, give evaluation a 'reward'" in capsys.readouterr().err
@@ -193,4 +224,8 @@ def test_progress_estimate_names_its_unit_in_the_plural():
     from rlhfkit.tracking import plural
 
     assert [plural("batch", 2), plural("step", 3), plural("update", 1), plural("pass", 0)] == [
-        "batches", "steps", "update", "passes"]
+        "batches",
+        "steps",
+        "update",
+        "passes",
+    ]

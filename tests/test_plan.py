@@ -37,9 +37,18 @@ def _meta_count(model_cls, config) -> tuple[int, int]:
 @pytest.mark.parametrize("name", ["smollm2-135m", "smollm2-1.7b", "qwen2.5-0.5b", "qwen2.5-7b", "llama-3.1-8b"])
 def test_known_shapes_count_what_transformers_builds(name):
     s = KNOWN[name]
-    kw = dict(vocab_size=s.vocab, hidden_size=s.hidden, intermediate_size=s.intermediate, num_hidden_layers=s.layers,
-              num_attention_heads=s.heads, num_key_value_heads=s.kv_heads, tie_word_embeddings=s.tied)
-    model_cls, config = (Qwen2ForCausalLM, Qwen2Config(**kw)) if name.startswith("qwen") else (LlamaForCausalLM, LlamaConfig(**kw))
+    kw = dict(
+        vocab_size=s.vocab,
+        hidden_size=s.hidden,
+        intermediate_size=s.intermediate,
+        num_hidden_layers=s.layers,
+        num_attention_heads=s.heads,
+        num_key_value_heads=s.kv_heads,
+        tie_word_embeddings=s.tied,
+    )
+    model_cls, config = (
+        (Qwen2ForCausalLM, Qwen2Config(**kw)) if name.startswith("qwen") else (LlamaForCausalLM, LlamaConfig(**kw))
+    )
     assert _meta_count(model_cls, config) == (s.params, s.block_params)
 
 
@@ -85,8 +94,16 @@ def test_activation_bytes_match_what_autograd_saves(lora_dropout):
     full fine-tuning, and LoRA (frozen base weights keep fewer inputs) with and without dropout."""
     from peft import LoraConfig, get_peft_model
 
-    config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
-                         num_key_value_heads=2, tie_word_embeddings=True, attn_implementation="sdpa")
+    config = LlamaConfig(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        attn_implementation="sdpa",
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).train()
     lora = lora_dropout is not None
@@ -106,9 +123,12 @@ def test_activation_bytes_match_what_autograd_saves(lora_dropout):
         model.model(input_ids=torch.randint(0, 300, (rows, tokens)), attention_mask=mask)
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
     measured = sum(n for ptr, n in saved.items() if ptr not in weights)
-    final = rows * tokens * (4 * 64 if lora else 8 * 64 + 64 * 4)  # the final norm and the LM head's input: not run here
-    estimated = activation_bytes(shape, rows, tokens, FP32_PRECISION, lora_modules=2 if lora else 0,
-                                 lora_dropout=lora_dropout or 0.0)
+    final = (
+        rows * tokens * (4 * 64 if lora else 8 * 64 + 64 * 4)
+    )  # the final norm and the LM head's input: not run here
+    estimated = activation_bytes(
+        shape, rows, tokens, FP32_PRECISION, lora_modules=2 if lora else 0, lora_dropout=lora_dropout or 0.0
+    )
     assert estimated - final == pytest.approx(measured, rel=0.06)
 
 
@@ -118,16 +138,33 @@ def test_kv_cache_formula_matches_a_dynamic_cache(tiny_lm):
     prompt, new, rows = 7, 9, 3
     cache = DynamicCache()
     with torch.no_grad():
-        model.generate(torch.randint(3, 200, (rows, prompt)), attention_mask=torch.ones(rows, prompt, dtype=torch.long),
-                       max_new_tokens=new, min_new_tokens=new, do_sample=False, past_key_values=cache, pad_token_id=0)
+        model.generate(
+            torch.randint(3, 200, (rows, prompt)),
+            attention_mask=torch.ones(rows, prompt, dtype=torch.long),
+            max_new_tokens=new,
+            min_new_tokens=new,
+            do_sample=False,
+            past_key_values=cache,
+            pad_token_id=0,
+        )
     held = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
     # the last sampled token is never fed back: the cache holds prompt + new - 1 positions
     assert held == kv_cache_bytes(shape, rows, prompt + new - 1, 4)
 
 
 def _setup(**kw) -> Setup:
-    return Setup(**{"algo": "grpo", "device": "cpu", "bf16": False, "batch_size": 4, "samples_per_prompt": 4,
-                    "prompt_length": 64, "new_tokens": 32, **kw})
+    return Setup(
+        **{
+            "algo": "grpo",
+            "device": "cpu",
+            "bf16": False,
+            "batch_size": 4,
+            "samples_per_prompt": 4,
+            "prompt_length": 64,
+            "new_tokens": 32,
+            **kw,
+        }
+    )
 
 
 def test_fsdp2_shards_weights_and_adds_the_gathered_units():
@@ -165,7 +202,9 @@ def test_fsdp2_shards_the_frozen_models_unless_replicated():
 def test_lora_trains_adapters_only_and_drops_the_reference_copy():
     full, lora = estimate(_setup(), SMOL, "ddp"), estimate(_setup(lora=True, lora_r=8), SMOL, "ddp")
     adapters = 8 * SMOL.lora_params
-    assert lora.phases["step"]["gradients"] == adapters * FP32 and lora.phases["step"]["optimizer"] == adamw_bytes(adapters)
+    assert lora.phases["step"]["gradients"] == adapters * FP32 and lora.phases["step"]["optimizer"] == adamw_bytes(
+        adapters
+    )
     assert full.phases["step"]["frozen_models"] == SMOL.params * FP32 and lora.phases["step"]["frozen_models"] == 0
     assert lora.peak < full.peak
 
@@ -185,9 +224,27 @@ def test_gradient_checkpointing_and_bf16_cut_activations():
     assert ckpt < base / 5 and half < base
 
 
-PLAN_KEYS = {"model", "reward_model", "algo", "gpus", "device", "precision", "settings", "device_memory_gb", "config",
-             "per_device_gb", "peak_phase", "fits", "host_gb", "breakdown", "phases", "configs", "recommended",
-             "accelerate_config", "notes"}
+PLAN_KEYS = {
+    "model",
+    "reward_model",
+    "algo",
+    "gpus",
+    "device",
+    "precision",
+    "settings",
+    "device_memory_gb",
+    "config",
+    "per_device_gb",
+    "peak_phase",
+    "fits",
+    "host_gb",
+    "breakdown",
+    "phases",
+    "configs",
+    "recommended",
+    "accelerate_config",
+    "notes",
+}
 
 
 def test_plan_json_is_one_object_whose_total_is_its_breakdown(capsys):
@@ -206,16 +263,41 @@ def test_plan_config_name_and_the_table(capsys):
     assert main(["plan", "--model", "7B", "--algo", "sft", "--gpus", "8", "--sharding", "fsdp2", "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
     assert plan["config"] == "fsdp2" and list(plan["configs"]) == ["fsdp2"] and plan["model"]["approximate"]
-    assert main(["plan", "--model", "Llama-3.1-8B", "--algo", "ppo", "--reward-model", "Llama-3.1-8B", "--gpus", "8"]) == 0
+    assert (
+        main(["plan", "--model", "Llama-3.1-8B", "--algo", "ppo", "--reward-model", "Llama-3.1-8B", "--gpus", "8"]) == 0
+    )
     table = capsys.readouterr().out
-    for needle in ("GiB per device", "ddp", "fsdp2-offload", "generate phase", "total per device", "fits in 80 GiB",
-                   "frozen models", "sharded like the trained networks"):
+    for needle in (
+        "GiB per device",
+        "ddp",
+        "fsdp2-offload",
+        "generate phase",
+        "total per device",
+        "fits in 80 GiB",
+        "frozen models",
+        "sharded like the trained networks",
+    ):
         assert needle in table, needle
 
 
 def test_nothing_fits_names_the_changes_that_would(capsys):
-    assert main(["plan", "--model", "Qwen2.5-7B", "--algo", "grpo", "--device-memory-gb", "40", "--frozen-models", "replicate",
-                 "--json"]) == 0
+    assert (
+        main(
+            [
+                "plan",
+                "--model",
+                "Qwen2.5-7B",
+                "--algo",
+                "grpo",
+                "--device-memory-gb",
+                "40",
+                "--frozen-models",
+                "replicate",
+                "--json",
+            ]
+        )
+        == 0
+    )
     plan = json.loads(capsys.readouterr().out)
     assert plan["recommended"] is None and not plan["fits"]
     assert any(c.startswith("--lora") for c in plan["changes_that_fit"])
@@ -226,7 +308,9 @@ def test_ppo_critics_and_the_reward_model():
 
     s = _setup(algo="ppo", samples_per_prompt=1)
     head = networks(replace(s, critic="value-head"), SMOL, None)
-    assert [n.trainable for n in head[0]] == [SMOL.params + SMOL.hidden + 1] and [n.params for n in head[1]] == [SMOL.params]
+    assert [n.trainable for n in head[0]] == [SMOL.params + SMOL.hidden + 1] and [n.params for n in head[1]] == [
+        SMOL.params
+    ]
     trained, frozen = networks(replace(s, critic="reward-model", lora=True), SMOL, SMOL)
     scorer = SMOL.params + SMOL.hidden  # tied: the body keeps the embedding, a 576 -> 1 head replaces the LM head
     assert [n.trainable for n in trained] == [16 * SMOL.lora_params, scorer]  # the critic trains whole, also with LoRA
@@ -244,15 +328,19 @@ def test_plan_plans_with_the_trainers_own_defaults(algo, tmp_path):
 
     if algo == "sft":
         from rlhfkit.sft.train import SFTConfig as cls
+
         values = {"train": "t.jsonl"}
     elif algo == "rm":
         from rlhfkit.rm.train import RMTrainConfig as cls
+
         values = {"train": "t.tsv"}
     elif algo == "dpo":
         from rlhfkit.dpo.train import DPOConfig as cls
+
         values = {"train": "t.tsv"}
     else:
         from rlhfkit.rl.trainer import RLConfig as cls
+
         values = {"algo": algo, "reward": "m:f", "prompts": "p.txt"}
     trainer = from_dict(cls, {**values, "output": str(tmp_path / "o")})
     setup = make_setup(from_dict(PlanConfig, {"model": "135M", "algo": algo}), None)
@@ -260,6 +348,9 @@ def test_plan_plans_with_the_trainers_own_defaults(algo, tmp_path):
     assert setup.batch_size == trainer.batch_size and setup.lora_dropout == trainer.lora_dropout
     if algo in ("ppo", "grpo"):
         assert (setup.prompt_length, setup.new_tokens) == (trainer.max_prompt_length, trainer.max_new_tokens)
-        assert (setup.samples_per_prompt, setup.mini_batch_size) == (trainer.samples_per_prompt, trainer.mini_batch_size)
+        assert (setup.samples_per_prompt, setup.mini_batch_size) == (
+            trainer.samples_per_prompt,
+            trainer.mini_batch_size,
+        )
     else:
         assert setup.max_length == trainer.max_length and "eval_batch_size" in names

@@ -40,10 +40,42 @@ def test_two_processes_with_a_reward_model_critic(tiny_lm, tmp_path):
     probe = tmp_path / "probe.py"
     probe.write_text(PROBE)
     out = tmp_path / "run"
-    res = launch([probe, "--policy", tiny_lm, "--reward", tmp_path / "rm", "--critic", "reward-model",
-                  "--prompts", prompts, "--output", out, "--max-steps", "2", "--batch-size", "4",
-                  "--mini-batch-size", "4", "--grad-accum", "2", "--ppo-epochs", "2", "--max-new-tokens", "5",
-                  "--lr", "1e-3", "--sample-every", "0", "--no-progress", "--report-to", "none", "--cpu"], timeout=300)
+    res = launch(
+        [
+            probe,
+            "--policy",
+            tiny_lm,
+            "--reward",
+            tmp_path / "rm",
+            "--critic",
+            "reward-model",
+            "--prompts",
+            prompts,
+            "--output",
+            out,
+            "--max-steps",
+            "2",
+            "--batch-size",
+            "4",
+            "--mini-batch-size",
+            "4",
+            "--grad-accum",
+            "2",
+            "--ppo-epochs",
+            "2",
+            "--max-new-tokens",
+            "5",
+            "--lr",
+            "1e-3",
+            "--sample-every",
+            "0",
+            "--no-progress",
+            "--report-to",
+            "none",
+            "--cpu",
+        ],
+        timeout=300,
+    )
     assert "ppo: DDP (2 processes, each with a full copy; MULTI_CPU)" in res.stderr, res.stderr[-2000:]
     rows = read_metrics(out / "metrics.jsonl")
     assert [r["rl/episodes"] for r in rows] == [8, 16]  # 4 prompts per process per update, 2 processes

@@ -53,9 +53,29 @@ def test_ppo_with_human_rewards_end_to_end(tiny_lm, tmp_path, monkeypatch, capsy
     prompts.write_text("hello\nworld\n")
     log = tmp_path / "human.jsonl"
     monkeypatch.setattr("sys.stdin", io.StringIO("1\n0\nx\n0.5\n-1\n"))
-    args = ["--policy", str(tiny_lm), "--reward", f"human:{log}", "--prompts", str(prompts), "--output", str(tmp_path / "run"),
-            "--max-steps", "2", "--batch-size", "2", "--mini-batch-size", "2", "--max-new-tokens", "4", "--no-progress",
-            "--report-to", "none", "--sample-every", "0"]
+    args = [
+        "--policy",
+        str(tiny_lm),
+        "--reward",
+        f"human:{log}",
+        "--prompts",
+        str(prompts),
+        "--output",
+        str(tmp_path / "run"),
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--mini-batch-size",
+        "2",
+        "--max-new-tokens",
+        "4",
+        "--no-progress",
+        "--report-to",
+        "none",
+        "--sample-every",
+        "0",
+    ]
     assert main(["ppo", *args]) == 0
     rows = [json.loads(line) for line in log.read_text().splitlines()]
     assert [r["score"] for r in rows] == [1.0, 0.0, 0.5, -1.0]  # 'x' was refused and asked again

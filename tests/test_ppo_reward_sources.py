@@ -52,20 +52,26 @@ def test_function_source_from_file_and_module(reward_file, monkeypatch):
     assert src(["p"], ["abc"]).dtype == torch.float32
 
 
-@pytest.mark.parametrize("fn, match", [
-    ("too_few", "returned 1 scores for 2 responses"),
-    ("has_nan", "non-finite scores"),
-])
+@pytest.mark.parametrize(
+    "fn, match",
+    [
+        ("too_few", "returned 1 scores for 2 responses"),
+        ("has_nan", "non-finite scores"),
+    ],
+)
 def test_function_source_output_is_checked(reward_file, fn, match):
     src = load_reward_source(f"{reward_file}:{fn}")
     with pytest.raises(RewardSourceError, match=match):
         src(["a", "b"], ["x", "y"])
 
 
-@pytest.mark.parametrize("spec, match", [
-    ("no_such_module_xyz:f", "cannot import module 'no_such_module_xyz'"),
-    ("missing/file.py:f", "file missing/file.py does not exist"),
-])
+@pytest.mark.parametrize(
+    "spec, match",
+    [
+        ("no_such_module_xyz:f", "cannot import module 'no_such_module_xyz'"),
+        ("missing/file.py:f", "file missing/file.py does not exist"),
+    ],
+)
 def test_function_source_errors(spec, match):
     with pytest.raises(ConfigError, match=match):
         load_reward_source(spec)
@@ -96,7 +102,9 @@ def test_reward_model_source_reencodes_text_with_its_own_tokenizer(tiny_lm, tiny
     n = max(map(len, ids))
     ri = torch.tensor([x + [0] * (n - len(x)) for x in ids])
     rm_mask, _ = response_mask_from_eos(ri, [2])
-    r = score_rollout(ActorCritic(policy), policy, src, policy_tok, prompts, qi, qm, ri, rm_mask, temperature=1.0, eos_ids=[2])
+    r = score_rollout(
+        ActorCritic(policy), policy, src, policy_tok, prompts, qi, qm, ri, rm_mask, temperature=1.0, eos_ids=[2]
+    )
     assert r.responses == texts
     rm = RewardModel.from_pretrained(enc_dir)
     torch.testing.assert_close(r.scores, rm.score(prompts, texts), atol=1e-6, rtol=0)
@@ -119,8 +127,11 @@ def three_label_classifier(tiny_encoder, tmp_path_factory):
     path = tmp_path_factory.mktemp("clf") / "sentiment"
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(
-        tiny_encoder, num_labels=3, id2label={0: "NEGATIVE", 1: "NEUTRAL", 2: "POSITIVE"},
-        label2id={"NEGATIVE": 0, "NEUTRAL": 1, "POSITIVE": 2})
+        tiny_encoder,
+        num_labels=3,
+        id2label={0: "NEGATIVE", 1: "NEUTRAL", 2: "POSITIVE"},
+        label2id={"NEGATIVE": 0, "NEUTRAL": 1, "POSITIVE": 2},
+    )
     model.save_pretrained(path)
     AutoTokenizer.from_pretrained(tiny_encoder).save_pretrained(path)
     return path

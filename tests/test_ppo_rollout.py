@@ -14,8 +14,6 @@ from rlhfkit.sampling import encode_queries, response_mask_from_eos
 EOS, PAD = 2, 0
 
 
-
-
 def load_lm(path, seed_offset: float | None = None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -40,13 +38,35 @@ def test_rollout_logprobs_are_those_of_the_sampling_distribution(tiny_lm):
     model, tok = load_lm(tiny_lm)
     ids, mask = encode_queries(tok, ["the cat sat", "hi"], 64, chat=False)
     torch.manual_seed(0)
-    out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=0.7, top_k=0, top_p=1.0,
-                         max_new_tokens=6, min_new_tokens=6, output_logits=True, return_dict_in_generate=True,
-                         pad_token_id=PAD, eos_token_id=EOS)
-    response_ids = out.sequences[:, ids.shape[1]:]
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        do_sample=True,
+        temperature=0.7,
+        top_k=0,
+        top_p=1.0,
+        max_new_tokens=6,
+        min_new_tokens=6,
+        output_logits=True,
+        return_dict_in_generate=True,
+        pad_token_id=PAD,
+        eos_token_id=EOS,
+    )
+    response_ids = out.sequences[:, ids.shape[1] :]
     expected = logprobs_from_logits(torch.stack(out.logits, 1) / 0.7, response_ids)
-    r = score_rollout(ActorCritic(model), model, text_reward, tok, ["a", "b"], ids, mask, response_ids,
-                      torch.ones_like(response_ids), temperature=0.7, eos_ids=[EOS])
+    r = score_rollout(
+        ActorCritic(model),
+        model,
+        text_reward,
+        tok,
+        ["a", "b"],
+        ids,
+        mask,
+        response_ids,
+        torch.ones_like(response_ids),
+        temperature=0.7,
+        eos_ids=[EOS],
+    )
     torch.testing.assert_close(r.old_logprobs, expected, atol=1e-5, rtol=0)
     torch.testing.assert_close(r.ref_logprobs, expected, atol=1e-5, rtol=0)  # reference = same weights here
 
@@ -106,8 +126,19 @@ def test_score_lands_on_the_last_real_token_eos_included(actor_critic_pair):
     rm, ended = response_mask_from_eos(ri, [EOS])
     qi = torch.tensor([[20, 21], [PAD, 22]])
     qm = (qi != PAD).long()
-    r = score_rollout(models["value-head"], ref, lambda p, s: torch.tensor([3.0, -2.0]), tok, ["a", "b"], qi, qm, ri, rm,
-                      temperature=1.0, eos_ids=[EOS])
+    r = score_rollout(
+        models["value-head"],
+        ref,
+        lambda p, s: torch.tensor([3.0, -2.0]),
+        tok,
+        ["a", "b"],
+        qi,
+        qm,
+        ri,
+        rm,
+        temperature=1.0,
+        eos_ids=[EOS],
+    )
     assert r.ended.tolist() == [True, False] and ended.tolist() == [True, False]
     rewards, kl = compute_rewards(r.scores, r.old_logprobs, r.ref_logprobs, r.response_mask, kl_coef=0.0)
     assert rewards.tolist() == [[0, 0, 3.0, 0, 0], [0, 0, 0, 0, -2.0]]
@@ -120,7 +151,9 @@ def test_lora_reference_is_the_actor_with_its_adapter_off(tiny_lm):
     actor, tok = load_lm(tiny_lm)
     base, _ = load_lm(tiny_lm)
     n_base = sum(p.numel() for p in base.parameters())
-    lora = get_peft_model(actor, LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    lora = get_peft_model(
+        actor, LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    )
     torch.manual_seed(0)
     for name, p in lora.named_parameters():
         if "lora_B" in name:  # B starts at 0 (adapter = identity): make it matter
@@ -130,8 +163,9 @@ def test_lora_reference_is_the_actor_with_its_adapter_off(tiny_lm):
     ri = torch.tensor([[10, 11, 12, EOS], [13, 14, 15, 16]])
     rm, _ = response_mask_from_eos(ri, [EOS])
     r = score_rollout(model, None, text_reward, tok, ["a", "b"], qi, qm, ri, rm, temperature=1.0, eos_ids=[EOS])
-    expected_ref = score_rollout(ActorCritic(base), base, text_reward, tok, ["a", "b"], qi, qm, ri, rm,
-                                 temperature=1.0, eos_ids=[EOS]).old_logprobs
+    expected_ref = score_rollout(
+        ActorCritic(base), base, text_reward, tok, ["a", "b"], qi, qm, ri, rm, temperature=1.0, eos_ids=[EOS]
+    ).old_logprobs
     torch.testing.assert_close(r.ref_logprobs, expected_ref, atol=1e-5, rtol=0)
     assert (r.old_logprobs - r.ref_logprobs).abs().max() > 1e-3
     n_model = sum(p.numel() for p in model.parameters())
@@ -151,8 +185,9 @@ def test_sampling_pass_logprobs_equal_a_forward_pass(tiny_lm):
     ids, mask = encode_queries(tok, ["the cat sat", "hi", "a longer prompt here", "hi", "the cat sat"], 64, chat=False)
     eos_ids = [EOS, *range(40, 46)]  # some rows end early
     torch.manual_seed(0)
-    response_ids, sampled = sample(model, tok, ids, mask, SamplingSettings(max_new_tokens=10, temperature=0.7), eos_ids,
-                                   with_logprobs=True)
+    response_ids, sampled = sample(
+        model, tok, ids, mask, SamplingSettings(max_new_tokens=10, temperature=0.7), eos_ids, with_logprobs=True
+    )
     rmask, ended = response_mask_from_eos(response_ids, eos_ids)
     assert ended.any() and not ended.all()
     full_ids, full_mask = torch.cat([ids, response_ids], 1), torch.cat([mask, rmask], 1)
@@ -174,10 +209,29 @@ def test_an_update_from_sampling_pass_logprobs_equals_one_from_a_forward_pass(ti
     weights = {}
     for source in ("sampling", "forward"):
         out = tmp_path / source
-        train_ppo(from_dict(PPOConfig, dict(
-            policy=str(tiny_lm), reward=str(tmp_path / "rm"), critic="reward-model", prompts=str(prompts), output=str(out),
-            max_steps=2, batch_size=8, mini_batch_size=4, max_new_tokens=6, lr=1e-3, rollout_logprobs=source, seed=3,
-            progress=False, report_to="none", sample_every=0, cpu=True)))
+        train_ppo(
+            from_dict(
+                PPOConfig,
+                dict(
+                    policy=str(tiny_lm),
+                    reward=str(tmp_path / "rm"),
+                    critic="reward-model",
+                    prompts=str(prompts),
+                    output=str(out),
+                    max_steps=2,
+                    batch_size=8,
+                    mini_batch_size=4,
+                    max_new_tokens=6,
+                    lr=1e-3,
+                    rollout_logprobs=source,
+                    seed=3,
+                    progress=False,
+                    report_to="none",
+                    sample_every=0,
+                    cpu=True,
+                ),
+            )
+        )
         weights[source] = load_file(str(out / "final" / "model.safetensors"))
     for k in weights["forward"]:
         torch.testing.assert_close(weights["sampling"][k], weights["forward"][k], rtol=1e-4, atol=1e-6, msg=k)

@@ -36,7 +36,9 @@ def test_smollm2_reward_model_reads_the_end_token_and_matches_hf(smollm2, tmp_pa
 
     torch.manual_seed(0)
     rm = RewardModel.from_pretrained(smollm2).eval()
-    feats = [rm.encode("Review the kettle.", r)[0] for r in ("I love it.", "It broke after a week and I want a refund.")]
+    feats = [
+        rm.encode("Review the kettle.", r)[0] for r in ("I love it.", "It broke after a week and I want a refund.")
+    ]
     assert all(f["input_ids"][-1] == rm.tokenizer.eos_token_id for f in feats)
     rm.save_pretrained(tmp_path / "rm")
     hf = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").eval()

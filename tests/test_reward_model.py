@@ -81,7 +81,10 @@ def test_truncation_keeps_the_response_end_and_counts(lm_rm, caplog):
     ex = [PreferenceExample("p" * 40, ("x" * 30, "y"), (0, 1))]
     with caplog.at_level("WARNING"):
         data = EncodedPreferences.build(ex, rm.encode, 16, what="f.tsv")
-    assert data.n_truncated == 2 and "2 of 2 unique texts are longer than max_length=16 and were truncated (kept, not dropped" in caplog.text
+    assert (
+        data.n_truncated == 2
+        and "2 of 2 unique texts are longer than max_length=16 and were truncated (kept, not dropped" in caplog.text
+    )
 
 
 def test_empty_response_is_the_end_token_alone_and_counted(lm_rm, tiny_encoder, caplog):
@@ -106,7 +109,10 @@ def test_empty_response_is_the_end_token_alone_and_counted(lm_rm, tiny_encoder, 
     with caplog.at_level("WARNING"):
         data = EncodedPreferences.build(exs, enc.encode, 64, what="hh.jsonl")
     assert data.n_empty_responses == 2 and data.n_truncated == 0
-    assert "hh.jsonl: 2 of 4 unique texts have an empty response, scored as the prompt and the end token alone" in caplog.text
+    assert (
+        "hh.jsonl: 2 of 4 unique texts have an empty response, scored as the prompt and the end token alone"
+        in caplog.text
+    )
     assert data.response_lengths[0] == 1  # the answer's [SEP]
 
 
@@ -164,7 +170,9 @@ def test_batch_plan_covers_every_list_once_and_splits_evenly():
 
 
 def test_unknown_model_path_error():
-    with pytest.raises(ModelNotFoundError, match="model path ./nope does not exist. Built-in aliases: smollm2-135m, minilm-l6"):
+    with pytest.raises(
+        ModelNotFoundError, match="model path ./nope does not exist. Built-in aliases: smollm2-135m, minilm-l6"
+    ):
         resolve_model("./nope")
 
 

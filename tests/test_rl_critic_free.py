@@ -29,7 +29,7 @@ from rlhfkit.tracking import read_metrics
 def rloo_loop(scores: list[float], k: int) -> list[float]:
     out = []
     for g in range(len(scores) // k):
-        group = scores[g * k:(g + 1) * k]
+        group = scores[g * k : (g + 1) * k]
         for i in range(k):
             others = [group[j] for j in range(k) if j != i]
             out.append(group[i] - sum(others) / (k - 1))
@@ -39,7 +39,7 @@ def rloo_loop(scores: list[float], k: int) -> list[float]:
 def grpo_loop(scores: list[float], k: int, scale: bool, eps: float = 1e-4) -> list[float]:
     out = []
     for g in range(len(scores) // k):
-        group = scores[g * k:(g + 1) * k]
+        group = scores[g * k : (g + 1) * k]
         mean = sum(group) / k
         std = (sum((x - mean) ** 2 for x in group) / (k - 1)) ** 0.5
         out += [(x - mean) / (std + eps) if scale else x - mean for x in group]
@@ -51,10 +51,14 @@ def test_rloo_and_grpo_match_the_loops(k):
     g = torch.Generator().manual_seed(k)
     scores = torch.randn(5 * k, generator=g, dtype=torch.float64)
     scores[:k] = 0.7  # a group of equal scores
-    torch.testing.assert_close(rloo_advantages(scores, k), torch.tensor(rloo_loop(scores.tolist(), k), dtype=torch.float64))
+    torch.testing.assert_close(
+        rloo_advantages(scores, k), torch.tensor(rloo_loop(scores.tolist(), k), dtype=torch.float64)
+    )
     for scale in (True, False):
-        torch.testing.assert_close(grpo_advantages(scores, k, scale=scale),
-                                   torch.tensor(grpo_loop(scores.tolist(), k, scale), dtype=torch.float64))
+        torch.testing.assert_close(
+            grpo_advantages(scores, k, scale=scale),
+            torch.tensor(grpo_loop(scores.tolist(), k, scale), dtype=torch.float64),
+        )
     for estimate in (rloo_advantages(scores, k), grpo_advantages(scores, k)):  # equal scores: no signal
         torch.testing.assert_close(estimate[:k], torch.zeros(k, dtype=torch.float64), atol=1e-9, rtol=0)
     assert equal_score_groups(scores, k).tolist() == [True, False, False, False, False]
@@ -82,7 +86,7 @@ def test_discounted_returns_match_the_loop_on_masked_rows():
         got = discounted_returns(rewards, mask, gamma)
         for i, n in enumerate(lengths):
             for t in range(6):
-                expected = sum(gamma ** l * rewards[i, t + l].item() for l in range(n - t)) if t < n else 0.0
+                expected = sum(gamma**s * rewards[i, t + s].item() for s in range(n - t)) if t < n else 0.0
                 assert got[i, t].item() == pytest.approx(expected, abs=1e-12)
     assert broadcast_to_tokens(torch.tensor([2.0, -1.0]), mask[:2]).tolist() == [[2.0] * 6, [-1.0] * 3 + [0.0] * 3]
 
@@ -112,7 +116,9 @@ def test_config_defaults_per_algorithm_and_errors(tmp_path):
     assert (grpo.samples_per_prompt, grpo.kl_penalty, grpo.loss_aggregation) == (4, "loss", "sequence")
     ppo = from_dict(RLConfig, base)
     assert (ppo.samples_per_prompt, ppo.kl_penalty, ppo.loss_aggregation) == (1, "reward", "token")
-    with pytest.raises(ConfigError, match="--algo rloo compares the samples of a prompt .* --samples-per-prompt 2 or more"):
+    with pytest.raises(
+        ConfigError, match="--algo rloo compares the samples of a prompt .* --samples-per-prompt 2 or more"
+    ):
         from_dict(RLConfig, {**base, "algo": "rloo", "samples_per_prompt": 1})
     with pytest.raises(ConfigError, match="must divide the rollout's 12 responses"):
         from_dict(RLConfig, {**base, "algo": "grpo", "batch_size": 3, "mini_batch_size": 8})
@@ -131,28 +137,55 @@ def rl_files(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("rl")
     rng = random.Random(0)
     prompts = root / "prompts.txt"
-    prompts.write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 6))) for _ in range(64)) + "\n")
+    prompts.write_text(
+        "\n".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 6))) for _ in range(64)) + "\n"
+    )
     rewards = root / "rewards.py"
     rewards.write_text(
         "def share_lower(prompts, responses):\n"
-        "    return [sum(c.islower() and c.isascii() for c in r) / max(len(r), 1) for r in responses]\n")
+        "    return [sum(c.islower() and c.isascii() for c in r) / max(len(r), 1) for r in responses]\n"
+    )
     return prompts, rewards
 
 
-@pytest.mark.parametrize("algo, extra", [
-    ("rloo", {}),
-    ("grpo", {}),
-    ("grpo", {"scale_rewards": False, "loss_aggregation": "token"}),  # Dr. GRPO
-    ("grpo", {"kl_penalty": "reward"}),
-    ("reinforce++", {"samples_per_prompt": 2}),
-])
+@pytest.mark.parametrize(
+    "algo, extra",
+    [
+        ("rloo", {}),
+        ("grpo", {}),
+        ("grpo", {"scale_rewards": False, "loss_aggregation": "token"}),  # Dr. GRPO
+        ("grpo", {"kl_penalty": "reward"}),
+        ("reinforce++", {"samples_per_prompt": 2}),
+    ],
+)
 def test_critic_free_rl_raises_a_synthetic_reward_at_bounded_kl(algo, extra, tiny_lm, rl_files, tmp_path):
     prompts, rewards = rl_files
     out = tmp_path / "run"
-    result = train_rl(from_dict(RLConfig, dict(
-        policy=str(tiny_lm), reward=f"{rewards}:share_lower", prompts=str(prompts), output=str(out), algo=algo,
-        max_steps=30, batch_size=8, mini_batch_size=16, ppo_epochs=2, max_new_tokens=8, lr=1e-2, kl_coef=0.02,
-        scheduler="constant", sample_every=0, progress=False, report_to="none", save_every=1000, **extra)))
+    result = train_rl(
+        from_dict(
+            RLConfig,
+            dict(
+                policy=str(tiny_lm),
+                reward=f"{rewards}:share_lower",
+                prompts=str(prompts),
+                output=str(out),
+                algo=algo,
+                max_steps=30,
+                batch_size=8,
+                mini_batch_size=16,
+                ppo_epochs=2,
+                max_new_tokens=8,
+                lr=1e-2,
+                kl_coef=0.02,
+                scheduler="constant",
+                sample_every=0,
+                progress=False,
+                report_to="none",
+                save_every=1000,
+                **extra,
+            ),
+        )
+    )
     rows = read_metrics(out / "metrics.jsonl")
     score = [r["rl/score_mean"] for r in rows]
     assert score[0] < 0.2  # random bytes: ~10% lowercase letters
@@ -175,9 +208,22 @@ def test_kl_coef_0_holds_no_reference_and_trains_as_if_it_did(algo, tiny_lm, rl_
     import rlhfkit.rl.trainer as trainer
 
     prompts, rewards = rl_files
-    common = dict(policy=str(tiny_lm), reward=f"{rewards}:share_lower", prompts=str(prompts), algo=algo, max_steps=2,
-                  batch_size=4, mini_batch_size=4 if algo == "ppo" else 16, max_new_tokens=6, lr=1e-2, kl_coef=0.0,
-                  sample_every=0, progress=False, report_to="none", critic="value-head" if algo == "ppo" else "auto")
+    common = dict(
+        policy=str(tiny_lm),
+        reward=f"{rewards}:share_lower",
+        prompts=str(prompts),
+        algo=algo,
+        max_steps=2,
+        batch_size=4,
+        mini_batch_size=4 if algo == "ppo" else 16,
+        max_new_tokens=6,
+        lr=1e-2,
+        kl_coef=0.0,
+        sample_every=0,
+        progress=False,
+        report_to="none",
+        critic="value-head" if algo == "ppo" else "auto",
+    )
     references = []
     real_load = trainer.load_models
 
@@ -216,9 +262,19 @@ def _tiny_rollout(tiny_lm, M: int = 4, P: int = 3, N: int = 5):
         logprobs = policy_logprobs(actor, ids, am, response_ids, 1.0)
     old = (logprobs + 0.1 * torch.randn(M, N)) * response_mask
     ref = (logprobs + 0.3 * torch.randn(M, N)) * response_mask
-    r = Rollout(prompts=["p"] * M, responses=["r"] * M, query_ids=query_ids, query_mask=query_mask,
-                response_ids=response_ids, response_mask=response_mask, ended=torch.ones(M, dtype=torch.bool),
-                old_logprobs=old, ref_logprobs=ref, old_values=None, scores=torch.randn(M))
+    r = Rollout(
+        prompts=["p"] * M,
+        responses=["r"] * M,
+        query_ids=query_ids,
+        query_mask=query_mask,
+        response_ids=response_ids,
+        response_mask=response_mask,
+        ended=torch.ones(M, dtype=torch.bool),
+        old_logprobs=old,
+        ref_logprobs=ref,
+        old_values=None,
+        scores=torch.randn(M),
+    )
     return actor, r, logprobs
 
 
@@ -230,8 +286,18 @@ def test_grpo_kl_loss_term_is_weighted_by_the_coefficient_of_the_update(tiny_lm,
     actor, r, logprobs = _tiny_rollout(tiny_lm)
     M, N = r.response_mask.shape
     advantages = torch.randn(M, 1).expand(M, N).contiguous() * r.response_mask
-    cfg = from_dict(RLConfig, {"reward": "m:f", "prompts": "p.txt", "output": str(tmp_path / "o"), "algo": "grpo",
-                               "kl_coef": 0.05, "clip_eps": 0.2, "packing": False})
+    cfg = from_dict(
+        RLConfig,
+        {
+            "reward": "m:f",
+            "prompts": "p.txt",
+            "output": str(tmp_path / "o"),
+            "algo": "grpo",
+            "kl_coef": 0.05,
+            "clip_eps": 0.2,
+            "packing": False,
+        },
+    )
     rows = torch.arange(M)
     loss, stats = actor_micro_loss(cfg, actor, UpdateBatch(r, advantages, advantages, kl_coef=0.7), rows, rows)
     # brute force: GRPO's objective, sequence means (arXiv:2402.03300 eq. 3), k3 per token (eq. 4)
@@ -263,10 +329,30 @@ def test_adaptive_kl_moves_the_coefficient_the_kl_loss_uses(tiny_lm, rl_files, t
 
     monkeypatch.setattr(trainer, "optimise", recording)
     out = tmp_path / "run"
-    train_rl(from_dict(RLConfig, dict(
-        policy=str(tiny_lm), reward=f"{rewards}:share_lower", prompts=str(prompts), output=str(out), algo="grpo",
-        max_steps=3, batch_size=2, mini_batch_size=8, max_new_tokens=6, lr=1e-2, kl_coef=0.05, adaptive_kl=True,
-        kl_target=1.0, kl_horizon=8, sample_every=0, progress=False, report_to="none")))
+    train_rl(
+        from_dict(
+            RLConfig,
+            dict(
+                policy=str(tiny_lm),
+                reward=f"{rewards}:share_lower",
+                prompts=str(prompts),
+                output=str(out),
+                algo="grpo",
+                max_steps=3,
+                batch_size=2,
+                mini_batch_size=8,
+                max_new_tokens=6,
+                lr=1e-2,
+                kl_coef=0.05,
+                adaptive_kl=True,
+                kl_target=1.0,
+                kl_horizon=8,
+                sample_every=0,
+                progress=False,
+                report_to="none",
+            ),
+        )
+    )
     logged = [r["rl/kl_coef"] for r in read_metrics(out / "metrics.jsonl")]
     assert used == pytest.approx(logged)
     assert len(set(used)) == 3  # the controller moved it at every update

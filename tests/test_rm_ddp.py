@@ -13,9 +13,34 @@ pytestmark = pytest.mark.slow
 
 
 def _train_args(model: Path, data: Path, out: Path, batch_size: int) -> list[str]:
-    return ["rm", "train", "--model", str(model), "--train", str(data), "--n-train", "64", "--output", str(out),
-            "--max-steps", "4", "--batch-size", str(batch_size), "--lr", "3e-3", "--log-every", "1",
-            "--warmup-ratio", "0", "--max-grad-norm", "0", "--no-progress", "--report-to", "none", "--cpu"]
+    return [
+        "rm",
+        "train",
+        "--model",
+        str(model),
+        "--train",
+        str(data),
+        "--n-train",
+        "64",
+        "--output",
+        str(out),
+        "--max-steps",
+        "4",
+        "--batch-size",
+        str(batch_size),
+        "--lr",
+        "3e-3",
+        "--log-every",
+        "1",
+        "--warmup-ratio",
+        "0",
+        "--max-grad-norm",
+        "0",
+        "--no-progress",
+        "--report-to",
+        "none",
+        "--cpu",
+    ]
 
 
 def test_two_processes_match_one_process_with_double_batch(tiny_lm, separable_tsv, tmp_path):

@@ -30,7 +30,9 @@ def test_newton_solve_matches_a_long_plain_optimiser(l2):
     w, steps = probe.fit_pairwise_probe(d, l2)
     assert steps < 20
     ref = torch.zeros(8, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([ref], max_iter=2000, tolerance_grad=1e-12, tolerance_change=1e-15, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        [ref], max_iter=2000, tolerance_grad=1e-12, tolerance_change=1e-15, line_search_fn="strong_wolfe"
+    )
 
     def closure():
         opt.zero_grad()
@@ -79,7 +81,9 @@ def test_the_probe_loads_its_fit_into_the_head(rm_and_data):
     scores = score_texts(rm, data, rm.pad, batch_size=8, device="cpu")
     pairs = probe.pair_indices(data, list(range(len(data))))
     accuracy = sum(bool(scores[a] > scores[b]) for a, b in pairs) / len(pairs)
-    assert accuracy == pytest.approx(fit.train_accuracy, abs=1 / len(pairs))  # the reported fit is the model's own ordering
+    assert accuracy == pytest.approx(
+        fit.train_accuracy, abs=1 / len(pairs)
+    )  # the reported fit is the model's own ordering
     assert accuracy > 0.5
     if bias_before is not None:
         assert torch.equal(layer.bias, bias_before)  # pairwise objectives do not see the bias
@@ -92,7 +96,16 @@ def test_the_text_budget_takes_whole_lists(rm_and_data):
 
 
 def cfg(**kw) -> RMTrainConfig:
-    base = dict(lr=3e-3, batch_size=8, eval_every=1000, save_every=1000, log_every=1, progress=False, report_to="none", warmup_ratio=0.0)
+    base = dict(
+        lr=3e-3,
+        batch_size=8,
+        eval_every=1000,
+        save_every=1000,
+        log_every=1,
+        progress=False,
+        report_to="none",
+        warmup_ratio=0.0,
+    )
     return from_dict(RMTrainConfig, base | kw)
 
 
@@ -119,8 +132,13 @@ def test_scalar_label_losses_keep_the_random_head(tiny_encoder, tmp_path):
     rows = tmp_path / "labels.jsonl"
     rows.write_text("".join(f'{{"prompt": "p{i}", "response": "r{i}", "score": {i % 2}}}\n' for i in range(16)))
     out = tmp_path / "run"
-    train_reward_model(cfg(model=str(tiny_encoder), train=str(rows), loss="binary", head_init="probe", max_steps=1, output=str(out)))
-    assert "head: random start (--head-init probe fits pairs; --loss binary trains on scalar labels)" in (out / "run.log").read_text()
+    train_reward_model(
+        cfg(model=str(tiny_encoder), train=str(rows), loss="binary", head_init="probe", max_steps=1, output=str(out))
+    )
+    assert (
+        "head: random start (--head-init probe fits pairs; --loss binary trains on scalar labels)"
+        in (out / "run.log").read_text()
+    )
 
 
 def test_under_lora_the_probe_fits_the_trainable_copy(tiny_lm, separable_tsv):

@@ -17,7 +17,17 @@ from rlhfkit.tracking import read_metrics
 
 
 def cfg(**kw) -> RMTrainConfig:
-    base = dict(lr=3e-3, head_lr=None, batch_size=8, eval_every=1000, save_every=1000, log_every=1, progress=False, report_to="none", warmup_ratio=0.0)
+    base = dict(
+        lr=3e-3,
+        head_lr=None,
+        batch_size=8,
+        eval_every=1000,
+        save_every=1000,
+        log_every=1,
+        progress=False,
+        report_to="none",
+        warmup_ratio=0.0,
+    )
     base.update(kw)
     return from_dict(RMTrainConfig, base)
 
@@ -41,20 +51,32 @@ def test_tiny_decoder_learns_separable_rank_lists(tiny_lm, separable_tsv, tmp_pa
     rm = RewardModel.from_pretrained(out)
     s = rm.score(None, ["good good good apple river", "apple river"])
     assert s[0] > s[1]
-    for f in ("curves.png", "eval_scores.png", "metrics.jsonl", "eval_report.json", "config.yaml", "best/config.json", "final/config.json"):
+    for f in (
+        "curves.png",
+        "eval_scores.png",
+        "metrics.jsonl",
+        "eval_report.json",
+        "config.yaml",
+        "best/config.json",
+        "final/config.json",
+    ):
         assert (out / f).exists(), f
 
 
 def test_tiny_encoder_learns(tiny_encoder, separable_tsv, tmp_path):
     final = train_reward_model(
-        cfg(model=str(tiny_encoder), train=str(separable_tsv), n_train=90, output=str(tmp_path / "r"), epochs=4, lr=5e-3)
+        cfg(
+            model=str(tiny_encoder), train=str(separable_tsv), n_train=90, output=str(tmp_path / "r"), epochs=4, lr=5e-3
+        )
     )
     assert final["pairwise_accuracy"] > 0.9, final
 
 
 @pytest.mark.parametrize("head", [{}, {"head_init": "probe"}], ids=["random-head", "probe-head"])
 def test_resume_after_stop_matches_uninterrupted_run(tiny_lm, separable_tsv, tmp_path, head):
-    common = dict(model=str(tiny_lm), train=str(separable_tsv), n_train=90, epochs=2, batch_size=8, save_every=3, **head)
+    common = dict(
+        model=str(tiny_lm), train=str(separable_tsv), n_train=90, epochs=2, batch_size=8, save_every=3, **head
+    )
     full = tmp_path / "full"
     train_reward_model(cfg(output=str(full), **common))
     split = tmp_path / "split"
@@ -96,7 +118,10 @@ def test_non_finite_loss_stops_and_keeps_good_checkpoint(tiny_lm, separable_tsv,
 
     monkeypatch.setattr(T, "list_losses", poisoned)
     c = cfg(model=str(tiny_lm), train=str(separable_tsv), n_train=90, output=str(out), epochs=2, save_every=2)
-    with pytest.raises(RunStopped, match=r"non-finite loss \(nan\) at step 5 .*lists from .*lists\.tsv:\d+.*checkpoint in .* \(step 4\) is intact"):
+    with pytest.raises(
+        RunStopped,
+        match=r"non-finite loss \(nan\) at step 5 .*lists from .*lists\.tsv:\d+.*checkpoint in .* \(step 4\) is intact",
+    ):
         train_reward_model(c)
     state = json.loads((out / "checkpoint" / "trainer_state.json").read_text())
     assert state["step"] == 4  # the last good checkpoint, untouched by the failing step
@@ -125,7 +150,9 @@ def test_loss_that_does_not_fit_the_data_is_refused(tiny_lm, separable_tsv, tmp_
     with pytest.raises(ValueError, match=r"loss 'mse' needs scalar labels .*lists\.tsv:1 is a preference list"):
         train_reward_model(cfg(model=str(tiny_lm), train=str(separable_tsv), output=str(tmp_path / "o"), loss="mse"))
     with pytest.raises(ValueError, match=r"loss 'margin' needs a 'margin' field"):
-        train_reward_model(cfg(model=str(tiny_lm), train=str(separable_tsv), output=str(tmp_path / "o2"), loss="margin"))
+        train_reward_model(
+            cfg(model=str(tiny_lm), train=str(separable_tsv), output=str(tmp_path / "o2"), loss="margin")
+        )
 
 
 def test_existing_run_needs_resume(tiny_lm, separable_tsv, tmp_path):
@@ -154,19 +181,55 @@ def test_scalar_losses_train(tiny_lm, tmp_path):
         rows.append({"prompt": "", "response": lst[-1], "label": 0})
     path = tmp_path / "labels.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    final = train_reward_model(cfg(model=str(tiny_lm), train=str(path), eval_fraction=0.25, output=str(tmp_path / "bin"), epochs=4, loss="binary"))
+    final = train_reward_model(
+        cfg(
+            model=str(tiny_lm),
+            train=str(path),
+            eval_fraction=0.25,
+            output=str(tmp_path / "bin"),
+            epochs=4,
+            loss="binary",
+        )
+    )
     assert final["binary_accuracy"] > 0.9, final
 
 
 def test_cli_train_eval_score(tiny_lm, separable_tsv, tmp_path, capsys):
     out = tmp_path / "cli"
-    rc = main(["rm", "train", "--model", str(tiny_lm), "--train", str(separable_tsv), "--n-train", "90", "--output", str(out),
-               "--epochs", "3", "--lr", "3e-3", "--no-progress", "--report-to", "none"])
+    rc = main(
+        [
+            "rm",
+            "train",
+            "--model",
+            str(tiny_lm),
+            "--train",
+            str(separable_tsv),
+            "--n-train",
+            "90",
+            "--output",
+            str(out),
+            "--epochs",
+            "3",
+            "--lr",
+            "3e-3",
+            "--no-progress",
+            "--report-to",
+            "none",
+        ]
+    )
     assert rc == 0
     capsys.readouterr()
     assert main(["rm", "eval", "--model", str(out), "--data", str(separable_tsv), "--n-skip", "90", "--json"]) == 0
     metrics = json.loads(capsys.readouterr().out)
-    for key in ("pairwise_accuracy", "list_exact_accuracy", "kendall_tau", "n_lists", "n_pairs", "reward_mean", "reward_std"):
+    for key in (
+        "pairwise_accuracy",
+        "list_exact_accuracy",
+        "kendall_tau",
+        "n_lists",
+        "n_pairs",
+        "reward_mean",
+        "reward_std",
+    ):
         assert key in metrics and not (isinstance(metrics[key], float) and math.isnan(metrics[key])), key
     assert metrics["n_lists"] == 30 and metrics["n_pairs"] == 180
     assert main(["score", "--model", str(out), "good good good apple", "apple"]) == 0
@@ -192,10 +255,32 @@ def test_hh_file_with_an_empty_chosen_answer_trains_and_counts_it(backbone, requ
     held_out.write_text("".join(json.dumps(r) + "\n" for r in hh_rows(6, empty_chosen=2)))
     out = tmp_path / "hh"
     with caplog.at_level("WARNING"):
-        rc = main(["rm", "train", "--model", model, "--train", str(train), "--output", str(out), "--epochs", "2",
-                   "--lr", "3e-3", "--max-length", "24", "--no-progress", "--report-to", "none"])
+        rc = main(
+            [
+                "rm",
+                "train",
+                "--model",
+                model,
+                "--train",
+                str(train),
+                "--output",
+                str(out),
+                "--epochs",
+                "2",
+                "--lr",
+                "3e-3",
+                "--max-length",
+                "24",
+                "--no-progress",
+                "--report-to",
+                "none",
+            ]
+        )
     assert rc == 0
-    assert f"{train}: 1 of 48 unique texts have an empty response, scored as the prompt and the end token alone" in caplog.text
+    assert (
+        f"{train}: 1 of 48 unique texts have an empty response, scored as the prompt and the end token alone"
+        in caplog.text
+    )
     assert "longer than max_length=24" in caplog.text  # most dialogues overflow 24 tokens: counted too
     losses = step_losses(out)
     assert losses and all(math.isfinite(v) for v in losses)
@@ -220,7 +305,16 @@ def test_lora_run_saves_a_merged_plain_checkpoint(tiny_lm, separable_tsv, tmp_pa
 
     out = tmp_path / "lora"
     final = train_reward_model(
-        cfg(model=str(tiny_lm), train=str(separable_tsv), n_train=90, output=str(out), epochs=4, lora=True, lora_r=8, lr=1e-2)
+        cfg(
+            model=str(tiny_lm),
+            train=str(separable_tsv),
+            n_train=90,
+            output=str(out),
+            epochs=4,
+            lora=True,
+            lora_r=8,
+            lr=1e-2,
+        )
     )
     assert final["pairwise_accuracy"] > 0.8, final
     saved = weights(out / "best")
@@ -241,4 +335,6 @@ def test_freeze_layers_keeps_lower_layers_fixed(tiny_lm, separable_tsv, tmp_path
     torch.testing.assert_close(after["model.embed_tokens.weight"], before["model.embed_tokens.weight"])
     assert not torch.equal(after["model.layers.1.mlp.up_proj.weight"], before["model.layers.1.mlp.up_proj.weight"])
     with pytest.raises(ConfigError, match="--freeze-layers 5 but the model has 2 layers"):
-        train_reward_model(cfg(model=str(tiny_lm), train=str(separable_tsv), output=str(tmp_path / "f2"), max_steps=1, freeze_layers=5))
+        train_reward_model(
+            cfg(model=str(tiny_lm), train=str(separable_tsv), output=str(tmp_path / "f2"), max_steps=1, freeze_layers=5)
+        )

@@ -45,19 +45,28 @@ def test_read_prompts_text_jsonl_messages_and_bom(tmp_path):
     assert read_prompts(txt) == [Prompt("first prompt"), Prompt("  second  ")]  # BOM and CR dropped
 
     jl = tmp_path / "p.jsonl"
-    rows = [{"prompt": "Review:"}, {"messages": [{"role": "system", "content": "be nice"}, {"role": "user", "content": "hi"}]}]
+    rows = [
+        {"prompt": "Review:"},
+        {"messages": [{"role": "system", "content": "be nice"}, {"role": "user", "content": "hi"}]},
+    ]
     jl.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     got = read_prompts(jl)
     assert got[0] == Prompt("Review:")
     assert got[1].text == "hi" and got[1].messages[0] == {"role": "system", "content": "be nice"}
 
 
-@pytest.mark.parametrize("line, match", [
-    ("{not json", "line 2: not valid JSON"),
-    ('{"text": "x"}', "line 2: expected an object with a 'prompt'"),
-    ('{"prompt": "  "}', "line 2: 'prompt' must be a non-empty string"),
-    ('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}', "ends with an assistant turn"),
-])
+@pytest.mark.parametrize(
+    "line, match",
+    [
+        ("{not json", "line 2: not valid JSON"),
+        ('{"text": "x"}', "line 2: expected an object with a 'prompt'"),
+        ('{"prompt": "  "}', "line 2: 'prompt' must be a non-empty string"),
+        (
+            '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}',
+            "ends with an assistant turn",
+        ),
+    ],
+)
 def test_read_prompts_errors_name_the_line(tmp_path, line, match):
     f = tmp_path / "bad.jsonl"
     f.write_text('{"prompt": "ok"}\n' + line + "\n", encoding="utf-8")
@@ -68,7 +77,9 @@ def test_read_prompts_errors_name_the_line(tmp_path, line, match):
 def test_read_prompts_refuses_undecodable_missing_and_empty_files(tmp_path):
     bad = tmp_path / "latin1.txt"
     bad.write_bytes("caf\xe9\n".encode("latin-1"))
-    with pytest.raises(UserError, match=r"--prompts .*latin1\.txt is not UTF-8 text \(byte 0xe9 on line 1\); save it as UTF-8"):
+    with pytest.raises(
+        UserError, match=r"--prompts .*latin1\.txt is not UTF-8 text \(byte 0xe9 on line 1\); save it as UTF-8"
+    ):
         read_prompts(bad)
     with pytest.raises(UserError, match=r"--prompts .*nowhere\.txt does not exist"):
         read_prompts(tmp_path / "nowhere.txt")
@@ -85,10 +96,14 @@ def test_one_chat_template_rule(policy, tiny_path, tmp_path):
     plain = type(tok).from_pretrained(tiny_path)
     plain.chat_template = None
     assert use_chat_template(plain, None, "m") is False  # default without one: plain text
-    with pytest.raises(UserError, match="--chat-template: the tokenizer of m has no chat template; pass --no-chat-template"):
+    with pytest.raises(
+        UserError, match="--chat-template: the tokenizer of m has no chat template; pass --no-chat-template"
+    ):
         use_chat_template(plain, True, "m")
     assert render_prompt(tok, Prompt("hello"), chat=False) == "hello"
-    assert render_prompt(tok, Prompt("hello"), chat=True) == "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n"
+    assert (
+        render_prompt(tok, Prompt("hello"), chat=True) == "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n"
+    )
     chat = Prompt("x", ({"role": "user", "content": "x"},))
     assert render_prompt(tok, chat, chat=False).endswith("<|im_start|>assistant\n")  # messages always chat
     with pytest.raises(UserError, match="a prompt has 'messages' .* no chat template"):
@@ -138,12 +153,14 @@ def test_encode_queries_left_pads_and_keeps_the_end_of_long_prompts(policy):
 
 
 def test_response_mask_includes_the_first_eos_and_nothing_after():
-    ids = torch.tensor([
-        [5, 6, EOS_ID, 7, EOS_ID],  # EOS at 2: tokens after it are not the response
-        [5, 6, 7, 8, 9],  # cut at the length limit: all real
-        [EOS_ID, 5, 5, 5, 5],  # empty response: the EOS alone is real
-        [5, PAD_ID, 6, EOS_ID, PAD_ID],  # a sampled pad id before EOS is a real token
-    ])
+    ids = torch.tensor(
+        [
+            [5, 6, EOS_ID, 7, EOS_ID],  # EOS at 2: tokens after it are not the response
+            [5, 6, 7, 8, 9],  # cut at the length limit: all real
+            [EOS_ID, 5, 5, 5, 5],  # empty response: the EOS alone is real
+            [5, PAD_ID, 6, EOS_ID, PAD_ID],  # a sampled pad id before EOS is a real token
+        ]
+    )
     mask, ended = response_mask_from_eos(ids, [EOS_ID])
     assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 1, 1, 0]]
     assert ended.tolist() == [True, False, True, True]
@@ -163,7 +180,9 @@ def test_sampled_responses_are_pad_after_eos(policy):
 
 def test_sample_texts_shapes_and_response_only_decoding(policy):
     model, tokenizer = policy
-    out = sample_texts(model, tokenizer, PROMPTS, 4, SamplingSettings(max_new_tokens=8), chat=True, seed=0, batch_size=5)
+    out = sample_texts(
+        model, tokenizer, PROMPTS, 4, SamplingSettings(max_new_tokens=8), chat=True, seed=0, batch_size=5
+    )
     assert len(out) == 3 and all(len(r) == 4 and all(isinstance(t, str) for t in r) for r in out)
     assert not any("<|im_start|>" in t or "assistant\n" in t for r in out for t in r)
 
@@ -219,19 +238,24 @@ def test_generation_stops_at_eos_and_drops_it(policy):
     saved = model.generation_config.eos_token_id
     model.generation_config.eos_token_id = [tokenizer.convert_tokens_to_ids(EOS), tokens[cut]]
     try:
-        (response,), = sample_texts(model, tokenizer, PROMPTS[:1], 1, SamplingSettings(max_new_tokens=10), chat=True, seed=0)
+        ((response,),) = sample_texts(
+            model, tokenizer, PROMPTS[:1], 1, SamplingSettings(max_new_tokens=10), chat=True, seed=0
+        )
     finally:
         model.generation_config.eos_token_id = saved
     assert response == tokenizer.decode(tokens[:cut], skip_special_tokens=True)
     assert response != tokenizer.decode(tokens, skip_special_tokens=True)
 
 
-@pytest.mark.parametrize("settings, allowed", [
-    (SamplingSettings(temperature=1.0), [0, 1, 2, 3, 4, 5]),
-    (SamplingSettings(temperature=0.5), [0, 1, 2, 3, 4, 5]),
-    (SamplingSettings(temperature=1.0, top_k=2), [4, 5]),
-    (SamplingSettings(temperature=1.0, top_p=0.75), [3, 4, 5]),  # the smallest set of top tokens holding >= 0.75
-])
+@pytest.mark.parametrize(
+    "settings, allowed",
+    [
+        (SamplingSettings(temperature=1.0), [0, 1, 2, 3, 4, 5]),
+        (SamplingSettings(temperature=0.5), [0, 1, 2, 3, 4, 5]),
+        (SamplingSettings(temperature=1.0, top_k=2), [4, 5]),
+        (SamplingSettings(temperature=1.0, top_p=0.75), [3, 4, 5]),  # the smallest set of top tokens holding >= 0.75
+    ],
+)
 def test_the_sampler_draws_from_the_filtered_softmax(settings, allowed):
     """Exponential-race draws: frequencies over 40,000 rows match the (renormalised, filtered)
     softmax of logits / temperature, and filtered tokens never come up."""

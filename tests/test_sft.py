@@ -60,16 +60,32 @@ def mixed_jsonl(tmp_path) -> Path:
     rows = []
     for i in range(24):
         if i % 3 == 0:
-            rows.append({"messages": [{"role": "user", "content": f"count to {i % 5 + 1}"},
-                                      {"role": "assistant", "content": " ".join(str(k) for k in range(1, i % 5 + 2))}]})
+            rows.append(
+                {
+                    "messages": [
+                        {"role": "user", "content": f"count to {i % 5 + 1}"},
+                        {"role": "assistant", "content": " ".join(str(k) for k in range(1, i % 5 + 2))},
+                    ]
+                }
+            )
         else:
             rows.append({"prompt": f"repeat {'ab' * (i % 4 + 1)}", "response": "ab" * (i % 7 + 1)})
     return write_jsonl(tmp_path / "mixed.jsonl", rows)
 
 
 def cfg(**kw) -> SFTConfig:
-    base = dict(lr=1e-2, batch_size=8, eval_every=1000, save_every=1000, log_every=1, progress=False, report_to="none",
-                warmup_ratio=0.0, scheduler="constant", n_samples=0)
+    base = dict(
+        lr=1e-2,
+        batch_size=8,
+        eval_every=1000,
+        save_every=1000,
+        log_every=1,
+        progress=False,
+        report_to="none",
+        warmup_ratio=0.0,
+        scheduler="constant",
+        n_samples=0,
+    )
     base.update(kw)
     return from_dict(SFTConfig, base)
 
@@ -149,12 +165,17 @@ def test_prompt_response_rows_see_what_generation_sees(tok):
     before = tok(render_prompt(tok, Prompt("Say hi"), chat=True), add_special_tokens=False)["input_ids"]
     assert ids[: len(before)] == before  # the prompt side is exactly the sampling-time prompt
     assert all(t == IGNORE_INDEX for t in labels[: len(before)])
-    assert tok.decode(ids[len(before):]) == targets_text(tok, labels) == "hi there<|im_end|>"
+    assert tok.decode(ids[len(before) :]) == targets_text(tok, labels) == "hi there<|im_end|>"
 
 
 def test_chat_template_trains_assistant_turns_only(tok):
-    msgs = ({"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
-            {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"})
+    msgs = (
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4"},
+    )
     ex = SFTExample("2+2?", "4", messages=msgs)
     ids, labels, _, split_all = encode_example(tok, ex, max_length=256)
     assert split_all
@@ -178,8 +199,12 @@ def test_template_without_prefix_renderings_falls_back_to_the_last_turn(tok, cap
         "{% if message['role'] == 'assistant' and not loop.last %}(earlier reply){% else %}{{ message['content'] }}{% endif %}"
         "{{ '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
     )
-    msgs = ({"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
-            {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"})
+    msgs = (
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4"},
+    )
     segments, split_all = chat_segments(odd, msgs)
     assert not split_all and [s for s, target in segments if target] == ["4<|im_end|>"]
     with caplog.at_level(logging.WARNING):
@@ -223,7 +248,9 @@ def test_packed_rows_give_the_same_per_token_losses_as_separate_examples(lm32, t
     packed = collate(data, rows, tok.pad_token_id, packed=True)
     with torch.no_grad():
         nll, mask = model_token_nll(model, packed, attn)
-        naive, _ = token_nll(model(input_ids=packed.input_ids, attention_mask=packed.attention_mask).logits, packed.labels)
+        naive, _ = token_nll(
+            model(input_ids=packed.input_ids, attention_mask=packed.attention_mask).logits, packed.labels
+        )
         for b, row in enumerate(rows):
             start = 0
             for i in row:
@@ -254,16 +281,31 @@ def test_block_causal_mask_brute_force():
     "line, match",
     [
         ('{"prompt": "a", "response": "b"', r"line 3: is not valid JSON .*each line must be one JSON object"),
-        ('["a", "b"]', r"line 3: is array .*expected a JSON object \{\"prompt\": str, \"response\": str\} or \{\"messages\""),
+        (
+            '["a", "b"]',
+            r"line 3: is array .*expected a JSON object \{\"prompt\": str, \"response\": str\} or \{\"messages\"",
+        ),
         ('{"prompt": "a", "answer": "b"}', r"line 3: has no 'response' \(keys: answer, prompt\)"),
         ('{"prompt": "a", "response": 7}', r"line 3: 'response' must be a string, got number 7"),
         ('{"prompt": "a", "response": "  "}', r"line 3: 'response' is empty or only whitespace"),
         ('{"prompt": ["a"], "response": "b"}', r"line 3: 'prompt' must be a string, got array"),
         ('{"messages": []}', r"line 3: 'messages' must be a non-empty list"),
-        ('{"messages": [{"role": "user"}]}', r"line 3: messages\[0\] must be an object \{\"role\": str, \"content\": str\}"),
-        ('{"messages": [{"role": "user", "content": "hi"}]}', r"line 3: 'messages' ends with a 'user' turn; the last turn must be the assistant reply"),
-        ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]}', r"line 3: messages\[1\] is an empty assistant turn"),
-        ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x"}], "response": "y"}', r"line 3: has both 'messages' and 'response'"),
+        (
+            '{"messages": [{"role": "user"}]}',
+            r"line 3: messages\[0\] must be an object \{\"role\": str, \"content\": str\}",
+        ),
+        (
+            '{"messages": [{"role": "user", "content": "hi"}]}',
+            r"line 3: 'messages' ends with a 'user' turn; the last turn must be the assistant reply",
+        ),
+        (
+            '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]}',
+            r"line 3: messages\[1\] is an empty assistant turn",
+        ),
+        (
+            '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x"}], "response": "y"}',
+            r"line 3: has both 'messages' and 'response'",
+        ),
         ("", r"line 3: is empty; remove it"),
     ],
 )
@@ -276,10 +318,19 @@ def test_bad_lines_name_file_line_and_problem(tmp_path, line, match):
 
 
 def test_reader_accepts_both_formats_and_missing_prompt(tmp_path):
-    path = write_jsonl(tmp_path / "ok.jsonl", [
-        {"response": "no prompt"},
-        {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]},
-    ])
+    path = write_jsonl(
+        tmp_path / "ok.jsonl",
+        [
+            {"response": "no prompt"},
+            {
+                "messages": [
+                    {"role": "system", "content": "s"},
+                    {"role": "user", "content": "u"},
+                    {"role": "assistant", "content": "a"},
+                ]
+            },
+        ],
+    )
     a, b = read_sft_data(path)
     assert (a.prompt, a.response, a.messages, a.source) == ("", "no prompt", None, f"{path}:1")
     assert (b.prompt, b.response, len(b.messages)) == ("u", "a", 3)
@@ -311,17 +362,29 @@ def test_tiny_model_learns_and_greedy_generation_reproduces_replies(lm32, qa_jso
     from rlhfkit.sampling import SamplingSettings, sample_texts
 
     out = tmp_path / "run"
-    result = train_sft(cfg(policy=str(lm32), train=str(qa_jsonl), eval=str(qa_jsonl), output=str(out), epochs=60, lr=5e-3, n_samples=2))
+    result = train_sft(
+        cfg(policy=str(lm32), train=str(qa_jsonl), eval=str(qa_jsonl), output=str(out), epochs=60, lr=5e-3, n_samples=2)
+    )
     rows = read_metrics(out / "metrics.jsonl")
     first_eval = next(r["eval/loss"] for r in rows if "eval/loss" in r)
     assert first_eval > 5.0 and result["eval/loss"] < 0.1, (first_eval, result)
     assert result["finished"] and result["step"] == 240
-    for f in ("final/model.safetensors", "final/tokenizer.json", "best/config.json", "curves.png", "metrics.jsonl",
-              "config.yaml", "samples.jsonl", "checkpoint/trainer_state.json"):
+    for f in (
+        "final/model.safetensors",
+        "final/tokenizer.json",
+        "best/config.json",
+        "curves.png",
+        "metrics.jsonl",
+        "config.yaml",
+        "samples.jsonl",
+        "checkpoint/trainer_state.json",
+    ):
         assert (out / f).exists(), f
     model, tokenizer = load_policy(str(out / "final"))
     assert tokenizer.pad_token_id != tokenizer.eos_token_id
-    replies = sample_texts(model, tokenizer, [Prompt(p) for p, _ in QA], 1, SamplingSettings(max_new_tokens=20, temperature=0.0), chat=True)
+    replies = sample_texts(
+        model, tokenizer, [Prompt(p) for p, _ in QA], 1, SamplingSettings(max_new_tokens=20, temperature=0.0), chat=True
+    )
     assert [r[0] for r in replies] == [r for _, r in QA]
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert [s["generated"] for s in samples] == [s["reference"] for s in samples] == ["blue", "four"]
@@ -334,8 +397,19 @@ def test_lora_learns_and_saves_a_merged_plain_model(lm32, qa_jsonl, tmp_path, to
     from rlhfkit.sft.train import evaluate_sft
 
     out = tmp_path / "lora"
-    result = train_sft(cfg(policy=str(lm32), train=str(qa_jsonl), eval=str(qa_jsonl), output=str(out), epochs=10,
-                           lora=True, lora_r=8, lora_dropout=0.0, lr=5e-2))
+    result = train_sft(
+        cfg(
+            policy=str(lm32),
+            train=str(qa_jsonl),
+            eval=str(qa_jsonl),
+            output=str(out),
+            epochs=10,
+            lora=True,
+            lora_r=8,
+            lora_dropout=0.0,
+            lr=5e-2,
+        )
+    )
     first = next(r["eval/loss"] for r in read_metrics(out / "metrics.jsonl") if "eval/loss" in r)
     # Adapters on q/v of a random model with tied, small embeddings cannot sharpen the logits
     # much (full fine-tuning reaches < 0.1 above); they must still move the loss clearly.
@@ -343,7 +417,9 @@ def test_lora_learns_and_saves_a_merged_plain_model(lm32, qa_jsonl, tmp_path, to
     saved = weights(out / "final")
     assert saved and not any("lora" in k for k in saved), "LoRA adapters are merged on save"
     base = load_file(str(lm32 / "model.safetensors"))
-    assert not torch.equal(saved["model.layers.0.self_attn.q_proj.weight"], base["model.layers.0.self_attn.q_proj.weight"])
+    assert not torch.equal(
+        saved["model.layers.0.self_attn.q_proj.weight"], base["model.layers.0.self_attn.q_proj.weight"]
+    )
     torch.testing.assert_close(saved["model.layers.0.mlp.up_proj.weight"], base["model.layers.0.mlp.up_proj.weight"])
     merged = AutoModelForCausalLM.from_pretrained(out / "final")  # a plain causal LM that scores like the adapted one
     data = EncodedSFT.build(read_sft_data(qa_jsonl), tok, max_length=512)
@@ -352,8 +428,17 @@ def test_lora_learns_and_saves_a_merged_plain_model(lm32, qa_jsonl, tmp_path, to
 
 
 def test_resume_after_stop_matches_uninterrupted_run_with_packing(lm32, mixed_jsonl, tmp_path):
-    common = dict(policy=str(lm32), train=str(mixed_jsonl), epochs=2, batch_size=2, packing=True, max_length=96, save_every=3,
-                  scheduler="cosine", warmup_ratio=0.2)
+    common = dict(
+        policy=str(lm32),
+        train=str(mixed_jsonl),
+        epochs=2,
+        batch_size=2,
+        packing=True,
+        max_length=96,
+        save_every=3,
+        scheduler="cosine",
+        warmup_ratio=0.2,
+    )
     full = tmp_path / "full"
     res = train_sft(cfg(output=str(full), **common))
     assert res["step"] >= 10, res
@@ -392,7 +477,9 @@ def test_non_finite_loss_stops_and_keeps_good_checkpoint(lm32, qa_jsonl, tmp_pat
 
     monkeypatch.setattr(T, "token_nll", poisoned)
     out = tmp_path / "nan"
-    with pytest.raises(RunStopped, match=r"non-finite loss \(nan\) at step 5 .*examples from .*qa\.jsonl:\d+.*\(step 4\) is intact"):
+    with pytest.raises(
+        RunStopped, match=r"non-finite loss \(nan\) at step 5 .*examples from .*qa\.jsonl:\d+.*\(step 4\) is intact"
+    ):
         train_sft(cfg(policy=str(lm32), train=str(qa_jsonl), output=str(out), batch_size=4, max_steps=8, save_every=2))
     state = json.loads((out / "checkpoint" / "trainer_state.json").read_text())
     assert state["step"] == 4  # the last good checkpoint, untouched by the failing step
@@ -412,18 +499,45 @@ def test_existing_run_needs_resume_and_chat_rows_need_a_template(lm32, qa_jsonl,
 
     plain = Path(shutil.copytree(lm32, tmp_path / "no-template"))
     (plain / "chat_template.jinja").unlink()
-    with pytest.raises(UserError, match="--chat-template: the tokenizer of .* has no chat template; pass --no-chat-template"):
+    with pytest.raises(
+        UserError, match="--chat-template: the tokenizer of .* has no chat template; pass --no-chat-template"
+    ):
         train_sft(cfg(**{**c, "policy": str(plain), "output": str(tmp_path / "p")}, chat_template=True))
     assert not (tmp_path / "p").exists()  # refused before anything was written
-    assert train_sft(cfg(**{**c, "policy": str(plain), "output": str(tmp_path / "p2")}))["finished"]  # default: plain text
+    assert train_sft(cfg(**{**c, "policy": str(plain), "output": str(tmp_path / "p2")}))[
+        "finished"
+    ]  # default: plain text
 
 
 # ------------------------------------------------------------------------ CLI
 def test_cli_trains_and_reports(lm32, mixed_jsonl, tmp_path, capsys):
     out = tmp_path / "cli"
-    rc = main(["--policy", str(lm32), "--train", str(mixed_jsonl), "--eval-fraction", "0.25", "--output", str(out),
-               "--max-steps", "4", "--batch-size", "4", "--lr", "1e-2", "--packing", "--max-length", "128",
-               "--no-progress", "--report-to", "none", "--n-samples", "1"])
+    rc = main(
+        [
+            "--policy",
+            str(lm32),
+            "--train",
+            str(mixed_jsonl),
+            "--eval-fraction",
+            "0.25",
+            "--output",
+            str(out),
+            "--max-steps",
+            "4",
+            "--batch-size",
+            "4",
+            "--lr",
+            "1e-2",
+            "--packing",
+            "--max-length",
+            "128",
+            "--no-progress",
+            "--report-to",
+            "none",
+            "--n-samples",
+            "1",
+        ]
+    )
     assert rc == 0
     printed = capsys.readouterr().out
     assert f"model saved to {out / 'final'} after 4 steps" in printed and "eval loss" in printed

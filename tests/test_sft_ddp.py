@@ -15,15 +15,46 @@ pytestmark = pytest.mark.slow
 
 
 def _args(model: Path, data: Path, out: Path, batch_size: int) -> list[str]:
-    return ["sft", "--policy", str(model), "--train", str(data), "--output", str(out), "--max-steps", "3", "--batch-size", str(batch_size),
-            "--lr", "1e-2", "--log-every", "1", "--warmup-ratio", "0", "--max-grad-norm", "0", "--packing", "--max-length", "64",
-            "--n-samples", "0", "--no-progress", "--report-to", "none", "--cpu"]
+    return [
+        "sft",
+        "--policy",
+        str(model),
+        "--train",
+        str(data),
+        "--output",
+        str(out),
+        "--max-steps",
+        "3",
+        "--batch-size",
+        str(batch_size),
+        "--lr",
+        "1e-2",
+        "--log-every",
+        "1",
+        "--warmup-ratio",
+        "0",
+        "--max-grad-norm",
+        "0",
+        "--packing",
+        "--max-length",
+        "64",
+        "--n-samples",
+        "0",
+        "--no-progress",
+        "--report-to",
+        "none",
+        "--cpu",
+    ]
 
 
 def test_two_processes_match_one_process_with_double_batch(tiny_lm, tmp_path):
     data = tmp_path / "sft.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"repeat {'ab' * (i % 4 + 1)}", "response": "ab" * (i % 7 + 1)}) + "\n"
-                            for i in range(40)))
+    data.write_text(
+        "".join(
+            json.dumps({"prompt": f"repeat {'ab' * (i % 4 + 1)}", "response": "ab" * (i % 7 + 1)}) + "\n"
+            for i in range(40)
+        )
+    )
     two = tmp_path / "ddp"
     res = launch(["-m", "rlhfkit.cli", *_args(tiny_lm, data, two, 2)], timeout=300)
     assert "sft: DDP (2 processes, each with a full copy; MULTI_CPU)" in res.stderr, res.stderr[-2000:]

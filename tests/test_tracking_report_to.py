@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import WORDS, separable_lists
 from rlhfkit.cli import main
 from rlhfkit.config import ConfigError, from_dict
 from rlhfkit.tracking import flat_config, read_metrics
 from rlhfkit.training.options import check_resume_matches
+from tests.conftest import WORDS, separable_lists
 
 TRACKERS = ("wandb", "mlflow", "trackio")
 
@@ -45,9 +45,21 @@ def trackio_dir(tmp_path_factory) -> Path:
 @pytest.fixture(autouse=True)
 def local_trackers(monkeypatch, tmp_path):
     """Every tracker offline or local, quiet, and free of the developer's own settings."""
-    for var in ("WANDB_DIR", "WANDB_PROJECT", "WANDB_NAME", "WANDB_RUN_ID", "WANDB_RESUME", "WANDB_API_KEY",
-                "MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID", "MLFLOW_TAGS", "MLFLOW_NESTED_RUN",
-                "TRACKIO_SPACE_ID", "TRACKIO_SERVER_URL"):
+    for var in (
+        "WANDB_DIR",
+        "WANDB_PROJECT",
+        "WANDB_NAME",
+        "WANDB_RUN_ID",
+        "WANDB_RESUME",
+        "WANDB_API_KEY",
+        "MLFLOW_TRACKING_URI",
+        "MLFLOW_EXPERIMENT_NAME",
+        "MLFLOW_RUN_ID",
+        "MLFLOW_TAGS",
+        "MLFLOW_NESTED_RUN",
+        "TRACKIO_SPACE_ID",
+        "TRACKIO_SERVER_URL",
+    ):
         monkeypatch.delenv(var, raising=False)
     home = tmp_path / "tracker-home"
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -55,7 +67,9 @@ def local_trackers(monkeypatch, tmp_path):
     monkeypatch.setenv("WANDB_CONSOLE", "off")  # leave pytest's captured stdout alone
     for var in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
         monkeypatch.setenv(var, str(home / var.lower()))
-    monkeypatch.setenv("TRACKIO_PROJECT", f"rlhfkit-test-{uuid.uuid4().hex[:8]}")  # one project per test: its runs alone
+    monkeypatch.setenv(
+        "TRACKIO_PROJECT", f"rlhfkit-test-{uuid.uuid4().hex[:8]}"
+    )  # one project per test: its runs alone
 
 
 @pytest.fixture(scope="module")
@@ -67,22 +81,71 @@ def files(tmp_path_factory) -> dict[str, Path]:
     prompts = root / "prompts.txt"
     prompts.write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(3)) for _ in range(16)) + "\n")
     rewards = root / "rewards.py"
-    rewards.write_text("def share_lower(prompts, responses):\n"
-                       "    return [sum(c.islower() for c in r) / max(len(r), 1) for r in responses]\n")
+    rewards.write_text(
+        "def share_lower(prompts, responses):\n"
+        "    return [sum(c.islower() for c in r) / max(len(r), 1) for r in responses]\n"
+    )
     return {"lists": lists, "prompts": prompts, "rewards": rewards}
 
 
 def rm_train(tiny_lm, files, out: Path, *extra: str) -> list[str]:
     """3 steps, a row each, an evaluation at steps 2 and 3."""
-    return ["rm", "train", "--model", str(tiny_lm), "--train", str(files["lists"]), "--n-train", "32", "--output", str(out),
-            "--max-steps", "3", "--batch-size", "4", "--log-every", "1", "--eval-every", "2", "--no-progress", "--cpu", *extra]
+    return [
+        "rm",
+        "train",
+        "--model",
+        str(tiny_lm),
+        "--train",
+        str(files["lists"]),
+        "--n-train",
+        "32",
+        "--output",
+        str(out),
+        "--max-steps",
+        "3",
+        "--batch-size",
+        "4",
+        "--log-every",
+        "1",
+        "--eval-every",
+        "2",
+        "--no-progress",
+        "--cpu",
+        *extra,
+    ]
 
 
 def grpo(tiny_lm, files, out: Path, *extra: str) -> list[str]:
-    return ["rl", "--algo", "grpo", "--policy", str(tiny_lm), "--reward", f"{files['rewards']}:share_lower",
-            "--prompts", str(files["prompts"]), "--output", str(out), "--steps", "3", "--batch-size", "2",
-            "--samples-per-prompt", "2", "--mini-batch-size", "4", "--max-new-tokens", "4", "--log-every", "1",
-            "--sample-every", "0", "--no-progress", "--cpu", *extra]
+    return [
+        "rl",
+        "--algo",
+        "grpo",
+        "--policy",
+        str(tiny_lm),
+        "--reward",
+        f"{files['rewards']}:share_lower",
+        "--prompts",
+        str(files["prompts"]),
+        "--output",
+        str(out),
+        "--steps",
+        "3",
+        "--batch-size",
+        "2",
+        "--samples-per-prompt",
+        "2",
+        "--mini-batch-size",
+        "4",
+        "--max-new-tokens",
+        "4",
+        "--log-every",
+        "1",
+        "--sample-every",
+        "0",
+        "--no-progress",
+        "--cpu",
+        *extra,
+    ]
 
 
 # ----------------------------------------------------------------- reading each tracker back
@@ -97,11 +160,11 @@ def wandb_records(path: Path):
     pos, parts = 7, b""
     while pos + 7 <= len(data):
         space = 32768 - pos % 32768
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
         if space < 7 or kind == 0:  # the block's zero padding
             pos += space
             continue
-        parts += data[pos + 7:pos + 7 + length]
+        parts += data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):
             record = wandb_internal_pb2.Record()
@@ -117,7 +180,9 @@ def read_wandb(out: Path) -> tuple[list[dict], dict[str, dict[int, float]]]:
     for record in wandb_records(path):
         kind = record.WhichOneof("record_type")
         if kind == "config":
-            update = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.config.update}
+            update = {
+                item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.config.update
+            }
             if any(not k.startswith("_") for k in update):  # wandb's own bookkeeping keys start with _
                 configs.append(update)
         elif kind == "history":
@@ -137,7 +202,9 @@ def read_mlflow(out: Path) -> tuple[list[dict], dict[str, dict[int, float]]]:
     client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")  # the default store: in the run folder
     (run,) = client.search_runs([client.get_experiment_by_name("rlhfkit").experiment_id])
     assert run.info.run_name == out.name and run.info.status == "FINISHED"
-    history = {key: {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)} for key in run.data.metrics}
+    history = {
+        key: {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)} for key in run.data.metrics
+    }
     return [run.data.params], history
 
 
@@ -235,11 +302,20 @@ def test_none_writes_only_metrics_jsonl(tiny_lm, files, tmp_path):
     assert not [p.name for p in out.iterdir() if p.name in ("tensorboard", "wandb", "mlflow.db", "mlartifacts")]
 
 
-@pytest.mark.parametrize("value, message", [
-    ("wandb,tensorbord", r"option --report-to got 'wandb,tensorbord': unknown tracker 'tensorbord'; choose from "
-                         r"tensorboard, wandb, mlflow, trackio or none"),
-    ("none,wandb", r"option --report-to got 'none,wandb': 'none' means no tracker, so it cannot be combined with others"),
-])
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        (
+            "wandb,tensorbord",
+            r"option --report-to got 'wandb,tensorbord': unknown tracker 'tensorbord'; choose from "
+            r"tensorboard, wandb, mlflow, trackio or none",
+        ),
+        (
+            "none,wandb",
+            r"option --report-to got 'none,wandb': 'none' means no tracker, so it cannot be combined with others",
+        ),
+    ],
+)
 def test_a_bad_report_to_exits_2_before_anything_is_written(value, message, tiny_lm, files, tmp_path, capsys):
     out = tmp_path / "bad"
     assert main(rm_train(tiny_lm, files, out, "--report-to", value)) == 2
@@ -255,19 +331,25 @@ def test_a_tracker_not_installed_exits_2_naming_the_extra(tracker, tiny_lm, file
     out = tmp_path / "missing"
     assert main(rm_train(tiny_lm, files, out, "--report-to", f"tensorboard,{tracker}")) == 2
     err = capsys.readouterr().err
-    assert f"option --report-to {tracker}: the {tracker} package is not installed; install it with " \
-           f"pip install 'rlhfkit[{tracker}]'" in err
+    assert (
+        f"option --report-to {tracker}: the {tracker} package is not installed; install it with "
+        f"pip install 'rlhfkit[{tracker}]'" in err
+    )
     assert not out.exists()
 
 
 def from_dict_rm(files, tmp_path, **kw):
     from rlhfkit.rm.train import RMTrainConfig
 
-    return from_dict(RMTrainConfig, {"model": "tiny", "train": str(files["lists"]), "output": str(tmp_path / "cfg"), **kw})
+    return from_dict(
+        RMTrainConfig, {"model": "tiny", "train": str(files["lists"]), "output": str(tmp_path / "cfg"), **kw}
+    )
 
 
 def test_no_tensorboard_still_works_with_a_deprecation_warning(files, tmp_path, caplog, monkeypatch):
-    monkeypatch.setattr("rlhfkit.training.options.check_installed", lambda names: None)  # parsing only: no tracker needed
+    monkeypatch.setattr(
+        "rlhfkit.training.options.check_installed", lambda names: None
+    )  # parsing only: no tracker needed
     with caplog.at_level("WARNING"):
         cfg = from_dict_rm(files, tmp_path, tensorboard=False)
     assert cfg.report_to == ["none"] and cfg.tensorboard is None
@@ -286,11 +368,24 @@ def test_resume_may_change_the_trackers():
 def test_pipeline_stages_inherit_report_to_unless_their_section_sets_it(files, tmp_path):
     from rlhfkit.pipeline.run import PipelineConfig, _options
 
-    cfg = from_dict(PipelineConfig, {
-        "output": str(tmp_path / "pipe"), "policy": "tiny", "report_to": "none", "algorithm": ["grpo", "dpo"],
-        "sft": {"train": str(files["prompts"])}, "preferences": {"source": "file", "file": str(files["lists"])},
-        "reward_model": {"report_to": "tensorboard"}, "rl": {"prompts": str(files["prompts"])}})
+    cfg = from_dict(
+        PipelineConfig,
+        {
+            "output": str(tmp_path / "pipe"),
+            "policy": "tiny",
+            "report_to": "none",
+            "algorithm": ["grpo", "dpo"],
+            "sft": {"train": str(files["prompts"])},
+            "preferences": {"source": "file", "file": str(files["lists"])},
+            "reward_model": {"report_to": "tensorboard"},
+            "rl": {"prompts": str(files["prompts"])},
+        },
+    )
     configs = cfg.stage_configs()
     assert {name: configs[name].report_to for name in ("sft", "reward_model", "grpo", "dpo")} == {
-        "sft": ["none"], "reward_model": ["tensorboard"], "grpo": ["none"], "dpo": ["none"]}
+        "sft": ["none"],
+        "reward_model": ["tensorboard"],
+        "grpo": ["none"],
+        "dpo": ["none"],
+    }
     assert "report_to" not in _options(configs["grpo"])  # changing trackers re-runs no stage

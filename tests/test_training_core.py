@@ -46,7 +46,9 @@ def test_train_step_accumulates_the_same_gradient_as_one_batch(tmp_path):
 
     for model, micro in ((one, [list(range(8))]), (four, [[0, 1], [2, 3], [4, 5], [6, 7]])):
         opt_ = torch.optim.SGD(model.parameters(), lr=0.1)
-        norm, stats = train_step(run, model, opt_, micro, lambda m, model=model: loss_fn(model, m), max_grad_norm=10.0, where="step 1")
+        norm, stats = train_step(
+            run, model, opt_, micro, lambda m, model=model: loss_fn(model, m), max_grad_norm=10.0, where="step 1"
+        )
         assert sum(s["rows"] for s in stats) == 8 and torch.isfinite(norm)
     for a, b in zip(one.parameters(), four.parameters()):
         torch.testing.assert_close(a, b)
@@ -62,10 +64,16 @@ class _NanGradient(torch.autograd.Function):
         return grad * float("nan")
 
 
-@pytest.mark.parametrize("poison, message", [
-    (lambda loss: loss * float("nan"), r"non-finite loss \(nan\) at step 3, micro-batch 1, rows \[2\]\. Nothing was saved"),
-    (_NanGradient.apply, r"non-finite gradient norm at step 3 with a finite loss\. Nothing was saved"),
-])
+@pytest.mark.parametrize(
+    "poison, message",
+    [
+        (
+            lambda loss: loss * float("nan"),
+            r"non-finite loss \(nan\) at step 3, micro-batch 1, rows \[2\]\. Nothing was saved",
+        ),
+        (_NanGradient.apply, r"non-finite gradient norm at step 3 with a finite loss\. Nothing was saved"),
+    ],
+)
 def test_a_non_finite_loss_or_gradient_stops_before_the_weights_change(tmp_path, poison, message):
     model = nn.Linear(3, 1)
     before = [p.detach().clone() for p in model.parameters()]
@@ -76,9 +84,19 @@ def test_a_non_finite_loss_or_gradient_stops_before_the_weights_change(tmp_path,
         loss = model(x[rows]).sum()
         return (poison(loss) if rows == [2] else loss), {}
 
-    with pytest.raises(RunStopped, match=message + r".*no checkpoint had been written yet \(the first comes at step 100\)\. Lower --lr"):
-        train_step(run_for(tmp_path), model, opt_, [[0, 1], [2]], loss_fn, max_grad_norm=1.0, where="step 3",
-                   describe=lambda rows: f"rows {rows}")
+    with pytest.raises(
+        RunStopped, match=message + r".*no checkpoint had been written yet \(the first comes at step 100\)\. Lower --lr"
+    ):
+        train_step(
+            run_for(tmp_path),
+            model,
+            opt_,
+            [[0, 1], [2]],
+            loss_fn,
+            max_grad_norm=1.0,
+            where="step 3",
+            describe=lambda rows: f"rows {rows}",
+        )
     for a, b in zip(before, model.parameters()):
         assert torch.equal(a, b)
 
@@ -89,11 +107,19 @@ def test_clip_groups_are_clipped_each_on_its_own_norm(tmp_path):
     opt_ = torch.optim.SGD([*a.parameters(), *b.parameters()], lr=1.0)
     before = [p.detach().clone() for p in (a.weight, b.weight)]
     loss_fn = lambda m: ((a(x) * 100 + b(x) * 0.01).sum(), {})  # noqa: E731
-    norm, _ = train_step(run_for(tmp_path), [a, b], opt_, [None], loss_fn, max_grad_norm=1.0, where="s",
-                         clip_groups=[list(a.parameters()), list(b.parameters())])
-    assert norm.item() == pytest.approx(100 * 2 ** 0.5, rel=1e-5)  # the largest group norm is reported
+    norm, _ = train_step(
+        run_for(tmp_path),
+        [a, b],
+        opt_,
+        [None],
+        loss_fn,
+        max_grad_norm=1.0,
+        where="s",
+        clip_groups=[list(a.parameters()), list(b.parameters())],
+    )
+    assert norm.item() == pytest.approx(100 * 2**0.5, rel=1e-5)  # the largest group norm is reported
     assert (before[0] - a.weight).norm().item() == pytest.approx(1.0, rel=1e-5)  # clipped to 1
-    assert (before[1] - b.weight).norm().item() == pytest.approx(0.01 * 2 ** 0.5, rel=1e-5)  # untouched: already small
+    assert (before[1] - b.weight).norm().item() == pytest.approx(0.01 * 2**0.5, rel=1e-5)  # untouched: already small
 
 
 # ---------------------------------------------------------------------- the cadence
@@ -151,8 +177,17 @@ def test_resume_uses_a_complete_tmp_beside_an_incomplete_old(tiny_lm, separable_
 
     from rlhfkit.rm.train import RMTrainConfig, train_reward_model
 
-    common = dict(model=str(tiny_lm), train=str(separable_tsv), n_train=90, max_steps=6, batch_size=8, save_every=2,
-                  progress=False, report_to="none", eval_every=1000)
+    common = dict(
+        model=str(tiny_lm),
+        train=str(separable_tsv),
+        n_train=90,
+        max_steps=6,
+        batch_size=8,
+        save_every=2,
+        progress=False,
+        report_to="none",
+        eval_every=1000,
+    )
     full = tmp_path / "full"
     train_reward_model(from_dict(RMTrainConfig, {**common, "output": str(full)}))
     out = tmp_path / "crashed"
@@ -170,19 +205,22 @@ def test_resume_uses_a_complete_tmp_beside_an_incomplete_old(tiny_lm, separable_
 
 
 # ----------------------------------------------------------------- shared config pieces
-@pytest.mark.parametrize("bad, match", [
-    (dict(lr=0), r"option --lr must be > 0, got 0"),
-    (dict(warmup_ratio=1.0), r"option --warmup-ratio must be < 1, got 1.0"),
-    (dict(max_grad_norm=-1), r"option --max-grad-norm must be >= 0"),
-    (dict(grad_accum=0), r"option --grad-accum must be >= 1"),
-    (dict(stop_after_steps=0), r"option --stop-after-steps must be >= 1, got 0"),
-    (dict(save_every=0), r"option --save-every must be >= 1"),
-    (dict(lora_r=0), r"option --lora-r must be >= 1"),
-    (dict(lora_dropout=1.0), r"option --lora-dropout must be < 1"),
-    (dict(mixed_precision="fp8"), r"option --mixed-precision got 'fp8'; choose one of auto, no, bf16, fp16"),
-    (dict(lr=float("nan")), r"option --lr must be a finite number"),
-    (dict(batch_size=2.5), r"option --batch-size expects int, got 2.5"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (dict(lr=0), r"option --lr must be > 0, got 0"),
+        (dict(warmup_ratio=1.0), r"option --warmup-ratio must be < 1, got 1.0"),
+        (dict(max_grad_norm=-1), r"option --max-grad-norm must be >= 0"),
+        (dict(grad_accum=0), r"option --grad-accum must be >= 1"),
+        (dict(stop_after_steps=0), r"option --stop-after-steps must be >= 1, got 0"),
+        (dict(save_every=0), r"option --save-every must be >= 1"),
+        (dict(lora_r=0), r"option --lora-r must be >= 1"),
+        (dict(lora_dropout=1.0), r"option --lora-dropout must be < 1"),
+        (dict(mixed_precision="fp8"), r"option --mixed-precision got 'fp8'; choose one of auto, no, bf16, fp16"),
+        (dict(lr=float("nan")), r"option --lr must be a finite number"),
+        (dict(batch_size=2.5), r"option --batch-size expects int, got 2.5"),
+    ],
+)
 def test_shared_options_are_checked_once_for_every_trainer(bad, match, tmp_path):
     with pytest.raises(ConfigError, match=match):
         from_dict(Demo, {"output": str(tmp_path / "o"), **bad})
@@ -228,8 +266,12 @@ def test_metrics_written_by_earlier_versions_read_under_todays_names(tmp_path):
     from rlhfkit.tracking import read_metrics
 
     path = tmp_path / "metrics.jsonl"
-    path.write_text(json.dumps({"step": 1, "ppo/score_mean": 0.5, "ppo/kl": 1.25, "time/update_s": 3.0}) + "\n"
-                    + json.dumps({"step": 2, "rl/score_mean": 0.75}) + "\n")
+    path.write_text(
+        json.dumps({"step": 1, "ppo/score_mean": 0.5, "ppo/kl": 1.25, "time/update_s": 3.0})
+        + "\n"
+        + json.dumps({"step": 2, "rl/score_mean": 0.75})
+        + "\n"
+    )
     old, new = read_metrics(path)
     assert old["rl/score_mean"] == old["ppo/score_mean"] == 0.5 and old["rl/kl"] == 1.25 and "rl/update_s" not in old
     assert new == {"step": 2, "rl/score_mean": 0.75}

@@ -6,8 +6,17 @@ Python API (``rlhfkit.train_reward_model(config)``, ...) is loaded on first use.
 
 __version__ = "0.1.0"
 
-_API = ("train_reward_model", "evaluate_reward_model", "train_sft", "train_ppo", "train_rl", "train_dpo", "best_of_n",
-        "evaluate_ppo", "run_pipeline")
+_API = (
+    "train_reward_model",
+    "evaluate_reward_model",
+    "train_sft",
+    "train_ppo",
+    "train_rl",
+    "train_dpo",
+    "best_of_n",
+    "evaluate_ppo",
+    "run_pipeline",
+)
 __all__ = list(_API)
 
 

@@ -68,7 +68,8 @@ def train_rl(config: Any) -> dict[str, Any]:
 
 def train_dpo(config: Any) -> dict[str, Any]:
     """``rlhfkit dpo``; returns the last train and eval metrics and the model folders."""
-    from rlhfkit.dpo.train import DPOConfig, train_dpo as run
+    from rlhfkit.dpo.train import DPOConfig
+    from rlhfkit.dpo.train import train_dpo as run
 
     return run(_config(DPOConfig, config))
 

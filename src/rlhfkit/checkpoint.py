@@ -44,8 +44,9 @@ def replace_dir(new: Path, target: Path) -> None:
         discard_dir(old)
 
 
-def export_pretrained(model: Any, tokenizer: Any, target: str | Path, files: dict[str, str] | None = None,
-                      state_dict: dict | None = None) -> Path:
+def export_pretrained(
+    model: Any, tokenizer: Any, target: str | Path, files: dict[str, str] | None = None, state_dict: dict | None = None
+) -> Path:
     """A plain Hugging Face folder at ``target``, written atomically: a LoRA model is merged
     into a copy first, weights as safetensors, the tokenizer and any extra text ``files``.
 
@@ -78,7 +79,11 @@ def _unsharded_copy(model: Any, state_dict: dict) -> Any:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    auto = AutoModelForSequenceClassification if "ForSequenceClassification" in type(base).__name__ else AutoModelForCausalLM
+    auto = (
+        AutoModelForSequenceClassification
+        if "ForSequenceClassification" in type(base).__name__
+        else AutoModelForCausalLM
+    )
     plain = auto.from_config(base.config, dtype=next(iter(state_dict.values())).dtype)
     if hasattr(model, "peft_config"):
         plain = get_peft_model(plain, model.peft_config["default"])
@@ -89,7 +94,9 @@ def _unsharded_copy(model: Any, state_dict: dict) -> Any:
 def find_checkpoint(out_dir: str | Path) -> Path | None:
     """The newest complete checkpoint of a run folder (see the module docstring), or None."""
     out = Path(out_dir)
-    complete = [out / name for name in ("checkpoint", "checkpoint.tmp", "checkpoint.old") if (out / name / STATE_FILE).is_file()]
+    complete = [
+        out / name for name in ("checkpoint", "checkpoint.tmp", "checkpoint.old") if (out / name / STATE_FILE).is_file()
+    ]
     if not complete:
         return None
     return max(complete, key=lambda p: json.loads((p / STATE_FILE).read_text()).get("step", 0))
@@ -116,4 +123,3 @@ def load_checkpoint(accelerator, path: Path) -> dict[str, Any]:
     """Restore what ``save_checkpoint`` wrote; returns the trainer state."""
     accelerator.load_state(str(path))
     return json.loads((path / STATE_FILE).read_text())
-

@@ -14,8 +14,8 @@ import importlib
 import logging
 import os
 import sys
+from collections.abc import Callable, Sequence
 from functools import partial
-from typing import Callable, Sequence
 
 from rlhfkit.config import parse_args
 from rlhfkit.errors import RunStopped, UserError
@@ -101,8 +101,10 @@ def _rl(argv: Sequence[str], ppo_only: bool = False) -> None:
     cls, prog = (trainer.PPOConfig, "rlhfkit ppo") if ppo_only else (trainer.RLConfig, "rlhfkit rl")
     result = trainer.train_rl(parse_args(cls, argv, prog=prog))
     if "final" in result and _main_process():
-        print(f"policy saved to {result['final']}; score {result.get('rl/score_mean', float('nan')):.4f}, "
-              f"KL {result.get('rl/kl', float('nan')):.4f} at the last update")
+        print(
+            f"policy saved to {result['final']}; score {result.get('rl/score_mean', float('nan')):.4f}, "
+            f"KL {result.get('rl/kl', float('nan')):.4f} at the last update"
+        )
 
 
 def _dpo(argv: Sequence[str]) -> None:
@@ -116,8 +118,10 @@ def _dpo(argv: Sequence[str]) -> None:
         return
     line = f"policy saved to {result['final']} after {result['step']} steps; train loss {result.get('train/loss', float('nan')):.4f}"
     if "eval/pairwise_accuracy" in result:
-        line += (f", held-out implicit-reward accuracy {result['eval/pairwise_accuracy']:.4f} (list-exact "
-                 f"{result['eval/list_exact_accuracy']:.4f}); best/ from step {result['best_step']}")
+        line += (
+            f", held-out implicit-reward accuracy {result['eval/pairwise_accuracy']:.4f} (list-exact "
+            f"{result['eval/list_exact_accuracy']:.4f}); best/ from step {result['best_step']}"
+        )
     if "eval/kl" in result:
         line += f"; KL to the reference {result['eval/kl']:.3f} nats per response"
     print(line)
@@ -158,16 +162,20 @@ def _annotate(argv: Sequence[str]) -> None:
 def _models(argv: Sequence[str]) -> None:
     hub = importlib.import_module("rlhfkit.models.hub")
     if argv and argv[0] in ("-h", "--help"):
-        print("usage: rlhfkit models [prepare [NAME ...]]\n\n"
-              "  rlhfkit models                 list the embedded default models\n"
-              "  rlhfkit models prepare [NAME]  convert them into the model cache now (default: all)")
+        print(
+            "usage: rlhfkit models [prepare [NAME ...]]\n\n"
+            "  rlhfkit models                 list the embedded default models\n"
+            "  rlhfkit models prepare [NAME]  convert them into the model cache now (default: all)"
+        )
         return
     if argv and argv[0] == "prepare":
         for name in argv[1:] or list(hub.ALIASES):
             print(f"{name}: {hub.resolve_model(name)}")
         return
     if argv:
-        raise UserError(f"rlhfkit models: unknown argument {argv[0]!r}; use 'rlhfkit models' or 'rlhfkit models prepare [NAME]'")
+        raise UserError(
+            f"rlhfkit models: unknown argument {argv[0]!r}; use 'rlhfkit models' or 'rlhfkit models prepare [NAME]'"
+        )
     for name, what in hub.ALIASES.items():
         print(f"{name:14s} {what}")
 
@@ -177,16 +185,29 @@ def _plan(argv: Sequence[str]) -> None:
     argv = list(argv)
     for i, arg in enumerate(argv[:-1]):  # --config is a YAML file of options here too; the sharding is --sharding
         if arg == "--config" and argv[i + 1] in commands.SHARDINGS and not os.path.isfile(argv[i + 1]):
-            raise UserError(f"--config {argv[i + 1]}: --config is a YAML file of options in every command; for the "
-                            f"sharding use --sharding {argv[i + 1]}")
+            raise UserError(
+                f"--config {argv[i + 1]}: --config is a YAML file of options in every command; for the "
+                f"sharding use --sharding {argv[i + 1]}"
+            )
     cfg = parse_args(commands.PlanConfig, argv, prog="rlhfkit plan")
     commands.print_plan(commands.run_plan(cfg), cfg.json)
 
 
 THREADED = ("score", "bon", "generate", "ppo-eval", "annotate", "pipeline", "rm")  # commands that run models on the CPU
 COMMANDS: dict[str, Callable[[Sequence[str]], None]] = {
-    "rm": _rm, "score": _score, "sft": _sft, "ppo": partial(_rl, ppo_only=True), "rl": _rl, "dpo": _dpo, "bon": _bon, "generate": _generate, "ppo-eval": _ppo_eval,
-    "pipeline": _pipeline, "annotate": _annotate, "models": _models, "plan": _plan,
+    "rm": _rm,
+    "score": _score,
+    "sft": _sft,
+    "ppo": partial(_rl, ppo_only=True),
+    "rl": _rl,
+    "dpo": _dpo,
+    "bon": _bon,
+    "generate": _generate,
+    "ppo-eval": _ppo_eval,
+    "pipeline": _pipeline,
+    "annotate": _annotate,
+    "models": _models,
+    "plan": _plan,
 }
 
 

@@ -25,24 +25,45 @@ import logging
 import math
 import types
 import typing
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence, TypeVar
+from typing import Any, TypeVar
 
 import yaml
 
 from rlhfkit.errors import ConfigError, UserError
 from rlhfkit.files import read_text
 
-__all__ = ["ConfigError", "Options", "opt", "require", "from_dict", "load_yaml", "build_parser", "parse_args", "to_dict", "save_yaml"]
+__all__ = [
+    "ConfigError",
+    "Options",
+    "opt",
+    "require",
+    "from_dict",
+    "load_yaml",
+    "build_parser",
+    "parse_args",
+    "to_dict",
+    "save_yaml",
+]
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 
-def opt(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = None, ge: float | None = None,
-        gt: float | None = None, le: float | None = None, lt: float | None = None, was: Sequence[str] = (),
-        cli: bool = True) -> Any:
+def opt(
+    default: Any = dataclasses.MISSING,
+    help: str = "",
+    *,
+    factory: Any = None,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+    was: Sequence[str] = (),
+    cli: bool = True,
+) -> Any:
     """A config field: ``default`` (none = required) or ``factory``, ``help`` for ``--help``, bounds
     checked when the config is built, ``was``: earlier names still accepted, ``cli=False``: YAML and
     Python only (or a positional argument)."""
@@ -79,14 +100,20 @@ def check_fields(obj: Any) -> None:
             continue
         choices = _choices(hints[f.name])
         if choices is not None and value not in choices:
-            raise ConfigError(f"option {_flag(f.name)} got {value!r}; choose one of {', '.join(map(str, choices))}", f.name)
+            raise ConfigError(
+                f"option {_flag(f.name)} got {value!r}; choose one of {', '.join(map(str, choices))}", f.name
+            )
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             continue
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"option {_flag(f.name)} must be a finite number, got {value}", f.name)
         m = f.metadata
-        for key, ok, word in (("ge", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"),
-                              ("le", lambda v, b: v <= b, "<="), ("lt", lambda v, b: v < b, "<")):
+        for key, ok, word in (
+            ("ge", lambda v, b: v >= b, ">="),
+            ("gt", lambda v, b: v > b, ">"),
+            ("le", lambda v, b: v <= b, "<="),
+            ("lt", lambda v, b: v < b, "<"),
+        ):
             bound = m.get(key)
             if bound is not None and not ok(value, bound):
                 raise ConfigError(f"option {_flag(f.name)} must be {word} {bound}, got {value}", f.name)
@@ -151,8 +178,9 @@ def _convert(name: str, tp: Any, value: Any, where: str) -> Any:
         if origin is typing.Literal:
             choices = typing.get_args(base)
             if value not in choices:
-                raise ConfigError(f"{where}: option {_flag(name)} got {value!r}; choose one of {', '.join(map(str, choices))}",
-                                  name)
+                raise ConfigError(
+                    f"{where}: option {_flag(name)} got {value!r}; choose one of {', '.join(map(str, choices))}", name
+                )
             return value
         if dataclasses.is_dataclass(base):
             if isinstance(value, base):
@@ -173,8 +201,9 @@ def _renames(cls: type) -> dict[str, str]:
     return {old: f.name for f in dataclasses.fields(cls) for old in f.metadata.get("was", ())}
 
 
-def from_dict(cls: type[T], values: dict[str, Any], where: str = "config", *, prefix: str = "",
-              written: Sequence[str] = ()) -> T:
+def from_dict(
+    cls: type[T], values: dict[str, Any], where: str = "config", *, prefix: str = "", written: Sequence[str] = ()
+) -> T:
     """Build ``cls`` from a mapping, rejecting unknown keys and coercing types.
 
     An error about one value the user wrote in a file names it by its key, as written there
@@ -184,14 +213,17 @@ def from_dict(cls: type[T], values: dict[str, Any], where: str = "config", *, pr
     """
     hints = typing.get_type_hints(cls)
     renames = _renames(cls)
-    spelled = {renames.get(str(k).replace("-", "_"), str(k).replace("-", "_")): str(k)
-               for k in written}  # field -> the key as the user wrote it
+    spelled = {
+        renames.get(str(k).replace("-", "_"), str(k).replace("-", "_")): str(k) for k in written
+    }  # field -> the key as the user wrote it
     try:
         return _build(cls, hints, values, where)
     except ConfigError as e:
         if e.option not in spelled:  # a flag, a cross-field check, or a nested config's error, already worded
             raise ConfigError(str(e)) from None
-        message = str(e).removeprefix(f"{where}: ").replace(f"option {_flag(e.option)}", f"{prefix}{spelled[e.option]}", 1)
+        message = (
+            str(e).removeprefix(f"{where}: ").replace(f"option {_flag(e.option)}", f"{prefix}{spelled[e.option]}", 1)
+        )
         raise ConfigError(f"{where}: {message}") from None
 
 
@@ -201,17 +233,26 @@ def _build(cls: type[T], hints: dict[str, Any], values: dict[str, Any], where: s
     for old, new in _renames(cls).items():
         if old in values:
             if new in values:
-                raise ConfigError(f"{where}: options '{old}' and '{new}' are the same option ('{old}' is its old name); give one")
+                raise ConfigError(
+                    f"{where}: options '{old}' and '{new}' are the same option ('{old}' is its old name); give one"
+                )
             logger.warning("%s: option '%s' is now called '%s'; the old name still works for now", where, old, new)
             values[new] = values.pop(old)
     unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise ConfigError(f"{where}: unknown option(s) {', '.join(repr(u) for u in unknown)}. "
-                          f"Valid options: {', '.join(sorted(fields))}")
-    missing = [n for n, f in fields.items() if n not in values and f.default is dataclasses.MISSING
-               and f.default_factory is dataclasses.MISSING]
+        raise ConfigError(
+            f"{where}: unknown option(s) {', '.join(repr(u) for u in unknown)}. "
+            f"Valid options: {', '.join(sorted(fields))}"
+        )
+    missing = [
+        n
+        for n, f in fields.items()
+        if n not in values and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
     if missing:
-        raise ConfigError(f"{where}: option {_flag(missing[0])} is required ({fields[missing[0]].metadata.get('help', '')})")
+        raise ConfigError(
+            f"{where}: option {_flag(missing[0])} is required ({fields[missing[0]].metadata.get('help', '')})"
+        )
     kwargs = {k: _convert(k, hints[k], v, where) for k, v in values.items()}
     try:
         return cls(**kwargs)
@@ -251,8 +292,12 @@ def build_parser(cls: type, prog: str | None = None, description: str | None = N
             continue
         tp, _ = _unwrap_optional(hints[f.name])
         help_text = f.metadata.get("help", "")
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None  # type: ignore[misc]
+        default = (
+            f.default
+            if f.default is not dataclasses.MISSING
+            else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else None  # type: ignore[misc]
+            )
         )
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         if required:
@@ -261,22 +306,36 @@ def build_parser(cls: type, prog: str | None = None, description: str | None = N
             help_text = f"{help_text} (default: {default})"
         names = [_flag(f.name)]
         if tp is bool:
-            parser.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            parser.add_argument(
+                *names, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text
+            )
         elif typing.get_origin(tp) in (list, tuple):
             parser.add_argument(*names, dest=f.name, nargs="*", default=None, help=help_text)
         else:
             choices = _choices(tp)
-            parser.add_argument(*names, dest=f.name, default=None, choices=choices, help=help_text,
-                                metavar=f.name.upper() if not choices else None)
+            parser.add_argument(
+                *names,
+                dest=f.name,
+                default=None,
+                choices=choices,
+                help=help_text,
+                metavar=f.name.upper() if not choices else None,
+            )
         for old in f.metadata.get("was", ()):  # old flag names: accepted, not advertised
-            kind = dict(action=argparse.BooleanOptionalAction) if tp is bool else (
-                dict(nargs="*") if typing.get_origin(tp) in (list, tuple) else {})
+            kind = (
+                dict(action=argparse.BooleanOptionalAction)
+                if tp is bool
+                else (dict(nargs="*") if typing.get_origin(tp) in (list, tuple) else {})
+            )
             parser.add_argument(_flag(old), dest=f"was:{old}", default=None, help=argparse.SUPPRESS, **kind)
     return parser
 
 
 def parse_args(
-    cls: type[T], argv: Sequence[str] | None, prog: str | None = None, extra: dict[str, Any] | None = None,
+    cls: type[T],
+    argv: Sequence[str] | None,
+    prog: str | None = None,
+    extra: dict[str, Any] | None = None,
     positional: str | None = None,
 ) -> T:
     """Parse ``argv`` into ``cls``: defaults < YAML (``--config``) < ``extra`` < flags.

@@ -40,7 +40,9 @@ def physical_cores(cpuinfo: str | None = None) -> int:
     if cpuinfo is None:
         path = Path("/proc/cpuinfo")
         cpuinfo = path.read_text() if path.is_file() else ""
-    blocks = [dict(re.findall(r"^([^:\n]+?)\s*:\s*(.*)$", b, flags=re.M)) for b in cpuinfo.split("\n\n") if "processor" in b]
+    blocks = [
+        dict(re.findall(r"^([^:\n]+?)\s*:\s*(.*)$", b, flags=re.M)) for b in cpuinfo.split("\n\n") if "processor" in b
+    ]
     cores = {(b.get("physical id"), b.get("core id")) for b in blocks if "core id" in b}
     usable = usable_cpus()
     if not cores:
@@ -91,8 +93,9 @@ class ThreadChoice:
     reason: str
 
 
-def choose_threads(requested: int | None, cores: int, busy: float, local_processes: int = 1,
-                   env_threads: str | None = None) -> ThreadChoice:
+def choose_threads(
+    requested: int | None, cores: int, busy: float, local_processes: int = 1, env_threads: str | None = None
+) -> ThreadChoice:
     """``requested`` (``--threads``) as given; else ``OMP_NUM_THREADS`` (``env_threads``) when the
     user set it to a positive integer; else one per physical core (shared out among the
     processes of a multi-process run on this machine), less the cores other processes keep
@@ -102,7 +105,11 @@ def choose_threads(requested: int | None, cores: int, busy: float, local_process
     if env_threads is not None and env_threads.strip().isdigit() and int(env_threads) >= 1:
         return ThreadChoice(int(env_threads), "OMP_NUM_THREADS")
     share = max(1, cores // max(1, local_processes))
-    why = f"one per physical core ({cores})" if local_processes == 1 else f"{cores} physical core(s) for {local_processes} processes"
+    why = (
+        f"one per physical core ({cores})"
+        if local_processes == 1
+        else f"{cores} physical core(s) for {local_processes} processes"
+    )
     taken = int(busy + 0.5)
     if taken <= 0:
         return ThreadChoice(share, why)

@@ -50,7 +50,9 @@ def _writable_parent(path: Path, option: str) -> None:
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():
-        raise UserError(f"{option} {path}: {existing} is a file, so no folder can be made under it; choose another path")
+        raise UserError(
+            f"{option} {path}: {existing} is a file, so no folder can be made under it; choose another path"
+        )
     if not _can_write_in(existing):
         raise UserError(f"{option} {path}: {existing} is not writable; choose a folder you can write to")
 

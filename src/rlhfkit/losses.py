@@ -51,9 +51,7 @@ def _reduce(per_item: Tensor, include: Tensor, reduction: str, fn: str) -> Tenso
         return per_item
     if reduction == "mean":
         return masked_mean(per_item, include)  # per-list mean: each list weighs the same
-    raise ValueError(
-        f"{fn}: reduction={reduction!r} is not supported; use one of {', '.join(REDUCTIONS)}."
-    )
+    raise ValueError(f"{fn}: reduction={reduction!r} is not supported; use one of {', '.join(REDUCTIONS)}.")
 
 
 def _check_lists(fn: str, scores: Tensor, list_mask: Tensor, ranks: Tensor | None = None) -> Tensor:
@@ -67,8 +65,7 @@ def _check_lists(fn: str, scores: Tensor, list_mask: Tensor, ranks: Tensor | Non
     for name, t in named.items():
         if t.shape != scores.shape:
             raise ValueError(
-                f"{fn}: {name} has shape {tuple(t.shape)} but scores has "
-                f"{tuple(scores.shape)}; both must be (B, K)."
+                f"{fn}: {name} has shape {tuple(t.shape)} but scores has {tuple(scores.shape)}; both must be (B, K)."
             )
     return list_mask.to(torch.bool)
 
@@ -91,8 +88,7 @@ def _pair_diffs(scores: Tensor, margins: Tensor | None, fn: str) -> Tensor:
         return diff
     if margins.shape != scores.shape[:1]:
         raise ValueError(
-            f"{fn}: margins must be one value per list, shape ({scores.shape[0]},); got "
-            f"{tuple(margins.shape)}."
+            f"{fn}: margins must be one value per list, shape ({scores.shape[0]},); got {tuple(margins.shape)}."
         )
     return diff - margins.to(scores.dtype)[:, None, None]
 
@@ -305,8 +301,7 @@ def binary_loss(scores: Tensor, labels: Tensor, reduction: str = "mean") -> Tens
     """
     if scores.shape != labels.shape or scores.dim() != 1:
         raise ValueError(
-            f"binary_loss: scores and labels must both be (N,); got {tuple(scores.shape)} "
-            f"and {tuple(labels.shape)}."
+            f"binary_loss: scores and labels must both be (N,); got {tuple(scores.shape)} and {tuple(labels.shape)}."
         )
     labels = labels.to(scores.dtype)
     bad = (labels < 0) | (labels > 1) | torch.isnan(labels)
@@ -330,8 +325,7 @@ def mse_loss(scores: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor
     """
     if scores.shape != targets.shape or scores.dim() != 1:
         raise ValueError(
-            f"mse_loss: scores and targets must both be (N,); got {tuple(scores.shape)} "
-            f"and {tuple(targets.shape)}."
+            f"mse_loss: scores and targets must both be (N,); got {tuple(scores.shape)} and {tuple(targets.shape)}."
         )
     per_item = (scores - targets.to(scores.dtype)) ** 2
     return _reduce(per_item, torch.ones_like(per_item, dtype=torch.bool), reduction, "mse_loss")

@@ -17,8 +17,9 @@ always for ``messages`` prompts. Two details matter downstream:
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -32,8 +33,20 @@ from rlhfkit.models.policy import forward_accepts
 from rlhfkit.models.tokenizers import eos_token_ids
 from rlhfkit.ops import tempered
 
-__all__ = ["SamplingOptions", "SamplingSettings", "render_prompt", "encode_queries", "CategoricalSampler", "shared_prompt_cache", "sample", "response_mask_from_eos",
-           "decode_responses", "Samples", "iter_samples", "sample_texts"]
+__all__ = [
+    "SamplingOptions",
+    "SamplingSettings",
+    "render_prompt",
+    "encode_queries",
+    "CategoricalSampler",
+    "shared_prompt_cache",
+    "sample",
+    "response_mask_from_eos",
+    "decode_responses",
+    "Samples",
+    "iter_samples",
+    "sample_texts",
+]
 
 
 @dataclass
@@ -56,8 +69,11 @@ class SamplingOptions(Options):
     temperature: float = opt(1.0, "sampling temperature (0 = greedy)", ge=0)
     top_k: int = opt(0, "top-k filter, 0 = off", ge=0)
     top_p: float = opt(1.0, "nucleus filter, 1 = off", gt=0, le=1)
-    chat_template: bool | None = opt(None, "render prompts with the policy's chat template (default: when its tokenizer "
-                                           "has one; 'messages' prompts always use it)")
+    chat_template: bool | None = opt(
+        None,
+        "render prompts with the policy's chat template (default: when its tokenizer "
+        "has one; 'messages' prompts always use it)",
+    )
 
     def settings(self) -> SamplingSettings:
         return SamplingSettings(self.max_new_tokens, self.temperature, self.top_k, self.top_p, self.max_prompt_length)
@@ -69,8 +85,10 @@ def render_prompt(tokenizer: Any, prompt: Prompt, chat: bool) -> str:
     if prompt.messages is None and not chat:
         return prompt.text
     if not tokenizer.chat_template:
-        raise UserError("a prompt has 'messages' (a chat), but the policy's tokenizer has no chat template; "
-                        "give plain 'prompt' rows instead")
+        raise UserError(
+            "a prompt has 'messages' (a chat), but the policy's tokenizer has no chat template; "
+            "give plain 'prompt' rows instead"
+        )
     messages = list(prompt.messages or ({"role": "user", "content": prompt.text},))
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
@@ -89,8 +107,8 @@ def encode_queries(tokenizer: Any, texts: Sequence[str], max_prompt_length: int,
     query_ids = torch.full((len(ids), P), tokenizer.pad_token_id, dtype=torch.long)
     query_mask = torch.zeros((len(ids), P), dtype=torch.long)
     for row, seq in enumerate(ids):
-        query_ids[row, P - len(seq):] = torch.tensor(seq)
-        query_mask[row, P - len(seq):] = 1
+        query_ids[row, P - len(seq) :] = torch.tensor(seq)
+        query_mask[row, P - len(seq) :] = 1
     return query_ids, query_mask
 
 
@@ -117,7 +135,9 @@ class LogprobRecorder(LogitsProcessor):
 
     def logprobs(self, response_ids: Tensor) -> Tensor:
         """``(M, N)`` log-probs of ``response_ids`` (the last step's token gathered here)."""
-        steps = self.steps + [self.previous.gather(1, response_ids[:, len(self.steps):len(self.steps) + 1]).squeeze(1)]
+        steps = self.steps + [
+            self.previous.gather(1, response_ids[:, len(self.steps) : len(self.steps) + 1]).squeeze(1)
+        ]
         return torch.stack(steps[: response_ids.shape[1]], dim=1)
 
 
@@ -140,8 +160,9 @@ class CategoricalSampler(LogitsProcessor):
 
     def __init__(self, settings: SamplingSettings, recorder: LogprobRecorder | None = None):
         self.temperature = settings.temperature
-        self.filters = ([TopKLogitsWarper(settings.top_k)] if settings.top_k > 0 else []) + \
-                       ([TopPLogitsWarper(settings.top_p)] if settings.top_p < 1 else [])  # generate's order
+        self.filters = ([TopKLogitsWarper(settings.top_k)] if settings.top_k > 0 else []) + (
+            [TopPLogitsWarper(settings.top_p)] if settings.top_p < 1 else []
+        )  # generate's order
         self.recorder = recorder  # its log-softmax of this step, reused when nothing is filtered
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
@@ -175,7 +196,7 @@ def shared_prompt_cache(model: Any, query_ids: Tensor, query_mask: Tensor) -> di
     unique, inverse = torch.unique(rows, dim=0, return_inverse=True)  # (U, 2P), (M,)
     if len(unique) == len(rows) or P < 2:
         return {}
-    ids, mask = unique[:, : P - 1], unique[:, P:2 * P - 1]  # (U, P - 1): all but the last prompt token
+    ids, mask = unique[:, : P - 1], unique[:, P : 2 * P - 1]  # (U, P - 1): all but the last prompt token
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # as generate numbers left-padded rows
     name = "cache" if forward_accepts(model, "cache") else "past_key_values"  # transformers 5 / earlier
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
@@ -187,8 +208,15 @@ def shared_prompt_cache(model: Any, query_ids: Tensor, query_mask: Tensor) -> di
 
 
 @torch.no_grad()
-def sample(model: Any, tokenizer: Any, query_ids: Tensor, query_mask: Tensor, settings: SamplingSettings,
-           eos_ids: Sequence[int], with_logprobs: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+def sample(
+    model: Any,
+    tokenizer: Any,
+    query_ids: Tensor,
+    query_mask: Tensor,
+    settings: SamplingSettings,
+    eos_ids: Sequence[int],
+    with_logprobs: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """Sample ``response_ids (M, N)`` with the KV cache; every token after a row's EOS is pad.
 
     ``N <= max_new_tokens``: generation stops when every row has ended. ``temperature`` 0 is
@@ -202,16 +230,24 @@ def sample(model: Any, tokenizer: Any, query_ids: Tensor, query_mask: Tensor, se
     if settings.temperature > 0:  # generate runs greedily over the sampler's choice
         processors.append(CategoricalSampler(settings, recorder))
     out = model.generate(
-        input_ids=query_ids, attention_mask=query_mask, max_new_tokens=settings.max_new_tokens, min_new_tokens=0,
-        eos_token_id=list(eos_ids), pad_token_id=tokenizer.pad_token_id, use_cache=True, do_sample=False,
-        temperature=None, top_k=None, top_p=None,  # not the model's generation-config defaults: none apply greedily
+        input_ids=query_ids,
+        attention_mask=query_mask,
+        max_new_tokens=settings.max_new_tokens,
+        min_new_tokens=0,
+        eos_token_id=list(eos_ids),
+        pad_token_id=tokenizer.pad_token_id,
+        use_cache=True,
+        do_sample=False,
+        temperature=None,
+        top_k=None,
+        top_p=None,  # not the model's generation-config defaults: none apply greedily
         logits_processor=LogitsProcessorList(processors) if processors else None,
         **shared_prompt_cache(model, query_ids, query_mask),
     )
-    response_ids = out[:, query_ids.shape[1]:]  # (M, N)
+    response_ids = out[:, query_ids.shape[1] :]  # (M, N)
     mask, _ = response_mask_from_eos(response_ids, eos_ids)
     response_ids = torch.where(mask.bool(), response_ids, torch.full_like(response_ids, tokenizer.pad_token_id))
-    return (response_ids, recorder.logprobs(out[:, query_ids.shape[1]:])) if recorder is not None else response_ids
+    return (response_ids, recorder.logprobs(out[:, query_ids.shape[1] :])) if recorder is not None else response_ids
 
 
 def response_mask_from_eos(response_ids: Tensor, eos_ids: Sequence[int]) -> tuple[Tensor, Tensor]:
@@ -245,32 +281,58 @@ class Samples:
     responses: list[str]  # (B,)
 
 
-def iter_samples(model: Any, tokenizer: Any, prompts: Sequence[Prompt], n: int, settings: SamplingSettings, *,
-                 chat: bool, batch_size: int = 16) -> Iterator[Samples]:
+def iter_samples(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[Prompt],
+    n: int,
+    settings: SamplingSettings,
+    *,
+    chat: bool,
+    batch_size: int = 16,
+) -> Iterator[Samples]:
     """``n`` responses to each prompt through :func:`sample`, in batches of ``batch_size`` rows (prompt ``i``'s first)."""
     eos_ids = eos_token_ids(model, tokenizer)
     chat = chat or any(p.messages is not None for p in prompts)  # one format for every prompt
     flat = [p for p in prompts for _ in range(n)]  # (P * n,) prompt-major
     device = next(model.parameters()).device
     for start in range(0, len(flat), batch_size):
-        chunk = flat[start:start + batch_size]
+        chunk = flat[start : start + batch_size]
         rendered = [render_prompt(tokenizer, p, chat) for p in chunk]
         query_ids, query_mask = encode_queries(tokenizer, rendered, settings.max_prompt_length, chat)
         query_ids, query_mask = query_ids.to(device), query_mask.to(device)
         response_ids = sample(model, tokenizer, query_ids, query_mask, settings, eos_ids)
         response_mask, _ = response_mask_from_eos(response_ids, eos_ids)
-        yield Samples(chunk, query_ids, query_mask, response_ids, response_mask,
-                      decode_responses(tokenizer, response_ids, response_mask, eos_ids))
+        yield Samples(
+            chunk,
+            query_ids,
+            query_mask,
+            response_ids,
+            response_mask,
+            decode_responses(tokenizer, response_ids, response_mask, eos_ids),
+        )
 
 
-def sample_texts(model: Any, tokenizer: Any, prompts: Sequence[Prompt], n: int, settings: SamplingSettings, *,
-                 chat: bool, batch_size: int = 16, seed: int | None = None) -> list[list[str]]:
+def sample_texts(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[Prompt],
+    n: int,
+    settings: SamplingSettings,
+    *,
+    chat: bool,
+    batch_size: int = 16,
+    seed: int | None = None,
+) -> list[list[str]]:
     """``n`` responses to each prompt, ``result[i][j]``, decoded (:func:`iter_samples`). With
     ``seed`` the samples are reproducible and the global RNG is left as it was."""
     device = next(model.parameters()).device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], enabled=seed is not None):
         if seed is not None:
             torch.manual_seed(seed)
-        texts = [t for s in iter_samples(model, tokenizer, prompts, n, settings, chat=chat, batch_size=batch_size)
-                 for t in s.responses]
-    return [texts[i * n:(i + 1) * n] for i in range(len(prompts))]
+        texts = [
+            t
+            for s in iter_samples(model, tokenizer, prompts, n, settings, chat=chat, batch_size=batch_size)
+            for t in s.responses
+        ]
+    return [texts[i * n : (i + 1) * n] for i in range(len(prompts))]

@@ -18,8 +18,9 @@ import math
 import os
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 
@@ -42,8 +43,9 @@ class Progress:
     left out of the rate.
     """
 
-    def __init__(self, total: int, desc: str, unit: str = "step", initial: int = 0, enabled: bool = True,
-                 estimate_after: int = 3):
+    def __init__(
+        self, total: int, desc: str, unit: str = "step", initial: int = 0, enabled: bool = True, estimate_after: int = 3
+    ):
         from tqdm.auto import tqdm
 
         self.bar = tqdm(total=total, initial=initial, disable=not enabled, desc=desc, unit=unit, dynamic_ncols=True)
@@ -59,8 +61,10 @@ class Progress:
         left = (stop_at if stop_at is not None else self.total) - self.done
         if len(self._marks) == self.estimate_after and left > 0 and self.enabled:
             per = (self._marks[-1] - self._marks[0]) / (self.estimate_after - 1)
-            self.write(f"{self.desc}: {per:.1f} s per {self.unit}; about {duration(per * left)} left for the "
-                       f"remaining {left} {plural(self.unit, left)}")
+            self.write(
+                f"{self.desc}: {per:.1f} s per {self.unit}; about {duration(per * left)} left for the "
+                f"remaining {left} {plural(self.unit, left)}"
+            )
 
     def set_postfix(self, **values) -> None:
         self.bar.set_postfix(**values)
@@ -79,9 +83,15 @@ def duration(seconds: float) -> str:
 
 
 # --report-to: tracker -> (the module it needs, the pip extra that installs it; None: a dependency already)
-TRACKERS = {"tensorboard": ("tensorboard", None), "wandb": ("wandb", "wandb"), "mlflow": ("mlflow", "mlflow"),
-            "trackio": ("trackio", "trackio")}
-PROJECT = "rlhfkit"  # wandb project, mlflow experiment, trackio project, unless their environment variables say otherwise
+TRACKERS = {
+    "tensorboard": ("tensorboard", None),
+    "wandb": ("wandb", "wandb"),
+    "mlflow": ("mlflow", "mlflow"),
+    "trackio": ("trackio", "trackio"),
+}
+PROJECT = (
+    "rlhfkit"  # wandb project, mlflow experiment, trackio project, unless their environment variables say otherwise
+)
 
 
 def parse_report_to(value: list[str]) -> list[str]:
@@ -92,11 +102,17 @@ def parse_report_to(value: list[str]) -> list[str]:
     unknown = [n for n in names if n not in TRACKERS and n != "none"]
     if not names or unknown:
         what = f"unknown tracker {unknown[0]!r}" if unknown else "no tracker"
-        raise ConfigError(f"option --report-to got {given!r}: {what}; choose from {choices} "
-                          "(several comma-separated: --report-to wandb,mlflow)", "report_to")
+        raise ConfigError(
+            f"option --report-to got {given!r}: {what}; choose from {choices} "
+            "(several comma-separated: --report-to wandb,mlflow)",
+            "report_to",
+        )
     if "none" in names and len(names) > 1:
-        raise ConfigError(f"option --report-to got {given!r}: 'none' means no tracker, so it cannot be combined with "
-                          "others; give --report-to none alone, or only the trackers you want", "report_to")
+        raise ConfigError(
+            f"option --report-to got {given!r}: 'none' means no tracker, so it cannot be combined with "
+            "others; give --report-to none alone, or only the trackers you want",
+            "report_to",
+        )
     return names
 
 
@@ -109,8 +125,11 @@ def check_installed(names: list[str]) -> None:
         module, extra = TRACKERS[name]
         if not _installed(module):
             fix = f"pip install 'rlhfkit[{extra}]'" if extra else f"pip install {module}"
-            raise ConfigError(f"option --report-to {name}: the {name} package is not installed; install it with {fix}, "
-                              f"or leave {name} out of --report-to", "report_to")
+            raise ConfigError(
+                f"option --report-to {name}: the {name} package is not installed; install it with {fix}, "
+                f"or leave {name} out of --report-to",
+                "report_to",
+            )
 
 
 def _installed(module: str) -> bool:
@@ -136,7 +155,7 @@ def flat_config(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-_OPEN: list["MetricsLogger"] = []  # loggers whose trackers are running (one run at a time)
+_OPEN: list[MetricsLogger] = []  # loggers whose trackers are running (one run at a time)
 
 
 class MetricsLogger:
@@ -152,9 +171,16 @@ class MetricsLogger:
     failed when the next one opens or when the process exits.
     """
 
-    def __init__(self, out_dir: str | Path, enabled: bool = True, resume_step: int | None = None,
-                 report_to: Iterable[str] = ("tensorboard",), run_name: str | None = None,
-                 config: dict[str, Any] | None = None, cuda_memory: bool = False):
+    def __init__(
+        self,
+        out_dir: str | Path,
+        enabled: bool = True,
+        resume_step: int | None = None,
+        report_to: Iterable[str] = ("tensorboard",),
+        run_name: str | None = None,
+        config: dict[str, Any] | None = None,
+        cuda_memory: bool = False,
+    ):
         self.enabled = enabled
         self.cuda_memory = cuda_memory  # add memory/peak_gib: the most GPU memory this process has held so far
         self.path = Path(out_dir) / "metrics.jsonl"
@@ -193,8 +219,11 @@ class MetricsLogger:
             if name == "tensorboard":  # OUT/tensorboard, as before --report-to existed
                 tracker = tracking.TensorBoardTracker("tensorboard", out, purge_step=resume_step)
             elif name == "wandb":  # WANDB_MODE, WANDB_ENTITY, WANDB_RUN_GROUP, WANDB_TAGS, ...: wandb reads them itself
-                kwargs = {arg: value for arg, value in (("name", run_name), ("dir", str(out)))
-                          if f"WANDB_{arg.upper()}" not in os.environ}
+                kwargs = {
+                    arg: value
+                    for arg, value in (("name", run_name), ("dir", str(out)))
+                    if f"WANDB_{arg.upper()}" not in os.environ
+                }
                 tracker = tracking.WandBTracker(os.environ.get("WANDB_PROJECT", PROJECT), **kwargs)
             elif name == "mlflow":  # MLFLOW_EXPERIMENT_NAME, MLFLOW_RUN_ID, MLFLOW_TAGS: read by accelerate's tracker
                 artifacts = None
@@ -210,14 +239,18 @@ class MetricsLogger:
             else:  # trackio: TRACKIO_DIR (default: the Hugging Face cache), TRACKIO_SPACE_ID, TRACKIO_SERVER_URL
                 # The config goes to init: accelerate's store_init_configuration would call dict.update(...,
                 # allow_val_change=True) on trackio's plain dict, adding that keyword to the config as a key.
-                tracker = tracking.TrackioTracker(os.environ.get("TRACKIO_PROJECT", PROJECT), name=run_name,
-                                                  config=hparams)
+                tracker = tracking.TrackioTracker(
+                    os.environ.get("TRACKIO_PROJECT", PROJECT), name=run_name, config=hparams
+                )
             tracker.start()
             if name != "trackio":
                 tracker.store_init_configuration(hparams)
         except Exception as e:  # not logged in, a server out of reach, a broken install: say which tracker
-            raise ConfigError(f"option --report-to {name}: {name} did not start ({type(e).__name__}: {e}); "
-                              "docs/tracking.md lists the environment variables it reads", "report_to") from e
+            raise ConfigError(
+                f"option --report-to {name}: {name} did not start ({type(e).__name__}: {e}); "
+                "docs/tracking.md lists the environment variables it reads",
+                "report_to",
+            ) from e
         return tracker
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
@@ -238,8 +271,15 @@ class MetricsLogger:
                 tracker.log(numbers, step=step)
             except Exception as e:  # a tracker's outage must not end the run: metrics.jsonl has every row
                 self._failed_log.add(tracker.name)
-                logger.warning("--report-to %s: logging failed at step %d (%s: %s); the run goes on without it, "
-                               "and %s has every row", tracker.name, step, type(e).__name__, e, self.path)
+                logger.warning(
+                    "--report-to %s: logging failed at step %d (%s: %s); the run goes on without it, "
+                    "and %s has every row",
+                    tracker.name,
+                    step,
+                    type(e).__name__,
+                    e,
+                    self.path,
+                )
 
     def close(self, failed: bool = False) -> None:
         """Finish the trackers (``failed``: mark their runs failed, where they keep a status)."""
@@ -291,7 +331,9 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
-def plot_curves(rows: Iterable[dict[str, Any]], panels: list[tuple[str, list[str]]], path: str | Path, title: str = "") -> Path:
+def plot_curves(
+    rows: Iterable[dict[str, Any]], panels: list[tuple[str, list[str]]], path: str | Path, title: str = ""
+) -> Path:
     """One subplot per (title, [metric keys]) panel, metric vs step; saved as PNG."""
     import matplotlib
 

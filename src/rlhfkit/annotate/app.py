@@ -90,7 +90,8 @@ class BodyLimitMiddleware:
             await self.app(scope, receive, send)
             return
         too_big = _error(
-            413, "body_too_large",
+            413,
+            "body_too_large",
             f"the request body is larger than the {self.max_bytes} bytes this server accepts; send less text",
         )
         length = dict(scope["headers"]).get(b"content-length")
@@ -165,13 +166,15 @@ def ranks_from_groups(groups: list[list[int]], k: int, allow_ties: bool) -> list
     flat = [i for group in groups for i in group]
     if any(not group for group in groups) or sorted(flat) != list(range(k)):
         raise ApiError(
-            422, "invalid_ranking",
+            422,
+            "invalid_ranking",
             f"'ranking' must list each of the {k} shown responses (indices 0..{k - 1}) exactly once, "
             f"as groups best first like {[[i] for i in range(k)]}; got {groups}",
         )
     if len(groups) != k and not allow_ties:
         raise ApiError(
-            422, "ties_not_allowed",
+            422,
+            "ties_not_allowed",
             f"this task does not allow ties, but 'ranking' {groups} puts several responses in one group; "
             f"give every response its own group (restart the server with --allow-ties to allow ties)",
         )
@@ -189,16 +192,32 @@ def groups_from_ranks(ranks: tuple[int, ...]) -> list[list[int]]:
 
 
 def _task(s: GenerationSet, allow_ties: bool) -> dict:
-    return {"status": "ready", "set_id": s.id, "prompt_id": s.prompt_id, "prompt": s.prompt,
-            "responses": list(s.responses), "k": s.k, "allow_ties": allow_ties, "model": s.model}
+    return {
+        "status": "ready",
+        "set_id": s.id,
+        "prompt_id": s.prompt_id,
+        "prompt": s.prompt,
+        "responses": list(s.responses),
+        "k": s.k,
+        "allow_ties": allow_ties,
+        "model": s.model,
+    }
 
 
 def _ranking_json(r: Ranking, user: User) -> dict:
     return {
-        "id": r.id, "set_id": r.set_id, "prompt_id": r.prompt_id, "prompt": r.prompt,
-        "responses": list(r.responses), "ranks": list(r.ranks), "ranking": groups_from_ranks(r.ranks),
-        "comment": r.comment, "annotator": r.annotator, "created_at": r.created_at,
-        "updated_at": r.updated_at, "deleted": r.deleted_at is not None,
+        "id": r.id,
+        "set_id": r.set_id,
+        "prompt_id": r.prompt_id,
+        "prompt": r.prompt,
+        "responses": list(r.responses),
+        "ranks": list(r.ranks),
+        "ranking": groups_from_ranks(r.ranks),
+        "comment": r.comment,
+        "annotator": r.annotator,
+        "created_at": r.created_at,
+        "updated_at": r.updated_at,
+        "deleted": r.deleted_at is not None,
         "can_edit": user.is_admin or r.user_id == user.id,
     }
 
@@ -208,9 +227,12 @@ def current_user(request: Request) -> User:
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if not header:
-        raise ApiError(401, "missing_token",
-                       "this request needs 'Authorization: Bearer <token>'; get a token with "
-                       "'rlhfkit annotate add-user NAME --db ...'")
+        raise ApiError(
+            401,
+            "missing_token",
+            "this request needs 'Authorization: Bearer <token>'; get a token with "
+            "'rlhfkit annotate add-user NAME --db ...'",
+        )
     if scheme.lower() != "bearer" or not token.strip():
         raise ApiError(401, "invalid_token", "the Authorization header must be 'Bearer <token>'")
     user = request.app.state.store.user_for_token(token.strip())
@@ -277,16 +299,21 @@ def create_app(
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
         if any(e.get("type") == "json_invalid" or tuple(e.get("loc", ())) == ("body",) for e in errors):
-            return _error(400, "invalid_json",
-                          "the request body must be one JSON object, sent with Content-Type: application/json")
+            return _error(
+                400,
+                "invalid_json",
+                "the request body must be one JSON object, sent with Content-Type: application/json",
+            )
         parts = [f"{'.'.join(str(x) for x in e.get('loc', ()))}: {e.get('msg')}" for e in errors]
         return _error(422, "invalid_request", "; ".join(parts))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        message = {404: f"there is no page or endpoint at {request.url.path}",
-                   405: f"{request.method} is not allowed on {request.url.path}"}.get(exc.status_code, str(exc.detail))
+        message = {
+            404: f"there is no page or endpoint at {request.url.path}",
+            405: f"{request.method} is not allowed on {request.url.path}",
+        }.get(exc.status_code, str(exc.detail))
         return _error(exc.status_code, code, message, headers=getattr(exc, "headers", None))
 
     def owned_ranking(ranking_id: int, user: User) -> Ranking:
@@ -294,7 +321,9 @@ def create_app(
         if ranking is None:
             raise ApiError(404, "unknown_ranking", f"ranking {ranking_id} does not exist")
         if not user.is_admin and ranking.user_id != user.id:
-            raise ApiError(403, "forbidden", f"ranking {ranking_id} belongs to another annotator; you can only change your own")
+            raise ApiError(
+                403, "forbidden", f"ranking {ranking_id} belongs to another annotator; you can only change your own"
+            )
         return ranking
 
     def get_set(set_id: int) -> GenerationSet:
@@ -327,8 +356,14 @@ def create_app(
 
     @app.get("/api/me")
     def me(user: Auth) -> dict:
-        return {"name": user.name, "is_admin": user.is_admin, "k": k, "allow_ties": allow_ties,
-                "model": generator.name, "prompts": store.count_prompts()}
+        return {
+            "name": user.name,
+            "is_admin": user.is_admin,
+            "k": k,
+            "allow_ties": allow_ties,
+            "model": generator.name,
+            "prompts": store.count_prompts(),
+        }
 
     @app.get("/api/next")
     def next_set(
@@ -343,13 +378,19 @@ def create_app(
                 return JSONResponse(_task(s, allow_ties))
             fresh = store.pool_prompts_without_sets(1)
             if not fresh:
-                return JSONResponse({"status": "empty", "message": (
-                    "no pool prompt is waiting for you: rank a random prompt or type one")})
+                return JSONResponse(
+                    {
+                        "status": "empty",
+                        "message": ("no pool prompt is waiting for you: rank a random prompt or type one"),
+                    }
+                )
             prompt = fresh[0]
         elif prompt_id is None:
             prompt = store.random_pool_prompt()
             if prompt is None:
-                raise ApiError(404, "no_prompts", "the prompt pool is empty; start the server with --prompts or type a prompt")
+                raise ApiError(
+                    404, "no_prompts", "the prompt pool is empty; start the server with --prompts or type a prompt"
+                )
         else:
             prompt = store.get_prompt(prompt_id)
             if prompt is None:
@@ -363,11 +404,19 @@ def create_app(
             return JSONResponse(_task(s, allow_ties))
         error = pregen.pop_error(prompt.id)
         if error is not None:
-            raise ApiError(503, "generation_failed", f"generating responses for prompt {prompt.id} failed ({error}); "
-                                                     f"ask again to retry")
+            raise ApiError(
+                503,
+                "generation_failed",
+                f"generating responses for prompt {prompt.id} failed ({error}); ask again to retry",
+            )
         return JSONResponse(
-            {"status": "generating", "prompt_id": prompt.id, "prompt": prompt.text,
-             "queue_position": pregen.position(prompt.id), "message": "generating responses; ask again shortly"},
+            {
+                "status": "generating",
+                "prompt_id": prompt.id,
+                "prompt": prompt.text,
+                "queue_position": pregen.position(prompt.id),
+                "message": "generating responses; ask again shortly",
+            },
             status_code=202,
         )
 
@@ -376,8 +425,10 @@ def create_app(
         if not body.text.strip():
             raise ApiError(422, "invalid_prompt", "the prompt is empty; type some text")
         prompt, created = store.add_typed_prompt(body.text, user.id)
-        return JSONResponse({"prompt_id": prompt.id, "prompt": prompt.text, "source": prompt.source},
-                            status_code=201 if created else 200)
+        return JSONResponse(
+            {"prompt_id": prompt.id, "prompt": prompt.text, "source": prompt.source},
+            status_code=201 if created else 200,
+        )
 
     @app.post("/api/rankings", status_code=201)
     def submit(body: RankingIn, user: Auth) -> dict:
@@ -418,10 +469,21 @@ def create_app(
         deleted: bool = False,
     ) -> dict:
         filters = _filters(user, annotator, prompt_id)
-        rows, total = store.list_rankings(**filters, prompt_id=prompt_id, prompt_contains=prompt, deleted=deleted,
-                                          limit=per_page, offset=(page - 1) * per_page)
-        return {"items": [_ranking_json(r, user) for r in rows], "total": total, "page": page,
-                "per_page": per_page, "pages": max(1, -(-total // per_page))}
+        rows, total = store.list_rankings(
+            **filters,
+            prompt_id=prompt_id,
+            prompt_contains=prompt,
+            deleted=deleted,
+            limit=per_page,
+            offset=(page - 1) * per_page,
+        )
+        return {
+            "items": [_ranking_json(r, user) for r in rows],
+            "total": total,
+            "page": page,
+            "per_page": per_page,
+            "pages": max(1, -(-total // per_page)),
+        }
 
     @app.get("/api/rankings/{ranking_id}")
     def get_ranking(ranking_id: RowId, user: Auth) -> dict:
@@ -478,7 +540,10 @@ def create_app(
                 raise ApiError(422, "cannot_export", str(e)) from None
             content = path.read_bytes()
         media = "text/tab-separated-values" if format == "tsv" else "application/x-ndjson"
-        return Response(content, media_type=f"{media}; charset=utf-8",
-                        headers={"Content-Disposition": f'attachment; filename="annotations.{format}"'})
+        return Response(
+            content,
+            media_type=f"{media}; charset=utf-8",
+            headers={"Content-Disposition": f'attachment; filename="annotations.{format}"'},
+        )
 
     return app

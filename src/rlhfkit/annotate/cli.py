@@ -15,9 +15,10 @@ import logging
 import socket
 import sqlite3
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal
 
 from rlhfkit.annotate.store import AnnotationStore, export_rankings
 from rlhfkit.cli import main as rlhfkit_main
@@ -36,16 +37,21 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 class ServeArgs(Options):
     """Serve the rank-list annotation app."""
 
-    policy: str = opt("smollm2-135m", "policy that writes the responses to rank: alias, checkpoint folder or hub id",
-                      was=("model",))
-    prompts: str | None = opt(None, "prompt pool to add: a text file (one prompt per line) or JSONL with a 'prompt' key")
+    policy: str = opt(
+        "smollm2-135m", "policy that writes the responses to rank: alias, checkpoint folder or hub id", was=("model",)
+    )
+    prompts: str | None = opt(
+        None, "prompt pool to add: a text file (one prompt per line) or JSONL with a 'prompt' key"
+    )
     db: str = opt("annotations.db", "SQLite database (created if missing)")
     samples_per_prompt: int = opt(4, "responses per prompt to rank (a rank list needs 2 or more)", ge=2, was=("k",))
     host: str = opt("127.0.0.1", "address to bind; anything but loopback exposes the server")
     port: int = opt(8904, "port to bind (0: any free port)", ge=0, le=65535)
     allow_ties: bool = opt(False, "let annotators tie responses")
     max_new_tokens: int = opt(MAX_NEW_TOKENS, "tokens per generated response at most", ge=1)
-    temperature: float = opt(1.0, "sampling temperature (> 0, or the responses to a prompt would all be the same)", gt=0)
+    temperature: float = opt(
+        1.0, "sampling temperature (> 0, or the responses to a prompt would all be the same)", gt=0
+    )
     top_p: float = opt(1.0, "nucleus sampling threshold, in (0, 1]", gt=0, le=1)
     overlap: int = opt(2, "annotators the pool order gives each generation set to (2+ measures agreement)", ge=1)
     prefetch: int = opt(4, "generation sets kept ready ahead of the fastest annotator", ge=0)
@@ -111,8 +117,10 @@ def bind_port(host: str, port: int) -> socket.socket:
     except OSError as e:
         sock.close()
         if e.errno == errno.EADDRINUSE:
-            raise UserError(f"port {port} on {host} is already in use (is another server running?); stop it or "
-                            f"choose a free port with --port, e.g. --port {port + 1 if port < 65535 else port - 1}") from None
+            raise UserError(
+                f"port {port} on {host} is already in use (is another server running?); stop it or "
+                f"choose a free port with --port, e.g. --port {port + 1 if port < 65535 else port - 1}"
+            ) from None
         raise UserError(f"cannot listen on {host}:{port} ({e.strerror}); check --host and --port") from None
     return sock
 
@@ -130,19 +138,33 @@ def serve(args: ServeArgs) -> int:
         try:
             if prompts:
                 added = store.add_prompts(prompts)
-                print(f"added {added} new prompt(s) from {args.prompts}; the pool holds {store.count_prompts()['pool']}",
-                      flush=True)
+                print(
+                    f"added {added} new prompt(s) from {args.prompts}; the pool holds {store.count_prompts()['pool']}",
+                    flush=True,
+                )
             if not store.users():
-                print(f"no users yet: create one with 'rlhfkit annotate add-user NAME --db {args.db}' "
-                      f"(add --admin for an admin)", flush=True)
+                print(
+                    f"no users yet: create one with 'rlhfkit annotate add-user NAME --db {args.db}' "
+                    f"(add --admin for an admin)",
+                    flush=True,
+                )
             if args.host not in LOOPBACK:
-                logger.warning("binding to %s exposes the server beyond this machine; tokens travel as plain HTTP, "
-                               "so put a TLS proxy in front", args.host)
+                logger.warning(
+                    "binding to %s exposes the server beyond this machine; tokens travel as plain HTTP, "
+                    "so put a TLS proxy in front",
+                    args.host,
+                )
             print(f"loading {args.policy}...", flush=True)
-            generator = ModelGenerator(args.policy, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                       top_p=args.top_p, cpu=args.cpu)
-            app = create_app(store, generator, args.samples_per_prompt, args.allow_ties, overlap=args.overlap,
-                             prefetch=args.prefetch)
+            generator = ModelGenerator(
+                args.policy,
+                max_new_tokens=args.max_new_tokens,
+                temperature=args.temperature,
+                top_p=args.top_p,
+                cpu=args.cpu,
+            )
+            app = create_app(
+                store, generator, args.samples_per_prompt, args.allow_ties, overlap=args.overlap, prefetch=args.prefetch
+            )
             port = sock.getsockname()[1]  # the real one when --port 0
             print(f"annotate at http://{args.host}:{port}/annotate (dataset at /dataset)", flush=True)
             uvicorn.Server(uvicorn.Config(app, host=args.host, port=port, log_level="warning")).run(sockets=[sock])
@@ -192,7 +214,9 @@ def run(argv: Sequence[str]) -> int:
             if "-h" in rest or "--help" in rest:
                 parse_args(AddUserArgs, ["--help"], prog="rlhfkit annotate add-user NAME")
             raise ConfigError("add-user needs the user name first: rlhfkit annotate add-user NAME [--admin] --db FILE")
-        return add_user(parse_args(AddUserArgs, rest[1:], prog="rlhfkit annotate add-user NAME", extra={"name": rest[0]}))
+        return add_user(
+            parse_args(AddUserArgs, rest[1:], prog="rlhfkit annotate add-user NAME", extra={"name": rest[0]})
+        )
     if command == "export":
         return export(parse_args(ExportArgs, rest, prog="rlhfkit annotate export"))
     raise ConfigError(f"unknown command {command!r}; use serve (the default), add-user or export")

@@ -42,8 +42,9 @@ class GenerationError(RuntimeError):
 class ModelGenerator:
     """Samples K responses from a causal LM (alias, folder or hub id) with the chat template."""
 
-    def __init__(self, policy: str, *, max_new_tokens: int = 64, temperature: float = 1.0, top_p: float = 1.0,
-                 cpu: bool = False):
+    def __init__(
+        self, policy: str, *, max_new_tokens: int = 64, temperature: float = 1.0, top_p: float = 1.0, cpu: bool = False
+    ):
         device = torch.device("cuda" if torch.cuda.is_available() and not cpu else "cpu")
         self.name = policy
         self.settings = SamplingSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
@@ -62,8 +63,9 @@ class Pregenerator:
     duplicates and blanks are re-sampled, up to ``max_attempts`` calls per set.
     """
 
-    def __init__(self, store: AnnotationStore, generator: Generator, k: int, *, prefetch: int = 4,
-                 max_attempts: int = 5):
+    def __init__(
+        self, store: AnnotationStore, generator: Generator, k: int, *, prefetch: int = 4, max_attempts: int = 5
+    ):
         self.store = store
         self.generator = generator
         self.k = k

@@ -164,9 +164,18 @@ _RANKING_SELECT = """
 
 def _ranking(row: Sequence) -> Ranking:
     return Ranking(
-        id=row[0], set_id=row[1], prompt_id=row[2], prompt=row[3], responses=tuple(json.loads(row[4])),
-        ranks=tuple(json.loads(row[5])), comment=row[6], user_id=row[7], annotator=row[8],
-        created_at=row[9], updated_at=row[10], deleted_at=row[11],
+        id=row[0],
+        set_id=row[1],
+        prompt_id=row[2],
+        prompt=row[3],
+        responses=tuple(json.loads(row[4])),
+        ranks=tuple(json.loads(row[5])),
+        comment=row[6],
+        user_id=row[7],
+        annotator=row[8],
+        created_at=row[9],
+        updated_at=row[10],
+        deleted_at=row[11],
     )
 
 
@@ -259,9 +268,11 @@ class AnnotationStore:
         return token
 
     def user_for_token(self, token: str) -> User | None:
-        row = self._conn().execute(
-            "SELECT id, name, is_admin FROM users WHERE token_hash = ?", (hash_token(token),)
-        ).fetchone()
+        row = (
+            self._conn()
+            .execute("SELECT id, name, is_admin FROM users WHERE token_hash = ?", (hash_token(token),))
+            .fetchone()
+        )
         return User(row[0], row[1], bool(row[2])) if row else None
 
     def user_by_name(self, name: str) -> User | None:
@@ -302,9 +313,11 @@ class AnnotationStore:
         return Prompt(*row) if row else None
 
     def random_pool_prompt(self) -> Prompt | None:
-        row = self._conn().execute(
-            "SELECT id, text, source FROM prompts WHERE source = 'pool' ORDER BY random() LIMIT 1"
-        ).fetchone()
+        row = (
+            self._conn()
+            .execute("SELECT id, text, source FROM prompts WHERE source = 'pool' ORDER BY random() LIMIT 1")
+            .fetchone()
+        )
         return Prompt(*row) if row else None
 
     def count_prompts(self) -> dict[str, int]:
@@ -320,53 +333,73 @@ class AnnotationStore:
             return int(cur.lastrowid)
 
     def get_set(self, set_id: int) -> GenerationSet | None:
-        row = self._conn().execute(
-            "SELECT s.id, s.prompt_id, p.text, s.model, s.responses FROM generation_sets s "
-            "JOIN prompts p ON p.id = s.prompt_id WHERE s.id = ?",
-            (set_id,),
-        ).fetchone()
+        row = (
+            self._conn()
+            .execute(
+                "SELECT s.id, s.prompt_id, p.text, s.model, s.responses FROM generation_sets s "
+                "JOIN prompts p ON p.id = s.prompt_id WHERE s.id = ?",
+                (set_id,),
+            )
+            .fetchone()
+        )
         return self._set(row) if row else None
 
     @staticmethod
     def _set(row: Sequence) -> GenerationSet:
         return GenerationSet(row[0], row[1], row[2], row[3], tuple(json.loads(row[4])))
 
-    def set_for_user(self, user_id: int, *, prompt_id: int | None = None, overlap: int | None = None) -> GenerationSet | None:
+    def set_for_user(
+        self, user_id: int, *, prompt_id: int | None = None, overlap: int | None = None
+    ) -> GenerationSet | None:
         """The first set this user has neither ranked nor skipped.
 
         With ``prompt_id``: a set of that prompt. Without: a set of a pool prompt that fewer
         than ``overlap`` annotators have ranked or skipped, in pool order (so annotators
         work through the same sets and their agreement can be measured).
         """
-        where = ["NOT EXISTS (SELECT 1 FROM rankings r WHERE r.set_id = s.id AND r.user_id = :u AND r.deleted_at IS NULL)",
-                 "NOT EXISTS (SELECT 1 FROM skips k WHERE k.set_id = s.id AND k.user_id = :u)"]
+        where = [
+            "NOT EXISTS (SELECT 1 FROM rankings r WHERE r.set_id = s.id AND r.user_id = :u AND r.deleted_at IS NULL)",
+            "NOT EXISTS (SELECT 1 FROM skips k WHERE k.set_id = s.id AND k.user_id = :u)",
+        ]
         if prompt_id is not None:
             where.append("s.prompt_id = :p")
         else:
             where.append("p.source = 'pool'")
             if overlap is not None:
                 where.append(f"({_TOUCHES}) < :overlap")
-        row = self._conn().execute(
-            "SELECT s.id, s.prompt_id, p.text, s.model, s.responses FROM generation_sets s "
-            f"JOIN prompts p ON p.id = s.prompt_id WHERE {' AND '.join(where)} ORDER BY s.prompt_id, s.id LIMIT 1",
-            {"u": user_id, "p": prompt_id, "overlap": overlap},
-        ).fetchone()
+        row = (
+            self._conn()
+            .execute(
+                "SELECT s.id, s.prompt_id, p.text, s.model, s.responses FROM generation_sets s "
+                f"JOIN prompts p ON p.id = s.prompt_id WHERE {' AND '.join(where)} ORDER BY s.prompt_id, s.id LIMIT 1",
+                {"u": user_id, "p": prompt_id, "overlap": overlap},
+            )
+            .fetchone()
+        )
         return self._set(row) if row else None
 
     def pool_prompts_without_sets(self, limit: int) -> list[Prompt]:
-        rows = self._conn().execute(
-            "SELECT id, text, source FROM prompts p WHERE source = 'pool' AND NOT EXISTS "
-            "(SELECT 1 FROM generation_sets s WHERE s.prompt_id = p.id) ORDER BY id LIMIT ?",
-            (limit,),
-        ).fetchall()
+        rows = (
+            self._conn()
+            .execute(
+                "SELECT id, text, source FROM prompts p WHERE source = 'pool' AND NOT EXISTS "
+                "(SELECT 1 FROM generation_sets s WHERE s.prompt_id = p.id) ORDER BY id LIMIT ?",
+                (limit,),
+            )
+            .fetchall()
+        )
         return [Prompt(*r) for r in rows]
 
     def count_untouched_pool_sets(self) -> int:
         """Pool sets nobody has ranked or skipped yet: the pre-generated buffer."""
-        return self._conn().execute(
-            f"SELECT count(*) FROM generation_sets s JOIN prompts p ON p.id = s.prompt_id "
-            f"WHERE p.source = 'pool' AND ({_TOUCHES}) = 0"
-        ).fetchone()[0]
+        return (
+            self._conn()
+            .execute(
+                f"SELECT count(*) FROM generation_sets s JOIN prompts p ON p.id = s.prompt_id "
+                f"WHERE p.source = 'pool' AND ({_TOUCHES}) = 0"
+            )
+            .fetchone()[0]
+        )
 
     def skip(self, set_id: int, user_id: int) -> None:
         with self.transaction() as conn:
@@ -397,7 +430,9 @@ class AnnotationStore:
         row = self._conn().execute(_RANKING_SELECT + " WHERE r.id = ?", (ranking_id,)).fetchone()
         return _ranking(row) if row else None
 
-    def update_ranking(self, ranking_id: int, *, ranks: Sequence[int] | None = None, comment: str | None = None) -> None:
+    def update_ranking(
+        self, ranking_id: int, *, ranks: Sequence[int] | None = None, comment: str | None = None
+    ) -> None:
         with self.transaction() as conn:
             row = conn.execute("SELECT deleted_at FROM rankings WHERE id = ?", (ranking_id,)).fetchone()
             if row is None:
@@ -421,7 +456,9 @@ class AnnotationStore:
 
     def restore_ranking(self, ranking_id: int) -> None:
         with self.transaction() as conn:
-            row = conn.execute("SELECT set_id, user_id, deleted_at FROM rankings WHERE id = ?", (ranking_id,)).fetchone()
+            row = conn.execute(
+                "SELECT set_id, user_id, deleted_at FROM rankings WHERE id = ?", (ranking_id,)
+            ).fetchone()
             if row is None:
                 raise NotFound(f"ranking {ranking_id} does not exist")
             if row[2] is None:
@@ -477,20 +514,28 @@ class AnnotationStore:
 
     def counts_by_user(self) -> list[dict]:
         """Per annotator: live rankings and skips."""
-        rows = self._conn().execute(
-            "SELECT u.name, u.is_admin, "
-            "(SELECT count(*) FROM rankings r WHERE r.user_id = u.id AND r.deleted_at IS NULL), "
-            "(SELECT count(*) FROM skips k WHERE k.user_id = u.id) FROM users u ORDER BY u.name"
-        ).fetchall()
+        rows = (
+            self._conn()
+            .execute(
+                "SELECT u.name, u.is_admin, "
+                "(SELECT count(*) FROM rankings r WHERE r.user_id = u.id AND r.deleted_at IS NULL), "
+                "(SELECT count(*) FROM skips k WHERE k.user_id = u.id) FROM users u ORDER BY u.name"
+            )
+            .fetchall()
+        )
         return [{"annotator": r[0], "is_admin": bool(r[1]), "rankings": r[2], "skips": r[3]} for r in rows]
 
     def shared_rankings(self) -> list[tuple[int, str, tuple[int, ...]]]:
         """(set id, annotator, ranks) of every live ranking of a set ranked by two or more annotators."""
-        rows = self._conn().execute(
-            "SELECT r.set_id, u.name, r.ranks FROM rankings r JOIN users u ON u.id = r.user_id "
-            "WHERE r.deleted_at IS NULL AND r.set_id IN (SELECT set_id FROM rankings WHERE deleted_at IS NULL "
-            "GROUP BY set_id HAVING count(*) > 1) ORDER BY r.set_id, u.name"
-        ).fetchall()
+        rows = (
+            self._conn()
+            .execute(
+                "SELECT r.set_id, u.name, r.ranks FROM rankings r JOIN users u ON u.id = r.user_id "
+                "WHERE r.deleted_at IS NULL AND r.set_id IN (SELECT set_id FROM rankings WHERE deleted_at IS NULL "
+                "GROUP BY set_id HAVING count(*) > 1) ORDER BY r.set_id, u.name"
+            )
+            .fetchall()
+        )
         return [(r[0], r[1], tuple(json.loads(r[2]))) for r in rows]
 
     def integrity_check(self) -> str:

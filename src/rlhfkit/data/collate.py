@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -42,7 +42,9 @@ class EncodedPreferences:
     n_empty_responses: int = 0
 
     @classmethod
-    def build(cls, examples: Sequence[PreferenceExample], encode: Encoder, max_length: int, what: str = "data") -> "EncodedPreferences":
+    def build(
+        cls, examples: Sequence[PreferenceExample], encode: Encoder, max_length: int, what: str = "data"
+    ) -> EncodedPreferences:
         index: dict[tuple[str, str], int] = {}
         texts, prompt_lengths, response_lengths, lists = [], [], [], []
         truncated = empty = 0
@@ -64,13 +66,19 @@ class EncodedPreferences:
             # Never silently: the user sees how much was cut, and nothing is dropped.
             logger.warning(
                 "%s: %d of %d unique texts are longer than max_length=%d and were truncated "
-                "(kept, not dropped; raise --max-length to keep more)", what, truncated, len(texts), max_length
+                "(kept, not dropped; raise --max-length to keep more)",
+                what,
+                truncated,
+                len(texts),
+                max_length,
             )
         if empty:
             # Legitimate (HH-RLHF has them), but worth knowing about.
             logger.warning(
                 "%s: %d of %d unique texts have an empty response, scored as the prompt and the end token alone",
-                what, empty, len(texts),
+                what,
+                empty,
+                len(texts),
             )
         return cls(list(examples), texts, prompt_lengths, response_lengths, lists, truncated, empty)
 
@@ -109,12 +117,20 @@ class RankBatch:
     def n_lists(self) -> int:
         return self.text_index.shape[0]
 
-    def to(self, device) -> "RankBatch":
+    def to(self, device) -> RankBatch:
         mv = lambda t: None if t is None else t.to(device)  # noqa: E731
         return RankBatch(
-            {k: v.to(device) for k, v in self.inputs.items()}, mv(self.prompt_lengths), mv(self.response_lengths),
-            mv(self.text_index), mv(self.list_mask), mv(self.ranks), mv(self.margins), mv(self.choice), mv(self.labels),
-            self.list_ids, mv(self.text_ids),
+            {k: v.to(device) for k, v in self.inputs.items()},
+            mv(self.prompt_lengths),
+            mv(self.response_lengths),
+            mv(self.text_index),
+            mv(self.list_mask),
+            mv(self.ranks),
+            mv(self.margins),
+            mv(self.choice),
+            mv(self.labels),
+            self.list_ids,
+            mv(self.text_ids),
         )
 
     def gather_lists(self, scores: torch.Tensor) -> torch.Tensor:
@@ -196,12 +212,16 @@ def iter_batches(
         epoch, first = epoch + 1, 0
 
 
-def process_micro_batches(batch: Sequence[int], world_size: int, accumulation: int, rank: int) -> list[tuple[list[int], bool]]:
+def process_micro_batches(
+    batch: Sequence[int], world_size: int, accumulation: int, rank: int
+) -> list[tuple[list[int], bool]]:
     """This process's micro-batches of one step as ``(ids, live)``: an empty slot (fewer rows
     than slots) becomes ``([batch[0]], False)``, which must take part in the gradient
     all-reduce with zero weight."""
-    return [(ids, True) if ids else ([batch[0]], False)
-            for ids in split_effective_batch(batch, world_size, accumulation, rank)]
+    return [
+        (ids, True) if ids else ([batch[0]], False)
+        for ids in split_effective_batch(batch, world_size, accumulation, rank)
+    ]
 
 
 def split_effective_batch(batch: Sequence[int], world_size: int, accumulation: int, rank: int) -> list[list[int]]:

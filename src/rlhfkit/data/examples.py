@@ -43,9 +43,10 @@ once: a list of ``K`` responses costs ``K`` sequences per step.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -53,7 +54,14 @@ from rlhfkit.data.collate import Encoder
 from rlhfkit.data.types import DataFormatError
 
 __all__ = [
-    "IGNORE_INDEX", "SFTExample", "chat_segments", "encode_example", "encode_response", "policy_encoder", "pad_right", "Pad",
+    "IGNORE_INDEX",
+    "SFTExample",
+    "chat_segments",
+    "encode_example",
+    "encode_response",
+    "policy_encoder",
+    "pad_right",
+    "Pad",
 ]
 
 IGNORE_INDEX = -100
@@ -87,7 +95,9 @@ def _cut_after_eos(reply: str, eos_text: str | None) -> str:
     return reply[: k + len(eos_text)] if k >= 0 else reply.rstrip()  # type: ignore[arg-type]
 
 
-def chat_segments(tokenizer: Any, messages: Sequence[dict[str, str]], assistant_turns: str = "all") -> tuple[list[tuple[str, bool]], bool]:
+def chat_segments(
+    tokenizer: Any, messages: Sequence[dict[str, str]], assistant_turns: str = "all"
+) -> tuple[list[tuple[str, bool]], bool]:
     """Split a rendered chat into ``(text, is_target)`` pieces that concatenate to the text
     through the final reply's end token. Returns ``(segments, all_turns_split)``: the flag is
     False when the template's renderings are not prefixes of each other, so only the final
@@ -104,8 +114,8 @@ def chat_segments(tokenizer: Any, messages: Sequence[dict[str, str]], assistant_
         through = _render(tokenizer, messages[: i + 1], False)
         if not (before.startswith(done) and through.startswith(before)):
             break
-        reply = _cut_after_eos(through[len(before):], eos)
-        segments += [(before[len(done):], False), (reply, True)]
+        reply = _cut_after_eos(through[len(before) :], eos)
+        segments += [(before[len(done) :], False), (reply, True)]
         done = before + reply
     else:
         return segments, True
@@ -116,7 +126,7 @@ def chat_segments(tokenizer: Any, messages: Sequence[dict[str, str]], assistant_
             "the chat template does not render the conversation without its last turn (plus the generation prompt) as a "
             "prefix of the whole conversation, so the reply's tokens cannot be told apart; use prompt/response rows"
         )
-    return [(before, False), (_cut_after_eos(whole[len(before):], eos), True)], False
+    return [(before, False), (_cut_after_eos(whole[len(before) :], eos), True)], False
 
 
 def encode_example(
@@ -139,8 +149,11 @@ def encode_example(
             segments, split_all = chat_segments(tokenizer, example.chat(), assistant_turns)
         except Exception as e:  # jinja errors from the template (e.g. "roles must alternate")
             path, _, line = example.source.rpartition(":")
-            raise DataFormatError(path or example.source, int(line) if line.isdigit() else None,
-                                  f"the chat template cannot render this row: {e}") from None
+            raise DataFormatError(
+                path or example.source,
+                int(line) if line.isdigit() else None,
+                f"the chat template cannot render this row: {e}",
+            ) from None
         ids, labels = [], []
         n_before = 0
         for text, target in segments:
@@ -163,9 +176,13 @@ def encode_example(
     return ids, labels, truncated, split_all
 
 
-def encode_response(tokenizer: Any, prompt: str, response: str, *, chat: bool, max_length: int) -> tuple[dict[str, list[int]], int, bool]:
+def encode_response(
+    tokenizer: Any, prompt: str, response: str, *, chat: bool, max_length: int
+) -> tuple[dict[str, list[int]], int, bool]:
     """``({"input_ids", "response_mask"}, tokens before the response, truncated)`` of one (prompt, response)."""
-    ids, labels, truncated, _ = encode_example(tokenizer, SFTExample(prompt, response), max_length=max_length, chat_template=chat)
+    ids, labels, truncated, _ = encode_example(
+        tokenizer, SFTExample(prompt, response), max_length=max_length, chat_template=chat
+    )
     response_mask = [int(t != IGNORE_INDEX) for t in labels]
     n_before = response_mask.index(1) if 1 in response_mask else len(ids)
     return {"input_ids": ids, "response_mask": response_mask}, n_before, truncated
@@ -180,8 +197,11 @@ def pad_right(pad_id: int, features: Sequence[dict[str, list[int]]]) -> dict[str
     """``input_ids``, ``attention_mask`` and ``response_mask``, each ``(N, T)``, right-padded
     to the longest sequence (``pad_id``; masks 0 on padding)."""
     n, t = len(features), max(len(f["input_ids"]) for f in features)
-    out = {"input_ids": torch.full((n, t), pad_id, dtype=torch.long), "attention_mask": torch.zeros((n, t), dtype=torch.long),
-           "response_mask": torch.zeros((n, t), dtype=torch.long)}
+    out = {
+        "input_ids": torch.full((n, t), pad_id, dtype=torch.long),
+        "attention_mask": torch.zeros((n, t), dtype=torch.long),
+        "response_mask": torch.zeros((n, t), dtype=torch.long),
+    }
     for i, f in enumerate(features):
         length = len(f["input_ids"])
         out["input_ids"][i, :length] = torch.tensor(f["input_ids"])

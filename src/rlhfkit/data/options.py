@@ -30,9 +30,14 @@ class PreferenceDataOptions(Options):
 
     def validate(self) -> None:
         super().validate()
-        require(self.n_train is None or self.eval_fraction is None, "options --n-train and --eval-fraction both split --train; give one")
-        require(not (self.eval and (self.n_train is not None or self.eval_fraction is not None)),
-                "give either --eval FILE or a split of --train (--n-train / --eval-fraction), not both")
+        require(
+            self.n_train is None or self.eval_fraction is None,
+            "options --n-train and --eval-fraction both split --train; give one",
+        )
+        require(
+            not (self.eval and (self.n_train is not None or self.eval_fraction is not None)),
+            "give either --eval FILE or a split of --train (--n-train / --eval-fraction), not both",
+        )
 
 
 def read_train_eval(cfg: PreferenceDataOptions, seed: int) -> tuple[list[PreferenceExample], list[PreferenceExample]]:
@@ -42,7 +47,10 @@ def read_train_eval(cfg: PreferenceDataOptions, seed: int) -> tuple[list[Prefere
     train = read_preferences(cfg.train, **kw)
     evals = read_preferences(cfg.eval, **kw) if cfg.eval else []
     if cfg.n_train is not None:
-        require(cfg.n_train < len(train), f"--n-train {cfg.n_train} leaves no evaluation lists: {cfg.train} has {len(train)}")
+        require(
+            cfg.n_train < len(train),
+            f"--n-train {cfg.n_train} leaves no evaluation lists: {cfg.train} has {len(train)}",
+        )
         train, evals = split_train_eval(train, n_train=cfg.n_train)
     elif cfg.eval_fraction is not None:
         try:

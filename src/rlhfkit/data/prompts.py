@@ -37,7 +37,9 @@ def read_prompts(path: str | Path, option: str = "--prompts") -> list[Prompt]:
             continue
         prompts.append(_parse_row(line, str(path), n) if path.suffix.lower() == ".jsonl" else Prompt(line))
     if not prompts:
-        raise DataFormatError(str(path), None, "holds no prompts; write one prompt per line (or JSONL rows with 'prompt')")
+        raise DataFormatError(
+            str(path), None, "holds no prompts; write one prompt per line (or JSONL rows with 'prompt')"
+        )
     return prompts
 
 
@@ -45,20 +47,33 @@ def _parse_row(line: str, source: str, n: int) -> Prompt:
     try:
         row = json.loads(line)
     except json.JSONDecodeError as e:
-        raise DataFormatError(source, n, f"not valid JSON ({e.msg}); each line must be an object with 'prompt' or 'messages'") from None
+        raise DataFormatError(
+            source, n, f"not valid JSON ({e.msg}); each line must be an object with 'prompt' or 'messages'"
+        ) from None
     if not isinstance(row, dict) or not ({"prompt", "messages"} & row.keys()):
-        raise DataFormatError(source, n, "expected an object with a 'prompt' string or a 'messages' list, like {\"prompt\": \"Why is the sky blue?\"}")
+        raise DataFormatError(
+            source,
+            n,
+            "expected an object with a 'prompt' string or a 'messages' list, like {\"prompt\": \"Why is the sky blue?\"}",
+        )
     messages = row.get("messages")
     if messages is None:
         if not isinstance(row["prompt"], str) or not row["prompt"].strip():
             raise DataFormatError(source, n, f"'prompt' must be a non-empty string, got {row['prompt']!r}")
         return Prompt(row["prompt"])
-    if not (isinstance(messages, list) and messages and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages
-    )):
-        raise DataFormatError(source, n, "'messages' must be a non-empty list of {\"role\": str, \"content\": str}")
+    if not (
+        isinstance(messages, list)
+        and messages
+        and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages
+        )
+    ):
+        raise DataFormatError(source, n, '\'messages\' must be a non-empty list of {"role": str, "content": str}')
     if messages[-1]["role"] == "assistant":
         raise DataFormatError(source, n, "'messages' ends with an assistant turn; the policy writes that turn, drop it")
     users = [m["content"] for m in messages if m["role"] == "user"]
-    text = row.get("prompt") if isinstance(row.get("prompt"), str) else (users[-1] if users else messages[-1]["content"])
+    text = (
+        row.get("prompt") if isinstance(row.get("prompt"), str) else (users[-1] if users else messages[-1]["content"])
+    )
     return Prompt(text, tuple({"role": m["role"], "content": m["content"]} for m in messages))

@@ -208,8 +208,7 @@ def split_train_eval(
     """
     if (n_train is None) == (eval_fraction is None):
         raise ValueError(
-            f"give exactly one of n_train and eval_fraction (got n_train={n_train!r}, "
-            f"eval_fraction={eval_fraction!r})"
+            f"give exactly one of n_train and eval_fraction (got n_train={n_train!r}, eval_fraction={eval_fraction!r})"
         )
     n = len(examples)
     if n_train is not None:
@@ -382,8 +381,7 @@ def _iter_dataset_rows(path: Path, builder: str) -> Iterator[tuple[int, dict[str
     finally:
         if bars_were_enabled:
             datasets.enable_progress_bars()
-    for row_no, row in enumerate(dataset, start=1):
-        yield row_no, row
+    yield from enumerate(dataset, start=1)
 
 
 # --------------------------------------------------------------------------------------
@@ -450,8 +448,7 @@ def _parse_hh(record: dict[str, Any], *, allow_ties: bool, source: str) -> Prefe
     rejected = _text(record["rejected"], "rejected")
     if chosen == rejected:
         raise _RecordError(
-            "'chosen' and 'rejected' are the same dialogue; there is no response to prefer, "
-            "fix or remove the line"
+            "'chosen' and 'rejected' are the same dialogue; there is no response to prefer, fix or remove the line"
         )
     prompt, chosen_response, rejected_response = split_shared_prompt(chosen, rejected)
     # An answer that is empty after the shared prompt is a legitimate (if terse) answer:
@@ -523,9 +520,7 @@ def _parse_choice(record: dict[str, Any], *, allow_ties: bool, source: str) -> P
     prompt = _prompt(record)
     responses = _responses(record, prompt)
     if record.get("ranks") is not None:
-        raise _RecordError(
-            "has both 'choice' and 'ranks'; keep 'choice' (n-choose-1) or 'ranks' (ranked), not both"
-        )
+        raise _RecordError("has both 'choice' and 'ranks'; keep 'choice' (n-choose-1) or 'ranks' (ranked), not both")
     choice = _integer(record["choice"], "choice")
     if not 0 <= choice < len(responses):
         raise _RecordError(
@@ -549,9 +544,7 @@ def _parse_scored(record: dict[str, Any], *, allow_ties: bool, source: str) -> P
     elif isinstance(label, bool) or (isinstance(label, (int, float)) and label in (0, 1)):
         value = float(label)
     else:
-        raise _RecordError(
-            f"'label' must be true/false or 0/1, got {_show(label)}; use 'score' for graded values"
-        )
+        raise _RecordError(f"'label' must be true/false or 0/1, got {_show(label)}; use 'score' for graded values")
     return PreferenceExample(prompt, (response,), (0,), label=value, source=source)
 
 
@@ -656,9 +649,7 @@ def _first_duplicate(items: Sequence[Any]) -> tuple[int, int] | None:
     return None
 
 
-_JSON_TYPE_NAMES = {
-    int: "number", float: "number", str: "string", list: "array", tuple: "array", dict: "object"
-}
+_JSON_TYPE_NAMES = {int: "number", float: "number", str: "string", list: "array", tuple: "array", dict: "object"}
 
 
 def _show(value: Any) -> str:

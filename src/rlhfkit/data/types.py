@@ -49,12 +49,7 @@ class PreferenceExample:
 
     def ordered_pairs(self) -> list[tuple[int, int]]:
         """All (better, worse) index pairs; ties produce no pair. C(K,2) for a strict list."""
-        return [
-            (i, j)
-            for i in range(self.k)
-            for j in range(self.k)
-            if self.ranks[i] < self.ranks[j]
-        ]
+        return [(i, j) for i in range(self.k) for j in range(self.k) if self.ranks[i] < self.ranks[j]]
 
 
 def strict_ranks(k: int) -> tuple[int, ...]:

@@ -172,8 +172,7 @@ def _check_list(i: int, ex: PreferenceExample, format: str) -> None:
         raise ValueError(f"{_where(i, ex)} is a scored example (K={ex.k}); write format 'scored' instead")
     if ex.margin is not None:
         raise ValueError(
-            f"{_where(i, ex)} has margin={ex.margin}, which format {format!r} cannot store; "
-            f"write format 'pairs'"
+            f"{_where(i, ex)} has margin={ex.margin}, which format {format!r} cannot store; write format 'pairs'"
         )
 
 

@@ -18,8 +18,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -37,8 +38,17 @@ __all__ = ["evaluate_lists", "sampled_kl", "kl_prompts"]
 
 
 @torch.no_grad()
-def evaluate_lists(model: nn.Module, data: EncodedPreferences, ref_logprobs: Tensor, pad: Pad, *, loss: str, beta: float,
-                   batch_size: int, device: Any) -> tuple[dict[str, Any], Tensor]:
+def evaluate_lists(
+    model: nn.Module,
+    data: EncodedPreferences,
+    ref_logprobs: Tensor,
+    pad: Pad,
+    *,
+    loss: str,
+    beta: float,
+    batch_size: int,
+    device: Any,
+) -> tuple[dict[str, Any], Tensor]:
     """Metrics on held-out lists (module docstring) and the implicit rewards ``(n_texts,)``.
 
     ``model`` maps padded sequences to ``log pi`` (:class:`~rlhfkit.models.logprobs.SequenceLogprobs`);
@@ -68,8 +78,17 @@ def kl_prompts(prompts: Sequence[str], n: int, chat: bool) -> list[Prompt]:
 
 
 @torch.no_grad()
-def sampled_kl(policy: nn.Module, reference: Callable[[], AbstractContextManager[nn.Module]], tokenizer: Any,
-               prompts: Sequence[Prompt], settings: SamplingSettings, *, chat: bool, batch_size: int, seed: int) -> dict[str, float]:
+def sampled_kl(
+    policy: nn.Module,
+    reference: Callable[[], AbstractContextManager[nn.Module]],
+    tokenizer: Any,
+    prompts: Sequence[Prompt],
+    settings: SamplingSettings,
+    *,
+    chat: bool,
+    batch_size: int,
+    seed: int,
+) -> dict[str, float]:
     """``{"kl", "kl_std_error", "kl_response_tokens"}`` on one sample of the policy per prompt (module docstring).
 
     ``reference()`` enters the reference policy (the LoRA policy with its adapter disabled,
@@ -81,13 +100,29 @@ def sampled_kl(policy: nn.Module, reference: Callable[[], AbstractContextManager
         samples = list(iter_samples(policy, tokenizer, prompts, 1, settings, chat=chat, batch_size=batch_size))
 
     def logprobs(model: nn.Module) -> Tensor:  # (M,) log pi(y|x) of every sample's response tokens
-        return torch.cat([masked_sum(policy_logprobs(model, torch.cat([s.query_ids, s.response_ids], 1),
-                                                     torch.cat([s.query_mask, s.response_mask], 1), s.response_ids, 1.0).float(),
-                                     s.response_mask, dim=1) for s in samples])
+        return torch.cat(
+            [
+                masked_sum(
+                    policy_logprobs(
+                        model,
+                        torch.cat([s.query_ids, s.response_ids], 1),
+                        torch.cat([s.query_mask, s.response_mask], 1),
+                        s.response_ids,
+                        1.0,
+                    ).float(),
+                    s.response_mask,
+                    dim=1,
+                )
+                for s in samples
+            ]
+        )
 
     own = logprobs(policy)
     with reference() as ref_model:
         kl = (own - logprobs(ref_model)).cpu()  # k1 per response, http://joschu.net/blog/kl-approx.html
     n = len(kl)
-    return {"kl": kl.mean().item(), "kl_std_error": kl.std().item() / math.sqrt(n) if n > 1 else float("nan"),
-            "kl_response_tokens": sum(int(s.response_mask.sum()) for s in samples) / max(n, 1)}
+    return {
+        "kl": kl.mean().item(),
+        "kl_std_error": kl.std().item() / math.sqrt(n) if n > 1 else float("nan"),
+        "kl_response_tokens": sum(int(s.response_mask.sum()) for s in samples) / max(n, 1),
+    }

@@ -27,8 +27,17 @@ from torch import Tensor
 from rlhfkit.losses import pair_mask
 from rlhfkit.ops import masked_mean, masked_sum
 
-__all__ = ["DPOLossName", "DPO_LOSSES", "implicit_rewards", "dpo_loss", "ipo_loss", "listwise_dpo_loss", "list_losses",
-           "pair_margins", "best_mask"]
+__all__ = [
+    "DPOLossName",
+    "DPO_LOSSES",
+    "implicit_rewards",
+    "dpo_loss",
+    "ipo_loss",
+    "listwise_dpo_loss",
+    "list_losses",
+    "pair_margins",
+    "best_mask",
+]
 
 DPOLossName = Literal["dpo", "ipo", "listwise"]
 DPO_LOSSES = get_args(DPOLossName)
@@ -40,7 +49,9 @@ def _real(fn: str, logprobs: Tensor, ref_logprobs: Tensor, ranks: Tensor, list_m
         raise ValueError(f"{fn}: logprobs must be (B, K), one row per list; got shape {tuple(logprobs.shape)}")
     for name, t in (("ref_logprobs", ref_logprobs), ("ranks", ranks), ("list_mask", list_mask)):
         if t.shape != logprobs.shape:
-            raise ValueError(f"{fn}: {name} has shape {tuple(t.shape)} but logprobs has {tuple(logprobs.shape)}; both must be (B, K)")
+            raise ValueError(
+                f"{fn}: {name} has shape {tuple(t.shape)} but logprobs has {tuple(logprobs.shape)}; both must be (B, K)"
+            )
     return list_mask.to(torch.bool)
 
 
@@ -64,8 +75,9 @@ def implicit_rewards(logprobs: Tensor, ref_logprobs: Tensor, list_mask: Tensor, 
     return beta * _log_ratios(logprobs, ref_logprobs, real)
 
 
-def dpo_loss(logprobs: Tensor, ref_logprobs: Tensor, ranks: Tensor, list_mask: Tensor, beta: float,
-             reduction: str = "mean") -> Tensor:
+def dpo_loss(
+    logprobs: Tensor, ref_logprobs: Tensor, ranks: Tensor, list_mask: Tensor, beta: float, reduction: str = "mean"
+) -> Tensor:
     """DPO over every ordered pair of each list (Rafailov et al. 2023, arXiv:2305.18290, eq. 7).
 
     Per list: ``-1/|P| * sum_{(w,l) in P} log sigmoid(beta * (h_w - h_l))``, ``P`` the pairs
@@ -90,8 +102,15 @@ def dpo_loss(logprobs: Tensor, ref_logprobs: Tensor, ranks: Tensor, list_mask: T
     return _reduce(per_list, pairs.flatten(1).any(dim=1), reduction, "dpo_loss")
 
 
-def ipo_loss(logprobs: Tensor, ref_logprobs: Tensor, ranks: Tensor, list_mask: Tensor, beta: float,
-             response_lengths: Tensor, reduction: str = "mean") -> Tensor:
+def ipo_loss(
+    logprobs: Tensor,
+    ref_logprobs: Tensor,
+    ranks: Tensor,
+    list_mask: Tensor,
+    beta: float,
+    response_lengths: Tensor,
+    reduction: str = "mean",
+) -> Tensor:
     """IPO over every ordered pair of each list (Azar et al. 2023, arXiv:2310.12036, eq. 17).
 
     Per pair: ``(h_w / n_w - h_l / n_l - 1 / (2 * tau))**2`` with ``tau = beta`` and ``n`` the
@@ -113,8 +132,12 @@ def ipo_loss(logprobs: Tensor, ref_logprobs: Tensor, ranks: Tensor, list_mask: T
     """
     real = _real("ipo_loss", logprobs, ref_logprobs, ranks, list_mask)
     if response_lengths.shape != logprobs.shape:
-        raise ValueError(f"ipo_loss: response_lengths has shape {tuple(response_lengths.shape)}; it must be (B, K) like logprobs")
-    h = _log_ratios(logprobs, ref_logprobs, real) / response_lengths.to(logprobs.dtype).clamp(min=1)  # per-token log-ratio
+        raise ValueError(
+            f"ipo_loss: response_lengths has shape {tuple(response_lengths.shape)}; it must be (B, K) like logprobs"
+        )
+    h = _log_ratios(logprobs, ref_logprobs, real) / response_lengths.to(logprobs.dtype).clamp(
+        min=1
+    )  # per-token log-ratio
     pairs = pair_mask(ranks, real)  # (B, K, K)
     diff = h.unsqueeze(2) - h.unsqueeze(1)  # (B, K, K)
     per_pair = (diff - 1.0 / (2.0 * beta)) ** 2  # arXiv:2310.12036 eq. 17
@@ -122,8 +145,9 @@ def ipo_loss(logprobs: Tensor, ref_logprobs: Tensor, ranks: Tensor, list_mask: T
     return _reduce(per_list, pairs.flatten(1).any(dim=1), reduction, "ipo_loss")
 
 
-def listwise_dpo_loss(logprobs: Tensor, ref_logprobs: Tensor, ranks: Tensor, list_mask: Tensor, beta: float,
-                      reduction: str = "mean") -> Tensor:
+def listwise_dpo_loss(
+    logprobs: Tensor, ref_logprobs: Tensor, ranks: Tensor, list_mask: Tensor, beta: float, reduction: str = "mean"
+) -> Tensor:
     """DPO under the Plackett-Luce model of the whole ranking (Rafailov et al. 2023, arXiv:2305.18290, appendix A.3).
 
     With ``r = beta * h`` and the real slots best first, the negative log-likelihood of the
@@ -149,7 +173,9 @@ def listwise_dpo_loss(logprobs: Tensor, ref_logprobs: Tensor, ranks: Tensor, lis
     real = _real("listwise_dpo_loss", logprobs, ref_logprobs, ranks, list_mask)
     r = beta * _log_ratios(logprobs, ref_logprobs, real)  # (B, K)
     both = real.unsqueeze(2) & real.unsqueeze(1)  # (B, K, K)
-    pool = both & (ranks.unsqueeze(1) >= ranks.unsqueeze(2))  # (B, K, K): [b, i, j] = j still in the pool when i is chosen
+    pool = both & (
+        ranks.unsqueeze(1) >= ranks.unsqueeze(2)
+    )  # (B, K, K): [b, i, j] = j still in the pool when i is chosen
     chosen = (pair_mask(ranks, real)).any(dim=2)  # (B, K): i is ranked above someone, so it is a choice
     pool = pool | torch.eye(r.shape[1], dtype=torch.bool, device=r.device)  # a padded row is never all -inf
     logits = r.unsqueeze(1).expand(-1, r.shape[1], -1).masked_fill(~pool, float("-inf"))  # (B, K, K)
@@ -158,8 +184,15 @@ def listwise_dpo_loss(logprobs: Tensor, ref_logprobs: Tensor, ranks: Tensor, lis
     return _reduce(per_list, chosen.any(dim=1), reduction, "listwise_dpo_loss")
 
 
-def list_losses(loss: str, logprobs: Tensor, ref_logprobs: Tensor, ranks: Tensor, list_mask: Tensor, beta: float,
-                response_lengths: Tensor | None = None) -> Tensor:
+def list_losses(
+    loss: str,
+    logprobs: Tensor,
+    ref_logprobs: Tensor,
+    ranks: Tensor,
+    list_mask: Tensor,
+    beta: float,
+    response_lengths: Tensor | None = None,
+) -> Tensor:
     """Per-list losses ``(B,)`` of the loss named ``loss`` (one of :data:`DPO_LOSSES`)."""
     if loss == "dpo":
         return dpo_loss(logprobs, ref_logprobs, ranks, list_mask, beta, reduction="none")

@@ -46,10 +46,11 @@ import json
 import logging
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import yaml
@@ -96,21 +97,43 @@ REFERENCE_FILE = "reference_logprobs.safetensors"
 class DPOConfig(RunOptions, OptimOptions, LoraOptions, PreferenceDataOptions):
     """Direct preference optimisation of a causal LM from rank lists, pairs, dialogues or n-choose-1 choices."""
 
-    policy: str = opt("smollm2-135m", "causal LM to train, and the reference it is pulled towards: alias, local folder or hub id")
-    loss: DPOLossName = opt("dpo", "dpo: every ranked pair of a list (Rafailov et al. 2023); ipo: Azar et al. 2023; "
-                                   "listwise: Plackett-Luce over the whole ranking (DPO's appendix A.3; equals dpo at K=2)")
-    beta: float = opt(0.1, "how hard the policy is held to the reference (IPO's tau); implicit reward = beta * (log pi - log pi_ref)", gt=0)
-    lr: float = opt(1e-6, "peak learning rate (TRL's DPO default for full fine-tuning; LoRA usually wants ~5e-6 to 5e-5)", gt=0)
+    policy: str = opt(
+        "smollm2-135m", "causal LM to train, and the reference it is pulled towards: alias, local folder or hub id"
+    )
+    loss: DPOLossName = opt(
+        "dpo",
+        "dpo: every ranked pair of a list (Rafailov et al. 2023); ipo: Azar et al. 2023; "
+        "listwise: Plackett-Luce over the whole ranking (DPO's appendix A.3; equals dpo at K=2)",
+    )
+    beta: float = opt(
+        0.1,
+        "how hard the policy is held to the reference (IPO's tau); implicit reward = beta * (log pi - log pi_ref)",
+        gt=0,
+    )
+    lr: float = opt(
+        1e-6, "peak learning rate (TRL's DPO default for full fine-tuning; LoRA usually wants ~5e-6 to 5e-5)", gt=0
+    )
     epochs: float = opt(1.0, "passes over the training lists (fractions allowed)", gt=0)
     max_steps: int | None = opt(None, "optimizer steps in the schedule (overrides --epochs)", ge=1)
-    batch_size: int = opt(BATCH_SIZE["dpo"], "lists per process per micro-batch (a list of K responses is K sequences)", ge=1)
-    max_length: int = opt(MAX_LENGTH["dpo"], "tokens per (prompt, response); longer texts are truncated and counted, never dropped", ge=8)
-    chat_template: bool | None = opt(None, "read (prompt, response) through the chat template, as a user and an assistant "
-                                           "turn (default: when the tokenizer has one), else prompt + response + EOS")
+    batch_size: int = opt(
+        BATCH_SIZE["dpo"], "lists per process per micro-batch (a list of K responses is K sequences)", ge=1
+    )
+    max_length: int = opt(
+        MAX_LENGTH["dpo"], "tokens per (prompt, response); longer texts are truncated and counted, never dropped", ge=8
+    )
+    chat_template: bool | None = opt(
+        None,
+        "read (prompt, response) through the chat template, as a user and an assistant "
+        "turn (default: when the tokenizer has one), else prompt + response + EOS",
+    )
     gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass to save memory")
     eval_every: int = opt(100, "evaluate every N optimizer steps (and at the end)", ge=1)
-    eval_batch_size: int = opt(EVAL_BATCH_SIZE["dpo"], "sequences per forward pass of the reference pass and of evaluation", ge=1)
-    eval_kl_prompts: int = opt(16, "held-out prompts sampled at each evaluation for the KL to the reference (0 = none)", ge=0)
+    eval_batch_size: int = opt(
+        EVAL_BATCH_SIZE["dpo"], "sequences per forward pass of the reference pass and of evaluation", ge=1
+    )
+    eval_kl_prompts: int = opt(
+        16, "held-out prompts sampled at each evaluation for the KL to the reference (0 = none)", ge=0
+    )
     eval_max_new_tokens: int = opt(64, "response length limit of those samples", ge=1)
 
 
@@ -121,15 +144,19 @@ def load_data(cfg: DPOConfig):
     for examples, where in ((train, cfg.train), (evals, cfg.eval or cfg.train)):
         single = next((ex for ex in examples if ex.k < 2), None)
         if single is not None:
-            raise UserError(f"{single.source or where}: DPO learns from comparisons, and this row has one scored response; "
-                            "give rank lists, pairs, HH dialogues or n-choose-1 rows (a reward model trains on scores: rm train)")
+            raise UserError(
+                f"{single.source or where}: DPO learns from comparisons, and this row has one scored response; "
+                "give rank lists, pairs, HH dialogues or n-choose-1 rows (a reward model trains on scores: rm train)"
+            )
     return train, evals
 
 
 def build_policy(cfg: DPOConfig, device):
     """(tokenizer, policy): fp32 weights, pad != EOS, no dropout, matmul kernel, checkpointing, LoRA."""
     policy, tokenizer = load_policy(cfg.policy)
-    require(tokenizer.eos_token_id is not None, f"the tokenizer of {cfg.policy} has no EOS token, so responses cannot end")
+    require(
+        tokenizer.eos_token_id is not None, f"the tokenizer of {cfg.policy} has no EOS token, so responses cannot end"
+    )
     # Dropout off (TRL's DPO default): the reference pass before training then gives exactly
     # the policy's log-probabilities at step 0, and the loss starts at log 2.
     disable_dropout(policy)
@@ -170,8 +197,9 @@ def fingerprint(data: EncodedPreferences | None) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def reference_logprobs(run: Run, cfg: DPOConfig, model: SequenceLogprobs, data: dict[str, EncodedPreferences | None],
-                       pad: Pad) -> dict[str, Tensor]:
+def reference_logprobs(
+    run: Run, cfg: DPOConfig, model: SequenceLogprobs, data: dict[str, EncodedPreferences | None], pad: Pad
+) -> dict[str, Tensor]:
     """``{"train": (n_texts,), "eval": (n_texts,)}``: ``log pi_ref`` of every text, float32 on the CPU.
 
     On ``--resume`` read from ``OUTPUT/reference_logprobs.safetensors`` when its fingerprints
@@ -192,15 +220,30 @@ def reference_logprobs(run: Run, cfg: DPOConfig, model: SequenceLogprobs, data: 
     return out
 
 
-def save_reference_logprobs(path: Path, logprobs: dict[str, Tensor], data: dict[str, EncodedPreferences | None]) -> None:
+def save_reference_logprobs(
+    path: Path, logprobs: dict[str, Tensor], data: dict[str, EncodedPreferences | None]
+) -> None:
     """Write the cache atomically, with the data's fingerprints as metadata."""
     tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in logprobs.items()}, str(tmp), metadata={k: fingerprint(d) for k, d in data.items()})
+    save_file(
+        {k: v.contiguous() for k, v in logprobs.items()},
+        str(tmp),
+        metadata={k: fingerprint(d) for k, d in data.items()},
+    )
     os.replace(tmp, path)
 
 
-def micro_loss(model, data: EncodedPreferences, ref_logprobs: Tensor, pad: Pad, loss: str, beta: float, device, weight: float,
-               micro: tuple[list[int], bool]):
+def micro_loss(
+    model,
+    data: EncodedPreferences,
+    ref_logprobs: Tensor,
+    pad: Pad,
+    loss: str,
+    beta: float,
+    device,
+    weight: float,
+    micro: tuple[list[int], bool],
+):
     """One micro-batch: ``log pi`` of its unique texts once, per-list loss. Returns (weighted loss, stats)."""
     list_ids, live = micro
     batch = collate(data, list_ids, pad).to(device)
@@ -213,36 +256,77 @@ def micro_loss(model, data: EncodedPreferences, ref_logprobs: Tensor, pad: Pad, 
     margin, _ = pair_margins(rewards, batch.ranks, batch.list_mask)
     best = best_mask(batch.ranks, batch.list_mask)  # (B, K)
     rest = batch.list_mask.bool() & ~best
-    stats = {"loss": per_list.detach().sum(), "lists": len(list_ids), "correct": correct, "pairs": pairs, "margin": margin,
-             "logps_chosen": masked_sum(logprobs.detach(), best), "chosen": best.sum(),
-             "logps_rejected": masked_sum(logprobs.detach(), rest), "rejected": rest.sum(),
-             "tokens": batch.inputs["attention_mask"].sum()}  # the real tokens of the unique texts forwarded
-    stats = {k: v * live for k, v in stats.items()}  # a filler micro-batch still joins the all-reduce, and counts nothing
+    stats = {
+        "loss": per_list.detach().sum(),
+        "lists": len(list_ids),
+        "correct": correct,
+        "pairs": pairs,
+        "margin": margin,
+        "logps_chosen": masked_sum(logprobs.detach(), best),
+        "chosen": best.sum(),
+        "logps_rejected": masked_sum(logprobs.detach(), rest),
+        "rejected": rest.sum(),
+        "tokens": batch.inputs["attention_mask"].sum(),
+    }  # the real tokens of the unique texts forwarded
+    stats = {
+        k: v * live for k, v in stats.items()
+    }  # a filler micro-batch still joins the all-reduce, and counts nothing
     return per_list.sum() * (weight if live else 0.0), stats
 
 
-def evaluate_and_keep_best(run: Run, model: SequenceLogprobs, tokenizer, eval_data, ref_eval: Tensor, pad: Pad, prompts,
-                           chat: bool, cfg: DPOConfig, state: TrainState) -> dict[str, Any]:
+def evaluate_and_keep_best(
+    run: Run,
+    model: SequenceLogprobs,
+    tokenizer,
+    eval_data,
+    ref_eval: Tensor,
+    pad: Pad,
+    prompts,
+    chat: bool,
+    cfg: DPOConfig,
+    state: TrainState,
+) -> dict[str, Any]:
     """Evaluate (on every process when sharded), log, export ``best/`` when held-out implicit-reward accuracy improved."""
     metrics: dict[str, Any] = {}
     if run.evaluates() and eval_data is not None:
         was_training = model.training
         model.eval()
         with run.accelerator.autocast():
-            metrics, _ = evaluate_lists(model, eval_data, ref_eval, pad, loss=cfg.loss, beta=cfg.beta,
-                                        batch_size=cfg.eval_batch_size, device=run.device)
+            metrics, _ = evaluate_lists(
+                model,
+                eval_data,
+                ref_eval,
+                pad,
+                loss=cfg.loss,
+                beta=cfg.beta,
+                batch_size=cfg.eval_batch_size,
+                device=run.device,
+            )
             if prompts:
                 settings = SamplingSettings(max_new_tokens=cfg.eval_max_new_tokens, max_prompt_length=cfg.max_length)
-                metrics.update(sampled_kl(model.policy, partial(reference_policy, cfg, model.policy, run.device), tokenizer,
-                                          prompts, settings, chat=chat, batch_size=cfg.eval_batch_size, seed=cfg.seed))
+                metrics.update(
+                    sampled_kl(
+                        model.policy,
+                        partial(reference_policy, cfg, model.policy, run.device),
+                        tokenizer,
+                        prompts,
+                        settings,
+                        chat=chat,
+                        batch_size=cfg.eval_batch_size,
+                        seed=cfg.seed,
+                    )
+                )
         model.train(was_training)
         if improved(state, metrics["pairwise_accuracy"], higher_is_better=True):
             export(run, model, tokenizer, cfg, chat, run.out / "best")
         if run.main:
             run.log.log(state.step, {f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
-            run.write(f"step {state.step}: eval implicit-reward accuracy {metrics['pairwise_accuracy']:.4f}  list_exact "
-                      f"{metrics['list_exact_accuracy']:.4f}  loss {metrics['loss']:.4f}  logps margin {metrics['logps_margin']:+.3f} "
-                      f"(reference {metrics['ref_logps_margin']:+.3f})" + (f"  KL {metrics['kl']:.3f}" if "kl" in metrics else ""))
+            run.write(
+                f"step {state.step}: eval implicit-reward accuracy {metrics['pairwise_accuracy']:.4f}  list_exact "
+                f"{metrics['list_exact_accuracy']:.4f}  loss {metrics['loss']:.4f}  logps margin {metrics['logps_margin']:+.3f} "
+                f"(reference {metrics['ref_logps_margin']:+.3f})"
+                + (f"  KL {metrics['kl']:.3f}" if "kl" in metrics else "")
+            )
     run.accelerator.wait_for_everyone()
     return metrics
 
@@ -261,26 +345,47 @@ def export(run: Run, model: SequenceLogprobs, tokenizer, cfg: DPOConfig, chat: b
         return
     if state_dict is not None:  # gathered from the wrapper: its keys start with 'policy.'
         state_dict = {k.removeprefix("policy."): v for k, v in state_dict.items()}
-    info = {"reference": reference_name(cfg.policy), "beta": cfg.beta, "loss": cfg.loss, "chat_template": chat,
-            "max_length": cfg.max_length}
-    export_pretrained(model.policy, tokenizer, target, {DPO_INFO: json.dumps(info, indent=2),
-                                                        "training_config.yaml": yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)},
-                      state_dict=state_dict)
+    info = {
+        "reference": reference_name(cfg.policy),
+        "beta": cfg.beta,
+        "loss": cfg.loss,
+        "chat_template": chat,
+        "max_length": cfg.max_length,
+    }
+    export_pretrained(
+        model.policy,
+        tokenizer,
+        target,
+        {
+            DPO_INFO: json.dumps(info, indent=2),
+            "training_config.yaml": yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True),
+        },
+        state_dict=state_dict,
+    )
 
 
-def log_train(run: Run, window: MetricsWindow, state: TrainState, scheduler, grad_norm, n_batches: int, result: dict) -> None:
+def log_train(
+    run: Run, window: MetricsWindow, state: TrainState, scheduler, grad_norm, n_batches: int, result: dict
+) -> None:
     """Log the window's training metrics, and keep them in ``result`` (what :func:`train_dpo` returns)."""
     sums, seconds = window.flush(run.accelerator)
-    row = {"train/loss": sums["loss"] / max(sums["lists"], 1), "train/accuracy": sums["correct"] / max(sums["pairs"], 1),
-           "train/reward_margin": sums["margin"] / max(sums["pairs"], 1),
-           "train/logps_chosen": sums["logps_chosen"] / max(sums["chosen"], 1),
-           "train/logps_rejected": sums["logps_rejected"] / max(sums["rejected"], 1), "train/lists_per_s": sums["lists"] / seconds,
-           "train/tokens_per_s": sums["tokens"] / seconds,
-           "train/lr": scheduler.get_last_lr()[0], "train/epoch": state.epoch + state.batch_in_epoch / n_batches}
+    row = {
+        "train/loss": sums["loss"] / max(sums["lists"], 1),
+        "train/accuracy": sums["correct"] / max(sums["pairs"], 1),
+        "train/reward_margin": sums["margin"] / max(sums["pairs"], 1),
+        "train/logps_chosen": sums["logps_chosen"] / max(sums["chosen"], 1),
+        "train/logps_rejected": sums["logps_rejected"] / max(sums["rejected"], 1),
+        "train/lists_per_s": sums["lists"] / seconds,
+        "train/tokens_per_s": sums["tokens"] / seconds,
+        "train/lr": scheduler.get_last_lr()[0],
+        "train/epoch": state.epoch + state.batch_in_epoch / n_batches,
+    }
     if grad_norm is not None:
         row["train/grad_norm"] = float(grad_norm)
     run.log.log(state.step, row)
-    run.progress.set_postfix(loss=f"{row['train/loss']:.4f}", acc=f"{row['train/accuracy']:.3f}", lists_s=f"{row['train/lists_per_s']:.1f}")
+    run.progress.set_postfix(
+        loss=f"{row['train/loss']:.4f}", acc=f"{row['train/accuracy']:.3f}", lists_s=f"{row['train/lists_per_s']:.1f}"
+    )
     result.update(row)
 
 
@@ -294,7 +399,9 @@ def train_dpo(cfg: DPOConfig) -> dict[str, Any]:
     chat = use_chat_template(tokenizer, cfg.chat_template, cfg.policy)
     encode, pad = policy_encoder(tokenizer, chat, cfg.max_length), partial(pad_right, tokenizer.pad_token_id)
     train_data = EncodedPreferences.build(train_ex, encode, cfg.max_length, what=cfg.train)
-    eval_data = EncodedPreferences.build(eval_ex, encode, cfg.max_length, what=cfg.eval or "eval split") if eval_ex else None
+    eval_data = (
+        EncodedPreferences.build(eval_ex, encode, cfg.max_length, what=cfg.eval or "eval split") if eval_ex else None
+    )
     require(len(train_data) >= run.world, f"{len(train_data)} training lists cannot feed {run.world} processes")
     effective = cfg.batch_size * cfg.grad_accum * run.world
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * math.ceil(len(train_data) / effective)))
@@ -311,25 +418,48 @@ def train_dpo(cfg: DPOConfig) -> dict[str, Any]:
         save_reference_logprobs(run.out / REFERENCE_FILE, ref, texts)
     ref_train = ref["train"].to(run.device)
     info = describe(train_ex)
-    run.write(f"dpo: {info['n_lists']} lists, {info['n_pairs']} pairs, {len(train_data.texts)} unique texts "
-              f"({train_data.n_truncated} truncated at --max-length {cfg.max_length}); eval: {len(eval_ex)} lists; "
-              f"loss {cfg.loss}, beta {cfg.beta}")
+    run.write(
+        f"dpo: {info['n_lists']} lists, {info['n_pairs']} pairs, {len(train_data.texts)} unique texts "
+        f"({train_data.n_truncated} truncated at --max-length {cfg.max_length}); eval: {len(eval_ex)} lists; "
+        f"loss {cfg.loss}, beta {cfg.beta}"
+    )
     prompts = kl_prompts([ex.prompt for ex in eval_ex], cfg.eval_kl_prompts, chat)
 
     cadence = Cadence(total_steps, cfg.log_every, cfg.save_every, cfg.eval_every, cfg.stop_after_steps)
     window, result = MetricsWindow(), {}
-    evaluate = partial(evaluate_and_keep_best, run, model, tokenizer, eval_data, ref["eval"], pad, prompts, chat, cfg, state)
+    evaluate = partial(
+        evaluate_and_keep_best, run, model, tokenizer, eval_data, ref["eval"], pad, prompts, chat, cfg, state
+    )
     lengths = [train_data.list_length(j) for j in range(len(train_data))]
     wrapped.train()
-    for epoch, b, n_batches, step_ids in iter_batches(lengths, effective, cfg.seed, cadence.stop_at - state.step, state.epoch, state.batch_in_epoch):
+    for epoch, b, n_batches, step_ids in iter_batches(
+        lengths, effective, cfg.seed, cadence.stop_at - state.step, state.epoch, state.batch_in_epoch
+    ):
         micro = process_micro_batches(step_ids, run.world, cfg.grad_accum, run.rank)
-        loss_fn = partial(micro_loss, wrapped, train_data, ref_train, pad, cfg.loss, cfg.beta, run.device, run.world / len(step_ids))
+        loss_fn = partial(
+            micro_loss, wrapped, train_data, ref_train, pad, cfg.loss, cfg.beta, run.device, run.world / len(step_ids)
+        )
         grad_norm, stats = train_step(
-            run, wrapped, optimizer, micro, loss_fn, max_grad_norm=cfg.max_grad_norm, scheduler=scheduler,
+            run,
+            wrapped,
+            optimizer,
+            micro,
+            loss_fn,
+            max_grad_norm=cfg.max_grad_norm,
+            scheduler=scheduler,
             where=f"step {state.step + 1} (epoch {epoch}, batch {b})",
-            describe=lambda m: f"lists from {[train_data.examples[j].source for j in m[0]][:4]}")
-        cadence.step_done(run, state, epoch, b, stats, window, evaluate=evaluate,
-                          log=partial(log_train, run, window, state, scheduler, grad_norm, n_batches, result))
+            describe=lambda m: f"lists from {[train_data.examples[j].source for j in m[0]][:4]}",
+        )
+        cadence.step_done(
+            run,
+            state,
+            epoch,
+            b,
+            stats,
+            window,
+            evaluate=evaluate,
+            log=partial(log_train, run, window, state, scheduler, grad_norm, n_batches, result),
+        )
 
     if state.step > 0:
         result.update({f"eval/{k}": v for k, v in evaluate().items() if isinstance(v, (int, float))})
@@ -338,14 +468,21 @@ def train_dpo(cfg: DPOConfig) -> dict[str, Any]:
     if finished:
         export(run, model, tokenizer, cfg, chat, run.out / EXPORT)
         if eval_data is None:
-            export(run, model, tokenizer, cfg, chat, run.out / "best")  # nothing to select by: the final model is the best we know
+            export(
+                run, model, tokenizer, cfg, chat, run.out / "best"
+            )  # nothing to select by: the final model is the best we know
     if run.main:
-        plot_curves(read_metrics(run.out / "metrics.jsonl"),
-                    [("loss", ["train/loss", "eval/loss"]),
-                     ("implicit-reward accuracy", ["train/accuracy", "eval/pairwise_accuracy", "eval/list_exact_accuracy"]),
-                     ("log-prob margin (better - worse)", ["eval/logps_margin", "eval/ref_logps_margin"]),
-                     ("KL to the reference (nats)", ["eval/kl"])],
-                    run.out / "curves.png", title=f"DPO ({cfg.loss}, beta {cfg.beta}): {cfg.policy}" + (" (LoRA)" if cfg.lora else ""))
+        plot_curves(
+            read_metrics(run.out / "metrics.jsonl"),
+            [
+                ("loss", ["train/loss", "eval/loss"]),
+                ("implicit-reward accuracy", ["train/accuracy", "eval/pairwise_accuracy", "eval/list_exact_accuracy"]),
+                ("log-prob margin (better - worse)", ["eval/logps_margin", "eval/ref_logps_margin"]),
+                ("KL to the reference (nats)", ["eval/kl"]),
+            ],
+            run.out / "curves.png",
+            title=f"DPO ({cfg.loss}, beta {cfg.beta}): {cfg.policy}" + (" (LoRA)" if cfg.lora else ""),
+        )
         if any(k.startswith("eval/") for k in result):
             (run.out / "eval_report.json").write_text(json.dumps(result, indent=2, ensure_ascii=False))
     run.accelerator.wait_for_everyone()

@@ -25,9 +25,10 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -38,8 +39,17 @@ from rlhfkit.models.hub import cache_dir
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["OneDNNLinear", "onednn_available", "use_onednn_linear", "KernelChoice", "linear_shapes", "measure_kernels",
-           "choose_cpu_matmul", "apply_cpu_matmul", "MIN_MACS"]
+__all__ = [
+    "OneDNNLinear",
+    "onednn_available",
+    "use_onednn_linear",
+    "KernelChoice",
+    "linear_shapes",
+    "measure_kernels",
+    "choose_cpu_matmul",
+    "apply_cpu_matmul",
+    "MIN_MACS",
+]
 
 CpuMatmul = Literal["auto", "onednn", "torch"]
 
@@ -136,7 +146,7 @@ def linear_shapes(*models: nn.Module | None) -> dict[tuple[int, int], int]:
     """``{(in_features, out_features): count}`` of the fp32 ``nn.Linear`` layers of ``models``."""
     shapes: dict[tuple[int, int], int] = {}
     for model in models:
-        for m in (model.modules() if model is not None else ()):
+        for m in model.modules() if model is not None else ():
             if isinstance(m, nn.Linear) and m.weight.dtype == torch.float32:
                 key = (m.in_features, m.out_features)
                 shapes[key] = shapes.get(key, 0) + 1
@@ -189,8 +199,14 @@ def machine_key(threads: int) -> str:
 _DECIDED: dict[tuple[Path | None, str], KernelChoice] = {}  # this process's measured decisions
 
 
-def choose_cpu_matmul(shapes: dict[tuple[int, int], int], *, threads: int | None = None, cache_file: Path | None = None,
-                      timer: Timer = time_layer, cache_ok: bool = True) -> KernelChoice:
+def choose_cpu_matmul(
+    shapes: dict[tuple[int, int], int],
+    *,
+    threads: int | None = None,
+    cache_file: Path | None = None,
+    timer: Timer = time_layer,
+    cache_ok: bool = True,
+) -> KernelChoice:
     """The faster kernel for these layer shapes on this machine, measured once and cached.
 
     The cache (``cache_file``, JSON) is keyed by :func:`machine_key` and the shapes, so another
@@ -217,7 +233,11 @@ def choose_cpu_matmul(shapes: dict[tuple[int, int], int], *, threads: int | None
     if not (cache_file is not None and cache_ok):
         _DECIDED[cache_file, key] = dataclasses.replace(choice, source="measured earlier in this process")
     if cache_file is not None and cache_ok:
-        cache[key] = {"kernel": choice.kernel, "onednn_gflops": choice.onednn_gflops, "torch_gflops": choice.torch_gflops}
+        cache[key] = {
+            "kernel": choice.kernel,
+            "onednn_gflops": choice.onednn_gflops,
+            "torch_gflops": choice.torch_gflops,
+        }
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache_file.with_name(f".{cache_file.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(cache, indent=1))
@@ -248,8 +268,14 @@ def apply_cpu_matmul(choice: CpuMatmul, device, *models: nn.Module | None) -> Ke
         if not shapes:
             return None
         decision = choose_cpu_matmul(shapes, cache_file=default_cache_file(), cache_ok=busy_cpus(0.1) < 0.5)
-        logger.warning("--cpu-matmul auto: %s (%s: oneDNN %.0f GFLOP/s, PyTorch %.0f GFLOP/s on these layers, %d thread(s))",
-                       decision.kernel, decision.source, decision.onednn_gflops, decision.torch_gflops, torch.get_num_threads())
+        logger.warning(
+            "--cpu-matmul auto: %s (%s: oneDNN %.0f GFLOP/s, PyTorch %.0f GFLOP/s on these layers, %d thread(s))",
+            decision.kernel,
+            decision.source,
+            decision.onednn_gflops,
+            decision.torch_gflops,
+            torch.get_num_threads(),
+        )
     if decision.kernel == "onednn":
         n = sum(use_onednn_linear(m) for m in models if m is not None)
         logger.info("cpu_matmul: %d linear layers run their fp32 matmuls through oneDNN", n)

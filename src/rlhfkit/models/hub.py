@@ -141,8 +141,10 @@ def resolve_model(name_or_path: str | os.PathLike) -> str:
     path = Path(resolve_run_folder(str(Path(name).expanduser())))
     if path.exists():
         if not path.is_dir():
-            raise ModelNotFoundError(f"{path} is a file, not a model: give a Hugging Face checkpoint folder, a run folder "
-                                     f"or an alias ({', '.join(ALIASES)})")
+            raise ModelNotFoundError(
+                f"{path} is a file, not a model: give a Hugging Face checkpoint folder, a run folder "
+                f"or an alias ({', '.join(ALIASES)})"
+            )
         if not (path / "config.json").is_file():
             raise ModelNotFoundError(
                 f"{path} is a folder but has no config.json: it is not a Hugging Face checkpoint. "

@@ -13,8 +13,9 @@ model: ``rlhfkit rm eval --model DPO_RUN`` and ``rlhfkit score --model DPO_RUN``
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -41,28 +42,40 @@ class ImplicitReward(nn.Module):
     ``score`` use it: ``encode``, ``pad``, ``forward(**padded) -> (N,)`` and ``score``.
     """
 
-    def __init__(self, policy: nn.Module, reference: nn.Module, tokenizer: Any, *, beta: float, chat: bool, max_length: int):
+    def __init__(
+        self, policy: nn.Module, reference: nn.Module, tokenizer: Any, *, beta: float, chat: bool, max_length: int
+    ):
         super().__init__()
         self.policy, self.reference = SequenceLogprobs(policy), SequenceLogprobs(reference)
         self.tokenizer, self.beta, self.chat, self.max_length = tokenizer, beta, chat, max_length
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str, *, device: Any = None, max_length: int | None = None) -> "ImplicitReward":
+    def from_pretrained(cls, name_or_path: str, *, device: Any = None, max_length: int | None = None) -> ImplicitReward:
         """Load a DPO export (a run folder picks ``best/``) and the reference its ``rlhfkit_dpo.json`` names."""
         path = resolve_model(name_or_path)
         info = read_dpo_info(path)
         policy, tokenizer = load_policy(path, device=device)
         reference, ref_tokenizer = load_policy(info["reference"], device=device)
         if ref_tokenizer.get_vocab() != tokenizer.get_vocab():
-            raise UserError(f"{path}: the reference {info['reference']} named in {DPO_INFO} has a different tokenizer; "
-                            f"the implicit reward compares both models on the same tokens. Fix 'reference' in {DPO_INFO}.")
-        return cls(policy, reference, tokenizer, beta=float(info["beta"]), chat=bool(info["chat_template"]),
-                   max_length=max_length or int(info["max_length"]))
+            raise UserError(
+                f"{path}: the reference {info['reference']} named in {DPO_INFO} has a different tokenizer; "
+                f"the implicit reward compares both models on the same tokens. Fix 'reference' in {DPO_INFO}."
+            )
+        return cls(
+            policy,
+            reference,
+            tokenizer,
+            beta=float(info["beta"]),
+            chat=bool(info["chat_template"]),
+            max_length=max_length or int(info["max_length"]),
+        )
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor) -> Tensor:
         """Implicit rewards ``(N,)`` of right-padded sequences ``(N, T)``."""
-        return self.beta * (self.policy(input_ids, attention_mask, response_mask)
-                            - self.reference(input_ids, attention_mask, response_mask))
+        return self.beta * (
+            self.policy(input_ids, attention_mask, response_mask)
+            - self.reference(input_ids, attention_mask, response_mask)
+        )
 
     def encode(self, prompt: str, response: str) -> tuple[dict[str, list[int]], int, bool]:
         return encode_response(self.tokenizer, prompt, response, chat=self.chat, max_length=self.max_length)
@@ -71,14 +84,23 @@ class ImplicitReward(nn.Module):
         return pad_right(self.tokenizer.pad_token_id, features)
 
     @torch.no_grad()
-    def score(self, prompts: Sequence[str], responses: Sequence[str], *, batch_size: int = 32, whiten: bool = False,
-              eps: float = 1e-8) -> Tensor:
+    def score(
+        self,
+        prompts: Sequence[str],
+        responses: Sequence[str],
+        *,
+        batch_size: int = 32,
+        whiten: bool = False,
+        eps: float = 1e-8,
+    ) -> Tensor:
         """Implicit rewards ``(N,)`` of N (prompt, response) pairs (``whiten``: batch mean 0, std 1)."""
         if len(prompts) != len(responses):
             raise ValueError(f"got {len(prompts)} prompts but {len(responses)} responses; pass one prompt per response")
         examples = [PreferenceExample(p, (r,), (0,)) for p, r in zip(prompts, responses)]
         data = EncodedPreferences.build(examples, self.encode, self.max_length, what="texts to score")
-        per_text = score_texts(self, data, self.pad, batch_size, next(self.parameters()).device)  # each unique text once
+        per_text = score_texts(
+            self, data, self.pad, batch_size, next(self.parameters()).device
+        )  # each unique text once
         scores = per_text[torch.tensor([row[0] for row in data.lists])]  # (N,)
         if whiten:
             scores = (scores - scores.mean()) / (scores.std(unbiased=False) + eps)

@@ -32,11 +32,15 @@ def response_positions(packed: PackedBatch, total_length: int, n_response: int) 
     """``(B, N)``: where, in the packed row, the state predicting response token ``t`` of each
     row sits (padded column ``P - 1 + t``); 0 where that column is padding (masked later)."""
     p = total_length - n_response
-    return packed.index[:, p - 1:p - 1 + n_response].clamp(min=0)
+    return packed.index[:, p - 1 : p - 1 + n_response].clamp(min=0)
 
 
 def response_logits(
-    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, n_response: int, output_hidden: bool = False,
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    n_response: int,
+    output_hidden: bool = False,
     packed: PackedBatch | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Logits ``(B, N, V)`` predicting the last ``N`` tokens, and optionally the last hidden state ``(B, N, H)``.
@@ -55,7 +59,9 @@ def response_logits(
     """
     if packed is not None:
         keep = response_positions(packed, input_ids.shape[1], n_response)  # (B, N)
-        out = model(**packed_kwargs(packed), logits_to_keep=keep.flatten(), output_hidden_states=output_hidden, use_cache=False)
+        out = model(
+            **packed_kwargs(packed), logits_to_keep=keep.flatten(), output_hidden_states=output_hidden, use_cache=False
+        )
         logits = out.logits[0].view(*keep.shape, -1)  # (B, N, V)
         hidden = out.hidden_states[-1][0, keep.flatten()].view(*keep.shape, -1) if output_hidden else None  # (B, N, H)
         return logits, hidden
@@ -68,13 +74,17 @@ def response_logits(
         use_cache=False,
         **kwargs,
     )
-    logits = out.logits[:, -n_response - 1:-1]  # (B, N, V): position P-1+t predicts token t
-    hidden = out.hidden_states[-1][:, -n_response - 1:-1] if output_hidden else None  # (B, N, H)
+    logits = out.logits[:, -n_response - 1 : -1]  # (B, N, V): position P-1+t predicts token t
+    hidden = out.hidden_states[-1][:, -n_response - 1 : -1] if output_hidden else None  # (B, N, H)
     return logits, hidden
 
 
 def policy_logprobs(
-    model: Any, input_ids: Tensor, attention_mask: Tensor, response_ids: Tensor, temperature: float,
+    model: Any,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    response_ids: Tensor,
+    temperature: float,
     packed: PackedBatch | None = None,
 ) -> Tensor:
     """Log-probs ``(M, N)`` of ``response_ids`` under a plain causal LM (the reference, or eval)."""
@@ -100,6 +110,8 @@ class SequenceLogprobs(nn.Module):
         # One small host sync: where the response tokens start decides how many logits to build.
         first = max(1, int(response_mask.argmax(dim=1).min()))  # token 0 is never a target
         n = input_ids.shape[1] - first
-        logits, _ = response_logits(self.policy, input_ids, attention_mask, n)  # (N, n, V): position first-1+t predicts token first+t
+        logits, _ = response_logits(
+            self.policy, input_ids, attention_mask, n
+        )  # (N, n, V): position first-1+t predicts token first+t
         logprobs = logprobs_from_logits(logits, input_ids[:, first:])  # (N, n)
         return masked_sum(logprobs.float(), response_mask[:, first:], dim=1)  # (N,)

@@ -39,7 +39,10 @@ from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_f
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 IMPLEMENTATION = "rlhfkit_packed"
-_SDPA_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)  # scaled_dot_product_attention(enable_gqa=)
+_SDPA_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (
+    2,
+    5,
+)  # scaled_dot_product_attention(enable_gqa=)
 
 
 @dataclass(frozen=True)
@@ -72,8 +75,9 @@ def _common_prefix(rows: list[list[int]], start: int, limit: int) -> int:
     return n
 
 
-def pack(input_ids: Tensor, attention_mask: Tensor, groups: list[list[int]] | None = None,
-         share_until: Tensor | None = None) -> PackedBatch:
+def pack(
+    input_ids: Tensor, attention_mask: Tensor, groups: list[list[int]] | None = None, share_until: Tensor | None = None
+) -> PackedBatch:
     """Pack ``input_ids (M, T)`` (``attention_mask`` 1 = real token; any padding pattern) into one row.
 
     The tokens every row begins with form the root segment; within each of ``groups`` (rows
@@ -107,21 +111,33 @@ def pack(input_ids: Tensor, attention_mask: Tensor, groups: list[list[int]] | No
     root = add(real[0][:root_len], 0, None) if root_len else None
     for group in groups:
         shared = _common_prefix([real[i] for i in group], root_len, max(0, min(limits[i] for i in group) - root_len))
-        parent = add(real[group[0]][root_len:root_len + shared], root_len, root) if len(group) > 1 and shared else root
+        parent = (
+            add(real[group[0]][root_len : root_len + shared], root_len, root) if len(group) > 1 and shared else root
+        )
         shared = shared if parent != root else 0
         for i in group:
-            own = add(real[i][root_len + shared:], root_len + shared, parent)
+            own = add(real[i][root_len + shared :], root_len + shared, parent)
             at = [segments[root]] if root is not None else []
             at += [segments[parent]] if parent != root else []
             at.append(segments[own])
             index[i, columns[i]] = torch.cat([torch.arange(s.start, s.end) for s in at])
     device = input_ids.device
-    return PackedBatch(torch.tensor([ids], device=device), torch.tensor([pos], device=device), tuple(segments),
-                       index.to(device))
+    return PackedBatch(
+        torch.tensor([ids], device=device), torch.tensor([pos], device=device), tuple(segments), index.to(device)
+    )
 
 
-def shared_prefix_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
-                            dropout: float = 0.0, scaling: float | None = None, rlhfkit_segments=None, **kwargs):
+def shared_prefix_attention(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    rlhfkit_segments=None,
+    **kwargs,
+):
     """Attention over a :class:`PackedBatch` row (module docstring); plain SDPA without segments.
 
     ``query (1, H, L, d)``, ``key``/``value (1, H_kv, L, d)`` -> ``(1, L, H, d)``, as
@@ -130,7 +146,9 @@ def shared_prefix_attention(module: nn.Module, query: Tensor, key: Tensor, value
     key/value heads (SDPA's ``enable_gqa``, torch 2.5+) instead of copies for all ``H``.
     """
     if rlhfkit_segments is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     n_rep = getattr(module, "num_key_value_groups", 1)
     gqa = {"enable_gqa": True} if n_rep > 1 and _SDPA_GQA else {}  # no (1, H, L, d) copies of the key/value heads
     if n_rep > 1 and not _SDPA_GQA:
@@ -140,7 +158,7 @@ def shared_prefix_attention(module: nn.Module, query: Tensor, key: Tensor, value
     sizes = [seg.end - seg.start for seg in rlhfkit_segments]
     queries, keys, values = (t.split(sizes, dim=2) for t in (query, key, value))  # each S x (1, H, len, d)
     outputs = []
-    for i, seg in enumerate(rlhfkit_segments):
+    for i in range(len(rlhfkit_segments)):
         chain = [i]  # this segment, then its ancestors
         while rlhfkit_segments[chain[-1]].parent is not None:
             chain.append(rlhfkit_segments[chain[-1]].parent)
@@ -191,5 +209,9 @@ def use_packed_attention(model: nn.Module) -> None:
 def packed_kwargs(batch: PackedBatch) -> dict:
     """The keyword arguments of a model call on ``batch``. The all-ones attention mask keeps
     ``transformers`` from building an ``(L, L)`` mask of its own: the segments are the mask."""
-    return {"input_ids": batch.input_ids, "position_ids": batch.position_ids, "rlhfkit_segments": batch.segments,
-            "attention_mask": torch.ones_like(batch.input_ids)}
+    return {
+        "input_ids": batch.input_ids,
+        "position_ids": batch.position_ids,
+        "rlhfkit_segments": batch.segments,
+        "attention_mask": torch.ones_like(batch.input_ids),
+    }

@@ -19,8 +19,14 @@ from rlhfkit.errors import UserError
 from rlhfkit.models.hub import resolve_model
 from rlhfkit.models.tokenizers import ensure_distinct_pad
 
-_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-           "fp16": torch.float16, "float16": torch.float16}
+_DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
 
 
 def forward_accepts(model: Any, parameter: str) -> bool:
@@ -31,7 +37,7 @@ def forward_accepts(model: Any, parameter: str) -> bool:
     return parameter in _forward_parameters(type(base))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _forward_parameters(cls: type) -> frozenset[str]:
     return frozenset(inspect.signature(cls.forward).parameters)
 

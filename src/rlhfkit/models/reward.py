@@ -22,9 +22,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -52,10 +52,33 @@ class RewardModelMeta:
 
 def is_decoder_config(config) -> bool:
     archs = " ".join(getattr(config, "architectures", None) or [])
-    return bool(getattr(config, "is_decoder", False)) or "CausalLM" in archs or config.model_type in {
-        "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi", "phi3", "gpt2", "gpt_neox",
-        "smollm3", "olmo", "olmo2", "granite", "starcoder2", "gptj", "opt", "bloom", "falcon",
-    }
+    return (
+        bool(getattr(config, "is_decoder", False))
+        or "CausalLM" in archs
+        or config.model_type
+        in {
+            "llama",
+            "mistral",
+            "qwen2",
+            "qwen3",
+            "gemma",
+            "gemma2",
+            "gemma3",
+            "phi",
+            "phi3",
+            "gpt2",
+            "gpt_neox",
+            "smollm3",
+            "olmo",
+            "olmo2",
+            "granite",
+            "starcoder2",
+            "gptj",
+            "opt",
+            "bloom",
+            "falcon",
+        }
+    )
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -94,7 +117,7 @@ class RewardModel(nn.Module):
         max_length: int | None = None,
         dtype: torch.dtype | None = None,
         device: str | torch.device | None = None,
-    ) -> "RewardModel":
+    ) -> RewardModel:
         """Load a trained reward model folder, or start a new one from any backbone.
 
         ``name_or_path`` may be a folder written by ``rlhfkit rm train`` (its ``best/`` or
@@ -114,9 +137,7 @@ class RewardModel(nn.Module):
         )
         _validate_meta(meta, str(name_or_path))
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=1, dtype=dtype or torch.float32
-        )
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype or torch.float32)
         if kind == "decoder":
             ensure_distinct_pad(tokenizer, model)
         if device is not None:
@@ -156,7 +177,9 @@ class RewardModel(nn.Module):
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
             return out.logits.squeeze(-1)
         base = hf.base_model
-        hidden = base(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).last_hidden_state
+        hidden = base(
+            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
+        ).last_hidden_state
         if self.meta.pooling == "cls":
             pooled = hidden[:, 0]  # (N, H)
         else:  # mean over real tokens
@@ -183,18 +206,22 @@ class RewardModel(nn.Module):
                 full = tok(response, truncation=False)
             truncated = len(full["input_ids"]) > max_len
             if truncated:
-                full = tok(prompt, response, truncation="longest_first", max_length=max_len) if prompt else tok(
-                    response, truncation=True, max_length=max_len
+                full = (
+                    tok(prompt, response, truncation="longest_first", max_length=max_len)
+                    if prompt
+                    else tok(response, truncation=True, max_length=max_len)
                 )
             feats = {k: list(v) for k, v in full.items() if k in ("input_ids", "token_type_ids")}
             n_prompt = feats["token_type_ids"].count(0) if prompt and "token_type_ids" in feats else 1
             return feats, n_prompt, truncated
         if self.meta.text_format == "chat" and tok.chat_template:
-            msgs = ([{"role": "user", "content": prompt}] if prompt else []) + [{"role": "assistant", "content": response}]
+            msgs = ([{"role": "user", "content": prompt}] if prompt else []) + [
+                {"role": "assistant", "content": response}
+            ]
             prefix = tok.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True) if prompt else ""
             whole = tok.apply_chat_template(msgs, tokenize=False)
             p_ids = tok(prefix, add_special_tokens=False)["input_ids"] if prefix else []
-            r_ids = tok(whole[len(prefix):].rstrip("\n"), add_special_tokens=False)["input_ids"]
+            r_ids = tok(whole[len(prefix) :].rstrip("\n"), add_special_tokens=False)["input_ids"]
         else:
             p_ids = tok(prompt, add_special_tokens=False)["input_ids"] if prompt else []
             r_ids = tok(response, add_special_tokens=False)["input_ids"]
@@ -204,7 +231,7 @@ class RewardModel(nn.Module):
         truncated = len(p_ids) + len(r_ids) > max_len
         if truncated:
             keep_prompt = max(0, max_len - len(r_ids))
-            p_ids = p_ids[len(p_ids) - keep_prompt:] if keep_prompt else []
+            p_ids = p_ids[len(p_ids) - keep_prompt :] if keep_prompt else []
             if len(r_ids) > max_len:
                 r_ids = r_ids[: max_len - 1] + ([eos] if eos is not None else r_ids[max_len - 1 : max_len])
         return {"input_ids": p_ids + r_ids}, len(p_ids), truncated
@@ -233,7 +260,10 @@ class RewardModel(nn.Module):
         """Dynamic padding to the longest sequence; attention_mask 1 = real token."""
         n, t = len(features), max(len(f["input_ids"]) for f in features)
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        out = {"input_ids": torch.full((n, t), pad_id, dtype=torch.long), "attention_mask": torch.zeros((n, t), dtype=torch.long)}
+        out = {
+            "input_ids": torch.full((n, t), pad_id, dtype=torch.long),
+            "attention_mask": torch.zeros((n, t), dtype=torch.long),
+        }
         has_tt = "token_type_ids" in features[0]
         if has_tt:
             out["token_type_ids"] = torch.zeros((n, t), dtype=torch.long)
@@ -284,8 +314,9 @@ class RewardModel(nn.Module):
         return scores
 
     # ---------------------------------------------------------------- saving
-    def save_pretrained(self, path: str | os.PathLike, extra_files: dict[str, str] | None = None,
-                        state_dict: dict | None = None) -> None:
+    def save_pretrained(
+        self, path: str | os.PathLike, extra_files: dict[str, str] | None = None, state_dict: dict | None = None
+    ) -> None:
         """Write a plain HF checkpoint (LoRA merged, safetensors) and the scoring metadata, atomically.
 
         ``state_dict``: this module's full weights gathered from a sharded (FSDP) run."""
@@ -294,8 +325,13 @@ class RewardModel(nn.Module):
         if self.tokenizer.pad_token_id is not None:
             config.pad_token_id = self.tokenizer.pad_token_id
         inner = {k.removeprefix("model."): v for k, v in state_dict.items()} if state_dict is not None else None
-        export_pretrained(self.model, self.tokenizer, path, {META_FILE: json.dumps(asdict(self.meta), indent=2), **(extra_files or {})},
-                          state_dict=inner)
+        export_pretrained(
+            self.model,
+            self.tokenizer,
+            path,
+            {META_FILE: json.dumps(asdict(self.meta), indent=2), **(extra_files or {})},
+            state_dict=inner,
+        )
 
 
 def _read_meta(path: str) -> RewardModelMeta | None:
@@ -307,13 +343,17 @@ def _read_meta(path: str) -> RewardModelMeta | None:
 
 def _validate_meta(meta: RewardModelMeta, name: str = "the model") -> None:
     if meta.kind == "decoder" and meta.pooling not in ("last", "auto"):
-        raise ConfigError(f"--pooling {meta.pooling} is for encoders, and {name} is a decoder: a decoder reward model "
-                          "reads the hidden state of the last real token. Leave --pooling at auto (or pass last)")
+        raise ConfigError(
+            f"--pooling {meta.pooling} is for encoders, and {name} is a decoder: a decoder reward model "
+            "reads the hidden state of the last real token. Leave --pooling at auto (or pass last)"
+        )
     if meta.kind == "decoder" and meta.pooling == "auto":
         meta.pooling = "last"
     if meta.kind == "encoder" and meta.pooling not in ("auto", "cls", "mean"):
-        raise ConfigError(f"--pooling {meta.pooling} is for decoders, and {name} is an encoder: choose auto (the "
-                          "architecture's own head), cls or mean")
+        raise ConfigError(
+            f"--pooling {meta.pooling} is for decoders, and {name} is an encoder: choose auto (the "
+            "architecture's own head), cls or mean"
+        )
     if meta.text_format not in ("plain", "chat"):
         raise ValueError(f"text_format={meta.text_format!r} is not one of plain, chat")
     if meta.max_length < 8:

@@ -66,6 +66,8 @@ def use_chat_template(tokenizer: Any, choice: bool | None, model_name: str) -> b
     if choice is None:
         return bool(tokenizer.chat_template)
     if choice and not tokenizer.chat_template:
-        raise UserError(f"--chat-template: the tokenizer of {model_name} has no chat template; "
-                        "pass --no-chat-template (plain prompt text) or leave the option out")
+        raise UserError(
+            f"--chat-template: the tokenizer of {model_name} has no chat template; "
+            "pass --no-chat-template (plain prompt text) or leave the option out"
+        )
     return choice

@@ -44,9 +44,11 @@ def summarize(results: dict) -> str:
         delta = pol["score"] - ref["score"]
         method = "PPO" if pol["name"] in ("policy", "ppo") else pol["name"].upper()
         label = f"after {method}"
-        text = (f"The mean reward-model score on {ev.summary.get('n_prompts', '?')} held-out prompts "
-                f"{'went up' if delta > 0 else 'did not go up'}: {ref['score']:.3f} for the starting policy, {pol['score']:.3f} "
-                f"{label} ({delta:+.3f}), at a KL to the starting policy of {pol['kl']:.2f} nats per response.")
+        text = (
+            f"The mean reward-model score on {ev.summary.get('n_prompts', '?')} held-out prompts "
+            f"{'went up' if delta > 0 else 'did not go up'}: {ref['score']:.3f} for the starting policy, {pol['score']:.3f} "
+            f"{label} ({delta:+.3f}), at a KL to the starting policy of {pol['kl']:.2f} nats per response."
+        )
         if "gold" in pol:
             text += f" The gold score (the annotator's own rule) moved {ref['gold']:.3f} -> {pol['gold']:.3f}."
         near = min(bons, key=lambda r: abs(r["kl"] - pol["kl"])) if bons else None  # best-of-n at the closest KL
@@ -72,14 +74,56 @@ def _fmt(v: Any) -> str:
 def _summary_rows(name: str, summary: dict) -> list[tuple[str, str]]:
     keep = {
         "sft": ["n_train_examples", "step", "train/loss", "eval/loss", "train/tokens_per_s"],
-        "preferences": ["source", "n_prompts", "k", "n_lists", "n_pairs", "n_with_ties", "n_no_preference", "n_duplicate_answers"],
-        "reward_model": ["n_lists", "n_pairs", "pairwise_accuracy", "list_exact_accuracy", "kendall_tau",
-                         "accuracy_first_vs_second", "accuracy_first_vs_last", "length_corr", "length_warning"],
-        **{name: ["n_prompts", "step", "rl/score_mean", "rl/reward_mean", "rl/kl", "rl/kl_k3", "rl/kl_coef", "rl/entropy",
-                  "rl/clipfrac", "rl/approx_kl", "rl/explained_variance", "rl/equal_score_groups", "rl/response_length",
-                  "rl/tokens_per_s"] for name in POLICY_STAGES},
-        "dpo": ["step", "train/loss", "eval/pairwise_accuracy", "eval/list_exact_accuracy", "eval/reward_margin",
-                "eval/logps_margin", "eval/kl", "train/tokens_per_s"],
+        "preferences": [
+            "source",
+            "n_prompts",
+            "k",
+            "n_lists",
+            "n_pairs",
+            "n_with_ties",
+            "n_no_preference",
+            "n_duplicate_answers",
+        ],
+        "reward_model": [
+            "n_lists",
+            "n_pairs",
+            "pairwise_accuracy",
+            "list_exact_accuracy",
+            "kendall_tau",
+            "accuracy_first_vs_second",
+            "accuracy_first_vs_last",
+            "length_corr",
+            "length_warning",
+        ],
+        **{
+            name: [
+                "n_prompts",
+                "step",
+                "rl/score_mean",
+                "rl/reward_mean",
+                "rl/kl",
+                "rl/kl_k3",
+                "rl/kl_coef",
+                "rl/entropy",
+                "rl/clipfrac",
+                "rl/approx_kl",
+                "rl/explained_variance",
+                "rl/equal_score_groups",
+                "rl/response_length",
+                "rl/tokens_per_s",
+            ]
+            for name in POLICY_STAGES
+        },
+        "dpo": [
+            "step",
+            "train/loss",
+            "eval/pairwise_accuracy",
+            "eval/list_exact_accuracy",
+            "eval/reward_margin",
+            "eval/logps_margin",
+            "eval/kl",
+            "train/tokens_per_s",
+        ],
         "evaluation": ["n_prompts", "max_new_tokens", "temperature"],
     }[name]
     items = [(k, v) for k, v in summary.items() if not isinstance(v, (list,)) and k != "samples"]
@@ -92,26 +136,48 @@ def _comparison(rows: list[dict], results: dict) -> tuple[list[str], list[list[s
     """The evaluation table: every trained policy, the reference and best-of-n on the same held-out
     prompts: reward-model score, gold score (when known), KL to the reference, training time."""
     gold = "gold" in rows[0]
-    header = ["model", "mean score"] + (["gold score"] if gold else []) + ["KL to start (nats)", "KL is", "training time (s)"]
+    header = (
+        ["model", "mean score"]
+        + (["gold score"] if gold else [])
+        + ["KL to start (nats)", "KL is", "training time (s)"]
+    )
     table = []
     for r in rows:
         stage = results.get(r["name"])
         seconds = f"{stage.seconds:.0f}" if stage is not None and r["name"] != "reference" else ""
-        table.append([r["name"], f"{r['score']:.4f}"] + ([f"{r['gold']:.4f}"] if gold else []) + [f"{r['kl']:.3f}", r["kl_kind"], seconds])
+        table.append(
+            [r["name"], f"{r['score']:.4f}"]
+            + ([f"{r['gold']:.4f}"] if gold else [])
+            + [f"{r['kl']:.3f}", r["kl_kind"], seconds]
+        )
     return header, table
 
 
 def write_report(cfg, results: dict, out: Path, total_seconds: float) -> tuple[Path, Path, str]:
     paragraph = summarize(results)
-    md = [f"# {cfg.title}", "", f"Written {time.strftime('%Y-%m-%d %H:%M')}; pipeline wall time {total_seconds:.0f} s "
-          f"(stages reused from an earlier run count their original time below).", "", "## Summary", "", paragraph, ""]
-    body = [f"<h1>{html.escape(cfg.title)}</h1>",
-            f"<p class=meta>Written {time.strftime('%Y-%m-%d %H:%M')}; pipeline wall time {total_seconds:.0f} s.</p>",
-            "<h2>Summary</h2>", f"<p class=summary>{html.escape(paragraph)}</p>"]
+    md = [
+        f"# {cfg.title}",
+        "",
+        f"Written {time.strftime('%Y-%m-%d %H:%M')}; pipeline wall time {total_seconds:.0f} s "
+        f"(stages reused from an earlier run count their original time below).",
+        "",
+        "## Summary",
+        "",
+        paragraph,
+        "",
+    ]
+    body = [
+        f"<h1>{html.escape(cfg.title)}</h1>",
+        f"<p class=meta>Written {time.strftime('%Y-%m-%d %H:%M')}; pipeline wall time {total_seconds:.0f} s.</p>",
+        "<h2>Summary</h2>",
+        f"<p class=summary>{html.escape(paragraph)}</p>",
+    ]
     prefs = results.get("preferences")
     if prefs and "simulated" in str(prefs.summary.get("source", "")):
-        note = ("The preference data in this run comes from a SIMULATED ANNOTATOR: a scripted labeller that ranks the "
-                "model's own samples by a sentiment-lexicon rule (rlhfkit.pipeline.simulated). It is not human feedback.")
+        note = (
+            "The preference data in this run comes from a SIMULATED ANNOTATOR: a scripted labeller that ranks the "
+            "model's own samples by a sentiment-lexicon rule (rlhfkit.pipeline.simulated). It is not human feedback."
+        )
         md += [f"> {note}", ""]
         body.append(f"<p class=note>{html.escape(note)}</p>")
 
@@ -130,27 +196,48 @@ def write_report(cfg, results: dict, out: Path, total_seconds: float) -> tuple[P
         rows = _summary_rows(name, res.summary)
         if rows:
             md += ["| metric | value |", "|---|---|"] + [f"| {k} | {v.replace('|', '/')} |" for k, v in rows] + [""]
-            body.append("<table>" + "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(v)}</td></tr>" for k, v in rows) + "</table>")
+            body.append(
+                "<table>"
+                + "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(v)}</td></tr>" for k, v in rows)
+                + "</table>"
+            )
         if name == "evaluation" and res.summary.get("rows"):
             header, table = _comparison(res.summary["rows"], results)
             md += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
             md += ["| " + " | ".join(row) + " |" for row in table] + [""]
-            body.append("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"
-                        + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in table) + "</table>")
+            body.append(
+                "<table><tr>"
+                + "".join(f"<th>{html.escape(h)}</th>" for h in header)
+                + "</tr>"
+                + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in table)
+                + "</table>"
+            )
         for pic in PICTURES.get(name, []):
             path = res.folder / pic
             if path.is_file():
                 rel = path.relative_to(out)
                 md += [f"![{name} {pic}]({rel.as_posix()})", ""]
-                body.append(f"<figure><img alt='{html.escape(name)} {html.escape(pic)}' src='{_img_data(path)}'><figcaption>{html.escape(str(rel))}</figcaption></figure>")
+                body.append(
+                    f"<figure><img alt='{html.escape(name)} {html.escape(pic)}' src='{_img_data(path)}'><figcaption>{html.escape(str(rel))}</figcaption></figure>"
+                )
         samples = res.summary.get("samples") if name == "evaluation" else None
         if samples:
-            trained = [r["name"] for r in res.summary["rows"] if r["name"] != "reference" and not r["name"].startswith("best-of-")]
-            columns = ["prompt", "before (starting policy)"] + [f"after {t.upper() if t != 'policy' else 'PPO'}" for t in trained]
+            trained = [
+                r["name"]
+                for r in res.summary["rows"]
+                if r["name"] != "reference" and not r["name"].startswith("best-of-")
+            ]
+            columns = ["prompt", "before (starting policy)"] + [
+                f"after {t.upper() if t != 'policy' else 'PPO'}" for t in trained
+            ]
             keys = ["prompt", "reference"] + ["policy" if i == 0 else t for i, t in enumerate(trained)]
             title = "The same prompts, before and after " + ", ".join(c.removeprefix("after ") for c in columns[2:])
             md += [f"### {title}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-            body.append(f"<h3>{html.escape(title)}</h3><table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in columns) + "</tr>")
+            body.append(
+                f"<h3>{html.escape(title)}</h3><table><tr>"
+                + "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+                + "</tr>"
+            )
             for s in samples:
                 cells = [str(s.get(k, "")) for k in keys]
                 md.append("| " + " | ".join(c.replace("|", "/").replace("\n", " ")[:300] for c in cells) + " |")
@@ -158,10 +245,12 @@ def write_report(cfg, results: dict, out: Path, total_seconds: float) -> tuple[P
             body.append("</table>")
             md.append("")
 
-    css = ("body{font-family:system-ui,sans-serif;max-width:980px;margin:2em auto;padding:0 1em;color:#1d2433}"
-           "table{border-collapse:collapse;margin:.6em 0}td,th{border:1px solid #ccd;padding:4px 8px;text-align:left;vertical-align:top}"
-           "img{max-width:100%}.note{background:#fff6d8;padding:.6em;border-left:4px solid #e0b400}"
-           ".summary{font-size:1.08em;background:#eef4ff;padding:.8em}.meta{color:#667}")
+    css = (
+        "body{font-family:system-ui,sans-serif;max-width:980px;margin:2em auto;padding:0 1em;color:#1d2433}"
+        "table{border-collapse:collapse;margin:.6em 0}td,th{border:1px solid #ccd;padding:4px 8px;text-align:left;vertical-align:top}"
+        "img{max-width:100%}.note{background:#fff6d8;padding:.6em;border-left:4px solid #e0b400}"
+        ".summary{font-size:1.08em;background:#eef4ff;padding:.8em}.meta{color:#667}"
+    )
     page = f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(cfg.title)}</title><style>{css}</style></head><body>{''.join(body)}</body></html>"
     html_path, md_path = out / "report.html", out / "report.md"
     html_path.write_text(page, encoding="utf-8")

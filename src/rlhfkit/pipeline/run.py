@@ -18,10 +18,11 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import torch
 
@@ -57,7 +58,9 @@ STAGES = ("sft", "preferences", "reward_model", *ALGORITHMS, "evaluation")
 class PreferencesConfig(Options):
     """Where the preference data comes from: a file, or a simulated annotator ranking the policy's samples."""
 
-    source: Literal["simulated", "file"] = opt("simulated", "file: read --file; simulated: sample and rank with a scripted rule")
+    source: Literal["simulated", "file"] = opt(
+        "simulated", "file: read --file; simulated: sample and rank with a scripted rule"
+    )
     file: str | None = opt(None, "source file: preference data in any format 'rlhfkit rm train' reads")
     format: Literal[FORMATS] = opt("auto", "source file: data format")  # type: ignore[valid-type]
     prompt_column: bool = opt(False, "source file: rank-list TSV whose first column is the prompt")
@@ -68,7 +71,9 @@ class PreferencesConfig(Options):
     max_new_tokens: int = opt(MAX_NEW_TOKENS, "simulated: response length limit", ge=1)
     temperature: float = opt(1.0, "simulated: sampling temperature", gt=0)
     top_p: float = opt(1.0, "simulated: nucleus filter", gt=0, le=1)
-    chat_template: bool | None = opt(None, "simulated: render prompts with the chat template (default: when the tokenizer has one)")
+    chat_template: bool | None = opt(
+        None, "simulated: render prompts with the chat template (default: when the tokenizer has one)"
+    )
     seed: int = opt(42, "simulated: sampling seed")
     batch_size: int = opt(16, "simulated: sequences per generate call", ge=1)
     labeller: str | None = opt(None, "simulated: the ranking rule as module:function (default: the sentiment lexicon)")
@@ -76,7 +81,10 @@ class PreferencesConfig(Options):
     def validate(self) -> None:
         super().validate()
         require(self.source != "file" or bool(self.file), "preferences: source is 'file' but 'file' is not set")
-        require(self.source != "simulated" or bool(self.prompts), "preferences: the simulated annotator needs 'prompts' (a prompt file)")
+        require(
+            self.source != "simulated" or bool(self.prompts),
+            "preferences: the simulated annotator needs 'prompts' (a prompt file)",
+        )
 
 
 @dataclass(kw_only=True)
@@ -86,31 +94,60 @@ class PipelineConfig(Options):
     output: str = opt(help="pipeline folder: one sub-folder per stage, report.html, report.md")
     policy: str = opt("smollm2-135m", "starting policy (and SFT base): alias, folder or hub id")
     title: str = opt("RLHF pipeline", "report title")
-    sft: dict = opt(factory=dict, help="rlhfkit sft options (policy/output are filled in); skip: true to skip", cli=False)
-    preferences: PreferencesConfig | None = opt(None, "where the preference data comes from (PreferencesConfig)", cli=False)
-    reward_model: dict = opt(factory=dict, help="rlhfkit rm train options (train/output filled in); skip: true (only "
-                                                "with algorithm: [dpo]) to train none: evaluation then needs its own 'reward'",
-                             cli=False)
-    algorithm: list[str] = opt(factory=lambda: ["ppo"], help=f"how the policy is trained: one or several of {', '.join(ALGORITHMS)}, "
-                                                             "each from the same starting policy, compared in the report")
-    rl: dict = opt(factory=dict, help="rlhfkit rl options (policy/reward/output/algo filled in); skip: true to skip", cli=False,
-                   was=("ppo",))
-    dpo: dict = opt(factory=dict, help="rlhfkit dpo options (policy/train/output filled in: the pipeline's preferences)",
-                    cli=False)
-    evaluation: dict = opt(factory=dict, help="rlhfkit ppo-eval options (policy/reference/reward filled in); skip: true to skip", cli=False)
+    sft: dict = opt(
+        factory=dict, help="rlhfkit sft options (policy/output are filled in); skip: true to skip", cli=False
+    )
+    preferences: PreferencesConfig | None = opt(
+        None, "where the preference data comes from (PreferencesConfig)", cli=False
+    )
+    reward_model: dict = opt(
+        factory=dict,
+        help="rlhfkit rm train options (train/output filled in); skip: true (only "
+        "with algorithm: [dpo]) to train none: evaluation then needs its own 'reward'",
+        cli=False,
+    )
+    algorithm: list[str] = opt(
+        factory=lambda: ["ppo"],
+        help=f"how the policy is trained: one or several of {', '.join(ALGORITHMS)}, "
+        "each from the same starting policy, compared in the report",
+    )
+    rl: dict = opt(
+        factory=dict,
+        help="rlhfkit rl options (policy/reward/output/algo filled in); skip: true to skip",
+        cli=False,
+        was=("ppo",),
+    )
+    dpo: dict = opt(
+        factory=dict, help="rlhfkit dpo options (policy/train/output filled in: the pipeline's preferences)", cli=False
+    )
+    evaluation: dict = opt(
+        factory=dict, help="rlhfkit ppo-eval options (policy/reference/reward filled in); skip: true to skip", cli=False
+    )
     force: list[str] = opt(factory=list, help=f"stages to re-run even if complete ({', '.join(STAGES)})")
-    keep_checkpoints: bool = opt(False, "keep each finished stage's resumable checkpoint/ (weights and optimizer state: "
-                                        "about 1.6 GB per trained 135M model); its models are kept either way")
-    report_to: list[str] = opt(factory=lambda: ["tensorboard"], help="every training stage's --report-to (tensorboard, wandb, "
-                                                                     "mlflow, trackio or none) unless its section sets its own")
+    keep_checkpoints: bool = opt(
+        False,
+        "keep each finished stage's resumable checkpoint/ (weights and optimizer state: "
+        "about 1.6 GB per trained 135M model); its models are kept either way",
+    )
+    report_to: list[str] = opt(
+        factory=lambda: ["tensorboard"],
+        help="every training stage's --report-to (tensorboard, wandb, "
+        "mlflow, trackio or none) unless its section sets its own",
+    )
 
     def validate(self) -> None:
         super().validate()
         check_output_dir(self.output)
-        require(self.preferences is not None, "pipeline: a 'preferences' section is required: {source: file, file: DATA} "
-                                              "or {source: simulated, prompts: PROMPTS}")
+        require(
+            self.preferences is not None,
+            "pipeline: a 'preferences' section is required: {source: file, file: DATA} "
+            "or {source: simulated, prompts: PROMPTS}",
+        )
         unknown = [a for a in self.algorithm if a not in ALGORITHMS]
-        require(bool(self.algorithm) and not unknown, f"option 'algorithm': unknown {unknown or 'nothing'}; choose from {', '.join(ALGORITHMS)}")
+        require(
+            bool(self.algorithm) and not unknown,
+            f"option 'algorithm': unknown {unknown or 'nothing'}; choose from {', '.join(ALGORITHMS)}",
+        )
         unknown = [s for s in self.force if s not in STAGES]
         require(not unknown, f"option --force: unknown stage(s) {unknown}; stages are {', '.join(STAGES)}")
         self.stage_configs()  # every section, built now: errors before the first stage runs
@@ -121,42 +158,108 @@ class PipelineConfig(Options):
         sft_opts, ev_opts = dict(self.sft), dict(self.evaluation)
         configs: dict[str, Any] = {"preferences": self.preferences}
         policy = self.policy
-        configs["sft"] = None if sft_opts.pop("skip", False) else _section(SFTConfig, "sft", {"policy": self.policy, "report_to": self.report_to, **sft_opts, "output": str(out / "sft")}, sft_opts)
+        configs["sft"] = (
+            None
+            if sft_opts.pop("skip", False)
+            else _section(
+                SFTConfig,
+                "sft",
+                {"policy": self.policy, "report_to": self.report_to, **sft_opts, "output": str(out / "sft")},
+                sft_opts,
+            )
+        )
         if configs["sft"] is not None:
             policy = str(out / "sft" / EXPORT)
         preferences = str(out / "preferences" / "preferences.jsonl")
-        rm_opts = {"model": policy, "eval_fraction": 0.2, "allow_ties": True, "report_to": self.report_to, **self.reward_model,
-                   "train": preferences, "output": str(out / "reward_model")}
+        rm_opts = {
+            "model": policy,
+            "eval_fraction": 0.2,
+            "allow_ties": True,
+            "report_to": self.report_to,
+            **self.reward_model,
+            "train": preferences,
+            "output": str(out / "reward_model"),
+        }
         skip_rm = bool(rm_opts.pop("skip", False))
         online = [a for a in self.algorithm if a in ONLINE]
-        require(not (skip_rm and online), f"pipeline reward_model: skip is only for algorithm: [dpo]; {', '.join(online)} "
-                                          "train against the reward model")
-        configs["reward_model"] = None if skip_rm else _section(RMTrainConfig, "reward_model", rm_opts, self.reward_model)
+        require(
+            not (skip_rm and online),
+            f"pipeline reward_model: skip is only for algorithm: [dpo]; {', '.join(online)} "
+            "train against the reward model",
+        )
+        configs["reward_model"] = (
+            None if skip_rm else _section(RMTrainConfig, "reward_model", rm_opts, self.reward_model)
+        )
         reward = None if skip_rm else str(out / "reward_model")
         rl_opts = dict(self.rl)
         skip_rl = rl_opts.pop("skip", False)
-        require(skip_rl or not online or "prompts" in rl_opts, "pipeline rl: option 'prompts' is required (a prompt file for the rollouts)")
+        require(
+            skip_rl or not online or "prompts" in rl_opts,
+            "pipeline rl: option 'prompts' is required (a prompt file for the rollouts)",
+        )
         for algo in online:
-            configs[algo] = None if skip_rl else _section(
-                RLConfig, "rl", {"report_to": self.report_to, **rl_opts, "algo": algo, "policy": policy, "reward": reward, "output": str(out / algo)},
-                rl_opts, stage=algo)
+            configs[algo] = (
+                None
+                if skip_rl
+                else _section(
+                    RLConfig,
+                    "rl",
+                    {
+                        "report_to": self.report_to,
+                        **rl_opts,
+                        "algo": algo,
+                        "policy": policy,
+                        "reward": reward,
+                        "output": str(out / algo),
+                    },
+                    rl_opts,
+                    stage=algo,
+                )
+            )
         if "dpo" in self.algorithm:
             dpo_opts = {"eval_fraction": 0.2, "allow_ties": True, "report_to": self.report_to, **self.dpo}
-            configs["dpo"] = None if dpo_opts.pop("skip", False) else _section(
-                DPOConfig, "dpo", {**dpo_opts, "policy": policy, "train": preferences, "output": str(out / "dpo")}, self.dpo)
+            configs["dpo"] = (
+                None
+                if dpo_opts.pop("skip", False)
+                else _section(
+                    DPOConfig,
+                    "dpo",
+                    {**dpo_opts, "policy": policy, "train": preferences, "output": str(out / "dpo")},
+                    self.dpo,
+                )
+            )
         trained = [a for a in self.algorithm if configs[a] is not None]
         policies = [f"{a}={out / a / EXPORT}" for a in trained]
         gold = None
         if self.preferences.source == "simulated":  # the labeller's own rule, which the reward model never sees
             gold = self.preferences.labeller or "rlhfkit.pipeline.simulated:lexicon_reward"
         skip_ev = ev_opts.pop("skip", False) or not trained
-        require(skip_ev or reward is not None or "reward" in ev_opts,
-                "pipeline evaluation: with reward_model skipped, give evaluation a 'reward' to score with (or skip: true)")
-        require(skip_ev or "prompts" in ev_opts or "prompts" in rl_opts,
-                "pipeline evaluation: option 'prompts' is required (held-out prompts to sample from)")
-        configs["evaluation"] = None if skip_ev else _section(
-            PPOEvalConfig, "evaluation", {"prompts": rl_opts.get("prompts"), "reward": reward, **ev_opts, "policy": policies,
-                                          "reference": policy, "gold": gold, "output": str(out / "evaluation")}, ev_opts)
+        require(
+            skip_ev or reward is not None or "reward" in ev_opts,
+            "pipeline evaluation: with reward_model skipped, give evaluation a 'reward' to score with (or skip: true)",
+        )
+        require(
+            skip_ev or "prompts" in ev_opts or "prompts" in rl_opts,
+            "pipeline evaluation: option 'prompts' is required (held-out prompts to sample from)",
+        )
+        configs["evaluation"] = (
+            None
+            if skip_ev
+            else _section(
+                PPOEvalConfig,
+                "evaluation",
+                {
+                    "prompts": rl_opts.get("prompts"),
+                    "reward": reward,
+                    **ev_opts,
+                    "policy": policies,
+                    "reference": policy,
+                    "gold": gold,
+                    "output": str(out / "evaluation"),
+                },
+                ev_opts,
+            )
+        )
         return configs
 
 
@@ -198,7 +301,9 @@ class Runner:
             done = json.loads(marker.read_text())
             if done.get("hash") == digest:
                 logger.warning("stage %s: complete with the same config, reusing %s", name, folder)
-                res = StageResult(name, folder, reused=True, seconds=done.get("seconds", 0.0), summary=done.get("summary", {}))
+                res = StageResult(
+                    name, folder, reused=True, seconds=done.get("seconds", 0.0), summary=done.get("summary", {})
+                )
                 self.results[name] = res
                 return res
         resume = False
@@ -211,7 +316,9 @@ class Runner:
             else:  # changed, forced, or stopped before its first checkpoint: start it afresh
                 shutil.rmtree(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "stage.started.json").write_text(json.dumps({"hash": digest, "config": config}, default=str, indent=2))
+        (folder / "stage.started.json").write_text(
+            json.dumps({"hash": digest, "config": config}, default=str, indent=2)
+        )
         print(f"\n=== stage {name} ===", flush=True)
         t0 = time.time()
         summary = run(folder, resume)
@@ -221,8 +328,11 @@ class Runner:
         if not self.keep_checkpoints and checkpoint.is_dir():  # only an interrupted stage resumes from it
             size = sum(f.stat().st_size for f in checkpoint.rglob("*") if f.is_file())
             shutil.rmtree(checkpoint)
-            logger.warning("stage %s: complete; removed its resumable checkpoint (%.1f GB; keep_checkpoints: true keeps it)",
-                           name, size / 1e9)
+            logger.warning(
+                "stage %s: complete; removed its resumable checkpoint (%.1f GB; keep_checkpoints: true keeps it)",
+                name,
+                size / 1e9,
+            )
         res = StageResult(name, folder, seconds=seconds, summary=summary)
         self.results[name] = res
         return res
@@ -254,19 +364,32 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
 
     if configs["sft"] is not None:
         sft_cfg = configs["sft"]
-        runner.stage("sft", {"config": _options(sft_cfg)}, lambda folder, resume: {
-            "n_train_examples": len(read_sft_data(sft_cfg.train)), **_plain(train_sft(_resumed(sft_cfg, resume)))})
+        runner.stage(
+            "sft",
+            {"config": _options(sft_cfg)},
+            lambda folder, resume: {
+                "n_train_examples": len(read_sft_data(sft_cfg.train)),
+                **_plain(train_sft(_resumed(sft_cfg, resume))),
+            },
+        )
         policy = str(Path(sft_cfg.output) / EXPORT)
     upstream = {"policy": policy, "sft": runner.hash_of("sft")}
 
     prefs = configs["preferences"]
-    runner.stage("preferences", {"prefs": vars(prefs), **upstream}, lambda folder, resume: collect_preferences(policy, prefs, folder))
+    runner.stage(
+        "preferences",
+        {"prefs": vars(prefs), **upstream},
+        lambda folder, resume: collect_preferences(policy, prefs, folder),
+    )
     upstream["preferences"] = runner.hash_of("preferences")
 
     rm_cfg = configs["reward_model"]
     if rm_cfg is not None:
-        runner.stage("reward_model", {"config": _options(rm_cfg), **upstream},
-                     lambda folder, resume: _plain(train_reward_model(_resumed(rm_cfg, resume))))
+        runner.stage(
+            "reward_model",
+            {"config": _options(rm_cfg), **upstream},
+            lambda folder, resume: _plain(train_reward_model(_resumed(rm_cfg, resume))),
+        )
     trained_on_prefs = dict(upstream)  # DPO's inputs: it never reads the reward model
     upstream["reward_model"] = runner.hash_of("reward_model")
 
@@ -282,13 +405,21 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
 
     if configs["evaluation"] is not None:
         ev_cfg = configs["evaluation"]
-        runner.stage("evaluation", {"config": vars(ev_cfg), **upstream},
-                     lambda folder, resume: _plain({k: v for k, v in run_ppo_eval(ev_cfg).items() if k != "plot"}))
+        runner.stage(
+            "evaluation",
+            {"config": vars(ev_cfg), **upstream},
+            lambda folder, resume: _plain({k: v for k, v in run_ppo_eval(ev_cfg).items() if k != "plot"}),
+        )
 
     seconds = time.time() - t_start
     paths = write_report(cfg, runner.results, out, total_seconds=seconds)
-    return {"report_html": str(paths[0]), "report_md": str(paths[1]), "stages": {k: v.summary for k, v in runner.results.items()},
-            "summary": paths[2], "seconds": seconds}
+    return {
+        "report_html": str(paths[0]),
+        "report_md": str(paths[1]),
+        "stages": {k: v.summary for k, v in runner.results.items()},
+        "summary": paths[2],
+        "seconds": seconds,
+    }
 
 
 def _train_online(cfg: RLConfig, folder: Path, resume: bool) -> dict:
@@ -302,7 +433,9 @@ def _train_dpo(cfg: DPOConfig, folder: Path, resume: bool) -> dict:
 def collect_preferences(policy: str, prefs: PreferencesConfig, folder: Path) -> dict:
     """The preference stage: copy a file into ``ranked`` JSONL, or simulate an annotator."""
     if prefs.source == "file":
-        examples = read_preferences(prefs.file, format=prefs.format, prompt_column=prefs.prompt_column, allow_ties=prefs.allow_ties)
+        examples = read_preferences(
+            prefs.file, format=prefs.format, prompt_column=prefs.prompt_column, allow_ties=prefs.allow_ties
+        )
         write_preferences(folder / "preferences.jsonl", examples, "ranked")
         return {"source": f"file {prefs.file}", **_plain(describe(examples))}
     return simulate_preferences(policy, prefs, folder)
@@ -317,17 +450,23 @@ def simulate_preferences(policy: str, prefs: PreferencesConfig, folder: Path) ->
     apply_cpu_matmul("auto", device, model)
     settings = SamplingSettings(max_new_tokens=prefs.max_new_tokens, temperature=prefs.temperature, top_p=prefs.top_p)
     chat = use_chat_template(tokenizer, prefs.chat_template, policy)
-    samples = sample_texts(model, tokenizer, prompts, k, settings, chat=chat, batch_size=prefs.batch_size, seed=prefs.seed)
+    samples = sample_texts(
+        model, tokenizer, prompts, k, settings, chat=chat, batch_size=prefs.batch_size, seed=prefs.seed
+    )
     rule, name = None, NAME
     if prefs.labeller:  # any rule f(prompts, responses) -> scores, as 'module:function'
         rule, name = FunctionSource(prefs.labeller), f"simulated annotator (rule {prefs.labeller})"
     texts = [p.text for p in prompts]
     examples, stats = rank_samples(texts, samples, rule)
     if not examples:
-        raise ConfigError("the simulated annotator found no preference in any list; sample more prompts or longer answers")
+        raise ConfigError(
+            "the simulated annotator found no preference in any list; sample more prompts or longer answers"
+        )
     write_preferences(folder / "preferences.jsonl", examples, "ranked")
     (folder / "samples.jsonl").write_text(
-        "".join(json.dumps({"prompt": p, "responses": s}, ensure_ascii=False) + "\n" for p, s in zip(texts, samples)), encoding="utf-8")
+        "".join(json.dumps({"prompt": p, "responses": s}, ensure_ascii=False) + "\n" for p, s in zip(texts, samples)),
+        encoding="utf-8",
+    )
     return {"source": name, "samples_per_prompt": k, **vars(stats), **_plain(describe(examples))}
 
 

@@ -48,9 +48,7 @@ class LabelStats:
     n_duplicate_answers: int = 0
 
 
-def rank_samples(
-    prompts: list[str], samples: list[list[str]], rule=None
-) -> tuple[list[PreferenceExample], LabelStats]:
+def rank_samples(prompts: list[str], samples: list[list[str]], rule=None) -> tuple[list[PreferenceExample], LabelStats]:
     """Rank each prompt's K samples by ``rule`` (default: the lexicon score), best first;
     equal scores tie. ``rule(prompts, responses) -> list[float]`` scores one list at a time.
 

@@ -68,7 +68,9 @@ class Setup:
     grad_accum: int = 1  # micro-batches per optimizer step (rl: the minibatch is split into them)
     eval_batch_size: int = 0  # sequences per evaluation forward pass (0: no evaluation phase)
     critic: str = "none"  # ppo: value-head | reward-model (a separate critic of the reward model's shape)
-    frozen_models: str = "shard"  # rl under fsdp2: shard | replicate the reference and reward model (rl --frozen-models)
+    frozen_models: str = (
+        "shard"  # rl under fsdp2: shard | replicate the reference and reward model (rl --frozen-models)
+    )
 
     @property
     def rl(self) -> bool:
@@ -85,14 +87,23 @@ class Precision:
     casts: bool  # autocast casts each linear's fp32 input itself: q, k, v (and gate, up) keep one copy each
     autocast_copies: bool  # fp32 weights read through bf16 copies kept for the backward pass
     gathered: int  # FSDP2's gathered weights and unsharded gradients
-    dropout_mask: int = 1  # bytes per element of a dropout mask: bool on CUDA (fused kernel), a float noise tensor on the CPU
+    dropout_mask: int = (
+        1  # bytes per element of a dropout mask: bool on CUDA (fused kernel), a float noise tensor on the CPU
+    )
 
 
 def precision(setup: Setup, config: str) -> Precision:
     sharded = config != "ddp"
     if not setup.bf16:
-        return Precision(act=4, resid=4, norm=8, casts=False, autocast_copies=False, gathered=4,
-                         dropout_mask=4 if setup.device == "cpu" else 1)
+        return Precision(
+            act=4,
+            resid=4,
+            norm=8,
+            casts=False,
+            autocast_copies=False,
+            gathered=4,
+            dropout_mask=4 if setup.device == "cpu" else 1,
+        )
     if sharded:  # bf16 weights in compute: a bf16 residual stream, norms upcast to fp32 inside
         return Precision(act=2, resid=2, norm=6, casts=False, autocast_copies=False, gathered=2)
     return Precision(act=2, resid=4, norm=8, casts=True, autocast_copies=True, gathered=4)
@@ -143,8 +154,9 @@ def sequence_scorer(shape: ModelShape, trained: bool, lora: bool = False, lora_r
 
 
 # --------------------------------------------------------------- activation math
-def layer_activation_bytes(shape: ModelShape, p: Precision, lora_modules: int = 0, lora_dropout: float = 0.0,
-                           repeated_kv: bool = True) -> float:
+def layer_activation_bytes(
+    shape: ModelShape, p: Precision, lora_modules: int = 0, lora_dropout: float = 0.0, repeated_kv: bool = True
+) -> float:
     """Bytes one transformer block keeps for its backward pass, per token.
 
     Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models",
@@ -170,7 +182,9 @@ def layer_activation_bytes(shape: ModelShape, p: Precision, lora_modules: int = 
     kv = ad if repeated_kv else shape.kv_heads * shape.head_dim
     gated = shape.gated_mlp
     if lora_modules:  # frozen base weights
-        adapter_input = 1 if not p.casts and lora_dropout == 0 else 0  # the norm output itself, shared by q's and v's adapters
+        adapter_input = (
+            1 if not p.casts and lora_dropout == 0 else 0
+        )  # the norm output itself, shared by q's and v's adapters
         norms = 2 * FP32 * h + adapter_input * h * act
         attention = (ad + 2 * kv + ad) * act
         mlp = (3 if gated else 1) * shape.intermediate * act
@@ -179,12 +193,23 @@ def layer_activation_bytes(shape: ModelShape, p: Precision, lora_modules: int = 
         norms = 2 * p.norm * h + (attn_inputs + mlp_inputs) * h * act
         attention = (ad + 2 * kv + ad + ad) * act
         mlp = (4 if gated else 2) * shape.intermediate * act
-    lora = lora_modules * h * ((act if (p.casts or lora_dropout > 0) else 0) + (p.dropout_mask if lora_dropout > 0 else 0))
+    lora = (
+        lora_modules * h * ((act if (p.casts or lora_dropout > 0) else 0) + (p.dropout_mask if lora_dropout > 0 else 0))
+    )
     return norms + attention + mlp + lora
 
 
-def activation_bytes(shape: ModelShape, rows: int, tokens: int, p: Precision, *, checkpointing: bool = False,
-                     lora_modules: int = 0, lora_dropout: float = 0.0, padded_mask: bool = True) -> float:
+def activation_bytes(
+    shape: ModelShape,
+    rows: int,
+    tokens: int,
+    p: Precision,
+    *,
+    checkpointing: bool = False,
+    lora_modules: int = 0,
+    lora_dropout: float = 0.0,
+    padded_mask: bool = True,
+) -> float:
     """Everything the forward pass of ``rows x tokens`` keeps for the backward pass, logits aside.
 
     ``L`` blocks (:func:`layer_activation_bytes`), the final norm and the head's input, and the
@@ -195,7 +220,9 @@ def activation_bytes(shape: ModelShape, rows: int, tokens: int, p: Precision, *,
     n = rows * tokens
     layer = layer_activation_bytes(shape, p, lora_modules, lora_dropout)
     blocks = (shape.layers * shape.hidden * p.resid + layer) if checkpointing else shape.layers * layer
-    final = FP32 * shape.hidden if lora_modules else p.norm * shape.hidden + shape.hidden * p.act  # LoRA: a frozen LM head
+    final = (
+        FP32 * shape.hidden if lora_modules else p.norm * shape.hidden + shape.hidden * p.act
+    )  # LoRA: a frozen LM head
     return n * (blocks + final) + (rows * tokens * tokens if padded_mask else 0)
 
 
@@ -217,8 +244,14 @@ def logit_bytes(rows: int, positions: int, vocab: int, when: str, act: int) -> f
     log-softmax (4) and builds the bf16 gradient of the logits twice (unbind, slice: 2 + 2);
     ``score``: logits and their divided copy in bf16 (2 + 2); ``eval``: the bf16 logits (2).
     """
-    per_element = {("train", 4): 16, ("score", 4): 16, ("eval", 4): 12,
-                   ("train", 2): 8, ("score", 2): 4, ("eval", 2): 2}[(when, act)]
+    per_element = {
+        ("train", 4): 16,
+        ("score", 4): 16,
+        ("eval", 4): 12,
+        ("train", 2): 8,
+        ("score", 2): 4,
+        ("eval", 2): 2,
+    }[(when, act)]
     return rows * positions * vocab * per_element
 
 
@@ -262,8 +295,19 @@ class Estimate:
         return self.phases[self.peak_phase]
 
 
-COMPONENTS = ("weights", "gradients", "optimizer", "ddp_buckets", "autocast_copies", "gathered", "frozen_models",
-              "activations", "logits", "kv_cache", "runtime")
+COMPONENTS = (
+    "weights",
+    "gradients",
+    "optimizer",
+    "ddp_buckets",
+    "autocast_copies",
+    "gathered",
+    "frozen_models",
+    "activations",
+    "logits",
+    "kv_cache",
+    "runtime",
+)
 
 
 def networks(setup: Setup, policy: ModelShape, reward: ModelShape | None) -> tuple[list[Network], list[Network]]:
@@ -349,11 +393,24 @@ def estimate(setup: Setup, policy: ModelShape, config: str, reward: ModelShape |
     accumulated = grads if setup.grad_accum > 1 and not sharded else 0.0  # earlier micro-batches' gradients
     best = None
     for net in trained:  # one network's step at a time (PPO with a separate critic: actor, then critic)
-        acts = activation_bytes(net.shape, rows, tokens, p, checkpointing=setup.gradient_checkpointing,
-                                lora_modules=lora_modules, lora_dropout=setup.lora_dropout, padded_mask=padded)
+        acts = activation_bytes(
+            net.shape,
+            rows,
+            tokens,
+            p,
+            checkpointing=setup.gradient_checkpointing,
+            lora_modules=lora_modules,
+            lora_dropout=setup.lora_dropout,
+            padded_mask=padded,
+        )
         logits = logit_bytes(rows, positions, net.shape.vocab, "train", p.act) if net.lm_head else 0.0
-        parts = phase(gradients=accumulated, autocast_copies=autocast([net], grad=True), gathered=gathered_units(net, True),
-                      activations=acts, logits=logits)
+        parts = phase(
+            gradients=accumulated,
+            autocast_copies=autocast([net], grad=True),
+            gathered=gathered_units(net, True),
+            activations=acts,
+            logits=logits,
+        )
         if best is None or sum(parts.values()) > sum(best.values()):
             best = parts
     phases["backward"] = best
@@ -365,16 +422,24 @@ def estimate(setup: Setup, policy: ModelShape, config: str, reward: ModelShape |
         positions_all = setup.prompt_length + setup.new_tokens
         actor_gathered = actor.params * p.gathered if sharded else 0.0  # gathered() for the whole generation
         phases["generate"] = phase(
-            autocast_copies=autocast([actor], grad=False), gathered=actor_gathered,
+            autocast_copies=autocast([actor], grad=False),
+            gathered=actor_gathered,
             kv_cache=kv_cache_bytes(policy, m, positions_all, p.act),
-            activations=forward_working_bytes(policy, m, setup.prompt_length, p.act) + m * setup.prompt_length ** 2,
-            logits=5 * m * policy.vocab * FP32)  # one step's logits, log-softmax, warpers and probabilities, fp32
+            activations=forward_working_bytes(policy, m, setup.prompt_length, p.act) + m * setup.prompt_length**2,
+            logits=5 * m * policy.vocab * FP32,
+        )  # one step's logits, log-softmax, warpers and probabilities, fp32
         # scoring runs its forward passes one after another: the policy's (reference; PPO: the actor
         # too) with its logits, the reward model's, the critic's
         policy_pass = forward_working_bytes(policy, m, positions_all, p.act)
         policy_logits = logit_bytes(m, setup.new_tokens, policy.vocab, "score", p.act)
-        other = max([forward_working_bytes(net.shape, m, positions_all, p.act) for net in (*frozen, *trained)
-                     if not net.lm_head] or [0.0])
+        other = max(
+            [
+                forward_working_bytes(net.shape, m, positions_all, p.act)
+                for net in (*frozen, *trained)
+                if not net.lm_head
+            ]
+            or [0.0]
+        )
         acts, logits = (other, 0.0) if other > policy_pass + policy_logits else (policy_pass, policy_logits)
         # PPO's old values (a value head: with the actor's logits) run the trained networks; the
         # critic-free algorithms only the frozen reference, their actor resharded after generation
@@ -383,28 +448,47 @@ def estimate(setup: Setup, policy: ModelShape, config: str, reward: ModelShape |
         frozen_gathered = max([gathered_units(net, False) for net in frozen] or [0.0]) if shard_frozen else 0.0
         phases["score"] = phase(
             autocast_copies=autocast(trained, grad=False),
-            gathered=max(sum(gathered_units(net, False) for net in trained) if trained_forward else 0.0, frozen_gathered),
-            activations=acts, logits=logits)
+            gathered=max(
+                sum(gathered_units(net, False) for net in trained) if trained_forward else 0.0, frozen_gathered
+            ),
+            activations=acts,
+            logits=logits,
+        )
     elif setup.eval_batch_size:
         e, t = setup.eval_batch_size, setup.max_length
         eval_logits = logit_bytes(e, t, policy.vocab, "eval", p.act) if actor.lm_head else 0.0
         reference = causal_lm(policy, False, False, 0).params * FP32 if setup.algo == "dpo" and not setup.lora else 0.0
-        phases["eval"] = phase(autocast_copies=autocast([actor], grad=False), gathered=gathered_units(actor, False),
-                               frozen_models=reference, activations=forward_working_bytes(actor.shape, e, t, p.act),
-                               logits=eval_logits)
+        phases["eval"] = phase(
+            autocast_copies=autocast([actor], grad=False),
+            gathered=gathered_units(actor, False),
+            frozen_models=reference,
+            activations=forward_working_bytes(actor.shape, e, t, p.act),
+            logits=eval_logits,
+        )
         if reference:
             notes.append("dpo eval: the reference policy is loaded for the KL of sampled responses (without --lora)")
     if setup.algo == "dpo":
-        notes.append("dpo: the reference log-probs are computed once before training by the policy itself (no second "
-                     "model held while training)")
+        notes.append(
+            "dpo: the reference log-probs are computed once before training by the policy itself (no second "
+            "model held while training)"
+        )
     if sharded and frozen:
-        notes.append("fsdp2: the frozen reference and reward model are " + (
-            "sharded like the trained networks (rl --frozen-models shard)" if shard_frozen else
-            "full copies in every process (rl --frozen-models replicate)"))
+        notes.append(
+            "fsdp2: the frozen reference and reward model are "
+            + (
+                "sharded like the trained networks (rl --frozen-models shard)"
+                if shard_frozen
+                else "full copies in every process (rl --frozen-models replicate)"
+            )
+        )
     if setup.device == "cpu":
-        notes.append("cpu: the process's resident memory can exceed this: glibc keeps freed blocks in its heap (measured "
-                     "+0.4 GiB for one process, +1 GiB per process under FSDP2); MALLOC_MMAP_THRESHOLD_=131072 hands them back")
+        notes.append(
+            "cpu: the process's resident memory can exceed this: glibc keeps freed blocks in its heap (measured "
+            "+0.4 GiB for one process, +1 GiB per process under FSDP2); MALLOC_MMAP_THRESHOLD_=131072 hands them back"
+        )
     if offload:
-        notes.append("fsdp2-offload: weights, gradients and AdamW state (and sharded frozen models) live in CPU RAM "
-                     "(host per process)")
+        notes.append(
+            "fsdp2-offload: weights, gradients and AdamW state (and sharded frozen models) live in CPU RAM "
+            "(host per process)"
+        )
     return Estimate(config, phases, host=host, notes=notes)

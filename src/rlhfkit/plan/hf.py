@@ -35,7 +35,9 @@ def shape_from_folder(path: Path, option: str = "--model") -> ModelShape:
     """Read ``path/config.json`` (a run folder: its exported model) and count on the meta device."""
     folder = Path(resolve_run_folder(str(path)))
     if not (folder / "config.json").is_file():
-        raise UserError(f"{option}: {path} has no config.json; give a Hugging Face model folder, a known name or a size like 7B")
+        raise UserError(
+            f"{option}: {path} has no config.json; give a Hugging Face model folder, a known name or a size like 7B"
+        )
     try:
         config = AutoConfig.from_pretrained(folder)
     except (ValueError, OSError) as e:
@@ -51,13 +53,23 @@ def shape_from_folder(path: Path, option: str = "--model") -> ModelShape:
     embed_params = _count(model.embeddings) if hasattr(model, "embeddings") else embed.weight.numel()
     names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
     shape = ModelShape(
-        name=folder.name, hidden=h, layers=len(blocks), heads=heads,
+        name=folder.name,
+        hidden=h,
+        layers=len(blocks),
+        heads=heads,
         kv_heads=int(getattr(text, "num_key_value_heads", None) or heads),
-        head_dim=int(getattr(text, "head_dim", None) or h // heads), intermediate=int(text.intermediate_size),
-        vocab=int(text.vocab_size), tied=out is not None and out.weight is embed.weight, params=_count(model),
-        block_params=_count(blocks[0]), embed_params=embed_params, lora_params=0,
-        kind="decoder" if decoder else "encoder", gated_mlp=bool(names & {"gate_proj", "gate_up_proj", "w1"}),
-        source=f"{folder}/config.json, counted on the meta device")
+        head_dim=int(getattr(text, "head_dim", None) or h // heads),
+        intermediate=int(text.intermediate_size),
+        vocab=int(text.vocab_size),
+        tied=out is not None and out.weight is embed.weight,
+        params=_count(model),
+        block_params=_count(blocks[0]),
+        embed_params=embed_params,
+        lora_params=0,
+        kind="decoder" if decoder else "encoder",
+        gated_mlp=bool(names & {"gate_proj", "gate_up_proj", "w1"}),
+        source=f"{folder}/config.json, counted on the meta device",
+    )
     return replace(shape, lora_params=lora_params_at_rank_1(model))
 
 

@@ -59,8 +59,9 @@ def decoder_block_params(h: int, heads: int, kv_heads: int, d: int, inter: int, 
     return attn + bias + 3 * h * inter + 2 * h  # gate, up, down; input and post-attention norms
 
 
-def decoder_params(h: int, layers: int, heads: int, kv_heads: int, d: int, inter: int, vocab: int, tied: bool,
-                   qkv_bias: bool = False) -> int:
+def decoder_params(
+    h: int, layers: int, heads: int, kv_heads: int, d: int, inter: int, vocab: int, tied: bool, qkv_bias: bool = False
+) -> int:
     """A Llama-like causal LM: embedding, blocks, final norm, LM head unless tied."""
     return vocab * h * (1 if tied else 2) + layers * decoder_block_params(h, heads, kv_heads, d, inter, qkv_bias) + h
 
@@ -71,42 +72,90 @@ def lora_params_per_rank(h: int, layers: int, heads: int, kv_heads: int, d: int)
     return layers * ((h + heads * d) + (h + kv_heads * d))
 
 
-def decoder_shape(name: str, h: int, layers: int, heads: int, kv_heads: int, inter: int, vocab: int, tied: bool,
-                  head_dim: int | None = None, qkv_bias: bool = False, source: str = "", approx: bool = False) -> ModelShape:
+def decoder_shape(
+    name: str,
+    h: int,
+    layers: int,
+    heads: int,
+    kv_heads: int,
+    inter: int,
+    vocab: int,
+    tied: bool,
+    head_dim: int | None = None,
+    qkv_bias: bool = False,
+    source: str = "",
+    approx: bool = False,
+) -> ModelShape:
     """A Llama-like decoder's :class:`ModelShape` from its ``config.json`` numbers."""
     d = head_dim or h // heads
     return ModelShape(
-        name=name, hidden=h, layers=layers, heads=heads, kv_heads=kv_heads, head_dim=d, intermediate=inter, vocab=vocab,
-        tied=tied, params=decoder_params(h, layers, heads, kv_heads, d, inter, vocab, tied, qkv_bias),
-        block_params=decoder_block_params(h, heads, kv_heads, d, inter, qkv_bias), embed_params=vocab * h,
-        lora_params=lora_params_per_rank(h, layers, heads, kv_heads, d), source=source, approx=approx)
+        name=name,
+        hidden=h,
+        layers=layers,
+        heads=heads,
+        kv_heads=kv_heads,
+        head_dim=d,
+        intermediate=inter,
+        vocab=vocab,
+        tied=tied,
+        params=decoder_params(h, layers, heads, kv_heads, d, inter, vocab, tied, qkv_bias),
+        block_params=decoder_block_params(h, heads, kv_heads, d, inter, qkv_bias),
+        embed_params=vocab * h,
+        lora_params=lora_params_per_rank(h, layers, heads, kv_heads, d),
+        source=source,
+        approx=approx,
+    )
 
 
 # Published shapes, from each model card's config.json (huggingface.co/<id>/blob/main/config.json):
 # hidden_size, num_hidden_layers, num_attention_heads, num_key_value_heads, intermediate_size,
 # vocab_size, tie_word_embeddings (and Qwen2's q/k/v biases).
 _CARDS = "model card config.json"
-KNOWN: dict[str, ModelShape] = {s.name.lower(): s for s in (
-    # HuggingFaceTB/SmolLM2-135M(-Instruct): rlhfkit's embedded default policy
-    decoder_shape("SmolLM2-135M", 576, 30, 9, 3, 1536, 49152, True, source=_CARDS),
-    decoder_shape("SmolLM2-360M", 960, 32, 15, 5, 2560, 49152, True, source=_CARDS),  # HuggingFaceTB/SmolLM2-360M
-    decoder_shape("SmolLM2-1.7B", 2048, 24, 32, 32, 8192, 49152, True, source=_CARDS),  # HuggingFaceTB/SmolLM2-1.7B
-    decoder_shape("Qwen2.5-0.5B", 896, 24, 14, 2, 4864, 151936, True, qkv_bias=True, source=_CARDS),  # Qwen/Qwen2.5-0.5B
-    decoder_shape("Qwen2.5-1.5B", 1536, 28, 12, 2, 8960, 151936, True, qkv_bias=True, source=_CARDS),  # Qwen/Qwen2.5-1.5B
-    decoder_shape("Qwen2.5-7B", 3584, 28, 28, 4, 18944, 152064, False, qkv_bias=True, source=_CARDS),  # Qwen/Qwen2.5-7B
-    decoder_shape("Llama-3.1-8B", 4096, 32, 32, 8, 14336, 128256, False, source=_CARDS),  # meta-llama/Llama-3.1-8B
-)}
+KNOWN: dict[str, ModelShape] = {
+    s.name.lower(): s
+    for s in (
+        # HuggingFaceTB/SmolLM2-135M(-Instruct): rlhfkit's embedded default policy
+        decoder_shape("SmolLM2-135M", 576, 30, 9, 3, 1536, 49152, True, source=_CARDS),
+        decoder_shape("SmolLM2-360M", 960, 32, 15, 5, 2560, 49152, True, source=_CARDS),  # HuggingFaceTB/SmolLM2-360M
+        decoder_shape("SmolLM2-1.7B", 2048, 24, 32, 32, 8192, 49152, True, source=_CARDS),  # HuggingFaceTB/SmolLM2-1.7B
+        decoder_shape(
+            "Qwen2.5-0.5B", 896, 24, 14, 2, 4864, 151936, True, qkv_bias=True, source=_CARDS
+        ),  # Qwen/Qwen2.5-0.5B
+        decoder_shape(
+            "Qwen2.5-1.5B", 1536, 28, 12, 2, 8960, 151936, True, qkv_bias=True, source=_CARDS
+        ),  # Qwen/Qwen2.5-1.5B
+        decoder_shape(
+            "Qwen2.5-7B", 3584, 28, 28, 4, 18944, 152064, False, qkv_bias=True, source=_CARDS
+        ),  # Qwen/Qwen2.5-7B
+        decoder_shape("Llama-3.1-8B", 4096, 32, 32, 8, 14336, 128256, False, source=_CARDS),  # meta-llama/Llama-3.1-8B
+    )
+}
 
 
-def bert_shape(name: str, h: int, layers: int, heads: int, inter: int, vocab: int, positions: int, types: int,
-               source: str = "") -> ModelShape:
+def bert_shape(
+    name: str, h: int, layers: int, heads: int, inter: int, vocab: int, positions: int, types: int, source: str = ""
+) -> ModelShape:
     """A BERT encoder (``BertModel``, pooler included): embeddings (word, position, type, LayerNorm), blocks, pooler."""
     embed = (vocab + positions + types) * h + 2 * h  # word, position, type tables and their LayerNorm
     block = 4 * (h * h + h) + 2 * h + (h * inter + inter) + (inter * h + h) + 2 * h  # q, k, v, out; LN; MLP; LN
-    return ModelShape(name=name, hidden=h, layers=layers, heads=heads, kv_heads=heads, head_dim=h // heads,
-                      intermediate=inter, vocab=vocab, tied=False, params=embed + layers * block + h * h + h,  # + pooler
-                      block_params=block, embed_params=embed, lora_params=layers * 2 * 2 * h,  # query, value: r * (h + h)
-                      kind="encoder", gated_mlp=False, source=source)
+    return ModelShape(
+        name=name,
+        hidden=h,
+        layers=layers,
+        heads=heads,
+        kv_heads=heads,
+        head_dim=h // heads,
+        intermediate=inter,
+        vocab=vocab,
+        tied=False,
+        params=embed + layers * block + h * h + h,  # + pooler
+        block_params=block,
+        embed_params=embed,
+        lora_params=layers * 2 * 2 * h,  # query, value: r * (h + h)
+        kind="encoder",
+        gated_mlp=False,
+        source=source,
+    )
 
 
 # rlhfkit's aliases (rlhfkit models): the embedded SmolLM2 has the published shape; all-MiniLM-L6-v2's
@@ -147,9 +196,19 @@ def shape_for_size(n_params: int) -> ModelShape:
     kv = max(1, round(heads * kv_ratio))
     inter = max(64, round(h * mlp_ratio / 64) * 64)
     label = f"{n_params / 1e9:g}B" if n_params >= 1e9 else f"{n_params / 1e6:g}M"
-    return decoder_shape(f"{label} (Llama-like)", h, layers, heads, kv, inter, anchor.vocab, anchor.tied, head_dim=d,
-                         source=f"approximation: {anchor.name}'s vocabulary and ratios, {layers} layers, width {h}",
-                         approx=True)
+    return decoder_shape(
+        f"{label} (Llama-like)",
+        h,
+        layers,
+        heads,
+        kv,
+        inter,
+        anchor.vocab,
+        anchor.tied,
+        head_dim=d,
+        source=f"approximation: {anchor.name}'s vocabulary and ratios, {layers} layers, width {h}",
+        approx=True,
+    )
 
 
 # ---------------------------------------------------------------------- resolving
@@ -170,7 +229,9 @@ def resolve_shape(model: str, option: str = "--model") -> ModelShape:
 
         return shape_from_folder(path, option)
     if path.exists():
-        raise UserError(f"{option}: {model} is a file; give a model folder with a config.json, a known name or a size like 7B")
+        raise UserError(
+            f"{option}: {model} is a file; give a model folder with a config.json, a known name or a size like 7B"
+        )
     if model.lower() in ALIASES:
         return ALIASES[model.lower()]
     if _normalise(model) in KNOWN:
@@ -183,4 +244,5 @@ def resolve_shape(model: str, option: str = "--model") -> ModelShape:
     raise UserError(
         f"{option}: {model!r} is not a model folder, a known name or a size. Known names: {', '.join(known_names())}; "
         "sizes look like 135M, 0.5B or 7B. For another model, download its config.json into a folder and pass the folder "
-        "(plan reads the shape only, no weights)")
+        "(plan reads the shape only, no weights)"
+    )

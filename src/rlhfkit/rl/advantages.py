@@ -9,8 +9,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["compute_gae", "rloo_advantages", "grpo_advantages", "equal_score_groups", "discounted_returns",
-           "broadcast_to_tokens"]
+__all__ = [
+    "compute_gae",
+    "rloo_advantages",
+    "grpo_advantages",
+    "equal_score_groups",
+    "discounted_returns",
+    "broadcast_to_tokens",
+]
 
 
 def _check_right_padded(response_mask: Tensor, fn: str) -> None:
@@ -98,7 +104,9 @@ def compute_gae(
 
 def _groups(scores: Tensor, k: int, fn: str) -> Tensor:
     if scores.dim() != 1 or k < 1 or scores.numel() % k:
-        raise ValueError(f"{fn}: scores must be (M,) with M a multiple of the group size K={k}; got {tuple(scores.shape)}")
+        raise ValueError(
+            f"{fn}: scores must be (M,) with M a multiple of the group size K={k}; got {tuple(scores.shape)}"
+        )
     return scores.view(-1, k)  # (G, K)
 
 

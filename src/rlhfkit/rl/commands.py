@@ -48,8 +48,15 @@ from rlhfkit.tracking import Progress
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "GenerateConfig", "BonConfig", "PPOEvalConfig", "run_generate", "run_bon", "run_ppo_eval",
-    "expected_best_of_n", "best_of_n_kl", "print_eval_table",
+    "GenerateConfig",
+    "BonConfig",
+    "PPOEvalConfig",
+    "run_generate",
+    "run_bon",
+    "run_ppo_eval",
+    "expected_best_of_n",
+    "best_of_n_kl",
+    "print_eval_table",
 ]
 
 
@@ -76,12 +83,16 @@ class BonConfig(GenerateConfig, RewardSourceOptions):
 
     samples_per_prompt: int = opt(4, "responses sampled per prompt (the n of best-of-n)", ge=1, was=("n",))
     output: str | None = opt(None, "JSONL of the best responses {prompt, response, score, scores} (default: stdout)")
-    ranked_output: str | None = opt(None, "also write every list, best first, as 'ranked' JSONL (rejection-sampling data)")
+    ranked_output: str | None = opt(
+        None, "also write every list, best first, as 'ranked' JSONL (rejection-sampling data)"
+    )
 
     def validate(self) -> None:
         super().validate()
-        require(not self.ranked_output or self.samples_per_prompt >= 2,
-                "--ranked-output needs --samples-per-prompt >= 2: a ranking needs at least two responses")
+        require(
+            not self.ranked_output or self.samples_per_prompt >= 2,
+            "--ranked-output needs --samples-per-prompt >= 2: a ranking needs at least two responses",
+        )
         if self.ranked_output:
             check_output_file(self.ranked_output, "--ranked-output")
 
@@ -90,17 +101,24 @@ class BonConfig(GenerateConfig, RewardSourceOptions):
 class PPOEvalConfig(RewardSourceOptions):
     """Held-out comparison: trained policies vs their reference vs best-of-n, mean score and KL to the reference."""
 
-    policy: list[str] = opt(help="the trained policies (e.g. RUN/policy), each PATH or NAME=PATH; all share one reference")
+    policy: list[str] = opt(
+        help="the trained policies (e.g. RUN/policy), each PATH or NAME=PATH; all share one reference"
+    )
     reference: str | None = opt(None, "the reference model (default: as recorded in POLICY/rlhfkit_ppo.json)")
-    gold: str | None = opt(None, "a second scorer, module:function or a reward-model folder, scored on the same samples: "
-                                 "e.g. the rule simulated preferences came from, which the reward model never saw")
+    gold: str | None = opt(
+        None,
+        "a second scorer, module:function or a reward-model folder, scored on the same samples: "
+        "e.g. the rule simulated preferences came from, which the reward model never saw",
+    )
     prompts: str = opt(help="held-out prompts: text file or JSONL")
     n_prompts: int | None = opt(None, "use only the first N prompts", ge=1)
     bon: list[int] = opt(factory=lambda: [1, 2, 4, 8, 16], help="best-of-n sizes to evaluate")
     max_new_tokens: int | None = opt(None, "response length limit (default: as in training, else 64)", ge=1)
     max_prompt_length: int = opt(MAX_PROMPT_LENGTH, "prompt tokens kept", ge=1)
     temperature: float | None = opt(None, "sampling temperature (default: as in training, else 1)", gt=0)
-    chat_template: bool | None = opt(None, "render prompts with the chat template (default: as in training, else when the tokenizer has one)")
+    chat_template: bool | None = opt(
+        None, "render prompts with the chat template (default: as in training, else when the tokenizer has one)"
+    )
     batch_size: int = opt(16, "sequences per generate call", ge=1)
     seed: int = opt(42, "sampling seed")
     output: str = opt("ppo_eval", "folder for ppo_eval.json and reward_vs_kl.png")
@@ -124,8 +142,16 @@ def _sample_texts(cfg: GenerateConfig) -> tuple[list[Prompt], list[list[str]]]:
     model, tokenizer = load_policy(cfg.policy, device=device, dtype=inference_dtype(None, device))
     apply_cpu_matmul("auto", device, model)
     chat = use_chat_template(tokenizer, cfg.chat_template, cfg.policy)
-    return prompts, sample_texts(model, tokenizer, prompts, cfg.samples_per_prompt, cfg.settings(), chat=chat,
-                                 batch_size=cfg.batch_size, seed=cfg.seed)
+    return prompts, sample_texts(
+        model,
+        tokenizer,
+        prompts,
+        cfg.samples_per_prompt,
+        cfg.settings(),
+        chat=chat,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+    )
 
 
 def _write_jsonl(rows: list[dict[str, Any]], path: str | None) -> None:
@@ -168,9 +194,15 @@ def run_bon(cfg: BonConfig) -> list[dict[str, Any]]:
     if cfg.ranked_output:
         skipped = len(prompts) - len(ranked)
         if skipped:
-            logger.warning("--ranked-output: %d prompt(s) had fewer than 2 distinct responses and were left out", skipped)
+            logger.warning(
+                "--ranked-output: %d prompt(s) had fewer than 2 distinct responses and were left out", skipped
+            )
         if ranked:
-            write_preferences(cfg.ranked_output, [PreferenceExample(p, tuple(rs), strict_ranks(len(rs))) for p, rs in ranked], "ranked")
+            write_preferences(
+                cfg.ranked_output,
+                [PreferenceExample(p, tuple(rs), strict_ranks(len(rs))) for p, rs in ranked],
+                "ranked",
+            )
     return rows
 
 
@@ -200,12 +232,16 @@ def expected_best_of_n(scores: Tensor, n: int, values: Tensor | None = None) -> 
         raise ValueError(f"expected_best_of_n: need 1 <= n <= K, got n={n}, K={k}")
     order = scores.double().argsort(dim=1, stable=True)  # (P, K) ascending by score
     x = (values if values is not None else scores).double().gather(1, order)
-    weights = torch.tensor([math.comb(i - 1, n - 1) for i in range(1, k + 1)], dtype=torch.float64) / math.comb(k, n)  # (K,)
+    weights = torch.tensor([math.comb(i - 1, n - 1) for i in range(1, k + 1)], dtype=torch.float64) / math.comb(
+        k, n
+    )  # (K,)
     return (x * weights).sum(dim=1)
 
 
 @torch.no_grad()
-def _sample_logprobs(model, ref_model, tokenizer, prompts, n, settings, chat, batch_size, what: str) -> tuple[list[str], list[str], Tensor]:
+def _sample_logprobs(
+    model, ref_model, tokenizer, prompts, n, settings, chat, batch_size, what: str
+) -> tuple[list[str], list[str], Tensor]:
     """Sample from ``model``; texts and the per-response KL estimate ``sum_t log p - log p_ref`` (B,)."""
     texts, responses, kls = [], [], []
     progress = Progress(math.ceil(len(prompts) * n / batch_size), f"ppo-eval: {what}", "batch")
@@ -216,8 +252,13 @@ def _sample_logprobs(model, ref_model, tokenizer, prompts, n, settings, chat, ba
             ids = torch.cat([s.query_ids, s.response_ids], 1)
             mask = torch.cat([s.query_mask, s.response_mask], 1)
             lp = policy_logprobs(model, ids, mask, s.response_ids, settings.temperature)  # (B, N)
-            ref_lp = policy_logprobs(ref_model, ids.to(ref_model.device), mask.to(ref_model.device),
-                                     s.response_ids.to(ref_model.device), settings.temperature).to(lp.device)
+            ref_lp = policy_logprobs(
+                ref_model,
+                ids.to(ref_model.device),
+                mask.to(ref_model.device),
+                s.response_ids.to(ref_model.device),
+                settings.temperature,
+            ).to(lp.device)
             kls.append(masked_sum(lp - ref_lp, s.response_mask, dim=1).float().cpu())  # k1, unbiased on own samples
         progress.update(1)
     progress.close()
@@ -230,14 +271,23 @@ def _named(policy: str) -> tuple[str, str]:
     return (name, path) if name else (Path(path).parent.name or path, path)
 
 
-def _evaluate_policy(name, path, ref_model, tokenizer, prompts, settings, chat, cfg, reward, gold, device) -> dict[str, Any]:
+def _evaluate_policy(
+    name, path, ref_model, tokenizer, prompts, settings, chat, cfg, reward, gold, device
+) -> dict[str, Any]:
     """One policy's row: mean score (and gold score) of one sample per prompt, and its KL to the reference."""
     policy, _ = load_policy(path, device=device, dtype=inference_dtype(None, device))
     apply_cpu_matmul("auto", device, policy)
-    texts, responses, kl = _sample_logprobs(policy, ref_model, tokenizer, prompts, 1, settings, chat, cfg.batch_size,
-                                            f"{name} samples")
-    row = {"name": name, "score": reward(texts, responses).mean().item(), "kl": kl.mean().item(), "kl_kind": "sampled",
-           "kl_std_error": (kl.std().item() / math.sqrt(len(kl))) if len(kl) > 1 else None, "responses": responses}
+    texts, responses, kl = _sample_logprobs(
+        policy, ref_model, tokenizer, prompts, 1, settings, chat, cfg.batch_size, f"{name} samples"
+    )
+    row = {
+        "name": name,
+        "score": reward(texts, responses).mean().item(),
+        "kl": kl.mean().item(),
+        "kl_kind": "sampled",
+        "kl_std_error": (kl.std().item() / math.sqrt(len(kl))) if len(kl) > 1 else None,
+        "responses": responses,
+    }
     if gold is not None:
         row["gold"] = gold(texts, responses).mean().item()
     return row
@@ -251,14 +301,18 @@ def run_ppo_eval(cfg: PPOEvalConfig) -> dict[str, Any]:
     info = read_policy_info(policies[0][1])
     reference = cfg.reference or info.get("reference")
     if not reference:
-        raise ConfigError(f"--reference is needed: {policies[0][1]} has no rlhfkit_ppo.json naming the model it was trained from")
+        raise ConfigError(
+            f"--reference is needed: {policies[0][1]} has no rlhfkit_ppo.json naming the model it was trained from"
+        )
     temperature = cfg.temperature if cfg.temperature is not None else float(info.get("temperature", 1.0))
     max_new = cfg.max_new_tokens or int(info.get("max_new_tokens", 64))
     prompts = read_prompts(cfg.prompts)[: cfg.n_prompts]
     device = _device(cfg.cpu)
     ref_model, tokenizer = load_policy(reference, device=device, dtype=inference_dtype(None, device))
     apply_cpu_matmul("auto", device, ref_model)
-    chat = use_chat_template(tokenizer, cfg.chat_template if cfg.chat_template is not None else info.get("chat_template"), reference)
+    chat = use_chat_template(
+        tokenizer, cfg.chat_template if cfg.chat_template is not None else info.get("chat_template"), reference
+    )
     reward = cfg.load_reward(device)
     gold = load_reward_source(cfg.gold, RewardOptions(device=device)) if cfg.gold else None
     settings = SamplingSettings(max_new, temperature, 0, 1.0, cfg.max_prompt_length)
@@ -270,29 +324,56 @@ def run_ppo_eval(cfg: PPOEvalConfig) -> dict[str, Any]:
         for i, (name, path) in enumerate(policies):
             if i:
                 torch.manual_seed(cfg.seed)
-            rows.append(_evaluate_policy(name, path, ref_model, tokenizer, prompts, settings, chat, cfg, reward, gold, device))
+            rows.append(
+                _evaluate_policy(name, path, ref_model, tokenizer, prompts, settings, chat, cfg, reward, gold, device)
+            )
             samples[name] = rows[-1].pop("responses")
         if len(policies) > 1:
             torch.manual_seed(cfg.seed + 1)
-        r_texts, r_resp, _ = _sample_logprobs(ref_model, None, tokenizer, prompts, k, settings, chat, cfg.batch_size,
-                                              f"{k} reference samples per prompt")
+        r_texts, r_resp, _ = _sample_logprobs(
+            ref_model, None, tokenizer, prompts, k, settings, chat, cfg.batch_size, f"{k} reference samples per prompt"
+        )
     r_scores = reward(r_texts, r_resp).view(len(prompts), k)  # (P, K)
     r_gold = gold(r_texts, r_resp).view(len(prompts), k) if gold is not None else None
-    rows.append({"name": "reference", "score": r_scores.mean().item(), "kl": 0.0, "kl_kind": "exact",
-                 **({"gold": r_gold.mean().item()} if r_gold is not None else {})})
+    rows.append(
+        {
+            "name": "reference",
+            "score": r_scores.mean().item(),
+            "kl": 0.0,
+            "kl_kind": "exact",
+            **({"gold": r_gold.mean().item()} if r_gold is not None else {}),
+        }
+    )
     for n in sorted(set(cfg.bon)):
-        row = {"name": f"best-of-{n}", "score": expected_best_of_n(r_scores, n).mean().item(), "kl": best_of_n_kl(n),
-               "kl_kind": "analytic"}
+        row = {
+            "name": f"best-of-{n}",
+            "score": expected_best_of_n(r_scores, n).mean().item(),
+            "kl": best_of_n_kl(n),
+            "kl_kind": "analytic",
+        }
         if r_gold is not None:  # the gold score of the sample the reward model picks
             row["gold"] = expected_best_of_n(r_scores, n, r_gold).mean().item()
         rows.append(row)
     first = policies[0][0]
     report = {
-        "policy": cfg.policy, "reference": reference, "reward": cfg.reward, "gold": cfg.gold, "n_prompts": len(prompts),
-        "max_new_tokens": max_new, "temperature": temperature, "rows": rows,
+        "policy": cfg.policy,
+        "reference": reference,
+        "reward": cfg.reward,
+        "gold": cfg.gold,
+        "n_prompts": len(prompts),
+        "max_new_tokens": max_new,
+        "temperature": temperature,
+        "rows": rows,
         "policy_kl_std_error": rows[0]["kl_std_error"],
-        "samples": [{"prompt": p.text, "policy": samples[first][i], "reference": r_resp[i * k],
-                     **{name: samples[name][i] for name, _ in policies[1:]}} for i, p in enumerate(prompts)][:8],
+        "samples": [
+            {
+                "prompt": p.text,
+                "policy": samples[first][i],
+                "reference": r_resp[i * k],
+                **{name: samples[name][i] for name, _ in policies[1:]},
+            }
+            for i, p in enumerate(prompts)
+        ][:8],
     }
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -317,10 +398,22 @@ def _plot_reward_vs_kl(rows: list[dict[str, Any]], n_policies: int, path: Path) 
     for ax, (key, label) in zip(axes[0], keys):
         ax.plot([r["kl"] for r in bon], [r[key] for r in bon], marker="o", label="best-of-n (reference samples)")
         for r in bon:
-            ax.annotate(r["name"].removeprefix("best-of-"), (r["kl"], r[key]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            ax.annotate(
+                r["name"].removeprefix("best-of-"),
+                (r["kl"], r[key]),
+                fontsize=7,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
         for i, r in enumerate(rows[:n_policies] + [rows[n_policies]]):
-            ax.scatter([r["kl"]], [r[key]], marker="s" if r["name"] == "reference" else markers[i % len(markers)], s=90,
-                       label=r["name"], zorder=3)
+            ax.scatter(
+                [r["kl"]],
+                [r[key]],
+                marker="s" if r["name"] == "reference" else markers[i % len(markers)],
+                s=90,
+                label=r["name"],
+                zorder=3,
+            )
         ax.set_xlabel("KL to the reference (nats per response)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
@@ -338,5 +431,9 @@ def print_eval_table(report: dict[str, Any], as_json: bool) -> None:
     gold = "gold" in report["rows"][0]
     print(f"{'':14s} {'score':>10s}" + (f" {'gold':>10s}" if gold else "") + f" {'KL (nats)':>10s}")
     for r in report["rows"]:
-        print(f"{r['name']:14s} {r['score']:10.4f}" + (f" {r['gold']:10.4f}" if gold else "") + f" {r['kl']:10.4f}  ({r['kl_kind']})")
+        print(
+            f"{r['name']:14s} {r['score']:10.4f}"
+            + (f" {r['gold']:10.4f}" if gold else "")
+            + f" {r['kl']:10.4f}  ({r['kl_kind']})"
+        )
     print(f"report: {Path(report['plot']).parent / 'ppo_eval.json'}, plot: {report['plot']}")

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -66,7 +66,9 @@ class Critic(nn.Module):
         """The blocks FSDP shards one by one."""
         return list(getattr(self.model, "_no_split_modules", None) or [])
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, n_response: int, packed: PackedBatch | None = None) -> Tensor:
+    def forward(
+        self, input_ids: Tensor, attention_mask: Tensor, n_response: int, packed: PackedBatch | None = None
+    ) -> Tensor:
         """Values ``(B, N)`` for the last ``N`` tokens of ``input_ids (B, P + N)`` (``packed``: as in :func:`~rlhfkit.models.logprobs.response_logits`)."""
         backbone = getattr(self.model, self.model.base_model_prefix)
         if packed is not None:
@@ -74,9 +76,11 @@ class Critic(nn.Module):
             hidden = backbone(**packed_kwargs(packed), use_cache=False).last_hidden_state[0, keep]  # (B, N, H)
         else:
             hidden = backbone(
-                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids_from_mask(attention_mask),
                 use_cache=False,
-            ).last_hidden_state[:, -n_response - 1:-1]  # (B, N, H)
+            ).last_hidden_state[:, -n_response - 1 : -1]  # (B, N, H)
         return self.model.score(hidden).squeeze(-1).float()  # (B, N)
 
 
@@ -129,13 +133,18 @@ class ActorCritic(nn.Module):
         return hasattr(self.actor, "disable_adapter")
 
     def forward(
-        self, input_ids: Tensor, attention_mask: Tensor, n_response: int, temperature: float = 1.0,
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        n_response: int,
+        temperature: float = 1.0,
         packed: PackedBatch | None = None,
     ) -> tuple[Tensor, Tensor]:
         """``(logits (B, N, V), values (B, N))`` for the response tokens of ``input_ids (B, P + N)``
         (values 0 without a value network)."""
-        logits, hidden = response_logits(self.actor, input_ids, attention_mask, n_response,
-                                         output_hidden=self.value_head is not None, packed=packed)
+        logits, hidden = response_logits(
+            self.actor, input_ids, attention_mask, n_response, output_hidden=self.value_head is not None, packed=packed
+        )
         if self.value_head is not None:
             values = self.value_head(hidden)  # (B, N)
         elif self.critic is not None:
@@ -148,7 +157,9 @@ class ActorCritic(nn.Module):
     def reference(self) -> Iterator[nn.Module]:
         """The reference policy: the actor with its LoRA adapter disabled."""
         if not self.is_lora:
-            raise RuntimeError("ActorCritic.reference() needs a LoRA actor; without LoRA keep a frozen copy of the policy")
+            raise RuntimeError(
+                "ActorCritic.reference() needs a LoRA actor; without LoRA keep a frozen copy of the policy"
+            )
         with self.actor.disable_adapter():
             yield self.actor
 

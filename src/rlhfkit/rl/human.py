@@ -18,8 +18,9 @@ import json
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import IO, Sequence
+from typing import IO
 
 import torch
 
@@ -94,7 +95,9 @@ class HumanRewardSource:
         scores: list[float | None] = [self.known.get(_key(p, r)) for p, r in zip(prompts, responses)]
         todo = [i for i, s in enumerate(scores) if s is None]
         if len(todo) < len(scores):
-            self._say(f"batch {self.batch}: {len(scores) - len(todo)} of {len(scores)} generations already scored in the log")
+            self._say(
+                f"batch {self.batch}: {len(scores) - len(todo)} of {len(scores)} generations already scored in the log"
+            )
         if todo:
             self._say(f"\nbatch {self.batch}: score {len(todo)} generations ({HELP})")
         done: list[int] = []
@@ -102,7 +105,9 @@ class HumanRewardSource:
         while pos < len(todo):
             i = todo[pos]
             range_note = f" [{self.low:g}..{self.high:g}]" if self.low is not None else ""
-            self.stdout.write(f"\n[{pos + 1}/{len(todo)}] prompt: {prompts[i]}\nresponse: {responses[i]}\nscore{range_note}> ")
+            self.stdout.write(
+                f"\n[{pos + 1}/{len(todo)}] prompt: {prompts[i]}\nresponse: {responses[i]}\nscore{range_note}> "
+            )
             self.stdout.flush()
             line = self.stdin.readline()
             if line == "":
@@ -130,8 +135,16 @@ class HumanRewardSource:
                 self._say(value)
                 continue
             key = _key(prompts[i], responses[i])
-            self._append({"key": key, "prompt": prompts[i], "response": responses[i], "score": value,
-                          "batch": self.batch, "time": time.time()})
+            self._append(
+                {
+                    "key": key,
+                    "prompt": prompts[i],
+                    "response": responses[i],
+                    "score": value,
+                    "batch": self.batch,
+                    "time": time.time(),
+                }
+            )
             self.known[key] = value
             scores[i] = value
             done.append(i)

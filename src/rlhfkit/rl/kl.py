@@ -77,8 +77,7 @@ class AdaptiveKLController:
         for name, v in (("init_kl_coef", init_kl_coef), ("target", target), ("horizon", horizon)):
             if not v > 0:
                 raise ValueError(
-                    f"AdaptiveKLController: {name}={v!r} must be > 0; use FixedKLController "
-                    "for a constant coefficient."
+                    f"AdaptiveKLController: {name}={v!r} must be > 0; use FixedKLController for a constant coefficient."
                 )
         self.kl_coef = float(init_kl_coef)
         self.target = float(target)

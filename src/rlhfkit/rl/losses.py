@@ -61,8 +61,9 @@ def policy_loss(
         term is the active one) and ``approx_kl`` (k3 estimate of ``KL(old || new)``,
         http://joschu.net/blog/kl-approx.html), both detached.
     """
-    _check_same("policy_loss", logprobs=logprobs, old_logprobs=old_logprobs,
-                advantages=advantages, response_mask=response_mask)
+    _check_same(
+        "policy_loss", logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages, response_mask=response_mask
+    )
     real = response_mask.to(torch.bool)
     zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
     # Zero the log-ratio on masked positions first: exp of garbage there could be inf and
@@ -118,8 +119,7 @@ def value_loss(
         ``loss`` (scalar) and stats: ``vf_clipfrac`` (fraction of real tokens where the
         clipped error is the larger one), detached.
     """
-    _check_same("value_loss", values=values, old_values=old_values, returns=returns,
-                response_mask=response_mask)
+    _check_same("value_loss", values=values, old_values=old_values, returns=returns, response_mask=response_mask)
     real = response_mask.to(torch.bool)
     zero = torch.zeros((), dtype=values.dtype, device=values.device)
     values = torch.where(real, values, zero)

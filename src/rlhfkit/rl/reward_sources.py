@@ -29,9 +29,10 @@ import importlib.util
 import math
 import re
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal, Protocol, Sequence
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import Tensor
@@ -84,16 +85,30 @@ CLASSIFIER_TRANSFORMS = ("logit", "logit-diff", "prob", "logprob")
 class RewardSourceOptions(Options):
     """The ``--reward*`` options of every command that scores samples (ppo, bon, ppo-eval)."""
 
-    reward: str = opt(help="reward: an rlhfkit reward-model folder, a HF sequence classifier, module:function, or human")
+    reward: str = opt(
+        help="reward: an rlhfkit reward-model folder, a HF sequence classifier, module:function, or human"
+    )
     reward_label: str | None = opt(None, "classifier rewards: label name or index to read (default: the last)")
-    reward_transform: Literal["logit", "logit-diff", "prob", "logprob"] = opt("logit", "classifier rewards: score from the label's logits")
-    reward_text: Literal["prompt+response", "response"] = opt("prompt+response", "classifier rewards: the text it reads")
+    reward_transform: Literal["logit", "logit-diff", "prob", "logprob"] = opt(
+        "logit", "classifier rewards: score from the label's logits"
+    )
+    reward_text: Literal["prompt+response", "response"] = opt(
+        "prompt+response", "classifier rewards: the text it reads"
+    )
     reward_batch_size: int = opt(32, "texts per reward-model forward pass", ge=1)
 
-    def load_reward(self, device, cpu_matmul: str = "auto") -> "RewardSource":
-        return load_reward_source(self.reward, RewardOptions(
-            label=self.reward_label, transform=self.reward_transform, text=self.reward_text,
-            batch_size=self.reward_batch_size, device=device, cpu_matmul=cpu_matmul))
+    def load_reward(self, device, cpu_matmul: str = "auto") -> RewardSource:
+        return load_reward_source(
+            self.reward,
+            RewardOptions(
+                label=self.reward_label,
+                transform=self.reward_transform,
+                text=self.reward_text,
+                batch_size=self.reward_batch_size,
+                device=device,
+                cpu_matmul=cpu_matmul,
+            ),
+        )
 
 
 class RewardSourceError(UserError):
@@ -110,7 +125,9 @@ def _check_scores(values: Any, n: int, what: str) -> Tensor:
             f"{n} floats (one score per response)."
         ) from None
     if scores.numel() != n:
-        raise RewardSourceError(f"{what} returned {scores.numel()} scores for {n} responses; return exactly one per response.")
+        raise RewardSourceError(
+            f"{what} returned {scores.numel()} scores for {n} responses; return exactly one per response."
+        )
     bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
     if bad:
         raise RewardSourceError(
@@ -199,8 +216,13 @@ class ClassifierSource:
         y = self.label_index
         out = []
         for start in range(0, len(texts), o.batch_size):
-            enc = self.tokenizer(texts[start:start + o.batch_size], return_tensors="pt", padding=True,
-                                 truncation=True, max_length=max_len).to(o.device)
+            enc = self.tokenizer(
+                texts[start : start + o.batch_size],
+                return_tensors="pt",
+                padding=True,
+                truncation=True,
+                max_length=max_len,
+            ).to(o.device)
             z = self.model(**enc).logits.float()  # (B, C)
             if o.transform == "logit":
                 s = z[:, y]
@@ -323,7 +345,9 @@ def load_reward_source(spec: str, options: RewardOptions | None = None) -> Rewar
     if _is_function_spec(spec) and not Path(spec).exists():
         return FunctionSource(spec, options)
     if spec in ALIASES:
-        raise ConfigError(f"--reward {spec!r} is a base model, not a reward model; train one with 'rlhfkit rm train --model {spec}'")
+        raise ConfigError(
+            f"--reward {spec!r} is a base model, not a reward model; train one with 'rlhfkit rm train --model {spec}'"
+        )
     try:
         resolve_model(spec)
     except FileNotFoundError as e:

@@ -17,8 +17,9 @@ should sample with them off (the defaults).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -77,7 +78,7 @@ def pack_rows(query_mask: Tensor, input_ids: Tensor, attention_mask: Tensor) -> 
     computed once, and rows with the same query (the K samples of a prompt) grouped under it.
     Only query tokens are shared."""
     lengths = query_mask.sum(dim=1)
-    queries = [tuple(row[m.bool()].tolist()) for row, m in zip(input_ids[:, :query_mask.shape[1]], query_mask)]
+    queries = [tuple(row[m.bool()].tolist()) for row, m in zip(input_ids[:, : query_mask.shape[1]], query_mask)]
     groups: dict[tuple, list[int]] = {}
     for i, q in enumerate(queries):
         groups.setdefault(q, []).append(i)
@@ -144,17 +145,32 @@ def score_rollout(
     zero = torch.zeros((), device=values.device)
     real = response_mask.bool()
     return Rollout(
-        prompts=list(prompts), responses=responses, query_ids=query_ids, query_mask=query_mask,
-        response_ids=response_ids, response_mask=response_mask, ended=ended,
+        prompts=list(prompts),
+        responses=responses,
+        query_ids=query_ids,
+        query_mask=query_mask,
+        response_ids=response_ids,
+        response_mask=response_mask,
+        ended=ended,
         old_logprobs=torch.where(real, old_logprobs.float(), zero),
         ref_logprobs=torch.where(real, ref_logprobs.float(), zero),
-        old_values=torch.where(real, values.float(), zero), scores=scores, packed=packing,
+        old_values=torch.where(real, values.float(), zero),
+        scores=scores,
+        packed=packing,
     )
 
 
 def make_rollout(
-    model: Any, ref_model: Any | None, reward: Any, tokenizer: Any, prompts: Sequence[Prompt], settings: SamplingSettings,
-    chat: bool, logprobs_from_sampling: bool = True, packing: bool = False, reference: bool = True,
+    model: Any,
+    ref_model: Any | None,
+    reward: Any,
+    tokenizer: Any,
+    prompts: Sequence[Prompt],
+    settings: SamplingSettings,
+    chat: bool,
+    logprobs_from_sampling: bool = True,
+    packing: bool = False,
+    reference: bool = True,
 ) -> Rollout:
     """Sample one response per prompt and score it: :func:`~rlhfkit.sampling.sample` then :func:`score_rollout`.
 
@@ -173,7 +189,18 @@ def make_rollout(
     response_ids, old_logprobs = sampled if exact else (sampled, None)
     response_mask, _ = response_mask_from_eos(response_ids, eos_ids)
     return score_rollout(
-        model, ref_model, reward, tokenizer, [p.text for p in prompts], query_ids, query_mask, response_ids, response_mask,
-        temperature=settings.temperature if settings.temperature > 0 else 1.0, eos_ids=eos_ids, old_logprobs=old_logprobs,
-        packing=packing, reference=reference,
+        model,
+        ref_model,
+        reward,
+        tokenizer,
+        [p.text for p in prompts],
+        query_ids,
+        query_mask,
+        response_ids,
+        response_mask,
+        temperature=settings.temperature if settings.temperature > 0 else 1.0,
+        eos_ids=eos_ids,
+        old_logprobs=old_logprobs,
+        packing=packing,
+        reference=reference,
     )

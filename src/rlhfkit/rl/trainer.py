@@ -39,10 +39,11 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import torch
 
@@ -102,28 +103,51 @@ class RLConfig(SamplingOptions, RewardSourceOptions, RunOptions, OptimOptions, L
     """Fine-tune a language model online against a reward source, with a KL penalty to the reference:
     PPO with a critic, or the critic-free RLOO, GRPO and REINFORCE++."""
 
-    algo: Literal[ALGORITHMS] = opt("ppo", "ppo (a critic, GAE), rloo (leave-one-out baseline), grpo (group-normalised "  # type: ignore[valid-type]
-                                           "scores) or reinforce++ (token-level KL, globally whitened returns)")
-    samples_per_prompt: int | None = opt(None, "responses sampled per prompt, the group of rloo/grpo (default: 1 for ppo, "
-                                               "4 otherwise)", ge=1)
-    kl_penalty: Literal["reward", "loss"] | None = opt(None, "where the KL to the reference enters: a per-token penalty in "
-                                                             "the reward, or a k3 term in the loss (default: loss for grpo, "
-                                                             "reward otherwise)")
-    scale_rewards: bool = opt(True, "grpo: divide group-centred scores by the group's std (--no-scale-rewards with "
-                                    "--loss-aggregation token is Dr. GRPO)")
-    loss_aggregation: Literal["token", "sequence"] | None = opt(None, "policy loss over a minibatch: mean over every real "
-                                                                       "token, or over sequences of each one's token mean "
-                                                                       "(default: sequence for grpo, token otherwise)")
+    algo: Literal[ALGORITHMS] = opt(
+        "ppo",
+        "ppo (a critic, GAE), rloo (leave-one-out baseline), grpo (group-normalised "  # type: ignore[valid-type]
+        "scores) or reinforce++ (token-level KL, globally whitened returns)",
+    )
+    samples_per_prompt: int | None = opt(
+        None, "responses sampled per prompt, the group of rloo/grpo (default: 1 for ppo, 4 otherwise)", ge=1
+    )
+    kl_penalty: Literal["reward", "loss"] | None = opt(
+        None,
+        "where the KL to the reference enters: a per-token penalty in "
+        "the reward, or a k3 term in the loss (default: loss for grpo, "
+        "reward otherwise)",
+    )
+    scale_rewards: bool = opt(
+        True,
+        "grpo: divide group-centred scores by the group's std (--no-scale-rewards with "
+        "--loss-aggregation token is Dr. GRPO)",
+    )
+    loss_aggregation: Literal["token", "sequence"] | None = opt(
+        None,
+        "policy loss over a minibatch: mean over every real "
+        "token, or over sequences of each one's token mean "
+        "(default: sequence for grpo, token otherwise)",
+    )
     max_steps: int = opt(100, "updates in the run (one rollout batch and its optimisation each)", ge=1, was=("steps",))
-    batch_size: int = opt(BATCH_SIZE["rl"], "prompts per rollout, per process (a rollout has batch_size x samples_per_prompt responses)", ge=1)
+    batch_size: int = opt(
+        BATCH_SIZE["rl"],
+        "prompts per rollout, per process (a rollout has batch_size x samples_per_prompt responses)",
+        ge=1,
+    )
     mini_batch_size: int = opt(MINI_BATCH_SIZE, "rollout rows (responses) per optimizer step", ge=1)
     ppo_epochs: int = opt(4, "passes over each rollout batch", ge=1)
     temperature: float = opt(1.0, "sampling temperature (log-probs are taken at the same temperature)", gt=0)
-    score_norm: Literal["none", "scale", "whiten"] = opt("none", "normalise scores by running statistics: divide by the std, or also subtract the mean")
+    score_norm: Literal["none", "scale", "whiten"] = opt(
+        "none", "normalise scores by running statistics: divide by the std, or also subtract the mean"
+    )
     score_clip: float | None = opt(None, "clip (normalised) scores to [-c, c]", gt=0)
-    missing_eos_penalty: float | None = opt(None, "subtract this from the score of responses cut at max_new_tokens without EOS")
+    missing_eos_penalty: float | None = opt(
+        None, "subtract this from the score of responses cut at max_new_tokens without EOS"
+    )
     kl_coef: float = opt(0.05, "KL penalty coefficient beta (initial value with --adaptive-kl)", ge=0)
-    kl_estimator: Literal["k1", "k2", "k3"] = opt("k1", "per-token KL estimator in the reward (http://joschu.net/blog/kl-approx.html)")
+    kl_estimator: Literal["k1", "k2", "k3"] = opt(
+        "k1", "per-token KL estimator in the reward (http://joschu.net/blog/kl-approx.html)"
+    )
     adaptive_kl: bool = opt(False, "adapt kl_coef toward --kl-target (Ziegler et al. 2019)")
     kl_target: float = opt(6.0, "adaptive KL: target KL per response, in nats", gt=0)
     kl_horizon: float = opt(10000, "adaptive KL: horizon in episodes", gt=0)
@@ -138,19 +162,31 @@ class RLConfig(SamplingOptions, RewardSourceOptions, RunOptions, OptimOptions, L
     lr: float = opt(1e-5, "actor learning rate", gt=0)
     critic_lr: float | None = opt(None, "critic (or value head) learning rate (default: --lr)", gt=0)
     warmup_ratio: float = opt(0.0, "share of the updates spent warming the learning rate up", ge=0, lt=1)
-    packing: bool = opt(True, "run the scoring and training passes on packed rows: no pad tokens, and the opening "
-                              "tokens every prompt shares (a chat template's system prompt) computed once")
+    packing: bool = opt(
+        True,
+        "run the scoring and training passes on packed rows: no pad tokens, and the opening "
+        "tokens every prompt shares (a chat template's system prompt) computed once",
+    )
     rollout_logprobs: Literal["sampling", "forward"] = opt(
-        "sampling", "where the rollout's old log-probs come from: the sampling pass itself (no extra forward pass; "
-                    "with top-k/top-p filters a forward pass is used anyway) or a forward pass over the finished responses")
-    critic: str = opt("auto", "value-head, reward-model (InstructGPT), policy, or a model folder; auto: reward-model when "
-                              "it shares the policy's tokenizer, else value-head")
-    lora_dropout: float = opt(RL_LORA_DROPOUT, "LoRA dropout (0 keeps log-probs of the rollout and the update equal)", ge=0, lt=1)
+        "sampling",
+        "where the rollout's old log-probs come from: the sampling pass itself (no extra forward pass; "
+        "with top-k/top-p filters a forward pass is used anyway) or a forward pass over the finished responses",
+    )
+    critic: str = opt(
+        "auto",
+        "value-head, reward-model (InstructGPT), policy, or a model folder; auto: reward-model when "
+        "it shares the policy's tokenizer, else value-head",
+    )
+    lora_dropout: float = opt(
+        RL_LORA_DROPOUT, "LoRA dropout (0 keeps log-probs of the rollout and the update equal)", ge=0, lt=1
+    )
     gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass to save memory")
     frozen_models: Literal["shard", "replicate"] = opt(
-        "shard", "under FSDP2, the frozen reference and reward models: shard them like the trained networks (1/N of "
-                 "their weights per process) or replicate them (a full copy per process: no gathering per block, faster "
-                 "for small models)")
+        "shard",
+        "under FSDP2, the frozen reference and reward models: shard them like the trained networks (1/N of "
+        "their weights per process) or replicate them (a full copy per process: no gathering per block, faster "
+        "for small models)",
+    )
     save_every: int = opt(25, "write a resumable checkpoint every N updates (and at the end)", ge=1)
     log_every: int = opt(1, "log metrics every N updates", ge=1)
     sample_every: int = opt(10, "print a few generations with their scores every N updates (0 = never)", ge=0)
@@ -171,24 +207,36 @@ class RLConfig(SamplingOptions, RewardSourceOptions, RunOptions, OptimOptions, L
             self.kl_penalty = "loss" if self.algo == "grpo" else "reward"
         if self.loss_aggregation is None:
             self.loss_aggregation = "sequence" if self.algo == "grpo" else "token"
-        require(self.algo not in ("rloo", "grpo") or self.samples_per_prompt >= 2,
-                f"--algo {self.algo} compares the samples of a prompt with each other: it needs --samples-per-prompt 2 or "
-                f"more (got {self.samples_per_prompt})")
-        require(self.algo != "ppo" or self.kl_penalty == "reward", "--algo ppo takes the KL as a reward penalty; "
-                                                                   "--kl-penalty loss is for the critic-free algorithms")
+        require(
+            self.algo not in ("rloo", "grpo") or self.samples_per_prompt >= 2,
+            f"--algo {self.algo} compares the samples of a prompt with each other: it needs --samples-per-prompt 2 or "
+            f"more (got {self.samples_per_prompt})",
+        )
+        require(
+            self.algo != "ppo" or self.kl_penalty == "reward",
+            "--algo ppo takes the KL as a reward penalty; --kl-penalty loss is for the critic-free algorithms",
+        )
         rows = self.batch_size * self.samples_per_prompt
-        require(self.mini_batch_size <= rows and rows % self.mini_batch_size == 0,
-                f"option --mini-batch-size ({self.mini_batch_size}) must divide the rollout's {rows} responses (--batch-size "
-                f"x --samples-per-prompt) so each epoch sees every response once; e.g. --mini-batch-size "
-                f"{math.gcd(rows, self.mini_batch_size)}")
-        require(self.mini_batch_size % self.grad_accum == 0,
-                f"option --grad-accum ({self.grad_accum}) must divide --mini-batch-size ({self.mini_batch_size}): each "
-                "optimizer step splits its minibatch into grad_accum equal micro-batches")
+        require(
+            self.mini_batch_size <= rows and rows % self.mini_batch_size == 0,
+            f"option --mini-batch-size ({self.mini_batch_size}) must divide the rollout's {rows} responses (--batch-size "
+            f"x --samples-per-prompt) so each epoch sees every response once; e.g. --mini-batch-size "
+            f"{math.gcd(rows, self.mini_batch_size)}",
+        )
+        require(
+            self.mini_batch_size % self.grad_accum == 0,
+            f"option --grad-accum ({self.grad_accum}) must divide --mini-batch-size ({self.mini_batch_size}): each "
+            "optimizer step splits its minibatch into grad_accum equal micro-batches",
+        )
         if self.algo != "ppo" and self.critic != "auto":
             logger.warning("--critic %s is ignored: --algo %s builds no critic", self.critic, self.algo)
         if self.top_k or self.top_p < 1:
-            logger.warning("top_k=%d top_p=%g: PPO's log-probs do not model these filters, so the ratio is off; "
-                           "keep them off for training", self.top_k, self.top_p)
+            logger.warning(
+                "top_k=%d top_p=%g: PPO's log-probs do not model these filters, so the ratio is off; "
+                "keep them off for training",
+                self.top_k,
+                self.top_p,
+            )
 
 
 @dataclass(kw_only=True)
@@ -225,16 +273,22 @@ def load_models(cfg: RLConfig, device):
         return tokenizer, model.eval(), ref_model, reward, "none", packing
     critic_spec = cfg.critic
     if critic_spec == "auto":
-        shares = (isinstance(reward, RewardModelSource) and reward.model.meta.kind == "decoder"
-                  and reward.model.tokenizer.get_vocab() == tokenizer.get_vocab())
+        shares = (
+            isinstance(reward, RewardModelSource)
+            and reward.model.meta.kind == "decoder"
+            and reward.model.tokenizer.get_vocab() == tokenizer.get_vocab()
+        )
         critic_spec = "reward-model" if shares else "value-head"
-    critic = load_critic(critic_spec, tokenizer, reward=cfg.reward if isinstance(reward, RewardModelSource) else None,
-                         policy=cfg.policy)
+    critic = load_critic(
+        critic_spec, tokenizer, reward=cfg.reward if isinstance(reward, RewardModelSource) else None, policy=cfg.policy
+    )
     apply_cpu_matmul(cfg.cpu_matmul, device, critic)
     if critic is not None and packing:
         if packing_unsupported(critic.model) is not None:
-            raise ConfigError(f"--packing: the critic {critic_spec} cannot run packed batches "
-                              f"({packing_unsupported(critic.model)}); pass --no-packing")
+            raise ConfigError(
+                f"--packing: the critic {critic_spec} cannot run packed batches "
+                f"({packing_unsupported(critic.model)}); pass --no-packing"
+            )
         use_packed_attention(critic.model)
     model = ActorCritic(actor, critic)
     model.eval()  # no dropout anywhere: rollout and update must see the same policy
@@ -271,11 +325,18 @@ def export_policy(run: Run, first: NetworkStep, model: ActorCritic, tokenizer, c
     state_dict = run.full_state_dict(first.net)
     if state_dict is not None and model.value_head is not None:  # keys of the ActorCritic: keep the actor's
         state_dict = {k.removeprefix("actor."): v for k, v in state_dict.items() if k.startswith("actor.")}
-    info = {"reference": cfg.policy, "temperature": cfg.temperature, "chat_template": chat,
-            "max_new_tokens": cfg.max_new_tokens, "reward": cfg.reward}
+    info = {
+        "reference": cfg.policy,
+        "temperature": cfg.temperature,
+        "chat_template": chat,
+        "max_new_tokens": cfg.max_new_tokens,
+        "reward": cfg.reward,
+    }
     if not run.main:
         return run.out / EXPORT
-    return export_pretrained(model.actor, tokenizer, run.out / EXPORT, {POLICY_INFO: json.dumps(info, indent=2)}, state_dict)
+    return export_pretrained(
+        model.actor, tokenizer, run.out / EXPORT, {POLICY_INFO: json.dumps(info, indent=2)}, state_dict
+    )
 
 
 @dataclass
@@ -311,8 +372,9 @@ def policy_objective(cfg: RLConfig, logits, batch: UpdateBatch, micro):
     the policy loss is put together, for the actor alone and for the actor with a value head."""
     r, mask = batch.rollout, batch.rollout.response_mask[micro]  # (m, N)
     logprobs = logprobs_from_logits(logits, r.response_ids[micro]).float()  # (m, N)
-    pg_loss, pg_stats = policy_loss(logprobs, r.old_logprobs[micro], batch.advantages[micro], mask, cfg.clip_eps,
-                                    cfg.loss_aggregation)
+    pg_loss, pg_stats = policy_loss(
+        logprobs, r.old_logprobs[micro], batch.advantages[micro], mask, cfg.clip_eps, cfg.loss_aggregation
+    )
     if cfg.entropy_coef > 0:
         entropy = entropy_bonus(logits, mask)
         loss = pg_loss - cfg.entropy_coef * entropy
@@ -320,8 +382,12 @@ def policy_objective(cfg: RLConfig, logits, batch: UpdateBatch, micro):
         with torch.no_grad():  # for the log only: no (m, N, V) softmax kept for the backward pass
             entropy = entropy_bonus(logits.detach(), mask)
         loss = pg_loss
-    stats = {"rl/policy_loss": pg_loss, "rl/entropy": entropy, "rl/clipfrac": pg_stats["clipfrac"],
-             "rl/approx_kl": pg_stats["approx_kl"]}
+    stats = {
+        "rl/policy_loss": pg_loss,
+        "rl/entropy": entropy,
+        "rl/clipfrac": pg_stats["clipfrac"],
+        "rl/approx_kl": pg_stats["approx_kl"],
+    }
     if cfg.kl_penalty == "loss":  # GRPO, arXiv:2402.03300 eq. 3: + beta * KL(pi || pi_ref) in the objective
         kl_term = kl_loss(logprobs, r.ref_logprobs[micro], mask, cfg.loss_aggregation)
         loss = loss + batch.kl_coef * kl_term
@@ -334,8 +400,9 @@ def actor_micro_loss(cfg: RLConfig, actor, batch: UpdateBatch, minibatch, micro)
     share of the minibatch, and its stats."""
     r = batch.rollout
     weight = _share(r, minibatch, micro, cfg.loss_aggregation)
-    logits, _ = response_logits(actor, r.input_ids[micro], r.attention_mask[micro], r.response_mask.shape[1],
-                                packed=_packed(r, micro))
+    logits, _ = response_logits(
+        actor, r.input_ids[micro], r.attention_mask[micro], r.response_mask.shape[1], packed=_packed(r, micro)
+    )
     logits = tempered(logits, cfg.temperature)  # (m, N, V): the distribution the tokens were sampled from
     loss, stats = policy_objective(cfg, logits, batch, micro)
     return loss * weight, {k: v.detach().float() * weight.detach() for k, v in stats.items()}
@@ -358,15 +425,20 @@ def joint_micro_loss(cfg: RLConfig, actor_critic, batch: UpdateBatch, minibatch,
     and the value loss by its share of the tokens, exactly as with a separate critic."""
     r = batch.rollout
     mask = r.response_mask[micro]
-    logits, values = actor_critic(r.input_ids[micro], r.attention_mask[micro], mask.shape[1], cfg.temperature,
-                                  packed=_packed(r, micro))
+    logits, values = actor_critic(
+        r.input_ids[micro], r.attention_mask[micro], mask.shape[1], cfg.temperature, packed=_packed(r, micro)
+    )
     pg_part, stats = policy_objective(cfg, logits, batch, micro)
     vf_loss, vf_stats = value_loss(values.float(), r.old_values[micro], batch.returns[micro], mask, cfg.vf_clip)
     pg_weight, vf_weight = _share(r, minibatch, micro, cfg.loss_aggregation), _share(r, minibatch, micro, "token")
     loss = pg_part * pg_weight + cfg.vf_coef * vf_loss * vf_weight
     out = {k: v.detach().float() * pg_weight.detach() for k, v in stats.items()}
-    out.update({"rl/value_loss": vf_loss.detach().float() * vf_weight.detach(),
-                "rl/vf_clipfrac": vf_stats["vf_clipfrac"].float() * vf_weight.detach()})
+    out.update(
+        {
+            "rl/value_loss": vf_loss.detach().float() * vf_weight.detach(),
+            "rl/vf_clipfrac": vf_stats["vf_clipfrac"].float() * vf_weight.detach(),
+        }
+    )
     return loss, out
 
 
@@ -388,7 +460,9 @@ def network_steps(nets, optimizers, model: ActorCritic) -> list[NetworkStep]:
     summed loss, as no parameter is shared, with one network's activations alive at a time),
     or the actor alone (critic-free)."""
     if model.value_head is not None:
-        return [NetworkStep(nets[0], optimizers[0], joint_micro_loss, [model.actor_parameters(), model.critic_parameters()])]
+        return [
+            NetworkStep(nets[0], optimizers[0], joint_micro_loss, [model.actor_parameters(), model.critic_parameters()])
+        ]
     steps = [NetworkStep(nets[0], optimizers[0], actor_micro_loss)]
     if model.critic is not None:
         steps.append(NetworkStep(nets[1], optimizers[1], critic_micro_loss))
@@ -407,13 +481,20 @@ def optimise(cfg: RLConfig, run: Run, steps: list[NetworkStep], batch: UpdateBat
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 101 + epoch)
         b_inds = torch.randperm(M, generator=gen).to(r.response_mask.device)
         for start in range(0, M, cfg.mini_batch_size):
-            minibatch = b_inds[start:start + cfg.mini_batch_size]
+            minibatch = b_inds[start : start + cfg.mini_batch_size]
             micro = list(minibatch.split(cfg.mini_batch_size // cfg.grad_accum))
             for net_step in steps:
-                _, stats = train_step(run, net_step.net, net_step.optimizer, micro,
-                                      partial(net_step.loss, cfg, net_step.net, batch, minibatch),
-                                      max_grad_norm=cfg.max_grad_norm, where=f"update {step + 1} (PPO epoch {epoch + 1})",
-                                      clip_groups=net_step.clip_groups, hint=PPO_HINT)
+                _, stats = train_step(
+                    run,
+                    net_step.net,
+                    net_step.optimizer,
+                    micro,
+                    partial(net_step.loss, cfg, net_step.net, batch, minibatch),
+                    max_grad_norm=cfg.max_grad_norm,
+                    where=f"update {step + 1} (PPO epoch {epoch + 1})",
+                    clip_groups=net_step.clip_groups,
+                    hint=PPO_HINT,
+                )
                 for s in stats:
                     for k, v in s.items():
                         totals[k] = totals.get(k, 0) + v
@@ -429,7 +510,8 @@ def check_kl(cfg: RLConfig, run: Run, kl_mean: torch.Tensor, step: int) -> None:
             f"update {step + 1}: mean KL to the reference is {kl_mean.item():.4g} nats per response"
             + (f", past --max-kl {cfg.max_kl}" if finite else "")
             + f". Nothing from this update was saved; {run.stop_note()}. "
-            "Lower --lr, raise --kl-coef (or use --adaptive-kl), or check the reward for exploits.")
+            "Lower --lr, raise --kl-coef (or use --adaptive-kl), or check the reward for exploits."
+        )
 
 
 def global_whiten(x, mask, accelerator):
@@ -455,7 +537,9 @@ def compute_advantages(cfg: RLConfig, r: Rollout, scores, kl_coef: float, accele
     """
     mask = r.response_mask
     penalty = kl_coef if cfg.kl_penalty == "reward" else 0.0
-    rewards, kl = compute_rewards(scores, r.old_logprobs, r.ref_logprobs, mask, penalty, cfg.kl_estimator, cfg.score_clip)
+    rewards, kl = compute_rewards(
+        scores, r.old_logprobs, r.ref_logprobs, mask, penalty, cfg.kl_estimator, cfg.score_clip
+    )
     if cfg.algo == "ppo":
         advantages, returns = compute_gae(r.old_values, rewards, mask, cfg.gamma, cfg.lam)
         if cfg.whiten_advantages:  # over the whole batch, every process's share of it
@@ -496,7 +580,9 @@ def build_networks(cfg: RLConfig, run: Run, model: ActorCritic):
     critic_lr = cfg.critic_lr if cfg.critic_lr is not None else cfg.lr
     if model.critic is not None:  # one prepare call per network: FSDP2 shards one model per call
         actor_opt, actor_sched = make_optimizer(cfg, model.actor_parameters(), cfg.max_steps)
-        critic_opt, critic_sched = make_optimizer(cfg, [{"params": model.critic_parameters(), "lr": critic_lr}], cfg.max_steps)
+        critic_opt, critic_sched = make_optimizer(
+            cfg, [{"params": model.critic_parameters(), "lr": critic_lr}], cfg.max_steps
+        )
         actor, actor_opt = run.accelerator.prepare(model.actor, actor_opt)
         critic, critic_opt = run.accelerator.prepare(model.critic, critic_opt)
         settle_roots(model)
@@ -526,25 +612,49 @@ def train_rl(cfg: RLConfig) -> dict[str, Any]:
             shard_frozen(m, run.accelerator)
     chat = use_chat_template(tokenizer, cfg.chat_template, cfg.policy)
     settings, k = cfg.settings(), cfg.samples_per_prompt
-    kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl else FixedKLController(cfg.kl_coef)
+    kl_ctl = (
+        AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+        if cfg.adaptive_kl
+        else FixedKLController(cfg.kl_coef)
+    )
     score_stats = RunningMoments()
     steps, schedulers, model = build_networks(cfg, run, model)
     for obj in (*schedulers, kl_ctl, score_stats):
         run.accelerator.register_for_checkpointing(obj)
     state = run.begin(TrainState(), cfg.max_steps, unit="update")
-    run.write(f"{cfg.algo}: {len(prompts)} prompts, {k} sample(s) per prompt, policy {cfg.policy}{' (LoRA)' if cfg.lora else ''}, "
-              f"reward {reward!r}, critic {critic_spec}, chat template {'on' if chat else 'off'}"
-              + (f", frozen models {'sharded' if cfg.frozen_models == 'shard' else 'replicated'}" if run.sharded and frozen else "")
-              + ("" if cfg.uses_reference else "; --kl-coef 0: no reference policy held or run, no KL logged"))
+    run.write(
+        f"{cfg.algo}: {len(prompts)} prompts, {k} sample(s) per prompt, policy {cfg.policy}{' (LoRA)' if cfg.lora else ''}, "
+        f"reward {reward!r}, critic {critic_spec}, chat template {'on' if chat else 'off'}"
+        + (
+            f", frozen models {'sharded' if cfg.frozen_models == 'shard' else 'replicated'}"
+            if run.sharded and frozen
+            else ""
+        )
+        + ("" if cfg.uses_reference else "; --kl-coef 0: no reference policy held or run, no KL logged")
+    )
     cadence, row = Cadence(cfg.max_steps, cfg.log_every, cfg.save_every, stop_after=cfg.stop_after_steps), {}
 
     while state.step < cadence.stop_at:
         step, t_start = state.step, time.perf_counter()
         # 1. rollout: batch_size prompts, each sampled k times ---------------------------
-        batch = [prompts[i] for i in prompt_indices(len(prompts), cfg.batch_size, step, cfg.seed, run.rank, run.world) for _ in range(k)]
+        batch = [
+            prompts[i]
+            for i in prompt_indices(len(prompts), cfg.batch_size, step, cfg.seed, run.rank, run.world)
+            for _ in range(k)
+        ]
         with run.accelerator.autocast():
-            r = make_rollout(model, ref_model, reward, tokenizer, batch, settings, chat, cfg.rollout_logprobs == "sampling",
-                             packing, reference=cfg.uses_reference)
+            r = make_rollout(
+                model,
+                ref_model,
+                reward,
+                tokenizer,
+                batch,
+                settings,
+                chat,
+                cfg.rollout_logprobs == "sampling",
+                packing,
+                reference=cfg.uses_reference,
+            )
         t_rollout = time.perf_counter() - t_start
         M, kl_coef = len(r), kl_ctl.kl_coef
 
@@ -568,16 +678,32 @@ def train_rl(cfg: RLConfig) -> dict[str, Any]:
         # 6. metrics, samples, checkpoint ------------------------------------------------
         dt = time.perf_counter() - t_start
         local = update_metrics(cfg, r, rewards, kl_per_seq, returns, losses)
-        row = dict(zip(local, run.accelerator.reduce(torch.stack([v.float() for v in local.values()]), reduction="mean").tolist()))
+        row = dict(
+            zip(
+                local,
+                run.accelerator.reduce(torch.stack([v.float() for v in local.values()]), reduction="mean").tolist(),
+            )
+        )
         all_scores = run.accelerator.gather(r.scores)
-        row.update({
-            "rl/score_std": all_scores.std().item() if all_scores.numel() > 1 else 0.0, "rl/kl_coef": kl_coef,
-            "rl/tokens_per_s": row["rl/response_length"] * M * run.world / dt, "rl/episodes_per_s": M * run.world / dt,
-            "rl/lr": schedulers[0].get_last_lr()[0], "rl/critic_lr": schedulers[-1].get_last_lr()[-1],
-            "time/rollout_s": t_rollout, "time/optimise_s": t_optimise, "time/update_s": dt, "rl/episodes": state.episodes,
-        })
-        run.progress.set_postfix(score=f"{row['rl/score_mean']:.3f}", kl=f"{row.get('rl/kl', 0.0):.3f}",
-                                 ep_s=f"{row['rl/episodes_per_s']:.1f}")
+        row.update(
+            {
+                "rl/score_std": all_scores.std().item() if all_scores.numel() > 1 else 0.0,
+                "rl/kl_coef": kl_coef,
+                "rl/tokens_per_s": row["rl/response_length"] * M * run.world / dt,
+                "rl/episodes_per_s": M * run.world / dt,
+                "rl/lr": schedulers[0].get_last_lr()[0],
+                "rl/critic_lr": schedulers[-1].get_last_lr()[-1],
+                "time/rollout_s": t_rollout,
+                "time/optimise_s": t_optimise,
+                "time/update_s": dt,
+                "rl/episodes": state.episodes,
+            }
+        )
+        run.progress.set_postfix(
+            score=f"{row['rl/score_mean']:.3f}",
+            kl=f"{row.get('rl/kl', 0.0):.3f}",
+            ep_s=f"{row['rl/episodes_per_s']:.1f}",
+        )
         if cfg.sample_every and cfg.n_samples and state.step % cfg.sample_every == 0:
             run.write(samples_text(state.step, r, cfg.n_samples))
         cadence.after_step(run, state, log=partial(run.log.log, state.step, row))
@@ -588,11 +714,19 @@ def train_rl(cfg: RLConfig) -> dict[str, Any]:
     if finished:
         result["final"] = str(export_policy(run, steps[0], model, tokenizer, cfg, chat))
     if run.main:
-        plot_curves(read_metrics(run.out / "metrics.jsonl"),
-                    [("score", ["rl/score_mean", "rl/reward_mean"]), ("KL to reference", ["rl/kl", "rl/kl_k3"]),
-                     ("kl_coef", ["rl/kl_coef"]), ("losses", ["rl/policy_loss", "rl/value_loss", "rl/kl_loss"]),
-                     ("entropy", ["rl/entropy"]), ("response length", ["rl/response_length"])],
-                    run.out / "curves.png", title=f"{cfg.algo}: {cfg.policy} vs {cfg.reward}")
+        plot_curves(
+            read_metrics(run.out / "metrics.jsonl"),
+            [
+                ("score", ["rl/score_mean", "rl/reward_mean"]),
+                ("KL to reference", ["rl/kl", "rl/kl_k3"]),
+                ("kl_coef", ["rl/kl_coef"]),
+                ("losses", ["rl/policy_loss", "rl/value_loss", "rl/kl_loss"]),
+                ("entropy", ["rl/entropy"]),
+                ("response length", ["rl/response_length"]),
+            ],
+            run.out / "curves.png",
+            title=f"{cfg.algo}: {cfg.policy} vs {cfg.reward}",
+        )
     run.accelerator.wait_for_everyone()
     return result
 

@@ -72,7 +72,9 @@ class ScoreConfig(Options):
 
     model: str = opt(help="reward model folder, or a DPO run (its implicit reward)")
     texts: list[str] = opt(factory=list, help="texts to score", cli=False)
-    responses: str | None = opt(None, "file of responses to score, one per line (or JSONL with 'prompt'/'response')", was=("input",))
+    responses: str | None = opt(
+        None, "file of responses to score, one per line (or JSONL with 'prompt'/'response')", was=("input",)
+    )
     prompt: str = opt("", "prompt shared by all texts")
     whiten: bool = opt(False, "subtract the batch mean and divide by its std")
     batch_size: int = opt(32, "texts per forward pass", ge=1)

@@ -36,7 +36,9 @@ def length_warning(metrics: dict[str, Any]) -> str | None:
     )
 
 
-def evaluate(model, data: EncodedPreferences, pad, *, batch_size: int = 32, device=None, loss: str | None = None) -> tuple[dict[str, Any], torch.Tensor]:
+def evaluate(
+    model, data: EncodedPreferences, pad, *, batch_size: int = 32, device=None, loss: str | None = None
+) -> tuple[dict[str, Any], torch.Tensor]:
     """Score ``data`` with ``model`` and compute every metric; returns (metrics, scores)."""
     device = device or next(model.parameters()).device
     scores = score_texts(model, data, pad, batch_size, device)

@@ -26,7 +26,7 @@ def check_loss_fits_data(loss: str, examples, where: str) -> None:
         bad = next((ex for ex in examples if ex.label is None), None)
         if bad is not None:
             raise UserError(
-                f"loss '{loss}' needs scalar labels ({{\"prompt\", \"response\", \"score\"}} rows) but {bad.source or where} "
+                f'loss \'{loss}\' needs scalar labels ({{"prompt", "response", "score"}} rows) but {bad.source or where} '
                 "is a preference list; use loss 'pairwise' for rankings"
             )
         if loss == "binary":
@@ -35,10 +35,14 @@ def check_loss_fits_data(loss: str, examples, where: str) -> None:
                 raise UserError(f"loss 'binary' needs labels 0 or 1; {odd.source or where} has {odd.label}")
         return
     if ks == {1}:
-        raise UserError(f"loss '{loss}' needs lists of at least 2 responses; {where} holds scalar-labelled single responses (use 'mse' or 'binary')")
+        raise UserError(
+            f"loss '{loss}' needs lists of at least 2 responses; {where} holds scalar-labelled single responses (use 'mse' or 'binary')"
+        )
     if loss == "margin" and any(ex.margin is None for ex in examples):
         bad = next(ex for ex in examples if ex.margin is None)
-        raise UserError(f"loss 'margin' needs a 'margin' field on every row; {bad.source or where} has none (or use 'pairwise')")
+        raise UserError(
+            f"loss 'margin' needs a 'margin' field on every row; {bad.source or where} has none (or use 'pairwise')"
+        )
     if loss == "plackett-luce":
         bad = next((ex for ex in examples if ex.has_ties or ex.choice is not None), None)
         if bad is not None:
@@ -48,7 +52,9 @@ def check_loss_fits_data(loss: str, examples, where: str) -> None:
             )
 
 
-def list_losses(loss: str, batch: RankBatch, scores: torch.Tensor, token_scores: torch.Tensor | None = None) -> torch.Tensor:
+def list_losses(
+    loss: str, batch: RankBatch, scores: torch.Tensor, token_scores: torch.Tensor | None = None
+) -> torch.Tensor:
     """Per-list losses (B,) for one batch. scores (N,) of the batch's unique texts."""
     if loss in SCALAR_LOSSES:
         list_scores = scores[batch.text_index[:, 0]]  # (B,) K == 1
@@ -62,7 +68,11 @@ def list_losses(loss: str, batch: RankBatch, scores: torch.Tensor, token_scores:
         return L.margin_loss(list_scores, batch.ranks, batch.list_mask, batch.margins, reduction="none")
     if loss == "listwise":
         # n-choose-1 rows carry their choice; for ranked lists the best response is the choice.
-        choice = batch.choice if batch.choice is not None else batch.ranks.masked_fill(batch.list_mask == 0, 1 << 30).argmin(dim=1)
+        choice = (
+            batch.choice
+            if batch.choice is not None
+            else batch.ranks.masked_fill(batch.list_mask == 0, 1 << 30).argmin(dim=1)
+        )
         return L.listwise_loss(list_scores, choice, batch.list_mask, reduction="none")
     if loss == "plackett-luce":
         return L.plackett_luce_loss(list_scores, batch.ranks, batch.list_mask, reduction="none")
@@ -82,10 +92,18 @@ def _token_pairwise(batch: RankBatch, token_scores: torch.Tensor | None) -> torc
     chosen, rejected = idx[b, i], idx[b, j]  # (P,) text ids
     ids, am = batch.inputs["input_ids"], batch.inputs["attention_mask"]
     per_pair = L.token_pairwise_loss(
-        token_scores[chosen], token_scores[rejected], ids[chosen], ids[rejected], am[chosen], am[rejected],
-        torch.minimum(batch.prompt_lengths[chosen], batch.prompt_lengths[rejected]), reduction="none",
+        token_scores[chosen],
+        token_scores[rejected],
+        ids[chosen],
+        ids[rejected],
+        am[chosen],
+        am[rejected],
+        torch.minimum(batch.prompt_lengths[chosen], batch.prompt_lengths[rejected]),
+        reduction="none",
     )  # (P,)
     n_lists = ranks.shape[0]
     sums = torch.zeros(n_lists, dtype=per_pair.dtype, device=per_pair.device).index_add(0, b, per_pair)
-    counts = torch.zeros(n_lists, dtype=per_pair.dtype, device=per_pair.device).index_add(0, b, torch.ones_like(per_pair))
+    counts = torch.zeros(n_lists, dtype=per_pair.dtype, device=per_pair.device).index_add(
+        0, b, torch.ones_like(per_pair)
+    )
     return sums / counts.clamp(min=1)  # (B,) mean over the pairs of each list

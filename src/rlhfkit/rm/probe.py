@@ -46,7 +46,9 @@ def head_layer(model: nn.Module) -> nn.Linear | None:
 
 
 @torch.no_grad()
-def head_inputs(model: nn.Module, layer: nn.Linear, data: EncodedPreferences, pad, text_ids: list[int], batch_size: int, device) -> torch.Tensor:
+def head_inputs(
+    model: nn.Module, layer: nn.Linear, data: EncodedPreferences, pad, text_ids: list[int], batch_size: int, device
+) -> torch.Tensor:
     """What ``layer`` reads for the scores of texts ``text_ids``: (len(text_ids), H), float32.
 
     Taken by a forward hook on ``layer`` during the model's own forward (eval mode), so it is
@@ -110,8 +112,9 @@ def pair_indices(data: EncodedPreferences, lists: list[int]) -> list[tuple[int, 
     return [(data.lists[j][a], data.lists[j][b]) for j in lists for a, b in data.examples[j].ordered_pairs()]
 
 
-def init_head_from_probe(model: nn.Module, data: EncodedPreferences, pad, *, l2: float, max_texts: int,
-                         batch_size: int, device, seed: int) -> ProbeResult | None:
+def init_head_from_probe(
+    model: nn.Module, data: EncodedPreferences, pad, *, l2: float, max_texts: int, batch_size: int, device, seed: int
+) -> ProbeResult | None:
     """Fit the score layer of ``model`` to ``data``'s pairs on frozen features and load the fit
     into it (bias unchanged: pairwise losses do not see it). None, with the reason logged, when
     there is nothing to fit (no ordered pairs) or no single score layer to fit.
@@ -147,4 +150,6 @@ def init_head_from_probe(model: nn.Module, data: EncodedPreferences, pad, *, l2:
     with torch.no_grad():
         layer.weight.copy_(w.to(layer.weight.dtype).view_as(layer.weight))
     accuracy = float(((diffs.double() @ w) > 0).double().mean())
-    return ProbeResult(pairs=len(pairs), texts=len(text_ids), train_accuracy=accuracy, weight_norm=float(w.norm()), newton_steps=steps)
+    return ProbeResult(
+        pairs=len(pairs), texts=len(text_ids), train_accuracy=accuracy, weight_norm=float(w.norm()), newton_steps=steps
+    )

@@ -60,22 +60,46 @@ class RMTrainConfig(RunOptions, OptimOptions, LoraOptions, PreferenceDataOptions
     loss: LossName = opt("pairwise", "training objective (docs/reward-models.md lists them)")
     epochs: float = opt(1.0, "passes over the training lists (fractions allowed)", gt=0)
     max_steps: int | None = opt(None, "optimizer steps in the schedule (overrides --epochs)", ge=1)
-    batch_size: int = opt(BATCH_SIZE["rm"], "lists per process per micro-batch (2 lists of K=4 = 12 pairs per step: in one epoch, "
-                             "more and smaller steps reach a higher held-out accuracy than 8 lists per step)", ge=1)
+    batch_size: int = opt(
+        BATCH_SIZE["rm"],
+        "lists per process per micro-batch (2 lists of K=4 = 12 pairs per step: in one epoch, "
+        "more and smaller steps reach a higher held-out accuracy than 8 lists per step)",
+        ge=1,
+    )
     lr: float = opt(5e-5, "peak learning rate of the backbone", gt=0)
-    head_lr: float | None = opt(1e-3, "learning rate of the scalar head (and an encoder's pooler): a random head barely moves at "
-                                      "the backbone's rate (none: --lr, the rate to use after --head-init probe)", gt=0)
-    head_init: Literal["random", "probe"] = opt("random", "random: the architecture's random head; probe: start the head from a "
-                                                          "linear probe fit to the training pairs on the frozen backbone (one forward "
-                                                          "pass over the texts), then fine-tune everything (LP-FT; with --head-lr none)")
-    probe_l2: float = opt(4.0, "--head-init probe: L2 strength, relative to the features' mean squared pairwise difference", gt=0)
-    probe_max_texts: int = opt(20_000, "--head-init probe: encode at most this many unique training texts (whole lists, drawn at random)", ge=2)
-    max_length: int = opt(MAX_LENGTH["rm"], "tokens per (prompt, response); longer texts are truncated and counted, never dropped", ge=8)
-    pooling: Literal["auto", "cls", "mean", "last"] = opt("auto", "encoders: auto (the architecture's head), cls or mean; decoders read the last token")
-    chat_template: bool | None = opt(None, "decoders: read (prompt, response) through the chat template, as a user and an "
-                                           "assistant turn (default: when the tokenizer has one), else prompt+response+EOS")
+    head_lr: float | None = opt(
+        1e-3,
+        "learning rate of the scalar head (and an encoder's pooler): a random head barely moves at "
+        "the backbone's rate (none: --lr, the rate to use after --head-init probe)",
+        gt=0,
+    )
+    head_init: Literal["random", "probe"] = opt(
+        "random",
+        "random: the architecture's random head; probe: start the head from a "
+        "linear probe fit to the training pairs on the frozen backbone (one forward "
+        "pass over the texts), then fine-tune everything (LP-FT; with --head-lr none)",
+    )
+    probe_l2: float = opt(
+        4.0, "--head-init probe: L2 strength, relative to the features' mean squared pairwise difference", gt=0
+    )
+    probe_max_texts: int = opt(
+        20_000, "--head-init probe: encode at most this many unique training texts (whole lists, drawn at random)", ge=2
+    )
+    max_length: int = opt(
+        MAX_LENGTH["rm"], "tokens per (prompt, response); longer texts are truncated and counted, never dropped", ge=8
+    )
+    pooling: Literal["auto", "cls", "mean", "last"] = opt(
+        "auto", "encoders: auto (the architecture's head), cls or mean; decoders read the last token"
+    )
+    chat_template: bool | None = opt(
+        None,
+        "decoders: read (prompt, response) through the chat template, as a user and an "
+        "assistant turn (default: when the tokenizer has one), else prompt+response+EOS",
+    )
     freeze_layers: int = opt(0, "freeze the embeddings and this many lowest transformer layers", ge=0)
-    disable_dropout: bool = opt(True, "set every dropout probability to 0 (as TRL does): same scores in training and use")
+    disable_dropout: bool = opt(
+        True, "set every dropout probability to 0 (as TRL does): same scores in training and use"
+    )
     eval_every: int = opt(100, "evaluate every N optimizer steps (and at the end)", ge=1)
     eval_batch_size: int = opt(EVAL_BATCH_SIZE["rm"], "texts per evaluation forward pass", ge=1)
 
@@ -92,20 +116,27 @@ def load_data(cfg: RMTrainConfig):
 
 def build_model(cfg: RMTrainConfig, device) -> RewardModel:
     """The reward model to train: backbone, no dropout, matmul kernel, frozen layers, LoRA."""
-    rm = RewardModel.from_pretrained(cfg.model, pooling=None if cfg.pooling == "auto" else cfg.pooling, max_length=cfg.max_length)
+    rm = RewardModel.from_pretrained(
+        cfg.model, pooling=None if cfg.pooling == "auto" else cfg.pooling, max_length=cfg.max_length
+    )
     if rm.meta.kind == "decoder":  # the one chat-template rule (encoders read the pair as two segments)
         rm.meta.text_format = "chat" if use_chat_template(rm.tokenizer, cfg.chat_template, cfg.model) else "plain"
     if cfg.loss == "token-pairwise" and rm.meta.kind != "decoder":
         raise ConfigError(f"--loss token-pairwise needs a decoder backbone; {cfg.model} is an encoder")
     if rm.meta.kind == "encoder" and rm.meta.pooling != "auto":
-        logger.warning("pooling=%s: AutoModelForSequenceClassification will not reproduce these scores (use auto for interop)", rm.meta.pooling)
+        logger.warning(
+            "pooling=%s: AutoModelForSequenceClassification will not reproduce these scores (use auto for interop)",
+            rm.meta.pooling,
+        )
     if cfg.disable_dropout:
         disable_dropout(rm)
     apply_cpu_matmul(cfg.cpu_matmul, device, rm)
     if cfg.freeze_layers:
         freeze_lower_layers(rm.hf_model, cfg.freeze_layers)
     if cfg.lora:
-        rm.model = with_lora(rm.model, cfg, "SEQ_CLS", modules_to_save=["score" if rm.meta.kind == "decoder" else "classifier"])
+        rm.model = with_lora(
+            rm.model, cfg, "SEQ_CLS", modules_to_save=["score" if rm.meta.kind == "decoder" else "classifier"]
+        )
         for name, p in rm.model.named_parameters():  # BERT's pooler is part of the head: train it too
             if ".pooler." in name:
                 p.requires_grad_(True)
@@ -117,7 +148,11 @@ def freeze_lower_layers(hf, n: int) -> None:
     base = getattr(hf, hf.base_model_prefix)
     layers = _find_layers(base)
     require(n <= len(layers), f"--freeze-layers {n} but the model has {len(layers)} layers")
-    frozen = [base.get_input_embeddings(), getattr(base, "embeddings", None), *layers[:n]]  # BERT: position/type embeddings too
+    frozen = [
+        base.get_input_embeddings(),
+        getattr(base, "embeddings", None),
+        *layers[:n],
+    ]  # BERT: position/type embeddings too
     for module in filter(None, frozen):
         module.requires_grad_(False)
 
@@ -146,12 +181,22 @@ def start_head(run: Run, rm: RewardModel, data: EncodedPreferences, cfg: RMTrain
         return f"head: random start (--head-init probe fits pairs; --loss {cfg.loss} trains on scalar labels)"
     t0 = time.perf_counter()
     rm.to(run.device)  # before accelerate's prepare, which would move it there anyway
-    fit = init_head_from_probe(rm, data, rm.pad, l2=cfg.probe_l2, max_texts=cfg.probe_max_texts,
-                               batch_size=cfg.eval_batch_size, device=run.device, seed=cfg.seed)
+    fit = init_head_from_probe(
+        rm,
+        data,
+        rm.pad,
+        l2=cfg.probe_l2,
+        max_texts=cfg.probe_max_texts,
+        batch_size=cfg.eval_batch_size,
+        device=run.device,
+        seed=cfg.seed,
+    )
     if fit is None:
         return "head: random start (nothing for the probe to fit; see the warning above)"
-    return (f"head: linear probe on the frozen backbone, {fit.pairs} pairs of {fit.texts} texts, train pairwise accuracy "
-            f"{fit.train_accuracy:.4f}, |w| {fit.weight_norm:.3f}, {fit.newton_steps} Newton steps, {time.perf_counter() - t0:.1f} s")
+    return (
+        f"head: linear probe on the frozen backbone, {fit.pairs} pairs of {fit.texts} texts, train pairwise accuracy "
+        f"{fit.train_accuracy:.4f}, |w| {fit.weight_norm:.3f}, {fit.newton_steps} Newton steps, {time.perf_counter() - t0:.1f} s"
+    )
 
 
 def param_groups(rm: RewardModel, cfg: RMTrainConfig) -> list[dict]:
@@ -175,20 +220,27 @@ def micro_loss(model, data: EncodedPreferences, pad, loss: str, device, weight: 
         scores, token_scores = model(**batch.inputs), None
     per_list = list_losses(loss, batch, scores.float(), token_scores)  # (B,)
     weight = weight if live else 0.0  # a filler micro-batch still joins the all-reduce
-    stats = {"loss": per_list.detach().sum() * live, "lists": len(list_ids) * live,
-             "tokens": batch.inputs["attention_mask"].sum() * live}  # the real tokens of the unique texts scored
+    stats = {
+        "loss": per_list.detach().sum() * live,
+        "lists": len(list_ids) * live,
+        "tokens": batch.inputs["attention_mask"].sum() * live,
+    }  # the real tokens of the unique texts scored
     if batch.labels is None:
         correct, pairs = L.pairwise_accuracy(batch.gather_lists(scores.detach().float()), batch.ranks, batch.list_mask)
         stats.update(correct=correct * live, pairs=pairs * live)
     return per_list.sum() * weight, stats
 
 
-def evaluate_and_keep_best(run: Run, model, rm: RewardModel, eval_data, cfg: RMTrainConfig, state: TrainState) -> dict[str, Any]:
+def evaluate_and_keep_best(
+    run: Run, model, rm: RewardModel, eval_data, cfg: RMTrainConfig, state: TrainState
+) -> dict[str, Any]:
     """Evaluate (on every process when sharded), log, export ``best/`` when it improved, plot the score histograms."""
     metrics: dict[str, Any] = {}
     if run.evaluates() and eval_data is not None:
         # the unwrapped model: no DDP collectives on a main-process-only pass (under FSDP2 it is the sharded module itself)
-        metrics, scores = evaluate(rm, eval_data, rm.pad, batch_size=cfg.eval_batch_size, device=run.device, loss=cfg.loss)
+        metrics, scores = evaluate(
+            rm, eval_data, rm.pad, batch_size=cfg.eval_batch_size, device=run.device, loss=cfg.loss
+        )
         key = "pairwise_accuracy" if "pairwise_accuracy" in metrics else "mse"
         if improved(state, metrics[key], higher_is_better=key == "pairwise_accuracy"):
             export(run, model, rm, cfg, run.out / "best")
@@ -204,22 +256,32 @@ def export(run: Run, model, rm: RewardModel, cfg: RMTrainConfig, target: Path) -
     """``target`` as a plain HF reward model (collective when sharded: the weights are gathered first)."""
     state_dict = run.full_state_dict(model)
     if run.main:
-        rm.save_pretrained(target, extra_files={"training_config.yaml": yaml.safe_dump(to_dict(cfg), allow_unicode=True)},
-                           state_dict=state_dict)
+        rm.save_pretrained(
+            target,
+            extra_files={"training_config.yaml": yaml.safe_dump(to_dict(cfg), allow_unicode=True)},
+            state_dict=state_dict,
+        )
 
 
 def log_train(run: Run, window: MetricsWindow, state: TrainState, scheduler, grad_norm, n_batches: int) -> None:
     sums, seconds = window.flush(run.accelerator)
-    row = {"train/loss": sums["loss"] / max(sums["lists"], 1), "train/lists_per_s": sums["lists"] / seconds,
-           "train/tokens_per_s": sums["tokens"] / seconds,
-           "train/lr": scheduler.get_last_lr()[0], "train/epoch": state.epoch + state.batch_in_epoch / n_batches}
+    row = {
+        "train/loss": sums["loss"] / max(sums["lists"], 1),
+        "train/lists_per_s": sums["lists"] / seconds,
+        "train/tokens_per_s": sums["tokens"] / seconds,
+        "train/lr": scheduler.get_last_lr()[0],
+        "train/epoch": state.epoch + state.batch_in_epoch / n_batches,
+    }
     if sums.get("pairs"):
         row["train/accuracy"] = sums["correct"] / sums["pairs"]
     if grad_norm is not None:
         row["train/grad_norm"] = float(grad_norm)
     run.log.log(state.step, row)
-    run.progress.set_postfix(loss=f"{row['train/loss']:.4f}", acc=f"{row.get('train/accuracy', float('nan')):.3f}",
-                             lists_s=f"{row['train/lists_per_s']:.1f}")
+    run.progress.set_postfix(
+        loss=f"{row['train/loss']:.4f}",
+        acc=f"{row.get('train/accuracy', float('nan')):.3f}",
+        lists_s=f"{row['train/lists_per_s']:.1f}",
+    )
 
 
 # ---------------------------------------------------------------------- the loop
@@ -229,7 +291,9 @@ def train_reward_model(cfg: RMTrainConfig) -> dict[str, Any]:
     train_ex, eval_ex = load_data(cfg)
     rm = build_model(cfg, run.device)
     train_data = EncodedPreferences.build(train_ex, rm.encode, cfg.max_length, what=cfg.train)
-    eval_data = EncodedPreferences.build(eval_ex, rm.encode, cfg.max_length, what=cfg.eval or "eval split") if eval_ex else None
+    eval_data = (
+        EncodedPreferences.build(eval_ex, rm.encode, cfg.max_length, what=cfg.eval or "eval split") if eval_ex else None
+    )
     require(len(train_data) >= run.world, f"{len(train_data)} training lists cannot feed {run.world} processes")
     effective = cfg.batch_size * cfg.grad_accum * run.world
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * math.ceil(len(train_data) / effective)))
@@ -241,22 +305,41 @@ def train_reward_model(cfg: RMTrainConfig) -> dict[str, Any]:
     rm = run.accelerator.unwrap_model(model)
     state = run.begin(TrainState(), total_steps)
     info = describe(train_ex)
-    run.write(f"train: {info['n_lists']} lists, {info['n_pairs']} pairs, {len(train_data.texts)} unique texts "
-              f"({train_data.n_truncated} truncated at --max-length {cfg.max_length}); eval: {len(eval_ex)} lists")
+    run.write(
+        f"train: {info['n_lists']} lists, {info['n_pairs']} pairs, {len(train_data.texts)} unique texts "
+        f"({train_data.n_truncated} truncated at --max-length {cfg.max_length}); eval: {len(eval_ex)} lists"
+    )
     run.write(head_line)
 
     cadence = Cadence(total_steps, cfg.log_every, cfg.save_every, cfg.eval_every, cfg.stop_after_steps)
     window = MetricsWindow()
     lengths = [train_data.list_length(j) for j in range(len(train_data))]
     model.train()
-    for epoch, b, n_batches, step_ids in iter_batches(lengths, effective, cfg.seed, cadence.stop_at - state.step, state.epoch, state.batch_in_epoch):
+    for epoch, b, n_batches, step_ids in iter_batches(
+        lengths, effective, cfg.seed, cadence.stop_at - state.step, state.epoch, state.batch_in_epoch
+    ):
         micro = process_micro_batches(step_ids, run.world, cfg.grad_accum, run.rank)
         grad_norm, stats = train_step(
-            run, model, optimizer, micro, partial(micro_loss, model, train_data, rm.pad, cfg.loss, run.device, run.world / len(step_ids)),
-            max_grad_norm=cfg.max_grad_norm, scheduler=scheduler, where=f"step {state.step + 1} (epoch {epoch}, batch {b})",
-            describe=lambda m: f"lists from {[train_data.examples[j].source for j in m[0]][:4]}")
-        cadence.step_done(run, state, epoch, b, stats, window, log=partial(log_train, run, window, state, scheduler, grad_norm, n_batches),
-                          evaluate=partial(evaluate_and_keep_best, run, model, rm, eval_data, cfg, state))
+            run,
+            model,
+            optimizer,
+            micro,
+            partial(micro_loss, model, train_data, rm.pad, cfg.loss, run.device, run.world / len(step_ids)),
+            max_grad_norm=cfg.max_grad_norm,
+            scheduler=scheduler,
+            where=f"step {state.step + 1} (epoch {epoch}, batch {b})",
+            describe=lambda m: f"lists from {[train_data.examples[j].source for j in m[0]][:4]}",
+        )
+        cadence.step_done(
+            run,
+            state,
+            epoch,
+            b,
+            stats,
+            window,
+            log=partial(log_train, run, window, state, scheduler, grad_norm, n_batches),
+            evaluate=partial(evaluate_and_keep_best, run, model, rm, eval_data, cfg, state),
+        )
 
     final = evaluate_and_keep_best(run, model, rm, eval_data, cfg, state)
     run.save(state)
@@ -265,10 +348,15 @@ def train_reward_model(cfg: RMTrainConfig) -> dict[str, Any]:
         if eval_data is None:
             export(run, model, rm, cfg, run.out / "best")  # nothing to select by: the final model is the best we know
     if run.main:
-        plot_curves(read_metrics(run.out / "metrics.jsonl"),
-                    [("loss", ["train/loss", "eval/loss"]),
-                     ("pairwise accuracy", ["train/accuracy", "eval/pairwise_accuracy", "eval/list_exact_accuracy"])],
-                    run.out / "curves.png", title=f"reward model: {cfg.model}, loss {cfg.loss}")
+        plot_curves(
+            read_metrics(run.out / "metrics.jsonl"),
+            [
+                ("loss", ["train/loss", "eval/loss"]),
+                ("pairwise accuracy", ["train/accuracy", "eval/pairwise_accuracy", "eval/list_exact_accuracy"]),
+            ],
+            run.out / "curves.png",
+            title=f"reward model: {cfg.model}, loss {cfg.loss}",
+        )
         if final:
             (run.out / "eval_report.json").write_text(json.dumps(final, indent=2, ensure_ascii=False))
     run.accelerator.wait_for_everyone()

@@ -4,7 +4,7 @@ versions): the same as ``rlhfkit sft ...``, through the one error path of :mod:`
 from __future__ import annotations
 
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from rlhfkit.cli import main as rlhfkit_main
 

@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import bisect
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -89,10 +90,10 @@ def _parse_row(row: Any, source: str, line: int) -> SFTExample:
 
 def _parse_messages(messages: Any, bad, where: str) -> SFTExample:
     if not isinstance(messages, list) or not messages:
-        raise bad(f"'messages' must be a non-empty list of {{\"role\": str, \"content\": str}}, got {_show(messages)}")
+        raise bad(f'\'messages\' must be a non-empty list of {{"role": str, "content": str}}, got {_show(messages)}')
     for i, m in enumerate(messages):
         if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
-            raise bad(f"messages[{i}] must be an object {{\"role\": str, \"content\": str}}, got {_show(m)}")
+            raise bad(f'messages[{i}] must be an object {{"role": str, "content": str}}, got {_show(m)}')
         if m["role"] == "assistant" and not m["content"].strip():
             raise bad(f"messages[{i}] is an empty assistant turn; every assistant turn needs text to learn from")
     if messages[-1]["role"] != "assistant":
@@ -105,7 +106,9 @@ def _parse_messages(messages: Any, bad, where: str) -> SFTExample:
     return SFTExample(prompt=users[-1] if users else "", response=messages[-1]["content"], messages=clean, source=where)
 
 
-def split_examples(examples: Sequence[SFTExample], eval_fraction: float, seed: int) -> tuple[list[SFTExample], list[SFTExample]]:
+def split_examples(
+    examples: Sequence[SFTExample], eval_fraction: float, seed: int
+) -> tuple[list[SFTExample], list[SFTExample]]:
     """Hold out ``round(len * eval_fraction)`` (at least 1) seeded random examples; both parts keep file order."""
 
     return split_train_eval(examples, eval_fraction=eval_fraction, seed=seed)  # type: ignore[arg-type]
@@ -152,7 +155,7 @@ class EncodedSFT:
         chat_template: bool = True,
         assistant_turns: str = "all",
         what: str = "data",
-    ) -> "EncodedSFT":
+    ) -> EncodedSFT:
         """Tokenise every example (see the module docstring); warn once about truncation and template fallbacks."""
         ids_all, labels_all, sources = [], [], []
         truncated = fallbacks = 0
@@ -169,12 +172,18 @@ class EncodedSFT:
             # Never silently: the user sees how much was cut, and nothing is dropped.
             logger.warning(
                 "%s: %d of %d examples are longer than max_length=%d and were truncated (kept, not dropped; raise "
-                "--max-length to keep more)", what, truncated, len(ids_all), max_length,
+                "--max-length to keep more)",
+                what,
+                truncated,
+                len(ids_all),
+                max_length,
             )
         if fallbacks:
             logger.warning(
                 "%s: for %d multi-turn chat(s) the chat template does not render earlier turns as a prefix of the "
-                "whole conversation; only their final assistant turn is trained", what, fallbacks,
+                "whole conversation; only their final assistant turn is trained",
+                what,
+                fallbacks,
             )
         return cls(ids_all, labels_all, sources, truncated)
 
@@ -228,10 +237,15 @@ class SFTBatch:
     position_ids: torch.Tensor | None = None
     seq_ids: torch.Tensor | None = None
 
-    def to(self, device) -> "SFTBatch":
+    def to(self, device) -> SFTBatch:
         mv = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return SFTBatch(self.input_ids.to(device), self.labels.to(device), self.attention_mask.to(device),
-                        mv(self.position_ids), mv(self.seq_ids))
+        return SFTBatch(
+            self.input_ids.to(device),
+            self.labels.to(device),
+            self.attention_mask.to(device),
+            mv(self.position_ids),
+            mv(self.seq_ids),
+        )
 
 
 def collate(data: EncodedSFT, rows: Sequence[Sequence[int]], pad_id: int, packed: bool = False) -> SFTBatch:

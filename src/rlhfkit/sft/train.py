@@ -76,11 +76,16 @@ class SFTConfig(RunOptions, OptimOptions, LoraOptions):
     """Supervised fine-tuning of a causal language model on prompt/response or chat data."""
 
     train: str = opt(help='training data: JSONL of {"prompt", "response"} or {"messages": [...]} rows')
-    policy: str = opt("smollm2-135m", "causal LM to fine-tune: alias (smollm2-135m), local folder or hub id", was=("model",))
+    policy: str = opt(
+        "smollm2-135m", "causal LM to fine-tune: alias (smollm2-135m), local folder or hub id", was=("model",)
+    )
     eval: str | None = opt(None, "held-out data file in the same format (default: --eval-fraction of --train, or none)")
     eval_fraction: float | None = opt(None, "hold out this seeded random share of --train for evaluation", gt=0, lt=1)
-    chat_template: bool | None = opt(None, "render prompt/response rows as a user and an assistant turn with the chat "
-                                           "template (default: when the tokenizer has one); 'messages' rows always use it")
+    chat_template: bool | None = opt(
+        None,
+        "render prompt/response rows as a user and an assistant turn with the chat "
+        "template (default: when the tokenizer has one); 'messages' rows always use it",
+    )
     assistant_turns: Literal["all", "last"] = opt("all", "chat rows: train on every assistant turn, or only the last")
     epochs: float = opt(1.0, "passes over the training data (fractions allowed)", gt=0)
     max_steps: int | None = opt(None, "optimizer steps in the schedule (overrides --epochs)", ge=1)
@@ -88,17 +93,28 @@ class SFTConfig(RunOptions, OptimOptions, LoraOptions):
     lr: float = opt(2e-5, "peak learning rate (LoRA usually wants ~1e-4 to 3e-4)", gt=0)
     warmup_ratio: float = opt(0.03, "share of the optimizer steps spent warming the learning rate up", ge=0, lt=1)
     scheduler: Literal["linear", "cosine", "constant"] = opt("cosine", "learning-rate schedule after warm-up")
-    max_length: int = opt(MAX_LENGTH["sft"], "tokens per example (and per packed row); longer examples are truncated and counted, never dropped", ge=8)
+    max_length: int = opt(
+        MAX_LENGTH["sft"],
+        "tokens per example (and per packed row); longer examples are truncated and counted, never dropped",
+        ge=8,
+    )
     packing: bool = opt(False, "pack short examples into rows of max_length tokens, with no attention across examples")
     gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass to save memory")
     eval_every: int = opt(100, "evaluate every N optimizer steps (and before the first and after the last)", ge=1)
     eval_batch_size: int = opt(EVAL_BATCH_SIZE["sft"], "examples per evaluation forward pass", ge=1)
-    n_samples: int = opt(4, f"greedy samples (up to {SAMPLE_MAX_NEW_TOKENS} tokens) for the first N eval prompts, "
-                            "written to samples.jsonl at the end (0 = none)", ge=0)
+    n_samples: int = opt(
+        4,
+        f"greedy samples (up to {SAMPLE_MAX_NEW_TOKENS} tokens) for the first N eval prompts, "
+        "written to samples.jsonl at the end (0 = none)",
+        ge=0,
+    )
 
     def validate(self) -> None:
         super().validate()
-        require(not (self.eval and self.eval_fraction is not None), "give either --eval FILE or --eval-fraction (a split of --train), not both")
+        require(
+            not (self.eval and self.eval_fraction is not None),
+            "give either --eval FILE or --eval-fraction (a split of --train), not both",
+        )
 
 
 # ------------------------------------------------------------------ building blocks
@@ -113,7 +129,9 @@ def model_token_nll(model, batch, attn_implementation: str = "sdpa"):
     else:
         allowed = block_causal_mask(batch.seq_ids)  # (B, 1, T, T)
         if attn_implementation == "eager":  # eager adds the mask to the scores
-            mask = torch.zeros(allowed.shape, device=allowed.device).masked_fill(~allowed, torch.finfo(torch.float32).min)
+            mask = torch.zeros(allowed.shape, device=allowed.device).masked_fill(
+                ~allowed, torch.finfo(torch.float32).min
+            )
         elif attn_implementation == "sdpa":
             mask = allowed
         else:
@@ -163,18 +181,24 @@ def check_chat_rows(cfg: SFTConfig, tokenizer, *example_sets) -> None:
             raise ConfigError(
                 f"{option}: {chat_row.source} is a chat ('messages') row, but the tokenizer of {cfg.policy} has no chat "
                 "template to render it. Use a --policy whose tokenizer has one, or write the rows as "
-                '{"prompt": ..., "response": ...} (trained as plain text with --no-chat-template)')
+                '{"prompt": ..., "response": ...} (trained as plain text with --no-chat-template)'
+            )
 
 
 def build_policy(cfg: SFTConfig, device):
     """(tokenizer, model, attention implementation): fp32 weights, pad != EOS, matmul kernel, LoRA."""
     model, tokenizer = load_policy(cfg.policy)
-    require(tokenizer.eos_token_id is not None, f"the tokenizer of {cfg.policy} has no EOS token, so replies cannot be taught to end")
+    require(
+        tokenizer.eos_token_id is not None,
+        f"the tokenizer of {cfg.policy} has no EOS token, so replies cannot be taught to end",
+    )
     apply_cpu_matmul(cfg.cpu_matmul, device, model)
     attn = getattr(model.config, "_attn_implementation", None) or "eager"
-    require(not cfg.packing or attn in SUPPORTED_PACKING_ATTENTION,
-            f"--packing builds a 4D block-diagonal attention mask, which the {attn!r} attention of {cfg.policy} does not "
-            "take; use sdpa or eager attention, or turn --packing off")
+    require(
+        not cfg.packing or attn in SUPPORTED_PACKING_ATTENTION,
+        f"--packing builds a 4D block-diagonal attention mask, which the {attn!r} attention of {cfg.policy} does not "
+        "take; use sdpa or eager attention, or turn --packing off",
+    )
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora:
@@ -182,23 +206,32 @@ def build_policy(cfg: SFTConfig, device):
     return tokenizer, model, attn
 
 
-def micro_loss(model, data: EncodedSFT, rows, pad_id: int, packed: bool, attn: str, device, n_step_tokens: int, world: int, micro):
+def micro_loss(
+    model, data: EncodedSFT, rows, pad_id: int, packed: bool, attn: str, device, n_step_tokens: int, world: int, micro
+):
     """One micro-batch: the NLL of its response tokens over ``n_step_tokens``, the whole step's.
     DDP averages over processes, so ``* world`` makes the sum over processes the step's token mean."""
     row_ids, live = micro
     batch = collate(data, [rows[r] for r in row_ids], pad_id, packed=packed).to(device)
     nll, mask = model_token_nll(model, batch, attn)  # (B, T-1) each
     n_targets = sum(data.n_targets(i) for r in row_ids for i in rows[r])  # known up front: no device sync
-    stats = {"nll": nll.detach().double().sum() * live, "tokens": n_targets * live,
-             "seen": sum(data.length(i) for r in row_ids for i in rows[r]) * live}
+    stats = {
+        "nll": nll.detach().double().sum() * live,
+        "tokens": n_targets * live,
+        "seen": sum(data.length(i) for r in row_ids for i in rows[r]) * live,
+    }
     return sft_loss(nll, mask, n_step_tokens) * (world if live else 0.0), stats
 
 
-def evaluate_and_keep_best(run: Run, model, tokenizer, eval_data, cfg: SFTConfig, state: TrainState) -> dict[str, float]:
+def evaluate_and_keep_best(
+    run: Run, model, tokenizer, eval_data, cfg: SFTConfig, state: TrainState
+) -> dict[str, float]:
     """Evaluate (on every process when sharded), log, export ``best/`` when the loss improved."""
     metrics: dict[str, float] = {}
     if run.evaluates() and eval_data is not None:
-        metrics = evaluate_sft(model, eval_data, tokenizer.pad_token_id, cfg.eval_batch_size, run.device, run.accelerator.autocast)
+        metrics = evaluate_sft(
+            model, eval_data, tokenizer.pad_token_id, cfg.eval_batch_size, run.device, run.accelerator.autocast
+        )
         if run.main:
             run.log.log(state.step, {f"eval/{k}": v for k, v in metrics.items()})
             run.write(f"step {state.step}: eval loss {metrics['loss']:.4f}, perplexity {metrics['perplexity']:.2f}")
@@ -212,15 +245,26 @@ def export(run: Run, model, tokenizer, cfg: SFTConfig, target: Path) -> None:
     """``target`` as a plain HF causal LM (collective when sharded: the weights are gathered first)."""
     state_dict = run.full_state_dict(model)
     if run.main:
-        export_pretrained(model, tokenizer, target, {"training_config.yaml": yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)},
-                          state_dict=state_dict)
+        export_pretrained(
+            model,
+            tokenizer,
+            target,
+            {"training_config.yaml": yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)},
+            state_dict=state_dict,
+        )
 
 
-def log_train(run: Run, window: MetricsWindow, state: TrainState, scheduler, grad_norm, n_batches: int, result: dict) -> None:
+def log_train(
+    run: Run, window: MetricsWindow, state: TrainState, scheduler, grad_norm, n_batches: int, result: dict
+) -> None:
     """Log the window's training metrics, and keep them in ``result`` (what :func:`train_sft` returns)."""
     sums, seconds = window.flush(run.accelerator)
-    row = {"train/loss": sums["nll"] / max(sums["tokens"], 1), "train/tokens_per_s": sums["seen"] / seconds,  # all real tokens
-           "train/lr": scheduler.get_last_lr()[0], "train/epoch": state.epoch + state.batch_in_epoch / n_batches}
+    row = {
+        "train/loss": sums["nll"] / max(sums["tokens"], 1),
+        "train/tokens_per_s": sums["seen"] / seconds,  # all real tokens
+        "train/lr": scheduler.get_last_lr()[0],
+        "train/epoch": state.epoch + state.batch_in_epoch / n_batches,
+    }
     if grad_norm is not None:
         row["train/grad_norm"] = float(grad_norm)
     run.log.log(state.step, row)
@@ -241,8 +285,15 @@ def train_sft(cfg: SFTConfig) -> dict[str, Any]:
     train_data = EncodedSFT.build(train_ex, tokenizer, what=cfg.train, **encode)
     eval_data = EncodedSFT.build(eval_ex, tokenizer, what=cfg.eval or "eval split", **encode) if eval_ex else None
     empty = [train_data.sources[i] for i in range(len(train_data)) if train_data.n_targets(i) == 0]
-    require(not empty, f"{len(empty)} training example(s) have no response token left to learn, e.g. {empty[:1]}; raise --max-length")
-    rows = pack_examples([train_data.length(i) for i in range(len(train_data))], cfg.max_length) if cfg.packing else [[i] for i in range(len(train_data))]
+    require(
+        not empty,
+        f"{len(empty)} training example(s) have no response token left to learn, e.g. {empty[:1]}; raise --max-length",
+    )
+    rows = (
+        pack_examples([train_data.length(i) for i in range(len(train_data))], cfg.max_length)
+        if cfg.packing
+        else [[i] for i in range(len(train_data))]
+    )
     row_lengths = [sum(train_data.length(i) for i in r) for r in rows]
     row_targets = [sum(train_data.n_targets(i) for i in r) for r in rows]
     require(len(rows) >= run.world, f"{len(rows)} training rows cannot feed {run.world} processes")
@@ -254,42 +305,87 @@ def train_sft(cfg: SFTConfig) -> dict[str, Any]:
     run.accelerator.register_for_checkpointing(scheduler)
     model = run.accelerator.unwrap_model(wrapped)
     state = run.begin(TrainState(), total_steps)
-    run.write(f"sft: {len(train_data)} train examples ({sum(row_lengths)} tokens, {sum(row_targets)} response tokens, "
-              f"{train_data.n_truncated} truncated at --max-length), {len(eval_ex)} eval examples"
-              + (f"; packed into {len(rows)} rows, {sum(row_lengths) / (len(rows) * cfg.max_length):.0%} full" if cfg.packing else ""))
+    run.write(
+        f"sft: {len(train_data)} train examples ({sum(row_lengths)} tokens, {sum(row_targets)} response tokens, "
+        f"{train_data.n_truncated} truncated at --max-length), {len(eval_ex)} eval examples"
+        + (
+            f"; packed into {len(rows)} rows, {sum(row_lengths) / (len(rows) * cfg.max_length):.0%} full"
+            if cfg.packing
+            else ""
+        )
+    )
     if run.resume_from is None:
         evaluate_and_keep_best(run, model, tokenizer, eval_data, cfg, state)  # the starting point of the eval curve
 
     cadence = Cadence(total_steps, cfg.log_every, cfg.save_every, cfg.eval_every, cfg.stop_after_steps)
     window, result = MetricsWindow(), {}
     wrapped.train()
-    for epoch, b, n_batches, step_rows in iter_batches(row_lengths, effective, cfg.seed, cadence.stop_at - state.step, state.epoch, state.batch_in_epoch):
+    for epoch, b, n_batches, step_rows in iter_batches(
+        row_lengths, effective, cfg.seed, cadence.stop_at - state.step, state.epoch, state.batch_in_epoch
+    ):
         n_step_tokens = sum(row_targets[r] for r in step_rows)  # the step's response tokens, known up front
         micro = process_micro_batches(step_rows, run.world, cfg.grad_accum, run.rank)
-        loss_fn = partial(micro_loss, wrapped, train_data, rows, tokenizer.pad_token_id, cfg.packing, attn, run.device, n_step_tokens, run.world)
+        loss_fn = partial(
+            micro_loss,
+            wrapped,
+            train_data,
+            rows,
+            tokenizer.pad_token_id,
+            cfg.packing,
+            attn,
+            run.device,
+            n_step_tokens,
+            run.world,
+        )
         grad_norm, stats = train_step(
-            run, wrapped, optimizer, micro, loss_fn, max_grad_norm=cfg.max_grad_norm, scheduler=scheduler,
+            run,
+            wrapped,
+            optimizer,
+            micro,
+            loss_fn,
+            max_grad_norm=cfg.max_grad_norm,
+            scheduler=scheduler,
             where=f"step {state.step + 1} (epoch {epoch}, batch {b})",
-            describe=lambda m: f"examples from {[train_data.sources[i] for r in m[0] for i in rows[r]][:4]}")
-        cadence.step_done(run, state, epoch, b, stats, window,
-                          log=partial(log_train, run, window, state, scheduler, grad_norm, n_batches, result),
-                          evaluate=partial(evaluate_and_keep_best, run, model, tokenizer, eval_data, cfg, state))
+            describe=lambda m: f"examples from {[train_data.sources[i] for r in m[0] for i in rows[r]][:4]}",
+        )
+        cadence.step_done(
+            run,
+            state,
+            epoch,
+            b,
+            stats,
+            window,
+            log=partial(log_train, run, window, state, scheduler, grad_norm, n_batches, result),
+            evaluate=partial(evaluate_and_keep_best, run, model, tokenizer, eval_data, cfg, state),
+        )
 
     if state.step > 0:
-        result.update({f"eval/{k}": v for k, v in evaluate_and_keep_best(run, model, tokenizer, eval_data, cfg, state).items()})
+        result.update(
+            {f"eval/{k}": v for k, v in evaluate_and_keep_best(run, model, tokenizer, eval_data, cfg, state).items()}
+        )
     run.save(state)
     finished = run.close(state, total_steps)
     if finished:
         export(run, model, tokenizer, cfg, run.out / EXPORT)
         if eval_data is None:
-            export(run, model, tokenizer, cfg, run.out / "best")  # nothing to select by: the final model is the best we know
+            export(
+                run, model, tokenizer, cfg, run.out / "best"
+            )  # nothing to select by: the final model is the best we know
         if cfg.n_samples and run.evaluates():  # greedy: every process of a sharded run writes the same replies
-            write_samples(model, tokenizer, (eval_ex or train_ex)[: cfg.n_samples], chat, run.out / "samples.jsonl", run.main)
+            write_samples(
+                model, tokenizer, (eval_ex or train_ex)[: cfg.n_samples], chat, run.out / "samples.jsonl", run.main
+            )
     if run.main:
-        plot_curves(read_metrics(run.out / "metrics.jsonl"),
-                    [("loss (response tokens)", ["train/loss", "eval/loss"]), ("eval perplexity", ["eval/perplexity"]),
-                     ("learning rate", ["train/lr"])],
-                    run.out / "curves.png", title=f"SFT: {cfg.policy}" + (" (LoRA)" if cfg.lora else "") + (", packed" if cfg.packing else ""))
+        plot_curves(
+            read_metrics(run.out / "metrics.jsonl"),
+            [
+                ("loss (response tokens)", ["train/loss", "eval/loss"]),
+                ("eval perplexity", ["eval/perplexity"]),
+                ("learning rate", ["train/lr"]),
+            ],
+            run.out / "curves.png",
+            title=f"SFT: {cfg.policy}" + (" (LoRA)" if cfg.lora else "") + (", packed" if cfg.packing else ""),
+        )
     run.accelerator.wait_for_everyone()
     result.update(step=state.step, finished=finished, best_step=state.best_step)
     if finished:
@@ -302,9 +398,19 @@ def write_samples(model, tokenizer, examples, chat: bool, path: Path, write: boo
     was_training = model.training
     model.eval()
     prompts = [Prompt(ex.prompt, tuple(ex.chat()[:-1]) if ex.messages is not None else None) for ex in examples]
-    replies = sample_texts(model, tokenizer, prompts, 1, SamplingSettings(max_new_tokens=SAMPLE_MAX_NEW_TOKENS, temperature=0.0),
-                           chat=chat, batch_size=1)
+    replies = sample_texts(
+        model,
+        tokenizer,
+        prompts,
+        1,
+        SamplingSettings(max_new_tokens=SAMPLE_MAX_NEW_TOKENS, temperature=0.0),
+        chat=chat,
+        batch_size=1,
+    )
     model.train(was_training)
-    rows = [{"prompt": ex.prompt, "reference": ex.response, "generated": r[0], "source": ex.source} for ex, r in zip(examples, replies)]
+    rows = [
+        {"prompt": ex.prompt, "reference": ex.response, "generated": r[0], "source": ex.source}
+        for ex, r in zip(examples, replies)
+    ]
     if write:
         path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")

@@ -10,8 +10,8 @@ trainer's finish, which evaluates, saves and exports once.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import Tensor
@@ -40,8 +40,14 @@ class Cadence:
     def save(self, step: int) -> bool:
         return step % self.save_every == 0 and step != self.stop_at
 
-    def after_step(self, run, state, log: Callable[[], object], evaluate: Callable[[], object] | None = None,
-                   window: "MetricsWindow | None" = None) -> None:
+    def after_step(
+        self,
+        run,
+        state,
+        log: Callable[[], object],
+        evaluate: Callable[[], object] | None = None,
+        window: MetricsWindow | None = None,
+    ) -> None:
         """What follows every optimizer step: the progress bar (and one early time estimate),
         then ``log()``, ``evaluate()`` (its time left out of the window's next throughput) and a
         checkpoint, each when it is due."""
@@ -55,8 +61,17 @@ class Cadence:
         if self.save(state.step):
             run.save(state)
 
-    def step_done(self, run, state, epoch: int, batch: int, stats: list, window: "MetricsWindow", log: Callable[[], object],
-                  evaluate: Callable[[], object] | None = None) -> None:
+    def step_done(
+        self,
+        run,
+        state,
+        epoch: int,
+        batch: int,
+        stats: list,
+        window: MetricsWindow,
+        log: Callable[[], object],
+        evaluate: Callable[[], object] | None = None,
+    ) -> None:
         """Count the optimizer step that trained batch ``batch`` of ``epoch`` in ``state``, add its
         per-micro-batch ``stats`` to ``window``, then :meth:`after_step`."""
         state.step, state.epoch, state.batch_in_epoch = state.step + 1, epoch, batch + 1

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 from accelerate import Accelerator, FullyShardedDataParallelPlugin
 from accelerate.state import PartialState
@@ -39,8 +39,10 @@ def enable_fsdp_on_cpu(accelerator: Accelerator) -> bool:
         return False
     plugin = FullyShardedDataParallelPlugin()  # reads the FSDP_* settings accelerate launch exported
     if plugin.fsdp_version != 2:
-        raise UserError("on the CPU rlhfkit shards with FSDP2 only; set fsdp_version: 2 in the accelerate config "
-                        "(examples/accelerate/fsdp2.yaml)")
+        raise UserError(
+            "on the CPU rlhfkit shards with FSDP2 only; set fsdp_version: 2 in the accelerate config "
+            "(examples/accelerate/fsdp2.yaml)"
+        )
     # accelerate re-reads PartialState's fields whenever it builds an AcceleratorState: set both.
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP
     accelerator.state.distributed_type = DistributedType.FSDP
@@ -59,8 +61,11 @@ def describe(accelerator: Accelerator) -> str:
         return "single process"
     if is_sharded(accelerator):
         plugin = accelerator.state.fsdp_plugin
-        offload = ", parameters offloaded to the CPU" if getattr(plugin, "cpu_offload", None) and \
-            getattr(plugin.cpu_offload, "offload_params", False) else ""
+        offload = (
+            ", parameters offloaded to the CPU"
+            if getattr(plugin, "cpu_offload", None) and getattr(plugin.cpu_offload, "offload_params", False)
+            else ""
+        )
         return f"FSDP{plugin.fsdp_version} (parameters, gradients and optimizer state sharded over {accelerator.num_processes} processes{offload})"
     return f"DDP ({accelerator.num_processes} processes, each with a full copy; {accelerator.distributed_type.value})"
 

@@ -23,8 +23,9 @@ def make_optimizer(opts: OptimOptions, groups, total_steps: int) -> tuple[torch.
     """AdamW over ``groups`` (parameters, or dicts with their own ``lr``) and its schedule:
     linear warm-up over ``warmup_ratio`` of ``total_steps``, then ``opts.scheduler``."""
     optimizer = make_adamw(groups, weight_decay=opts.weight_decay, lr=opts.lr)
-    scheduler = get_scheduler(opts.scheduler, optimizer, num_warmup_steps=int(opts.warmup_ratio * total_steps),
-                              num_training_steps=total_steps)
+    scheduler = get_scheduler(
+        opts.scheduler, optimizer, num_warmup_steps=int(opts.warmup_ratio * total_steps), num_training_steps=total_steps
+    )
     return optimizer, scheduler
 
 

@@ -22,8 +22,10 @@ from rlhfkit.tracking import TRACKERS, check_installed, parse_report_to
 
 logger = logging.getLogger(__name__)
 
-CPU_MATMUL_HELP = ("CPU only: how fp32 Linear layers multiply: oneDNN, PyTorch's default BLAS (torch), or auto: "
-                   "time both on this model's shapes once per machine and take the faster")
+CPU_MATMUL_HELP = (
+    "CPU only: how fp32 Linear layers multiply: oneDNN, PyTorch's default BLAS (torch), or auto: "
+    "time both on this model's shapes once per machine and take the faster"
+)
 
 
 @dataclass(kw_only=True)
@@ -33,16 +35,25 @@ class RunOptions(Options):
     output: str = opt(help="run folder: models, checkpoint/, metrics.jsonl, plots")
     seed: int = opt(42, "random seed (data order, initialisation, sampling)")
     resume: bool = opt(False, "continue from OUTPUT/checkpoint exactly where it stopped")
-    stop_after_steps: int | None = opt(None, "stop after this step with a checkpoint, to continue later with --resume", ge=1)
+    stop_after_steps: int | None = opt(
+        None, "stop after this step with a checkpoint, to continue later with --resume", ge=1
+    )
     save_every: int = opt(100, "write a resumable checkpoint every N steps (and at the end)", ge=1)
     log_every: int = opt(10, "log training metrics every N steps", ge=1)
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = opt("auto", "auto: bf16 on CUDA, fp32 on the CPU")
     cpu: bool = opt(False, "run on the CPU even if a GPU is present")
     cpu_matmul: Literal["auto", "onednn", "torch"] = opt("auto", CPU_MATMUL_HELP)
-    threads: int | None = opt(None, "CPU threads for PyTorch (default: OMP_NUM_THREADS if set, else one per physical core, fewer when the machine is busy)", ge=1)
-    report_to: list[str] = opt(factory=lambda: ["tensorboard"], help=f"where metrics go besides metrics.jsonl: "
-                               f"{', '.join(TRACKERS)} or none; several comma-separated (wandb,mlflow); each "
-                               "configured by its own environment variables (docs/tracking.md)")
+    threads: int | None = opt(
+        None,
+        "CPU threads for PyTorch (default: OMP_NUM_THREADS if set, else one per physical core, fewer when the machine is busy)",
+        ge=1,
+    )
+    report_to: list[str] = opt(
+        factory=lambda: ["tensorboard"],
+        help=f"where metrics go besides metrics.jsonl: "
+        f"{', '.join(TRACKERS)} or none; several comma-separated (wandb,mlflow); each "
+        "configured by its own environment variables (docs/tracking.md)",
+    )
     tensorboard: bool | None = opt(None, "deprecated: use --report-to (--no-tensorboard takes tensorboard out of it)")
     progress: bool = opt(True, "show a progress bar")
 
@@ -50,14 +61,19 @@ class RunOptions(Options):
         super().validate()
         check_output_dir(self.output)
         self.report_to = parse_report_to(self.report_to)
-        if self.tensorboard is not None:  # the old switch, folded into --report-to once (then unset: rebuilding is silent)
+        if (
+            self.tensorboard is not None
+        ):  # the old switch, folded into --report-to once (then unset: rebuilding is silent)
             others = [n for n in self.report_to if n not in ("tensorboard", "none")]
             if self.tensorboard:
                 self.report_to = self.report_to if "tensorboard" in self.report_to else [*others, "tensorboard"]
             else:
                 self.report_to = others or ["none"]
-            logger.warning("--%stensorboard is deprecated; use --report-to (this run: --report-to %s)",
-                           "" if self.tensorboard else "no-", ",".join(self.report_to))
+            logger.warning(
+                "--%stensorboard is deprecated; use --report-to (this run: --report-to %s)",
+                "" if self.tensorboard else "no-",
+                ",".join(self.report_to),
+            )
             self.tensorboard = None
         check_installed(self.report_to)  # a missing tracker fails here, before anything is written
 
@@ -94,6 +110,10 @@ class LoraOptions(Options):
             logger.warning("%s: ignored without --lora", ", ".join(f"--{k.replace('_', '-')}" for k in changed))
 
 
-def check_resume_matches(saved: dict, current: dict, ignore: tuple[str, ...] = ("resume", "stop_after_steps", "progress", "tensorboard", "report_to", "threads")) -> list[str]:
+def check_resume_matches(
+    saved: dict,
+    current: dict,
+    ignore: tuple[str, ...] = ("resume", "stop_after_steps", "progress", "tensorboard", "report_to", "threads"),
+) -> list[str]:
     """The options that differ between a run's saved config and the resuming one (by name)."""
     return sorted(k for k in current if k not in ignore and k in saved and saved[k] != current[k])

@@ -23,8 +23,8 @@ from accelerate.utils import set_seed
 from rlhfkit.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from rlhfkit.config import ConfigError, save_yaml, to_dict
 from rlhfkit.cpu import configure_threads
-from rlhfkit.training.distributed import describe, enable_fsdp_on_cpu, is_sharded
 from rlhfkit.tracking import MetricsLogger, Progress
+from rlhfkit.training.distributed import describe, enable_fsdp_on_cpu, is_sharded
 from rlhfkit.training.options import RunOptions, check_resume_matches
 
 logger = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ def _mixed_precision(choice: str, cpu: bool) -> str:
     return choice
 
 
-def start_run(cfg: RunOptions, name: str) -> "Run":
+def start_run(cfg: RunOptions, name: str) -> Run:
     """Check ``--output`` against ``--resume``, build the accelerator and seed; write nothing yet."""
     out = Path(cfg.output)
     existing = find_checkpoint(out)
@@ -97,8 +97,13 @@ class Run:
                 self._warn_changed_options()
             save_yaml(self.cfg, self.out / "config.yaml")
             _log_to_file(self.out / "run.log")
-            logger.warning("%s: %s, device %s, precision %s", self.name, describe(self.accelerator), self.device,
-                           self.accelerator.mixed_precision)
+            logger.warning(
+                "%s: %s, device %s, precision %s",
+                self.name,
+                describe(self.accelerator),
+                self.device,
+                self.accelerator.mixed_precision,
+            )
         if self.resume_from is not None:
             saved = load_checkpoint(self.accelerator, self.resume_from)
             known = {f.name for f in dataclasses.fields(TrainState)}
@@ -106,10 +111,18 @@ class Run:
             self.saved_step = state.step
             if self.main:
                 logger.warning("resuming from %s at %s %d", self.resume_from, unit, state.step)
-        self.log = MetricsLogger(self.out, enabled=self.main, resume_step=state.step if self.resume_from else None,
-                                 report_to=self.cfg.report_to, run_name=self.out.resolve().name, config=to_dict(self.cfg),
-                                 cuda_memory=self.device.type == "cuda")
-        self.progress = Progress(total_steps, self.name, unit, initial=state.step, enabled=self.main and self.cfg.progress)
+        self.log = MetricsLogger(
+            self.out,
+            enabled=self.main,
+            resume_step=state.step if self.resume_from else None,
+            report_to=self.cfg.report_to,
+            run_name=self.out.resolve().name,
+            config=to_dict(self.cfg),
+            cuda_memory=self.device.type == "cuda",
+        )
+        self.progress = Progress(
+            total_steps, self.name, unit, initial=state.step, enabled=self.main and self.cfg.progress
+        )
         self._stop_at = min(total_steps, self.cfg.stop_after_steps or total_steps)
         return state
 
@@ -124,9 +137,11 @@ class Run:
         saved = yaml.safe_load(saved_file.read_text(encoding="utf-8")) or {}
         changed = check_resume_matches(saved, to_dict(self.cfg))
         if changed:
-            logger.warning("--resume with changed options (%s): the run continues with the new values, so it will not "
-                           "end where the uninterrupted run would have", ", ".join(
-                               f"{k}: {saved[k]!r} -> {getattr(self.cfg, k)!r}" for k in changed))
+            logger.warning(
+                "--resume with changed options (%s): the run continues with the new values, so it will not "
+                "end where the uninterrupted run would have",
+                ", ".join(f"{k}: {saved[k]!r} -> {getattr(self.cfg, k)!r}" for k in changed),
+            )
 
     def save(self, state: TrainState) -> None:
         """A resumable checkpoint (collective: every process calls it)."""

@@ -15,7 +15,8 @@ any detached statistics it wants back.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -63,8 +64,10 @@ def train_step(
             # optimizer.step() writes it into the weights.
             if not torch.isfinite(loss).item():
                 rows = f", {describe(micro)}" if describe is not None else ""
-                raise RunStopped(f"non-finite loss ({loss.item()}) at {where}, micro-batch {i}{rows}. Nothing was saved "
-                                 f"from this step; {run.stop_note()}. {hint}")
+                raise RunStopped(
+                    f"non-finite loss ({loss.item()}) at {where}, micro-batch {i}{rows}. Nothing was saved "
+                    f"from this step; {run.stop_note()}. {hint}"
+                )
             accelerator.backward(loss)
         stats.append(micro_stats)
     grad_norm = None
@@ -72,8 +75,10 @@ def train_step(
         groups = list(clip_groups) if clip_groups is not None else [[p for m in models for p in m.parameters()]]
         grad_norm = torch.stack([_full(accelerator.clip_grad_norm_(group, max_grad_norm)) for group in groups]).max()
         if not torch.isfinite(grad_norm).item():
-            raise RunStopped(f"non-finite gradient norm at {where} with a finite loss. Nothing was saved from this step; "
-                             f"{run.stop_note()}. {hint}")
+            raise RunStopped(
+                f"non-finite gradient norm at {where} with a finite loss. Nothing was saved from this step; "
+                f"{run.stop_note()}. {hint}"
+            )
     optimizer.step()
     if scheduler is not None:
         scheduler.step()
