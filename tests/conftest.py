@@ -16,6 +16,10 @@ import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# One thread in every run a test starts: a run chooses its threads by how busy the machine is
+# (rlhfkit.cpu), and a resumed run that chose other threads than the run it continues computes
+# other last bits (seen: a resume test failing while other processes ran).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 WORDS = ["apple", "river", "stone", "cloud", "paper", "green", "quiet", "table", "light", "music", "north", "bread"]
 
