@@ -4,7 +4,8 @@ Every entry point, including ``accelerate launch -m rlhfkit.cli ...`` in each pr
 goes through :func:`run_command`, the one error path: a :class:`~rlhfkit.errors.UserError`
 (a bad option, file or line) prints one paragraph and exits with 2, a
 :class:`~rlhfkit.errors.RunStopped` (the run stopped itself) exits with 1, never a
-traceback for either. Each command imports its library module when it runs (the only
+traceback for either; a SIGTERM or SIGINT during training ends it after the current step,
+with a checkpoint, and exits with 143 or 130 (:mod:`rlhfkit.training.signals`). Each command imports its library module when it runs (the only
 imports inside functions here), so ``rlhfkit --help`` answers without loading torch.
 """
 
@@ -19,6 +20,9 @@ from functools import partial
 
 from rlhfkit.config import parse_args
 from rlhfkit.errors import RunStopped, UserError
+from rlhfkit.training.lock import release_all as release_locks
+from rlhfkit.training.signals import Interrupted
+from rlhfkit.training.signals import restore_all as restore_signal_handlers
 
 USAGE = """usage: rlhfkit COMMAND [options]   (rlhfkit COMMAND --help for each)
 
@@ -55,6 +59,30 @@ def _main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def _resume_step(cfg) -> int | None:
+    """The step of the checkpoint a ``--resume`` starts from (None: not resuming, or no readable
+    checkpoint, which the trainer reports)."""
+    if not cfg.resume:
+        return None
+    checkpoint = importlib.import_module("rlhfkit.checkpoint")
+    found = checkpoint.find_checkpoint(cfg.output)
+    try:
+        return checkpoint.read_state(found)["step"] if found is not None else None
+    except UserError:
+        return None
+
+
+def _said_nothing_to_do(cfg, start: int | None, finished: bool) -> bool:
+    """A ``--resume`` of a run that was already finished trains nothing and has no metrics to
+    print: say so (instead of 'score nan') and return True."""
+    if start is None or not finished or _resume_step(cfg) != start:
+        return False
+    print(
+        f"{cfg.output} is already finished at step {start} of {start}; nothing to do (the model is in {cfg.output}/final)"
+    )
+    return True
+
+
 # ------------------------------------------------------------------------ commands
 def _rm(argv: Sequence[str]) -> None:
     if not argv or argv[0] in ("-h", "--help"):
@@ -84,8 +112,9 @@ def _score(argv: Sequence[str]) -> None:
 def _sft(argv: Sequence[str]) -> None:
     sft = importlib.import_module("rlhfkit.sft.train")
     cfg = parse_args(sft.SFTConfig, argv, prog="rlhfkit sft")
+    start = _resume_step(cfg)
     result = sft.train_sft(cfg)
-    if not _main_process():
+    if not _main_process() or _said_nothing_to_do(cfg, start, result.get("finished", False)):
         return
     if result.get("finished"):
         line = f"model saved to {result['final']} after {result['step']} steps; train loss {result.get('train/loss', float('nan')):.4f}"
@@ -99,8 +128,12 @@ def _sft(argv: Sequence[str]) -> None:
 def _rl(argv: Sequence[str], ppo_only: bool = False) -> None:
     trainer = importlib.import_module("rlhfkit.rl.trainer")
     cls, prog = (trainer.PPOConfig, "rlhfkit ppo") if ppo_only else (trainer.RLConfig, "rlhfkit rl")
-    result = trainer.train_rl(parse_args(cls, argv, prog=prog))
-    if "final" in result and _main_process():
+    cfg = parse_args(cls, argv, prog=prog)
+    start = _resume_step(cfg)
+    result = trainer.train_rl(cfg)
+    if not _main_process() or _said_nothing_to_do(cfg, start, "final" in result):
+        return
+    if "final" in result:
         print(
             f"policy saved to {result['final']}; score {result.get('rl/score_mean', float('nan')):.4f}, "
             f"KL {result.get('rl/kl', float('nan')):.4f} at the last update"
@@ -110,8 +143,9 @@ def _rl(argv: Sequence[str], ppo_only: bool = False) -> None:
 def _dpo(argv: Sequence[str]) -> None:
     dpo = importlib.import_module("rlhfkit.dpo.train")
     cfg = parse_args(dpo.DPOConfig, argv, prog="rlhfkit dpo")
+    start = _resume_step(cfg)
     result = dpo.train_dpo(cfg)
-    if not _main_process():
+    if not _main_process() or _said_nothing_to_do(cfg, start, result.get("finished", False)):
         return
     if not result.get("finished"):
         print(f"stopped at step {result['step']} with a checkpoint in {cfg.output}/checkpoint; continue with --resume")
@@ -224,9 +258,16 @@ def run_command(prog: str, body: Callable[[], object]) -> int:
         return 1
     except SystemExit as e:  # argparse's --help (0); our own exits
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    except Interrupted as e:  # SIGTERM or SIGINT, handled by the training core (a checkpoint, unless a second one)
+        hint = "run the same command again to continue" if prog == "rlhfkit pipeline" else "continue with --resume"
+        print(f"{prog}: {e.what}; {hint}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; continue a training run with --resume", file=sys.stderr)
         return 130
+    finally:  # a run that raised never reached Run.close: give back its folder's lock and the signal handlers
+        release_locks()
+        restore_signal_handlers()
     return code if isinstance(code, int) else 0
 
 

@@ -91,6 +91,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["DPOConfig", "train_dpo", "REFERENCE_FILE"]
 
 REFERENCE_FILE = "reference_logprobs.safetensors"
+REFERENCE_LOGPROB_SLACK = 1e-4  # a sum of log-softmax values is <= 0; this much is rounding, more is damage
 
 
 @dataclass(kw_only=True)
@@ -202,17 +203,18 @@ def reference_logprobs(
 ) -> dict[str, Tensor]:
     """``{"train": (n_texts,), "eval": (n_texts,)}``: ``log pi_ref`` of every text, float32 on the CPU.
 
-    On ``--resume`` read from ``OUTPUT/reference_logprobs.safetensors`` when its fingerprints
-    match the data; else one batched no-grad pass of the policy as loaded (it runs before
-    :meth:`Run.begin` restores a checkpoint, so the weights are still the reference's), its
-    adapter disabled under LoRA, with the training's autocast. Writes nothing.
+    On ``--resume`` read from ``OUTPUT/reference_logprobs.safetensors`` when it passes
+    :func:`check_reference_cache`; else (with a warning naming the file and what is wrong) one
+    batched no-grad pass of the policy as loaded (it runs before :meth:`Run.begin` restores a
+    checkpoint, so the weights are still the reference's), its adapter disabled under LoRA,
+    with the training's autocast. Writes nothing.
     """
-    path, prints = run.out / REFERENCE_FILE, {name: fingerprint(d) for name, d in data.items()}
+    path = run.out / REFERENCE_FILE
     if run.resume_from is not None and path.is_file():
-        with safe_open(str(path), framework="pt") as f:
-            if (f.metadata() or {}) == prints:
-                return {name: f.get_tensor(name) for name in data}
-        logger.warning("%s was computed for other data or --max-length; computing the reference log-probs again", path)
+        cached, problem = read_reference_cache(path, data)
+        if cached is not None:
+            return cached
+        logger.warning("%s %s; recomputing the reference log-probs", path, problem)
     out = {}
     with adapter_disabled(model.policy), run.accelerator.autocast():
         for name, d in data.items():
@@ -220,15 +222,55 @@ def reference_logprobs(
     return out
 
 
+def tensor_checksum(logprobs: dict[str, Tensor]) -> str:
+    """sha256 of the tensors' bytes, in name order: recorded in the cache's metadata when it is written."""
+    digest = hashlib.sha256()
+    for name in sorted(logprobs):
+        digest.update(name.encode())
+        digest.update(logprobs[name].detach().to(torch.float32).contiguous().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def read_reference_cache(
+    path: Path, data: dict[str, EncodedPreferences | None]
+) -> tuple[dict[str, Tensor] | None, str]:
+    """The cached log-probs of ``data``, or None and what is wrong with the file. Checked: it
+    reads as safetensors; its fingerprints match the data (the same texts, tokens and
+    --max-length); one float32 tensor per split of one value per text; the checksum written
+    with it; every value finite and <= 0 (a log-probability above 0 is impossible)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if any(meta.get(name) != fingerprint(d) for name, d in data.items()):
+                return None, "was computed for other data or --max-length"
+            if set(f.keys()) != set(data):
+                return None, f"is damaged (tensors {sorted(f.keys())}, expected {sorted(data)})"
+            cached = {name: f.get_tensor(name) for name in data}
+    except Exception as e:  # safetensors raises its own SafetensorError (truncated, empty, garbage) or OSError
+        return None, f"is damaged ({type(e).__name__}: {str(e)[:200]})"
+    for name, d in data.items():
+        n = len(d.texts) if d is not None else 0
+        t = cached[name]
+        if t.dtype != torch.float32 or tuple(t.shape) != (n,):
+            return None, f"is damaged ({name}: {t.dtype} {tuple(t.shape)}, expected float32 ({n},), one per text)"
+    if meta.get("checksum") != tensor_checksum(cached):
+        return None, "is damaged (its values do not match the checksum written with them)"
+    for name, t in cached.items():
+        if not bool(torch.isfinite(t).all()) or bool((t > REFERENCE_LOGPROB_SLACK).any()):
+            return None, f"is damaged ({name}: values that are not finite or above 0, impossible for a log-probability)"
+    return cached, ""
+
+
 def save_reference_logprobs(
     path: Path, logprobs: dict[str, Tensor], data: dict[str, EncodedPreferences | None]
 ) -> None:
-    """Write the cache atomically, with the data's fingerprints as metadata."""
+    """Write the cache atomically, with the data's fingerprints and the tensors' checksum as metadata."""
     tmp = path.with_name(path.name + ".tmp")
+    tensors = {k: v.to(torch.float32).contiguous() for k, v in logprobs.items()}
     save_file(
-        {k: v.contiguous() for k, v in logprobs.items()},
+        tensors,
         str(tmp),
-        metadata={k: fingerprint(d) for k, d in data.items()},
+        metadata={**{k: fingerprint(d) for k, d in data.items()}, "checksum": tensor_checksum(tensors)},
     )
     os.replace(tmp, path)
 

@@ -48,6 +48,8 @@ __all__ = [
     "measure_kernels",
     "choose_cpu_matmul",
     "apply_cpu_matmul",
+    "run_cpu_matmul_choices",
+    "reuse_cpu_matmul_choices",
     "MIN_MACS",
 ]
 
@@ -219,15 +221,14 @@ def choose_cpu_matmul(
     key = f"{machine_key(threads)} | {sorted(shapes.items())}"
     if (cache_file, key) in _DECIDED:
         return _DECIDED[cache_file, key]
-    cache: dict = {}
-    if cache_file is not None and cache_file.is_file():
-        try:
-            cache = json.loads(cache_file.read_text())
-        except (OSError, json.JSONDecodeError):
-            cache = {}
+    cache = _read_cache(cache_file) if cache_file is not None and cache_file.is_file() else {}
     if key in cache:
         hit = cache[key]
-        return KernelChoice(hit["kernel"], hit["onednn_gflops"], hit["torch_gflops"], "cache")
+        if isinstance(hit, dict) and hit.get("kernel") in ("onednn", "torch"):
+            return KernelChoice(
+                hit["kernel"], hit.get("onednn_gflops", math.nan), hit.get("torch_gflops", math.nan), "cache"
+            )
+        logger.warning("%s: the entry for this machine and these shapes is damaged; measuring again", cache_file)
     onednn, plain = measure_kernels(shapes, timer)
     choice = KernelChoice("onednn" if onednn > plain else "torch", round(onednn, 1), round(plain, 1), "measured")
     if not (cache_file is not None and cache_ok):
@@ -245,8 +246,43 @@ def choose_cpu_matmul(
     return choice
 
 
+def _read_cache(cache_file: Path) -> dict:
+    """The measurements cached in ``cache_file``; a damaged file is measured again (and rewritten), with a warning."""
+    try:
+        cache = json.loads(cache_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        logger.warning("%s is damaged (%s); measuring the kernels again", cache_file, type(e).__name__)
+        return {}
+    if not isinstance(cache, dict):
+        logger.warning("%s is damaged (not a JSON object); measuring the kernels again", cache_file)
+        return {}
+    return cache
+
+
 def default_cache_file() -> Path:
     return cache_dir() / "cpu_matmul.json"
+
+
+# ``--cpu-matmul auto`` in a training run: the kernels chosen (by layer shapes) are saved with
+# each checkpoint and reused on --resume, because measuring again can flip the choice on a busy
+# machine and the two kernels sum in different orders (a resumed run would then end 1e-4 away
+# from the uninterrupted one).
+_RUN_CHOICES: dict[str, str] = {}  # shapes -> kernel, the auto choices of the current run
+_REUSED: dict[str, str] = {}  # shapes -> kernel, recorded in the checkpoint being resumed
+
+
+def run_cpu_matmul_choices() -> dict[str, str]:
+    """The kernels ``--cpu-matmul auto`` chose in the current run, by layer shapes (saved with a checkpoint)."""
+    return dict(_RUN_CHOICES)
+
+
+def reuse_cpu_matmul_choices(recorded: dict[str, str] | None) -> None:
+    """Start a run: forget the previous run's choices, and reuse ``recorded`` (a resumed
+    checkpoint's :func:`run_cpu_matmul_choices`) instead of measuring these shapes again."""
+    _RUN_CHOICES.clear()
+    _REUSED.clear()
+    if isinstance(recorded, dict):
+        _REUSED.update({str(k): v for k, v in recorded.items() if v in ("onednn", "torch")})
 
 
 def apply_cpu_matmul(choice: CpuMatmul, device, *models: nn.Module | None) -> KernelChoice | None:
@@ -267,15 +303,21 @@ def apply_cpu_matmul(choice: CpuMatmul, device, *models: nn.Module | None) -> Ke
         shapes = linear_shapes(*models)
         if not shapes:
             return None
-        decision = choose_cpu_matmul(shapes, cache_file=default_cache_file(), cache_ok=busy_cpus(0.1) < 0.5)
-        logger.warning(
-            "--cpu-matmul auto: %s (%s: oneDNN %.0f GFLOP/s, PyTorch %.0f GFLOP/s on these layers, %d thread(s))",
-            decision.kernel,
-            decision.source,
-            decision.onednn_gflops,
-            decision.torch_gflops,
-            torch.get_num_threads(),
-        )
+        key = str(sorted(shapes.items()))
+        if key in _REUSED:
+            decision = KernelChoice(_REUSED[key], math.nan, math.nan, "recorded in the checkpoint")
+            logger.warning("--cpu-matmul auto: %s (recorded in the checkpoint being resumed)", decision.kernel)
+        else:
+            decision = choose_cpu_matmul(shapes, cache_file=default_cache_file(), cache_ok=busy_cpus(0.1) < 0.5)
+            logger.warning(
+                "--cpu-matmul auto: %s (%s: oneDNN %.0f GFLOP/s, PyTorch %.0f GFLOP/s on these layers, %d thread(s))",
+                decision.kernel,
+                decision.source,
+                decision.onednn_gflops,
+                decision.torch_gflops,
+                torch.get_num_threads(),
+            )
+        _RUN_CHOICES[key] = decision.kernel
     if decision.kernel == "onednn":
         n = sum(use_onednn_linear(m) for m in models if m is not None)
         logger.info("cpu_matmul: %d linear layers run their fp32 matmuls through oneDNN", n)

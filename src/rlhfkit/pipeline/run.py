@@ -33,8 +33,10 @@ from rlhfkit.data.readers import FORMATS, describe, read_preferences
 from rlhfkit.data.writers import write_preferences
 from rlhfkit.defaults import EXPORT, MAX_NEW_TOKENS, RL_ALGORITHMS
 from rlhfkit.dpo.train import DPOConfig, train_dpo
+from rlhfkit.errors import MissingFileError, UserError
 from rlhfkit.files import check_output_dir
 from rlhfkit.models.cpu_linear import apply_cpu_matmul
+from rlhfkit.models.hub import resolve_model
 from rlhfkit.models.policy import inference_dtype, load_policy
 from rlhfkit.models.tokenizers import use_chat_template
 from rlhfkit.pipeline.report import write_report
@@ -46,6 +48,7 @@ from rlhfkit.rm.train import RMTrainConfig, train_reward_model
 from rlhfkit.sampling import SamplingSettings, sample_texts
 from rlhfkit.sft.data import read_sft_data
 from rlhfkit.sft.train import SFTConfig, train_sft
+from rlhfkit.training.lock import RunLock
 
 logger = logging.getLogger(__name__)
 
@@ -150,7 +153,7 @@ class PipelineConfig(Options):
         )
         unknown = [s for s in self.force if s not in STAGES]
         require(not unknown, f"option --force: unknown stage(s) {unknown}; stages are {', '.join(STAGES)}")
-        self.stage_configs()  # every section, built now: errors before the first stage runs
+        check_input_files(self, self.stage_configs())  # every section, built now: errors before the first stage runs
 
     def stage_configs(self) -> dict[str, Any]:
         """Each stage's command config (``None`` for a skipped stage), with the folders the pipeline fills in."""
@@ -263,6 +266,55 @@ class PipelineConfig(Options):
         return configs
 
 
+def check_input_files(cfg: PipelineConfig, configs: dict[str, Any]) -> None:
+    """Read every file a section names before the first stage runs, as the stage will read it:
+    prompt files (at least one prompt), preference data and SFT data (parsed in full, with the
+    section's format options; a parse costs seconds, a late failure the stages before it). An
+    error names the YAML key and the file. Files the pipeline writes itself (its preferences,
+    under ``output``) are left alone: they do not exist yet. A local ``policy`` folder must be a
+    loadable model (:func:`rlhfkit.models.hub.check_model_folder`)."""
+    prefs, out = cfg.preferences, Path(cfg.output).absolute()
+
+    def preferences(c: Any) -> Callable[[str], Any]:
+        return partial(read_preferences, format=c.format, prompt_column=c.prompt_column, allow_ties=c.allow_ties)
+
+    inputs: list[tuple[str, str | None, Callable[[str], Any]]] = []  # (YAML key, path, reader)
+    if configs["sft"] is not None:
+        inputs += [("sft.train", configs["sft"].train, read_sft_data), ("sft.eval", configs["sft"].eval, read_sft_data)]
+    if prefs.source == "file":
+        inputs.append(("preferences.file", prefs.file, preferences(prefs)))
+    else:
+        inputs.append(("preferences.prompts", prefs.prompts, partial(read_prompts, option="preferences.prompts")))
+    if configs["reward_model"] is not None:
+        inputs.append(("reward_model.eval", configs["reward_model"].eval, preferences(configs["reward_model"])))
+    rl = [configs[a] for a in ONLINE if configs.get(a) is not None]
+    inputs += [("rl.prompts", c.prompts, partial(read_prompts, option="rl.prompts")) for c in rl]
+    if configs.get("dpo") is not None:
+        inputs.append(("dpo.eval", configs["dpo"].eval, preferences(configs["dpo"])))
+    if configs["evaluation"] is not None:
+        key = "evaluation.prompts" if "prompts" in cfg.evaluation else "rl.prompts"
+        inputs.append((key, configs["evaluation"].prompts, partial(read_prompts, option=key)))
+    if Path(cfg.policy).expanduser().exists():  # a local folder must be a loadable model (aliases, hub ids load later)
+        try:
+            resolve_model(cfg.policy, "policy")
+        except UserError as e:
+            raise UserError(f"pipeline: {e}") from None
+    checked = set()
+    for key, path, read in inputs:
+        if path is None or path in checked or Path(path).absolute().is_relative_to(out):
+            continue
+        checked.add(path)
+        section = key.split(".")[0]
+        if not Path(path).is_file():
+            what = "is a folder; give a file" if Path(path).is_dir() else "does not exist (or is not a file)"
+            raise MissingFileError(f"pipeline {section}: {key} {path} {what}")
+        try:
+            read(path)
+        except (UserError, OSError) as e:
+            message = str(e) if key in str(e) else f"{key}: {e}"
+            raise UserError(f"pipeline {section}: {message}") from None
+
+
 def _section(cls: type, section: str, values: dict, written: dict, stage: str | None = None) -> Any:
     """Section ``section`` of the YAML as its command's config: ``values`` are the user's keys
     (``written``) and what the pipeline fills in; an error in one of the user's values names it
@@ -357,7 +409,9 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     """Run every stage that is not complete, then write report.html and report.md."""
     configs = cfg.stage_configs()
     out = Path(cfg.output)
-    out.mkdir(parents=True, exist_ok=True)
+    # one pipeline per folder (a second would start stages afresh under the first); each stage's
+    # trainer locks its own folder below this one
+    lock = RunLock.take(out)
     runner = Runner(out, cfg.force, cfg.keep_checkpoints)
     t_start = time.time()
     policy = cfg.policy
@@ -413,6 +467,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
 
     seconds = time.time() - t_start
     paths = write_report(cfg, runner.results, out, total_seconds=seconds)
+    lock.release()
     return {
         "report_html": str(paths[0]),
         "report_md": str(paths[1]),

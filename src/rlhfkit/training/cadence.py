@@ -50,16 +50,25 @@ class Cadence:
     ) -> None:
         """What follows every optimizer step: the progress bar (and one early time estimate),
         then ``log()``, ``evaluate()`` (its time left out of the window's next throughput) and a
-        checkpoint, each when it is due."""
+        checkpoint, each when it is due.
+
+        A SIGTERM or SIGINT received during the step (:mod:`rlhfkit.training.signals`) ends the
+        run here, at the same step on every process: this step is logged, its evaluation runs if
+        due (it may draw random numbers, which the checkpoint must hold for an exact resume), a
+        checkpoint is written and ``run.close`` raises ``Interrupted``. Every trainer's loop
+        passes through here, so none needs code of its own to stop."""
+        stop = run.stop_requested()
         run.step_done(state.step)
-        if self.log(state.step):
+        if self.log(state.step) or stop:
             log()
         if evaluate is not None and self.eval(state.step):
             evaluate()
             if window is not None:
                 window.restart_clock()
-        if self.save(state.step):
+        if self.save(state.step) or stop:
             run.save(state)
+        if stop:
+            run.close(state, self.total)  # raises Interrupted
 
     def step_done(
         self,

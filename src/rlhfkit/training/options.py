@@ -113,7 +113,15 @@ class LoraOptions(Options):
 def check_resume_matches(
     saved: dict,
     current: dict,
-    ignore: tuple[str, ...] = ("resume", "stop_after_steps", "progress", "tensorboard", "report_to", "threads"),
+    ignore: tuple[str, ...] = (
+        "output",  # a run folder copied or moved elsewhere is the same run
+        "resume",
+        "stop_after_steps",
+        "progress",
+        "tensorboard",
+        "report_to",
+        "threads",
+    ),
 ) -> list[str]:
     """The options that differ between a run's saved config and the resuming one (by name)."""
     return sorted(k for k in current if k not in ignore and k in saved and saved[k] != current[k])

@@ -2,15 +2,18 @@
 
 The order is what makes a bad option or a bad file cost nothing: :func:`start_run` checks
 the run folder and builds the accelerator but writes nothing; the trainer then reads its
-data and loads its models (any error there leaves no trace); only :meth:`Run.begin` makes
-the folder, writes ``config.yaml``, restores a checkpoint and opens the metrics log (and the
-trackers of ``--report-to``, whose packages the config checked for when it was built).
+data and loads its models (any error there leaves no trace); only :meth:`Run.begin` locks
+the folder (:mod:`rlhfkit.training.lock`), makes it, writes ``config.yaml``, restores a
+checkpoint and opens the metrics log (and the trackers of ``--report-to``, whose packages
+the config checked for when it was built). From ``begin`` to ``close`` a SIGTERM or SIGINT
+ends the run after the current step, with a checkpoint (:mod:`rlhfkit.training.signals`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,14 +21,25 @@ from typing import Any
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 
-from rlhfkit.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from rlhfkit.checkpoint import (
+    find_checkpoint,
+    load_checkpoint,
+    missing_checkpoint,
+    read_state,
+    remove_stale_temp,
+    save_checkpoint,
+)
 from rlhfkit.config import ConfigError, save_yaml, to_dict
 from rlhfkit.cpu import configure_threads
+from rlhfkit.errors import UserError
+from rlhfkit.models.cpu_linear import reuse_cpu_matmul_choices, run_cpu_matmul_choices
 from rlhfkit.tracking import MetricsLogger, Progress
+from rlhfkit.training import lock as run_lock
 from rlhfkit.training.distributed import describe, enable_fsdp_on_cpu, is_sharded
 from rlhfkit.training.options import RunOptions, check_resume_matches
+from rlhfkit.training.signals import Interrupted, StopSignals
 
 logger = logging.getLogger(__name__)
 
@@ -58,19 +72,38 @@ def _mixed_precision(choice: str, cpu: bool) -> str:
 
 
 def start_run(cfg: RunOptions, name: str) -> Run:
-    """Check ``--output`` against ``--resume``, build the accelerator and seed; write nothing yet."""
+    """Build the accelerator, check that no other process writes into ``--output`` (its lock) and
+    the folder against ``--resume``, seed, and install the stop signals; write nothing yet.
+
+    The lock is only checked here and taken in :meth:`Run.begin`, before its first write: taking
+    it here would make the folder, and an error while the trainer reads its data and loads its
+    models would leave it behind. A second writer started while the first trains (the usual
+    case) is refused here, before it loads anything; two started within the same few seconds
+    both load their models and the later one is refused in ``begin``, still before writing."""
     out = Path(cfg.output)
-    existing = find_checkpoint(out)
-    if cfg.resume and existing is None:
-        raise ConfigError(f"--resume: {out} has no checkpoint to resume from (expected {out}/checkpoint)")
-    if not cfg.resume and existing is not None:
-        raise ConfigError(f"{out} already holds a run; pass --resume to continue it, or choose a new --output")
     if cfg.threads is not None or cfg.cpu or not torch.cuda.is_available():  # GPU runs keep PyTorch's default
         configure_threads(cfg.threads)
     accelerator = Accelerator(mixed_precision=_mixed_precision(cfg.mixed_precision, cfg.cpu), cpu=cfg.cpu)
     enable_fsdp_on_cpu(accelerator)
+    # the main process answers for the run: the others share its folder and must not be refused
+    _agree(accelerator, run_lock.check(out) if accelerator.is_main_process else None)
+    existing = find_checkpoint(out)
+    if cfg.resume and existing is None:
+        raise ConfigError(f"--resume: {out} has no checkpoint to resume from ({missing_checkpoint(out)})")
+    if not cfg.resume and existing is not None:
+        raise ConfigError(f"{out} already holds a run; pass --resume to continue it, or choose a new --output")
     set_seed(cfg.seed)
-    return Run(cfg, name, accelerator, existing if cfg.resume else None)
+    run = Run(cfg, name, accelerator, existing if cfg.resume else None)
+    run.signals.install()
+    return run
+
+
+def _agree(accelerator: Accelerator, refusal: str | None) -> None:
+    """Raise the main process's ``refusal`` (a lock held by another run) on every process."""
+    if accelerator.num_processes > 1:
+        refusal = broadcast_object_list([refusal])[0]
+    if refusal is not None:
+        raise UserError(refusal)
 
 
 class Run:
@@ -86,17 +119,24 @@ class Run:
         self.progress: Any = None
         self.saved_step: int | None = None  # the step of the newest checkpoint on disk
         self._stop_at = 0
+        self.lock: run_lock.RunLock | None = None  # main process, from begin to close
+        self.signals = StopSignals(self._interrupted_note)  # installed by start_run
+        # --cpu-matmul auto: the kernels the checkpoint's run chose, for the models loaded next
+        reuse_cpu_matmul_choices(_recorded_cpu_matmul(resume_from))
 
     def begin(self, state: TrainState, total_steps: int, unit: str = "step") -> TrainState:
         """Make the folder, save the config, restore the checkpoint of ``--resume`` (after
         ``accelerator.prepare``), open the metrics log (with its trackers, which get the config
         once) and the progress bar."""
+        self._claim()
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
             if self.resume_from is not None:
                 self._warn_changed_options()
             save_yaml(self.cfg, self.out / "config.yaml")
             _log_to_file(self.out / "run.log")
+            for path in remove_stale_temp(self.out):
+                logger.warning("removed %s, left half-written by a run that was killed", path)
             logger.warning(
                 "%s: %s, device %s, precision %s",
                 self.name,
@@ -105,12 +145,22 @@ class Run:
                 self.accelerator.mixed_precision,
             )
         if self.resume_from is not None:
-            saved = load_checkpoint(self.accelerator, self.resume_from)
+            saved, warnings = load_checkpoint(self.accelerator, self.resume_from)
             known = {f.name for f in dataclasses.fields(TrainState)}
             state = TrainState(**{k: v for k, v in saved.items() if k in known})
             self.saved_step = state.step
+            for warning in warnings:  # every process: each has its own RNG state
+                logger.warning("process %d: %s", self.rank, warning)
             if self.main:
                 logger.warning("resuming from %s at %s %d", self.resume_from, unit, state.step)
+                if state.step >= total_steps:
+                    logger.warning(
+                        "%s is already finished at %s %d of %d; nothing to do",
+                        self.out,
+                        unit,
+                        state.step,
+                        total_steps,
+                    )
         self.log = MetricsLogger(
             self.out,
             enabled=self.main,
@@ -145,7 +195,9 @@ class Run:
 
     def save(self, state: TrainState) -> None:
         """A resumable checkpoint (collective: every process calls it)."""
-        save_checkpoint(self.accelerator, self.out, dataclasses.asdict(state))
+        save_checkpoint(
+            self.accelerator, self.out, {**dataclasses.asdict(state), "cpu_matmul": run_cpu_matmul_choices()}
+        )
         self.saved_step = state.step
 
     def full_state_dict(self, model) -> dict | None:
@@ -172,18 +224,84 @@ class Run:
                 handler.emit(logging.LogRecord(logger.name, logging.INFO, __file__, 0, text, None, None))
 
     def close(self, state: TrainState, total_steps: int) -> bool:
-        """Close the log (finishing its trackers) and the progress bar; returns whether the run
-        reached ``total_steps``. A run that raises never gets here: its trackers are finished,
-        as failed, when the next run opens its log or when the process exits."""
+        """Close the log (finishing its trackers) and the progress bar, restore the signal handlers
+        and release the folder's lock; returns whether the run reached ``total_steps``. A stop
+        signal received during the run (see :mod:`rlhfkit.training.signals`) ends it here instead,
+        with :class:`Interrupted` (the caller has just saved). A run that raises never gets here:
+        its trackers are finished, as failed, when the next run opens its log or when the process
+        exits; its lock and handlers are released by the CLI's error path, at exit or by the next run."""
+        stop = self.stop_requested()
         finished = state.step >= total_steps
         if self.progress is not None:
             self.progress.close()
         if self.log is not None:
             self.log.close()
-        if self.main and not finished:
+        if stop is not None:
+            saved = (
+                f"checkpoint written ({self.out / 'checkpoint'})" if self.saved_step == state.step else self.stop_note()
+            )
+            what = f"stopped by {signal.Signals(stop).name} at step {state.step}; {saved}"
+            self._note_in_run_log(f"{what}; continue with --resume")
+        elif self.main and not finished:
             logger.warning("%s stopped at step %d of %d; continue with --resume", self.name, state.step, total_steps)
         _log_to_file(None)
+        self.signals.restore()
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+        if stop is not None:
+            raise Interrupted(what, stop)
         return finished
+
+    def _claim(self) -> None:
+        """Before the first write: lock the folder (main process; every process learns whether
+        it was refused), and from now on let a first stop signal finish the step."""
+        refusal = None
+        if self.main:
+            try:
+                self.lock = run_lock.RunLock.take(self.out)
+            except UserError as e:
+                refusal = str(e)
+        _agree(self.accelerator, refusal)
+        self.signals.deferred = True
+
+    def stop_requested(self) -> int | None:
+        """The signal that asks the run to stop at this step, or None; the same on every process
+        (one all-reduce of two numbers per step when there are several: a process that got no
+        signal stops with the others, at the same step)."""
+        got = self.signals.received
+        if self.world > 1:
+            flags = torch.tensor(
+                [got == signal.SIGTERM, got is not None and got != signal.SIGTERM], dtype=torch.float32
+            )
+            term, other = self.accelerator.reduce(flags.to(self.device), reduction="sum").tolist()
+            got = signal.SIGTERM if term else signal.SIGINT if other else None
+        return got
+
+    def _interrupted_note(self) -> str:
+        """What an immediate stop leaves: nothing before ``begin``, else the last checkpoint."""
+        if not self.signals.deferred:
+            return "nothing was written" + (
+                f" (the checkpoint in {self.resume_from} is as it was)" if self.resume_from else ""
+            )
+        return self.stop_note()
+
+    def _note_in_run_log(self, text: str) -> None:
+        """Add ``text`` to the run folder's run.log only (the CLI prints it)."""
+        if self.main:
+            for handler in _RUN_LOG:
+                handler.emit(logging.LogRecord(logger.name, logging.WARNING, __file__, 0, text, None, None))
+
+
+def _recorded_cpu_matmul(checkpoint: Path | None) -> dict | None:
+    """The ``--cpu-matmul auto`` choices saved in ``checkpoint`` (None: none, or an unreadable
+    state, which :func:`~rlhfkit.checkpoint.load_checkpoint` reports when the run begins)."""
+    if checkpoint is None:
+        return None
+    try:
+        return read_state(checkpoint).get("cpu_matmul")
+    except (ValueError, OSError):  # UserError is a ValueError
+        return None
 
 
 _RUN_LOG: list[logging.Handler] = []
