@@ -404,6 +404,14 @@ def test_malformed_and_oversized_bodies(env):
         "invalid_json",
         "JSON",
     )
+    latin1 = '{"set_id": 1, "ranking": [[0], [1], [2]], "comment": "caf\xe9"}'.encode("latin-1")
+    for headers in (h, auth(env.tokens["alice"])):  # with and without a Content-Type
+        assert_error(
+            env.client.post("/api/rankings", content=latin1, headers=headers),
+            400,
+            "invalid_json",
+            "request body is not valid UTF-8 JSON: byte 0xe9 at offset 57 is not UTF-8",
+        )
     big = json.dumps({"set_id": 1, "ranking": [[0], [1], [2]], "comment": "x" * 70_000}).encode()
     assert_error(env.client.post("/api/rankings", content=big, headers=h), 413, "body_too_large", "65536 bytes")
 
@@ -414,6 +422,8 @@ def test_malformed_and_oversized_bodies(env):
     assert_error(env.client.post("/api/rankings", content=chunks(), headers=h), 413, "body_too_large", "bytes")
     assert_error(env.client.post("/api/prompts", content=big, headers=h), 413, "body_too_large", "bytes")
     assert db_rows(env.db) == [] and env.store.count_prompts()["typed"] == 0
+    utf16 = json.dumps({"set_id": 1, "ranking": [[0], [1], [2]]}).encode("utf-16-le")  # json.loads detects it
+    assert env.client.post("/api/rankings", content=utf16, headers=h).status_code == 201
 
 
 def test_ties_when_the_task_allows_them(env):
@@ -689,9 +699,10 @@ def test_undo_after_re_ranking_is_a_conflict(ranked):
 
 
 def test_stats_counts_and_agreement(ranked):
-    stats = ranked.client.get("/api/stats", headers=auth(ranked.tokens["alice"])).json()
+    stats = ranked.client.get("/api/stats", headers=auth(ranked.tokens["root"])).json()
     counts = {a["annotator"]: a["rankings"] for a in stats["annotators"]}
     assert counts == {"alice": 2, "bob": 2, "root": 0}
+    assert stats["totals"] == {"annotators": 3, "rankings": 4, "skips": 0}
     (pair,) = stats["agreement"]["pairs"]
     # Set 1: (0,1,2) vs (0,2,1): 2 of 3 pairs agree, tau = (2 - 1) / 3. Set 2: identical.
     assert (pair["annotator_a"], pair["annotator_b"], pair["shared_sets"]) == ("alice", "bob", 2)
@@ -700,8 +711,27 @@ def test_stats_counts_and_agreement(ranked):
     assert stats["agreement"]["overall"]["shared_sets"] == 2
     # A deleted ranking leaves the statistics.
     ranked.client.delete(f"/api/rankings/{ranked.ids['bob'][0]}", headers=auth(ranked.tokens["bob"]))
-    stats = ranked.client.get("/api/stats", headers=auth(ranked.tokens["bob"])).json()
+    stats = ranked.client.get("/api/stats", headers=auth(ranked.tokens["root"])).json()
     assert stats["agreement"]["pairs"][0]["shared_sets"] == 1 and stats["agreement"]["pairs"][0]["kendall_tau"] == 1.0
+
+
+def test_stats_show_an_annotator_their_own_counts_and_the_totals_without_names(ranked):
+    t = next_task(ranked.client, ranked.tokens["alice"])
+    assert ranked.client.post(
+        "/api/skips", json={"set_id": t["set_id"]}, headers=auth(ranked.tokens["alice"])
+    ).is_success
+    admin = ranked.client.get("/api/stats", headers=auth(ranked.tokens["root"])).json()
+    for who in ("alice", "bob"):
+        r = ranked.client.get("/api/stats", headers=auth(ranked.tokens[who]))
+        assert r.status_code == 200
+        stats = r.json()
+        (own,) = stats["annotators"]
+        assert own == next(a for a in admin["annotators"] if a["annotator"] == who)
+        assert stats["totals"] == admin["totals"] and stats["totals"]["annotators"] == 3
+        assert stats["agreement"] == {"pairs": [], "overall": admin["agreement"]["overall"]}
+        others = {"alice", "bob", "root"} - {who}
+        assert not any(name in r.text for name in others), r.text  # no other annotator is named
+    assert admin["totals"]["skips"] == 1 and len(admin["agreement"]["pairs"]) == 1
 
 
 def export(env, who, **params):

@@ -76,6 +76,7 @@ def server(tmp_path_factory):
     store.add_generation_set(1, "hand-written", XSS_RESPONSES)
     store.add_generation_set(2, "hand-written", SAMPLE_RESPONSES)
     tokens = {name: store.add_user(name) for name in ("alice", "xss-viewer")}
+    tokens["organiser"] = store.add_user("organiser", admin=True)
     store.close()
     (root / "prompts.txt").write_text("\n".join(MODEL_PROMPTS) + "\n", encoding="utf-8")
     model = build_tiny_causal_lm(root / "tiny-lm")
@@ -254,7 +255,9 @@ def test_dataset_page_lists_exports_deletes_and_undoes(page, server, tmp_path):
     row.wait_for()
     assert page.locator(".row").count() == 1  # only this annotator's own rows
     assert "Comment: <i>not italic</i>" in row.inner_text() and row.locator("i").count() == 0
-    sync_api.expect(page.locator("#counts tbody tr")).to_have_count(2)  # per-annotator counts are visible to all
+    sync_api.expect(page.locator("#counts tbody tr")).to_have_count(2)  # an annotator: their own row and the totals
+    counts = page.locator("#counts tbody").inner_text()
+    assert "xss-viewer" in counts and "All 3 annotator(s)" in counts and "alice" not in counts  # no other names
 
     with page.expect_download() as download:
         page.click("#export-jsonl")
@@ -268,4 +271,11 @@ def test_dataset_page_lists_exports_deletes_and_undoes(page, server, tmp_path):
     page.locator("#toast").get_by_role("button", name="Undo").click()
     row.wait_for()
     assert db_ranking(server["db"], ranking_id)[5] is None
+    assert page.errors == []
+
+    page.goto("about:blank")  # a new token: load the page afresh
+    page.goto(f"{server['url']}/dataset#token={server['tokens']['organiser']}")
+    sync_api.expect(page.locator("#counts tbody tr")).to_have_count(4)  # an admin: every annotator, and the totals
+    counts = page.locator("#counts tbody").inner_text()
+    assert "alice" in counts and "xss-viewer" in counts and "organiser (admin)" in counts and "All 3" in counts
     assert page.errors == []

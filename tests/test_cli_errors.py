@@ -280,6 +280,47 @@ def test_misc_user_errors_exit_2(files, tmp_path, capsys):
     assert main(["models", "--help"]) == 0 and "usage: rlhfkit models" in capsys.readouterr().out
 
 
+def test_a_folder_that_is_not_a_model_exits_2_saying_why(files, tmp_path, capsys):
+    """Every loader checks a local model folder first (rlhfkit.models.hub.check_model_folder):
+    a config.json without model_type, no weights, no tokenizer -> exit 2 naming the option, the
+    folder and what is missing, instead of a transformers traceback."""
+    import shutil
+
+    broken = {}
+    broken["empty-config"] = tmp_path / "empty-config"
+    broken["empty-config"].mkdir()
+    (broken["empty-config"] / "config.json").write_text("{}")
+    broken["no-weights"] = Path(shutil.copytree(files["lm"], tmp_path / "no-weights"))
+    for f in broken["no-weights"].glob("*.safetensors"):
+        f.unlink()
+    broken["no-tokenizer"] = Path(shutil.copytree(files["lm"], tmp_path / "no-tokenizer"))
+    for f in broken["no-tokenizer"].iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "vocab", "chat_template")):
+            f.unlink()
+    why = {
+        "empty-config": "its config.json names no model_type",
+        "no-weights": "it has a config.json but no weights",
+        "no-tokenizer": "it has no tokenizer files",
+    }
+    cmd = _commands(files, str(tmp_path / "out"))
+    for command, flag in [
+        ("score", "--model"),
+        ("rm eval", "--model"),
+        ("ppo-eval", "--policy"),
+        ("generate", "--policy"),
+        ("rl", "--policy"),
+        ("sft", "--policy"),
+    ]:
+        argv = cmd[command][0]
+        at = argv.index(flag) + 1
+        for kind, folder in broken.items():
+            bad = [*argv[:at], str(folder), *argv[at + 1 :]]
+            assert main(bad) == 2, (command, kind)
+            err = capsys.readouterr().err
+            assert f"{flag} {folder} is not a loadable model: {why[kind]}" in err, (command, kind, err)
+            assert "Traceback" not in err, (command, kind, err)
+
+
 def test_options_valid_alone_but_not_together_exit_2_and_write_nothing(files, tiny_encoder, tmp_path, capsys):
     """Cross-field cases: each option is a valid value on its own, the combination (with each
     other, with the model or with the data) is not. Same contract as above: exit 2, the

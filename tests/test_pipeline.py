@@ -166,6 +166,72 @@ evaluation: {{bon: [1, 0]}}
     assert not (tmp_path / "pipe").exists() and started == []
 
 
+def test_every_section_s_files_are_read_before_any_stage(tiny_lm, tmp_path, capsys, monkeypatch):
+    """A missing, undecodable or empty input file in any section fails before SFT starts, naming
+    the YAML key and the file; the preferences the pipeline writes itself are not looked for."""
+    from rlhfkit.cli import main
+    from rlhfkit.pipeline.run import Runner
+
+    started = []
+
+    class Started(Exception):
+        pass
+
+    def no_stage(self, name, config, run):
+        started.append(name)
+        raise Started(name)
+
+    monkeypatch.setattr(Runner, "stage", no_stage)
+    sft = tmp_path / "sft.jsonl"
+    sft.write_text('{"prompt": "q", "response": "a"}\n')
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a prompt\n")
+    lists = tmp_path / "lists.tsv"
+    lists.write_text("good\tbad\n")
+    latin1 = tmp_path / "latin1.tsv"
+    latin1.write_bytes("caf\xe9\tth\xe9\n".encode("latin-1"))
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n  \n")
+    bad_sft = tmp_path / "bad.jsonl"
+    bad_sft.write_text('{"prompt": "q"}\n')
+    missing = tmp_path / "missing.txt"
+    config = tmp_path / "pipeline.yaml"
+
+    not_a_model = tmp_path / "not-a-model"
+    not_a_model.mkdir()
+    (not_a_model / "config.json").write_text("{}")
+
+    def write(sft_train=sft, prefs=lists, rl_prompts=prompts, ev_prompts=prompts, policy=tiny_lm):
+        config.write_text(f"""
+output: {tmp_path / "pipe"}
+policy: {policy}
+sft: {{train: {sft_train}, max_steps: 1}}
+preferences: {{source: file, file: {prefs}}}
+rl: {{prompts: {rl_prompts}, max_steps: 1}}
+evaluation: {{prompts: {ev_prompts}}}
+""")
+
+    cases = [
+        (dict(rl_prompts=missing), f"pipeline rl: rl.prompts {missing} does not exist"),
+        (dict(ev_prompts=missing), f"pipeline evaluation: evaluation.prompts {missing} does not exist"),
+        (dict(prefs=latin1), f"pipeline preferences: preferences.file: {latin1}, line 1: is not valid UTF-8"),
+        (dict(prefs=tmp_path), f"pipeline preferences: preferences.file {tmp_path} is a folder"),
+        (dict(rl_prompts=blank), f"pipeline rl: rl.prompts: {blank}: holds no prompts"),
+        (dict(sft_train=bad_sft), f"pipeline sft: sft.train: {bad_sft}, line 1: has no 'response'"),
+        (dict(policy=not_a_model), f"pipeline: policy {not_a_model} is not a loadable model: its config.json names"),
+    ]
+    for files, needle in cases:
+        write(**files)
+        assert main(["pipeline", "--config", str(config)]) == 2, files
+        err = capsys.readouterr().err
+        assert needle in err and "Traceback" not in err, (files, err)
+    assert started == [] and not (tmp_path / "pipe").exists()
+    write()  # every file readable; preferences/preferences.jsonl, written by a stage, is not looked for
+    with pytest.raises(Started):
+        main(["pipeline", "--config", str(config)])
+    assert started == ["sft"]
+
+
 def test_interrupted_stage_resumes_from_its_checkpoint_or_restarts(tmp_path):
     from rlhfkit.pipeline.run import Runner
 

@@ -354,3 +354,18 @@ def test_plan_plans_with_the_trainers_own_defaults(algo, tmp_path):
         )
     else:
         assert setup.max_length == trainer.max_length and "eval_batch_size" in names
+
+
+@pytest.mark.parametrize("algo", ["sft", "dpo", "grpo", "ppo"])
+def test_an_encoder_as_the_policy_warns_that_it_cannot_be_one(algo, tiny_encoder, caplog, capsys):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="rlhfkit.plan.commands"):
+        assert main(["plan", "--model", str(tiny_encoder), "--algo", algo]) == 0
+    assert f"--model {tiny_encoder} is an encoder (BERT-shaped): it cannot be a policy" in caplog.text
+    assert f"--algo {algo} cannot train it" in caplog.text and "plan --algo rm" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="rlhfkit.plan.commands"):
+        assert main(["plan", "--model", str(tiny_encoder), "--algo", "rm"]) == 0  # a reward model backbone: fine
+    assert "cannot be a policy" not in caplog.text
+    capsys.readouterr()

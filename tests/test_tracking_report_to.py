@@ -368,6 +368,8 @@ def test_resume_may_change_the_trackers():
 def test_pipeline_stages_inherit_report_to_unless_their_section_sets_it(files, tmp_path):
     from rlhfkit.pipeline.run import PipelineConfig, _options
 
+    sft = tmp_path / "sft.jsonl"  # the pipeline reads every section's files when its config is built
+    sft.write_text('{"prompt": "q", "response": "a"}\n')
     cfg = from_dict(
         PipelineConfig,
         {
@@ -375,7 +377,7 @@ def test_pipeline_stages_inherit_report_to_unless_their_section_sets_it(files, t
             "policy": "tiny",
             "report_to": "none",
             "algorithm": ["grpo", "dpo"],
-            "sft": {"train": str(files["prompts"])},
+            "sft": {"train": str(sft)},
             "preferences": {"source": "file", "file": str(files["lists"])},
             "reward_model": {"report_to": "tensorboard"},
             "rl": {"prompts": str(files["prompts"])},

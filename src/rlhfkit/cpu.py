@@ -116,11 +116,28 @@ def choose_threads(
     return ThreadChoice(max(1, share - taken), f"{why}, about {busy:.1f} busy with other processes")
 
 
+def cap_threads(choice: ThreadChoice, cpus: int) -> ThreadChoice:
+    """At most one thread per usable logical CPU: more only wait on each other at every barrier,
+    and a count like 100000 fails to create its threads and then crashes the process."""
+    if choice.threads <= cpus:
+        return choice
+    logger.warning(
+        "%s asks for %d CPU threads, but this process may use %d logical CPU(s); using %d",
+        choice.reason,
+        choice.threads,
+        cpus,
+        cpus,
+    )
+    return ThreadChoice(cpus, f"{choice.reason} {choice.threads}, capped at the {cpus} usable logical CPU(s)")
+
+
 def configure_threads(requested: int | None) -> ThreadChoice:
-    """Choose (:func:`choose_threads`) and set PyTorch's intra-op thread count; log why."""
+    """Choose (:func:`choose_threads`, at most one per usable CPU) and set PyTorch's intra-op
+    thread count; log why."""
     env = os.environ.get("OMP_NUM_THREADS")
     busy = busy_cpus() if requested is None and not (env or "").strip().isdigit() else 0.0
     choice = choose_threads(requested, physical_cores(), busy, int(os.environ.get("LOCAL_WORLD_SIZE", "1")), env)
+    choice = cap_threads(choice, usable_cpus())
     torch.set_num_threads(choice.threads)
     logger.info("CPU threads: %d (%s)", choice.threads, choice.reason)
     return choice

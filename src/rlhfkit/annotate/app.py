@@ -5,8 +5,9 @@ Every ``/api`` route except ``/api/health`` needs ``Authorization: Bearer <token
 ``{"error": code, "message": what went wrong and what to do}`` with a 4xx status, and a
 request that fails changes nothing. Every integer a route takes is range-checked first
 (ids 1 .. 2**63 - 1, what SQLite holds), so none can overflow the database driver. Annotators see and change only their own rankings;
-an admin sees and may delete or restore every ranking. Agreement and per-annotator
-counts are aggregates and visible to everyone.
+an admin sees and may delete or restore every ranking. Names with counts and per-pair agreement
+are for admins; an annotator's ``/api/stats`` holds their own counts, the totals and the overall
+agreement.
 
 Endpoints:
 
@@ -19,13 +20,14 @@ Endpoints:
 - ``POST /api/skips {"set_id"}``.
 - ``GET /api/rankings?page=&per_page=&annotator=&prompt=&prompt_id=&deleted=``.
 - ``GET|PATCH|DELETE /api/rankings/{id}``, ``POST /api/rankings/{id}/restore``.
-- ``GET /api/stats``: per-annotator counts and inter-annotator agreement.
+- ``GET /api/stats``: counts and inter-annotator agreement (per annotator and pair: admins only).
 - ``GET /api/export?format=tsv|jsonl`` (same filters as the list).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import tempfile
 from importlib import resources
 from pathlib import Path
@@ -75,10 +77,14 @@ def _error(status: int, code: str, message: str, headers: dict[str, str] | None 
 
 
 class BodyLimitMiddleware:
-    """Refuse request bodies over ``max_bytes`` with 413, before the app reads them.
+    """Refuse request bodies over ``max_bytes`` with 413, and JSON bodies that are not valid
+    UTF-8 with a 400 that says so, before the app reads them.
 
     Checks ``Content-Length`` up front and counts chunked bodies as they arrive (the body
     is buffered, which is fine at this size), so an oversized request never reaches a route.
+    The body's bytes are decoded as the JSON parser will (UTF-8; UTF-16 or -32 only when
+    the bytes say so, as ``json.loads`` detects): FastAPI would answer a decoding error
+    with a bare "There was an error parsing the body".
     """
 
     def __init__(self, app: Any, max_bytes: int):
@@ -107,6 +113,19 @@ class BodyLimitMiddleware:
             more = message.get("more_body", False)
             if len(body) > self.max_bytes:
                 await too_big(scope, receive, send)
+                return
+        content_type = dict(scope["headers"]).get(b"content-type", b"application/json").decode("latin-1").lower()
+        if body and "json" in content_type:
+            encoding = json.detect_encoding(body)
+            try:
+                body.decode(encoding)
+            except UnicodeDecodeError as e:
+                await _error(
+                    400,
+                    "invalid_json",
+                    f"request body is not valid UTF-8 JSON: byte 0x{body[e.start]:02x} at offset {e.start} is not "
+                    f"{encoding.upper()} ({e.reason}); send the JSON text encoded as UTF-8",
+                )(scope, receive, send)
                 return
         sent = False
 
@@ -519,7 +538,20 @@ def create_app(
 
     @app.get("/api/stats")
     def stats(user: Auth) -> dict:
-        return {"annotators": store.counts_by_user(), "agreement": agreement_report(store.shared_rankings())}
+        """Admins: every annotator's counts and every pair's agreement. Annotators: their own
+        counts, the totals and the overall agreement, without names: who else annotates here,
+        and how much, is the organiser's to know."""
+        counts = store.counts_by_user()
+        agreement = agreement_report(store.shared_rankings())
+        totals = {
+            "annotators": len(counts),
+            "rankings": sum(c["rankings"] for c in counts),
+            "skips": sum(c["skips"] for c in counts),
+        }
+        if user.is_admin:
+            return {"annotators": counts, "totals": totals, "agreement": agreement}
+        own = [c for c in counts if c["annotator"] == user.name]
+        return {"annotators": own, "totals": totals, "agreement": {"pairs": [], "overall": agreement["overall"]}}
 
     @app.get("/api/export")
     def export(

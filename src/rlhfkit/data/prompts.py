@@ -11,11 +11,14 @@ the row's ``prompt`` field or else its last user turn.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from rlhfkit.data.types import DataFormatError
 from rlhfkit.files import read_text
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -31,11 +34,24 @@ def read_prompts(path: str | Path, option: str = "--prompts") -> list[Prompt]:
     path = Path(path)
     lines = read_text(path, option).split("\n")
     prompts: list[Prompt] = []
+    with_nul: list[int] = []
     for n, line in enumerate(lines, 1):
         line = line.removesuffix("\r")
+        if "\0" in line:  # a tokenizer reads NUL as a character; it is almost always a damaged or binary file
+            with_nul.append(n)
+            line = line.replace("\0", "")
         if not line.strip():
             continue
         prompts.append(_parse_row(line, str(path), n) if path.suffix.lower() == ".jsonl" else Prompt(line))
+    if with_nul:
+        logger.warning(
+            "%s:%d: NUL bytes (\\0) on %d line(s) of the %s file, from this one on; removed them. NUL bytes in "
+            "a text file usually mean it is damaged or not text",
+            path,
+            with_nul[0],
+            len(with_nul),
+            option,
+        )
     if not prompts:
         raise DataFormatError(
             str(path), None, "holds no prompts; write one prompt per line (or JSONL rows with 'prompt')"

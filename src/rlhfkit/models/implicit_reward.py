@@ -50,12 +50,17 @@ class ImplicitReward(nn.Module):
         self.tokenizer, self.beta, self.chat, self.max_length = tokenizer, beta, chat, max_length
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str, *, device: Any = None, max_length: int | None = None) -> ImplicitReward:
-        """Load a DPO export (a run folder picks ``best/``) and the reference its ``rlhfkit_dpo.json`` names."""
-        path = resolve_model(name_or_path)
+    def from_pretrained(
+        cls, name_or_path: str, *, device: Any = None, max_length: int | None = None, option: str | None = "--model"
+    ) -> ImplicitReward:
+        """Load a DPO export (a run folder picks ``best/``) and the reference its ``rlhfkit_dpo.json`` names.
+        ``option``: the flag that named the export, for the error about a folder that is not a loadable model."""
+        path = resolve_model(name_or_path, option)
         info = read_dpo_info(path)
-        policy, tokenizer = load_policy(path, device=device)
-        reference, ref_tokenizer = load_policy(info["reference"], device=device)
+        policy, tokenizer = load_policy(path, device=device, option=option)
+        reference, ref_tokenizer = load_policy(
+            info["reference"], device=device, option=f"the reference named in {Path(path) / DPO_INFO}:"
+        )
         if ref_tokenizer.get_vocab() != tokenizer.get_vocab():
             raise UserError(
                 f"{path}: the reference {info['reference']} named in {DPO_INFO} has a different tokenizer; "

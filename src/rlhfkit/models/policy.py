@@ -53,13 +53,16 @@ def inference_dtype(dtype: Any, device: torch.device) -> torch.dtype:
     return _DTYPES[str(dtype)]
 
 
-def load_policy(name_or_path: str, *, device: Any = None, dtype: Any = torch.float32) -> tuple[Any, Any]:
+def load_policy(
+    name_or_path: str, *, device: Any = None, dtype: Any = torch.float32, option: str | None = "--policy"
+) -> tuple[Any, Any]:
     """``(model, tokenizer)``: eval mode, on ``device`` (default: stay on the CPU), left padding, pad != EOS.
 
     Training keeps ``dtype`` fp32 (mixed precision comes from autocast); sampling passes
-    :func:`inference_dtype`'s choice.
+    :func:`inference_dtype`'s choice. ``option``: the flag that named the model, for the
+    error about a folder that is not a loadable model.
     """
-    path = resolve_model(name_or_path)
+    path = resolve_model(name_or_path, option)
     tokenizer = AutoTokenizer.from_pretrained(path)
     tokenizer.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)

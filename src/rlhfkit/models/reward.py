@@ -117,15 +117,17 @@ class RewardModel(nn.Module):
         max_length: int | None = None,
         dtype: torch.dtype | None = None,
         device: str | torch.device | None = None,
+        option: str | None = "--model",
     ) -> RewardModel:
         """Load a trained reward model folder, or start a new one from any backbone.
 
         ``name_or_path`` may be a folder written by ``rlhfkit rm train`` (its ``best/`` or
         ``final/`` export is picked when given the run folder), any HF checkpoint, or an
-        alias (``smollm2-135m``, ``minilm-l6``).
+        alias (``smollm2-135m``, ``minilm-l6``). ``option``: the flag that named it, for the
+        error about a folder that is not a loadable model.
         """
 
-        path = resolve_model(name_or_path)
+        path = resolve_model(name_or_path, option)
         saved = _read_meta(path)
         config = AutoConfig.from_pretrained(path)
         kind = saved.kind if saved else ("decoder" if is_decoder_config(config) else "encoder")

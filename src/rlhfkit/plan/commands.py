@@ -266,6 +266,14 @@ def _changes(
 def run_plan(cfg: PlanConfig) -> dict[str, Any]:
     """The plan as one JSON-ready object (``per_device_gb``: the chosen, or recommended, configuration's total)."""
     policy = resolve_shape(cfg.model, "--model")
+    if policy.kind == "encoder" and cfg.algo != "rm":
+        logger.warning(
+            "--model %s is an encoder (BERT-shaped): it cannot be a policy, which writes text token by token, so --algo %s "
+            "cannot train it. The estimate below is for a model of its size; plan --algo rm to train it as a reward "
+            "model, or give a decoder (a causal LM) as the policy",
+            cfg.model,
+            cfg.algo,
+        )
     reward = resolve_shape(cfg.reward_model, "--reward-model") if cfg.reward_model and cfg.algo in RL_ALGOS else None
     require(
         not cfg.lora or policy.lora_params > 0,

@@ -308,7 +308,9 @@ def run_ppo_eval(cfg: PPOEvalConfig) -> dict[str, Any]:
     max_new = cfg.max_new_tokens or int(info.get("max_new_tokens", 64))
     prompts = read_prompts(cfg.prompts)[: cfg.n_prompts]
     device = _device(cfg.cpu)
-    ref_model, tokenizer = load_policy(reference, device=device, dtype=inference_dtype(None, device))
+    ref_model, tokenizer = load_policy(
+        reference, device=device, dtype=inference_dtype(None, device), option="--reference"
+    )
     apply_cpu_matmul("auto", device, ref_model)
     chat = use_chat_template(
         tokenizer, cfg.chat_template if cfg.chat_template is not None else info.get("chat_template"), reference

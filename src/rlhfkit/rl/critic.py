@@ -189,7 +189,7 @@ def load_critic(spec: str, policy_tokenizer, *, reward: str | None, policy: str)
     source = {"reward-model": reward, "policy": policy}.get(spec, spec)
     if source is None:
         raise ConfigError("--critic reward-model needs --reward to be a reward-model folder")
-    rm = RewardModel.from_pretrained(source)
+    rm = RewardModel.from_pretrained(source, option=f"--critic {spec}")
     if rm.meta.kind != "decoder":
         raise ConfigError(
             f"--critic {spec}: {source} is an encoder ({rm.hf_model.config.model_type}); a critic must be a decoder "

@@ -605,6 +605,16 @@ def train_rl(cfg: RLConfig) -> dict[str, Any]:
     """Run ``--algo``; returns the last update's metrics plus ``final`` (the exported folder, if finished)."""
     run = start_run(cfg, cfg.algo)
     prompts = read_prompts(cfg.prompts)
+    if cfg.batch_size * run.world > len(prompts):
+        logger.warning(
+            "--batch-size %d%s is more than the %d prompt(s) in %s: each rollout samples some prompts more than once "
+            "(as if --samples-per-prompt were larger). Give more prompts, or --batch-size %d or less",
+            cfg.batch_size,
+            f" x {run.world} processes" if run.world > 1 else "",
+            len(prompts),
+            cfg.prompts,
+            max(1, len(prompts) // run.world),
+        )
     tokenizer, model, ref_model, reward, critic_spec, packing = load_models(cfg, run.device)
     frozen = [m for m in (ref_model, getattr(reward, "model", None)) if isinstance(m, torch.nn.Module)]
     if run.sharded and cfg.frozen_models == "shard":

@@ -4,6 +4,7 @@ as one (its implicit reward ``beta * (log pi - log pi_ref)``, :mod:`rlhfkit.mode
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from dataclasses import dataclass
 from typing import Literal
@@ -19,6 +20,8 @@ from rlhfkit.models.cpu_linear import apply_cpu_matmul
 from rlhfkit.models.implicit_reward import ImplicitReward, is_dpo_model
 from rlhfkit.models.reward import RewardModel
 from rlhfkit.rm.evaluate import evaluate
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(kw_only=True)
@@ -106,6 +109,14 @@ def read_score_inputs(cfg: ScoreConfig) -> tuple[list[str], list[str]]:
             except (json.JSONDecodeError, KeyError, AttributeError, TypeError):
                 raise DataFormatError(cfg.responses, n, "expected a JSON object with a 'response' field") from None
     require(bool(responses), f"nothing to score: {cfg.responses} holds no non-blank line")
+    empty = [i for i, r in enumerate(responses, 1) if not r.strip()]
+    if empty:
+        logger.warning(
+            "text %s%s is empty: its score is the reward model's score of the prompt and the end token alone, "
+            "not of an answer",
+            ", ".join(map(str, empty[:5])),
+            f" (and {len(empty) - 5} more)" if len(empty) > 5 else "",
+        )
     return prompts, responses
 
 

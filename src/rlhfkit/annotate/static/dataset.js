@@ -74,14 +74,19 @@ function fixed(x) { return x === null ? "–" : x.toFixed(3); }
 async function loadStats() {
   let stats;
   try { stats = (await api("/api/stats")).body; } catch (error) { showError(error); return; }
+  // Admins get every annotator's row; an annotator gets their own row and the totals, no names.
+  const total = stats.totals;
   $("counts").tBodies[0].replaceChildren(...stats.annotators.map((a) => el("tr", {},
     el("td", { text: a.is_admin ? `${a.annotator} (admin)` : a.annotator }),
-    el("td", { text: String(a.rankings) }), el("td", { text: String(a.skips) }))));
+    el("td", { text: String(a.rankings) }), el("td", { text: String(a.skips) }))),
+  el("tr", { class: "total" }, el("td", { text: `All ${total.annotators} annotator(s)` }),
+    el("td", { text: String(total.rankings) }), el("td", { text: String(total.skips) })));
   const overall = stats.agreement.overall;
-  $("agreement-overall").textContent = overall.shared_sets
+  $("agreement-overall").textContent = (overall.shared_sets
     ? `${overall.shared_sets} set(s) ranked by two or more annotators; overall pairwise agreement ` +
       `${percent(overall.pairwise_agreement)}, Kendall τ ${fixed(overall.kendall_tau)}.`
-    : "No set has been ranked by two annotators yet.";
+    : "No set has been ranked by two annotators yet.") +
+    (me.is_admin ? "" : " Per-annotator figures are shown to admins.");
   $("agreement").hidden = !stats.agreement.pairs.length;
   $("agreement").tBodies[0].replaceChildren(...stats.agreement.pairs.map((p) => el("tr", {},
     el("td", { text: p.annotator_a }), el("td", { text: p.annotator_b }), el("td", { text: String(p.shared_sets) }),
