@@ -1,7 +1,9 @@
 """Where the K responses come from, and the background thread that makes them ahead of time.
 
 A generator is anything with a ``name`` (stored with each generation set) and
-``generate(prompt, k) -> list[str]``. :class:`ModelGenerator` samples from a causal LM;
+``generate(prompt, k) -> list[str]``. A selector (``annotate --selection uncertainty``:
+:class:`~rlhfkit.annotate.selection.UncertaintySelector`) picks K of M sampled candidates and
+gives the set a priority, the order the app serves sets in. :class:`ModelGenerator` samples from a causal LM;
 tests may pass any object with the same two members.
 
 :class:`Pregenerator` owns the one model: a single thread generates, behind a lock, so
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Sequence
 from typing import Protocol
 
 import torch
@@ -33,6 +36,12 @@ class Generator(Protocol):
     name: str
 
     def generate(self, prompt: str, k: int) -> list[str]: ...
+
+
+class Selector(Protocol):
+    def select(self, prompt: str, candidates: Sequence[str], k: int) -> tuple[list[int], float]: ...
+
+    def refresh(self) -> int: ...
 
 
 class GenerationError(RuntimeError):
@@ -60,15 +69,29 @@ class Pregenerator:
     """One background thread that turns prompts into stored generation sets of K responses.
 
     Every set holds K distinct, non-blank responses (what the preference readers accept):
-    duplicates and blanks are re-sampled, up to ``max_attempts`` calls per set.
+    duplicates and blanks are re-sampled, up to ``max_attempts`` calls per set. With a
+    ``selector``, ``candidates`` (M >= K) are sampled and the selector keeps K of them and sets
+    the set's priority.
     """
 
     def __init__(
-        self, store: AnnotationStore, generator: Generator, k: int, *, prefetch: int = 4, max_attempts: int = 5
+        self,
+        store: AnnotationStore,
+        generator: Generator,
+        k: int,
+        *,
+        prefetch: int = 4,
+        max_attempts: int = 5,
+        selector: Selector | None = None,
+        candidates: int | None = None,
     ):
         self.store = store
         self.generator = generator
         self.k = k
+        self.selector = selector
+        self.candidates = k if selector is None or candidates is None else candidates
+        if self.candidates < k:
+            raise ValueError(f"candidates={self.candidates} must be >= k={k}")
         self.prefetch = prefetch
         self.max_attempts = max_attempts
         self._cond = threading.Condition()
@@ -139,6 +162,8 @@ class Pregenerator:
                 except Exception:  # a broken database must not kill the thread silently
                     logger.exception("pre-generation: could not read the store")
                     prefetch = None
+                if prefetch is None:
+                    self._refresh_selector()  # idle: re-order the waiting sets if new rankings came in
                 with self._cond:
                     if self._pending or self._stopped:  # a request arrived meanwhile: serve it first
                         continue
@@ -158,22 +183,37 @@ class Pregenerator:
                 self._pending.remove(prompt_id)
                 self._cond.notify_all()
 
+    def _refresh_selector(self) -> None:
+        """Idle: let the selector refit on new rankings and re-order the waiting sets."""
+        if self.selector is None:
+            return
+        try:
+            self.selector.refresh()
+        except Exception:  # the sets keep their old order; generation goes on
+            logger.exception("--selection uncertainty: refitting the ensemble failed")
+
     def generate_set(self, prompt_id: int) -> int:
         """Generate and store one set of K responses for ``prompt_id``; returns its id."""
         prompt = self.store.get_prompt(prompt_id)
         if prompt is None:
             raise GenerationError(f"prompt {prompt_id} does not exist")
+        need = self.candidates
         responses: list[str] = []
         for _ in range(self.max_attempts):
             with self._model_lock:
-                texts = self.generator.generate(prompt.text, self.k - len(responses))
+                texts = self.generator.generate(prompt.text, need - len(responses))
             for text in texts:
                 if text.strip() and text not in responses:
                     responses.append(text)
-            if len(responses) >= self.k:
-                return self.store.add_generation_set(prompt_id, self.generator.name, responses[: self.k])
+            if len(responses) >= need:
+                responses, priority = responses[:need], 0.0
+                if self.selector is not None:
+                    chosen, priority = self.selector.select(prompt.text, responses, self.k)
+                    responses = [responses[i] for i in chosen]
+                return self.store.add_generation_set(prompt_id, self.generator.name, responses, priority=priority)
+        lower = "--candidates or --samples-per-prompt" if need > self.k else "--samples-per-prompt"
         raise GenerationError(
             f"after {self.max_attempts} attempts the model gave only {len(responses)} distinct non-blank "
-            f"responses to prompt {prompt_id} (need {self.k}); raise --max-new-tokens or the temperature, "
-            f"or lower --samples-per-prompt"
+            f"responses to prompt {prompt_id} (need {need}); raise --max-new-tokens or the temperature, "
+            f"or lower {lower}"
         )
