@@ -715,6 +715,33 @@ def test_stats_counts_and_agreement(ranked):
     assert stats["agreement"]["pairs"][0]["shared_sets"] == 1 and stats["agreement"]["pairs"][0]["kendall_tau"] == 1.0
 
 
+def test_stats_agreement_with_the_consensus_admin_per_annotator_others_overall(ranked):
+    carol = ranked.store.add_user("carol")
+    ranked.store.add_ranking(1, ranked.store.user_by_name("carol").id, [2, 1, 0])
+    # Set 1: alice (0,1,2), bob (0,2,1), carol (2,1,0); set 2: alice and bob both (2,1,0).
+    # Each against the Borda consensus of the others (sums of their ranks, made dense):
+    #  set 1, alice vs bob+carol: sums (2,3,1) -> (1,2,0); pairs (0,1) C, (0,2) D, (1,2) D: tau -1/3
+    #  set 1, bob vs alice+carol: sums (2,2,2), all tied: tau undefined, left out of the mean
+    #  set 1, carol vs alice+bob: sums (0,3,3) -> (0,1,1); (0,1) D, (0,2) D, (1,2) tied: -2/sqrt(3*2)
+    #  set 2, alice vs bob and bob vs alice (two annotators: the pairwise tau): 1
+    admin = ranked.client.get("/api/stats", headers=auth(ranked.tokens["root"])).json()
+    rows = {row["annotator"]: row for row in admin["agreement"]["consensus"]}
+    assert list(rows) == ["alice", "bob", "carol"]  # root ranked nothing
+    assert rows["alice"] == {
+        "annotator": "alice",
+        "consensus_sets": 2,
+        "consensus_tau": pytest.approx((-1 / 3 + 1) / 2),
+    }
+    assert (rows["bob"]["consensus_sets"], rows["bob"]["consensus_tau"]) == (2, 1.0)
+    assert (rows["carol"]["consensus_sets"], rows["carol"]["consensus_tau"]) == (1, pytest.approx(-2 / 6**0.5))
+    overall = admin["agreement"]["overall"]
+    assert overall["consensus_tau"] == pytest.approx((-1 / 3 + 1 + 1 - 2 / 6**0.5) / 4)
+    for token in (ranked.tokens["alice"], carol):  # an annotator: the overall mean only, no names
+        r = ranked.client.get("/api/stats", headers=auth(token))
+        assert r.json()["agreement"]["consensus"] == [] and r.json()["agreement"]["overall"] == overall
+        assert "consensus_sets" not in r.text and "bob" not in r.text
+
+
 def test_stats_show_an_annotator_their_own_counts_and_the_totals_without_names(ranked):
     t = next_task(ranked.client, ranked.tokens["alice"])
     assert ranked.client.post(
@@ -728,7 +755,8 @@ def test_stats_show_an_annotator_their_own_counts_and_the_totals_without_names(r
         (own,) = stats["annotators"]
         assert own == next(a for a in admin["annotators"] if a["annotator"] == who)
         assert stats["totals"] == admin["totals"] and stats["totals"]["annotators"] == 3
-        assert stats["agreement"] == {"pairs": [], "overall": admin["agreement"]["overall"]}
+        assert stats["agreement"] == {"pairs": [], "consensus": [], "overall": admin["agreement"]["overall"]}
+        assert "consensus_tau" in stats["agreement"]["overall"] and "consensus_sets" not in r.text
         others = {"alice", "bob", "root"} - {who}
         assert not any(name in r.text for name in others), r.text  # no other annotator is named
     assert admin["totals"]["skips"] == 1 and len(admin["agreement"]["pairs"]) == 1

@@ -1,6 +1,7 @@
 """End to end in headless Chromium: the real CLI serves a tiny model; a person ranks by
 keyboard and by drag and drop; the rows are read back from SQLite and from the export.
-Also: untrusted generations render as text (XSS), and the dataset page works.
+Also: untrusted generations render as text (XSS), the dataset page works, and its agreement
+tables show an admin the right numbers while an annotator sees only the totals.
 """
 
 from __future__ import annotations
@@ -278,4 +279,57 @@ def test_dataset_page_lists_exports_deletes_and_undoes(page, server, tmp_path):
     sync_api.expect(page.locator("#counts tbody tr")).to_have_count(4)  # an admin: every annotator, and the totals
     counts = page.locator("#counts tbody").inner_text()
     assert "alice" in counts and "xss-viewer" in counts and "organiser (admin)" in counts and "All 3" in counts
+    assert page.errors == []
+
+
+def test_stats_page_shows_an_admin_the_agreement_with_the_consensus(page, server):
+    """Three new annotators rank two new sets (through the store); their rows of the consensus
+    table are exact whatever the other tests ranked, since nobody else ranked these sets."""
+    store = AnnotationStore(server["db"])
+    tokens = {name: store.add_user(name) for name in ("judge-1", "judge-2", "judge-3")}
+    ids = {name: store.user_by_name(name).id for name in tokens}
+    set_a = store.add_generation_set(2, "hand-written", SAMPLE_RESPONSES)
+    set_b = store.add_generation_set(2, "hand-written", SAMPLE_RESPONSES[::-1])
+    for set_id, name, ranks in [
+        (set_a, "judge-1", [0, 1, 2, 3]),
+        (set_a, "judge-2", [0, 0, 1, 2]),
+        (set_a, "judge-3", [1, 0, 3, 2]),
+        (set_b, "judge-1", [0, 1, 2, 3]),
+        (set_b, "judge-2", [3, 2, 1, 0]),
+    ]:
+        store.add_ranking(set_id, ids[name], ranks)
+    store.close()
+    # Each against the Borda consensus of the others (their ranks summed, made dense), tau-b:
+    #  set a, judge-1 vs 2+3: sums (1,0,4,4) -> (1,0,2,2): 4 C, 1 D, 1 tied: 3 / sqrt(6 * 5)
+    #  set a, judge-2 vs 1+3: sums (1,1,5,5) -> (0,0,1,1): 4 C, 0 D: 4 / sqrt(5 * 4)
+    #  set a, judge-3 vs 1+2: sums (0,1,3,5) -> (0,1,2,3): 4 C, 2 D: 2 / 6
+    #  set b, two judges in reverse order: -1 each
+    expected = {
+        "judge-1": ("2", f"{(3 / 30**0.5 - 1) / 2:.3f}"),  # -0.226
+        "judge-2": ("2", f"{(4 / 20**0.5 - 1) / 2:.3f}"),  # -0.053
+        "judge-3": ("1", "0.333"),
+    }
+
+    page.goto(f"{server['url']}/dataset#token={server['tokens']['organiser']}")
+    table = page.locator("#consensus")
+    sync_api.expect(table.locator("tbody tr", has_text="judge-3")).to_have_count(1)
+    assert page.locator("#consensus-section").is_visible() and page.locator("#agreement").is_visible()
+    rows = table.locator("tbody tr").evaluate_all("rows => rows.map(r => [...r.cells].map(c => c.textContent))")
+    shown = {name: tuple(rest) for name, *rest in rows}
+    assert {name: shown[name] for name in expected} == expected
+    overall = httpx.get(
+        f"{server['url']}/api/stats", headers={"Authorization": f"Bearer {server['tokens']['organiser']}"}
+    ).json()["agreement"]["overall"]
+    assert (
+        f"with the consensus of the others {overall['consensus_tau']:.3f}"
+        in page.locator("#agreement-overall").inner_text()
+    )
+    assert page.errors == []
+
+    page.goto("about:blank")  # an annotator with shared sets: the overall mean, no table, no names
+    page.goto(f"{server['url']}/dataset#token={tokens['judge-3']}")
+    sync_api.expect(page.locator("#agreement-overall")).to_contain_text("consensus of the others")
+    assert "Per-annotator figures are shown to admins." in page.locator("#agreement-overall").inner_text()
+    assert page.locator("#consensus-section").is_hidden() and page.locator("#consensus tbody tr").count() == 0
+    assert "judge-1" not in page.locator("main").inner_text()
     assert page.errors == []

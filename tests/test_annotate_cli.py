@@ -133,7 +133,17 @@ def model_calls(monkeypatch):
         (["--port", "70000"], "option --port must be <= 65535, got 70000"),
         (["--max-new-tokens", "0"], "option --max-new-tokens must be >= 1, got 0"),
         (["--prompts", "/no/such/file.txt"], "--prompts /no/such/file.txt does not exist"),
-        (["--overlap", "0"], "option --overlap must be >= 1, got 0"),
+        (["--overlap", "0"], "option --annotators-per-set must be >= 1, got 0"),  # the old name still works
+        (["--overlap-share", "1.5"], "option --overlap-share must be <= 1, got 1.5"),
+        (["--selection", "uncertainty"], "option --selection uncertainty needs --reward-model"),
+        (
+            ["--selection", "uncertainty", "--reward-model", "rm", "--candidates", "3"],
+            "option --candidates 3 is fewer than --samples-per-prompt 4",
+        ),
+        (
+            ["--selection", "uncertainty", "--reward-model", "rm", "--selection-data", "/no/such/prefs.jsonl"],
+            "option --selection-data /no/such/prefs.jsonl does not exist",
+        ),
         (["--prefetch", "-1"], "option --prefetch must be >= 0, got -1"),
         (["--colour", "red"], "unrecognized arguments: --colour red"),
         (["--device", "cuda"], "unrecognized arguments: --device cuda"),  # now --cpu

@@ -8,12 +8,15 @@ import threading
 import pytest
 
 from rlhfkit.annotate.store import (
+    _DRAW_SQL,
     MIGRATIONS,
     AnnotationStore,
     Conflict,
     NotFound,
     StoreError,
     export_rankings,
+    overlap_cut,
+    overlap_draw,
 )
 from rlhfkit.data.readers import read_preferences
 
@@ -160,3 +163,105 @@ def test_export_cli_and_api_share_one_writer(store, tmp_path):
     assert export_rankings(store, tmp_path / "x.jsonl", "jsonl") == 1
     (example,) = read_preferences(tmp_path / "x.jsonl")
     assert (example.prompt, example.responses) == ("p\twith a tab", ("b", "a"))
+
+
+# ------------------------------------------------------------------ serving order and overlap
+
+
+def test_sets_are_served_highest_priority_first_then_in_pool_order(store):
+    store.add_prompts(["p1", "p2", "p3", "p4"])
+    uid = store.add_user("alice") and store.user_by_name("alice").id
+    plain = [store.add_generation_set(p, "m", ["a", "b"]) for p in (1, 2)]  # priority 0: pool order
+    low = store.add_generation_set(3, "m", ["a", "b"], priority=0.1)
+    high = store.add_generation_set(4, "m", ["a", "b"], priority=0.6)
+    assert store.set_priority(high) == 0.6 and store.set_priority(plain[0]) == 0.0
+    served = []
+    while (s := store.set_for_user(uid, overlap=1)) is not None:
+        served.append(s.id)
+        store.add_ranking(s.id, uid, [0, 1])
+    assert served == [high, low, *plain]
+
+
+def test_a_version_1_database_gets_priority_0_for_its_sets(tmp_path):
+    old = AnnotationStore(tmp_path / "a.db", migrations=MIGRATIONS[:1])
+    old.add_prompts(["p1", "p2"])
+    for p in (2, 1):
+        old._conn().execute(
+            "INSERT INTO generation_sets (prompt_id, model, responses, created_at) VALUES (?, 'm', '[\"a\",\"b\"]', 'now')",
+            (p,),
+        )
+    old.close()
+    s = AnnotationStore(tmp_path / "a.db")
+    assert s.schema_version == len(MIGRATIONS) and [s.set_priority(i) for i in (1, 2)] == [0.0, 0.0]
+    uid = s.add_user("alice") and s.user_by_name("alice").id
+    assert s.set_for_user(uid, overlap=2).prompt_id == 1  # equal priorities: pool order as before
+    s.close()
+
+
+def test_the_overlap_draw_is_the_same_in_sql_and_python(store):
+    ids = [1, 2, 3, 1000, 123456789]
+    got = [store._conn().execute(f"SELECT {_DRAW_SQL} FROM (SELECT ? AS id) s", (i,)).fetchone()[0] for i in ids]
+    assert got == [overlap_draw(i) for i in ids]
+    assert overlap_cut(0.0) == 0 and overlap_cut(1.0) == 2**32
+    with pytest.raises(ValueError, match=r"overlap share must be in \[0, 1\], got 1.5"):
+        overlap_cut(1.5)
+
+
+@pytest.mark.parametrize("share", [0.0, 0.3, 1.0])
+def test_a_share_of_sets_goes_to_several_annotators_and_nobody_gets_a_set_twice(store, share):
+    n_sets, per_set = 40, 3
+    store.add_prompts([f"p{i}" for i in range(n_sets)])
+    sets = [store.add_generation_set(p, "m", ["a", "b"]) for p in range(1, n_sets + 1)]
+    users = [store.add_user(f"u{i}") and store.user_by_name(f"u{i}").id for i in range(5)]
+    served: dict[int, list[int]] = {u: [] for u in users}
+    progress = True
+    while progress:  # annotators take turns until nobody is served anything
+        progress = False
+        for u in users:
+            s = store.set_for_user(u, overlap=per_set, overlap_share=share)
+            if s is not None:
+                served[u].append(s.id)
+                if len(served[u]) % 4:
+                    store.add_ranking(s.id, u, [0, 1])
+                else:  # a skip counts as a touch too
+                    store.skip(s.id, u)
+                progress = True
+    for u in users:
+        assert len(served[u]) == len(set(served[u]))  # never the same set twice
+    times = {s: sum(s in served[u] for u in users) for s in sets}
+    shared = {s for s in sets if overlap_draw(s) < overlap_cut(share)}
+    assert all(times[s] == (per_set if s in shared else 1) for s in sets)
+    assert abs(len(shared) - share * n_sets) <= 1  # the golden-ratio hash spreads consecutive ids evenly
+
+
+def test_the_app_serves_by_the_overlap_share(tmp_path):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from rlhfkit.annotate.app import create_app
+
+    class Fixed:
+        name = "fixed"
+
+        def generate(self, prompt, k):
+            return [f"{prompt} {i}" for i in range(k)]
+
+    store = AnnotationStore(tmp_path / "a.db")
+    store.add_prompts([f"p{i}" for i in range(6)])
+    sets = [store.add_generation_set(p, "m", ["a", "b"]) for p in range(1, 7)]
+    tokens = [store.add_user(name) for name in ("alice", "bob")]
+    with pytest.raises(ValueError, match=r"overlap_share=2 in \[0, 1\]"):
+        create_app(store, Fixed(), k=2, overlap_share=2)
+    with TestClient(create_app(store, Fixed(), k=2, prefetch=0, overlap=2, overlap_share=0.0)) as client:
+        got = {}
+        for token in tokens:
+            headers = {"Authorization": f"Bearer {token}"}
+            got[token] = []
+            for _ in range(len(sets)):
+                r = client.get("/api/next", headers=headers).json()
+                if r["status"] != "ready":
+                    break
+                got[token].append(r["set_id"])
+                client.post("/api/rankings", json={"set_id": r["set_id"], "ranking": [[0], [1]]}, headers=headers)
+    assert got[tokens[0]] == sets and got[tokens[1]] == []  # share 0: every set to one annotator
+    store.close()

@@ -9,6 +9,12 @@ prefer i, both prefer j, or both call it a tie. Over a list of K responses:
   n0 = C(K,2) (Kendall 1945, "The treatment of ties in ranking problems"). It is 1 for
   identical strict orders, -1 for reversed ones, and undefined (None) when one annotator
   tied every response.
+
+Agreement with the consensus: on a set ranked by two or more annotators, each annotator's
+Kendall's tau-b against the consensus ranking of the *other* annotators of that set
+(leave-one-out, so nobody is compared with themself; with exactly two annotators it is their
+pairwise tau). The consensus is the Borda (mean-rank) ranking of
+:func:`~rlhfkit.annotate.consensus.consensus_ranks`.
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from itertools import combinations
+
+from rlhfkit.annotate.consensus import consensus_ranks
 
 
 def _sign(x: int) -> int:
@@ -52,16 +60,57 @@ def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def agreement_report(rankings: Iterable[tuple[int, str, Sequence[int]]]) -> dict:
-    """Agreement between every two annotators who ranked the same generation set.
-
-    ``rankings`` are ``(set_id, annotator, ranks)``. Returns ``{"pairs": [...], "overall":
-    {...}}``: per annotator pair the number of shared sets and the mean pairwise agreement
-    and Kendall tau over them; overall the same means over every (set, annotator pair).
-    """
+def _by_set(rankings: Iterable[tuple[int, str, Sequence[int]]]) -> dict[int, dict[str, Sequence[int]]]:
     by_set: dict[int, dict[str, Sequence[int]]] = defaultdict(dict)
     for set_id, annotator, ranks in rankings:
         by_set[set_id][annotator] = ranks
+    return by_set
+
+
+def consensus_agreement(rankings: Iterable[tuple[int, str, Sequence[int]]]) -> dict:
+    """Each annotator's Kendall tau-b against the consensus of the other annotators.
+
+    ``rankings`` are ``(set_id, annotator, ranks)``; sets ranked by one annotator are left
+    out. Per set and annotator: ``kendall_tau(ranks, consensus_ranks(the others' ranks))``
+    (leave-one-out). Returns ``{"annotators": [...], "kendall_tau": overall}``: per
+    annotator (sorted by name) ``consensus_sets``, the number of shared sets they ranked,
+    and ``consensus_tau``, the mean tau over those sets; ``kendall_tau`` is the mean over
+    every (annotator, set). A tau that is undefined (the annotator, or the others'
+    consensus, ties every response) is left out of both means; a mean over nothing is None.
+    """
+    sets: dict[str, int] = defaultdict(int)
+    taus: dict[str, list[float]] = defaultdict(list)
+    for ranked in _by_set(rankings).values():
+        if len(ranked) < 2:
+            continue
+        for annotator, ranks in ranked.items():
+            others = [r for name, r in ranked.items() if name != annotator]
+            sets[annotator] += 1
+            # tau-b (Kendall 1945) of kendall_tau above, against the Borda consensus (Borda 1781)
+            tau = kendall_tau(ranks, consensus_ranks(others))
+            if tau is not None:
+                taus[annotator].append(tau)
+    return {
+        "annotators": [
+            {"annotator": name, "consensus_sets": sets[name], "consensus_tau": _mean(taus[name])}
+            for name in sorted(sets)
+        ],
+        "kendall_tau": _mean([tau for values in taus.values() for tau in values]),
+    }
+
+
+def agreement_report(rankings: Iterable[tuple[int, str, Sequence[int]]]) -> dict:
+    """Agreement between every two annotators who ranked the same generation set, and of
+    each annotator with the consensus of the others.
+
+    ``rankings`` are ``(set_id, annotator, ranks)``. Returns ``{"pairs": [...], "consensus":
+    [...], "overall": {...}}``: per annotator pair the number of shared sets and the mean
+    pairwise agreement and Kendall tau over them; per annotator ``consensus_sets`` and
+    ``consensus_tau`` (:func:`consensus_agreement`); overall the pairwise means over every
+    (set, annotator pair) and ``consensus_tau``, the mean over every (annotator, set).
+    """
+    rankings = list(rankings)  # read twice: pairs here, the consensus below
+    by_set = _by_set(rankings)
     per_pair: dict[tuple[str, str], dict[str, list[float]]] = defaultdict(lambda: {"agree": [], "tau": []})
     for ranked in by_set.values():
         for a, b in combinations(sorted(ranked), 2):
@@ -82,12 +131,15 @@ def agreement_report(rankings: Iterable[tuple[int, str, Sequence[int]]]) -> dict
     ]
     all_agree = [x for v in per_pair.values() for x in v["agree"]]
     all_tau = [x for v in per_pair.values() for x in v["tau"]]
+    consensus = consensus_agreement(rankings)
     return {
         "pairs": pairs,
+        "consensus": consensus["annotators"],
         "overall": {
             "shared_sets": sum(1 for ranked in by_set.values() if len(ranked) > 1),
             "compared_pairs": len(all_agree),
             "pairwise_agreement": _mean(all_agree),
             "kendall_tau": _mean(all_tau),
+            "consensus_tau": consensus["kendall_tau"],
         },
     }

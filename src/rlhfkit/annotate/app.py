@@ -20,7 +20,8 @@ Endpoints:
 - ``POST /api/skips {"set_id"}``.
 - ``GET /api/rankings?page=&per_page=&annotator=&prompt=&prompt_id=&deleted=``.
 - ``GET|PATCH|DELETE /api/rankings/{id}``, ``POST /api/rankings/{id}/restore``.
-- ``GET /api/stats``: counts and inter-annotator agreement (per annotator and pair: admins only).
+- ``GET /api/stats``: counts, inter-annotator agreement and agreement with the consensus
+  (per annotator and pair: admins only).
 - ``GET /api/export?format=tsv|jsonl`` (same filters as the list).
 """
 
@@ -41,7 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field, Strict, StrictInt
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rlhfkit.annotate.agreement import agreement_report
-from rlhfkit.annotate.generator import Generator, Pregenerator
+from rlhfkit.annotate.generator import Generator, Pregenerator, Selector
 from rlhfkit.annotate.store import (
     AnnotationStore,
     Conflict,
@@ -274,20 +275,28 @@ def create_app(
     allow_ties: bool = False,
     *,
     overlap: int = 2,
+    overlap_share: float = 1.0,
     prefetch: int = 4,
+    selector: Selector | None = None,
+    candidates: int | None = None,
     max_body_bytes: int = 64 * 1024,
     max_wait_s: float = 10.0,
 ) -> FastAPI:
     """The annotation app over ``store``; generation runs on one background thread.
 
-    ``overlap``: how many annotators the pool order gives each generation set to (2 or more
-    makes agreement measurable). ``prefetch``: untouched pool sets kept ready ahead.
+    ``overlap``: how many annotators the pool order gives a shared generation set to (2 or more
+    makes agreement measurable); ``overlap_share``: the share of sets that are shared (the others
+    go to one annotator). ``prefetch``: untouched pool sets kept ready ahead. ``selector``:
+    sample ``candidates`` responses per prompt and keep the K it picks, the set's priority its
+    uncertainty (``annotate --selection uncertainty``); None keeps the first K sampled.
     """
     if k < 2:
         raise ValueError(f"k={k}: a rank list needs at least 2 responses")
-    if overlap < 1 or prefetch < 0:
-        raise ValueError(f"overlap={overlap} must be >= 1 and prefetch={prefetch} >= 0")
-    pregen = Pregenerator(store, generator, k, prefetch=prefetch)
+    if overlap < 1 or prefetch < 0 or not 0.0 <= overlap_share <= 1.0:
+        raise ValueError(
+            f"overlap={overlap} must be >= 1, overlap_share={overlap_share} in [0, 1] and prefetch={prefetch} >= 0"
+        )
+    pregen = Pregenerator(store, generator, k, prefetch=prefetch, selector=selector, candidates=candidates)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -392,7 +401,7 @@ def create_app(
         wait: Annotated[float, Query(ge=0)] = 0.0,
     ) -> Response:
         if prompt_id is None and mode == "next":
-            s = store.set_for_user(user.id, overlap=overlap)
+            s = store.set_for_user(user.id, overlap=overlap, overlap_share=overlap_share)
             if s is not None:
                 return JSONResponse(_task(s, allow_ties))
             fresh = store.pool_prompts_without_sets(1)
@@ -538,9 +547,11 @@ def create_app(
 
     @app.get("/api/stats")
     def stats(user: Auth) -> dict:
-        """Admins: every annotator's counts and every pair's agreement. Annotators: their own
-        counts, the totals and the overall agreement, without names: who else annotates here,
-        and how much, is the organiser's to know."""
+        """Admins: every annotator's counts, every pair's agreement and every annotator's
+        agreement with the consensus of the others (``consensus_tau``, ``consensus_sets``).
+        Annotators: their own counts, the totals and the overall agreement (``consensus_tau``
+        included), without names: who else annotates here, and how much, is the organiser's
+        to know."""
         counts = store.counts_by_user()
         agreement = agreement_report(store.shared_rankings())
         totals = {
@@ -551,7 +562,11 @@ def create_app(
         if user.is_admin:
             return {"annotators": counts, "totals": totals, "agreement": agreement}
         own = [c for c in counts if c["annotator"] == user.name]
-        return {"annotators": own, "totals": totals, "agreement": {"pairs": [], "overall": agreement["overall"]}}
+        return {
+            "annotators": own,
+            "totals": totals,
+            "agreement": {"pairs": [], "consensus": [], "overall": agreement["overall"]},
+        }
 
     @app.get("/api/export")
     def export(

@@ -2,7 +2,7 @@
 
     rlhfkit annotate [--policy P] [--prompts F] [--db annotations.db] [--samples-per-prompt 4] [--port 8904] ...
     rlhfkit annotate add-user NAME [--admin] --db annotations.db   # prints the token once
-    rlhfkit annotate export --db annotations.db --format tsv|jsonl --output F
+    rlhfkit annotate export --db annotations.db --format tsv|jsonl|pairs|hf [--aggregate every|consensus] --output F
 
 Options, files (``--db``, ``--prompts``, ``--output``) and the port are checked before the
 model loads or anything is written; a problem is a :class:`~rlhfkit.errors.UserError`.
@@ -18,15 +18,19 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from rlhfkit.annotate.store import AnnotationStore, export_rankings
+from rlhfkit.annotate.store import AnnotationStore, check_hf_output, export_rankings
 from rlhfkit.cli import main as rlhfkit_main
-from rlhfkit.config import ConfigError, Options, opt, parse_args
+from rlhfkit.config import ConfigError, Options, opt, parse_args, require
 from rlhfkit.data.prompts import read_prompts
+from rlhfkit.data.readers import read_preferences
 from rlhfkit.defaults import MAX_NEW_TOKENS
 from rlhfkit.errors import UserError
 from rlhfkit.files import check_output_file
+
+if TYPE_CHECKING:
+    from rlhfkit.annotate.selection import UncertaintySelector
 
 logger = logging.getLogger(__name__)
 
@@ -53,9 +57,71 @@ class ServeArgs(Options):
         1.0, "sampling temperature (> 0, or the responses to a prompt would all be the same)", gt=0
     )
     top_p: float = opt(1.0, "nucleus sampling threshold, in (0, 1]", gt=0, le=1)
-    overlap: int = opt(2, "annotators the pool order gives each generation set to (2+ measures agreement)", ge=1)
+    annotators_per_set: int = opt(
+        2,
+        "annotators the pool order gives each shared generation set to (2+ measures agreement)",
+        ge=1,
+        was=("overlap",),
+    )
+    overlap_share: float = opt(
+        1.0,
+        "share of the generation sets that go to --annotators-per-set annotators (the others to one), "
+        "picked by a hash of the set id",
+        ge=0,
+        le=1,
+    )
     prefetch: int = opt(4, "generation sets kept ready ahead of the fastest annotator", ge=0)
     cpu: bool = opt(False, "run on the CPU even if a GPU is present")
+    selection: Literal["random", "uncertainty"] = opt(
+        "random",
+        "random: show the K responses sampled; uncertainty: sample --candidates, show the K a bootstrap ensemble "
+        "of --reward-model heads disagrees on most, and serve the most uncertain sets first",
+    )
+    reward_model: str | None = opt(None, "--selection uncertainty: the reward model whose uncertainty chooses")
+    candidates: int | None = opt(
+        None, "--selection uncertainty: responses sampled per prompt to choose K from (default: 2 x K)", ge=2
+    )
+    selection_data: str | None = opt(
+        None,
+        "--selection uncertainty: a preference file the heads are fit on besides the rankings in --db "
+        "(e.g. the reward model's training data)",
+    )
+    ensemble_size: int = opt(8, "--selection uncertainty: bootstrap heads in the ensemble", ge=2)
+    min_distance: float = opt(
+        0.2,
+        "--selection uncertainty: candidates closer than this (1 - word Jaccard) to a chosen one are skipped as "
+        "near-duplicates",
+        ge=0,
+        le=1,
+    )
+    refit_every: int = opt(20, "--selection uncertainty: refit the heads after this many new rankings", ge=1)
+
+    def validate(self) -> None:
+        super().validate()
+        k = self.samples_per_prompt
+        if self.selection == "uncertainty":
+            require(
+                self.reward_model is not None,
+                "option --selection uncertainty needs --reward-model: the reward model whose uncertainty picks the "
+                "responses (a folder 'rlhfkit rm train' wrote); or use --selection random",
+            )
+            if self.candidates is None:
+                self.candidates = 2 * k
+            require(
+                self.candidates >= k,
+                f"option --candidates {self.candidates} is fewer than --samples-per-prompt {k}: the K shown are "
+                f"chosen from the candidates; raise --candidates to {2 * k}, say",
+            )
+            if self.selection_data is not None and not Path(self.selection_data).exists():
+                raise ConfigError(
+                    f"option --selection-data {self.selection_data} does not exist; pass a preference file "
+                    f"(ranked JSONL, rank-list TSV, ...) or leave it out to fit on the rankings in --db alone"
+                )
+        else:
+            ignored = [f"--{n.replace('_', '-')}" for n in ("reward_model", "candidates", "selection_data")]
+            ignored = [flag for flag, v in zip(ignored, (self.reward_model, self.candidates, self.selection_data)) if v]
+            if ignored:
+                logger.warning("%s only apply to --selection uncertainty; ignored", ", ".join(ignored))
 
 
 @dataclass(kw_only=True)
@@ -73,12 +139,24 @@ class ExportArgs(Options):
 
     output: str = opt(help="file to write, e.g. prefs.jsonl")
     db: str = opt("annotations.db", "SQLite database the server wrote")
-    format: Literal["tsv", "jsonl"] = opt("jsonl", "tsv: rank-list TSV with a prompt column; jsonl: 'ranked' JSONL")
+    format: Literal["tsv", "jsonl", "pairs", "hf"] = opt(
+        "jsonl",
+        "tsv: rank-list TSV with a prompt column; jsonl: 'ranked' JSONL; pairs: TRL/OpenRLHF JSONL "
+        "(prompt, chosen, rejected), one row per ranked pair; hf: a datasets folder (save_to_disk) at --output",
+    )
+    aggregate: Literal["every", "consensus"] = opt(
+        "every",
+        "every: one list per ranking; consensus: one list per generation set, the mean rank of "
+        "its annotators (Borda count) where several ranked it",
+    )
     annotator: str | None = opt(None, "only this annotator's rankings")
 
     def validate(self) -> None:
         super().validate()
-        check_output_file(self.output, "--output")
+        if self.format == "hf":
+            check_hf_output(self.output, "--output")
+        else:
+            check_output_file(self.output, "--output")
 
 
 def open_store(db: str, *, create: bool) -> AnnotationStore:
@@ -133,6 +211,7 @@ def serve(args: ServeArgs) -> int:
     from rlhfkit.annotate.generator import ModelGenerator
 
     prompts = [p.text for p in read_prompts(args.prompts)] if args.prompts is not None else []
+    extra = read_preferences(args.selection_data) if args.selection_data is not None else []
     with bind_port(args.host, args.port) as sock:
         store = open_store(args.db, create=True)
         try:
@@ -162,8 +241,17 @@ def serve(args: ServeArgs) -> int:
                 top_p=args.top_p,
                 cpu=args.cpu,
             )
+            selector = load_selector(args, store, extra) if args.selection == "uncertainty" else None
             app = create_app(
-                store, generator, args.samples_per_prompt, args.allow_ties, overlap=args.overlap, prefetch=args.prefetch
+                store,
+                generator,
+                args.samples_per_prompt,
+                args.allow_ties,
+                overlap=args.annotators_per_set,
+                overlap_share=args.overlap_share,
+                prefetch=args.prefetch,
+                selector=selector,
+                candidates=args.candidates,
             )
             port = sock.getsockname()[1]  # the real one when --port 0
             print(f"annotate at http://{args.host}:{port}/annotate (dataset at /dataset)", flush=True)
@@ -171,6 +259,32 @@ def serve(args: ServeArgs) -> int:
         finally:
             store.close()
     return 0
+
+
+def load_selector(args: ServeArgs, store: AnnotationStore, extra: list) -> UncertaintySelector:
+    """``--selection uncertainty``: load ``--reward-model`` and fit its ensemble on what is ranked so far."""
+    import torch
+
+    from rlhfkit.annotate.selection import UncertaintySelector
+    from rlhfkit.models.reward import RewardModel
+
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+    print(f"loading reward model {args.reward_model}...", flush=True)
+    rm = RewardModel.from_pretrained(args.reward_model, device=device, option="--reward-model")
+    selector = UncertaintySelector(
+        rm,
+        store=store,
+        extra=extra,
+        n_heads=args.ensemble_size,
+        min_distance=args.min_distance,
+        refit_every=args.refit_every,
+    )
+    pairs = selector.fit()
+    source = f"the {store.list_rankings(limit=0)[1]} ranking(s) in {args.db}"
+    if extra:
+        source += f" and {len(extra)} list(s) of {args.selection_data}"
+    print(f"uncertainty: {args.ensemble_size} heads fit on {pairs} ranked pair(s) of {source}", flush=True)
+    return selector
 
 
 def add_user(args: AddUserArgs) -> int:
@@ -194,11 +308,15 @@ def export(args: ExportArgs) -> int:
             if user is None:
                 raise ConfigError(f"option --annotator: there is no annotator named {args.annotator!r} in {args.db}")
             user_id = user.id
-        lines = export_rankings(store, args.output, args.format, user_id=user_id)
+        rows = export_rankings(store, args.output, args.format, user_id=user_id, aggregate=args.aggregate)
     finally:
         store.close()
-    hint = " (read it with prompt_column=True)" if args.format == "tsv" else ""
-    print(f"wrote {lines} ranking(s) to {args.output}{hint}", file=sys.stderr)
+    what = "pair(s)" if args.format == "pairs" else "ranking(s)" if args.aggregate == "every" else "list(s)"
+    hint = {
+        "tsv": " (read it with prompt_column=True)",
+        "hf": " (a datasets folder: datasets.load_from_disk, or --train for rm train and dpo)",
+    }.get(args.format, "")
+    print(f"wrote {rows} {what} to {args.output}{hint}", file=sys.stderr)
     return 0
 
 

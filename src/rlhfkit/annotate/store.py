@@ -23,16 +23,21 @@ import contextlib
 import hashlib
 import json
 import secrets
+import shutil
 import sqlite3
+import tempfile
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from rlhfkit.annotate.consensus import consensus_ranks
+from rlhfkit.data.readers import is_saved_dataset
 from rlhfkit.data.types import PreferenceExample
 from rlhfkit.data.writers import write_preferences
 from rlhfkit.errors import UserError
+from rlhfkit.files import check_output_dir
 
 # Entry i moves the schema from version i to i + 1. Append, never edit a released one.
 # Statements are split on ';', so keep semicolons out of literals and triggers.
@@ -80,6 +85,10 @@ MIGRATIONS: list[str] = [
         created_at TEXT NOT NULL,
         PRIMARY KEY (set_id, user_id)
     );
+    """,
+    # 2: the order sets are served in (annotate --selection uncertainty: the ensemble's disagreement)
+    """
+    ALTER TABLE generation_sets ADD COLUMN priority REAL NOT NULL DEFAULT 0
     """,
 ]
 
@@ -324,13 +333,20 @@ class AnnotationStore:
         rows = self._conn().execute("SELECT source, count(*) FROM prompts GROUP BY source").fetchall()
         return {"pool": 0, "typed": 0} | dict(rows)
 
-    def add_generation_set(self, prompt_id: int, model: str, responses: Sequence[str]) -> int:
+    def add_generation_set(self, prompt_id: int, model: str, responses: Sequence[str], priority: float = 0.0) -> int:
+        """Store one set; pool sets are served highest ``priority`` first (equal: in pool order)."""
         with self.transaction() as conn:
             cur = conn.execute(
-                "INSERT INTO generation_sets (prompt_id, model, responses, created_at) VALUES (?, ?, ?, ?)",
-                (prompt_id, model, json.dumps(list(responses), ensure_ascii=False), _now()),
+                "INSERT INTO generation_sets (prompt_id, model, responses, priority, created_at) VALUES (?, ?, ?, ?, ?)",
+                (prompt_id, model, json.dumps(list(responses), ensure_ascii=False), float(priority), _now()),
             )
             return int(cur.lastrowid)
+
+    def set_priority(self, set_id: int) -> float:
+        row = self._conn().execute("SELECT priority FROM generation_sets WHERE id = ?", (set_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"generation set {set_id} does not exist")
+        return float(row[0])
 
     def get_set(self, set_id: int) -> GenerationSet | None:
         row = (
@@ -349,13 +365,15 @@ class AnnotationStore:
         return GenerationSet(row[0], row[1], row[2], row[3], tuple(json.loads(row[4])))
 
     def set_for_user(
-        self, user_id: int, *, prompt_id: int | None = None, overlap: int | None = None
+        self, user_id: int, *, prompt_id: int | None = None, overlap: int | None = None, overlap_share: float = 1.0
     ) -> GenerationSet | None:
         """The first set this user has neither ranked nor skipped.
 
         With ``prompt_id``: a set of that prompt. Without: a set of a pool prompt that fewer
-        than ``overlap`` annotators have ranked or skipped, in pool order (so annotators
-        work through the same sets and their agreement can be measured).
+        than its quota of annotators have ranked or skipped, highest ``priority`` first, then in
+        pool order (so annotators work through the same sets and their agreement can be
+        measured). The quota is ``overlap`` for the share ``overlap_share`` of sets picked by
+        :func:`overlap_draw` of the set id, and 1 for the others; ``overlap=None``: no quota.
         """
         where = [
             "NOT EXISTS (SELECT 1 FROM rankings r WHERE r.set_id = s.id AND r.user_id = :u AND r.deleted_at IS NULL)",
@@ -366,13 +384,14 @@ class AnnotationStore:
         else:
             where.append("p.source = 'pool'")
             if overlap is not None:
-                where.append(f"({_TOUCHES}) < :overlap")
+                where.append(f"({_TOUCHES}) < (CASE WHEN {_DRAW_SQL} < :cut THEN :overlap ELSE 1 END)")
         row = (
             self._conn()
             .execute(
                 "SELECT s.id, s.prompt_id, p.text, s.model, s.responses FROM generation_sets s "
-                f"JOIN prompts p ON p.id = s.prompt_id WHERE {' AND '.join(where)} ORDER BY s.prompt_id, s.id LIMIT 1",
-                {"u": user_id, "p": prompt_id, "overlap": overlap},
+                f"JOIN prompts p ON p.id = s.prompt_id WHERE {' AND '.join(where)} "
+                "ORDER BY s.priority DESC, s.prompt_id, s.id LIMIT 1",
+                {"u": user_id, "p": prompt_id, "overlap": overlap, "cut": overlap_cut(overlap_share)},
             )
             .fetchone()
         )
@@ -400,6 +419,25 @@ class AnnotationStore:
             )
             .fetchone()[0]
         )
+
+    def untouched_pool_sets(self) -> list[GenerationSet]:
+        """Pool sets nobody has ranked or skipped yet, in set order: the buffer whose order can still change."""
+        rows = (
+            self._conn()
+            .execute(
+                "SELECT s.id, s.prompt_id, p.text, s.model, s.responses FROM generation_sets s "
+                f"JOIN prompts p ON p.id = s.prompt_id WHERE p.source = 'pool' AND ({_TOUCHES}) = 0 ORDER BY s.id"
+            )
+            .fetchall()
+        )
+        return [self._set(r) for r in rows]
+
+    def set_priorities(self, priorities: dict[int, float]) -> None:
+        """Set the serving priority of sets ``{set id: priority}``, in one transaction."""
+        with self.transaction() as conn:
+            conn.executemany(
+                "UPDATE generation_sets SET priority = ? WHERE id = ?", [(float(p), i) for i, p in priorities.items()]
+            )
 
     def skip(self, set_id: int, user_id: int) -> None:
         with self.transaction() as conn:
@@ -542,6 +580,26 @@ class AnnotationStore:
         return self._conn().execute("PRAGMA integrity_check").fetchone()[0]
 
 
+# Which sets go to several annotators: a multiplicative hash of the set id (Knuth, TAOCP vol. 3,
+# sec. 6.4: id * floor(2^32 / golden ratio) mod 2^32), the same in SQL and in Python, so the share
+# is deterministic, survives restarts and needs no column. Consecutive ids spread evenly over
+# [0, 2^32) (the golden-ratio sequence), so the share of any run of sets is close to exact.
+_DRAW_MULTIPLIER, _DRAW_RANGE = 2654435769, 2**32
+_DRAW_SQL = f"((s.id * {_DRAW_MULTIPLIER}) % {_DRAW_RANGE})"
+
+
+def overlap_draw(set_id: int) -> int:
+    """The set's draw in [0, 2^32): it goes to several annotators when below :func:`overlap_cut`."""
+    return (set_id * _DRAW_MULTIPLIER) % _DRAW_RANGE
+
+
+def overlap_cut(share: float) -> int:
+    """The draw below which a set is shared, for a ``share`` in [0, 1] of the sets."""
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"overlap share must be in [0, 1], got {share}")
+    return round(share * _DRAW_RANGE)
+
+
 # How many annotators have ranked (live) or skipped set ``s``.
 _TOUCHES = (
     "(SELECT count(*) FROM rankings r2 WHERE r2.set_id = s.id AND r2.deleted_at IS NULL)"
@@ -549,8 +607,65 @@ _TOUCHES = (
 )
 
 
-EXPORT_FORMATS = {"tsv": "ranklist-tsv", "jsonl": "ranked"}
-"""Export format -> the ``rlhfkit.data`` format written (both read by ``rlhfkit rm train``)."""
+EXPORT_FORMATS = {"tsv": "ranklist-tsv", "jsonl": "ranked", "pairs": "pairs", "hf": None}
+"""Export format -> the ``rlhfkit.data`` format written (every one read by ``rlhfkit rm train``).
+
+``hf`` is a ``datasets`` folder written with ``save_to_disk`` (:data:`HF_COLUMNS`), not a file."""
+
+AGGREGATES = ("every", "consensus")
+"""``every``: one list per live ranking; ``consensus``: one list per generation set."""
+
+HF_COLUMNS = ("prompt", "responses", "ranks", "set_id", "annotator", "annotators")
+"""Columns of ``--format hf``, plus ``round`` when the rankings carry one. ``responses`` is in
+the order the app showed them and ``ranks[i]`` is the rank of ``responses[i]`` (0 = best, equal
+= tie), so ties round-trip; ``annotator`` is the annotator's name, or ``consensus`` for a
+consensus list, whose ``annotators`` are the names it combines."""
+
+
+@dataclass(frozen=True)
+class ExportedList:
+    """One list to export: a ranking, or the consensus of a set's rankings."""
+
+    example: PreferenceExample
+    set_id: int
+    annotator: str
+    annotators: tuple[str, ...]
+    round: int | None
+
+
+def exported_lists(rankings: Sequence[Ranking], aggregate: str) -> list[ExportedList]:
+    """The lists to write from ``rankings`` (oldest first).
+
+    ``every``: one per ranking. ``consensus``: one per generation set, in the order of the
+    set's first ranking; a set ranked by several annotators gets their consensus
+    (:func:`~rlhfkit.annotate.consensus.consensus_ranks`, mean rank), a set ranked once its
+    ranking. A consensus with every response tied (the annotators cancel out) states no
+    preference and is left out.
+    """
+    if aggregate not in AGGREGATES:
+        raise UserError(f"aggregate {aggregate!r} is not supported; use one of {', '.join(AGGREGATES)}")
+    if aggregate == "every":
+        return [
+            ExportedList(r.example(), r.set_id, r.annotator, (r.annotator,), getattr(r, "round", None))
+            for r in rankings
+        ]
+    by_set: dict[int, list[Ranking]] = {}
+    for r in rankings:
+        by_set.setdefault(r.set_id, []).append(r)
+    lists = []
+    for set_id, group in by_set.items():
+        first, round_ = group[0], getattr(group[0], "round", None)
+        if len(group) == 1:
+            lists.append(ExportedList(first.example(), set_id, first.annotator, (first.annotator,), round_))
+            continue
+        ranks = consensus_ranks([r.ranks for r in group])
+        if len(set(ranks)) == 1:
+            continue
+        names = tuple(r.annotator for r in group)
+        source = f"consensus of rankings {', '.join(str(r.id) for r in group)}"
+        example = PreferenceExample(first.prompt, first.responses, ranks, source=source)
+        lists.append(ExportedList(example, set_id, "consensus", names, round_))
+    return lists
 
 
 def export_rankings(
@@ -561,13 +676,17 @@ def export_rankings(
     user_id: int | None = None,
     prompt_id: int | None = None,
     prompt_contains: str | None = None,
+    aggregate: str = "every",
 ) -> int:
-    """Write the live rankings (oldest first) for ``rlhfkit rm train``; returns the line count.
+    """Write the live rankings (oldest first) for ``rlhfkit rm train``; returns the rows written.
 
     ``tsv`` is the rank-list TSV with a prompt column (read it with ``prompt_column=True``);
     it cannot hold ties, tabs or line breaks and refuses such rows (``ValueError`` naming
     the ranking). ``jsonl`` is the ``ranked`` format and holds everything (ties need
-    ``allow_ties=True`` when read).
+    ``allow_ties=True`` when read). ``pairs`` is the TRL / OpenRLHF preference JSONL
+    ``{"prompt", "chosen", "rejected"}``, one row per ordered pair of a list (ties give no
+    pair). ``hf`` saves a ``datasets.Dataset`` (:data:`HF_COLUMNS`) into the folder ``path``
+    with ``save_to_disk``. ``aggregate`` is one of :data:`AGGREGATES` (see :func:`exported_lists`).
     """
 
     if format not in EXPORT_FORMATS:
@@ -575,7 +694,78 @@ def export_rankings(
     rankings, _ = store.list_rankings(user_id=user_id, prompt_id=prompt_id, prompt_contains=prompt_contains)
     if not rankings:
         raise NotFound("no rankings match, so there is nothing to export")
+    lists = exported_lists(list(reversed(rankings)), aggregate)
+    if format == "pairs":  # a list with every response tied has no pair; the writer refuses it
+        lists = [x for x in lists if x.example.ordered_pairs()]
+    if not lists:
+        raise NotFound(f"the {len(rankings)} matching ranking(s) state no preference (every response tied)")
+    if format == "hf":
+        return save_hf_dataset(path, lists)
     try:
-        return write_preferences(path, [r.example() for r in reversed(rankings)], EXPORT_FORMATS[format])
+        return write_preferences(path, [x.example for x in lists], EXPORT_FORMATS[format])
     except ValueError as e:  # the writer refuses what the format cannot hold; name our flag
         raise UserError(f"{e} (here: --format jsonl, or the Export JSONL button)") from None
+
+
+def check_hf_output(path: str | Path, option: str = "--output") -> Path:
+    """Refuse an ``hf`` output that is a file or a folder holding something else; creates nothing."""
+    path = Path(path)
+    if path.is_dir() and any(path.iterdir()) and not is_saved_dataset(path):
+        raise UserError(
+            f"{option} {path} is a folder that holds other files; --format hf replaces only a folder "
+            f"save_to_disk wrote, so give a new or empty folder"
+        )
+    return check_output_dir(path, option)
+
+
+def save_hf_dataset(path: str | Path, lists: Sequence[ExportedList]) -> int:
+    """Save ``lists`` as a ``datasets.Dataset`` (:data:`HF_COLUMNS`) into the folder ``path``.
+
+    Written into a temporary folder beside ``path`` and renamed over it, so a reader never
+    sees half a dataset; an earlier ``save_to_disk`` folder at ``path`` is replaced. Returns
+    the number of rows.
+    """
+    import datasets  # heavy (pyarrow, pandas): only this format needs it
+
+    path = check_hf_output(path)
+    columns: dict[str, list] = {
+        "prompt": [x.example.prompt for x in lists],
+        "responses": [list(x.example.responses) for x in lists],
+        "ranks": [list(x.example.ranks) for x in lists],
+        "set_id": [x.set_id for x in lists],
+        "annotator": [x.annotator for x in lists],
+        "annotators": [list(x.annotators) for x in lists],
+    }
+    features = {
+        "prompt": datasets.Value("string"),
+        "responses": datasets.Sequence(datasets.Value("string")),
+        "ranks": datasets.Sequence(datasets.Value("int32")),
+        "set_id": datasets.Value("int64"),
+        "annotator": datasets.Value("string"),
+        "annotators": datasets.Sequence(datasets.Value("string")),
+    }
+    if any(x.round is not None for x in lists):
+        columns["round"] = [x.round for x in lists]
+        features["round"] = datasets.Value("int64")
+    dataset = datasets.Dataset.from_dict(columns, features=datasets.Features(features))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    old = tmp.with_suffix(".old")
+    bars_were_enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        dataset.save_to_disk(str(tmp))
+        if path.exists():  # an empty folder or an earlier export (check_hf_output allowed no other)
+            path.rename(old)
+        try:
+            tmp.rename(path)
+        except BaseException:  # put the earlier export back rather than lose it
+            if old.exists():
+                old.rename(path)
+            raise
+    finally:
+        if bars_were_enabled:
+            datasets.enable_progress_bars()
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+    return len(lists)

@@ -20,7 +20,7 @@ from rlhfkit.data.types import PreferenceExample
 class PreferenceDataOptions(Options):
     """Which preference lists to train on, which to hold out, and how to read them."""
 
-    train: str = opt(help="training data: .tsv rank lists, .jsonl, .json or .parquet")
+    train: str = opt(help="training data: .tsv rank lists, .jsonl, .json, .parquet or a save_to_disk folder")
     eval: str | None = opt(None, "held-out data file (default: the split below)")
     n_train: int | None = opt(None, "train on the first N lists of --train and evaluate on the rest", ge=1)
     eval_fraction: float | None = opt(None, "hold out this seeded random share of --train for evaluation", gt=0, lt=1)

@@ -20,8 +20,10 @@ Formats (``FORMATS``):
 
 Containers: ``.tsv``/``.txt`` are rank-list TSV; ``.jsonl`` is read line by line here
 (so invalid JSON is reported with its line); ``.json`` (JSON array or JSON Lines) and
-``.parquet`` are loaded with ``datasets.load_dataset`` and each row goes through the same
-validator, numbered ``row N`` from 1. In every JSON format ``prompt`` may be missing
+``.parquet`` are loaded with ``datasets.load_dataset``, and a folder that
+``datasets.Dataset.save_to_disk`` wrote (``dataset_info.json`` and ``state.json``, e.g. from
+``rlhfkit annotate export --format hf``) with ``datasets.load_from_disk``; each of their rows
+goes through the same validator, numbered ``row N`` from 1. In every JSON format ``prompt`` may be missing
 (read as ``""``), and a ``null`` value counts as a missing key (Arrow stores missing
 columns as nulls).
 
@@ -57,6 +59,9 @@ HH_ASSISTANT_MARKER = "\n\nAssistant:"
 _EXTENSION_FORMATS = {".tsv": "ranklist-tsv", ".txt": "ranklist-tsv"}
 _RECORD_EXTENSIONS = (".jsonl", ".json", ".parquet")
 
+SAVED_DATASET_FILES = ("dataset_info.json", "state.json")
+"""What ``datasets.Dataset.save_to_disk`` writes beside the Arrow files: how a folder is recognised."""
+
 # The keys each JSON format expects, for error messages.
 _FORMAT_KEYS = {
     "pairs": '{"prompt", "chosen", "rejected", "margin"?}',
@@ -86,7 +91,8 @@ def read_preferences(
     """Read a preference data file; every example's ``source`` is ``"path:line"``.
 
     Args:
-        path: a ``.tsv``/``.txt``, ``.jsonl``, ``.json`` or ``.parquet`` file.
+        path: a ``.tsv``/``.txt``, ``.jsonl``, ``.json`` or ``.parquet`` file, or a folder
+            written by ``datasets.Dataset.save_to_disk`` (rows in a JSON format).
         format: one of ``FORMATS``. ``"auto"`` picks rank-list TSV for ``.tsv``/``.txt``
             and, for JSON and Parquet, the format of the first record; every later record
             must then have the same format.
@@ -94,18 +100,20 @@ def read_preferences(
         allow_ties: accept equal ``ranks`` in the ``ranked`` format.
 
     Raises:
-        FileNotFoundError: ``path`` is not a file.
+        FileNotFoundError: ``path`` is neither a file nor a folder.
         ValueError: ``format`` is not one of ``FORMATS``.
-        DataFormatError: the file or one of its records is malformed, or it holds no
-            examples.
+        DataFormatError: the file or one of its records is malformed, it holds no
+            examples, or it is a folder that ``save_to_disk`` did not write.
     """
     if format not in FORMATS:
         raise ValueError(f"format={format!r} is not supported; use one of {', '.join(FORMATS)}")
     path = Path(path)
-    if not path.is_file():
+    if path.is_dir():
+        _check_saved_dataset(path, format)
+    elif not path.is_file():
         raise MissingFileError(f"preference data file {str(path)!r} does not exist (or is not a file)")
     extension = path.suffix.lower()
-    if format == "auto" and extension not in _EXTENSION_FORMATS and extension not in _RECORD_EXTENSIONS:
+    if format == "auto" and path.is_file() and extension not in (*_EXTENSION_FORMATS, *_RECORD_EXTENSIONS):
         raise DataFormatError(
             str(path),
             None,
@@ -113,7 +121,7 @@ def read_preferences(
             f"file to .tsv, .txt, .jsonl, .json or .parquet, or pass format= one of "
             f"{', '.join(FORMATS[1:])}",
         )
-    if format == "ranklist-tsv" or (format == "auto" and extension in _EXTENSION_FORMATS):
+    if not path.is_dir() and (format == "ranklist-tsv" or (format == "auto" and extension in _EXTENSION_FORMATS)):
         examples = _read_ranklist_tsv(path, prompt_column=prompt_column)
     else:
         if prompt_column:
@@ -125,6 +133,12 @@ def read_preferences(
     if not examples:
         raise DataFormatError(str(path), None, "contains no examples; check that this is the right file")
     return examples
+
+
+def is_saved_dataset(path: str | Path) -> bool:
+    """Whether ``path`` is a folder ``datasets.Dataset.save_to_disk`` wrote (``SAVED_DATASET_FILES``)."""
+    path = Path(path)
+    return path.is_dir() and all((path / name).is_file() for name in SAVED_DATASET_FILES)
 
 
 def detect_format(record: dict[str, Any]) -> str | None:
@@ -305,10 +319,39 @@ def _read_ranklist_tsv(path: Path, *, prompt_column: bool) -> list[PreferenceExa
 # --------------------------------------------------------------------------------------
 
 
+def _check_saved_dataset(path: Path, format: str) -> None:
+    """Refuse a folder that is not one dataset written by ``save_to_disk``, or a TSV ``format``."""
+    if (path / "dataset_dict.json").is_file():
+        splits = sorted(p.name for p in path.iterdir() if is_saved_dataset(p))
+        example = path / (splits[0] if splits else "train")
+        raise DataFormatError(
+            str(path),
+            None,
+            f"is a DatasetDict folder (splits: {', '.join(splits) or 'none'}); pass one split's folder, e.g. {example}",
+        )
+    if not is_saved_dataset(path):
+        raise DataFormatError(
+            str(path),
+            None,
+            f"is a folder but not a dataset written by datasets' save_to_disk (it has no "
+            f"{' and '.join(SAVED_DATASET_FILES)}); pass a data file (.tsv, .jsonl, .json, .parquet) "
+            f"or the folder 'rlhfkit annotate export --format hf' wrote",
+        )
+    if format == "ranklist-tsv":
+        raise DataFormatError(
+            str(path),
+            None,
+            f"is a datasets folder, whose rows are JSON-style records, not rank-list TSV; pass format "
+            f"auto or one of {', '.join(_FORMAT_KEYS)}",
+        )
+
+
 def _read_records(path: Path, format: str, *, allow_ties: bool) -> list[PreferenceExample]:
-    """Validate every record of a JSONL/JSON/Parquet file; ``format`` may be ``auto``."""
+    """Validate every record of a JSONL/JSON/Parquet file or a ``save_to_disk`` folder; ``format`` may be ``auto``."""
     extension = path.suffix.lower()
-    if extension in (".json", ".parquet"):
+    if path.is_dir():
+        unit, records = "row", _iter_saved_rows(path)
+    elif extension in (".json", ".parquet"):
         unit, records = "row", _iter_dataset_rows(path, "parquet" if extension == ".parquet" else "json")
     else:
         unit, records = "line", _iter_jsonl(path)
@@ -381,6 +424,25 @@ def _iter_dataset_rows(path: Path, builder: str) -> Iterator[tuple[int, dict[str
     finally:
         if bars_were_enabled:
             datasets.enable_progress_bars()
+    yield from enumerate(dataset, start=1)
+
+
+def _iter_saved_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(1-based row number, row) of a folder written by ``save_to_disk``, via ``datasets``."""
+    import datasets  # heavy (pyarrow, pandas): imported only when a folder needs it
+
+    try:
+        dataset = datasets.load_from_disk(str(path))
+    except Exception as e:  # a damaged or foreign folder: datasets/pyarrow raise many types
+        detail = str(e) if len(str(e)) <= 200 else str(e)[:197] + "..."
+        raise DataFormatError(
+            str(path),
+            None,
+            f"could not be read by datasets.load_from_disk ({type(e).__name__}: {detail}); check that "
+            f"the folder is complete, or write it again with save_to_disk",
+        ) from e
+    if not isinstance(dataset, datasets.Dataset):  # a DatasetDict saved without dataset_dict.json
+        raise DataFormatError(str(path), None, f"holds a {type(dataset).__name__}, not one Dataset; pass one split")
     yield from enumerate(dataset, start=1)
 
 

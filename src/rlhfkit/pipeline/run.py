@@ -29,7 +29,7 @@ import torch
 from rlhfkit.checkpoint import find_checkpoint
 from rlhfkit.config import ConfigError, Options, from_dict, opt, require
 from rlhfkit.data.prompts import read_prompts
-from rlhfkit.data.readers import FORMATS, describe, read_preferences
+from rlhfkit.data.readers import FORMATS, describe, is_saved_dataset, read_preferences
 from rlhfkit.data.writers import write_preferences
 from rlhfkit.defaults import EXPORT, MAX_NEW_TOKENS, RL_ALGORITHMS
 from rlhfkit.dpo.train import DPOConfig, train_dpo
@@ -64,7 +64,9 @@ class PreferencesConfig(Options):
     source: Literal["simulated", "file"] = opt(
         "simulated", "file: read --file; simulated: sample and rank with a scripted rule"
     )
-    file: str | None = opt(None, "source file: preference data in any format 'rlhfkit rm train' reads")
+    file: str | None = opt(
+        None, "source file: preference data in any format 'rlhfkit rm train' reads (or a save_to_disk folder)"
+    )
     format: Literal[FORMATS] = opt("auto", "source file: data format")  # type: ignore[valid-type]
     prompt_column: bool = opt(False, "source file: rank-list TSV whose first column is the prompt")
     allow_ties: bool = opt(False, "source file: accept equal ranks")
@@ -305,7 +307,9 @@ def check_input_files(cfg: PipelineConfig, configs: dict[str, Any]) -> None:
             continue
         checked.add(path)
         section = key.split(".")[0]
-        if not Path(path).is_file():
+        # Preference data may also be a folder datasets' save_to_disk wrote (annotate export --format hf).
+        saved = getattr(read, "func", None) is read_preferences and is_saved_dataset(path)
+        if not Path(path).is_file() and not saved:
             what = "is a folder; give a file" if Path(path).is_dir() else "does not exist (or is not a file)"
             raise MissingFileError(f"pipeline {section}: {key} {path} {what}")
         try:

@@ -84,13 +84,18 @@ async function loadStats() {
   const overall = stats.agreement.overall;
   $("agreement-overall").textContent = (overall.shared_sets
     ? `${overall.shared_sets} set(s) ranked by two or more annotators; overall pairwise agreement ` +
-      `${percent(overall.pairwise_agreement)}, Kendall τ ${fixed(overall.kendall_tau)}.`
+      `${percent(overall.pairwise_agreement)}, Kendall τ ${fixed(overall.kendall_tau)}; ` +
+      `mean Kendall τ of an annotator with the consensus of the others ${fixed(overall.consensus_tau)}.`
     : "No set has been ranked by two annotators yet.") +
     (me.is_admin ? "" : " Per-annotator figures are shown to admins.");
   $("agreement").hidden = !stats.agreement.pairs.length;
   $("agreement").tBodies[0].replaceChildren(...stats.agreement.pairs.map((p) => el("tr", {},
     el("td", { text: p.annotator_a }), el("td", { text: p.annotator_b }), el("td", { text: String(p.shared_sets) }),
     el("td", { text: percent(p.pairwise_agreement) }), el("td", { text: fixed(p.kendall_tau) }))));
+  // Each annotator against the consensus of the others (admins only: the list is empty for annotators).
+  $("consensus-section").hidden = !stats.agreement.consensus.length;
+  $("consensus").tBodies[0].replaceChildren(...stats.agreement.consensus.map((c) => el("tr", {},
+    el("td", { text: c.annotator }), el("td", { text: String(c.consensus_sets) }), el("td", { text: fixed(c.consensus_tau) }))));
   const select = $("f-annotator");
   if (select.options.length === 1) {
     const names = me.is_admin ? stats.annotators.map((a) => a.annotator) : [me.name];

@@ -1,0 +1,47 @@
+"""The consensus ranking of one generation set ranked by several annotators: a pure function.
+
+Each ranking is ``ranks[i]``, the rank of response i (0 = best, equal ranks are ties), the
+layout of :class:`~rlhfkit.data.types.PreferenceExample` and of the annotation store.
+
+The consensus orders the responses by their mean rank across the annotators, which is the
+Borda count (Borda 1781, "Mémoire sur les élections au scrutin"; a response's Borda score is
+the number of rank levels below it, so a lower mean rank is a higher Borda score). Each
+ranking is first made dense (``[0, 2, 2]`` -> ``[0, 1, 1]``), so two rankings that say the
+same order count the same. Responses with equal means tie; the result is dense again.
+Every annotator ranks the same K responses, so equal means are equal sums and the
+comparison is exact integer arithmetic, with no floating-point near-ties.
+
+The plain form, which the test checks on random rankings::
+
+    means = [mean(dense(r)[i] for r in rankings) for i in range(K)]
+    levels = sorted(set(means))
+    consensus = [levels.index(m) for m in means]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+def dense_ranks(ranks: Sequence[int]) -> tuple[int, ...]:
+    """The same order with ranks 0, 1, 2, ... and no gaps (ties stay ties)."""
+    levels = {value: level for level, value in enumerate(sorted(set(ranks)))}
+    return tuple(levels[value] for value in ranks)
+
+
+def consensus_ranks(rankings: Sequence[Sequence[int]]) -> tuple[int, ...]:
+    """The consensus of several rankings of the same K responses (dense ranks, ties kept).
+
+    ``rankings`` has one entry per annotator, each of length K (``ranks[i]`` = rank of
+    response i, 0 = best). One ranking gives itself back, made dense. ``ValueError`` when
+    there is no ranking or their lengths differ.
+    """
+    if not rankings:
+        raise ValueError("consensus_ranks needs at least one ranking")
+    k = len(rankings[0])
+    if any(len(r) != k for r in rankings):
+        raise ValueError(f"every ranking must rank the same K responses, got lengths {[len(r) for r in rankings]}")
+    dense = [dense_ranks(r) for r in rankings]
+    # Borda count: the sum of ranks orders the responses as the mean does (same divisor).
+    sums = [sum(r[i] for r in dense) for i in range(k)]
+    return dense_ranks(sums)
