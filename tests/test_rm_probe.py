@@ -11,6 +11,7 @@ from rlhfkit.config import from_dict
 from rlhfkit.data.collate import EncodedPreferences
 from rlhfkit.data.readers import read_preferences
 from rlhfkit.evaluation.scores import score_texts
+from rlhfkit.models import probe_fit
 from rlhfkit.models.reward import RewardModel
 from rlhfkit.rm import probe
 from rlhfkit.rm.train import RMTrainConfig, build_model, train_reward_model
@@ -27,7 +28,7 @@ def test_newton_solve_matches_a_long_plain_optimiser(l2):
     d = torch.randn(300, 8, generator=g, dtype=torch.float64)
     d[(d @ true) < 0] *= -1  # mostly in the true order ...
     d[:60] *= -1  # ... with noise
-    w, steps = probe.fit_pairwise_probe(d, l2)
+    w, steps = probe_fit.fit_pairwise_probe(d, l2)
     assert steps < 20
     ref = torch.zeros(8, dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS(
@@ -49,7 +50,7 @@ def test_newton_solve_matches_a_long_plain_optimiser(l2):
 
 def test_the_l2_must_be_positive():
     with pytest.raises(ValueError, match="l2 must be > 0"):
-        probe.fit_pairwise_probe(torch.ones(3, 2), 0.0)
+        probe_fit.fit_pairwise_probe(torch.ones(3, 2), 0.0)
 
 
 @pytest.fixture(params=["encoder", "decoder"])
@@ -61,10 +62,10 @@ def rm_and_data(request, tiny_encoder, tiny_lm, separable_tsv):
 
 def test_features_are_what_the_score_layer_reads(rm_and_data):
     rm, data = rm_and_data
-    layer = probe.head_layer(rm)
+    layer = probe_fit.head_layer(rm)
     assert layer is not None and layer.out_features == 1
     ids = list(range(len(data.texts)))
-    feats = probe.head_inputs(rm, layer, data, rm.pad, ids, batch_size=7, device="cpu")
+    feats = probe_fit.head_inputs(rm, layer, data, rm.pad, ids, batch_size=7, device="cpu")
     bias = layer.bias if layer.bias is not None else 0.0
     with torch.no_grad():
         expected = score_texts(rm, data, rm.pad, batch_size=5, device="cpu")
@@ -74,12 +75,12 @@ def test_features_are_what_the_score_layer_reads(rm_and_data):
 
 def test_the_probe_loads_its_fit_into_the_head(rm_and_data):
     rm, data = rm_and_data
-    layer = probe.head_layer(rm)
+    layer = probe_fit.head_layer(rm)
     bias_before = None if layer.bias is None else layer.bias.detach().clone()
     fit = probe.init_head_from_probe(rm, data, rm.pad, l2=1e-3, max_texts=10_000, batch_size=8, device="cpu", seed=0)
     assert fit.pairs == 20 * 6 and fit.texts == len(data.texts)
     scores = score_texts(rm, data, rm.pad, batch_size=8, device="cpu")
-    pairs = probe.pair_indices(data, list(range(len(data))))
+    pairs = probe_fit.pair_indices(data, list(range(len(data))))
     accuracy = sum(bool(scores[a] > scores[b]) for a, b in pairs) / len(pairs)
     assert accuracy == pytest.approx(
         fit.train_accuracy, abs=1 / len(pairs)
@@ -144,10 +145,10 @@ def test_scalar_label_losses_keep_the_random_head(tiny_encoder, tmp_path):
 def test_under_lora_the_probe_fits_the_trainable_copy(tiny_lm, separable_tsv):
     c = cfg(model=str(tiny_lm), train=str(separable_tsv), output="unused", lora=True)
     rm = build_model(c, "cpu")
-    layer = probe.head_layer(rm)
+    layer = probe_fit.head_layer(rm)
     assert layer is not None and layer.weight.requires_grad
     data = EncodedPreferences.build(read_preferences(separable_tsv)[:10], rm.encode, 32)
     probe.init_head_from_probe(rm, data, rm.pad, l2=1e-2, max_texts=1000, batch_size=8, device="cpu", seed=0)
     scores = score_texts(rm, data, rm.pad, batch_size=8, device="cpu")
-    feats = probe.head_inputs(rm, layer, data, rm.pad, list(range(len(data.texts))), batch_size=8, device="cpu")
+    feats = probe_fit.head_inputs(rm, layer, data, rm.pad, list(range(len(data.texts))), batch_size=8, device="cpu")
     assert torch.allclose(feats @ layer.weight[0], scores, atol=1e-5)  # the forward pass reads the layer the probe set

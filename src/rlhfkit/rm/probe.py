@@ -28,7 +28,7 @@ from torch import nn
 from rlhfkit.data.collate import EncodedPreferences
 from rlhfkit.models.probe_fit import fit_pairwise_probe, head_inputs, head_layer, pair_indices
 
-__all__ = ["ProbeResult", "init_head_from_probe", "fit_pairwise_probe", "head_inputs", "head_layer", "pair_indices"]
+__all__ = ["ProbeResult", "init_head_from_probe"]
 
 logger = logging.getLogger(__name__)
 
