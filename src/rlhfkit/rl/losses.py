@@ -26,12 +26,14 @@ def _check_same(fn: str, **tensors: Tensor) -> None:
 def aggregate(per_token: Tensor, response_mask: Tensor, aggregation: str = "token") -> Tensor:
     """Reduce ``(M, N)`` per-token losses to a scalar: ``token``, the mean over every real
     token (PPO; Dr. GRPO, arXiv:2503.20783, sec. 3.1), or ``sequence``, the mean over
-    sequences of each sequence's token mean (GRPO, arXiv:2402.03300, eq. 3)."""
+    sequences of each sequence's token mean (GRPO, arXiv:2402.03300, eq. 3). A row with no real
+    token (``--mask-truncated`` zeroes whole rows) counts in neither mean; with none at all the
+    loss is 0."""
     real = response_mask.to(torch.bool)
     if aggregation == "token":
         return masked_mean(per_token, real)
     if aggregation == "sequence":
-        return masked_mean(per_token, real, dim=1).mean()
+        return masked_mean(masked_mean(per_token, real, dim=1), real.any(dim=1))  # over the non-empty rows
     raise ValueError(f"aggregate: aggregation={aggregation!r}; use 'token' or 'sequence'")
 
 
@@ -42,19 +44,22 @@ def policy_loss(
     response_mask: Tensor,
     clip_eps: float,
     aggregation: str = "token",
+    clip_eps_high: float | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO clipped surrogate loss, masked mean over real tokens (``aggregation``: :func:`aggregate`).
 
     ``ratio = exp(logprobs - old_logprobs)``;
-    ``loss = mean_t max(-A_t * ratio_t, -A_t * clip(ratio_t, 1 - eps, 1 + eps))``
-    (Schulman et al. 2017, arXiv:1707.06347, eq. 7, negated to be minimised).
+    ``loss = mean_t max(-A_t * ratio_t, -A_t * clip(ratio_t, 1 - eps_low, 1 + eps_high))``
+    (Schulman et al. 2017, arXiv:1707.06347, eq. 7, negated to be minimised; the decoupled
+    ``eps_low``/``eps_high`` are DAPO's clip-higher, Yu et al. 2025, arXiv:2503.14476, eq. 10).
 
     Args:
         logprobs: ``(M, N)`` log-probs under the current policy (with grad).
         old_logprobs: ``(M, N)`` log-probs under the rollout policy.
         advantages: ``(M, N)`` advantages, usually whitened.
         response_mask: ``(M, N)``, 1 = real response token.
-        clip_eps: clip range ``eps`` of the ratio.
+        clip_eps: clip range ``eps`` of the ratio (``eps_low``, and ``eps_high`` too unless given).
+        clip_eps_high: upper clip range ``eps_high``; ``None`` = ``clip_eps`` (symmetric PPO).
 
     Returns:
         ``loss`` (scalar) and stats: ``clipfrac`` (fraction of real tokens where the clipped
@@ -72,7 +77,8 @@ def policy_loss(
     advantages = torch.where(real, advantages, zero)
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
+    high = clip_eps if clip_eps_high is None else clip_eps_high
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + high)  # arXiv:2503.14476 eq. 10
     loss = aggregate(torch.maximum(unclipped, clipped), real, aggregation)  # arXiv:1707.06347 eq. 7, per token
     with torch.no_grad():
         clipfrac = masked_mean((clipped > unclipped).to(logprobs.dtype), real)

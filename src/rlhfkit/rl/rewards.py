@@ -14,7 +14,7 @@ from torch import Tensor
 
 from rlhfkit.rl.kl import kl_estimate
 
-__all__ = ["compute_rewards", "RunningMoments"]
+__all__ = ["compute_rewards", "overlong_penalty", "RunningMoments"]
 
 
 def compute_rewards(
@@ -77,6 +77,36 @@ def compute_rewards(
     at_last = positions == last.unsqueeze(1)  # (M, N), one True per row
     rewards = rewards + torch.where(at_last, scores.to(rewards.dtype).unsqueeze(1), zero)
     return rewards, kl
+
+
+def overlong_penalty(lengths: Tensor, max_length: int, buffer: int, penalty: float) -> Tensor:
+    """DAPO's soft overlong punishment (Yu et al. 2025, arXiv:2503.14476, sec. 3.4, eq. 13),
+    added to the score: 0 up to ``max_length - buffer`` tokens, then falling linearly to
+    ``-penalty`` at ``max_length``::
+
+        0                                          if |y| <= L_max - L_cache
+        (L_max - L_cache - |y|) / L_cache * P      if L_max - L_cache < |y| <= L_max
+        -P                                         if |y| > L_max
+
+    Plain loop::
+
+        for i in range(M):
+            over = lengths[i] - (max_length - buffer)
+            out[i] = -penalty * min(over, buffer) / buffer if over > 0 else 0.0
+
+    Args:
+        lengths: ``(M,)`` response lengths ``|y|`` in tokens (EOS included).
+        max_length: ``L_max``, the longest response sampling can give (``--max-new-tokens``).
+        buffer: ``L_cache``, the length of the punishment interval, ``1 <= buffer <= max_length``.
+        penalty: ``P >= 0``, the penalty at ``L_max`` (the paper's is 1, its rewards' scale).
+
+    Returns:
+        ``(M,)`` float penalties in ``[-penalty, 0]``.
+    """
+    if not 1 <= buffer <= max_length:
+        raise ValueError(f"overlong_penalty: buffer must be in [1, max_length={max_length}]; got {buffer}")
+    over = (lengths.to(torch.float32) - (max_length - buffer)).clamp(min=0, max=buffer)  # (M,) tokens into the buffer
+    return -penalty * over / buffer  # arXiv:2503.14476 eq. 13
 
 
 class RunningMoments:

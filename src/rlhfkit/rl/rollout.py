@@ -39,7 +39,7 @@ from rlhfkit.sampling import (
 )
 from rlhfkit.training.distributed import gathered
 
-__all__ = ["Rollout", "pack_rows", "score_rollout", "make_rollout"]
+__all__ = ["Rollout", "concat_rollouts", "pack_rows", "score_rollout", "make_rollout"]
 
 
 # ----------------------------------------------------------------------- rollout
@@ -70,6 +70,49 @@ class Rollout:
 
     def __len__(self) -> int:
         return len(self.prompts)
+
+    def select(self, rows: Sequence[int]) -> Rollout:
+        """The rollout of rows ``rows`` (in that order)."""
+        index = torch.as_tensor(list(rows), dtype=torch.long, device=self.response_mask.device)
+        picked = {
+            name: value[index]
+            if isinstance(value, Tensor)
+            else [value[i] for i in rows]
+            if isinstance(value, list)
+            else value
+            for name, value in vars(self).items()
+        }
+        return Rollout(**picked)
+
+
+def concat_rollouts(rollouts: Sequence[Rollout]) -> Rollout:
+    """One rollout of the rows of ``rollouts``, in order: queries left-padded to the longest
+    ``P``, responses right-padded to the longest ``N`` (padding is 0 with a mask of 0, which
+    changes nothing in any result)."""
+    P = max(r.query_ids.shape[1] for r in rollouts)
+    N = max(r.response_ids.shape[1] for r in rollouts)
+
+    def left(x: Tensor) -> Tensor:  # (m, p) -> (m, P)
+        return torch.nn.functional.pad(x, (P - x.shape[1], 0))
+
+    def right(x: Tensor) -> Tensor:  # (m, n) -> (m, N)
+        return torch.nn.functional.pad(x, (0, N - x.shape[1]))
+
+    first = rollouts[0]
+    return Rollout(
+        prompts=[p for r in rollouts for p in r.prompts],
+        responses=[t for r in rollouts for t in r.responses],
+        query_ids=torch.cat([left(r.query_ids) for r in rollouts]),
+        query_mask=torch.cat([left(r.query_mask) for r in rollouts]),
+        response_ids=torch.cat([right(r.response_ids) for r in rollouts]),
+        response_mask=torch.cat([right(r.response_mask) for r in rollouts]),
+        ended=torch.cat([r.ended for r in rollouts]),
+        old_logprobs=torch.cat([right(r.old_logprobs) for r in rollouts]),
+        ref_logprobs=torch.cat([right(r.ref_logprobs) for r in rollouts]),
+        old_values=None if first.old_values is None else torch.cat([right(r.old_values) for r in rollouts]),
+        scores=torch.cat([r.scores for r in rollouts]),
+        packed=first.packed,
+    )
 
 
 def pack_rows(query_mask: Tensor, input_ids: Tensor, attention_mask: Tensor) -> PackedBatch:

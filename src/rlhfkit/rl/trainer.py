@@ -14,8 +14,11 @@ One update, top to bottom (the loop in :func:`train_rl` reads in this order):
 
 1. rollout: ``B`` prompts, each sampled ``K`` times -> ``M = B * K`` responses ->
    ``old_logprobs`` (from the sampling pass), ``ref_logprobs``, ``old_values`` (PPO)
-   ``(M, N)`` and ``scores`` ``(M,)`` (:mod:`rlhfkit.rl.rollout`), on packed rows;
-2. scores: running whitening or scaling, a penalty for responses cut without EOS, clipping;
+   ``(M, N)`` and ``scores`` ``(M,)`` (:mod:`rlhfkit.rl.rollout`), on packed rows; with
+   ``--dynamic-sampling`` (DAPO) equal-score groups are dropped and more prompts sampled
+   (:func:`refill_informative`);
+2. scores: running whitening or scaling, a penalty for responses cut without EOS, DAPO's soft
+   overlong penalty, clipping;
 3. rewards and advantages for ``--algo`` (:func:`compute_advantages`);
 4. ``ppo_epochs`` passes of shuffled minibatches, each one
    :func:`~rlhfkit.training.step.train_step` per network (:func:`network_steps`): the clipped
@@ -28,7 +31,8 @@ sequences, with ``--loss-aggregation sequence``), so the gradient is the minibat
 whatever ``grad_accum`` is.
 
 Every random choice is either the global RNG (sampling), saved in the checkpoint, or a
-generator seeded by ``(seed, step)`` (prompt order, minibatch order), so ``--resume``
+generator seeded by ``(seed, step)`` (prompt order, dynamic sampling's extra prompts, minibatch
+order), so ``--resume``
 continues exactly the run that stopped.
 """
 
@@ -78,8 +82,8 @@ from rlhfkit.rl.losses import (
     value_loss,
 )
 from rlhfkit.rl.reward_sources import RewardModelSource, RewardSourceOptions
-from rlhfkit.rl.rewards import RunningMoments, compute_rewards
-from rlhfkit.rl.rollout import Rollout, make_rollout, pack_rows
+from rlhfkit.rl.rewards import RunningMoments, compute_rewards, overlong_penalty
+from rlhfkit.rl.rollout import Rollout, concat_rollouts, make_rollout, pack_rows
 from rlhfkit.sampling import SamplingOptions
 from rlhfkit.tracking import plot_curves, read_metrics
 from rlhfkit.training.cadence import Cadence
@@ -111,11 +115,11 @@ class RLConfig(SamplingOptions, RewardSourceOptions, RunOptions, OptimOptions, L
     samples_per_prompt: int | None = opt(
         None, "responses sampled per prompt, the group of rloo/grpo (default: 1 for ppo, 4 otherwise)", ge=1
     )
-    kl_penalty: Literal["reward", "loss"] | None = opt(
-        None,
+    kl_penalty: Literal["auto", "reward", "loss", "none"] = opt(
+        "auto",
         "where the KL to the reference enters: a per-token penalty in "
-        "the reward, or a k3 term in the loss (default: loss for grpo, "
-        "reward otherwise)",
+        "the reward, a k3 term in the loss, or none (no KL term and no reference model held, as DAPO); "
+        "auto: loss for grpo, reward otherwise",
     )
     scale_rewards: bool = opt(
         True,
@@ -127,6 +131,18 @@ class RLConfig(SamplingOptions, RewardSourceOptions, RunOptions, OptimOptions, L
         "policy loss over a minibatch: mean over every real "
         "token, or over sequences of each one's token mean "
         "(default: sequence for grpo, token otherwise)",
+    )
+    dynamic_sampling: bool = opt(
+        False,
+        "rloo/grpo: drop the prompts whose K scores are all equal (no learning signal) and sample more prompts "
+        "until the batch has --batch-size informative ones, at most --max-resample-batches more rollouts "
+        "(DAPO's dynamic sampling, arXiv:2503.14476 sec. 3.2)",
+    )
+    max_resample_batches: int | None = opt(
+        None,
+        "dynamic sampling: at most this many extra rollouts of --batch-size prompts per update; then the batch is "
+        "filled with equal-score groups (advantage 0), as without dynamic sampling (default: 3)",
+        ge=1,
     )
     max_steps: int = opt(100, "updates in the run (one rollout batch and its optimisation each)", ge=1, was=("steps",))
     batch_size: int = opt(
@@ -144,7 +160,11 @@ class RLConfig(SamplingOptions, RewardSourceOptions, RunOptions, OptimOptions, L
     missing_eos_penalty: float | None = opt(
         None, "subtract this from the score of responses cut at max_new_tokens without EOS"
     )
-    kl_coef: float = opt(0.05, "KL penalty coefficient beta (initial value with --adaptive-kl)", ge=0)
+    kl_coef: float | None = opt(
+        None,
+        "KL penalty coefficient beta (initial value with --adaptive-kl) (default: 0.05; 0 with --kl-penalty none)",
+        ge=0,
+    )
     kl_estimator: Literal["k1", "k2", "k3"] = opt(
         "k1", "per-token KL estimator in the reward (http://joschu.net/blog/kl-approx.html)"
     )
@@ -155,7 +175,27 @@ class RLConfig(SamplingOptions, RewardSourceOptions, RunOptions, OptimOptions, L
     gamma: float = opt(1.0, "GAE discount", ge=0, le=1)
     lam: float = opt(0.95, "GAE lambda", ge=0, le=1)
     whiten_advantages: bool = opt(True, "ppo: whiten advantages over the real tokens of the rollout (all processes)")
-    clip_eps: float = opt(0.2, "PPO ratio clip range", gt=0)
+    clip_eps: float = opt(0.2, "PPO ratio clip range: the ratio is clipped to [1 - eps, 1 + eps]", gt=0)
+    clip_eps_high: float | None = opt(
+        None,
+        "upper clip range: the ratio is clipped to [1 - clip_eps, 1 + clip_eps_high] (DAPO's clip-higher, "
+        "arXiv:2503.14476 sec. 3.1, e.g. 0.28 with --clip-eps 0.2) (default: --clip-eps)",
+        gt=0,
+    )
+    mask_truncated: bool = opt(
+        False,
+        "responses cut at --max-new-tokens without EOS contribute nothing to the policy loss (DAPO's "
+        "overlong filtering, arXiv:2503.14476 sec. 3.4)",
+    )
+    overlong_buffer: int | None = opt(
+        None,
+        "soft overlong penalty: the last L tokens before --max-new-tokens cost a penalty growing linearly "
+        "to --overlong-penalty at --max-new-tokens (DAPO eq. 13, arXiv:2503.14476 sec. 3.4)",
+        ge=1,
+    )
+    overlong_penalty: float | None = opt(
+        None, "soft overlong penalty at --max-new-tokens, in score units (default: 1.0; needs --overlong-buffer)", ge=0
+    )
     vf_clip: float | None = opt(0.2, "value clip range (none = unclipped value loss)", gt=0)
     vf_coef: float = opt(0.1, "weight of the value loss", ge=0)
     entropy_coef: float = opt(0.0, "weight of the entropy bonus", ge=0)
@@ -194,28 +234,64 @@ class RLConfig(SamplingOptions, RewardSourceOptions, RunOptions, OptimOptions, L
 
     @property
     def uses_reference(self) -> bool:
-        """Whether the KL to the reference policy enters the objective. Without it (``--kl-coef 0``,
-        no --adaptive-kl) no reference is held or run, and no KL is logged: there is nothing to
-        compare with."""
-        return self.kl_coef > 0 or self.adaptive_kl
+        """Whether the KL to the reference policy enters the objective. Without it (``--kl-penalty
+        none``, or ``--kl-coef 0`` and no --adaptive-kl) no reference is held or run, and no KL is
+        logged: there is nothing to compare with."""
+        return self.kl_penalty != "none" and (self.kl_coef > 0 or self.adaptive_kl)
 
     def validate(self) -> None:
         super().validate()
         if self.samples_per_prompt is None:
             self.samples_per_prompt = samples_per_prompt(self.algo)
-        if self.kl_penalty is None:
+        if self.kl_penalty == "auto":
             self.kl_penalty = "loss" if self.algo == "grpo" else "reward"
         if self.loss_aggregation is None:
             self.loss_aggregation = "sequence" if self.algo == "grpo" else "token"
+        if self.kl_penalty == "none":  # DAPO, arXiv:2503.14476 sec. 2.3: no KL term, no reference model
+            require(
+                not self.kl_coef and not self.adaptive_kl,
+                f"--kl-penalty none drops the KL term and the reference model, so it cannot take "
+                f"{'--adaptive-kl' if self.adaptive_kl else f'--kl-coef {self.kl_coef}'}; remove that option, or "
+                "choose --kl-penalty reward or loss to keep the KL leash",
+            )
+            if self.max_kl is not None:
+                logger.warning("--max-kl %g is ignored: --kl-penalty none computes no KL", self.max_kl)
+            self.kl_coef = 0.0
+        elif self.kl_coef is None:
+            self.kl_coef = 0.05
+        require(
+            self.overlong_penalty is None or self.overlong_buffer is not None,
+            f"--overlong-penalty {self.overlong_penalty} needs --overlong-buffer L: the penalty grows over the last L "
+            "tokens before --max-new-tokens (e.g. --overlong-buffer "
+            f"{max(1, self.max_new_tokens // 4)})",
+        )
+        if self.overlong_buffer is not None:
+            require(
+                self.overlong_buffer <= self.max_new_tokens,
+                f"option --overlong-buffer ({self.overlong_buffer}) must be at most --max-new-tokens "
+                f"({self.max_new_tokens}): the penalty runs over the last L tokens a response can have; e.g. "
+                f"--overlong-buffer {max(1, self.max_new_tokens // 4)}",
+            )
+            if self.overlong_penalty is None:
+                self.overlong_penalty = 1.0
         require(
             self.algo not in ("rloo", "grpo") or self.samples_per_prompt >= 2,
             f"--algo {self.algo} compares the samples of a prompt with each other: it needs --samples-per-prompt 2 or "
             f"more (got {self.samples_per_prompt})",
         )
         require(
-            self.algo != "ppo" or self.kl_penalty == "reward",
-            "--algo ppo takes the KL as a reward penalty; --kl-penalty loss is for the critic-free algorithms",
+            self.algo != "ppo" or self.kl_penalty != "loss",
+            "--algo ppo takes the KL as a reward penalty (or none); --kl-penalty loss is for the critic-free algorithms",
         )
+        require(
+            not self.dynamic_sampling or self.algo in ("rloo", "grpo"),
+            f"--dynamic-sampling drops the prompts whose K samples all scored the same, which only rloo and grpo "
+            f"compare; --algo {self.algo} learns from every response: remove --dynamic-sampling or use --algo grpo",
+        )
+        if self.max_resample_batches is not None and not self.dynamic_sampling:
+            logger.warning("--max-resample-batches %d is ignored without --dynamic-sampling", self.max_resample_batches)
+        elif self.max_resample_batches is None:
+            self.max_resample_batches = 3
         rows = self.batch_size * self.samples_per_prompt
         require(
             self.mini_batch_size <= rows and rows % self.mini_batch_size == 0,
@@ -307,14 +383,54 @@ def prompt_indices(n_prompts: int, batch_size: int, step: int, seed: int, rank: 
     return out
 
 
-def normalise_scores(cfg: RLConfig, scores, ended, stats: RunningMoments):
-    """Scores (M,) -> the scores that enter the reward: running whitening or scaling, EOS penalty."""
+EXTRA_PROMPTS_SEED = 1_000_000_007  # the stream of dynamic sampling's extra prompts, apart from the steps' own
+
+
+def refill_informative(cfg: RLConfig, r: Rollout, sample_more: Callable[[int], Rollout], agree: Callable):
+    """DAPO's dynamic sampling (arXiv:2503.14476 sec. 3.2, eq. 11): drop the groups of ``r`` whose
+    K scores are all equal and call ``sample_more(round)`` (``round`` = 0, 1, ...) for another
+    rollout of ``--batch-size`` prompts until ``--batch-size`` groups are informative, at most
+    ``--max-resample-batches`` times. ``agree(short)`` returns whether any process is still short
+    (every process samples the same number of times). Returns ``(rollout, stats)``: ``--batch-size``
+    groups, the informative first, then, when the cap is reached, equal-score groups (advantage 0,
+    as without dynamic sampling) so the batch keeps its shape; stats as floats."""
+    k, want = cfg.samples_per_prompt, cfg.batch_size
+    pool, rounds = [r], 0
+    informative = (~equal_score_groups(r.scores, k)).tolist()  # (G,) per group of the pool
+    while agree(sum(informative) < want) and rounds < cfg.max_resample_batches:
+        extra = sample_more(rounds)
+        pool.append(extra)
+        informative += (~equal_score_groups(extra.scores, k)).tolist()
+        rounds += 1
+    groups = [g for g, ok in enumerate(informative) if ok][:want]
+    groups += [g for g, ok in enumerate(informative) if not ok][: want - len(groups)]
+    whole = concat_rollouts(pool) if len(pool) > 1 else r
+    batch = whole.select([g * k + i for g in groups for i in range(k)])
+    stats = {
+        "rl/extra_rollouts": float(rounds * want * k),  # responses sampled beyond the step's own
+        "rl/dropped_groups": float(len(informative) - sum(informative)),  # equal-score groups seen
+        "rl/informative_groups": float(min(sum(informative), want)),  # of --batch-size trained on
+    }
+    return batch, stats
+
+
+def any_process(run: Run, flag: bool) -> bool:
+    """Whether ``flag`` holds on any process (one all-reduce), so every process takes the same branch."""
+    return run.accelerator.reduce(torch.tensor(float(flag), device=run.device), reduction="sum").item() > 0
+
+
+def normalise_scores(cfg: RLConfig, scores, ended, stats: RunningMoments, lengths=None):
+    """Scores (M,) -> the scores that enter the reward: running whitening or scaling, EOS penalty,
+    DAPO's soft overlong penalty (``lengths`` (M,), the response lengths in tokens)."""
     if cfg.score_norm == "whiten":
         scores = (scores - stats.mean) / stats.std
     elif cfg.score_norm == "scale":
         scores = scores / stats.std
     if cfg.missing_eos_penalty:
         scores = scores - cfg.missing_eos_penalty * (~ended).to(scores.dtype)
+    if cfg.overlong_buffer is not None:  # arXiv:2503.14476 eq. 13, before the group's normalisation
+        penalty = overlong_penalty(lengths, cfg.max_new_tokens, cfg.overlong_buffer, cfg.overlong_penalty)
+        scores = scores + penalty.to(scores.dtype)
     return scores
 
 
@@ -356,13 +472,23 @@ def _packed(r: Rollout, micro):
     return pack_rows(r.query_mask[micro], r.input_ids[micro], r.attention_mask[micro]) if r.packed else None
 
 
-def _share(r: Rollout, minibatch, micro, per: str):
-    """The weight of micro-batch rows ``micro`` within ``minibatch``: its share of the real
-    tokens (``per="token"``) or of the sequences, so the micro-batch losses sum to the
-    minibatch's loss whatever ``grad_accum`` is."""
+def loss_mask(cfg: RLConfig, r: Rollout):
+    """``(M, N)`` the tokens the actor's loss reads: the response mask, less the rows of responses
+    cut without EOS with ``--mask-truncated`` (DAPO's overlong filtering, arXiv:2503.14476 sec. 3.4).
+    The KL statistics keep reading ``r.response_mask``."""
+    if not cfg.mask_truncated:
+        return r.response_mask
+    return r.response_mask * r.ended.unsqueeze(1).to(r.response_mask.dtype)  # (M, N)
+
+
+def _share(mask, minibatch, micro, per: str):
+    """The weight of micro-batch rows ``micro`` within ``minibatch``, from ``mask (M, N)``: its share
+    of the real tokens (``per="token"``) or of the sequences with a real token, so the micro-batch
+    losses sum to the minibatch's loss whatever ``grad_accum`` is (0 for a micro-batch of empty rows)."""
     if per == "token":
-        return r.response_mask[micro].sum() / r.response_mask[minibatch].sum().clamp(min=1)
-    return torch.tensor(len(micro) / len(minibatch), device=r.response_mask.device)
+        return mask[micro].sum() / mask[minibatch].sum().clamp(min=1)
+    rows = mask.bool().any(dim=1)  # (M,) rows that count
+    return rows[micro].sum().float() / rows[minibatch].sum().clamp(min=1).float()
 
 
 def policy_objective(cfg: RLConfig, logits, batch: UpdateBatch, micro):
@@ -370,10 +496,16 @@ def policy_objective(cfg: RLConfig, logits, batch: UpdateBatch, micro):
     and its stats: the clipped surrogate aggregated by ``--loss-aggregation``, minus the entropy
     bonus, plus (``--kl-penalty loss``) ``batch.kl_coef`` times the k3 KL term. The one place
     the policy loss is put together, for the actor alone and for the actor with a value head."""
-    r, mask = batch.rollout, batch.rollout.response_mask[micro]  # (m, N)
+    r, mask = batch.rollout, loss_mask(cfg, batch.rollout)[micro]  # (m, N)
     logprobs = logprobs_from_logits(logits, r.response_ids[micro]).float()  # (m, N)
     pg_loss, pg_stats = policy_loss(
-        logprobs, r.old_logprobs[micro], batch.advantages[micro], mask, cfg.clip_eps, cfg.loss_aggregation
+        logprobs,
+        r.old_logprobs[micro],
+        batch.advantages[micro],
+        mask,
+        cfg.clip_eps,
+        cfg.loss_aggregation,
+        clip_eps_high=cfg.clip_eps_high,
     )
     if cfg.entropy_coef > 0:
         entropy = entropy_bonus(logits, mask)
@@ -399,7 +531,7 @@ def actor_micro_loss(cfg: RLConfig, actor, batch: UpdateBatch, minibatch, micro)
     """The actor's loss (:func:`policy_objective`) on rollout rows ``micro``, weighted by their
     share of the minibatch, and its stats."""
     r = batch.rollout
-    weight = _share(r, minibatch, micro, cfg.loss_aggregation)
+    weight = _share(loss_mask(cfg, r), minibatch, micro, cfg.loss_aggregation)
     logits, _ = response_logits(
         actor, r.input_ids[micro], r.attention_mask[micro], r.response_mask.shape[1], packed=_packed(r, micro)
     )
@@ -412,7 +544,7 @@ def critic_micro_loss(cfg: RLConfig, critic, batch: UpdateBatch, minibatch, micr
     """``vf_coef`` times the clipped value loss on rollout rows ``micro``, weighted by their share of the tokens."""
     r = batch.rollout
     mask = r.response_mask[micro]
-    weight = _share(r, minibatch, micro, "token")
+    weight = _share(r.response_mask, minibatch, micro, "token")
     values = critic(r.input_ids[micro], r.attention_mask[micro], mask.shape[1], packed=_packed(r, micro))  # (m, N)
     vf_loss, vf_stats = value_loss(values.float(), r.old_values[micro], batch.returns[micro], mask, cfg.vf_clip)
     stats = {"rl/value_loss": vf_loss, "rl/vf_clipfrac": vf_stats["vf_clipfrac"]}
@@ -430,7 +562,8 @@ def joint_micro_loss(cfg: RLConfig, actor_critic, batch: UpdateBatch, minibatch,
     )
     pg_part, stats = policy_objective(cfg, logits, batch, micro)
     vf_loss, vf_stats = value_loss(values.float(), r.old_values[micro], batch.returns[micro], mask, cfg.vf_clip)
-    pg_weight, vf_weight = _share(r, minibatch, micro, cfg.loss_aggregation), _share(r, minibatch, micro, "token")
+    pg_weight = _share(loss_mask(cfg, r), minibatch, micro, cfg.loss_aggregation)
+    vf_weight = _share(r.response_mask, minibatch, micro, "token")
     loss = pg_part * pg_weight + cfg.vf_coef * vf_loss * vf_weight
     out = {k: v.detach().float() * pg_weight.detach() for k, v in stats.items()}
     out.update(
@@ -640,37 +773,58 @@ def train_rl(cfg: RLConfig) -> dict[str, Any]:
             if run.sharded and frozen
             else ""
         )
-        + ("" if cfg.uses_reference else "; --kl-coef 0: no reference policy held or run, no KL logged")
+        + (
+            ""
+            if cfg.uses_reference
+            else f"; {'--kl-penalty none' if cfg.kl_penalty == 'none' else '--kl-coef 0'}: no reference policy "
+            "held or run, no KL logged"
+        )
     )
     cadence, row = Cadence(cfg.max_steps, cfg.log_every, cfg.save_every, stop_after=cfg.stop_after_steps), {}
 
-    while state.step < cadence.stop_at:
-        step, t_start = state.step, time.perf_counter()
-        # 1. rollout: batch_size prompts, each sampled k times ---------------------------
-        batch = [
-            prompts[i]
-            for i in prompt_indices(len(prompts), cfg.batch_size, step, cfg.seed, run.rank, run.world)
-            for _ in range(k)
-        ]
+    def rollout_of(indices: list[int]) -> Rollout:
+        """The prompts ``indices``, each sampled ``k`` times, and everything the update needs about them."""
         with run.accelerator.autocast():
-            r = make_rollout(
+            return make_rollout(
                 model,
                 ref_model,
                 reward,
                 tokenizer,
-                batch,
+                [prompts[i] for i in indices for _ in range(k)],
                 settings,
                 chat,
                 cfg.rollout_logprobs == "sampling",
                 packing,
                 reference=cfg.uses_reference,
             )
+
+    while state.step < cadence.stop_at:
+        step, t_start = state.step, time.perf_counter()
+        # 1. rollout: batch_size prompts, each sampled k times ---------------------------
+        r = rollout_of(prompt_indices(len(prompts), cfg.batch_size, step, cfg.seed, run.rank, run.world))
+        resampled = {}
+        if cfg.dynamic_sampling:  # extra prompts from their own (seed, step, round) stream: resume stays exact
+            r, resampled = refill_informative(
+                cfg,
+                r,
+                lambda round_, step=step: rollout_of(
+                    prompt_indices(
+                        len(prompts),
+                        cfg.batch_size,
+                        step * cfg.max_resample_batches + round_,
+                        cfg.seed + EXTRA_PROMPTS_SEED,
+                        run.rank,
+                        run.world,
+                    )
+                ),
+                partial(any_process, run),
+            )
         t_rollout = time.perf_counter() - t_start
         M, kl_coef = len(r), kl_ctl.kl_coef
 
         # 2-4. scores -> rewards -> advantages ------------------------------------------
         score_stats.update(run.accelerator.gather(r.scores))
-        scores = normalise_scores(cfg, r.scores, r.ended, score_stats)  # (M,)
+        scores = normalise_scores(cfg, r.scores, r.ended, score_stats, r.response_mask.sum(1))  # (M,)
         advantages, returns, rewards, kl = compute_advantages(cfg, r, scores, kl_coef, run.accelerator)  # (M, N) each
         kl_per_seq = masked_sum(kl, r.response_mask, dim=1)  # (M,) KL summed over each response
         kl_mean = run.accelerator.reduce(kl_per_seq.mean(), reduction="mean")
@@ -707,6 +861,7 @@ def train_rl(cfg: RLConfig) -> dict[str, Any]:
                 "time/optimise_s": t_optimise,
                 "time/update_s": dt,
                 "rl/episodes": state.episodes,
+                **resampled,  # per process
             }
         )
         run.progress.set_postfix(
