@@ -58,6 +58,7 @@ def _commands(f, out: str) -> dict[str, tuple[list[str], type, dict[str, str]]]:
     """command -> (valid argv writing to ``out``, its config class, {input-file option: its flag})."""
     from rlhfkit.annotate.cli import ExportArgs, ServeArgs
     from rlhfkit.dpo.train import DPOConfig
+    from rlhfkit.judge.commands import EvalConfig
     from rlhfkit.pipeline.run import PipelineConfig
     from rlhfkit.plan.commands import PlanConfig
     from rlhfkit.rl.commands import BonConfig, GenerateConfig, PPOEvalConfig
@@ -140,6 +141,11 @@ def _commands(f, out: str) -> dict[str, tuple[list[str], type, dict[str, str]]]:
         "ppo-eval": (
             ["ppo-eval", *sample, "--reference", f["lm"], "--reward", f["reward"], "--output", out],
             PPOEvalConfig,
+            {"prompts": "--prompts"},
+        ),
+        "eval": (
+            ["eval", *sample, "--baseline", f["lm"], "--judge", f["reward"], "--output", out],
+            EvalConfig,
             {"prompts": "--prompts"},
         ),
         "pipeline": (["pipeline", "--config", f["pipeline"], "--output", out], PipelineConfig, {}),

@@ -15,6 +15,7 @@ _API = (
     "train_dpo",
     "best_of_n",
     "evaluate_ppo",
+    "evaluate_policy",
     "run_pipeline",
 )
 __all__ = list(_API)

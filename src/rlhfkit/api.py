@@ -88,6 +88,13 @@ def evaluate_ppo(config: Any) -> dict[str, Any]:
     return run_ppo_eval(_config(PPOEvalConfig, config))
 
 
+def evaluate_policy(config: Any) -> dict[str, Any]:
+    """``rlhfkit eval``; returns the summary (``win_rate``, ``win_rate_ci``, ``lc_win_rate``, ...)."""
+    from rlhfkit.judge.commands import EvalConfig, run_eval
+
+    return run_eval(_config(EvalConfig, config))
+
+
 def run_pipeline(config: Any) -> dict[str, Any]:
     """``rlhfkit pipeline``; returns report paths, per-stage summaries and the summary paragraph."""
     from rlhfkit.pipeline.run import PipelineConfig

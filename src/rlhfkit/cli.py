@@ -38,6 +38,7 @@ supervised fine-tuning and online RL
   bon           best-of-n sampling (also writes rejection-sampling data)
   generate      plain sampling
   ppo-eval      score and KL of policy, reference and best-of-n on held-out prompts
+  eval          win rate of a policy against a baseline by a judge, with intervals, length-controlled
 
 preference optimisation without a reward model
   dpo           DPO, IPO or listwise DPO straight from rank lists, pairs or choices
@@ -177,6 +178,12 @@ def _ppo_eval(argv: Sequence[str]) -> None:
     commands.print_eval_table(commands.run_ppo_eval(cfg), cfg.json)
 
 
+def _eval(argv: Sequence[str]) -> None:
+    commands = importlib.import_module("rlhfkit.judge.commands")
+    cfg = parse_args(commands.EvalConfig, argv, prog="rlhfkit eval")
+    commands.print_summary(commands.run_eval(cfg), cfg.json)
+
+
 def _pipeline(argv: Sequence[str]) -> None:
     run = importlib.import_module("rlhfkit.pipeline.run")
     argv = list(argv)
@@ -227,7 +234,8 @@ def _plan(argv: Sequence[str]) -> None:
     commands.print_plan(commands.run_plan(cfg), cfg.json)
 
 
-THREADED = ("score", "bon", "generate", "ppo-eval", "annotate", "pipeline", "rm")  # commands that run models on the CPU
+# commands that run models on the CPU
+THREADED = ("score", "bon", "generate", "ppo-eval", "eval", "annotate", "pipeline", "rm")
 COMMANDS: dict[str, Callable[[Sequence[str]], None]] = {
     "rm": _rm,
     "score": _score,
@@ -238,6 +246,7 @@ COMMANDS: dict[str, Callable[[Sequence[str]], None]] = {
     "bon": _bon,
     "generate": _generate,
     "ppo-eval": _ppo_eval,
+    "eval": _eval,
     "pipeline": _pipeline,
     "annotate": _annotate,
     "models": _models,

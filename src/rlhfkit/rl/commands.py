@@ -33,9 +33,9 @@ from rlhfkit.files import check_output_dir, check_output_file
 from rlhfkit.models.cpu_linear import apply_cpu_matmul
 from rlhfkit.models.logprobs import policy_logprobs
 from rlhfkit.models.policy import inference_dtype, load_policy
+from rlhfkit.models.policy_info import read_policy_info
 from rlhfkit.models.tokenizers import use_chat_template
 from rlhfkit.ops import masked_sum
-from rlhfkit.rl.info import read_policy_info
 from rlhfkit.rl.reward_sources import RewardOptions, RewardSourceOptions, load_reward_source
 from rlhfkit.sampling import (
     SamplingOptions,

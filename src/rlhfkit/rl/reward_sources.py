@@ -24,11 +24,8 @@ tokenizer (or text format) re-encodes the pair in its own way, exactly as in its
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import math
 import re
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +37,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 
 from rlhfkit.config import ConfigError, Options, opt
 from rlhfkit.errors import UserError
+from rlhfkit.evaluation.functions import load_function
 from rlhfkit.models.cpu_linear import apply_cpu_matmul
 from rlhfkit.models.hub import ALIASES, resolve_model, resolve_run_folder
 from rlhfkit.models.reward import META_FILE, RewardModel
@@ -250,31 +248,8 @@ class FunctionSource:
     """
 
     def __init__(self, spec: str, options: RewardOptions | None = None):
-        module_name, _, fn_name = spec.rpartition(":")
-        if not module_name or not fn_name.isidentifier():
-            raise ConfigError(f"--reward {spec!r}: expected 'module:function' or 'path/to/file.py:function'")
         self.spec = spec
-        if module_name.endswith(".py"):
-            path = Path(module_name).expanduser()
-            if not path.is_file():
-                raise ConfigError(f"--reward {spec!r}: the file {path} does not exist")
-            mod_id = f"rlhfkit_reward_{abs(hash(str(path.resolve())))}"
-            loader_spec = importlib.util.spec_from_file_location(mod_id, path)
-            module = importlib.util.module_from_spec(loader_spec)  # type: ignore[arg-type]
-            sys.modules[mod_id] = module
-            loader_spec.loader.exec_module(module)  # type: ignore[union-attr]
-        else:
-            try:
-                module = importlib.import_module(module_name)
-            except ModuleNotFoundError as e:
-                raise ConfigError(
-                    f"--reward {spec!r}: cannot import module {module_name!r} ({e}); put it on PYTHONPATH "
-                    "or give a file path like path/to/rewards.py:function"
-                ) from None
-        fn = getattr(module, fn_name, None)
-        if not callable(fn):
-            raise ConfigError(f"--reward {spec!r}: module {module_name!r} has no function {fn_name!r}")
-        self.fn: Callable[[list[str], list[str]], Any] = fn
+        self.fn: Callable[[list[str], list[str]], Any] = load_function(spec, "--reward")
 
     def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> Tensor:
         return _check_scores(self.fn(list(prompts), list(responses)), len(responses), f"reward function {self.spec}")

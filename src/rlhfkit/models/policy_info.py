@@ -1,8 +1,9 @@
 """The file beside a policy that ``rlhfkit rl`` exports: how it was trained.
 
-Written by :func:`rlhfkit.rl.trainer.export_policy` and read by ``ppo-eval``
-(:mod:`rlhfkit.rl.commands`), which takes the reference and the sampling settings from it.
-It lives apart from the trainer so that reading it does not import the training loop.
+Written by :func:`rlhfkit.rl.trainer.export_policy`; read by ``ppo-eval``
+(:mod:`rlhfkit.rl.commands`), which takes the reference and the sampling settings from it, and
+by ``rlhfkit eval`` (:mod:`rlhfkit.judge`), whose ``--baseline`` defaults to the reference. It
+sits on the models floor so that both features read it without importing each other.
 """
 
 from __future__ import annotations
