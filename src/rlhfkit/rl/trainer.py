@@ -61,6 +61,8 @@ from rlhfkit.models.logprobs import response_logits
 from rlhfkit.models.lora import with_lora
 from rlhfkit.models.packing import packing_unsupported, use_packed_attention
 from rlhfkit.models.policy import load_policy
+from rlhfkit.models.policy_info import POLICY_INFO
+from rlhfkit.models.snapshots import SNAPSHOTS, remove_stale_snapshots, save_adapter, snapshot_name
 from rlhfkit.models.tokenizers import use_chat_template
 from rlhfkit.ops import logprobs_from_logits, masked_sum, tempered
 from rlhfkit.rl.advantages import (
@@ -72,7 +74,6 @@ from rlhfkit.rl.advantages import (
     rloo_advantages,
 )
 from rlhfkit.rl.critic import ActorCritic, load_critic
-from rlhfkit.rl.info import POLICY_INFO
 from rlhfkit.rl.kl import AdaptiveKLController, FixedKLController, kl_estimate
 from rlhfkit.rl.losses import (
     entropy_bonus,
@@ -228,6 +229,12 @@ class RLConfig(SamplingOptions, RewardSourceOptions, RunOptions, OptimOptions, L
         "for small models)",
     )
     save_every: int = opt(25, "write a resumable checkpoint every N updates (and at the end)", ge=1)
+    save_policy_every: int | None = opt(
+        None,
+        "write the policy to OUTPUT/snapshots/update-N/ after every N updates (with --lora only the adapter), "
+        "for a curve over the run; the last update is final/ (default: none)",
+        ge=1,
+    )
     log_every: int = opt(1, "log metrics every N updates", ge=1)
     sample_every: int = opt(10, "print a few generations with their scores every N updates (0 = never)", ge=0)
     n_samples: int = opt(3, "generations printed each time", ge=0)
@@ -288,6 +295,14 @@ class RLConfig(SamplingOptions, RewardSourceOptions, RunOptions, OptimOptions, L
             f"--dynamic-sampling drops the prompts whose K samples all scored the same, which only rloo and grpo "
             f"compare; --algo {self.algo} learns from every response: remove --dynamic-sampling or use --algo grpo",
         )
+        if self.save_policy_every is not None and self.save_policy_every >= self.max_steps:
+            logger.warning(
+                "--save-policy-every %d writes no snapshot: the run has %d updates and the last is final/; "
+                "e.g. --save-policy-every %d",
+                self.save_policy_every,
+                self.max_steps,
+                max(1, self.max_steps // 4),
+            )
         if self.max_resample_batches is not None and not self.dynamic_sampling:
             logger.warning("--max-resample-batches %d is ignored without --dynamic-sampling", self.max_resample_batches)
         elif self.max_resample_batches is None:
@@ -434,10 +449,24 @@ def normalise_scores(cfg: RLConfig, scores, ended, stats: RunningMoments, length
     return scores
 
 
-def export_policy(run: Run, first: NetworkStep, model: ActorCritic, tokenizer, cfg: RLConfig, chat: bool) -> Path:
-    """The actor as a plain HF checkpoint (LoRA merged) at ``OUTPUT/final``, with how it was trained
-    beside it. Collective when sharded: the actor's weights are gathered first (from the
-    ActorCritic when a value head shares its optimizer step)."""
+def export_policy(
+    run: Run,
+    first: NetworkStep,
+    model: ActorCritic,
+    tokenizer,
+    cfg: RLConfig,
+    chat: bool,
+    point: dict[str, Any],
+    target: Path | None = None,
+    adapter_only: bool = False,
+) -> Path:
+    """The actor as a plain HF checkpoint (LoRA merged) at ``target`` (default ``OUTPUT/final``),
+    with how it was trained beside it (:data:`POLICY_INFO`) and ``point``, where in the run it
+    stands (``update`` and that update's KL and score). ``adapter_only``: a LoRA actor's adapter
+    alone (:func:`~rlhfkit.models.snapshots.save_adapter`). Collective when sharded: the actor's
+    weights are gathered first on every process (from the ActorCritic when a value head shares
+    its optimizer step); only the main process writes."""
+    target = run.out / EXPORT if target is None else target
     state_dict = run.full_state_dict(first.net)
     if state_dict is not None and model.value_head is not None:  # keys of the ActorCritic: keep the actor's
         state_dict = {k.removeprefix("actor."): v for k, v in state_dict.items() if k.startswith("actor.")}
@@ -447,12 +476,43 @@ def export_policy(run: Run, first: NetworkStep, model: ActorCritic, tokenizer, c
         "chat_template": chat,
         "max_new_tokens": cfg.max_new_tokens,
         "reward": cfg.reward,
+        **point,
     }
     if not run.main:
-        return run.out / EXPORT
-    return export_pretrained(
-        model.actor, tokenizer, run.out / EXPORT, {POLICY_INFO: json.dumps(info, indent=2)}, state_dict
-    )
+        return target
+    files = {POLICY_INFO: json.dumps(info, indent=2)}
+    if adapter_only:
+        return save_adapter(model.actor, target, files, state_dict)
+    return export_pretrained(model.actor, tokenizer, target, files, state_dict)
+
+
+def run_point(step: int, row: dict[str, float]) -> dict[str, Any]:
+    """Where a policy stands in its run, for its info file: the update, and that update's KL and score."""
+    point: dict[str, Any] = {"update": step}
+    for key in ("rl/kl", "rl/kl_k3", "rl/score_mean"):
+        if key in row:
+            point[key] = row[key]
+    return point
+
+
+def save_snapshot(
+    run: Run, steps: list[NetworkStep], model: ActorCritic, tokenizer, cfg: RLConfig, chat: bool, step: int, row
+) -> None:
+    """``--save-policy-every``: after update ``step`` (a multiple of it, not the last: that is
+    ``final/``), the policy at ``OUTPUT/snapshots/update-N`` (with ``--lora`` the adapter alone),
+    written atomically by the final export's code. Collective when sharded (every process calls
+    it). A snapshot already there is left as is: a resumed run redoes the updates after its
+    checkpoint, and the run killed after writing this one wrote the same weights. Snapshots are
+    not in the checkpoint."""
+    if not cfg.save_policy_every or step % cfg.save_policy_every or step >= cfg.max_steps:
+        return
+    target = run.out / SNAPSHOTS / snapshot_name(step, cfg.max_steps)
+    if any_process(run, run.main and target.is_dir()):  # the main process's folder decides for all
+        return
+    if run.main:
+        for path in remove_stale_snapshots(run.out):
+            logger.warning("removed %s, left half-written by a run that was killed", path)
+    export_policy(run, steps[0], model, tokenizer, cfg, chat, run_point(step, row), target, adapter_only=cfg.lora)
 
 
 @dataclass
@@ -871,13 +931,15 @@ def train_rl(cfg: RLConfig) -> dict[str, Any]:
         )
         if cfg.sample_every and cfg.n_samples and state.step % cfg.sample_every == 0:
             run.write(samples_text(state.step, r, cfg.n_samples))
+        # before the checkpoint: a run stopped here resumes after this update and would not write it
+        save_snapshot(run, steps, model, tokenizer, cfg, chat, state.step, row)
         cadence.after_step(run, state, log=partial(run.log.log, state.step, row))
 
     run.save(state)
     finished = run.close(state, cfg.max_steps)
     result = dict(row)
     if finished:
-        result["final"] = str(export_policy(run, steps[0], model, tokenizer, cfg, chat))
+        result["final"] = str(export_policy(run, steps[0], model, tokenizer, cfg, chat, run_point(state.step, row)))
     if run.main:
         plot_curves(
             read_metrics(run.out / "metrics.jsonl"),
