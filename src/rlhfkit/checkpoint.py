@@ -30,6 +30,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from rlhfkit.defaults import SNAPSHOTS
 from rlhfkit.errors import RunStopped, UserError
 
 STATE_FILE = "trainer_state.json"
@@ -367,16 +368,18 @@ def load_checkpoint(accelerator, path: Path) -> tuple[dict[str, Any], list[str]]
     return state, warnings
 
 
-TEMP_EXPORT = re.compile(r"^\.(final|best|last|policy|checkpoint)\.tmp-[A-Za-z0-9_]+$")
+TEMP_EXPORT = re.compile(r"^\.(final|best|last|policy|checkpoint|update-\d+)\.tmp-[A-Za-z0-9_]+$")
 
 
 def remove_stale_temp(out_dir: str | Path) -> list[Path]:
     """Remove what a killed run left half-written in its folder: the temporary export folders
-    of :func:`export_pretrained` (``.final.tmp-XXXX``, model-sized) and a half-written
-    reference cache. Only rlhfkit's own temporary names; call it only while this run owns the folder."""
+    of :func:`export_pretrained` (``.final.tmp-XXXX``, model-sized; ``snapshots/.update-N.tmp-XXXX``)
+    and a half-written reference cache. Only rlhfkit's own temporary names; call it only while
+    this run owns the folder."""
     out = Path(out_dir)
     removed = []
-    for path in sorted(out.iterdir()) if out.is_dir() else []:
+    folders = [f for f in (out, out / SNAPSHOTS) if f.is_dir()]
+    for path in [p for f in folders for p in sorted(f.iterdir())]:
         if path.is_dir() and TEMP_EXPORT.match(path.name):
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)

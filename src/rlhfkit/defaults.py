@@ -10,6 +10,7 @@ from __future__ import annotations
 RL_ALGORITHMS = ("ppo", "rloo", "grpo", "reinforce++")  # rlhfkit rl --algo; plan --algo; pipeline algorithm:
 
 EXPORT = "final"  # every trainer's model at the end of its run: OUTPUT/final/ (rm train also keeps OUTPUT/best/)
+SNAPSHOTS = "snapshots"  # rl --save-policy-every: OUTPUT/snapshots/update-N/
 
 # per trainer: sft, rm (rm train), dpo, rl (every --algo)
 BATCH_SIZE = {"sft": 8, "rm": 2, "dpo": 4, "rl": 16}  # sft rows, rm/dpo lists, rl prompts per rollout; per process

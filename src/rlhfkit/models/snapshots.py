@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhfkit.checkpoint import replace_dir
+from rlhfkit.defaults import SNAPSHOTS
 from rlhfkit.models.policy_info import POLICY_INFO as INFO
 
 __all__ = [
@@ -40,13 +41,10 @@ __all__ = [
     "load_snapshot",
     "save_adapter",
     "snapshot_name",
-    "remove_stale_snapshots",
 ]
 
-SNAPSHOTS = "snapshots"  # the folder of a run that holds them
 ADAPTER_CONFIG = "adapter_config.json"
 _NAME = re.compile(r"^update-(\d+)$")
-_TEMP = re.compile(r"^\.update-\d+\.tmp-[A-Za-z0-9_]+$")
 
 
 @dataclass(frozen=True)
@@ -133,15 +131,3 @@ def save_adapter(model: Any, target: str | Path, files: dict[str, str], state_di
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
-
-
-def remove_stale_snapshots(run_folder: str | Path) -> list[Path]:
-    """Remove the temporary snapshot folders a killed run left half-written (``.update-N.tmp-*``);
-    call it only while this run owns the folder."""
-    folder = Path(run_folder) / SNAPSHOTS
-    removed = []
-    for path in sorted(folder.iterdir()) if folder.is_dir() else []:
-        if path.is_dir() and _TEMP.match(path.name):
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
-    return removed

@@ -54,7 +54,15 @@ import torch
 from rlhfkit.checkpoint import export_pretrained
 from rlhfkit.config import ConfigError, opt, require
 from rlhfkit.data.prompts import read_prompts
-from rlhfkit.defaults import BATCH_SIZE, EXPORT, MINI_BATCH_SIZE, RL_ALGORITHMS, RL_LORA_DROPOUT, samples_per_prompt
+from rlhfkit.defaults import (
+    BATCH_SIZE,
+    EXPORT,
+    MINI_BATCH_SIZE,
+    RL_ALGORITHMS,
+    RL_LORA_DROPOUT,
+    SNAPSHOTS,
+    samples_per_prompt,
+)
 from rlhfkit.errors import RunStopped
 from rlhfkit.models.cpu_linear import apply_cpu_matmul
 from rlhfkit.models.logprobs import response_logits
@@ -62,7 +70,7 @@ from rlhfkit.models.lora import with_lora
 from rlhfkit.models.packing import packing_unsupported, use_packed_attention
 from rlhfkit.models.policy import load_policy
 from rlhfkit.models.policy_info import POLICY_INFO
-from rlhfkit.models.snapshots import SNAPSHOTS, remove_stale_snapshots, save_adapter, snapshot_name
+from rlhfkit.models.snapshots import save_adapter, snapshot_name
 from rlhfkit.models.tokenizers import use_chat_template
 from rlhfkit.ops import logprobs_from_logits, masked_sum, tempered
 from rlhfkit.rl.advantages import (
@@ -509,9 +517,6 @@ def save_snapshot(
     target = run.out / SNAPSHOTS / snapshot_name(step, cfg.max_steps)
     if any_process(run, run.main and target.is_dir()):  # the main process's folder decides for all
         return
-    if run.main:
-        for path in remove_stale_snapshots(run.out):
-            logger.warning("removed %s, left half-written by a run that was killed", path)
     export_policy(run, steps[0], model, tokenizer, cfg, chat, run_point(step, row), target, adapter_only=cfg.lora)
 
 
