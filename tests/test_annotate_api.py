@@ -120,6 +120,8 @@ ENDPOINTS = [
     ("POST", "/api/rankings/1/restore", None),
     ("GET", "/api/stats", None),
     ("GET", "/api/export", None),
+    ("POST", "/api/sets", {"prompt": "p", "responses": ["a", "b"]}),
+    ("GET", "/api/rounds/1", None),
 ]
 
 
@@ -556,6 +558,13 @@ INT_INPUTS = {
     ("DELETE", "/api/rankings/{ranking_id}", "ranking_id"): lambda v: {"url": f"/api/rankings/{v}"},
     ("POST", "/api/rankings/{ranking_id}/restore", "ranking_id"): lambda v: {"url": f"/api/rankings/{v}/restore"},
     ("GET", "/api/export", "prompt_id"): lambda v: {"url": "/api/export", "params": {"prompt_id": v}},
+    ("GET", "/api/rankings", "round"): lambda v: {"url": "/api/rankings", "params": {"round": v}},
+    ("GET", "/api/export", "round"): lambda v: {"url": "/api/export", "params": {"round": v}},
+    ("GET", "/api/rounds/{round}", "round"): lambda v: {"url": f"/api/rounds/{v}"},
+    ("POST", "/api/sets", "round"): lambda v: {
+        "url": "/api/sets",
+        "json": {"prompt": "p", "responses": ["a", "b"], "round": v},
+    },
 }
 
 

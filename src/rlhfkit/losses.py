@@ -37,6 +37,7 @@ __all__ = [
     "pairwise_accuracy",
     "list_exact_match",
     "kendall_tau",
+    "weighted_list_sum",
 ]
 
 REDUCTIONS = ("mean", "none")
@@ -52,6 +53,24 @@ def _reduce(per_item: Tensor, include: Tensor, reduction: str, fn: str) -> Tenso
     if reduction == "mean":
         return masked_mean(per_item, include)  # per-list mean: each list weighs the same
     raise ValueError(f"{fn}: reduction={reduction!r} is not supported; use one of {', '.join(REDUCTIONS)}.")
+
+
+def weighted_list_sum(per_list: Tensor, weights: Tensor, scale: float) -> Tensor:
+    """One micro-batch's share of a step's weighted mean of per-list losses.
+
+    per_list (B,): the micro-batch's per-list losses (``reduction="none"``). weights (B,): each
+    list's ``PreferenceExample.weight``. ``scale`` is ``world_size / W``, with ``W`` the sum of the
+    weights of every list of the optimizer step (all micro-batches, all processes). Summing the
+    returned values over the micro-batches, and averaging over processes as DDP does, gives the
+    step loss ``sum_i w_i l_i / sum_i w_i`` whatever the split: the weighted mean that
+    ``torch.nn.functional.cross_entropy(weight=...)`` takes with ``reduction="mean"``. A list of
+    weight 2 counts exactly as that list twice in the step; scaling every weight by ``c``
+    changes nothing. With every weight 1 it is bit for bit ``per_list.sum() * world_size / B``
+    (``x * 1.0 == x``). The plain loop::
+
+        sum(w * loss for w, loss in zip(weights, per_list)) * scale
+    """
+    return (per_list * weights.to(per_list.dtype)).sum() * scale  # (B,) -> ()
 
 
 def _check_lists(fn: str, scores: Tensor, list_mask: Tensor, ranks: Tensor | None = None) -> Tensor:

@@ -15,6 +15,18 @@ Kendall's tau-b against the consensus ranking of the *other* annotators of that 
 (leave-one-out, so nobody is compared with themself; with exactly two annotators it is their
 pairwise tau). The consensus is the Borda (mean-rank) ranking of
 :func:`~rlhfkit.annotate.consensus.consensus_ranks`.
+
+Agreement weights (:func:`annotator_weights`): how much each annotator's rankings count in
+training (``rlhfkit annotate export --aggregate weighted``). An annotator's weight is their
+mean leave-one-out tau against the others' consensus, floored (``max(tau, floor)``): an
+annotator who agrees with the others counts fully, one no better than chance or reversed
+counts ``floor``. The others' consensus is itself weighted by the current weights, and the
+two are iterated to a fixed point, so a reversed annotator stops dragging down the agreement
+of the careful annotators who share sets with them. This estimates each annotator's
+reliability jointly with the consensus, as Dawid & Skene (1979, "Maximum likelihood
+estimation of observer error-rates using the EM algorithm") do with a full confusion model
+and EM; here the model is one number per annotator, their Kendall tau, and the update a
+fixed-point iteration rather than EM.
 """
 
 from __future__ import annotations
@@ -67,6 +79,64 @@ def _by_set(rankings: Iterable[tuple[int, str, Sequence[int]]]) -> dict[int, dic
     return by_set
 
 
+def _leave_one_out_taus(
+    by_set: dict[int, dict[str, Sequence[int]]], weights: dict[str, float] | None = None
+) -> tuple[dict[str, int], dict[str, list[float]]]:
+    """Per annotator: the number of shared sets they ranked, and their defined leave-one-out taus.
+
+    On every set ranked by two or more annotators, each annotator's tau-b against the (weighted,
+    when ``weights`` is given) Borda consensus of the others of that set.
+    """
+    sets: dict[str, int] = defaultdict(int)
+    taus: dict[str, list[float]] = defaultdict(list)
+    for ranked in by_set.values():
+        if len(ranked) < 2:
+            continue
+        for annotator, ranks in ranked.items():
+            names = [name for name in ranked if name != annotator]
+            others = [ranked[name] for name in names]
+            sets[annotator] += 1
+            # tau-b (Kendall 1945) of kendall_tau above, against the Borda consensus (Borda 1781)
+            consensus = consensus_ranks(others, None if weights is None else [weights[n] for n in names])
+            tau = kendall_tau(ranks, consensus)
+            if tau is not None:
+                taus[annotator].append(tau)
+    return sets, taus
+
+
+def annotator_weights(
+    rankings: Iterable[tuple[int, str, Sequence[int]]], floor: float = 0.1, max_rounds: int = 50
+) -> dict[str, float]:
+    """Each annotator's training weight from their agreement with the others, in ``[floor, 1]``.
+
+    ``rankings`` are ``(set_id, annotator, ranks)``. Start with every weight 1; each round, an
+    annotator's weight is ``max(mean tau, floor)``, the mean over the shared sets they ranked
+    of their Kendall tau-b against the Borda consensus of the other annotators of the set,
+    weighted by the previous round's weights. Rounds repeat until no weight moves by more than
+    1e-9, or ``max_rounds`` (``max_rounds=1`` is the plain, unweighted leave-one-out agreement
+    of :func:`consensus_agreement`). An annotator with no shared set, or whose taus are all
+    undefined (someone tied every response), keeps weight 1: no evidence against them.
+
+    Returns ``{annotator: weight}`` for every annotator in ``rankings``. ``ValueError`` when
+    ``floor`` is not in ``(0, 1]`` or ``max_rounds < 1``.
+    """
+    if not 0.0 < floor <= 1.0:
+        raise ValueError(f"floor={floor!r} must be in (0, 1]: the weight of an annotator who agrees with nobody")
+    if max_rounds < 1:
+        raise ValueError(f"max_rounds={max_rounds!r} must be >= 1")
+    by_set = _by_set(rankings)
+    weights = {name: 1.0 for ranked in by_set.values() for name in ranked}
+    for _ in range(max_rounds):
+        _, taus = _leave_one_out_taus(by_set, weights)
+        # the weight of one annotator: tau in [-1, 1] -> [floor, 1]; no defined tau -> 1
+        new = {name: max(_mean(taus[name]), floor) if taus.get(name) else 1.0 for name in weights}
+        moved = max(abs(new[name] - weights[name]) for name in weights)
+        weights = new
+        if moved <= 1e-9:
+            break
+    return dict(sorted(weights.items()))
+
+
 def consensus_agreement(rankings: Iterable[tuple[int, str, Sequence[int]]]) -> dict:
     """Each annotator's Kendall tau-b against the consensus of the other annotators.
 
@@ -78,18 +148,7 @@ def consensus_agreement(rankings: Iterable[tuple[int, str, Sequence[int]]]) -> d
     every (annotator, set). A tau that is undefined (the annotator, or the others'
     consensus, ties every response) is left out of both means; a mean over nothing is None.
     """
-    sets: dict[str, int] = defaultdict(int)
-    taus: dict[str, list[float]] = defaultdict(list)
-    for ranked in _by_set(rankings).values():
-        if len(ranked) < 2:
-            continue
-        for annotator, ranks in ranked.items():
-            others = [r for name, r in ranked.items() if name != annotator]
-            sets[annotator] += 1
-            # tau-b (Kendall 1945) of kendall_tau above, against the Borda consensus (Borda 1781)
-            tau = kendall_tau(ranks, consensus_ranks(others))
-            if tau is not None:
-                taus[annotator].append(tau)
+    sets, taus = _leave_one_out_taus(_by_set(rankings))
     return {
         "annotators": [
             {"annotator": name, "consensus_sets": sets[name], "consensus_tau": _mean(taus[name])}

@@ -18,11 +18,15 @@ Endpoints:
 - ``POST /api/prompts {"text"}``: add a typed prompt; then ``/api/next?prompt_id=``.
 - ``POST /api/rankings {"set_id", "ranking": [[best], [next, tied], ...], "comment"}``.
 - ``POST /api/skips {"set_id"}``.
-- ``GET /api/rankings?page=&per_page=&annotator=&prompt=&prompt_id=&deleted=``.
+- ``GET /api/rankings?page=&per_page=&annotator=&prompt=&prompt_id=&deleted=&round=``.
 - ``GET|PATCH|DELETE /api/rankings/{id}``, ``POST /api/rankings/{id}/restore``.
 - ``GET /api/stats``: counts, inter-annotator agreement and agreement with the consensus
   (per annotator and pair: admins only).
 - ``GET /api/export?format=tsv|jsonl`` (same filters as the list).
+- ``POST /api/sets {"prompt", "responses", "round", "key", "priority", "model"}`` (admins): push
+  a generation set to rank (``rlhfkit pipeline`` with ``rounds:``); the same ``key`` again is a
+  no-op (200, ``created: false``). Pushed sets are served newest round first.
+- ``GET /api/rounds/{round}`` (admins): how many of the round's sets are ranked, by whom.
 """
 
 from __future__ import annotations
@@ -55,6 +59,9 @@ from rlhfkit.annotate.store import (
 
 MAX_COMMENT_CHARS = 5000
 MAX_PROMPT_CHARS = 4000
+MAX_RESPONSE_CHARS = 16000
+MAX_PUSHED_K = 16  # responses in a pushed set at most
+MAX_KEY_CHARS = 200
 MAX_PER_PAGE = 100
 SQLITE_INT_MAX = 2**63 - 1  # SQLite integers are signed 64-bit; a larger Python int overflows in the driver
 STATIC_DIR = Path(str(resources.files("rlhfkit.annotate") / "static"))
@@ -175,6 +182,20 @@ class SkipIn(_Body):
     set_id: StrictRowId
 
 
+class SetIn(_Body):
+    """A generation set pushed by ``POST /api/sets``; its K may differ from the server's."""
+
+    prompt: Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
+    responses: Annotated[
+        list[Annotated[str, Strict(), Field(min_length=1, max_length=MAX_RESPONSE_CHARS)]],
+        Field(min_length=2, max_length=MAX_PUSHED_K),
+    ]
+    round: StrictRowId | None = None
+    key: Annotated[str, Field(min_length=1, max_length=MAX_KEY_CHARS)] | None = None
+    priority: Annotated[float, Strict(), Field(allow_inf_nan=False)] = 0.0
+    model: Annotated[str, Field(min_length=1, max_length=200)] = "pipeline"
+
+
 # ---------------------------------------------------------------- helpers
 
 
@@ -221,6 +242,7 @@ def _task(s: GenerationSet, allow_ties: bool) -> dict:
         "k": s.k,
         "allow_ties": allow_ties,
         "model": s.model,
+        "round": s.round,
     }
 
 
@@ -239,6 +261,7 @@ def _ranking_json(r: Ranking, user: User) -> dict:
         "updated_at": r.updated_at,
         "deleted": r.deleted_at is not None,
         "can_edit": user.is_admin or r.user_id == user.id,
+        "round": r.round,
     }
 
 
@@ -281,6 +304,7 @@ def create_app(
     candidates: int | None = None,
     max_body_bytes: int = 64 * 1024,
     max_wait_s: float = 10.0,
+    pushed_only: bool = False,
 ) -> FastAPI:
     """The annotation app over ``store``; generation runs on one background thread.
 
@@ -289,6 +313,9 @@ def create_app(
     go to one annotator). ``prefetch``: untouched pool sets kept ready ahead. ``selector``:
     sample ``candidates`` responses per prompt and keep the K it picks, the set's priority its
     uncertainty (``annotate --selection uncertainty``); None keeps the first K sampled.
+    ``pushed_only``: serve only the sets pushed to ``POST /api/sets`` and generate nothing
+    (``generator`` is never called, ``/api/next`` answers ``empty`` while no set waits, typed
+    prompts are refused).
     """
     if k < 2:
         raise ValueError(f"k={k}: a rank list needs at least 2 responses")
@@ -296,7 +323,13 @@ def create_app(
         raise ValueError(
             f"overlap={overlap} must be >= 1, overlap_share={overlap_share} in [0, 1] and prefetch={prefetch} >= 0"
         )
+    if pushed_only:
+        prefetch = 0
     pregen = Pregenerator(store, generator, k, prefetch=prefetch, selector=selector, candidates=candidates)
+    no_generator = (
+        "this server generates no responses: it serves the generation sets the pipeline pushes; "
+        "use Next to rank the next pushed set"
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -354,6 +387,10 @@ def create_app(
             )
         return ranking
 
+    def require_admin(user: User, what: str) -> None:
+        if not user.is_admin:
+            raise ApiError(403, "forbidden", f"only an admin can {what}; you are {user.name!r}, an annotator")
+
     def get_set(set_id: int) -> GenerationSet:
         s = store.get_set(set_id)
         if s is None:
@@ -404,6 +441,10 @@ def create_app(
             s = store.set_for_user(user.id, overlap=overlap, overlap_share=overlap_share)
             if s is not None:
                 return JSONResponse(_task(s, allow_ties))
+            if pushed_only:  # nothing to generate: wait for the next push
+                return JSONResponse(
+                    {"status": "empty", "message": "no generation set is waiting for you; ask again shortly"}
+                )
             fresh = store.pool_prompts_without_sets(1)
             if not fresh:
                 return JSONResponse(
@@ -424,6 +465,10 @@ def create_app(
             if prompt is None:
                 raise ApiError(404, "unknown_prompt", f"prompt {prompt_id} does not exist")
         s = store.set_for_user(user.id, prompt_id=prompt.id)
+        if s is None and pushed_only:
+            raise ApiError(
+                409, "no_generator", f"prompt {prompt.id} has no generation set waiting for you; {no_generator}"
+            )
         if s is None:
             pregen.request(prompt.id)
             pregen.wait(prompt.id, min(wait, max_wait_s))
@@ -450,6 +495,8 @@ def create_app(
 
     @app.post("/api/prompts", status_code=201)
     def add_prompt(body: PromptIn, user: Auth) -> Response:
+        if pushed_only:
+            raise ApiError(409, "no_generator", f"typed prompts cannot be ranked here; {no_generator}")
         if not body.text.strip():
             raise ApiError(422, "invalid_prompt", "the prompt is empty; type some text")
         prompt, created = store.add_typed_prompt(body.text, user.id)
@@ -474,6 +521,41 @@ def create_app(
         store.skip(s.id, user.id)
         return {"set_id": s.id, "skipped": True}
 
+    @app.post("/api/sets", status_code=201)
+    def push_set(body: SetIn, user: Auth) -> Response:
+        """Admins: add a generation set to the queue (``rlhfkit pipeline`` pushes each round's sets)."""
+        require_admin(user, "push generation sets")
+        if not body.prompt.strip():
+            raise ApiError(422, "invalid_set", "'prompt' is blank; push the prompt the responses answer")
+        blank = [i for i, text in enumerate(body.responses) if not text.strip()]
+        if blank:
+            raise ApiError(422, "invalid_set", f"'responses' {blank} are blank; a set holds K non-blank responses")
+        if len(set(body.responses)) < len(body.responses):
+            raise ApiError(
+                422, "invalid_set", "'responses' holds the same text twice; a set holds K distinct responses"
+            )
+        try:
+            set_id, created = store.put_round_set(
+                body.prompt,
+                body.responses,
+                round=body.round,
+                key=body.key,
+                priority=body.priority,
+                model=body.model,
+            )
+        except Conflict as e:
+            raise ApiError(409, "key_conflict", str(e)) from None
+        return JSONResponse(
+            {"set_id": set_id, "created": created, "round": body.round, "key": body.key},
+            status_code=201 if created else 200,
+        )
+
+    @app.get("/api/rounds/{round}")
+    def round_progress(round: RowId, user: Auth) -> dict:
+        """Admins: the round's sets, their live rankings, and each annotator's count."""
+        require_admin(user, "see a round's progress")
+        return store.round_progress(round)
+
     def _filters(user: User, annotator: str | None, prompt_id: int | None) -> dict:
         if prompt_id is not None and store.get_prompt(prompt_id) is None:
             raise ApiError(404, "unknown_prompt", f"prompt {prompt_id} does not exist")
@@ -495,6 +577,7 @@ def create_app(
         prompt: Annotated[str | None, Query(max_length=MAX_PROMPT_CHARS)] = None,
         prompt_id: RowId | None = None,
         deleted: bool = False,
+        round: RowId | None = None,
     ) -> dict:
         filters = _filters(user, annotator, prompt_id)
         rows, total = store.list_rankings(
@@ -502,6 +585,7 @@ def create_app(
             prompt_id=prompt_id,
             prompt_contains=prompt,
             deleted=deleted,
+            round=round,
             limit=per_page,
             offset=(page - 1) * per_page,
         )
@@ -575,12 +659,15 @@ def create_app(
         annotator: str | None = None,
         prompt: Annotated[str | None, Query(max_length=MAX_PROMPT_CHARS)] = None,
         prompt_id: RowId | None = None,
+        round: RowId | None = None,
     ) -> Response:
         filters = _filters(user, annotator, prompt_id)
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / f"annotations.{format}"
             try:
-                export_rankings(store, path, format, **filters, prompt_id=prompt_id, prompt_contains=prompt)
+                export_rankings(
+                    store, path, format, **filters, prompt_id=prompt_id, prompt_contains=prompt, round=round
+                )
             except NotFound as e:
                 raise ApiError(404, "nothing_to_export", str(e)) from None
             except ValueError as e:  # the writer refuses what the format cannot hold

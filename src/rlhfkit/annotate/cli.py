@@ -2,7 +2,7 @@
 
     rlhfkit annotate [--policy P] [--prompts F] [--db annotations.db] [--samples-per-prompt 4] [--port 8904] ...
     rlhfkit annotate add-user NAME [--admin] --db annotations.db   # prints the token once
-    rlhfkit annotate export --db annotations.db --format tsv|jsonl|pairs|hf [--aggregate every|consensus] --output F
+    rlhfkit annotate export --db annotations.db --format tsv|jsonl|pairs|hf [--aggregate every|consensus|weighted] --output F
 
 Options, files (``--db``, ``--prompts``, ``--output``) and the port are checked before the
 model loads or anything is written; a problem is a :class:`~rlhfkit.errors.UserError`.
@@ -10,9 +10,7 @@ model loads or anything is written; a problem is a :class:`~rlhfkit.errors.UserE
 
 from __future__ import annotations
 
-import errno
 import logging
-import socket
 import sqlite3
 import sys
 from collections.abc import Sequence
@@ -20,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+from rlhfkit.annotate.server import bind_port
 from rlhfkit.annotate.store import AnnotationStore, check_hf_output, export_rankings
 from rlhfkit.cli import main as rlhfkit_main
 from rlhfkit.config import ConfigError, Options, opt, parse_args, require
@@ -144,10 +143,11 @@ class ExportArgs(Options):
         "tsv: rank-list TSV with a prompt column; jsonl: 'ranked' JSONL; pairs: TRL/OpenRLHF JSONL "
         "(prompt, chosen, rejected), one row per ranked pair; hf: a datasets folder (save_to_disk) at --output",
     )
-    aggregate: Literal["every", "consensus"] = opt(
+    aggregate: Literal["every", "consensus", "weighted"] = opt(
         "every",
         "every: one list per ranking; consensus: one list per generation set, the mean rank of "
-        "its annotators (Borda count) where several ranked it",
+        "its annotators (Borda count) where several ranked it; weighted: one list per ranking with "
+        "a 'weight', its annotator's agreement with the others on shared sets (tsv cannot hold it)",
     )
     annotator: str | None = opt(None, "only this annotator's rankings")
 
@@ -180,27 +180,6 @@ def open_store(db: str, *, create: bool) -> AnnotationStore:
         problem = "is not an SQLite database" if not_a_db else f"cannot be opened ({e})"
         fresh = " (a new file name starts an empty one)" if create else ""
         raise UserError(f"--db {db} {problem}; pass the database 'rlhfkit annotate' wrote{fresh}") from None
-
-
-def bind_port(host: str, port: int) -> socket.socket:
-    """A socket bound to ``host:port`` for the server to listen on.
-
-    Bound before the model loads, so a busy port is reported at once rather than after
-    minutes of loading, and no other process can take it in between.
-    """
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a port in TIME_WAIT is free
-    try:
-        sock.bind((host, port))
-    except OSError as e:
-        sock.close()
-        if e.errno == errno.EADDRINUSE:
-            raise UserError(
-                f"port {port} on {host} is already in use (is another server running?); stop it or "
-                f"choose a free port with --port, e.g. --port {port + 1 if port < 65535 else port - 1}"
-            ) from None
-        raise UserError(f"cannot listen on {host}:{port} ({e.strerror}); check --host and --port") from None
-    return sock
 
 
 def serve(args: ServeArgs) -> int:
@@ -311,7 +290,7 @@ def export(args: ExportArgs) -> int:
         rows = export_rankings(store, args.output, args.format, user_id=user_id, aggregate=args.aggregate)
     finally:
         store.close()
-    what = "pair(s)" if args.format == "pairs" else "ranking(s)" if args.aggregate == "every" else "list(s)"
+    what = "pair(s)" if args.format == "pairs" else "ranking(s)" if args.aggregate != "consensus" else "list(s)"
     hint = {
         "tsv": " (read it with prompt_column=True)",
         "hf": " (a datasets folder: datasets.load_from_disk, or --train for rm train and dpo)",

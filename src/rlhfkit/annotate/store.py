@@ -20,6 +20,7 @@ generation set.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import secrets
@@ -32,6 +33,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from rlhfkit.annotate.agreement import annotator_weights
 from rlhfkit.annotate.consensus import consensus_ranks
 from rlhfkit.data.readers import is_saved_dataset
 from rlhfkit.data.types import PreferenceExample
@@ -90,6 +92,14 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE generation_sets ADD COLUMN priority REAL NOT NULL DEFAULT 0
     """,
+    # 3: sets pushed over POST /api/sets (rlhfkit pipeline rounds: N): the pipeline round a set
+    # belongs to (NULL: none) and the pusher's key, which makes a repeated push a no-op
+    """
+    ALTER TABLE generation_sets ADD COLUMN round INTEGER;
+    ALTER TABLE generation_sets ADD COLUMN key TEXT;
+    CREATE UNIQUE INDEX generation_sets_key ON generation_sets(key) WHERE key IS NOT NULL;
+    CREATE INDEX generation_sets_round ON generation_sets(round)
+    """,
 ]
 
 
@@ -126,6 +136,7 @@ class GenerationSet:
     prompt: str
     model: str
     responses: tuple[str, ...]
+    round: int | None = None  # the pipeline round that pushed it; None: not part of a round
 
     @property
     def k(self) -> int:
@@ -146,6 +157,7 @@ class Ranking:
     created_at: str
     updated_at: str | None
     deleted_at: str | None
+    round: int | None = None  # the round of the ranked set
 
     def example(self) -> PreferenceExample:
         return PreferenceExample(self.prompt, self.responses, self.ranks, source=f"ranking {self.id}")
@@ -163,7 +175,7 @@ def _now() -> str:
 
 _RANKING_SELECT = """
     SELECT r.id, r.set_id, s.prompt_id, p.text, s.responses, r.ranks, r.comment, r.user_id, u.name,
-           r.created_at, r.updated_at, r.deleted_at
+           r.created_at, r.updated_at, r.deleted_at, s.round
     FROM rankings r
     JOIN generation_sets s ON s.id = r.set_id
     JOIN prompts p ON p.id = s.prompt_id
@@ -185,7 +197,12 @@ def _ranking(row: Sequence) -> Ranking:
         created_at=row[9],
         updated_at=row[10],
         deleted_at=row[11],
+        round=row[12],
     )
+
+
+# The columns :meth:`AnnotationStore._set` reads, from ``generation_sets s JOIN prompts p``.
+_SET_COLUMNS = "s.id, s.prompt_id, p.text, s.model, s.responses, s.round"
 
 
 class AnnotationStore:
@@ -342,6 +359,82 @@ class AnnotationStore:
             )
             return int(cur.lastrowid)
 
+    def put_round_set(
+        self,
+        prompt_text: str,
+        responses: Sequence[str],
+        *,
+        round: int | None,
+        key: str | None,
+        priority: float = 0.0,
+        model: str = "pipeline",
+    ) -> tuple[int, bool]:
+        """Store a set pushed from outside (``POST /api/sets``); returns (set id, created).
+
+        In one transaction: the prompt joins the pool if its text is new, and the set is
+        stored with its ``round`` and ``key``. A ``key`` already stored makes this a no-op that
+        returns the existing set (``created`` False), so a pusher that died mid-round can push
+        the whole round again; ``Conflict`` if that set holds another prompt, other responses
+        or another round.
+        """
+        stored = json.dumps(list(responses), ensure_ascii=False)
+        with self.transaction() as conn:
+            if key is not None:
+                row = conn.execute(
+                    "SELECT s.id, p.text, s.responses, s.round FROM generation_sets s "
+                    "JOIN prompts p ON p.id = s.prompt_id WHERE s.key = ?",
+                    (key,),
+                ).fetchone()
+                if row is not None:
+                    if (row[1], json.loads(row[2]), row[3]) != (prompt_text, list(responses), round):
+                        raise Conflict(
+                            f"key {key!r} belongs to generation set {row[0]}, which holds another prompt, other "
+                            f"responses or another round; push new content under a new key"
+                        )
+                    return int(row[0]), False
+            now = _now()
+            conn.execute(
+                "INSERT OR IGNORE INTO prompts (text, source, created_at) VALUES (?, 'pool', ?)", (prompt_text, now)
+            )
+            prompt_id = conn.execute("SELECT id FROM prompts WHERE text = ?", (prompt_text,)).fetchone()[0]
+            cur = conn.execute(
+                "INSERT INTO generation_sets (prompt_id, model, responses, priority, round, key, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (prompt_id, model, stored, float(priority), round, key, now),
+            )
+            return int(cur.lastrowid), True
+
+    def round_progress(self, round: int) -> dict:
+        """Where pipeline round ``round`` stands: its sets, their live rankings and who ranked them.
+
+        ``{"round", "sets", "rankings", "sets_ranked" (sets with at least one live ranking),
+        "skips", "annotators": {name: live rankings}, "first_ranking_at", "last_ranking_at"}``
+        (the times are None before the first ranking).
+        """
+        conn = self._conn()
+        sets = conn.execute("SELECT count(*) FROM generation_sets WHERE round = ?", (round,)).fetchone()[0]
+        live = (
+            "FROM rankings r JOIN generation_sets s ON s.id = r.set_id JOIN users u ON u.id = r.user_id "
+            "WHERE s.round = ? AND r.deleted_at IS NULL"
+        )
+        rankings, sets_ranked, first, last = conn.execute(
+            f"SELECT count(*), count(DISTINCT r.set_id), min(r.created_at), max(r.created_at) {live}", (round,)
+        ).fetchone()
+        per_annotator = conn.execute(f"SELECT u.name, count(*) {live} GROUP BY u.name ORDER BY u.name", (round,))
+        skips = conn.execute(
+            "SELECT count(*) FROM skips k JOIN generation_sets s ON s.id = k.set_id WHERE s.round = ?", (round,)
+        ).fetchone()[0]
+        return {
+            "round": round,
+            "sets": sets,
+            "rankings": rankings,
+            "sets_ranked": sets_ranked,
+            "skips": skips,
+            "annotators": dict(per_annotator),
+            "first_ranking_at": first,
+            "last_ranking_at": last,
+        }
+
     def set_priority(self, set_id: int) -> float:
         row = self._conn().execute("SELECT priority FROM generation_sets WHERE id = ?", (set_id,)).fetchone()
         if row is None:
@@ -352,8 +445,7 @@ class AnnotationStore:
         row = (
             self._conn()
             .execute(
-                "SELECT s.id, s.prompt_id, p.text, s.model, s.responses FROM generation_sets s "
-                "JOIN prompts p ON p.id = s.prompt_id WHERE s.id = ?",
+                f"SELECT {_SET_COLUMNS} FROM generation_sets s JOIN prompts p ON p.id = s.prompt_id WHERE s.id = ?",
                 (set_id,),
             )
             .fetchone()
@@ -362,18 +454,20 @@ class AnnotationStore:
 
     @staticmethod
     def _set(row: Sequence) -> GenerationSet:
-        return GenerationSet(row[0], row[1], row[2], row[3], tuple(json.loads(row[4])))
+        return GenerationSet(row[0], row[1], row[2], row[3], tuple(json.loads(row[4])), round=row[5])
 
     def set_for_user(
         self, user_id: int, *, prompt_id: int | None = None, overlap: int | None = None, overlap_share: float = 1.0
     ) -> GenerationSet | None:
         """The first set this user has neither ranked nor skipped.
 
-        With ``prompt_id``: a set of that prompt. Without: a set of a pool prompt that fewer
-        than its quota of annotators have ranked or skipped, highest ``priority`` first, then in
-        pool order (so annotators work through the same sets and their agreement can be
-        measured). The quota is ``overlap`` for the share ``overlap_share`` of sets picked by
-        :func:`overlap_draw` of the set id, and 1 for the others; ``overlap=None``: no quota.
+        With ``prompt_id``: a set of that prompt. Without: a set of a pool prompt (or a pushed
+        set, :meth:`put_round_set`) that fewer than its quota of annotators have ranked or
+        skipped: the newest pipeline round first (sets of no round last), then highest
+        ``priority``, then in pool order (so annotators work through the same sets and their
+        agreement can be measured). The quota is ``overlap`` for the share ``overlap_share`` of
+        sets picked by :func:`overlap_draw` of the set id, and 1 for the others;
+        ``overlap=None``: no quota.
         """
         where = [
             "NOT EXISTS (SELECT 1 FROM rankings r WHERE r.set_id = s.id AND r.user_id = :u AND r.deleted_at IS NULL)",
@@ -382,15 +476,15 @@ class AnnotationStore:
         if prompt_id is not None:
             where.append("s.prompt_id = :p")
         else:
-            where.append("p.source = 'pool'")
+            where.append("(p.source = 'pool' OR s.round IS NOT NULL OR s.key IS NOT NULL)")
             if overlap is not None:
                 where.append(f"({_TOUCHES}) < (CASE WHEN {_DRAW_SQL} < :cut THEN :overlap ELSE 1 END)")
         row = (
             self._conn()
             .execute(
-                "SELECT s.id, s.prompt_id, p.text, s.model, s.responses FROM generation_sets s "
+                f"SELECT {_SET_COLUMNS} FROM generation_sets s "
                 f"JOIN prompts p ON p.id = s.prompt_id WHERE {' AND '.join(where)} "
-                "ORDER BY s.priority DESC, s.prompt_id, s.id LIMIT 1",
+                "ORDER BY s.round IS NULL, s.round DESC, s.priority DESC, s.prompt_id, s.id LIMIT 1",
                 {"u": user_id, "p": prompt_id, "overlap": overlap, "cut": overlap_cut(overlap_share)},
             )
             .fetchone()
@@ -425,7 +519,7 @@ class AnnotationStore:
         rows = (
             self._conn()
             .execute(
-                "SELECT s.id, s.prompt_id, p.text, s.model, s.responses FROM generation_sets s "
+                f"SELECT {_SET_COLUMNS} FROM generation_sets s "
                 f"JOIN prompts p ON p.id = s.prompt_id WHERE p.source = 'pool' AND ({_TOUCHES}) = 0 ORDER BY s.id"
             )
             .fetchall()
@@ -518,12 +612,14 @@ class AnnotationStore:
         prompt_id: int | None = None,
         prompt_contains: str | None = None,
         deleted: bool = False,
+        round: int | None = None,
         limit: int | None = None,
         offset: int = 0,
     ) -> tuple[list[Ranking], int]:
         """Rankings matching the filters, newest first, and the total count before paging.
 
-        ``deleted=False`` lists live rankings, ``True`` the deleted ones.
+        ``deleted=False`` lists live rankings, ``True`` the deleted ones; ``round``: only the
+        rankings of that pipeline round's sets.
         """
         where = ["r.deleted_at IS NOT NULL" if deleted else "r.deleted_at IS NULL"]
         params: list = []
@@ -536,6 +632,9 @@ class AnnotationStore:
         if prompt_contains:
             where.append("instr(lower(p.text), lower(?)) > 0")
             params.append(prompt_contains)
+        if round is not None:
+            where.append("s.round = ?")
+            params.append(round)
         clause = " WHERE " + " AND ".join(where)
         conn = self._conn()
         total = conn.execute(
@@ -612,14 +711,16 @@ EXPORT_FORMATS = {"tsv": "ranklist-tsv", "jsonl": "ranked", "pairs": "pairs", "h
 
 ``hf`` is a ``datasets`` folder written with ``save_to_disk`` (:data:`HF_COLUMNS`), not a file."""
 
-AGGREGATES = ("every", "consensus")
-"""``every``: one list per live ranking; ``consensus``: one list per generation set."""
+AGGREGATES = ("every", "consensus", "weighted")
+"""``every``: one list per live ranking; ``consensus``: one list per generation set;
+``weighted``: one list per live ranking, weighted by its annotator's agreement with the others."""
 
 HF_COLUMNS = ("prompt", "responses", "ranks", "set_id", "annotator", "annotators")
 """Columns of ``--format hf``, plus ``round`` when the rankings carry one. ``responses`` is in
 the order the app showed them and ``ranks[i]`` is the rank of ``responses[i]`` (0 = best, equal
 = tie), so ties round-trip; ``annotator`` is the annotator's name, or ``consensus`` for a
-consensus list, whose ``annotators`` are the names it combines."""
+consensus list, whose ``annotators`` are the names it combines; and ``weight`` when a list's
+weight is not 1 (``--aggregate weighted``)."""
 
 
 @dataclass(frozen=True)
@@ -640,13 +741,25 @@ def exported_lists(rankings: Sequence[Ranking], aggregate: str) -> list[Exported
     set's first ranking; a set ranked by several annotators gets their consensus
     (:func:`~rlhfkit.annotate.consensus.consensus_ranks`, mean rank), a set ranked once its
     ranking. A consensus with every response tied (the annotators cancel out) states no
-    preference and is left out.
+    preference and is left out. ``weighted``: one per ranking, as ``every``, each with
+    ``example.weight`` its annotator's weight from
+    :func:`~rlhfkit.annotate.agreement.annotator_weights` (agreement with the others on the
+    shared sets, in [0.1, 1]; 1 for an annotator who shares no set).
     """
     if aggregate not in AGGREGATES:
         raise UserError(f"aggregate {aggregate!r} is not supported; use one of {', '.join(AGGREGATES)}")
-    if aggregate == "every":
+    if aggregate in ("every", "weighted"):
+        weights = (
+            annotator_weights((r.set_id, r.annotator, r.ranks) for r in rankings) if aggregate == "weighted" else {}
+        )
         return [
-            ExportedList(r.example(), r.set_id, r.annotator, (r.annotator,), getattr(r, "round", None))
+            ExportedList(
+                dataclasses.replace(r.example(), weight=weights.get(r.annotator, 1.0)),
+                r.set_id,
+                r.annotator,
+                (r.annotator,),
+                getattr(r, "round", None),
+            )
             for r in rankings
         ]
     by_set: dict[int, list[Ranking]] = {}
@@ -677,6 +790,7 @@ def export_rankings(
     prompt_id: int | None = None,
     prompt_contains: str | None = None,
     aggregate: str = "every",
+    round: int | None = None,
 ) -> int:
     """Write the live rankings (oldest first) for ``rlhfkit rm train``; returns the rows written.
 
@@ -687,11 +801,14 @@ def export_rankings(
     ``{"prompt", "chosen", "rejected"}``, one row per ordered pair of a list (ties give no
     pair). ``hf`` saves a ``datasets.Dataset`` (:data:`HF_COLUMNS`) into the folder ``path``
     with ``save_to_disk``. ``aggregate`` is one of :data:`AGGREGATES` (see :func:`exported_lists`).
+    ``round``: only the rankings of that pipeline round's sets.
     """
 
     if format not in EXPORT_FORMATS:
         raise UserError(f"export format {format!r} is not supported; use one of {', '.join(EXPORT_FORMATS)}")
-    rankings, _ = store.list_rankings(user_id=user_id, prompt_id=prompt_id, prompt_contains=prompt_contains)
+    rankings, _ = store.list_rankings(
+        user_id=user_id, prompt_id=prompt_id, prompt_contains=prompt_contains, round=round
+    )
     if not rankings:
         raise NotFound("no rankings match, so there is nothing to export")
     lists = exported_lists(list(reversed(rankings)), aggregate)
@@ -747,6 +864,9 @@ def save_hf_dataset(path: str | Path, lists: Sequence[ExportedList]) -> int:
     if any(x.round is not None for x in lists):
         columns["round"] = [x.round for x in lists]
         features["round"] = datasets.Value("int64")
+    if any(x.example.weight != 1.0 for x in lists):  # --aggregate weighted; the readers take it as the weight
+        columns["weight"] = [x.example.weight for x in lists]
+        features["weight"] = datasets.Value("float64")
     dataset = datasets.Dataset.from_dict(columns, features=datasets.Features(features))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))

@@ -18,6 +18,12 @@ Formats (``FORMATS``):
 - ``choice``: ``{"prompt", "responses", "choice"}``, n-choose-1 (InstructGPT 4-choose-1).
 - ``scored``: ``{"prompt", "response", "score"}`` or ``"label"`` (bool or 0/1) -> K=1.
 
+Weights. Every JSON format may carry an optional ``"weight"``: a positive finite number, how
+much the record counts in a training loss (``PreferenceExample.weight``; missing or null = 1;
+``rlhfkit annotate export --aggregate weighted`` writes it). A ``save_to_disk`` folder or a
+Parquet file may have a ``weight`` column the same way. Rank-list TSV has no place for it:
+every line weighs 1.
+
 Containers: ``.tsv``/``.txt`` are rank-list TSV; ``.jsonl`` is read line by line here
 (so invalid JSON is reported with its line); ``.json`` (JSON array or JSON Lines) and
 ``.parquet`` are loaded with ``datasets.load_dataset``, and a folder that
@@ -64,11 +70,11 @@ SAVED_DATASET_FILES = ("dataset_info.json", "state.json")
 
 # The keys each JSON format expects, for error messages.
 _FORMAT_KEYS = {
-    "pairs": '{"prompt", "chosen", "rejected", "margin"?}',
-    "hh": '{"chosen", "rejected"} (whole dialogues, no "prompt")',
-    "ranked": '{"prompt", "responses": [best first], "ranks"?}',
-    "choice": '{"prompt", "responses", "choice"}',
-    "scored": '{"prompt", "response", "score" | "label"}',
+    "pairs": '{"prompt", "chosen", "rejected", "margin"?, "weight"?}',
+    "hh": '{"chosen", "rejected", "weight"?} (whole dialogues, no "prompt")',
+    "ranked": '{"prompt", "responses": [best first], "ranks"?, "weight"?}',
+    "choice": '{"prompt", "responses", "choice", "weight"?}',
+    "scored": '{"prompt", "response", "score" | "label", "weight"?}',
 }
 
 
@@ -502,7 +508,9 @@ def _parse_pairs(record: dict[str, Any], *, allow_ties: bool, source: str) -> Pr
     if chosen == rejected:
         same = "both empty" if not chosen else "the same text"
         raise _RecordError(f"'chosen' and 'rejected' are {same}; a pair needs two different responses")
-    return PreferenceExample(prompt, (chosen, rejected), (0, 1), margin=_margin(record), source=source)
+    return PreferenceExample(
+        prompt, (chosen, rejected), (0, 1), margin=_margin(record), source=source, weight=_weight(record)
+    )
 
 
 def _parse_hh(record: dict[str, Any], *, allow_ties: bool, source: str) -> PreferenceExample:
@@ -522,7 +530,12 @@ def _parse_hh(record: dict[str, Any], *, allow_ties: bool, source: str) -> Prefe
             f"empty and there is nothing to prefer; fix or remove the line"
         )
     return PreferenceExample(
-        prompt, (chosen_response, rejected_response), (0, 1), margin=_margin(record), source=source
+        prompt,
+        (chosen_response, rejected_response),
+        (0, 1),
+        margin=_margin(record),
+        source=source,
+        weight=_weight(record),
     )
 
 
@@ -548,7 +561,7 @@ def _parse_ranked(record: dict[str, Any], *, allow_ties: bool, source: str) -> P
     responses = _responses(record, prompt)
     given = record.get("ranks")
     if given is None:
-        return PreferenceExample(prompt, responses, strict_ranks(len(responses)), source=source)
+        return PreferenceExample(prompt, responses, strict_ranks(len(responses)), source=source, weight=_weight(record))
     if not isinstance(given, (list, tuple)):
         raise _RecordError(f"'ranks' must be a list of integers (lower = better), got {_show(given)}")
     if len(given) != len(responses):
@@ -575,7 +588,7 @@ def _parse_ranked(record: dict[str, Any], *, allow_ties: bool, source: str) -> P
             f"responses[{i}] and responses[{j}] share rank {raw[i]} (a tie); ties are only accepted "
             f"with --allow-ties (allow_ties=True), otherwise give distinct ranks"
         )
-    return PreferenceExample(prompt, responses, ranks, source=source)
+    return PreferenceExample(prompt, responses, ranks, source=source, weight=_weight(record))
 
 
 def _parse_choice(record: dict[str, Any], *, allow_ties: bool, source: str) -> PreferenceExample:
@@ -590,7 +603,7 @@ def _parse_choice(record: dict[str, Any], *, allow_ties: bool, source: str) -> P
             f"0..{len(responses) - 1} (0-based)"
         )
     ranks = tuple(0 if i == choice else 1 for i in range(len(responses)))
-    return PreferenceExample(prompt, responses, ranks, choice=choice, source=source)
+    return PreferenceExample(prompt, responses, ranks, choice=choice, source=source, weight=_weight(record))
 
 
 def _parse_scored(record: dict[str, Any], *, allow_ties: bool, source: str) -> PreferenceExample:
@@ -607,7 +620,7 @@ def _parse_scored(record: dict[str, Any], *, allow_ties: bool, source: str) -> P
         value = float(label)
     else:
         raise _RecordError(f"'label' must be true/false or 0/1, got {_show(label)}; use 'score' for graded values")
-    return PreferenceExample(prompt, (response,), (0,), label=value, source=source)
+    return PreferenceExample(prompt, (response,), (0,), label=value, source=source, weight=_weight(record))
 
 
 _PARSERS = {
@@ -699,6 +712,20 @@ def _finite_number(value: Any, field: str) -> float:
 def _margin(record: dict[str, Any]) -> float | None:
     margin = record.get("margin")
     return None if margin is None else _finite_number(margin, "margin")
+
+
+def _weight(record: dict[str, Any]) -> float:
+    """The optional ``"weight"``: a positive finite number, 1 when missing or null."""
+    weight = record.get("weight")
+    if weight is None:
+        return 1.0
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight <= 0:
+        shown = _show(weight) if not isinstance(weight, float) or math.isfinite(weight) else str(weight)
+        raise _RecordError(
+            f"'weight' must be a positive finite number (how much the list counts in training; 1 = once), "
+            f"got {shown}; fix the value or drop the key to weigh the list 1"
+        )
+    return float(weight)
 
 
 def _first_duplicate(items: Sequence[Any]) -> tuple[int, int] | None:

@@ -9,10 +9,16 @@ exporter consumes it. One example is one *list*: K responses to one prompt.
 - n-choose-1: ``choice`` is the index of the chosen response; ``ranks`` is ``0`` for it and
   ``1`` for the others (so pairwise metrics still work on it).
 - scalar labels: ``K == 1`` and ``label`` holds the score (``mse``) or 0/1 (``binary``).
+
+``weight`` (positive, finite, default 1) is how much the list counts in a training loss:
+``rm train`` and ``dpo`` reduce a batch as ``sum_i w_i loss_i / sum_i w_i`` (a list of weight 2
+counts as that list twice), e.g. an annotator's agreement weight from
+``rlhfkit annotate export --aggregate weighted``. Evaluation metrics ignore it.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from rlhfkit.errors import UserError
@@ -38,6 +44,13 @@ class PreferenceExample:
     label: float | None = None
     margin: float | None = None
     source: str = field(default="", compare=False)  # "file:line", for error messages
+    weight: float = 1.0  # how much the list counts in a training loss (positive, finite)
+
+    def __post_init__(self):
+        w = self.weight
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w <= 0:
+            where = f" ({self.source})" if self.source else ""
+            raise ValueError(f"weight={w!r}{where} must be a positive finite number; 1 counts the list once")
 
     @property
     def k(self) -> int:

@@ -6,6 +6,8 @@ raises ``ValueError`` naming the example and the format to use instead. Every fi
 written atomically (temporary file in the same directory, then ``os.replace``), so a
 reader never sees half a file. ``read_preferences(write_preferences(...))`` gives back
 equal examples (``source`` aside) whenever the format is the one they were read from.
+A ``weight`` other than 1 is written as ``"weight"`` by every JSONL format (and never when it
+is 1, so unweighted files stay as they were); rank-list TSV cannot hold one and refuses it.
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ def write_preferences(
     else:
         render = _RECORD_RENDERERS[format]
         lines = [
-            json.dumps(record, ensure_ascii=False)
+            json.dumps(_with_weight(record, example), ensure_ascii=False)
             for i, example in enumerate(examples)
             for record in render(i, example)
         ]
@@ -81,6 +83,11 @@ def _tsv_lines(examples: list[PreferenceExample], prompt_column: bool | None) ->
         if ex.has_ties:
             raise ValueError(
                 f"{_where(i, ex)} has tied ranks {ex.ranks}, which plain TSV cannot express; "
+                f"write format 'ranked' (JSONL) instead"
+            )
+        if ex.weight != 1.0:
+            raise ValueError(
+                f"{_where(i, ex)} has weight {ex.weight}, which plain TSV cannot store; "
                 f"write format 'ranked' (JSONL) instead"
             )
         if ex.prompt and not prompt_column:
@@ -164,6 +171,11 @@ _RECORD_RENDERERS = {
     "choice": _choice_records,
     "scored": _scored_records,
 }
+
+
+def _with_weight(record: dict[str, Any], ex: PreferenceExample) -> dict[str, Any]:
+    """``record`` with ``"weight"`` last when the example's weight is not 1 (else unchanged)."""
+    return record if ex.weight == 1.0 else {**record, "weight": ex.weight}
 
 
 def _check_list(i: int, ex: PreferenceExample, format: str) -> None:

@@ -24,9 +24,12 @@ data changed). So no second model is held while training. Only the evaluation's 
 sampled responses needs the reference on new text: with ``--lora`` the adapter is switched
 off for it, otherwise ``--policy`` is loaded for the evaluation and freed after it.
 
-**Exactness.** Lists weigh equally however a step is split: each micro-batch loss is
-``sum(per-list losses) * world_size / lists_in_step``, as in ``rm train`` (tests check batch
-4 x accumulation 1 equals batch 1 x accumulation 4).
+**Exactness.** Lists weigh as their ``PreferenceExample.weight`` says (1 unless the data
+gives a ``"weight"``) however a step is split: each micro-batch loss is
+``sum(w_i * per-list loss_i) * world_size / sum(w over the step's lists)``
+(:func:`rlhfkit.losses.weighted_list_sum`), as in ``rm train``; with every weight 1 that is
+the plain mean over lists (tests check batch 4 x accumulation 1 equals batch 1 x
+accumulation 4, and a list of weight 2 equals the list twice).
 
 **Several processes.** Every process computes the whole reference pass (under FSDP2 each
 forward needs all of them); under FSDP2 every process also evaluates and the exports gather
@@ -283,23 +286,27 @@ def micro_loss(
     loss: str,
     beta: float,
     device,
-    weight: float,
+    scale: float,
     micro: tuple[list[int], bool],
 ):
-    """One micro-batch: ``log pi`` of its unique texts once, per-list loss. Returns (weighted loss, stats)."""
+    """One micro-batch: ``log pi`` of its unique texts once, per-list loss. Returns (weighted loss, stats).
+
+    ``scale`` is ``world_size / (total weight of the step's lists)`` (:func:`rlhfkit.losses.weighted_list_sum`)."""
     list_ids, live = micro
     batch = collate(data, list_ids, pad).to(device)
     logprobs = batch.gather_lists(model(**batch.inputs))  # (B, K) float32
     ref = batch.gather_lists(ref_logprobs[batch.text_ids])  # (B, K)
     lengths = batch.gather_lists(batch.response_lengths.float())  # (B, K)
     per_list = list_losses(loss, logprobs, ref, batch.ranks, batch.list_mask, beta, lengths)  # (B,)
+    weights = torch.tensor([data.examples[j].weight for j in list_ids], device=per_list.device)  # (B,)
     rewards = implicit_rewards(logprobs.detach(), ref, batch.list_mask, beta)  # (B, K)
     correct, pairs = L.pairwise_accuracy(rewards, batch.ranks, batch.list_mask)
     margin, _ = pair_margins(rewards, batch.ranks, batch.list_mask)
     best = best_mask(batch.ranks, batch.list_mask)  # (B, K)
     rest = batch.list_mask.bool() & ~best
     stats = {
-        "loss": per_list.detach().sum(),
+        "loss": (per_list.detach() * weights).sum(),  # weighted: train/loss is the weighted mean
+        "weight": weights.sum(),
         "lists": len(list_ids),
         "correct": correct,
         "pairs": pairs,
@@ -313,7 +320,7 @@ def micro_loss(
     stats = {
         k: v * live for k, v in stats.items()
     }  # a filler micro-batch still joins the all-reduce, and counts nothing
-    return per_list.sum() * (weight if live else 0.0), stats
+    return L.weighted_list_sum(per_list, weights, scale if live else 0.0), stats
 
 
 def evaluate_and_keep_best(
@@ -412,7 +419,7 @@ def log_train(
     """Log the window's training metrics, and keep them in ``result`` (what :func:`train_dpo` returns)."""
     sums, seconds = window.flush(run.accelerator)
     row = {
-        "train/loss": sums["loss"] / max(sums["lists"], 1),
+        "train/loss": sums["loss"] / (sums["weight"] or 1.0),
         "train/accuracy": sums["correct"] / max(sums["pairs"], 1),
         "train/reward_margin": sums["margin"] / max(sums["pairs"], 1),
         "train/logps_chosen": sums["logps_chosen"] / max(sums["chosen"], 1),
@@ -478,9 +485,8 @@ def train_dpo(cfg: DPOConfig) -> dict[str, Any]:
         lengths, effective, cfg.seed, cadence.stop_at - state.step, state.epoch, state.batch_in_epoch
     ):
         micro = process_micro_batches(step_ids, run.world, cfg.grad_accum, run.rank)
-        loss_fn = partial(
-            micro_loss, wrapped, train_data, ref_train, pad, cfg.loss, cfg.beta, run.device, run.world / len(step_ids)
-        )
+        scale = run.world / sum(train_data.examples[j].weight for j in step_ids)  # world / the step's total weight
+        loss_fn = partial(micro_loss, wrapped, train_data, ref_train, pad, cfg.loss, cfg.beta, run.device, scale)
         grad_norm, stats = train_step(
             run,
             wrapped,

@@ -8,10 +8,13 @@ process's micro-batches: score the unique texts, per-list loss) -> log, evaluate
 model kept), checkpoint on the shared :class:`~rlhfkit.training.cadence.Cadence` -> final
 evaluation, ``final/`` and ``best/`` exports, plots.
 
-Equal weighting of lists is exact across processes and accumulation: each micro-batch
-loss is ``sum(per-list losses) * world_size / lists_in_step``; DDP averages over processes
-and accumulation sums, so the gradient is the mean over all lists of the step whatever
-the split (tests check 2 processes x b equals 1 x 2b, and 8 x 1 equals 1 x 8).
+The weighting of lists is exact across processes and accumulation: each micro-batch loss
+is ``sum(w_i * per-list loss_i) * world_size / sum(w over the step's lists)``
+(:func:`rlhfkit.losses.weighted_list_sum`, ``w`` the lists' ``PreferenceExample.weight``, 1
+unless the data says otherwise); DDP averages over processes and accumulation sums, so the
+gradient is the weighted mean over all lists of the step whatever the split (tests check 2
+processes x b equals 1 x 2b, 8 x 1 equals 1 x 8, and the same with weights). With every
+weight 1 it is the plain mean over lists, bit for bit.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 import yaml
 
 from rlhfkit import losses as L
@@ -34,8 +38,9 @@ from rlhfkit.data.options import PreferenceDataOptions, read_train_eval
 from rlhfkit.data.readers import describe
 from rlhfkit.defaults import BATCH_SIZE, EVAL_BATCH_SIZE, EXPORT, MAX_LENGTH
 from rlhfkit.models.cpu_linear import apply_cpu_matmul
+from rlhfkit.models.hub import resolve_model
 from rlhfkit.models.lora import with_lora
-from rlhfkit.models.reward import RewardModel
+from rlhfkit.models.reward import META_FILE, RewardModel
 from rlhfkit.models.tokenizers import use_chat_template
 from rlhfkit.rm.evaluate import evaluate, plot_score_histograms
 from rlhfkit.rm.objective import LossName, check_loss_fits_data, list_losses
@@ -57,6 +62,12 @@ class RMTrainConfig(RunOptions, OptimOptions, LoraOptions, PreferenceDataOptions
     """Train a reward model from rank lists, pairs, choices or scalar labels."""
 
     model: str = opt("minilm-l6", "backbone: alias (minilm-l6, smollm2-135m), local folder or hub id")
+    init_from: str | None = opt(
+        None,
+        "warm start: continue training the reward model in this folder (written by rlhfkit rm train: the run "
+        "folder, or its final/ or best/), its backbone, its trained head and how it reads texts (pooling, text "
+        "format) kept; --model is not read and --head-init does not apply (default: a new head on --model)",
+    )
     loss: LossName = opt("pairwise", "training objective (docs/reward-models.md lists them)")
     epochs: float = opt(1.0, "passes over the training lists (fractions allowed)", gt=0)
     max_steps: int | None = opt(None, "optimizer steps in the schedule (overrides --epochs)", ge=1)
@@ -114,13 +125,47 @@ def load_data(cfg: RMTrainConfig):
     return train, evals
 
 
+def warm_start(cfg: RMTrainConfig) -> str | None:
+    """The trained reward model (its folder) this run continues: ``--init-from``, or a ``--model`` that
+    is one (a folder with :data:`~rlhfkit.models.reward.META_FILE`); None for a new head on ``--model``."""
+    if cfg.init_from is None:
+        path = resolve_model(cfg.model, "--model")
+        return path if (Path(path) / META_FILE).is_file() else None
+    path = resolve_model(cfg.init_from, "--init-from")
+    if not (Path(path) / META_FILE).is_file():
+        raise ConfigError(
+            f"--init-from {cfg.init_from} is not a reward model: {path} has no {META_FILE}, the file rlhfkit rm train "
+            "writes beside the weights and the trained head. Give the folder of an earlier rm train run (or its "
+            "final/ or best/); to put a new head on this model's backbone, pass it as --model instead"
+        )
+    return path
+
+
 def build_model(cfg: RMTrainConfig, device) -> RewardModel:
-    """The reward model to train: backbone, no dropout, matmul kernel, frozen layers, LoRA."""
+    """The reward model to train: backbone (and head, for a warm start), no dropout, matmul kernel,
+    frozen layers, LoRA."""
+    warm = warm_start(cfg)
+    if cfg.init_from is not None and cfg.model not in (RMTrainConfig.__dataclass_fields__["model"].default, cfg.init_from):
+        logger.warning("--model %s is not read: --init-from %s brings its own backbone", cfg.model, cfg.init_from)
+    source = warm or cfg.model
     rm = RewardModel.from_pretrained(
-        cfg.model, pooling=None if cfg.pooling == "auto" else cfg.pooling, max_length=cfg.max_length
+        source,
+        pooling=None if cfg.pooling == "auto" else cfg.pooling,
+        max_length=cfg.max_length,
+        option="--init-from" if cfg.init_from is not None else "--model",
     )
-    if rm.meta.kind == "decoder":  # the one chat-template rule (encoders read the pair as two segments)
-        rm.meta.text_format = "chat" if use_chat_template(rm.tokenizer, cfg.chat_template, cfg.model) else "plain"
+    if rm.meta.kind == "decoder" and (warm is None or cfg.chat_template is not None):
+        # the one chat-template rule (encoders read the pair as two segments); a warm start keeps its own
+        text_format = "chat" if use_chat_template(rm.tokenizer, cfg.chat_template, source) else "plain"
+        if warm is not None and text_format != rm.meta.text_format:
+            logger.warning(
+                "%s was trained reading %s text; %s makes it read %s text from now on",
+                warm,
+                rm.meta.text_format,
+                "--chat-template" if cfg.chat_template else "--no-chat-template",
+                text_format,
+            )
+        rm.meta.text_format = text_format
     if cfg.loss == "token-pairwise" and rm.meta.kind != "decoder":
         raise ConfigError(f"--loss token-pairwise needs a decoder backbone; {cfg.model} is an encoder")
     if rm.meta.kind == "encoder" and rm.meta.pooling != "auto":
@@ -171,10 +216,20 @@ def _find_layers(base):
 
 def start_head(run: Run, rm: RewardModel, data: EncodedPreferences, cfg: RMTrainConfig) -> str:
     """``--head-init probe``: the head from a linear probe on the frozen backbone (every process
-    fits the same one). Not when resuming (the checkpoint has the head) nor for the scalar-label
-    losses, whose objective is not the pairs'. Returns the line for the run's log."""
+    fits the same one). Not when resuming (the checkpoint has the head), nor for a warm start (the
+    trained head is kept), nor for the scalar-label losses, whose objective is not the pairs'.
+    Returns the line for the run's log."""
     if run.resume_from is not None:
         return "head: from the checkpoint"
+    warm = warm_start(cfg)
+    if warm is not None:
+        if cfg.head_init == "probe":
+            logger.warning(
+                "--head-init probe is ignored: %s is a trained reward model, and its head is kept (a warm start); "
+                "to fit a new probe head, pass its backbone as --model",
+                warm,
+            )
+        return f"head: the trained head of {warm} (warm start)"
     if cfg.head_init == "random":
         return "head: the architecture's random start (--head-init random)"
     if cfg.loss in ("binary", "mse"):
@@ -209,8 +264,11 @@ def param_groups(rm: RewardModel, cfg: RMTrainConfig) -> list[dict]:
     return ([{"params": body, "lr": cfg.lr}] if body else []) + [{"params": head, "lr": cfg.head_lr or cfg.lr}]
 
 
-def micro_loss(model, data: EncodedPreferences, pad, loss: str, device, weight: float, micro: tuple[list[int], bool]):
-    """One micro-batch: score its unique texts once, per-list losses. Returns (weighted loss, stats)."""
+def micro_loss(model, data: EncodedPreferences, pad, loss: str, device, scale: float, micro: tuple[list[int], bool]):
+    """One micro-batch: score its unique texts once, per-list losses. Returns (weighted loss, stats).
+
+    ``scale`` is ``world_size / (total weight of the step's lists)``: the returned loss is this
+    micro-batch's share of the step's weighted mean (:func:`rlhfkit.losses.weighted_list_sum`)."""
     list_ids, live = micro
     batch = collate(data, list_ids, pad).to(device)
     if loss == "token-pairwise":
@@ -219,16 +277,23 @@ def micro_loss(model, data: EncodedPreferences, pad, loss: str, device, weight: 
     else:
         scores, token_scores = model(**batch.inputs), None
     per_list = list_losses(loss, batch, scores.float(), token_scores)  # (B,)
-    weight = weight if live else 0.0  # a filler micro-batch still joins the all-reduce
+    weights = torch.tensor([data.examples[j].weight for j in list_ids], device=per_list.device)  # (B,)
+    scale = scale if live else 0.0  # a filler micro-batch still joins the all-reduce
     stats = {
-        "loss": per_list.detach().sum() * live,
+        "loss": (per_list.detach() * weights).sum() * live,  # weighted: train/loss is the weighted mean
+        "weight": weights.sum() * live,
         "lists": len(list_ids) * live,
         "tokens": batch.inputs["attention_mask"].sum() * live,
     }  # the real tokens of the unique texts scored
     if batch.labels is None:
         correct, pairs = L.pairwise_accuracy(batch.gather_lists(scores.detach().float()), batch.ranks, batch.list_mask)
         stats.update(correct=correct * live, pairs=pairs * live)
-    return per_list.sum() * weight, stats
+    return L.weighted_list_sum(per_list, weights, scale), stats
+
+
+def step_weight(data: EncodedPreferences, step_ids: list[int]) -> float:
+    """The total weight of an optimizer step's lists (their count when every weight is 1)."""
+    return sum(data.examples[j].weight for j in step_ids)
 
 
 def evaluate_and_keep_best(
@@ -266,7 +331,7 @@ def export(run: Run, model, rm: RewardModel, cfg: RMTrainConfig, target: Path) -
 def log_train(run: Run, window: MetricsWindow, state: TrainState, scheduler, grad_norm, n_batches: int) -> None:
     sums, seconds = window.flush(run.accelerator)
     row = {
-        "train/loss": sums["loss"] / max(sums["lists"], 1),
+        "train/loss": sums["loss"] / (sums["weight"] or 1.0),
         "train/lists_per_s": sums["lists"] / seconds,
         "train/tokens_per_s": sums["tokens"] / seconds,
         "train/lr": scheduler.get_last_lr()[0],
@@ -309,6 +374,11 @@ def train_reward_model(cfg: RMTrainConfig) -> dict[str, Any]:
         f"train: {info['n_lists']} lists, {info['n_pairs']} pairs, {len(train_data.texts)} unique texts "
         f"({train_data.n_truncated} truncated at --max-length {cfg.max_length}); eval: {len(eval_ex)} lists"
     )
+    if any(ex.weight != 1.0 for ex in train_ex):
+        w = [ex.weight for ex in train_ex]
+        run.write(
+            f"list weights: {min(w):.3g}..{max(w):.3g}, mean {sum(w) / len(w):.3g} (the loss is their weighted mean)"
+        )
     run.write(head_line)
 
     cadence = Cadence(total_steps, cfg.log_every, cfg.save_every, cfg.eval_every, cfg.stop_after_steps)
@@ -324,7 +394,15 @@ def train_reward_model(cfg: RMTrainConfig) -> dict[str, Any]:
             model,
             optimizer,
             micro,
-            partial(micro_loss, model, train_data, rm.pad, cfg.loss, run.device, run.world / len(step_ids)),
+            partial(
+                micro_loss,
+                model,
+                train_data,
+                rm.pad,
+                cfg.loss,
+                run.device,
+                run.world / step_weight(train_data, step_ids),
+            ),
             max_grad_norm=cfg.max_grad_norm,
             scheduler=scheduler,
             where=f"step {state.step + 1} (epoch {epoch}, batch {b})",

@@ -61,6 +61,10 @@ function showTask(next) {
   selected = 0;
   $("prompt").textContent = next.prompt;
   $("prompt-meta").textContent = `#${next.prompt_id} · set ${next.set_id}`;
+  // A set the pipeline pushed belongs to a round of RLHF: say which one.
+  const hasRound = next.round !== null && next.round !== undefined;
+  $("round-tag").hidden = !hasRound;
+  $("round-tag").textContent = hasRound ? `Round ${next.round}` : "";
   $("comment").value = "";
   const keys = next.k <= 9 ? `press 1–${next.k} to move it to that rank, or ` : "";
   $("help").textContent =

@@ -10,6 +10,7 @@ function filterParams() {
   if ($("f-annotator").value) params.set("annotator", $("f-annotator").value);
   if ($("f-prompt").value.trim()) params.set("prompt", $("f-prompt").value.trim());
   if ($("f-prompt-id").value) params.set("prompt_id", $("f-prompt-id").value);
+  if ($("f-round").value) params.set("round", $("f-round").value);
   return params;
 }
 
@@ -43,9 +44,11 @@ function row(item) {
     actions.append(el("button", { type: "button", text: "Restore", onclick: () => restore(item.id) }));
   }
   return el("li", { class: "row", "data-id": item.id },
-    el("div", { class: "meta", text:
-      `#${item.id} · ${item.annotator} · ${item.created_at.replace("T", " ").slice(0, 19)} · prompt #${item.prompt_id}, set ${item.set_id}` +
-      (item.updated_at ? " · edited" : "") }),
+    el("div", { class: "meta" },
+      el("span", { text:
+        `#${item.id} · ${item.annotator} · ${item.created_at.replace("T", " ").slice(0, 19)} · prompt #${item.prompt_id}, set ${item.set_id}` +
+        (item.updated_at ? " · edited" : "") }),
+      item.round !== null && item.round !== undefined ? el("span", { class: "tag", text: `Round ${item.round}` }) : null),
     el("div", { class: "prompt", text: item.prompt }),
     ranked,
     item.comment ? el("p", { class: "comment", text: `Comment: ${item.comment}` }) : null,
