@@ -64,8 +64,8 @@ class PairwiseJudge(Protocol):
 class ScoreJudge:
     """A judge that scores each answer alone: ``judge.scores(prompts, responses) -> (N,)`` float64."""
 
-    def __init__(self, spec: str, kind: str, score_fn: Any):
-        self.spec, self.kind, self._score = spec, kind, score_fn
+    def __init__(self, spec: str, kind: str, score_fn: Any, option: str = "--judge"):
+        self.spec, self.kind, self._score, self.option = spec, kind, score_fn, option
 
     def scores(self, prompts: Sequence[str], responses: Sequence[str]) -> Tensor:
         values = self._score(list(prompts), list(responses))
@@ -73,14 +73,15 @@ class ScoreJudge:
             out = torch.as_tensor(values, dtype=torch.float64).detach().cpu().flatten()
         except (TypeError, ValueError, RuntimeError):
             raise ConfigError(
-                f"--judge {self.spec}: returned {type(values).__name__}; it must return one float per response"
+                f"{self.option} {self.spec}: returned {type(values).__name__}; it must return one float per response"
             ) from None
         if out.numel() != len(responses):
             raise ConfigError(
-                f"--judge {self.spec}: returned {out.numel()} scores for {len(responses)} responses; return one each"
+                f"{self.option} {self.spec}: returned {out.numel()} scores for {len(responses)} responses; "
+                "return one each"
             )
         if not torch.isfinite(out).all():
-            raise ConfigError(f"--judge {self.spec}: returned non-finite scores; scores must be finite numbers")
+            raise ConfigError(f"{self.option} {self.spec}: returned non-finite scores; scores must be finite numbers")
         return out
 
 
@@ -129,23 +130,26 @@ def _is_function_spec(spec: str) -> bool:
     return module.endswith(".py") or bool(re.fullmatch(r"[A-Za-z_][\w.]*", module))
 
 
-def load_judge(spec: str, *, device: Any = None, batch_size: int = 32) -> ScoreJudge | LMPairwiseJudge:
-    """The judge ``--judge spec`` names (see the module docstring for the kinds)."""
+def load_judge(
+    spec: str, *, device: Any = None, batch_size: int = 32, option: str = "--judge"
+) -> ScoreJudge | LMPairwiseJudge:
+    """The judge ``--judge spec`` names (see the module docstring for the kinds). ``option``: the
+    flag that named it, for the errors (``eval --checkpoints`` loads its ``--proxy`` here too)."""
     if spec.startswith("lm:"):
         return LMPairwiseJudge(spec[3:], device=device, batch_size=max(1, batch_size // 4))
     if _is_function_spec(spec):
-        return ScoreJudge(spec, "function", load_function(spec, "--judge"))
+        return ScoreJudge(spec, "function", load_function(spec, option), option)
     folder = Path(resolve_run_folder(str(Path(spec).expanduser())))
     if not folder.exists():
         raise ConfigError(
-            f"--judge {spec!r}: no such folder. Give a reward-model or classifier folder, a DPO run, "
+            f"{option} {spec!r}: no such folder. Give a reward-model or classifier folder, a DPO run, "
             "module:function (or path/to/file.py:function), or lm:FOLDER for a causal LM as a pairwise judge"
         )
     if is_dpo_model(spec):
-        model = ImplicitReward.from_pretrained(spec, device=device, option="--judge")
+        model = ImplicitReward.from_pretrained(spec, device=device, option=option)
         kind = "dpo"
     else:
-        model = RewardModel.from_pretrained(str(folder), device=device, option="--judge")
+        model = RewardModel.from_pretrained(str(folder), device=device, option=option)
         kind = "reward-model"
     model.eval().requires_grad_(False)
-    return ScoreJudge(spec, kind, lambda p, r: model.score(p, r, batch_size=batch_size).float().cpu())
+    return ScoreJudge(spec, kind, lambda p, r: model.score(p, r, batch_size=batch_size).float().cpu(), option)

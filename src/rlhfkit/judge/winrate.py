@@ -13,6 +13,7 @@ __all__ = [
     "outcomes_from_scores",
     "rates",
     "bootstrap_indices",
+    "percentile_interval",
     "win_rate_ci",
     "fit_length_logistic",
     "lc_win_rate",
@@ -50,7 +51,8 @@ def bootstrap_indices(n_prompts: int, n_resamples: int, seed: int) -> Tensor:
     return torch.stack([torch.randint(n_prompts, (n_prompts,), generator=g) for _ in range(n_resamples)])
 
 
-def _percentile_interval(values: Tensor, level: float = 0.95) -> list[float]:
+def percentile_interval(values: Tensor, level: float = 0.95) -> list[float]:
+    """The central ``level`` interval of ``values (R,)``, the bootstrap statistics: percentiles, interpolated."""
     lo = (1 - level) / 2
     q = torch.quantile(values.double(), torch.tensor([lo, 1 - lo], dtype=torch.float64))  # linear interpolation
     return [q[0].item(), q[1].item()]
@@ -68,7 +70,7 @@ def win_rate_ci(outcomes: Tensor, n_resamples: int = 2000, seed: int = 42, level
     """
     per_prompt = ((outcomes == 1).double() + 0.5 * (outcomes == 0).double()).mean(dim=1)  # (P,)
     idx = bootstrap_indices(per_prompt.numel(), n_resamples, seed)  # (R, P)
-    return _percentile_interval(per_prompt[idx].mean(dim=1), level)
+    return percentile_interval(per_prompt[idx].mean(dim=1), level)
 
 
 def fit_length_logistic(
@@ -129,4 +131,4 @@ def lc_win_rate_ci(
     )
     weights = counts.repeat_interleave(n, dim=1)  # (R, P * n): prompt-major, like the flattened pairs
     a, _ = fit_length_logistic(y.expand(n_resamples, -1), x, weights)
-    return _percentile_interval(torch.sigmoid(a), level)
+    return percentile_interval(torch.sigmoid(a), level)

@@ -11,10 +11,10 @@ Two kinds of snapshot:
 - without ``--lora``: the whole policy, a plain Hugging Face folder like ``final/``;
 - with ``--lora``: only the adapter (``adapter_config.json``, ``adapter_model.safetensors``, the
   info file): megabytes, not the model. The adapter sits on the policy the run started from,
-  which is also the run's reference (with LoRA the reference is those same weights with the
-  adapter off), so :func:`load_snapshot` loads the info's ``"reference"`` with
+  the info's ``"policy"`` (also the run's ``"reference"`` unless ``rl --reference`` named
+  another model), so :func:`load_snapshot` loads it with
   :func:`~rlhfkit.models.policy.load_policy` (the same pad-token fix the run applied) and
-  merges the adapter into it. The tokenizer is the reference's.
+  merges the adapter into it. The tokenizer is that starting policy's.
 
 This module sits on the ``models/`` floor so that an evaluation can read a run's snapshots
 without importing the training loop.
@@ -63,8 +63,9 @@ class Snapshot:
 
     @property
     def base(self) -> str | None:
-        """The model a LoRA adapter goes on: the run's starting policy, its reference (None for a whole model)."""
-        return self.info.get("reference") if self.is_adapter else None
+        """The model a LoRA adapter goes on: the run's starting policy, ``"policy"`` in the info (runs
+        written before it was recorded had it as their ``"reference"``) (None for a whole model)."""
+        return (self.info.get("policy") or self.info.get("reference")) if self.is_adapter else None
 
 
 def snapshot_name(update: int, max_steps: int) -> str:
@@ -98,14 +99,16 @@ def _read_info(path: Path) -> dict[str, Any]:
 
 def load_snapshot(snapshot: Snapshot, **kwargs: Any) -> tuple[Any, Any]:
     """``(model, tokenizer)`` of ``snapshot``, as :func:`~rlhfkit.models.policy.load_policy` gives
-    them (``kwargs`` go to it). A LoRA snapshot is merged into its base, the info's
-    ``"reference"`` (a relative path there is relative to where the run was started)."""
+    them (``kwargs`` go to it). A LoRA snapshot is merged into its base, :attr:`Snapshot.base`
+    (a relative path there is relative to where the run was started)."""
     from rlhfkit.models.policy import load_policy
 
     if not snapshot.is_adapter:
         return load_policy(str(snapshot.path), option=None, **kwargs)
     if not snapshot.base:
-        raise ValueError(f"{snapshot.path / INFO} names no 'reference': the base model of the adapter is unknown")
+        raise ValueError(
+            f"{snapshot.path / INFO} names no 'policy' (nor 'reference'): the base model of the adapter is unknown"
+        )
     from peft import PeftModel
 
     model, tokenizer = load_policy(snapshot.base, option=None, **kwargs)
