@@ -4,6 +4,10 @@ Each prompt gets ``n`` samples from A and ``n`` from B; sample ``i`` of A is jud
 sample ``i`` of B. The math is in :mod:`.winrate`, the judges in :mod:`.judges`, the files in
 :mod:`.report`.
 
+``rlhfkit eval --best-of N --selector SPEC`` puts best-of-N of A on the policy side: for each
+of A's sample slots, ``N`` answers of A, of which the selector (the proxy) keeps the best
+(:mod:`.best_of`); the judge compares that answer with B's.
+
 ``rlhfkit eval --checkpoints RUN`` (:func:`run_checkpoint_eval`) is the over-optimisation curve
 instead: the policy a run started from, each of its snapshots and its final policy, scored by
 the run's proxy and by a gold judge, against sqrt(KL) to the start (:mod:`.overoptimisation`).
@@ -36,6 +40,7 @@ from rlhfkit.models.tokenizers import use_chat_template
 from rlhfkit.ops import masked_sum, tempered
 from rlhfkit.sampling import SamplingSettings, iter_samples
 
+from .best_of import best_of_n_kl, pick_best
 from .judges import LMPairwiseJudge, ScoreJudge, load_judge, pairwise_outcomes
 from .overoptimisation import curve_markdown, curve_summary, gain_ci, mean_ci, plot_curve
 from .report import write_report
@@ -51,7 +56,8 @@ class EvalConfig(Options):
     """Win rate of a policy against a baseline by a judge, or a run's over-optimisation curve (--checkpoints).
 
     With ``--policy``: the win rate with intervals, a length-controlled win rate, KL of A to B and
-    response lengths. With ``--checkpoints RUN``: every snapshot of the run scored by its proxy
+    response lengths; with ``--best-of N --selector SPEC``, A's answers are best-of-N of the policy
+    by the selector. With ``--checkpoints RUN``: every snapshot of the run scored by its proxy
     and by ``--judge`` against sqrt(KL) to its start (see docs/eval.md)."""
 
     policy: str | None = opt(None, "policy A: a causal LM folder, run folder or alias")
@@ -77,6 +83,16 @@ class EvalConfig(Options):
     )
     samples_per_prompt: int = opt(
         1, "samples per prompt from each policy; sample i of A is judged against i of B", ge=1
+    )
+    best_of: int | None = opt(
+        None,
+        "judge best-of-N of --policy instead of its plain samples: each of A's samples is the one --selector "
+        "scores highest of N drawn (N >= 2); its KL is the analytic log(N) - (N-1)/N",
+    )
+    selector: str | None = opt(
+        None,
+        "with --best-of: what picks the best of N, a reward-model folder, DPO run or module:function "
+        "(the proxy; --judge stays the gold)",
     )
     n_prompts: int | None = opt(None, "use only the first N prompts", ge=1)
     max_new_tokens: int | None = opt(None, "response length limit (default: as recorded in A's folder, else 64)", ge=1)
@@ -115,6 +131,30 @@ class EvalConfig(Options):
                     )
         elif self.proxy:
             log.warning("eval: --proxy %s is ignored without --checkpoints (it is the curve's proxy)", self.proxy)
+        if self.best_of is not None:
+            if self.checkpoints:
+                raise ConfigError(
+                    f"--best-of {self.best_of} with --checkpoints: the curve scores each checkpoint's own samples, "
+                    "and best-of-N is a policy of its own; evaluate it with --policy MODEL --best-of N, or drop --best-of"
+                )
+            if self.best_of < 2:
+                raise ConfigError(
+                    f"option --best-of must be >= 2, got {self.best_of}: best-of-1 is the policy itself; drop "
+                    "--best-of (and --selector) to judge the policy's own samples"
+                )
+            if not self.selector:
+                raise ConfigError(
+                    f"--best-of {self.best_of} needs --selector: the reward-model folder, DPO run or module:function "
+                    f"that keeps the best of the {self.best_of} samples (the proxy; --judge stays the gold)"
+                )
+            if self.selector.startswith("lm:"):
+                raise ConfigError(
+                    f"--selector {self.selector}: an LM judge compares two answers and gives no score per answer, "
+                    "and best-of-N keeps the highest-scored of N; give a reward-model folder, a DPO run or "
+                    "module:function"
+                )
+        elif self.selector:
+            log.warning("eval: --selector %s is ignored without --best-of N (it picks the best of N)", self.selector)
         check_output_dir(self.output)
 
 
@@ -179,6 +219,16 @@ def _sampled_kl_full(policy, reference, batches, temperature: float) -> Tensor:
     return torch.stack(kls)
 
 
+def _same_model(a: str, b: str) -> bool:
+    """Whether two model specs name the same folder (or, not being folders, are the same alias)."""
+
+    def key(spec: str) -> str:
+        path = Path(resolve_run_folder(str(Path(spec).expanduser())))
+        return str(path.resolve()) if path.exists() else spec
+
+    return key(a) == key(b)
+
+
 def _lengths(x: Tensor) -> dict[str, Any]:
     v = x.tolist()
     return {"mean": statistics.fmean(v), "median": statistics.median(v), "min": min(v), "max": max(v)}
@@ -186,7 +236,8 @@ def _lengths(x: Tensor) -> dict[str, Any]:
 
 def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     """Sample A and B, judge the pairs, and write summary.json, samples.jsonl, report.md and report.html.
-    With ``cfg.checkpoints``: :func:`run_checkpoint_eval`."""
+    With ``cfg.best_of``: A's answer in each pair is the best of ``cfg.best_of`` of A's samples by
+    ``cfg.selector``. With ``cfg.checkpoints``: :func:`run_checkpoint_eval`."""
     if cfg.checkpoints:
         return run_checkpoint_eval(cfg)
     assert cfg.policy is not None  # EvalConfig.validate: --policy or --checkpoints
@@ -201,6 +252,17 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     max_new = cfg.max_new_tokens or int(info.get("max_new_tokens", 64))
     device = torch.device("cuda" if torch.cuda.is_available() and not cfg.cpu else "cpu")
     judge = load_judge(cfg.judge, device=device, batch_size=cfg.judge_batch_size)
+    selector = None
+    if cfg.best_of:
+        assert cfg.selector is not None  # EvalConfig.validate: --best-of needs --selector
+        selector = load_judge(cfg.selector, device=device, batch_size=cfg.judge_batch_size, option="--selector")
+        assert isinstance(selector, ScoreJudge)  # lm: is refused by EvalConfig.validate
+        if cfg.selector == cfg.judge:
+            log.warning(
+                "eval: --selector and --judge are the same (%s): best-of-N wins by the proxy that chose it, "
+                "which says nothing about an independent judge",
+                cfg.judge,
+            )
     dtype = inference_dtype(None, device)
     policy, tokenizer = load_policy(cfg.policy, device=device, dtype=dtype, option="--policy")
     base, base_tokenizer = load_policy(baseline, device=device, dtype=dtype, option="--baseline")
@@ -208,19 +270,40 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         tokenizer, cfg.chat_template if cfg.chat_template is not None else info.get("chat_template"), cfg.policy
     )
     settings = SamplingSettings(max_new, cfg.temperature, 0, 1.0, cfg.max_prompt_length)
-    n = cfg.samples_per_prompt
+    n, k, P = cfg.samples_per_prompt, cfg.best_of or 1, len(prompts)
 
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(cfg.seed)
-        a_resp, a_len, a_batches = _samples(policy, tokenizer, prompts, n, settings, chat, cfg.batch_size)
-        torch.manual_seed(cfg.seed + 1)
+        torch.manual_seed(cfg.seed)  # k draws for each of A's n slots: (P * n * k,) prompt-major, slot-major
+        a_resp, a_len, a_batches = _samples(policy, tokenizer, prompts, n * k, settings, chat, cfg.batch_size)
+        torch.manual_seed(cfg.seed + 1)  # B's answers do not depend on --best-of: runs share them
         b_resp, b_len, _ = _samples(base, base_tokenizer, prompts, n, settings, chat, cfg.batch_size)
     same_vocab = base_tokenizer.get_vocab() == tokenizer.get_vocab()
-    kl = _sampled_kl(policy, base, a_batches, cfg.temperature) if same_vocab else None
+    texts = [p.text for p in prompts for _ in range(n)]  # (P * n,) prompt-major, like the samples
+
+    candidates: list[list[str]] = []
+    cand_scores = chosen = None
+    if selector is None:
+        kl = _sampled_kl(policy, base, a_batches, cfg.temperature) if same_vocab else None
+        kl_info: dict[str, Any] = {"kl_kind": "sampled k1"}
+    else:
+        cand_texts = [t for t in texts for _ in range(k)]  # (P * n * k,)
+        cand_scores = selector.scores(cand_texts, a_resp).view(P * n, k)  # (P * n, k)
+        chosen = pick_best(cand_scores)  # (P * n,)
+        flat = torch.arange(P * n) * k + chosen  # (P * n,) into A's draws
+        candidates = [a_resp[i * k : (i + 1) * k] for i in range(P * n)]
+        a_resp, a_len = [a_resp[j] for j in flat.tolist()], a_len[flat]
+        # KL(bon || B) = KL(bon || A) + E_bon[log pA - log pB]: the first analytic, the second k1 on the chosen answers
+        kl_info = {"kl_kind": "analytic best-of-n", "kl_best_of_n": best_of_n_kl(k)}
+        if _same_model(cfg.policy, baseline):
+            kl = torch.full((P * n,), kl_info["kl_best_of_n"], dtype=torch.float64)  # exact: no sampling error
+        elif same_vocab:
+            k1 = _sampled_kl(policy, base, a_batches, cfg.temperature)[flat]  # (P * n,)
+            kl = kl_info["kl_best_of_n"] + k1.double()
+            kl_info = {**kl_info, "kl_kind": "analytic best-of-n + sampled k1 of A to B", "kl_k1": k1.mean().item()}
+        else:
+            kl = None
     if kl is None:
         log.warning("eval: %s and %s have different tokenizers; KL of A to B is not reported", cfg.policy, baseline)
-
-    texts = [p.text for p in prompts for _ in range(n)]  # (P * n,) prompt-major, like the samples
     score_a = score_b = None
     inconsistent = torch.zeros(len(texts), dtype=torch.bool)
     if isinstance(judge, LMPairwiseJudge):
@@ -228,13 +311,16 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     else:
         score_a, score_b = judge.scores(texts, a_resp), judge.scores(texts, b_resp)
         outcomes = outcomes_from_scores(score_a, score_b)
-    P = len(prompts)
     o = outcomes.view(P, n)  # (P, n)
     diff = (a_len - b_len).double().view(P, n)  # (P, n) tokens of A minus tokens of B
     r = rates(o)
     lc = lc_win_rate(o, diff)
     summary: dict[str, Any] = {
-        "policy": cfg.policy,
+        "policy": f"best-of-{k}({cfg.policy}) by {cfg.selector}" if selector is not None else cfg.policy,
+        "policy_model": cfg.policy,
+        "best_of": cfg.best_of,
+        "selector": cfg.selector if selector is not None else None,
+        "selector_kind": selector.kind if selector is not None else None,
         "baseline": baseline,
         "baseline_from": "--baseline" if cfg.baseline else "recorded reference",
         "judge": cfg.judge,
@@ -246,7 +332,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         "temperature": cfg.temperature,
         "seed": cfg.seed,
         "output": cfg.output,
-        **{k: r[k] for k in ("win", "tie", "loss", "wins", "ties", "losses", "win_rate")},
+        **{key: r[key] for key in ("win", "tie", "loss", "wins", "ties", "losses", "win_rate")},
         "win_rate_ci": win_rate_ci(o, cfg.bootstrap, cfg.seed),
         "lc_win_rate": lc["lc_win_rate"],
         "lc_win_rate_ci": lc_win_rate_ci(o, diff, cfg.bootstrap, cfg.seed),
@@ -259,6 +345,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         "score_baseline": score_b.mean().item() if score_b is not None else None,
         "kl": kl.mean().item() if kl is not None else None,
         "kl_std_error": (kl.std().item() / math.sqrt(len(kl))) if kl is not None and len(kl) > 1 else None,
+        **kl_info,
         "length_policy": _lengths(a_len),
         "length_baseline": _lengths(b_len),
     }
@@ -278,6 +365,13 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         }
         for i in range(len(texts))
     ]
+    if cand_scores is not None and chosen is not None:  # --best-of: what the selector chose from
+        summary["selector_score_policy"] = cand_scores.gather(1, chosen[:, None]).mean().item()
+        summary["selector_score_candidates"] = cand_scores.mean().item()  # A's own samples, as without --best-of
+        for i, row in enumerate(rows):
+            row["chosen"] = int(chosen[i])
+            row["candidates"] = candidates[i]
+            row["candidates_scores"] = cand_scores[i].tolist()
     write_report(Path(cfg.output), summary, rows, a_len.tolist(), b_len.tolist())
     return summary
 
@@ -492,5 +586,6 @@ def print_summary(summary: dict[str, Any], as_json: bool) -> None:
     print(f"  win rate {summary['win_rate']:.1%} [{lo:.1%}, {hi:.1%}]")
     print(f"  length-controlled win rate {summary['lc_win_rate']:.1%} [{llo:.1%}, {lhi:.1%}]")
     if summary["kl"] is not None:
-        print(f"  KL(A || B) {summary['kl']:.3f} nats per response")
+        how = f" ({summary['kl_kind']})" if summary.get("best_of") else ""
+        print(f"  KL(A || B) {summary['kl']:.3f} nats per response{how}")
     print(f"  wrote {summary.get('output', '')}")

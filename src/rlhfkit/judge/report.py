@@ -34,8 +34,17 @@ def _lines(s: dict[str, Any]) -> list[tuple[str, str]]:
         rows.append(("position-inconsistent pairs (ties)", str(s["position_inconsistent"])))
     if s["score_policy"] is not None:
         rows.append(("mean judge score A / B", f"{s['score_policy']:.4g} / {s['score_baseline']:.4g}"))
+    if s.get("best_of"):
+        rows.append(("selector (picks A's best of N)", f"{s['selector']} ({s['selector_kind']})"))
+        rows.append(
+            (
+                "mean selector score, chosen / all drawn",
+                f"{s['selector_score_policy']:.4g} / {s['selector_score_candidates']:.4g}",
+            )
+        )
     if s["kl"] is not None:
-        rows.append(("KL of A to B, sampled", f"{s['kl']:.4g} nats per response (s.e. {s['kl_std_error'] or 0:.2g})"))
+        kind = s.get("kl_kind", "sampled k1")
+        rows.append((f"KL of A to B, {kind}", f"{s['kl']:.4g} nats per response (s.e. {s['kl_std_error'] or 0:.2g})"))
     la, lb = s["length_policy"], s["length_baseline"]
     rows.append(("tokens per response A", f"mean {la['mean']:.1f}, median {la['median']:g}"))
     rows.append(("tokens per response B", f"mean {lb['mean']:.1f}, median {lb['median']:g}"))

@@ -29,6 +29,7 @@ from rlhfkit.data.prompts import Prompt, read_prompts
 from rlhfkit.data.types import PreferenceExample, strict_ranks
 from rlhfkit.data.writers import write_preferences
 from rlhfkit.defaults import MAX_PROMPT_LENGTH
+from rlhfkit.evaluation.best_of import best_of_n_kl
 from rlhfkit.files import check_output_dir, check_output_file
 from rlhfkit.models.cpu_linear import apply_cpu_matmul
 from rlhfkit.models.logprobs import policy_logprobs
@@ -207,11 +208,6 @@ def run_bon(cfg: BonConfig) -> list[dict[str, Any]]:
 
 
 # ------------------------------------------------------------------------- ppo-eval
-def best_of_n_kl(n: int) -> float:
-    """KL(best-of-n || base) = log n - (n - 1) / n nats (arXiv:2009.01325, appendix G.3)."""
-    return math.log(n) - (n - 1) / n
-
-
 def expected_best_of_n(scores: Tensor, n: int, values: Tensor | None = None) -> Tensor:
     """Unbiased estimate of ``E[max of n samples]`` per row from ``K >= n`` samples ``scores (P, K)``;
     with ``values (P, K)``, of the value of the sample the scores pick (e.g. its gold score).
