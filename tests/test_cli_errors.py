@@ -316,8 +316,11 @@ def test_a_folder_that_is_not_a_model_exits_2_saying_why(files, tmp_path, capsys
         ("generate", "--policy"),
         ("rl", "--policy"),
         ("sft", "--policy"),
+        ("rl", "--reference"),  # options that name a second model, given after the command's own
+        ("rm train", "--init-from"),
     ]:
         argv = cmd[command][0]
+        argv = argv if flag in argv else [*argv, flag, "PLACEHOLDER"]
         at = argv.index(flag) + 1
         for kind, folder in broken.items():
             bad = [*argv[:at], str(folder), *argv[at + 1 :]]
@@ -388,6 +391,10 @@ def test_options_valid_alone_but_not_together_exit_2_and_write_nothing(files, ti
         ([*sft, "--eval", files["sft"], "--eval-fraction", "0.5"], "give either --eval FILE or --eval-fraction"),
         ([*cmd["rl"][0], "--samples-per-prompt", "1"], "--algo grpo compares the samples of a prompt"),
         ([*cmd["ppo"][0], "--kl-penalty", "loss"], "--kl-penalty loss is for the critic-free algorithms"),
+        (
+            [*cmd["rl"][0], "--kl-penalty", "none", "--reference", files["lm"]],
+            f"--reference {files['lm']} names the model of the KL term, and --kl-penalty none drops that term",
+        ),
         (
             [*cmd["ppo"][0], "--mini-batch-size", "3"],
             "option --mini-batch-size (3) must divide the rollout's 2 responses",

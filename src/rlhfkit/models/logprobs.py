@@ -7,7 +7,9 @@ chosen). Only the positions that predict response tokens go through the LM head
 nothing. :func:`response_logits` is the one forward pass; :func:`policy_logprobs` (the
 rollout's reference and old log-probs, the KL of ``ppo-eval`` and ``dpo``) and
 :class:`SequenceLogprobs` (``log pi(y | x)`` of whole responses, for DPO and its implicit
-reward) are built on it.
+reward) are built on it. :func:`response_hidden` is the same pass stopped at the last hidden
+states, for :func:`rlhfkit.models.chunked_logprobs.logprobs_from_hidden` (``rl
+--logprob-chunk-size``), with :func:`lm_head_weights` the head's weight it reads.
 """
 
 from __future__ import annotations
@@ -16,11 +18,20 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from rlhfkit.errors import UserError
 from rlhfkit.models.packing import PackedBatch, packed_kwargs
 from rlhfkit.models.policy import forward_accepts
 from rlhfkit.ops import logprobs_from_logits, masked_sum, tempered
 
-__all__ = ["position_ids_from_mask", "response_positions", "response_logits", "policy_logprobs", "SequenceLogprobs"]
+__all__ = [
+    "position_ids_from_mask",
+    "response_positions",
+    "response_logits",
+    "response_hidden",
+    "lm_head_weights",
+    "policy_logprobs",
+    "SequenceLogprobs",
+]
 
 
 def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
@@ -77,6 +88,59 @@ def response_logits(
     logits = out.logits[:, -n_response - 1 : -1]  # (B, N, V): position P-1+t predicts token t
     hidden = out.hidden_states[-1][:, -n_response - 1 : -1] if output_hidden else None  # (B, N, H)
     return logits, hidden
+
+
+def response_hidden(
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, n_response: int, packed: PackedBatch | None = None
+) -> Tensor:
+    """The last hidden states ``(B, N, H)`` (after the final norm) predicting the last ``N`` tokens.
+
+    The same forward pass as :func:`response_logits`, through the model's own ``forward`` (so
+    DDP, peft and autocast see an ordinary call), but with one position's logits only
+    (``logits_to_keep``): the response logits are left to
+    :func:`rlhfkit.models.chunked_logprobs.logprobs_from_hidden`, a chunk at a time.
+    """
+    if packed is not None:
+        keep = response_positions(packed, input_ids.shape[1], n_response)  # (B, N)
+        out = model(
+            **packed_kwargs(packed), logits_to_keep=keep.new_zeros(1), output_hidden_states=True, use_cache=False
+        )
+        return out.hidden_states[-1][0, keep.flatten()].view(*keep.shape, -1)  # (B, N, H)
+    kwargs = dict(logits_to_keep=1) if forward_accepts(model, "logits_to_keep") else {}
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        output_hidden_states=True,
+        use_cache=False,
+        **kwargs,
+    )
+    return out.hidden_states[-1][:, -n_response - 1 : -1]  # (B, N, H): position P-1+t predicts token t
+
+
+def lm_head_weights(model: nn.Module, option: str = "--logprob-chunk-size") -> tuple[Tensor, Tensor | None]:
+    """``(weight (V, H), bias (V,) or None)`` of a causal LM's output layer (a tied embedding's
+    weight is the same tensor), looking through DDP and peft wrappers.
+
+    Raises :class:`UserError` naming ``option`` when the head is not an ``nn.Linear`` (LoRA on
+    the LM head itself) or its weight is sharded (FSDP2 gathers it only inside the model's
+    own forward pass): log-probs from hidden states cannot read it there.
+    """
+    inner = getattr(model, "module", model)  # under DistributedDataParallel
+    head = inner.get_output_embeddings()
+    if not isinstance(head, nn.Linear):  # nn.Linear and its subclasses (cpu_linear.OneDNNLinear); not peft's LoRA layer
+        raise UserError(
+            f"{option}: the model's output layer is a {type(head).__module__}.{type(head).__qualname__}, not a plain "
+            "torch.nn.Linear (LoRA on lm_head?); "
+            f"log-probs from hidden states need its weight as one matrix. Pass {option} 0, or leave lm_head out of "
+            "--lora-target."
+        )
+    if hasattr(head.weight, "placements"):  # a DTensor: FSDP2's shard
+        raise UserError(
+            f"{option}: the LM head's weight is sharded (FSDP2), and it is gathered only inside the model's forward "
+            f"pass; pass {option} 0 under fsdp2."
+        )
+    return head.weight, head.bias
 
 
 def policy_logprobs(

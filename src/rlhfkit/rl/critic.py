@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from rlhfkit.config import ConfigError
-from rlhfkit.models.logprobs import position_ids_from_mask, response_logits, response_positions
+from rlhfkit.models.logprobs import position_ids_from_mask, response_hidden, response_logits, response_positions
 from rlhfkit.models.packing import PackedBatch, packed_kwargs
 from rlhfkit.models.reward import RewardModel
 from rlhfkit.ops import tempered
@@ -139,9 +139,18 @@ class ActorCritic(nn.Module):
         n_response: int,
         temperature: float = 1.0,
         packed: PackedBatch | None = None,
+        hidden_only: bool = False,
     ) -> tuple[Tensor, Tensor]:
         """``(logits (B, N, V), values (B, N))`` for the response tokens of ``input_ids (B, P + N)``
-        (values 0 without a value network)."""
+        (values 0 without a value network). ``hidden_only``: the actor's last hidden states
+        ``(B, N, H)`` instead of the logits (``rl --logprob-chunk-size``; the temperature is then the caller's)."""
+        if hidden_only:
+            hidden = response_hidden(self.actor, input_ids, attention_mask, n_response, packed=packed)  # (B, N, H)
+            if self.value_head is not None:
+                return hidden, self.value_head(hidden)
+            if self.critic is not None:
+                return hidden, self.critic(input_ids, attention_mask, n_response, packed=packed)
+            return hidden, torch.zeros(hidden.shape[:2], device=hidden.device)
         logits, hidden = response_logits(
             self.actor, input_ids, attention_mask, n_response, output_hidden=self.value_head is not None, packed=packed
         )

@@ -64,15 +64,17 @@ from rlhfkit.defaults import (
     samples_per_prompt,
 )
 from rlhfkit.errors import RunStopped
+from rlhfkit.models.chunked_logprobs import logprobs_from_hidden
 from rlhfkit.models.cpu_linear import apply_cpu_matmul
-from rlhfkit.models.logprobs import response_logits
+from rlhfkit.models.hub import resolve_model
+from rlhfkit.models.logprobs import lm_head_weights, response_hidden, response_logits
 from rlhfkit.models.lora import with_lora
 from rlhfkit.models.packing import packing_unsupported, use_packed_attention
 from rlhfkit.models.policy import load_policy
 from rlhfkit.models.policy_info import POLICY_INFO
 from rlhfkit.models.snapshots import save_adapter, snapshot_name
 from rlhfkit.models.tokenizers import use_chat_template
-from rlhfkit.ops import logprobs_from_logits, masked_sum, tempered
+from rlhfkit.ops import logprobs_from_logits, masked_mean, masked_sum, tempered
 from rlhfkit.rl.advantages import (
     broadcast_to_tokens,
     compute_gae,
@@ -129,6 +131,12 @@ class RLConfig(SamplingOptions, RewardSourceOptions, RunOptions, OptimOptions, L
         "where the KL to the reference enters: a per-token penalty in "
         "the reward, a k3 term in the loss, or none (no KL term and no reference model held, as DAPO); "
         "auto: loss for grpo, reward otherwise",
+    )
+    reference: str | None = opt(
+        None,
+        "the frozen model the KL term compares with: alias, folder or hub id, resolved like --policy, with the "
+        "policy's tokenizer (default: the starting --policy). InstructGPT-style rounds: --policy LAST_RUN/final "
+        "continues from the last round while --reference SFT_MODEL keeps the KL anchored to the SFT model",
     )
     scale_rewards: bool = opt(
         True,
@@ -208,6 +216,13 @@ class RLConfig(SamplingOptions, RewardSourceOptions, RunOptions, OptimOptions, L
     vf_clip: float | None = opt(0.2, "value clip range (none = unclipped value loss)", gt=0)
     vf_coef: float = opt(0.1, "weight of the value loss", ge=0)
     entropy_coef: float = opt(0.0, "weight of the entropy bonus", ge=0)
+    logprob_chunk_size: int = opt(
+        0,
+        "the update's log-probs and entropy from the last hidden states, this many response tokens' logits "
+        "at a time, recomputed in the backward pass (no (rows, tokens, vocab) logits kept); 0: build the "
+        "logits at once (faster; see docs/scaling.md). Not under fsdp2",
+        ge=0,
+    )
     lr: float = opt(1e-5, "actor learning rate", gt=0)
     critic_lr: float | None = opt(None, "critic (or value head) learning rate (default: --lr)", gt=0)
     warmup_ratio: float = opt(0.0, "share of the updates spent warming the learning rate up", ge=0, lt=1)
@@ -236,7 +251,9 @@ class RLConfig(SamplingOptions, RewardSourceOptions, RunOptions, OptimOptions, L
         "their weights per process) or replicate them (a full copy per process: no gathering per block, faster "
         "for small models)",
     )
-    save_every: int = opt(25, "write a resumable checkpoint every N updates (and at the end)", ge=1)
+    save_every: int = opt(
+        25, "write a resumable checkpoint every N updates (and after the last, unless --no-final-checkpoint)", ge=1
+    )
     save_policy_every: int | None = opt(
         None,
         "write the policy to OUTPUT/snapshots/update-N/ after every N updates (with --lora only the adapter), "
@@ -264,6 +281,12 @@ class RLConfig(SamplingOptions, RewardSourceOptions, RunOptions, OptimOptions, L
             self.loss_aggregation = "sequence" if self.algo == "grpo" else "token"
         if self.kl_penalty == "none":  # DAPO, arXiv:2503.14476 sec. 2.3: no KL term, no reference model
             require(
+                self.reference is None,
+                f"--reference {self.reference} names the model of the KL term, and --kl-penalty none drops that term "
+                "(no reference is loaded); remove --reference, or choose --kl-penalty reward or loss to keep the KL "
+                "leash to it",
+            )
+            require(
                 not self.kl_coef and not self.adaptive_kl,
                 f"--kl-penalty none drops the KL term and the reference model, so it cannot take "
                 f"{'--adaptive-kl' if self.adaptive_kl else f'--kl-coef {self.kl_coef}'}; remove that option, or "
@@ -274,6 +297,12 @@ class RLConfig(SamplingOptions, RewardSourceOptions, RunOptions, OptimOptions, L
             self.kl_coef = 0.0
         elif self.kl_coef is None:
             self.kl_coef = 0.05
+        if self.reference is not None and not self.uses_reference:
+            logger.warning(
+                "--reference %s is ignored: --kl-coef 0 without --adaptive-kl has no KL term, so no reference is "
+                "loaded; give --kl-coef > 0 to keep the KL leash to it",
+                self.reference,
+            )
         require(
             self.overlong_penalty is None or self.overlong_buffer is not None,
             f"--overlong-penalty {self.overlong_penalty} needs --overlong-buffer L: the penalty grows over the last L "
@@ -350,8 +379,8 @@ class PPOConfig(RLConfig):
 
 # ------------------------------------------------------------------ building blocks
 def load_models(cfg: RLConfig, device):
-    """(tokenizer, ActorCritic, frozen reference (None with LoRA or without a KL term), reward source, the critic
-    kind used, packing on)."""
+    """(tokenizer, ActorCritic, frozen reference (None without a KL term, and with LoRA when the reference is the
+    starting policy: the actor with its adapter off), reward source, the critic kind used, packing on)."""
     actor, tokenizer = load_policy(cfg.policy)
     apply_cpu_matmul(cfg.cpu_matmul, device, actor)  # before the reference copy and LoRA: all inherit these
     packing = cfg.packing and packing_unsupported(actor) is None
@@ -362,9 +391,11 @@ def load_models(cfg: RLConfig, device):
     if cfg.gradient_checkpointing:
         actor.gradient_checkpointing_enable()
     ref_model = None
+    if cfg.uses_reference and separate_reference(cfg):
+        ref_model = load_reference(cfg, tokenizer, device, packing)
     if cfg.lora:
         actor = with_lora(actor, cfg, "CAUSAL_LM")
-    elif cfg.uses_reference:
+    elif cfg.uses_reference and ref_model is None:
         ref_model = copy.deepcopy(actor).to(device).eval().requires_grad_(False)
     reward = cfg.load_reward(device, cfg.cpu_matmul)
     if cfg.algo != "ppo":  # critic-free: no value network is built or held
@@ -392,6 +423,43 @@ def load_models(cfg: RLConfig, device):
     model = ActorCritic(actor, critic)
     model.eval()  # no dropout anywhere: rollout and update must see the same policy
     return tokenizer, model, ref_model, reward, critic_spec, packing
+
+
+def _local(name: str) -> str:
+    """A resolved model name as one spelling: the real path of a local folder, a hub id as it is."""
+    return str(Path(name).resolve()) if Path(name).exists() else name
+
+
+def separate_reference(cfg: RLConfig) -> bool:
+    """Whether ``--reference`` names another model than ``--policy`` (both resolved: an alias, a run
+    folder's export, a symlink). ``False`` keeps the one-model path: a copy of the starting policy,
+    or with LoRA the actor with its adapter off."""
+    if cfg.reference is None:
+        return False
+    return _local(resolve_model(cfg.reference, "--reference")) != _local(resolve_model(cfg.policy, "--policy"))
+
+
+def load_reference(cfg: RLConfig, tokenizer, device, packing: bool):
+    """The frozen ``--reference`` policy, loaded like ``--policy`` (fp32, the same pad-token fix and
+    matmul kernel, packed attention when the run packs). The KL term compares log-probs of the
+    same token ids, so its tokenizer must be the policy's."""
+    ref_model, ref_tokenizer = load_policy(cfg.reference, option="--reference")
+    if ref_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise ConfigError(
+            f"--reference {cfg.reference} has another tokenizer than --policy {cfg.policy} "
+            f"({len(ref_tokenizer)} vs {len(tokenizer)} tokens, or the same size with other ids): the KL term "
+            "compares both models' log-probs of the same token ids. Give a reference trained from the same base "
+            "model as the policy (e.g. the SFT model the policy came from)"
+        )
+    apply_cpu_matmul(cfg.cpu_matmul, device, ref_model)
+    if packing:
+        if packing_unsupported(ref_model) is not None:
+            raise ConfigError(
+                f"--packing: the reference {cfg.reference} cannot run packed batches "
+                f"({packing_unsupported(ref_model)}); pass --no-packing"
+            )
+        use_packed_attention(ref_model)
+    return ref_model.to(device).eval().requires_grad_(False)
 
 
 def prompt_indices(n_prompts: int, batch_size: int, step: int, seed: int, rank: int, world: int) -> list[int]:
@@ -479,7 +547,8 @@ def export_policy(
     if state_dict is not None and model.value_head is not None:  # keys of the ActorCritic: keep the actor's
         state_dict = {k.removeprefix("actor."): v for k, v in state_dict.items() if k.startswith("actor.")}
     info = {
-        "reference": cfg.policy,
+        "reference": cfg.reference or cfg.policy,  # the KL term's model: rlhfkit eval's default baseline
+        "policy": cfg.policy,  # the starting policy: the base a LoRA snapshot's adapter goes on
         "temperature": cfg.temperature,
         "chat_template": chat,
         "max_new_tokens": cfg.max_new_tokens,
@@ -558,11 +627,43 @@ def _share(mask, minibatch, micro, per: str):
 
 def policy_objective(cfg: RLConfig, logits, batch: UpdateBatch, micro):
     """The actor's loss on rollout rows ``micro`` from their tempered response logits ``(m, N, V)``,
+    and its stats (:func:`policy_objective_from_logprobs`)."""
+    mask = loss_mask(cfg, batch.rollout)[micro]  # (m, N)
+    logprobs = logprobs_from_logits(logits, batch.rollout.response_ids[micro]).float()  # (m, N)
+    if cfg.entropy_coef > 0:
+        entropy = entropy_bonus(logits, mask)
+    else:
+        with torch.no_grad():  # for the log only: no (m, N, V) softmax kept for the backward pass
+            entropy = entropy_bonus(logits.detach(), mask)
+    return policy_objective_from_logprobs(cfg, logprobs, entropy, batch, micro)
+
+
+def chunked_token_stats(cfg: RLConfig, actor, hidden, batch: UpdateBatch, micro):
+    """``(logprobs (m, N), entropy)`` from the actor's last hidden states ``(m, N, H)`` a chunk of
+    ``--logprob-chunk-size`` tokens at a time (:func:`~rlhfkit.models.chunked_logprobs.logprobs_from_hidden`):
+    the same numbers as :func:`policy_objective`'s, without the ``(m, N, V)`` logits."""
+    weight, bias = lm_head_weights(actor)
+    token_logprobs, token_entropy = logprobs_from_hidden(
+        hidden,
+        weight,
+        batch.rollout.response_ids[micro],
+        bias=bias,
+        temperature=cfg.temperature,  # the distribution the tokens were sampled from
+        chunk_size=cfg.logprob_chunk_size,
+        with_entropy=True,
+    )
+    mask = loss_mask(cfg, batch.rollout)[micro]  # (m, N)
+    if cfg.entropy_coef == 0:
+        token_entropy = token_entropy.detach()  # for the log only
+    return token_logprobs, masked_mean(token_entropy, mask)  # per-token mean entropy, as entropy_bonus
+
+
+def policy_objective_from_logprobs(cfg: RLConfig, logprobs, entropy, batch: UpdateBatch, micro):
+    """The actor's loss on rollout rows ``micro`` from their log-probs ``(m, N)`` and mean entropy,
     and its stats: the clipped surrogate aggregated by ``--loss-aggregation``, minus the entropy
     bonus, plus (``--kl-penalty loss``) ``batch.kl_coef`` times the k3 KL term. The one place
     the policy loss is put together, for the actor alone and for the actor with a value head."""
     r, mask = batch.rollout, loss_mask(cfg, batch.rollout)[micro]  # (m, N)
-    logprobs = logprobs_from_logits(logits, r.response_ids[micro]).float()  # (m, N)
     pg_loss, pg_stats = policy_loss(
         logprobs,
         r.old_logprobs[micro],
@@ -572,13 +673,7 @@ def policy_objective(cfg: RLConfig, logits, batch: UpdateBatch, micro):
         cfg.loss_aggregation,
         clip_eps_high=cfg.clip_eps_high,
     )
-    if cfg.entropy_coef > 0:
-        entropy = entropy_bonus(logits, mask)
-        loss = pg_loss - cfg.entropy_coef * entropy
-    else:
-        with torch.no_grad():  # for the log only: no (m, N, V) softmax kept for the backward pass
-            entropy = entropy_bonus(logits.detach(), mask)
-        loss = pg_loss
+    loss = pg_loss - cfg.entropy_coef * entropy if cfg.entropy_coef > 0 else pg_loss  # PPO eq. 9's entropy term
     stats = {
         "rl/policy_loss": pg_loss,
         "rl/entropy": entropy,
@@ -597,6 +692,14 @@ def actor_micro_loss(cfg: RLConfig, actor, batch: UpdateBatch, minibatch, micro)
     share of the minibatch, and its stats."""
     r = batch.rollout
     weight = _share(loss_mask(cfg, r), minibatch, micro, cfg.loss_aggregation)
+    if cfg.logprob_chunk_size:
+        hidden = response_hidden(
+            actor, r.input_ids[micro], r.attention_mask[micro], r.response_mask.shape[1], packed=_packed(r, micro)
+        )  # (m, N, H)
+        loss, stats = policy_objective_from_logprobs(
+            cfg, *chunked_token_stats(cfg, actor, hidden, batch, micro), batch, micro
+        )
+        return loss * weight, {k: v.detach().float() * weight.detach() for k, v in stats.items()}
     logits, _ = response_logits(
         actor, r.input_ids[micro], r.attention_mask[micro], r.response_mask.shape[1], packed=_packed(r, micro)
     )
@@ -622,10 +725,18 @@ def joint_micro_loss(cfg: RLConfig, actor_critic, batch: UpdateBatch, minibatch,
     and the value loss by its share of the tokens, exactly as with a separate critic."""
     r = batch.rollout
     mask = r.response_mask[micro]
-    logits, values = actor_critic(
-        r.input_ids[micro], r.attention_mask[micro], mask.shape[1], cfg.temperature, packed=_packed(r, micro)
-    )
-    pg_part, stats = policy_objective(cfg, logits, batch, micro)
+    if cfg.logprob_chunk_size:  # the actor's hidden states, its log-probs a chunk at a time
+        hidden, values = actor_critic(
+            r.input_ids[micro], r.attention_mask[micro], mask.shape[1], packed=_packed(r, micro), hidden_only=True
+        )
+        inner = getattr(actor_critic, "module", actor_critic)  # under DDP
+        token_stats = chunked_token_stats(cfg, inner.actor, hidden, batch, micro)
+        pg_part, stats = policy_objective_from_logprobs(cfg, *token_stats, batch, micro)
+    else:
+        logits, values = actor_critic(
+            r.input_ids[micro], r.attention_mask[micro], mask.shape[1], cfg.temperature, packed=_packed(r, micro)
+        )
+        pg_part, stats = policy_objective(cfg, logits, batch, micro)
     vf_loss, vf_stats = value_loss(values.float(), r.old_values[micro], batch.returns[micro], mask, cfg.vf_clip)
     pg_weight = _share(loss_mask(cfg, r), minibatch, micro, cfg.loss_aggregation)
     vf_weight = _share(r.response_mask, minibatch, micro, "token")
@@ -802,6 +913,11 @@ def build_networks(cfg: RLConfig, run: Run, model: ActorCritic):
 def train_rl(cfg: RLConfig) -> dict[str, Any]:
     """Run ``--algo``; returns the last update's metrics plus ``final`` (the exported folder, if finished)."""
     run = start_run(cfg, cfg.algo)
+    require(
+        not (cfg.logprob_chunk_size and run.sharded),
+        f"--logprob-chunk-size {cfg.logprob_chunk_size} reads the LM head's weight outside the model's forward pass, "
+        "where FSDP2 keeps it sharded; pass --logprob-chunk-size 0 under fsdp2 (DDP and one process are fine)",
+    )
     prompts = read_prompts(cfg.prompts)
     if cfg.batch_size * run.world > len(prompts):
         logger.warning(
@@ -833,6 +949,7 @@ def train_rl(cfg: RLConfig) -> dict[str, Any]:
     run.write(
         f"{cfg.algo}: {len(prompts)} prompts, {k} sample(s) per prompt, policy {cfg.policy}{' (LoRA)' if cfg.lora else ''}, "
         f"reward {reward!r}, critic {critic_spec}, chat template {'on' if chat else 'off'}"
+        + (f", KL reference {cfg.reference}" if cfg.uses_reference and cfg.reference is not None else "")
         + (
             f", frozen models {'sharded' if cfg.frozen_models == 'shard' else 'replicated'}"
             if run.sharded and frozen
@@ -940,8 +1057,7 @@ def train_rl(cfg: RLConfig) -> dict[str, Any]:
         save_snapshot(run, steps, model, tokenizer, cfg, chat, state.step, row)
         cadence.after_step(run, state, log=partial(run.log.log, state.step, row))
 
-    run.save(state)
-    finished = run.close(state, cfg.max_steps)
+    finished = run.finish(state, cfg.max_steps)
     result = dict(row)
     if finished:
         result["final"] = str(export_policy(run, steps[0], model, tokenizer, cfg, chat, run_point(state.step, row)))
