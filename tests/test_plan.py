@@ -232,6 +232,7 @@ PLAN_KEYS = {
     "device",
     "precision",
     "settings",
+    "lengths",
     "device_memory_gb",
     "config",
     "per_device_gb",
@@ -369,3 +370,89 @@ def test_an_encoder_as_the_policy_warns_that_it_cannot_be_one(algo, tiny_encoder
         assert main(["plan", "--model", str(tiny_encoder), "--algo", "rm"]) == 0  # a reward model backbone: fine
     assert "cannot be a policy" not in caplog.text
     capsys.readouterr()
+
+
+# ------------------------------------------------ the run's real lengths: --prompts / --train
+# The tiny tokenizer is byte-level: one token per byte, one per special token. Its ChatML
+# template renders a prompt as "<|im_start|>user\n" + text + "<|im_end|>\n<|im_start|>assistant\n":
+# 1 + 5 + len(text) + 1 + 1 + 1 + 10 = len(text) + 19 tokens.
+def _plan_json(capsys, argv) -> dict:
+    assert main(["plan", *argv, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_plan_with_prompts_uses_their_longest_rendered_length(tiny_lm, tmp_path, capsys):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("ab\nhello\nabcd\n")
+    common = ["--model", str(tiny_lm), "--algo", "grpo", "--device", "cpu", "--prompts", str(prompts)]
+    out = _plan_json(capsys, common)
+    assert out["settings"]["prompt_length"] == 5 + 19
+    assert {k: out["lengths"][k] for k in ("count", "p50", "p95", "longest", "over_limit")} == {
+        "count": 3,
+        "p50": 4 + 19,
+        "p95": 5 + 19,
+        "longest": 5 + 19,
+        "over_limit": 0,
+    }
+    plain = _plan_json(capsys, [*common, "--no-chat-template"])  # the raw text: one token per byte
+    assert plain["settings"]["prompt_length"] == 5
+    cut = _plan_json(capsys, [*common, "--max-prompt-length", "20"])  # cut as the rollout cuts it
+    assert cut["settings"]["prompt_length"] == 20 and cut["lengths"]["over_limit"] == 3
+    assert main(["plan", *common]) == 0
+    table = capsys.readouterr().out
+    assert f"lengths: 3 prompts of --prompts {prompts}: median 23, p95 24, longest 24 tokens" in table
+    assert "24 + 64 tokens" in table
+    without = _plan_json(capsys, common[:-2])  # no file: the maximum
+    assert without["settings"]["prompt_length"] == 256 and without["lengths"] is None
+
+
+def test_plan_with_train_uses_the_longest_prompt_and_response(tiny_lm, tmp_path, capsys):
+    data = tmp_path / "pairs.jsonl"
+    rows = [
+        {"prompt": "ab", "chosen": "cde", "rejected": "f"},  # 2 + 3 + EOS = 6; 2 + 1 + 1 = 4
+        {"prompt": "hello", "chosen": "x" * 20, "rejected": "y"},  # 5 + 20 + 1 = 26; 7
+    ]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    argv = ["--model", str(tiny_lm), "--algo", "dpo", "--device", "cpu", "--train", str(data), "--no-chat-template"]
+    out = _plan_json(capsys, argv)
+    assert out["settings"]["max_length"] == 26
+    assert (out["lengths"]["count"], out["lengths"]["p50"]) == (4, 6)
+    assert out["settings"]["list_size"] == 2 and out["lengths"]["list_size"] == 2
+    assert _plan_json(capsys, [*argv, "--max-length", "16"])["settings"]["max_length"] == 16
+    tsv = tmp_path / "lists.tsv"  # rank lists with a prompt column: "q" + response + EOS
+    tsv.write_text("q\ta\tbb\tccc\n")
+    lists = _plan_json(capsys, [*argv[:-2], str(tsv), "--no-chat-template", "--prompt-column"])
+    assert (lists["settings"]["max_length"], lists["settings"]["list_size"]) == (1 + 3 + 1, 3)
+    assert (
+        _plan_json(capsys, [*argv[:-2], str(tsv), "--no-chat-template", "--prompt-column", "--list-size", "2"])[
+            "settings"
+        ]["list_size"]
+        == 2
+    )
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["--algo", "grpo", "--prompts", "{missing}"], "--prompts"),
+        (["--algo", "dpo", "--train", "{missing}"], "--train"),
+        (["--algo", "sft", "--train", "{missing}"], "--train .*plan measures rm and dpo training files only"),
+    ],
+)
+def test_plan_with_a_bad_data_file_names_the_option(tiny_lm, tmp_path, capsys, argv, match):
+    import re
+
+    argv = [a.replace("{missing}", str(tmp_path / "missing.txt")) for a in argv]
+    assert main(["plan", "--model", str(tiny_lm), "--device", "cpu", *argv]) == 2
+    assert re.search(match, capsys.readouterr().err)
+
+
+def test_plan_with_prompts_needs_a_tokenizer(tmp_path, tiny_lm, capsys):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("ab\n")
+    assert main(["plan", "--model", "7B", "--algo", "grpo", "--prompts", str(prompts)]) == 2
+    assert "--prompts needs a tokenizer to count tokens, and --model 7B gives none" in capsys.readouterr().err
+    out = _plan_json(
+        capsys, ["--model", "7B", "--algo", "grpo", "--prompts", str(prompts), "--tokenizer", str(tiny_lm)]
+    )
+    assert out["settings"]["prompt_length"] == 2 + 19

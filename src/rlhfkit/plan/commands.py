@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-from rlhfkit.config import Options, opt, require
+from rlhfkit.config import ConfigError, Options, opt, require
 from rlhfkit.defaults import (
     BATCH_SIZE,
     EVAL_BATCH_SIZE,
@@ -24,7 +24,9 @@ from rlhfkit.defaults import (
     RL_LORA_DROPOUT,
     samples_per_prompt,
 )
+from rlhfkit.errors import UserError
 from rlhfkit.plan.estimate import CONFIGS, GIB, RL_ALGOS, Estimate, Setup, estimate
+from rlhfkit.plan.lengths import MeasuredLengths, preference_lengths, prompt_lengths, summarise
 from rlhfkit.plan.shapes import ModelShape, resolve_shape
 
 logger = logging.getLogger(__name__)
@@ -78,7 +80,9 @@ class PlanConfig(Options):
         f"{BATCH_SIZE['dpo']}), rl prompts per rollout ({BATCH_SIZE['rl']})",
         ge=1,
     )
-    list_size: int = opt(2, "rm/dpo: responses per list (2: pairs)", ge=2)
+    list_size: int | None = opt(
+        None, "rm/dpo: responses per list (default: the longest list of --train, else 2: pairs)", ge=2
+    )
     max_length: int | None = opt(
         None, f"sft/rm/dpo: tokens per sequence ({MAX_LENGTH['sft']}/{MAX_LENGTH['rm']}/{MAX_LENGTH['dpo']})", ge=8
     )
@@ -109,11 +113,31 @@ class PlanConfig(Options):
         "when the run has eval data); 0: none",
         ge=0,
     )
+    prompts: str | None = opt(
+        None,
+        "rl: the run's prompt file: plan with its longest prompt in tokens (rendered and tokenized as rl does, cut "
+        "at --max-prompt-length) instead of --max-prompt-length",
+    )
+    train: str | None = opt(
+        None,
+        "rm/dpo: the run's training file: plan with its longest sequence in tokens (cut at --max-length) "
+        "instead of --max-length, and its longest list as --list-size (sft: not measured yet)",
+    )
+    prompt_column: bool = opt(False, "rm/dpo --train: the rank-list TSV's first column is the prompt (as theirs)")
+    tokenizer: str | None = opt(
+        None, "with --prompts/--train: the model whose tokenizer counts the tokens (default: --model)"
+    )
+    chat_template: bool | None = opt(
+        None,
+        "with --prompts/--train: render with the tokenizer's chat template (default: when it has one, as the trainers do)",
+    )
     json: bool = opt(False, "print one JSON object instead of the table")
 
     def validate(self) -> None:
         super().validate()
         rl = self.algo in RL_ALGOS
+        if (self.tokenizer is not None or self.chat_template is not None) and (self.train or self.prompts) is None:
+            logger.warning("--tokenizer and --chat-template are ignored without --prompts (rl) or --train (rm, dpo)")
         require(
             not (self.device == "cpu" and self.sharding == "fsdp2-offload"),
             "--sharding fsdp2-offload moves sharded state from a GPU to the CPU; with --device cpu there is nothing to "
@@ -123,9 +147,18 @@ class PlanConfig(Options):
             given = [f"--{k.replace('_', '-')}" for k in RL_ONLY if getattr(self, k) is not None]
             if self.critic != "auto":
                 given.append("--critic")
+            if self.prompts is not None:
+                given.append("--prompts")
             if given:
                 logger.warning("%s: ignored for --algo %s (options of rl)", ", ".join(given), self.algo)
+            if self.algo == "sft" and self.train is not None:
+                raise ConfigError(
+                    f"--train {self.train}: plan measures rm and dpo training files only, not sft's yet; "
+                    "leave --train out (sft is planned at --max-length) or pass --max-length with your data's longest row"
+                )
         else:
+            if self.train is not None:
+                logger.warning("--train is ignored for --algo %s: give its prompt file as --prompts", self.algo)
             if self.max_length is not None:
                 logger.warning(
                     "--max-length is ignored for --algo %s: its rows are --max-prompt-length + --max-new-tokens",
@@ -162,8 +195,50 @@ def _memory_total_gib() -> float:
     return (os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")) / GIB
 
 
-def make_setup(cfg: PlanConfig, reward: ModelShape | None) -> Setup:
-    """The trainer's settings, with its defaults where an option was not given."""
+def measure_lengths(cfg: PlanConfig, policy: ModelShape) -> MeasuredLengths | None:
+    """The token lengths of ``--prompts`` (rl) or ``--train`` (rm, dpo), or None without a file:
+    tokenized with ``--tokenizer`` (default ``--model``), which must be a model folder or an alias."""
+    rl = cfg.algo in RL_ALGOS
+    path = cfg.prompts if rl else cfg.train
+    if path is None:
+        return None
+    option = "--prompts" if rl else "--train"
+    from rlhfkit.models.tokenizers import use_chat_template
+
+    tokenizer = _load_tokenizer(cfg.tokenizer or cfg.model, option, "--tokenizer" if cfg.tokenizer else "--model")
+    chat = use_chat_template(tokenizer, cfg.chat_template, cfg.tokenizer or cfg.model)
+    if rl:
+        limit = cfg.max_prompt_length or MAX_PROMPT_LENGTH
+        return summarise(prompt_lengths(tokenizer, path, chat), limit, option=option, path=path, what="prompts")
+    limit = cfg.max_length or MAX_LENGTH.get(cfg.algo, MAX_LENGTH["sft"])
+    try:
+        lengths, list_size = preference_lengths(
+            tokenizer, path, chat, encoder=policy.kind == "encoder", prompt_column=cfg.prompt_column
+        )
+    except UserError as e:
+        raise UserError(f"{option}: {e}") from None
+    return summarise(lengths, limit, option=option, path=path, what="sequences", list_size=list_size)
+
+
+def _load_tokenizer(name: str, option: str, source: str) -> Any:
+    """The tokenizer of a model folder or alias (or a hub id in the local cache)."""
+    from transformers import AutoTokenizer
+
+    from rlhfkit.models.hub import resolve_model
+
+    try:
+        return AutoTokenizer.from_pretrained(resolve_model(name, source))
+    except (UserError, OSError, ValueError):
+        raise UserError(
+            f"{option} needs a tokenizer to count tokens, and {source} {name} gives none (a size or a published name "
+            "gives plan a shape only; a hub id needs its files in the local cache); pass --tokenizer with a model "
+            "folder or alias (e.g. smollm2-135m) whose tokenizer the run uses"
+        ) from None
+
+
+def make_setup(cfg: PlanConfig, reward: ModelShape | None, lengths: MeasuredLengths | None = None) -> Setup:
+    """The trainer's settings, with its defaults where an option was not given, and the measured
+    longest prompt (rl) or sequence (sft/rm/dpo) in place of the maximum when ``lengths`` is given."""
     rl = cfg.algo in RL_ALGOS
     bf16 = cfg.device == "cuda" and cfg.mixed_precision != "no"
     critic = "none"
@@ -183,9 +258,11 @@ def make_setup(cfg: PlanConfig, reward: ModelShape | None) -> Setup:
         lora_dropout=cfg.lora_dropout if cfg.lora_dropout is not None else (RL_LORA_DROPOUT if rl else LORA_DROPOUT),
         gradient_checkpointing=cfg.gradient_checkpointing,
         batch_size=cfg.batch_size or BATCH_SIZE["rl" if rl else cfg.algo],
-        list_size=cfg.list_size,
-        max_length=cfg.max_length or MAX_LENGTH.get(cfg.algo, MAX_LENGTH["sft"]),
-        prompt_length=cfg.max_prompt_length or MAX_PROMPT_LENGTH,
+        list_size=cfg.list_size or (lengths.list_size if lengths and lengths.list_size else 2),
+        max_length=(lengths.longest if lengths and not rl else None)
+        or cfg.max_length
+        or MAX_LENGTH.get(cfg.algo, MAX_LENGTH["sft"]),
+        prompt_length=(lengths.longest if lengths and rl else None) or cfg.max_prompt_length or MAX_PROMPT_LENGTH,
         new_tokens=cfg.max_new_tokens or MAX_NEW_TOKENS,
         samples_per_prompt=cfg.k,
         mini_batch_size=cfg.mini_batch_size or MINI_BATCH_SIZE,
@@ -280,7 +357,8 @@ def run_plan(cfg: PlanConfig) -> dict[str, Any]:
         f"--lora: peft has no default LoRA modules for {policy.name}; plan "
         "without --lora, or give a model folder of a supported architecture",
     )
-    setup = make_setup(cfg, reward)
+    lengths = measure_lengths(cfg, policy)
+    setup = make_setup(cfg, reward, lengths)
     memory_gib = cfg.device_memory_gb or (80.0 if cfg.device == "cuda" else _memory_total_gib())
     estimates = {c: estimate(setup, policy, c, reward) for c in _configs(setup, cfg.sharding)}
     summaries = {c: _summary(e, setup, memory_gib) for c, e in estimates.items()}
@@ -318,6 +396,7 @@ def run_plan(cfg: PlanConfig) -> dict[str, Any]:
         "device": setup.device,
         "precision": "bf16 autocast" if setup.bf16 else "fp32",
         "settings": {k: v for k, v in setup.__dict__.items() if k not in ("algo", "gpus", "device", "bf16")},
+        "lengths": None if lengths is None else {**lengths.__dict__, "used": lengths.longest},
         "device_memory_gb": memory_gib,
         "config": chosen,
         **summaries[chosen],
@@ -364,6 +443,12 @@ def format_plan(result: dict[str, Any]) -> str:
         f"{result['gpus']} x {result['device']}, {result['precision']}, "
         f"{'LoRA r=' + str(s['lora_r']) if s['lora'] else 'full fine-tuning'}",
         f"per process: {batch}",
+        "lengths: "
+        + (
+            MeasuredLengths(**{k: v for k, v in result["lengths"].items() if k != "used"}).describe()
+            if result.get("lengths")
+            else "every sequence at its maximum (--prompts/--train FILE: the run's real lengths)"
+        ),
         "",
     ]
     configs = result["configs"]
