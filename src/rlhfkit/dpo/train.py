@@ -511,8 +511,7 @@ def train_dpo(cfg: DPOConfig) -> dict[str, Any]:
 
     if state.step > 0:
         result.update({f"eval/{k}": v for k, v in evaluate().items() if isinstance(v, (int, float))})
-    run.save(state)
-    finished = run.close(state, total_steps)
+    finished = run.finish(state, total_steps)
     if finished:
         export(run, model, tokenizer, cfg, chat, run.out / EXPORT)
         if eval_data is None:

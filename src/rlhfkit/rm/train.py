@@ -145,7 +145,10 @@ def build_model(cfg: RMTrainConfig, device) -> RewardModel:
     """The reward model to train: backbone (and head, for a warm start), no dropout, matmul kernel,
     frozen layers, LoRA."""
     warm = warm_start(cfg)
-    if cfg.init_from is not None and cfg.model not in (RMTrainConfig.__dataclass_fields__["model"].default, cfg.init_from):
+    if cfg.init_from is not None and cfg.model not in (
+        RMTrainConfig.__dataclass_fields__["model"].default,
+        cfg.init_from,
+    ):
         logger.warning("--model %s is not read: --init-from %s brings its own backbone", cfg.model, cfg.init_from)
     source = warm or cfg.model
     rm = RewardModel.from_pretrained(
@@ -420,8 +423,7 @@ def train_reward_model(cfg: RMTrainConfig) -> dict[str, Any]:
         )
 
     final = evaluate_and_keep_best(run, model, rm, eval_data, cfg, state)
-    run.save(state)
-    if run.close(state, total_steps):
+    if run.finish(state, total_steps):
         export(run, model, rm, cfg, run.out / EXPORT)
         if eval_data is None:
             export(run, model, rm, cfg, run.out / "best")  # nothing to select by: the final model is the best we know

@@ -363,8 +363,7 @@ def train_sft(cfg: SFTConfig) -> dict[str, Any]:
         result.update(
             {f"eval/{k}": v for k, v in evaluate_and_keep_best(run, model, tokenizer, eval_data, cfg, state).items()}
         )
-    run.save(state)
-    finished = run.close(state, total_steps)
+    finished = run.finish(state, total_steps)
     if finished:
         export(run, model, tokenizer, cfg, run.out / EXPORT)
         if eval_data is None:

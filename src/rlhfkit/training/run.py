@@ -33,6 +33,7 @@ from rlhfkit.checkpoint import (
 )
 from rlhfkit.config import ConfigError, save_yaml, to_dict
 from rlhfkit.cpu import configure_threads
+from rlhfkit.defaults import EXPORT
 from rlhfkit.errors import UserError
 from rlhfkit.models.cpu_linear import reuse_cpu_matmul_choices, run_cpu_matmul_choices
 from rlhfkit.tracking import MetricsLogger, Progress
@@ -89,6 +90,13 @@ def start_run(cfg: RunOptions, name: str) -> Run:
     _agree(accelerator, run_lock.check(out) if accelerator.is_main_process else None)
     existing = find_checkpoint(out)
     if cfg.resume and existing is None:
+        if (out / EXPORT).is_dir() and not (out / "checkpoint").exists():
+            raise ConfigError(
+                f"--resume: {out} finished and exported {out / EXPORT} but kept no resumable checkpoint "
+                "(it ran with --no-final-checkpoint, or the pipeline removed it), so there is nothing to continue: "
+                f"to train further, start a new run from {out / EXPORT} (its weights, a fresh optimizer) with another "
+                "--output; to extend a run with --resume later, train it with --final-checkpoint (the default)"
+            )
         raise ConfigError(f"--resume: {out} has no checkpoint to resume from ({missing_checkpoint(out)})")
     if not cfg.resume and existing is not None:
         raise ConfigError(f"{out} already holds a run; pass --resume to continue it, or choose a new --output")
@@ -199,6 +207,28 @@ class Run:
             self.accelerator, self.out, {**dataclasses.asdict(state), "cpu_matmul": run_cpu_matmul_choices()}
         )
         self.saved_step = state.step
+
+    def finish(self, state: TrainState, total_steps: int) -> bool:
+        """After the loop: the last checkpoint, then :meth:`close`; returns whether the run reached
+        ``total_steps`` (the caller then exports ``final/``). Collective: every process calls it.
+
+        No checkpoint is written when the newest one on disk is already at this step (``--resume``
+        of a finished run), nor, with ``--no-final-checkpoint``, when the run finished and no stop
+        signal came: its weights are exported to ``final/`` next, and the optimizer state is only
+        needed to extend the run. A run stopped early (``--stop-after-steps``, a signal) always saves."""
+        finished = state.step >= total_steps
+        if self.saved_step != state.step:
+            if self.cfg.final_checkpoint or not finished or self.stop_requested() is not None:
+                self.save(state)
+            elif self.main:
+                logger.info(
+                    "--no-final-checkpoint: no resumable checkpoint after step %d%s; %s/%s holds the weights",
+                    state.step,
+                    f" (the last is at step {self.saved_step})" if self.saved_step is not None else "",
+                    self.out,
+                    EXPORT,
+                )
+        return self.close(state, total_steps)
 
     def full_state_dict(self, model) -> dict | None:
         """The full weights of a sharded ``model`` (collective: every process calls it; the main
