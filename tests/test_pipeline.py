@@ -269,7 +269,9 @@ def test_keep_checkpoints_keeps_a_finished_stage_s_checkpoint(tmp_path):
     assert (tmp_path / "sft" / "checkpoint" / "trainer_state.json").is_file()
 
 
-@pytest.mark.parametrize("name", ["pipeline_demo.yaml", "pipeline_algorithms.yaml"])
+@pytest.mark.parametrize(
+    "name", ["pipeline_demo.yaml", "pipeline_algorithms.yaml", "pipeline_rounds.yaml", "pipeline_rounds_people.yaml"]
+)
 def test_shipped_pipeline_examples_are_valid(name, tmp_path, monkeypatch):
     """The example YAMLs pass every check the pipeline runs before its first stage."""
     from pathlib import Path
@@ -295,3 +297,36 @@ def test_progress_estimate_names_its_unit_in_the_plural():
         "update",
         "passes",
     ]
+
+
+def test_the_report_shows_the_over_optimisation_curve_and_exports_the_best_policy(tiny_lm, tmp_path):
+    from rlhfkit.cli import main
+
+    (tmp_path / "rule.py").write_text(RULE)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"say something {i}\n" for i in range(8)))
+    out = tmp_path / "pipe"
+    config = tmp_path / "pipeline.yaml"
+    config.write_text(
+        f"""
+output: {out}
+policy: {tiny_lm}
+sft: {{skip: true}}
+preferences: {{source: simulated, labeller: "{tmp_path / "rule.py"}:count_a", prompts: {prompts}, k: 3, max_new_tokens: 8, chat_template: false}}
+reward_model: {{max_steps: 4, batch_size: 4, lr: 3.0e-3, eval_every: 1000, progress: false, report_to: none}}
+algorithm: [ppo]
+rl: {{prompts: {prompts}, max_steps: 3, save_policy_every: 1, batch_size: 4, mini_batch_size: 4, max_new_tokens: 8, lr: 3.0e-3, progress: false, report_to: none, sample_every: 0}}
+evaluation: {{n_prompts: 4, bon: [1, 2], max_new_tokens: 8}}
+"""
+    )
+    assert main(["pipeline", "--config", str(config)]) == 0
+    curve = json.loads((out / "overoptimisation" / "ppo" / "curve.json").read_text())
+    assert [r["name"] for r in curve["rows"]][0] == "reference" and len(curve["rows"]) == 4  # start, 1, 2, final
+    stage = json.loads((out / "overoptimisation" / "ppo" / "stage.json").read_text())["summary"]
+    assert stage["best"] == curve["best"]["name"] and stage["message"] == curve["message"]
+    if curve["best"]["name"] != "reference":  # the best checkpoint by the gold rule, as a whole model
+        best = json.loads((out / "ppo" / "best" / "best.json").read_text())
+        assert best["name"] == curve["best"]["name"] and best["chosen_by"].endswith(":count_a")
+        assert (out / "ppo" / "best" / "rlhfkit_ppo.json").is_file()
+    md = (out / "report.md").read_text()
+    assert "Over-optimisation: PPO" in md and "curve.png" in md and curve["message"] in md

@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rlhfkit.pipeline.rounds_report import COLUMNS, fmt, plot_rounds, round_rows, split_stage
+
 STAGE_TITLES = {
     "sft": "1. Supervised fine-tuning",
     "preferences": "2. Preference data",
@@ -33,6 +35,9 @@ PICTURES = {
 def summarize(results: dict) -> str:
     """One paragraph: did the score go up, at what KL, how does best-of-n compare (and the gold score, when known)."""
     ev = results.get("evaluation")
+    rounds = [name for name in results if split_stage(name)[1] == "evaluation" and split_stage(name)[0] is not None]
+    if ev is None and rounds:  # rounds: the last round's evaluation, against the starting policy
+        ev = results[rounds[-1]]
     if ev is None or not ev.summary.get("rows"):
         return "The evaluation did not run, so there is no before/after comparison."
     rows = ev.summary["rows"]
@@ -72,7 +77,20 @@ def _fmt(v: Any) -> str:
 
 
 def _summary_rows(name: str, summary: dict) -> list[tuple[str, str]]:
+    name = split_stage(name)[1]
+    if name.startswith("overoptimisation/"):
+        name = "overoptimisation"
     keep = {
+        "overoptimisation": [
+            "message",
+            "judge",
+            "points",
+            "best",
+            "best_update",
+            "best_gold",
+            "best_exported",
+            "proxy_rose_after_gold_fell",
+        ],
         "sft": ["n_train_examples", "step", "train/loss", "eval/loss", "train/tokens_per_s"],
         "preferences": [
             "source",
@@ -83,6 +101,17 @@ def _summary_rows(name: str, summary: dict) -> list[tuple[str, str]]:
             "n_with_ties",
             "n_no_preference",
             "n_duplicate_answers",
+            "round",
+            "selection",
+            "aggregate",
+            "sets_pushed",
+            "quota",
+            "rankings_this_round",
+            "rankings_total",
+            "annotators",
+            "waited_s",
+            "agreement",
+            "annotator_weights",
         ],
         "reward_model": [
             "n_lists",
@@ -172,14 +201,43 @@ def write_report(cfg, results: dict, out: Path, total_seconds: float) -> tuple[P
         "<h2>Summary</h2>",
         f"<p class=summary>{html.escape(paragraph)}</p>",
     ]
-    prefs = results.get("preferences")
-    if prefs and "simulated" in str(prefs.summary.get("source", "")):
+    prefs = results.get("preferences") or next(
+        (res for name, res in results.items() if split_stage(name)[1] == "preferences"), None
+    )
+    if prefs and "simulated team" in str(prefs.summary.get("source", "")):
+        note = (
+            "The rankings in this run come from a SIMULATED TEAM of annotators: scripted labellers that rank the "
+            "policy's samples in the annotation app by a rule, each with its own noise and bias "
+            "(rlhfkit.annotate.team). They are not people."
+        )
+        md += [f"> {note}", ""]
+        body.append(f"<p class=note>{html.escape(note)}</p>")
+    elif prefs and "simulated" in str(prefs.summary.get("source", "")):
         note = (
             "The preference data in this run comes from a SIMULATED ANNOTATOR: a scripted labeller that ranks the "
             "model's own samples by a sentiment-lexicon rule (rlhfkit.pipeline.simulated). It is not human feedback."
         )
         md += [f"> {note}", ""]
         body.append(f"<p class=note>{html.escape(note)}</p>")
+
+    rows = round_rows(results)
+    if rows:
+        picture = plot_rounds(rows, out / "rounds.png")
+        titles = [t for _, t in COLUMNS]
+        md += ["## Rounds", "", "| " + " | ".join(titles) + " |", "|" + "---|" * len(titles)]
+        md += ["| " + " | ".join(fmt(r[k]) for k, _ in COLUMNS) + " |" for r in rows] + [""]
+        body.append(
+            "<h2>Rounds</h2><table><tr>"
+            + "".join(f"<th>{html.escape(t)}</th>" for t in titles)
+            + "</tr>"
+            + "".join("<tr>" + "".join(f"<td>{fmt(r[k])}</td>" for k, _ in COLUMNS) + "</tr>" for r in rows)
+            + "</table>"
+        )
+        if picture is not None:
+            md += ["![rounds](rounds.png)", ""]
+            body.append(
+                f"<figure><img alt='rounds' src='{_img_data(picture)}'><figcaption>rounds.png</figcaption></figure>"
+            )
 
     md += ["## Stages", "", "| stage | seconds | status |", "|---|---|---|"]
     body.append("<h2>Stages</h2><table><tr><th>stage</th><th>seconds</th><th>status</th></tr>")
@@ -191,8 +249,14 @@ def write_report(cfg, results: dict, out: Path, total_seconds: float) -> tuple[P
     md.append("")
 
     for name, res in results.items():
-        md += [f"## {STAGE_TITLES.get(name, name)}", ""]
-        body.append(f"<h2>{html.escape(STAGE_TITLES.get(name, name))}</h2>")
+        r, base = split_stage(name)
+        title = STAGE_TITLES.get(base, base) if r is None else f"Round {r}: {STAGE_TITLES.get(base, base)[3:]}"
+        if base.startswith("overoptimisation/"):
+            title = (
+                f"4. Over-optimisation: {base.split('/')[1].upper()} by the gold judge and the proxy against sqrt(KL)"
+            )
+        md += [f"## {title}", ""]
+        body.append(f"<h2>{html.escape(title)}</h2>")
         rows = _summary_rows(name, res.summary)
         if rows:
             md += ["| metric | value |", "|---|---|"] + [f"| {k} | {v.replace('|', '/')} |" for k, v in rows] + [""]
@@ -201,7 +265,24 @@ def write_report(cfg, results: dict, out: Path, total_seconds: float) -> tuple[P
                 + "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(v)}</td></tr>" for k, v in rows)
                 + "</table>"
             )
-        if name == "evaluation" and res.summary.get("rows"):
+        per_annotator = res.summary.get("agreement_by_annotator") if base == "preferences" else None
+        if per_annotator:  # Kendall tau of each annotator with the consensus of the others, on shared sets
+            head = ["annotator", "shared sets", "agreement with the consensus (Kendall tau)"]
+            cells = [
+                [str(a.get("annotator")), str(a.get("consensus_sets")), fmt(a.get("consensus_tau"))]
+                for a in per_annotator
+            ]
+            md += (
+                ["| " + " | ".join(head) + " |", "|---|---|---|"] + ["| " + " | ".join(c) + " |" for c in cells] + [""]
+            )
+            body.append(
+                "<table><tr>"
+                + "".join(f"<th>{html.escape(h)}</th>" for h in head)
+                + "</tr>"
+                + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in cells)
+                + "</table>"
+            )
+        if base == "evaluation" and res.summary.get("rows"):
             header, table = _comparison(res.summary["rows"], results)
             md += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
             md += ["| " + " | ".join(row) + " |" for row in table] + [""]
@@ -212,7 +293,7 @@ def write_report(cfg, results: dict, out: Path, total_seconds: float) -> tuple[P
                 + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in table)
                 + "</table>"
             )
-        for pic in PICTURES.get(name, []):
+        for pic in PICTURES.get(base, ["curve.png"] if base.startswith("overoptimisation/") else []):
             path = res.folder / pic
             if path.is_file():
                 rel = path.relative_to(out)
@@ -220,7 +301,7 @@ def write_report(cfg, results: dict, out: Path, total_seconds: float) -> tuple[P
                 body.append(
                     f"<figure><img alt='{html.escape(name)} {html.escape(pic)}' src='{_img_data(path)}'><figcaption>{html.escape(str(rel))}</figcaption></figure>"
                 )
-        samples = res.summary.get("samples") if name == "evaluation" else None
+        samples = res.summary.get("samples") if base == "evaluation" else None
         if samples:
             trained = [
                 r["name"]

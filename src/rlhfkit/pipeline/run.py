@@ -19,14 +19,14 @@ import logging
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
-from rlhfkit.checkpoint import find_checkpoint
+from rlhfkit.checkpoint import export_pretrained, find_checkpoint
 from rlhfkit.config import ConfigError, Options, from_dict, opt, require
 from rlhfkit.data.prompts import read_prompts
 from rlhfkit.data.readers import FORMATS, describe, is_saved_dataset, read_preferences
@@ -35,12 +35,16 @@ from rlhfkit.defaults import EXPORT, MAX_NEW_TOKENS, RL_ALGORITHMS
 from rlhfkit.dpo.train import DPOConfig, train_dpo
 from rlhfkit.errors import MissingFileError, UserError
 from rlhfkit.files import check_output_dir
+from rlhfkit.judge.commands import EvalConfig, run_checkpoint_eval
 from rlhfkit.models.cpu_linear import apply_cpu_matmul
 from rlhfkit.models.hub import resolve_model
 from rlhfkit.models.policy import inference_dtype, load_policy
+from rlhfkit.models.policy_info import POLICY_INFO
+from rlhfkit.models.snapshots import list_snapshots, load_snapshot
 from rlhfkit.models.tokenizers import use_chat_template
 from rlhfkit.pipeline.report import write_report
-from rlhfkit.pipeline.simulated import NAME, rank_samples
+from rlhfkit.pipeline.rounds import TOKEN_ENV, collect_round, make_team, open_app, read_round_prompts, round_prompts
+from rlhfkit.pipeline.simulated import DEFAULT_TEAM, NAME, lexicon_reward, rank_samples
 from rlhfkit.rl.commands import PPOEvalConfig, run_ppo_eval
 from rlhfkit.rl.reward_sources import FunctionSource
 from rlhfkit.rl.trainer import RLConfig, train_rl
@@ -61,8 +65,10 @@ STAGES = ("sft", "preferences", "reward_model", *ALGORITHMS, "evaluation")
 class PreferencesConfig(Options):
     """Where the preference data comes from: a file, or a simulated annotator ranking the policy's samples."""
 
-    source: Literal["simulated", "file"] = opt(
-        "simulated", "file: read --file; simulated: sample and rank with a scripted rule"
+    source: Literal["simulated", "file", "annotate"] = opt(
+        "simulated",
+        "file: read --file; simulated: sample and rank with a scripted rule (with rounds: a simulated team of "
+        "annotators in the app); annotate: people rank in the annotation app (rounds only)",
     )
     file: str | None = opt(
         None, "source file: preference data in any format 'rlhfkit rm train' reads (or a save_to_disk folder)"
@@ -82,6 +88,33 @@ class PreferencesConfig(Options):
     seed: int = opt(42, "simulated: sampling seed")
     batch_size: int = opt(16, "simulated: sequences per generate call", ge=1)
     labeller: str | None = opt(None, "simulated: the ranking rule as module:function (default: the sentiment lexicon)")
+    quota: int | None = opt(None, "rounds: rankings to collect per round (default: one per prompt of the round)", ge=1)
+    candidates: int | None = opt(
+        None,
+        "rounds: responses sampled per prompt, of which the selection keeps samples_per_prompt (default: "
+        "samples_per_prompt)",
+        ge=2,
+    )
+    selection: Literal["random", "uncertainty"] = opt(
+        "random",
+        "rounds: which candidates to show and which sets first: random, or uncertainty (those the last round's "
+        "reward-model ensemble disputes most)",
+    )
+    aggregate: Literal["every", "consensus", "weighted"] = opt(
+        "weighted",
+        "rounds: what the reward model trains on: every ranking, the consensus of each set's rankings, or every "
+        "ranking weighted by its annotator's agreement with the others (the default: docs/benchmarks.md measured it "
+        "as good as every with a good team and better with a bad annotator in it)",
+    )
+    annotators_per_set: int = opt(2, "rounds: annotators a shared set goes to", ge=1)
+    overlap_share: float = opt(0.25, "rounds: share of the sets that go to annotators_per_set annotators", ge=0, le=1)
+    url: str | None = opt(None, "rounds: an annotation app already running (default: the pipeline starts one)")
+    token: str | None = opt(None, f"rounds: admin token for url (default: the environment variable {TOKEN_ENV})")
+    port: int = opt(0, "rounds: port of the app the pipeline starts (0: any free port)", ge=0, le=65535)
+    team: list[dict] = opt(
+        factory=lambda: [dict(a) for a in DEFAULT_TEAM],
+        help="rounds, simulated: the simulated annotators, each {name, noise, length_bias, seconds_per_ranking}",
+    )
 
     def validate(self) -> None:
         super().validate()
@@ -90,6 +123,26 @@ class PreferencesConfig(Options):
             self.source != "simulated" or bool(self.prompts),
             "preferences: the simulated annotator needs 'prompts' (a prompt file)",
         )
+        require(
+            self.source != "annotate" or bool(self.prompts),
+            "preferences: source 'annotate' needs 'prompts' (the prompts whose samples people rank)",
+        )
+        require(
+            self.candidates is None or self.candidates >= self.samples_per_prompt,
+            f"preferences: candidates ({self.candidates}) must be at least samples_per_prompt "
+            f"({self.samples_per_prompt}): the selection keeps samples_per_prompt of them",
+        )
+        require(
+            not (self.source == "simulated" and self.url),
+            "preferences: the simulated team ranks in an app the pipeline starts (its users, its tokens); "
+            "remove url, or use source: annotate for an app already running",
+        )
+        names = [a.get("name") for a in self.team if isinstance(a, dict)]
+        require(
+            len(names) == len(self.team) and all(isinstance(n, str) and n for n in names),
+            "preferences: every team member is a mapping with a 'name', e.g. {name: ann-1, noise: 0.5}",
+        )
+        require(len(set(names)) == len(names), f"preferences: team names must differ, got {names}")
 
 
 @dataclass(kw_only=True)
@@ -128,6 +181,12 @@ class PipelineConfig(Options):
     evaluation: dict = opt(
         factory=dict, help="rlhfkit ppo-eval options (policy/reference/reward filled in); skip: true to skip", cli=False
     )
+    rounds: int | None = opt(
+        None,
+        "InstructGPT's loop: this many rounds of sample -> people rank in the annotation app -> reward model -> "
+        "RL from the last round's policy -> evaluation (docs/pipeline.md#rounds); unset: one pass, no app",
+        ge=1,
+    )
     force: list[str] = opt(factory=list, help=f"stages to re-run even if complete ({', '.join(STAGES)})")
     keep_checkpoints: bool = opt(
         False,
@@ -153,8 +212,37 @@ class PipelineConfig(Options):
             bool(self.algorithm) and not unknown,
             f"option 'algorithm': unknown {unknown or 'nothing'}; choose from {', '.join(ALGORITHMS)}",
         )
-        unknown = [s for s in self.force if s not in STAGES]
+        unknown = [s for s in self.force if s.rsplit("/", 1)[-1] not in STAGES]
         require(not unknown, f"option --force: unknown stage(s) {unknown}; stages are {', '.join(STAGES)}")
+        if self.rounds is None:
+            require(
+                self.preferences.source != "annotate",
+                "pipeline preferences: source 'annotate' is the loop with people in it: set rounds: N",
+            )
+        else:
+            online = [a for a in self.algorithm if a in ONLINE]
+            require(
+                self.preferences.source in ("simulated", "annotate"),
+                "pipeline rounds: each round collects rankings of the policy's own samples, so preferences.source "
+                "must be 'annotate' (people in the app) or 'simulated' (a simulated team in the app), not 'file'",
+            )
+            require(
+                len(online) == 1 and len(self.algorithm) == 1,
+                f"pipeline rounds: algorithm must be one online algorithm ({', '.join(ONLINE)}), the policy that "
+                f"continues from round to round; got {self.algorithm}",
+            )
+            require(
+                not self.rl.get("skip") and not self.reward_model.get("skip"),
+                "pipeline rounds: every round trains a reward model and continues RL; remove skip from "
+                "reward_model and rl",
+            )
+            n = self.preferences.n_prompts
+            require(
+                n is None or self.preferences.quota is None or self.preferences.quota <= n,
+                f"pipeline preferences: quota ({self.preferences.quota}) is more than a round's sets "
+                f"(n_prompts: {n}); every set is ranked by at least one annotator before the quota counts "
+                "a second ranking of it only where annotators_per_set allows, so keep quota <= n_prompts",
+            )
         check_input_files(self, self.stage_configs())  # every section, built now: errors before the first stage runs
 
     def stage_configs(self) -> dict[str, Any]:
@@ -176,12 +264,18 @@ class PipelineConfig(Options):
         if configs["sft"] is not None:
             policy = str(out / "sft" / EXPORT)
         preferences = str(out / "preferences" / "preferences.jsonl")
+        user_rm = dict(self.reward_model)
+        warm_start = bool(user_rm.pop("warm_start", False))
+        require(
+            not warm_start or self.rounds is not None,
+            "pipeline reward_model: warm_start continues the last round's reward model; it needs rounds: N",
+        )
         rm_opts = {
             "model": policy,
             "eval_fraction": 0.2,
             "allow_ties": True,
             "report_to": self.report_to,
-            **self.reward_model,
+            **user_rm,
             "train": preferences,
             "output": str(out / "reward_model"),
         }
@@ -192,9 +286,7 @@ class PipelineConfig(Options):
             f"pipeline reward_model: skip is only for algorithm: [dpo]; {', '.join(online)} "
             "train against the reward model",
         )
-        configs["reward_model"] = (
-            None if skip_rm else _section(RMTrainConfig, "reward_model", rm_opts, self.reward_model)
-        )
+        configs["reward_model"] = None if skip_rm else _section(RMTrainConfig, "reward_model", rm_opts, user_rm)
         reward = None if skip_rm else str(out / "reward_model")
         rl_opts = dict(self.rl)
         skip_rl = rl_opts.pop("skip", False)
@@ -235,8 +327,8 @@ class PipelineConfig(Options):
             )
         trained = [a for a in self.algorithm if configs[a] is not None]
         policies = [f"{a}={out / a / EXPORT}" for a in trained]
-        gold = None
-        if self.preferences.source == "simulated":  # the labeller's own rule, which the reward model never sees
+        gold = ev_opts.pop("gold", None)  # a judge the user trusts, e.g. a verifier as module:function
+        if gold is None and self.preferences.source == "simulated":  # the labeller's rule: no model ever sees it
             gold = self.preferences.labeller or "rlhfkit.pipeline.simulated:lexicon_reward"
         skip_ev = ev_opts.pop("skip", False) or not trained
         require(
@@ -265,7 +357,67 @@ class PipelineConfig(Options):
                 ev_opts,
             )
         )
+        configs["curves"] = {}
+        for algo in online if configs["evaluation"] is not None and gold and self.rounds is None else []:
+            rl_cfg = configs[algo]
+            if rl_cfg is None or rl_cfg.save_policy_every is None:
+                continue
+            ev = configs["evaluation"]
+            configs["curves"][algo] = EvalConfig(
+                checkpoints=rl_cfg.output,
+                prompts=ev.prompts,
+                n_prompts=ev.n_prompts,
+                judge=gold,
+                samples_per_prompt=2,
+                max_new_tokens=ev.max_new_tokens,
+                seed=ev.seed,
+                output=str(out / "overoptimisation" / algo),
+            )
+        if self.rounds is not None:
+            configs["rounds"] = [
+                _round_configs(r, configs, policy, warm_start, gold, out) for r in range(1, self.rounds + 1)
+            ]
         return configs
+
+
+def _round_configs(r: int, configs: dict, policy: str, warm_start: bool, gold: str | None, out: Path) -> dict:
+    """Round ``r``'s stage configs: the one-pass ones with this round's folders and inputs. The reward model
+    trains on every list so far (from the starting policy, or the last round's model with warm_start); RL
+    continues from the last round's policy, its KL anchored to the starting policy (``reference``)."""
+    folder = out / f"round-{r}"
+    algo = next(a for a in ONLINE if configs.get(a) is not None)
+    previous = out / f"round-{r - 1}"
+    rm = configs["reward_model"]
+    rm = replace(
+        rm,
+        train=str(folder / "preferences" / "preferences.jsonl"),
+        output=str(folder / "reward_model"),
+        **(
+            {"init_from": str(previous / "reward_model"), "model": str(previous / "reward_model")}
+            if warm_start and r > 1
+            else {}
+        ),
+    )
+    rl = configs[algo]
+    rl = replace(
+        rl,
+        policy=str(previous / algo / EXPORT) if r > 1 else rl.policy,
+        reference=policy,
+        reward=str(folder / "reward_model"),
+        output=str(folder / algo),
+        seed=rl.seed + r - 1,  # each round its own rollouts
+    )
+    ev = configs["evaluation"]
+    if ev is not None:
+        ev = replace(
+            ev,
+            policy=[f"{algo}={folder / algo / EXPORT}"],
+            reference=policy,
+            reward=str(folder / "reward_model"),
+            gold=gold,
+            output=str(folder / "evaluation"),
+        )
+    return {"reward_model": rm, algo: rl, "evaluation": ev, "algo": algo, "folder": folder}
 
 
 def check_input_files(cfg: PipelineConfig, configs: dict[str, Any]) -> None:
@@ -402,16 +554,30 @@ class Runner:
 def _options(cfg: Options) -> dict:
     """A stage config as the plain dict its hash is taken of (the resume flag and the trackers left out:
     changing --report-to neither re-runs a finished stage nor restarts an interrupted one)."""
-    return {k: v for k, v in vars(cfg).items() if k not in ("resume", "report_to")}
+    return {k: v for k, v in vars(cfg).items() if k not in ("resume", "report_to", "final_checkpoint")}
 
 
 def _resumed(cfg: Options, resume: bool) -> Any:
     return type(cfg)(**{**vars(cfg), "resume": resume})
 
 
+def _final_checkpoints(configs: Any, keep: bool) -> None:
+    """Every training stage writes its checkpoint after the last step only with ``keep_checkpoints``:
+    without it the Runner deletes a finished stage's checkpoint, so writing it (1.6 GB for a 135M
+    model) would be pure waste. Left out of the stage hashes, like the trackers."""
+    if isinstance(configs, dict):
+        configs = list(configs.values())
+    for c in configs if isinstance(configs, list) else [configs]:
+        if isinstance(c, (dict, list)):
+            _final_checkpoints(c, keep)
+        elif hasattr(c, "final_checkpoint"):
+            c.final_checkpoint = keep
+
+
 def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     """Run every stage that is not complete, then write report.html and report.md."""
     configs = cfg.stage_configs()
+    _final_checkpoints(configs, cfg.keep_checkpoints)
     out = Path(cfg.output)
     # one pipeline per folder (a second would start stages afresh under the first); each stage's
     # trainer locks its own folder below this one
@@ -432,7 +598,25 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
         )
         policy = str(Path(sft_cfg.output) / EXPORT)
     upstream = {"policy": policy, "sft": runner.hash_of("sft")}
+    if cfg.rounds is not None:
+        run_rounds(cfg, configs, runner, policy, upstream)
+    else:
+        run_one_pass(cfg, configs, runner, policy, upstream)
 
+    seconds = time.time() - t_start
+    paths = write_report(cfg, runner.results, out, total_seconds=seconds)
+    lock.release()
+    return {
+        "report_html": str(paths[0]),
+        "report_md": str(paths[1]),
+        "stages": {k: v.summary for k, v in runner.results.items()},
+        "summary": paths[2],
+        "seconds": seconds,
+    }
+
+
+def run_one_pass(cfg: PipelineConfig, configs: dict, runner: Runner, policy: str, upstream: dict) -> None:
+    """preferences -> reward model -> each algorithm from the same starting policy -> evaluation."""
     prefs = configs["preferences"]
     runner.stage(
         "preferences",
@@ -461,6 +645,12 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
             runner.stage(algo, {"config": _options(stage_cfg), **upstream}, partial(_train_online, stage_cfg))
         upstream[algo] = runner.hash_of(algo)
 
+    for algo, curve_cfg in configs["curves"].items():  # rl save_policy_every N and a gold judge
+        runner.stage(
+            f"overoptimisation/{algo}",
+            {"config": vars(curve_cfg), **upstream},
+            partial(_overoptimisation, curve_cfg, Path(configs[algo].output)),
+        )
     if configs["evaluation"] is not None:
         ev_cfg = configs["evaluation"]
         runner.stage(
@@ -469,20 +659,97 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
             lambda folder, resume: _plain({k: v for k, v in run_ppo_eval(ev_cfg).items() if k != "plot"}),
         )
 
-    seconds = time.time() - t_start
-    paths = write_report(cfg, runner.results, out, total_seconds=seconds)
-    lock.release()
-    return {
-        "report_html": str(paths[0]),
-        "report_md": str(paths[1]),
-        "stages": {k: v.summary for k, v in runner.results.items()},
-        "summary": paths[2],
-        "seconds": seconds,
-    }
+
+def run_rounds(cfg: PipelineConfig, configs: dict, runner: Runner, policy: str, upstream: dict) -> None:
+    """InstructGPT's loop (rlhfkit.pipeline.rounds): per round, rankings of the current policy's samples in the
+    annotation app -> reward model on every list so far -> RL from the last round's policy -> evaluation."""
+    prefs = configs["preferences"]
+    prompts, per_round = read_round_prompts(prefs.prompts, prefs.n_prompts, cfg.rounds)
+    team_specs = prefs.team if prefs.source == "simulated" else []
+    app = open_app(prefs, Path(cfg.output), [a["name"] for a in team_specs])
+    try:
+        team = None
+        if team_specs:
+            rule = FunctionSource(prefs.labeller) if prefs.labeller else lexicon_reward
+            team = make_team(app, team_specs, rule, prefs.seed)
+        current, last_rm = policy, None
+        for r, stages in enumerate(configs["rounds"], start=1):
+            name = f"round-{r}"
+            algo = stages["algo"]
+            round_prompts_ = round_prompts(prompts, per_round, r)
+            selector_model = last_rm if prefs.selection == "uncertainty" else None
+            runner.stage(
+                f"{name}/preferences",
+                {"prefs": _prefs_hash_view(prefs), "round": r, "policy": current, **upstream},
+                partial(_collect_round, app, current, prefs, round_prompts_, r, selector_model, team),
+            )
+            upstream[f"{name}/preferences"] = runner.hash_of(f"{name}/preferences")
+            rm_cfg = stages["reward_model"]
+            runner.stage(
+                f"{name}/reward_model",
+                {"config": _options(rm_cfg), **upstream},
+                lambda folder, resume, c=rm_cfg: _plain(train_reward_model(_resumed(c, resume))),
+            )
+            upstream[f"{name}/reward_model"] = runner.hash_of(f"{name}/reward_model")
+            rl_cfg = stages[algo]
+            runner.stage(f"{name}/{algo}", {"config": _options(rl_cfg), **upstream}, partial(_train_online, rl_cfg))
+            upstream[f"{name}/{algo}"] = runner.hash_of(f"{name}/{algo}")
+            ev_cfg = stages["evaluation"]
+            if ev_cfg is not None:
+                runner.stage(
+                    f"{name}/evaluation",
+                    {"config": vars(ev_cfg), **upstream},
+                    lambda folder, resume, c=ev_cfg: _plain({k: v for k, v in run_ppo_eval(c).items() if k != "plot"}),
+                )
+            current, last_rm = rl_cfg.output + f"/{EXPORT}", rm_cfg.output
+    finally:
+        app.close()
+
+
+def _prefs_hash_view(prefs: PreferencesConfig) -> dict:
+    """What a round's preferences depend on: not where the app runs (url, port, token: a moved app holds the
+    same rankings), nor the team's pace."""
+    view = {k: v for k, v in vars(prefs).items() if k not in ("url", "port", "token")}
+    view["team"] = [{k: v for k, v in a.items() if k != "seconds_per_ranking"} for a in prefs.team]
+    return view
+
+
+def _collect_round(app, policy, prefs, prompts, r, selector_model, team, folder: Path, resume: bool) -> dict:
+    return collect_round(app, policy, prefs, prompts, r, folder, selector_model=selector_model, team=team)
 
 
 def _train_online(cfg: RLConfig, folder: Path, resume: bool) -> dict:
     return {"n_prompts": len(read_prompts(cfg.prompts)), **_plain(train_rl(_resumed(cfg, resume)))}
+
+
+def _overoptimisation(cfg: EvalConfig, run: Path, folder: Path, resume: bool) -> dict:
+    """The over-optimisation curve of an RL run (proxy and gold against sqrt(KL)), and its ``best/``: the
+    checkpoint with the highest gold score, exported as a whole model beside ``final/``."""
+    curve = run_checkpoint_eval(cfg)
+    best = curve["best"]
+    snapshot = next((s for s in list_snapshots(run) if str(s.path) == str(best.get("path"))), None)
+    target = run / "best"
+    if snapshot is not None:
+        model, tokenizer = load_snapshot(snapshot, device=torch.device("cpu"), dtype=torch.float32)
+        files = {
+            POLICY_INFO: json.dumps(snapshot.info, indent=2, default=str),  # its run's record: reference etc.
+            "best.json": json.dumps({"chosen_by": cfg.judge, **best}, indent=2, default=str),
+        }
+        export_pretrained(model, tokenizer, target, files=files)
+    elif target.exists():
+        shutil.rmtree(target)
+    return _plain(
+        {
+            "best": best.get("name"),
+            "best_update": best.get("update"),
+            "best_gold": best.get("gold"),
+            "best_exported": str(target) if snapshot is not None else None,
+            "proxy_rose_after_gold_fell": curve["proxy_rose_after_gold_fell"],
+            "message": curve["message"],
+            "judge": cfg.judge,
+            "points": len(curve["rows"]),
+        }
+    )
 
 
 def _train_dpo(cfg: DPOConfig, folder: Path, resume: bool) -> dict:

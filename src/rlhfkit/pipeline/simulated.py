@@ -28,6 +28,14 @@ _WORD = re.compile(r"[a-zA-Z']+")
 
 NAME = "simulated annotator (sentiment lexicon rule)"
 
+# The simulated team of ``rounds:`` pipelines (rlhfkit.annotate.team): people differ, so do these. Each adds
+# Gaussian noise of std ``noise`` to the rule's score of an answer, and ``length_bias`` points per 100 words.
+DEFAULT_TEAM = (
+    {"name": "sim-careful", "noise": 0.5, "length_bias": 0.0},
+    {"name": "sim-hasty", "noise": 3.0, "length_bias": 0.0},
+    {"name": "sim-verbose", "noise": 0.5, "length_bias": 8.0},
+)
+
 
 def lexicon_score(text: str) -> float:
     """(#positive - #negative) words per 100 words; 0 for an empty text."""
