@@ -85,6 +85,7 @@ def plot_rounds(rows: list[dict], path: Path) -> Path | None:
     axes[3].set_title("rankings collected (bars), annotator time (line, s)", fontsize=9)
     twin = axes[3].twinx()
     twin.plot(x, series("waited_s"), "o-", color="black")
+    twin.set_ylim(bottom=0)
     for ax in axes:
         ax.set_xlabel("round")
         ax.set_xticks(x)
