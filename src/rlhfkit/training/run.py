@@ -221,7 +221,7 @@ class Run:
             if self.cfg.final_checkpoint or not finished or self.stop_requested() is not None:
                 self.save(state)
             elif self.main:
-                logger.info(
+                logger.warning(
                     "--no-final-checkpoint: no resumable checkpoint after step %d%s; %s/%s holds the weights",
                     state.step,
                     f" (the last is at step {self.saved_step})" if self.saved_step is not None else "",
