@@ -78,6 +78,20 @@ def evaluate(work: Path, name: str, policy: Path, baseline: Path, args: argparse
     return json.loads((out / "summary.json").read_text())
 
 
+def gold_ci(eval_folder: Path, side: str = "policy", n_resamples: int = 2000, seed: int = 0) -> list[float]:
+    """95% bootstrap interval over prompts of the mean gold score of one side of an ``rlhfkit eval``."""
+    import random
+
+    per_prompt: dict[int, list[float]] = {}
+    for line in (eval_folder / "samples.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        per_prompt.setdefault(row["prompt_index"], []).append(row[f"score_{side}"])
+    means = [sum(v) / len(v) for v in per_prompt.values()]
+    rng = random.Random(seed)
+    draws = sorted(sum(rng.choice(means) for _ in means) / len(means) for _ in range(n_resamples))
+    return [draws[int(0.025 * n_resamples)], draws[int(0.975 * n_resamples) - 1]]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", default="outputs/rounds-vs-one-shot", help="working folder (kept)")
@@ -108,6 +122,8 @@ def main() -> None:
     }
     results = {name: evaluate(work, name, final[name], sft, args) for name in final}
     results["loop-vs-one-pass"] = evaluate(work, "loop-vs-one-pass", final["loop"], final["one-pass"], args)
+    for name in final:
+        results[name]["gold_ci"] = gold_ci(work / f"eval-{name}")
     rankings = {}
     for name in final:
         rounds = sorted((work / name).glob("round-*/preferences/round.json"))
@@ -128,7 +144,8 @@ def main() -> None:
     for name in final:
         s = results[name]
         print(
-            f"| {name} | {rankings[name]} | {s['score_policy']:.3f} | {s['score_baseline']:.3f} | {ci(s, 'win_rate')} | "
+            f"| {name} | {rankings[name]} | {s['score_policy']:.3f} [{s['gold_ci'][0]:.3f}, {s['gold_ci'][1]:.3f}] | "
+            f"{s['score_baseline']:.3f} | {ci(s, 'win_rate')} | "
             f"{s['kl']:.2f} | {seconds[name]:.0f} |"
         )
     s = results["loop-vs-one-pass"]
