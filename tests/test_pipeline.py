@@ -18,6 +18,10 @@ def count_a(prompts, responses):
 '''
 
 
+def summary_text(out) -> str:
+    return json.loads((out / "summary.json").read_text())["summary"]
+
+
 def test_simulated_annotator_ranks_ties_and_reports_no_preference():
     examples, stats = rank_samples(
         ["p1", "p2", "p3"],
@@ -82,19 +86,24 @@ evaluation: {{n_prompts: 4, bon: [1, 2, 4], max_new_tokens: 8}}
     assert [r["name"] for r in evaluation["rows"][:4]] == ["ppo", "grpo", "dpo", "reference"]
     assert all("gold" in r for r in evaluation["rows"])  # the labeller's own rule, scored on the same samples
     assert html.count("data:image/png;base64,") >= 4  # curves of every stage, inlined: opens offline
-    for stage in ("sft", "preferences", "reward_model", "ppo", "grpo", "dpo", "evaluation"):
+    for stage in ("sft", "preferences", "reward_model", "ppo", "grpo", "dpo", "evaluation", "judge"):
         assert (out / stage / "stage.json").is_file(), stage
+    # win rates against the starting policy by the gold rule (rlhfkit eval), best-of-4 of the start by the RM too
+    judged = json.loads((out / "judge" / "stage.json").read_text())["summary"]["rows"]
+    assert [r["name"] for r in judged] == ["ppo", "grpo", "dpo", "best-of-4"]
+    assert all(0 <= r["win_rate_ci"][0] <= r["win_rate"] <= r["win_rate_ci"][1] <= 1 for r in judged)
+    assert "Win rates against the starting policy, by the gold judge" in md and "wins" in summary_text(out)
     summary = json.loads((out / "summary.json").read_text())["summary"]
     assert "held-out prompts" in summary and "nats per response" in summary
 
     # same config: every stage is reused (no stage folder is touched); changed PPO: only PPO and evaluation run again
     before = {
         s: (out / s / "stage.json").stat().st_mtime_ns
-        for s in ("sft", "preferences", "reward_model", "ppo", "grpo", "dpo", "evaluation")
+        for s in ("sft", "preferences", "reward_model", "ppo", "grpo", "dpo", "evaluation", "judge")
     }
     assert main(["pipeline", str(config)]) == 0  # the old positional form still works
     assert {s: (out / s / "stage.json").stat().st_mtime_ns for s in before} == before
-    assert (out / "report.md").read_text().count("reused (complete, same config)") == 7
+    assert (out / "report.md").read_text().count("reused (complete, same config)") == 8
     marks = {s: json.loads((out / s / "stage.json").read_text())["hash"] for s in ("sft", "reward_model", "ppo", "dpo")}
     write_config(ppo_steps=4)
     assert main(["pipeline", str(config)]) == 0

@@ -21,6 +21,7 @@ STAGE_TITLES = {
     "reinforce++": "4. REINFORCE++",
     "dpo": "4. DPO",
     "evaluation": "5. Evaluation on held-out prompts",
+    "judge": "6. Win rates against the starting policy, by the gold judge",
 }
 POLICY_STAGES = ("ppo", "rloo", "grpo", "reinforce++", "dpo")
 # pictures each stage writes, in the order they are shown
@@ -55,12 +56,19 @@ def summarize(results: dict) -> str:
             f"{label} ({delta:+.3f}), at a KL to the starting policy of {pol['kl']:.2f} nats per response."
         )
         if "gold" in pol:
-            text += f" The gold score (the annotator's own rule) moved {ref['gold']:.3f} -> {pol['gold']:.3f}."
+            text += f" The gold score (a judge no model trained on) moved {ref['gold']:.3f} -> {pol['gold']:.3f}."
         near = min(bons, key=lambda r: abs(r["kl"] - pol["kl"])) if bons else None  # best-of-n at the closest KL
         if near is not None:
             cmp = "beats" if pol["score"] > near["score"] else "does not beat"
             text += f" At a similar KL, {near['name']} (KL {near['kl']:.2f}) scores {near['score']:.3f}, so {method} {cmp} best-of-n there."
         sentences.append(text)
+    judged = results.get("judge")
+    for r in judged.summary.get("rows", []) if judged is not None else []:
+        lo, hi = r["win_rate_ci"]
+        sentences.append(
+            f"By the gold judge ({r['judge']}), {r['name']} wins {r['win_rate']:.1%} [{lo:.1%}, {hi:.1%}] of its comparisons "
+            f"with the starting policy (gold {r['score_baseline']:.3f} -> {r['score_policy']:.3f})."
+        )
     return " ".join(sentences)
 
 
@@ -154,6 +162,7 @@ def _summary_rows(name: str, summary: dict) -> list[tuple[str, str]]:
             "train/tokens_per_s",
         ],
         "evaluation": ["n_prompts", "max_new_tokens", "temperature"],
+        "judge": ["n_prompts", "samples_per_prompt"],
     }[name]
     items = [(k, v) for k, v in summary.items() if not isinstance(v, (list,)) and k != "samples"]
     if keep is not None:
@@ -180,6 +189,22 @@ def _comparison(rows: list[dict], results: dict) -> tuple[list[str], list[list[s
             + [f"{r['kl']:.3f}", r["kl_kind"], seconds]
         )
     return header, table
+
+
+def _win_rates(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """The judge stage's table: each policy against the starting policy by the gold judge (``rlhfkit eval``)."""
+    head = ["policy", "win rate (95% interval)", "length-controlled", "gold score", "starting policy's", "KL (nats)"]
+
+    def ci(r: dict, key: str) -> str:
+        lo, hi = r[f"{key}_ci"]
+        return f"{r[key]:.3f} [{lo:.3f}, {hi:.3f}]"
+
+    cells = [
+        [r["name"], ci(r, "win_rate"), ci(r, "lc_win_rate"), f"{r['score_policy']:.3f}", f"{r['score_baseline']:.3f}"]
+        + [f"{r['kl']:.2f}" + (" (analytic)" if "analytic" in str(r.get("kl_kind")) else "")]
+        for r in rows
+    ]
+    return head, cells
 
 
 def write_report(cfg, results: dict, out: Path, total_seconds: float) -> tuple[Path, Path, str]:
@@ -275,6 +300,17 @@ def write_report(cfg, results: dict, out: Path, total_seconds: float) -> tuple[P
             md += (
                 ["| " + " | ".join(head) + " |", "|---|---|---|"] + ["| " + " | ".join(c) + " |" for c in cells] + [""]
             )
+            body.append(
+                "<table><tr>"
+                + "".join(f"<th>{html.escape(h)}</th>" for h in head)
+                + "</tr>"
+                + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in cells)
+                + "</table>"
+            )
+        if base == "judge" and res.summary.get("rows"):
+            head, cells = _win_rates(res.summary["rows"])
+            md += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+            md += ["| " + " | ".join(c) + " |" for c in cells] + [""]
             body.append(
                 "<table><tr>"
                 + "".join(f"<th>{html.escape(h)}</th>" for h in head)

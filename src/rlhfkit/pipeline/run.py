@@ -35,7 +35,7 @@ from rlhfkit.defaults import EXPORT, MAX_NEW_TOKENS, RL_ALGORITHMS
 from rlhfkit.dpo.train import DPOConfig, train_dpo
 from rlhfkit.errors import MissingFileError, UserError
 from rlhfkit.files import check_output_dir
-from rlhfkit.judge.commands import EvalConfig, run_checkpoint_eval
+from rlhfkit.judge.commands import EvalConfig, run_checkpoint_eval, run_eval
 from rlhfkit.models.cpu_linear import apply_cpu_matmul
 from rlhfkit.models.hub import resolve_model
 from rlhfkit.models.policy import inference_dtype, load_policy
@@ -58,7 +58,7 @@ logger = logging.getLogger(__name__)
 
 ONLINE = RL_ALGORITHMS  # rlhfkit rl --algo
 ALGORITHMS = (*ONLINE, "dpo")  # dpo trains on the preferences directly: no reward model, no sampling
-STAGES = ("sft", "preferences", "reward_model", *ALGORITHMS, "evaluation")
+STAGES = ("sft", "preferences", "reward_model", *ALGORITHMS, "evaluation", "judge")
 
 
 @dataclass(kw_only=True)
@@ -357,6 +357,16 @@ class PipelineConfig(Options):
                 ev_opts,
             )
         )
+        configs["judge"] = {}
+        ev = configs["evaluation"]
+        if ev is not None and gold and self.rounds is None:  # win rates by a judge that trained nothing
+            for algo in trained:
+                configs["judge"][algo] = _judge_config(ev, gold, str(out / algo / EXPORT), policy, out / "judge" / algo)
+            if reward is not None and ev.bon and max(ev.bon) >= 2:
+                n = max(ev.bon)
+                configs["judge"][f"best-of-{n}"] = _judge_config(
+                    ev, gold, policy, policy, out / "judge" / f"best-of-{n}", best_of=n, selector=reward
+                )
         configs["curves"] = {}
         for algo in online if configs["evaluation"] is not None and gold and self.rounds is None else []:
             rl_cfg = configs[algo]
@@ -378,6 +388,22 @@ class PipelineConfig(Options):
                 _round_configs(r, configs, policy, warm_start, gold, out) for r in range(1, self.rounds + 1)
             ]
         return configs
+
+
+def _judge_config(ev: PPOEvalConfig, gold: str, policy: str, baseline: str, output: Path, **best_of: Any) -> EvalConfig:
+    """``rlhfkit eval`` of ``policy`` (or best-of-n of it) against ``baseline`` by ``gold`` on the evaluation's prompts."""
+    return EvalConfig(
+        policy=policy,
+        baseline=baseline,
+        prompts=ev.prompts,
+        n_prompts=ev.n_prompts,
+        judge=gold,
+        samples_per_prompt=4,
+        max_new_tokens=ev.max_new_tokens,
+        seed=ev.seed,
+        output=str(output),
+        **best_of,
+    )
 
 
 def _round_configs(r: int, configs: dict, policy: str, warm_start: bool, gold: str | None, out: Path) -> dict:
@@ -658,6 +684,22 @@ def run_one_pass(cfg: PipelineConfig, configs: dict, runner: Runner, policy: str
             {"config": vars(ev_cfg), **upstream},
             lambda folder, resume: _plain({k: v for k, v in run_ppo_eval(ev_cfg).items() if k != "plot"}),
         )
+    if configs["judge"]:
+        judged = {name: vars(c) for name, c in configs["judge"].items()}
+        runner.stage("judge", {"config": judged, **upstream}, partial(_judge, configs["judge"]))
+
+
+def _judge(configs: dict[str, EvalConfig], folder: Path, resume: bool) -> dict:
+    """Each trained policy (and best-of-n of the starting policy) against the starting policy by the gold judge:
+    win rate with its bootstrap interval, the length-controlled rate, gold scores, KL (``rlhfkit eval``)."""
+    rows = []
+    for name, cfg in configs.items():
+        s = run_eval(cfg)
+        keep = ("win_rate", "win_rate_ci", "lc_win_rate", "lc_win_rate_ci", "score_policy", "score_baseline", "kl")
+        rows.append({"name": name, "judge": cfg.judge, "kl_kind": s.get("kl_kind"), **{k: s.get(k) for k in keep}})
+    return _plain(
+        {"rows": rows, "n_prompts": s.get("n_prompts"), "samples_per_prompt": configs[name].samples_per_prompt}
+    )
 
 
 def run_rounds(cfg: PipelineConfig, configs: dict, runner: Runner, policy: str, upstream: dict) -> None:
