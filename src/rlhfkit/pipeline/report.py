@@ -55,7 +55,7 @@ def summarize(results: dict) -> str:
             f"{'went up' if delta > 0 else 'did not go up'}: {ref['score']:.3f} for the starting policy, {pol['score']:.3f} "
             f"{label} ({delta:+.3f}), at a KL to the starting policy of {pol['kl']:.2f} nats per response."
         )
-        if "gold" in pol:
+        if "gold" in pol and "judge" not in results:  # the judge stage's gold numbers come with intervals
             text += f" The gold score (a judge no model trained on) moved {ref['gold']:.3f} -> {pol['gold']:.3f}."
         near = min(bons, key=lambda r: abs(r["kl"] - pol["kl"])) if bons else None  # best-of-n at the closest KL
         if near is not None:
@@ -162,7 +162,7 @@ def _summary_rows(name: str, summary: dict) -> list[tuple[str, str]]:
             "train/tokens_per_s",
         ],
         "evaluation": ["n_prompts", "max_new_tokens", "temperature"],
-        "judge": ["n_prompts", "samples_per_prompt"],
+        "judge": ["n_prompts"],
     }[name]
     items = [(k, v) for k, v in summary.items() if not isinstance(v, (list,)) and k != "samples"]
     if keep is not None:
@@ -193,14 +193,16 @@ def _comparison(rows: list[dict], results: dict) -> tuple[list[str], list[list[s
 
 def _win_rates(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     """The judge stage's table: each policy against the starting policy by the gold judge (``rlhfkit eval``)."""
-    head = ["policy", "win rate (95% interval)", "length-controlled", "gold score", "starting policy's", "KL (nats)"]
+    head = ["policy", "pairs", "win rate (95% interval)", "length-controlled", "gold score", "starting policy's"]
+    head.append("KL (nats)")
 
     def ci(r: dict, key: str) -> str:
         lo, hi = r[f"{key}_ci"]
         return f"{r[key]:.3f} [{lo:.3f}, {hi:.3f}]"
 
     cells = [
-        [r["name"], ci(r, "win_rate"), ci(r, "lc_win_rate"), f"{r['score_policy']:.3f}", f"{r['score_baseline']:.3f}"]
+        [r["name"], str(r.get("pairs")), ci(r, "win_rate"), ci(r, "lc_win_rate")]
+        + [f"{r['score_policy']:.3f}", f"{r['score_baseline']:.3f}"]
         + [f"{r['kl']:.2f}" + (" (analytic)" if "analytic" in str(r.get("kl_kind")) else "")]
         for r in rows
     ]

@@ -364,8 +364,8 @@ class PipelineConfig(Options):
                 configs["judge"][algo] = _judge_config(ev, gold, str(out / algo / EXPORT), policy, out / "judge" / algo)
             if reward is not None and ev.bon and max(ev.bon) >= 2:
                 n = max(ev.bon)
-                configs["judge"][f"best-of-{n}"] = _judge_config(
-                    ev, gold, policy, policy, out / "judge" / f"best-of-{n}", best_of=n, selector=reward
+                configs["judge"][f"best-of-{n}"] = _judge_config(  # n samples per slot: half the slots of a policy
+                    ev, gold, policy, policy, out / "judge" / f"best-of-{n}", samples=2, best_of=n, selector=reward
                 )
         configs["curves"] = {}
         for algo in online if configs["evaluation"] is not None and gold and self.rounds is None else []:
@@ -390,7 +390,9 @@ class PipelineConfig(Options):
         return configs
 
 
-def _judge_config(ev: PPOEvalConfig, gold: str, policy: str, baseline: str, output: Path, **best_of: Any) -> EvalConfig:
+def _judge_config(
+    ev: PPOEvalConfig, gold: str, policy: str, baseline: str, output: Path, samples: int = 4, **best_of: Any
+) -> EvalConfig:
     """``rlhfkit eval`` of ``policy`` (or best-of-n of it) against ``baseline`` by ``gold`` on the evaluation's prompts."""
     return EvalConfig(
         policy=policy,
@@ -398,7 +400,7 @@ def _judge_config(ev: PPOEvalConfig, gold: str, policy: str, baseline: str, outp
         prompts=ev.prompts,
         n_prompts=ev.n_prompts,
         judge=gold,
-        samples_per_prompt=4,
+        samples_per_prompt=samples,
         max_new_tokens=ev.max_new_tokens,
         seed=ev.seed,
         output=str(output),
@@ -696,10 +698,16 @@ def _judge(configs: dict[str, EvalConfig], folder: Path, resume: bool) -> dict:
     for name, cfg in configs.items():
         s = run_eval(cfg)
         keep = ("win_rate", "win_rate_ci", "lc_win_rate", "lc_win_rate_ci", "score_policy", "score_baseline", "kl")
-        rows.append({"name": name, "judge": cfg.judge, "kl_kind": s.get("kl_kind"), **{k: s.get(k) for k in keep}})
-    return _plain(
-        {"rows": rows, "n_prompts": s.get("n_prompts"), "samples_per_prompt": configs[name].samples_per_prompt}
-    )
+        rows.append(
+            {
+                "name": name,
+                "judge": cfg.judge,
+                "kl_kind": s.get("kl_kind"),
+                "pairs": s.get("n_pairs"),
+                **{k: s.get(k) for k in keep},
+            }
+        )
+    return _plain({"rows": rows, "n_prompts": s.get("n_prompts")})
 
 
 def run_rounds(cfg: PipelineConfig, configs: dict, runner: Runner, policy: str, upstream: dict) -> None:
