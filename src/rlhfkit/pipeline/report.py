@@ -191,6 +191,19 @@ def _comparison(rows: list[dict], results: dict) -> tuple[list[str], list[list[s
     return header, table
 
 
+def _table(head: list[str], rows: list[list[str]]) -> tuple[list[str], str]:
+    """One table as Markdown lines (ending with a blank line) and as HTML (cells escaped)."""
+    md = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows]
+    page = (
+        "<table><tr>"
+        + "".join(f"<th>{html.escape(h)}</th>" for h in head)
+        + "</tr>"
+        + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
+        + "</table>"
+    )
+    return md + [""], page
+
+
 def _win_rates(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     """The judge stage's table: each policy against the starting policy by the gold judge (``rlhfkit eval``)."""
     head = ["policy", "pairs", "win rate (95% interval)", "length-controlled", "gold score", "starting policy's"]
@@ -250,16 +263,9 @@ def write_report(cfg, results: dict, out: Path, total_seconds: float) -> tuple[P
     rows = round_rows(results)
     if rows:
         picture = plot_rounds(rows, out / "rounds.png")
-        titles = [t for _, t in COLUMNS]
-        md += ["## Rounds", "", "| " + " | ".join(titles) + " |", "|" + "---|" * len(titles)]
-        md += ["| " + " | ".join(fmt(r[k]) for k, _ in COLUMNS) + " |" for r in rows] + [""]
-        body.append(
-            "<h2>Rounds</h2><table><tr>"
-            + "".join(f"<th>{html.escape(t)}</th>" for t in titles)
-            + "</tr>"
-            + "".join("<tr>" + "".join(f"<td>{fmt(r[k])}</td>" for k, _ in COLUMNS) + "</tr>" for r in rows)
-            + "</table>"
-        )
+        table_md, table_html = _table([t for _, t in COLUMNS], [[fmt(r[k]) for k, _ in COLUMNS] for r in rows])
+        md += ["## Rounds", "", *table_md]
+        body.append("<h2>Rounds</h2>" + table_html)
         if picture is not None:
             md += ["![rounds](rounds.png)", ""]
             body.append(
@@ -299,38 +305,17 @@ def write_report(cfg, results: dict, out: Path, total_seconds: float) -> tuple[P
                 [str(a.get("annotator")), str(a.get("consensus_sets")), fmt(a.get("consensus_tau"))]
                 for a in per_annotator
             ]
-            md += (
-                ["| " + " | ".join(head) + " |", "|---|---|---|"] + ["| " + " | ".join(c) + " |" for c in cells] + [""]
-            )
-            body.append(
-                "<table><tr>"
-                + "".join(f"<th>{html.escape(h)}</th>" for h in head)
-                + "</tr>"
-                + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in cells)
-                + "</table>"
-            )
+            table_md, table_html = _table(head, cells)
+            md += table_md
+            body.append(table_html)
         if base == "judge" and res.summary.get("rows"):
-            head, cells = _win_rates(res.summary["rows"])
-            md += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-            md += ["| " + " | ".join(c) + " |" for c in cells] + [""]
-            body.append(
-                "<table><tr>"
-                + "".join(f"<th>{html.escape(h)}</th>" for h in head)
-                + "</tr>"
-                + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in cells)
-                + "</table>"
-            )
+            table_md, table_html = _table(*_win_rates(res.summary["rows"]))
+            md += table_md
+            body.append(table_html)
         if base == "evaluation" and res.summary.get("rows"):
-            header, table = _comparison(res.summary["rows"], results)
-            md += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-            md += ["| " + " | ".join(row) + " |" for row in table] + [""]
-            body.append(
-                "<table><tr>"
-                + "".join(f"<th>{html.escape(h)}</th>" for h in header)
-                + "</tr>"
-                + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in table)
-                + "</table>"
-            )
+            table_md, table_html = _table(*_comparison(res.summary["rows"], results))
+            md += table_md
+            body.append(table_html)
         for pic in PICTURES.get(base, ["curve.png"] if base.startswith("overoptimisation/") else []):
             path = res.folder / pic
             if path.is_file():
