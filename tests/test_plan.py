@@ -431,12 +431,48 @@ def test_plan_with_train_uses_the_longest_prompt_and_response(tiny_lm, tmp_path,
     )
 
 
+def test_plan_with_sft_train_uses_the_longest_example_as_sft_encodes_it(tiny_lm, tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    from rlhfkit.data.instructions import read_sft_data
+    from rlhfkit.sft.data import EncodedSFT
+
+    data = tmp_path / "sft.jsonl"
+    rows = [
+        {"prompt": "ab", "response": "cde"},  # 2 + 3 + EOS = 6
+        {"prompt": "hello", "response": "x" * 20},  # 5 + 20 + 1 = 26
+        {"prompt": "q", "response": "r"},  # 3
+    ]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    argv = ["--model", str(tiny_lm), "--algo", "sft", "--device", "cpu", "--train", str(data)]
+    plain = _plan_json(capsys, [*argv, "--no-chat-template"])
+    assert plain["settings"]["max_length"] == 26
+    assert {k: plain["lengths"][k] for k in ("count", "p50", "longest", "what")} == {
+        "count": 3,
+        "p50": 6,
+        "longest": 26,
+        "what": "sequences",
+    }
+    # the same lengths as the trainer's own encoding, with and without the chat template
+    tok = AutoTokenizer.from_pretrained(tiny_lm)
+    for chat, flag in ((False, "--no-chat-template"), (True, "--chat-template")):
+        encoded = EncodedSFT.build(read_sft_data(data), tok, max_length=512, chat_template=chat)
+        longest = max(encoded.length(i) for i in range(len(encoded)))
+        assert _plan_json(capsys, [*argv, flag])["settings"]["max_length"] == longest
+    cut = _plan_json(capsys, [*argv, "--no-chat-template", "--max-length", "10"])
+    assert cut["settings"]["max_length"] == 10 and cut["lengths"]["over_limit"] == 1
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a"}\n')
+    assert main(["plan", *argv[:-1], str(bad)]) == 2
+    assert "--train: " in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "argv, match",
     [
         (["--algo", "grpo", "--prompts", "{missing}"], "--prompts"),
         (["--algo", "dpo", "--train", "{missing}"], "--train"),
-        (["--algo", "sft", "--train", "{missing}"], "--train .*plan measures rm and dpo training files only"),
+        (["--algo", "sft", "--train", "{missing}"], "--train: instruction data file .*missing.txt.* does not exist"),
     ],
 )
 def test_plan_with_a_bad_data_file_names_the_option(tiny_lm, tmp_path, capsys, argv, match):

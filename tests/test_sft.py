@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from rlhfkit.config import ConfigError, from_dict
 from rlhfkit.data.examples import IGNORE_INDEX, SFTExample, chat_segments, encode_example
+from rlhfkit.data.instructions import read_sft_data
 from rlhfkit.data.types import DataFormatError
 from rlhfkit.errors import RunStopped, UserError
 from rlhfkit.sft.cli import main
@@ -20,7 +21,6 @@ from rlhfkit.sft.data import (
     block_causal_mask,
     collate,
     pack_examples,
-    read_sft_data,
 )
 from rlhfkit.sft.losses import sft_loss, token_nll
 from rlhfkit.sft.train import SFTConfig, model_token_nll, train_sft
@@ -393,7 +393,6 @@ def test_tiny_model_learns_and_greedy_generation_reproduces_replies(lm32, qa_jso
 def test_lora_learns_and_saves_a_merged_plain_model(lm32, qa_jsonl, tmp_path, tok):
     from transformers import AutoModelForCausalLM
 
-    from rlhfkit.sft.data import read_sft_data
     from rlhfkit.sft.train import evaluate_sft
 
     out = tmp_path / "lora"

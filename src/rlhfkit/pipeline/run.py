@@ -28,6 +28,7 @@ import torch
 
 from rlhfkit.checkpoint import export_pretrained, find_checkpoint
 from rlhfkit.config import ConfigError, Options, from_dict, opt, require
+from rlhfkit.data.instructions import read_sft_data
 from rlhfkit.data.prompts import read_prompts
 from rlhfkit.data.readers import FORMATS, describe, is_saved_dataset, read_preferences
 from rlhfkit.data.writers import write_preferences
@@ -50,7 +51,6 @@ from rlhfkit.rl.reward_sources import FunctionSource
 from rlhfkit.rl.trainer import RLConfig, train_rl
 from rlhfkit.rm.train import RMTrainConfig, train_reward_model
 from rlhfkit.sampling import SamplingSettings, sample_texts
-from rlhfkit.sft.data import read_sft_data
 from rlhfkit.sft.train import SFTConfig, train_sft
 from rlhfkit.training.lock import RunLock
 

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-from rlhfkit.config import ConfigError, Options, opt, require
+from rlhfkit.config import Options, opt, require
 from rlhfkit.defaults import (
     BATCH_SIZE,
     EVAL_BATCH_SIZE,
@@ -26,7 +26,7 @@ from rlhfkit.defaults import (
 )
 from rlhfkit.errors import UserError
 from rlhfkit.plan.estimate import CONFIGS, GIB, RL_ALGOS, Estimate, Setup, estimate
-from rlhfkit.plan.lengths import MeasuredLengths, preference_lengths, prompt_lengths, summarise
+from rlhfkit.plan.lengths import MeasuredLengths, instruction_lengths, preference_lengths, prompt_lengths, summarise
 from rlhfkit.plan.shapes import ModelShape, resolve_shape
 
 logger = logging.getLogger(__name__)
@@ -120,8 +120,9 @@ class PlanConfig(Options):
     )
     train: str | None = opt(
         None,
-        "rm/dpo: the run's training file: plan with its longest sequence in tokens (cut at --max-length) "
-        "instead of --max-length, and its longest list as --list-size (sft: not measured yet)",
+        "sft/rm/dpo: the run's training file: plan with its longest sequence in tokens (cut at --max-length) "
+        "instead of --max-length, and (rm/dpo) its longest list as --list-size (sft with --packing fills rows to "
+        "--max-length: leave --train out)",
     )
     prompt_column: bool = opt(False, "rm/dpo --train: the rank-list TSV's first column is the prompt (as theirs)")
     tokenizer: str | None = opt(
@@ -151,11 +152,6 @@ class PlanConfig(Options):
                 given.append("--prompts")
             if given:
                 logger.warning("%s: ignored for --algo %s (options of rl)", ", ".join(given), self.algo)
-            if self.algo == "sft" and self.train is not None:
-                raise ConfigError(
-                    f"--train {self.train}: plan measures rm and dpo training files only, not sft's yet; "
-                    "leave --train out (sft is planned at --max-length) or pass --max-length with your data's longest row"
-                )
         else:
             if self.train is not None:
                 logger.warning("--train is ignored for --algo %s: give its prompt file as --prompts", self.algo)
@@ -196,7 +192,7 @@ def _memory_total_gib() -> float:
 
 
 def measure_lengths(cfg: PlanConfig, policy: ModelShape) -> MeasuredLengths | None:
-    """The token lengths of ``--prompts`` (rl) or ``--train`` (rm, dpo), or None without a file:
+    """The token lengths of ``--prompts`` (rl) or ``--train`` (sft, rm, dpo), or None without a file:
     tokenized with ``--tokenizer`` (default ``--model``), which must be a model folder or an alias."""
     rl = cfg.algo in RL_ALGOS
     path = cfg.prompts if rl else cfg.train
@@ -211,6 +207,12 @@ def measure_lengths(cfg: PlanConfig, policy: ModelShape) -> MeasuredLengths | No
         limit = cfg.max_prompt_length or MAX_PROMPT_LENGTH
         return summarise(prompt_lengths(tokenizer, path, chat), limit, option=option, path=path, what="prompts")
     limit = cfg.max_length or MAX_LENGTH.get(cfg.algo, MAX_LENGTH["sft"])
+    if cfg.algo == "sft":
+        try:
+            lengths = instruction_lengths(tokenizer, path, chat)
+        except (UserError, ValueError) as e:
+            raise UserError(f"{option}: {e}") from None
+        return summarise(lengths, limit, option=option, path=path, what="sequences")
     try:
         lengths, list_size = preference_lengths(
             tokenizer, path, chat, encoder=policy.kind == "encoder", prompt_column=cfg.prompt_column

@@ -107,3 +107,14 @@ def preference_lengths(
                 ids = encode_response(tokenizer, ex.prompt, response, chat=chat, max_length=10**9)[0]["input_ids"]
             lengths.append(len(ids))
     return lengths, max(len(ex.responses) for ex in examples)
+
+
+def instruction_lengths(tokenizer: Any, path: str, chat: bool) -> list[int]:
+    """Tokens of each example of the SFT file ``path`` as ``rlhfkit sft`` encodes it
+    (``data.examples.encode_example``: prompt and reply, or the whole chat, with the reply's EOS),
+    before the cut at ``--max-length``. Unpacked: with ``--packing`` a row holds up to
+    ``--max-length`` tokens whatever the examples' lengths, so plan that run at ``--max-length``."""
+    from rlhfkit.data.examples import encode_example
+    from rlhfkit.data.instructions import read_sft_data
+
+    return [len(encode_example(tokenizer, ex, max_length=10**9, chat_template=chat)[0]) for ex in read_sft_data(path)]

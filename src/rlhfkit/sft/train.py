@@ -39,6 +39,7 @@ import yaml
 from rlhfkit.checkpoint import export_pretrained
 from rlhfkit.config import ConfigError, opt, require, to_dict
 from rlhfkit.data.collate import iter_batches, process_micro_batches
+from rlhfkit.data.instructions import read_sft_data
 from rlhfkit.data.prompts import Prompt
 from rlhfkit.defaults import BATCH_SIZE, EVAL_BATCH_SIZE, EXPORT, MAX_LENGTH
 from rlhfkit.models.cpu_linear import apply_cpu_matmul
@@ -52,7 +53,6 @@ from rlhfkit.sft.data import (
     block_causal_mask,
     collate,
     pack_examples,
-    read_sft_data,
     split_examples,
 )
 from rlhfkit.sft.losses import sft_loss, token_nll
