@@ -108,15 +108,15 @@ def wait_until(
 
 
 def launch(
-    args: list, nprocs: int = 2, *, config_file: Path | None = None, timeout: float = 600
+    args: list, nprocs: int = 2, *, config_file: Path | None = None, timeout: float = 600, exit_code: int = 0
 ) -> subprocess.CompletedProcess:
     """Run ``args`` (a script and its arguments, or ``-m module ...``) as ``nprocs`` CPU processes
     under ``accelerate launch``, or, with ``nprocs=1``, as one plain Python process (the
     single-process reference of a multi-process test); return the finished process, whose
     ``stderr`` holds the runs' logs. ``config_file``: an accelerate config (FSDP2); without
     one, DDP. Each process gets one OpenMP thread (two processes on a shared 2-core machine
-    stall at every barrier with more). A non-zero exit or ``timeout`` seconds fails the test
-    with the tail of stdout and stderr."""
+    stall at every barrier with more). An exit other than ``exit_code`` or ``timeout`` seconds
+    fails the test with the tail of stdout and stderr."""
     if nprocs == 1:
         cmd = [sys.executable, *map(str, args)]
     else:
@@ -150,7 +150,7 @@ def launch(
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
-        why = f"exited with {proc.returncode}" if proc.returncode else ""
+        why = f"exited with {proc.returncode}, not {exit_code}" if proc.returncode != exit_code else ""
     except subprocess.TimeoutExpired:
         import psutil  # accelerate's dependency
 

@@ -207,6 +207,36 @@ def test_dpo_fsdp2_matches_one_process(tiny_lm, separable_tsv, tmp_path):
     )
 
 
+def test_logprob_chunks_under_fsdp2_are_refused_naming_the_option(tiny_lm, separable_tsv, tmp_path):
+    """The chunked log-probs read the LM head's weight outside the model's forward pass, where
+    FSDP2 keeps it sharded: dpo and rl stop at the start (each process exits 2, the launcher 1),
+    saying what to pass."""
+    prompts, rewards = tmp_path / "prompts.txt", tmp_path / "rewards.py"
+    prompts.write_text("a\nb\n")
+    rewards.write_text("def size(prompts, responses):\n    return [len(r) for r in responses]\n")
+    common = ["--policy", str(tiny_lm), "--max-steps", "1", "--logprob-chunk-size", "4", "--cpu", "--no-progress"]
+    runs = {
+        "dpo": ["dpo", "--train", str(separable_tsv), "--output", str(tmp_path / "dpo")],
+        "rl": [
+            "rl",
+            "--algo",
+            "grpo",
+            "--reward",
+            f"{rewards}:size",
+            "--prompts",
+            str(prompts),
+            "--output",
+            str(tmp_path / "rl"),
+        ],
+    }
+    for name, args in runs.items():
+        res = launch(["-m", "rlhfkit.cli", *args, *common], config_file=FSDP2, exit_code=1)
+        assert "--logprob-chunk-size 4 reads the LM head's weight outside the model's forward pass" in res.stderr, name
+        assert "pass --logprob-chunk-size 0 under fsdp2" in res.stderr, name
+        assert "exitcode  : 2" in res.stderr, name  # torch's launcher reports each worker's exit code
+        assert not (tmp_path / name / "final").exists()
+
+
 @pytest.mark.parametrize("algo", ["ppo", "grpo"])
 def test_one_rl_update_under_fsdp2_matches_the_single_process_update(algo, tiny_lm, tmp_path):
     from rlhfkit.models.reward import RewardModel

@@ -131,6 +131,12 @@ class DPOConfig(RunOptions, OptimOptions, LoraOptions, PreferenceDataOptions):
         "turn (default: when the tokenizer has one), else prompt + response + EOS",
     )
     gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass to save memory")
+    logprob_chunk_size: int = opt(
+        0,
+        "log pi(y|x) from the last hidden states, this many tokens' logits at a time, recomputed in the backward "
+        "pass (no (sequences, tokens, vocab) logits kept); 0: build the logits at once. Not under fsdp2",
+        ge=0,
+    )
     eval_every: int = opt(100, "evaluate every N optimizer steps (and at the end)", ge=1)
     eval_batch_size: int = opt(
         EVAL_BATCH_SIZE["dpo"], "sequences per forward pass of the reference pass and of evaluation", ge=1
@@ -443,6 +449,11 @@ def train_dpo(cfg: DPOConfig) -> dict[str, Any]:
     """Run the whole training. Returns the last logged ``train/*`` and ``eval/*`` metrics plus
     ``step``, ``finished``, ``best_step`` and, when finished, the ``final`` and ``best`` folders."""
     run = start_run(cfg, "dpo")
+    require(
+        not (cfg.logprob_chunk_size and run.sharded),
+        f"--logprob-chunk-size {cfg.logprob_chunk_size} reads the LM head's weight outside the model's forward pass, "
+        "where FSDP2 keeps it sharded; pass --logprob-chunk-size 0 under fsdp2 (DDP and one process are fine)",
+    )
     train_ex, eval_ex = load_data(cfg)
     tokenizer, policy = build_policy(cfg, run.device)
     chat = use_chat_template(tokenizer, cfg.chat_template, cfg.policy)
@@ -455,7 +466,7 @@ def train_dpo(cfg: DPOConfig) -> dict[str, Any]:
     effective = cfg.batch_size * cfg.grad_accum * run.world
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * math.ceil(len(train_data) / effective)))
 
-    model = SequenceLogprobs(policy)
+    model = SequenceLogprobs(policy, chunk_size=cfg.logprob_chunk_size)
     optimizer, scheduler = make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad], total_steps)
     wrapped, optimizer = run.accelerator.prepare(model, optimizer)
     run.accelerator.register_for_checkpointing(scheduler)

@@ -19,6 +19,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from rlhfkit.errors import UserError
+from rlhfkit.models.chunked_logprobs import logprobs_from_hidden
 from rlhfkit.models.packing import PackedBatch, packed_kwargs
 from rlhfkit.models.policy import forward_accepts
 from rlhfkit.ops import logprobs_from_logits, masked_sum, tempered
@@ -163,19 +164,29 @@ class SequenceLogprobs(nn.Module):
     (:func:`rlhfkit.data.examples.pad_right`), returns ``(N,)`` float32: the sum over the tokens
     where ``response_mask`` is 1 of ``log softmax(logits at t - 1)[token t]``. Only the
     positions from the batch's earliest response token on go through the LM head
-    (:func:`response_logits`): prompt logits are never built.
+    (:func:`response_logits`): prompt logits are never built. With ``chunk_size`` (``dpo
+    --logprob-chunk-size``) not even those: the pass stops at the hidden states
+    (:func:`response_hidden`) and :func:`~rlhfkit.models.chunked_logprobs.logprobs_from_hidden`
+    builds ``chunk_size`` tokens' logits at a time, again in the backward pass.
     """
 
-    def __init__(self, policy: nn.Module):
+    def __init__(self, policy: nn.Module, chunk_size: int = 0):
         super().__init__()
         self.policy = policy
+        self.chunk_size = chunk_size
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor) -> Tensor:
         # One small host sync: where the response tokens start decides how many logits to build.
         first = max(1, int(response_mask.argmax(dim=1).min()))  # token 0 is never a target
         n = input_ids.shape[1] - first
-        logits, _ = response_logits(
-            self.policy, input_ids, attention_mask, n
-        )  # (N, n, V): position first-1+t predicts token first+t
-        logprobs = logprobs_from_logits(logits, input_ids[:, first:])  # (N, n)
+        labels = input_ids[:, first:]  # (N, n)
+        if self.chunk_size:
+            hidden = response_hidden(self.policy, input_ids, attention_mask, n)  # (N, n, H)
+            weight, bias = lm_head_weights(self.policy)
+            logprobs, _ = logprobs_from_hidden(hidden, weight, labels, bias=bias, chunk_size=self.chunk_size)
+        else:
+            logits, _ = response_logits(
+                self.policy, input_ids, attention_mask, n
+            )  # (N, n, V): position first-1+t predicts token first+t
+            logprobs = logprobs_from_logits(logits, labels)  # (N, n)
         return masked_sum(logprobs.float(), response_mask[:, first:], dim=1)  # (N,)
