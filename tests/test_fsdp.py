@@ -209,13 +209,16 @@ def test_dpo_fsdp2_matches_one_process(tiny_lm, separable_tsv, tmp_path):
 
 def test_logprob_chunks_under_fsdp2_are_refused_naming_the_option(tiny_lm, separable_tsv, tmp_path):
     """The chunked log-probs read the LM head's weight outside the model's forward pass, where
-    FSDP2 keeps it sharded: dpo and rl stop at the start (each process exits 2, the launcher 1),
+    FSDP2 keeps it sharded: sft, dpo and rl stop at the start (each process exits 2, the launcher 1),
     saying what to pass."""
     prompts, rewards = tmp_path / "prompts.txt", tmp_path / "rewards.py"
     prompts.write_text("a\nb\n")
     rewards.write_text("def size(prompts, responses):\n    return [len(r) for r in responses]\n")
+    sft_data = tmp_path / "sft.jsonl"
+    sft_data.write_text('{"prompt": "a", "response": "b"}\n' * 4)
     common = ["--policy", str(tiny_lm), "--max-steps", "1", "--logprob-chunk-size", "4", "--cpu", "--no-progress"]
     runs = {
+        "sft": ["sft", "--train", str(sft_data), "--output", str(tmp_path / "sft")],
         "dpo": ["dpo", "--train", str(separable_tsv), "--output", str(tmp_path / "dpo")],
         "rl": [
             "rl",

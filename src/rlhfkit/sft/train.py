@@ -39,12 +39,15 @@ import yaml
 from rlhfkit.checkpoint import export_pretrained
 from rlhfkit.config import ConfigError, opt, require, to_dict
 from rlhfkit.data.collate import iter_batches, process_micro_batches
+from rlhfkit.data.examples import IGNORE_INDEX
 from rlhfkit.data.instructions import read_sft_data
 from rlhfkit.data.prompts import Prompt
 from rlhfkit.defaults import BATCH_SIZE, EVAL_BATCH_SIZE, EXPORT, MAX_LENGTH
+from rlhfkit.models.chunked_logprobs import logprobs_from_hidden
 from rlhfkit.models.cpu_linear import apply_cpu_matmul
+from rlhfkit.models.logprobs import lm_head_weights
 from rlhfkit.models.lora import with_lora
-from rlhfkit.models.policy import load_policy
+from rlhfkit.models.policy import forward_accepts, load_policy
 from rlhfkit.models.tokenizers import use_chat_template
 from rlhfkit.ops import masked_sum
 from rlhfkit.sampling import SamplingSettings, sample_texts
@@ -100,6 +103,13 @@ class SFTConfig(RunOptions, OptimOptions, LoraOptions):
     )
     packing: bool = opt(False, "pack short examples into rows of max_length tokens, with no attention across examples")
     gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass to save memory")
+    logprob_chunk_size: int = opt(
+        0,
+        "the loss from the last hidden states, this many target tokens' logits at a time, recomputed in the "
+        "backward pass (no (rows, tokens, vocab) logits kept, none built for prompt tokens); 0: the model's "
+        "logits at once. Not under fsdp2",
+        ge=0,
+    )
     eval_every: int = opt(100, "evaluate every N optimizer steps (and before the first and after the last)", ge=1)
     eval_batch_size: int = opt(EVAL_BATCH_SIZE["sft"], "examples per evaluation forward pass", ge=1)
     n_samples: int = opt(
@@ -118,14 +128,16 @@ class SFTConfig(RunOptions, OptimOptions, LoraOptions):
 
 
 # ------------------------------------------------------------------ building blocks
-def model_token_nll(model, batch, attn_implementation: str = "sdpa"):
+def model_token_nll(model, batch, attn_implementation: str = "sdpa", chunk_size: int = 0):
     """Forward ``batch`` (an :class:`~rlhfkit.sft.data.SFTBatch`) -> ``(nll, response_mask)``, both ``(B, T-1)``.
 
     Packed rows get a 4D block-diagonal causal mask (bool for sdpa, additive for eager) and
-    their restarting position ids, so every example sees only itself.
+    their restarting position ids, so every example sees only itself. With ``chunk_size``
+    (``--logprob-chunk-size``) the forward pass stops at the last hidden states and only the
+    target tokens' logits are built, ``chunk_size`` at a time (:func:`hidden_token_nll`).
     """
     if batch.seq_ids is None:
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits  # (B, T, V)
+        inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
     else:
         allowed = block_causal_mask(batch.seq_ids)  # (B, 1, T, T)
         if attn_implementation == "eager":  # eager adds the mask to the scores
@@ -136,12 +148,36 @@ def model_token_nll(model, batch, attn_implementation: str = "sdpa"):
             mask = allowed
         else:
             raise ConfigError(f"--packing needs sdpa or eager attention; this model uses {attn_implementation!r}")
-        logits = model(input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.position_ids).logits
-    return token_nll(logits, batch.labels)
+        inputs = dict(input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.position_ids)
+    if chunk_size:
+        return hidden_token_nll(model, inputs, batch.labels, chunk_size)
+    return token_nll(model(**inputs).logits, batch.labels)  # logits (B, T, V)
+
+
+def hidden_token_nll(model, inputs: dict, labels: torch.Tensor, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`~rlhfkit.sft.losses.token_nll`'s ``(nll, response_mask)``, both ``(B, T-1)``, from the
+    last hidden states: the model's forward pass builds one position's logits (``logits_to_keep``),
+    and :func:`~rlhfkit.models.chunked_logprobs.logprobs_from_hidden` the target tokens' logits,
+    ``chunk_size`` rows at a time (prompt, header and padding positions never reach the LM head)."""
+    keep = dict(logits_to_keep=1) if forward_accepts(model, "logits_to_keep") else {}
+    out = model(**inputs, output_hidden_states=True, **keep)
+    hidden = out.hidden_states[-1][:, :-1]  # (B, T-1, H): position t predicts token t + 1
+    targets = labels[:, 1:]  # (B, T-1)
+    response_mask = targets != IGNORE_INDEX
+    weight, bias = lm_head_weights(model)
+    logprobs, _ = logprobs_from_hidden(
+        hidden[response_mask], weight, targets[response_mask], bias=bias, chunk_size=chunk_size
+    )  # (R,) over the R target tokens
+    nll = torch.zeros(response_mask.shape, dtype=logprobs.dtype, device=logprobs.device).masked_scatter(
+        response_mask, -logprobs
+    )
+    return nll, response_mask
 
 
 @torch.no_grad()
-def evaluate_sft(model, data: EncodedSFT, pad_id: int, batch_size: int, device, autocast=None) -> dict[str, float]:
+def evaluate_sft(
+    model, data: EncodedSFT, pad_id: int, batch_size: int, device, autocast=None, chunk_size: int = 0
+) -> dict[str, float]:
     """Token-mean NLL of every response token in ``data`` (unpacked, length-sorted batches) and its perplexity."""
     was_training = model.training
     model.eval()
@@ -150,7 +186,7 @@ def evaluate_sft(model, data: EncodedSFT, pad_id: int, batch_size: int, device, 
     for start in range(0, len(order), batch_size):
         batch = collate(data, [[i] for i in order[start : start + batch_size]], pad_id).to(device)
         with autocast() if autocast is not None else nullcontext():
-            nll, mask = model_token_nll(model, batch)
+            nll, mask = model_token_nll(model, batch, chunk_size=chunk_size)
         total += masked_sum(nll.double(), mask).cpu()
         count += int(mask.sum())
     model.train(was_training)
@@ -207,13 +243,23 @@ def build_policy(cfg: SFTConfig, device):
 
 
 def micro_loss(
-    model, data: EncodedSFT, rows, pad_id: int, packed: bool, attn: str, device, n_step_tokens: int, world: int, micro
+    model,
+    data: EncodedSFT,
+    rows,
+    pad_id: int,
+    packed: bool,
+    attn: str,
+    device,
+    n_step_tokens: int,
+    world: int,
+    chunk_size: int,
+    micro,
 ):
     """One micro-batch: the NLL of its response tokens over ``n_step_tokens``, the whole step's.
     DDP averages over processes, so ``* world`` makes the sum over processes the step's token mean."""
     row_ids, live = micro
     batch = collate(data, [rows[r] for r in row_ids], pad_id, packed=packed).to(device)
-    nll, mask = model_token_nll(model, batch, attn)  # (B, T-1) each
+    nll, mask = model_token_nll(model, batch, attn, chunk_size)  # (B, T-1) each
     n_targets = sum(data.n_targets(i) for r in row_ids for i in rows[r])  # known up front: no device sync
     stats = {
         "nll": nll.detach().double().sum() * live,
@@ -230,7 +276,13 @@ def evaluate_and_keep_best(
     metrics: dict[str, float] = {}
     if run.evaluates() and eval_data is not None:
         metrics = evaluate_sft(
-            model, eval_data, tokenizer.pad_token_id, cfg.eval_batch_size, run.device, run.accelerator.autocast
+            model,
+            eval_data,
+            tokenizer.pad_token_id,
+            cfg.eval_batch_size,
+            run.device,
+            run.accelerator.autocast,
+            cfg.logprob_chunk_size,
         )
         if run.main:
             run.log.log(state.step, {f"eval/{k}": v for k, v in metrics.items()})
@@ -277,6 +329,11 @@ def train_sft(cfg: SFTConfig) -> dict[str, Any]:
     """Run the whole fine-tuning. Returns the last logged ``train/*`` and ``eval/*`` metrics
     plus ``step``, ``finished`` and, when finished, the ``final`` and ``best`` model folders."""
     run = start_run(cfg, "sft")
+    require(
+        not (cfg.logprob_chunk_size and run.sharded),
+        f"--logprob-chunk-size {cfg.logprob_chunk_size} reads the LM head's weight outside the model's forward pass, "
+        "where FSDP2 keeps it sharded; pass --logprob-chunk-size 0 under fsdp2 (DDP and one process are fine)",
+    )
     train_ex, eval_ex = load_data(cfg)
     tokenizer, model, attn = build_policy(cfg, run.device)
     chat = use_chat_template(tokenizer, cfg.chat_template, cfg.policy)
@@ -336,6 +393,7 @@ def train_sft(cfg: SFTConfig) -> dict[str, Any]:
             run.device,
             n_step_tokens,
             run.world,
+            cfg.logprob_chunk_size,
         )
         grad_norm, stats = train_step(
             run,
