@@ -138,28 +138,44 @@ def gold_score(policy: str, out: Path, args: argparse.Namespace, prompts: Path) 
     return {"gold": statistics.fmean(scores), "n_answers": len(rows), "eval_cpu_s": cost["cpu_s"]}
 
 
-def settings(grid: list[str], design: str) -> list[dict[str, str]]:
-    """The settings to run from ``--grid KEY=V1,V2`` options: every combination (``product``) or
-    each key's values alone, the other keys at their defaults (``axes``)."""
+def option_key(item: str, key: str, option: str) -> str:
+    """``key`` as an RLConfig field name, or exit naming the bad ``option`` ``item``."""
     from rlhfkit.rl.trainer import RLConfig
 
-    known = {f.name for f in dataclasses.fields(RLConfig)}
+    key = key.strip().replace("-", "_")
+    if key not in {f.name for f in dataclasses.fields(RLConfig)}:
+        raise SystemExit(f"{option} {item!r}: {key!r} is not an option of 'rlhfkit rl' (see rlhfkit rl --help)")
+    if key in ("algo", "seed", "max_steps", "output", "policy", "reward", "prompts"):
+        raise SystemExit(f"{option} {item!r}: {key} is set by the sweep itself (--algos, --seeds, --max-steps, ...)")
+    return key
+
+
+def settings(grid: list[str], design: str, named: list[str] | None = None) -> list[dict[str, str]]:
+    """The settings to run from ``--grid KEY=V1,V2`` options: every combination (``product``) or
+    each key's values alone, the other keys at their defaults (``axes``); then each ``--setting``
+    (``defaults``, or several ``KEY=V`` separated by spaces, run together as one setting)."""
     axes: dict[str, list[str]] = {}
     for item in grid:
         key, sep, values = item.partition("=")
-        key = key.strip().replace("-", "_")
         if not sep or not values:
             raise SystemExit(f"--grid {item!r}: write KEY=V1,V2,..., e.g. --grid ppo_epochs=1,4")
-        if key not in known:
-            raise SystemExit(f"--grid {item!r}: {key!r} is not an option of 'rlhfkit rl' (see rlhfkit rl --help)")
-        if key in ("algo", "seed", "max_steps", "output", "policy", "reward", "prompts"):
-            raise SystemExit(f"--grid {item!r}: {key} is set by the sweep itself (--algos, --seeds, --max-steps, ...)")
-        axes[key] = [v.strip() for v in values.split(",")]
-    if not axes:
-        return [{}]
-    if design == "product":
-        return [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())]
-    return [{key: value} for key, values in axes.items() for value in values]
+        axes[option_key(item, key, "--grid")] = [v.strip() for v in values.split(",")]
+    out: list[dict[str, str]] = []
+    if axes and design == "product":
+        out = [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())]
+    elif axes:
+        out = [{key: value} for key, values in axes.items() for value in values]
+    for item in named or []:
+        setting: dict[str, str] = {}
+        for part in [] if item.strip() == "defaults" else item.split():
+            key, sep, value = part.partition("=")
+            if not sep or not value or "," in value:
+                raise SystemExit(f"--setting {item!r}: write 'defaults' or KEY=V KEY=V ..., one value per key")
+            setting[option_key(item, key, "--setting")] = value.strip()
+        if setting in out:
+            raise SystemExit(f"--setting {item!r}: that setting is already in the sweep")
+        out.append(setting)
+    return out or [{}]
 
 
 def flags(setting: dict[str, str]) -> list[str]:
@@ -256,6 +272,14 @@ def main(argv: list[str] | None = None) -> int:
         "none: rlhfkit's defaults alone",
     )
     ap.add_argument(
+        "--setting",
+        action="append",
+        default=[],
+        metavar="'K=V K=V'",
+        help="one more setting: 'defaults', or several options run together, e.g. "
+        "'clip_eps_high=0.28 dynamic_sampling=true' (repeat it for several)",
+    )
+    ap.add_argument(
         "--design",
         choices=("product", "axes"),
         default="product",
@@ -278,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         if a not in ("ppo", *GROUP_ALGOS):
             raise SystemExit(f"--algos: unknown algorithm {a!r}; use ppo, rloo, grpo or reinforce++")
     seeds = [int(s) for s in args.seeds.split(",")]
-    grid = settings(args.grid, args.design)
+    grid = settings(args.grid, args.design, args.setting)
     if args.max_steps < 1 or args.n_eval_prompts < 1 or args.eval_samples < 1 or args.threads < 1:
         raise SystemExit("--max-steps, --n-eval-prompts, --eval-samples and --threads must be >= 1")
     work = (REPO / args.work).resolve()
