@@ -12,7 +12,7 @@ import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from rlhfkit.cli import main
-from rlhfkit.plan.estimate import (
+from rlhfkit.memory.estimate import (
     COMPONENTS,
     FP32,
     Precision,
@@ -22,7 +22,7 @@ from rlhfkit.plan.estimate import (
     estimate,
     kv_cache_bytes,
 )
-from rlhfkit.plan.shapes import KNOWN, decoder_shape, parse_size, resolve_shape, shape_for_size
+from rlhfkit.memory.shapes import KNOWN, decoder_shape, parse_size, resolve_shape, shape_for_size
 
 SMOL = KNOWN["smollm2-135m"]
 FP32_PRECISION = Precision(act=4, resid=4, norm=8, casts=False, autocast_copies=False, gathered=4, dropout_mask=4)
@@ -305,7 +305,7 @@ def test_nothing_fits_names_the_changes_that_would(capsys):
 
 
 def test_ppo_critics_and_the_reward_model():
-    from rlhfkit.plan.estimate import networks
+    from rlhfkit.memory.estimate import networks
 
     s = _setup(algo="ppo", samples_per_prompt=1)
     head = networks(replace(s, critic="value-head"), SMOL, None)

@@ -1,7 +1,7 @@
 """``rlhfkit plan``: the memory one device needs for a training run, per configuration (ddp,
 fsdp2, fsdp2-offload), and which one fits. Nothing is loaded: a folder's ``config.json`` is
-read and the model built on the ``meta`` device (:mod:`rlhfkit.plan.shapes`); the math is
-:mod:`rlhfkit.plan.estimate`.
+read and the model built on the ``meta`` device (:mod:`rlhfkit.memory.shapes`); the math is
+:mod:`rlhfkit.memory.estimate`.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from rlhfkit.defaults import (
     samples_per_prompt,
 )
 from rlhfkit.errors import UserError
-from rlhfkit.plan.estimate import CONFIGS, GIB, RL_ALGOS, Estimate, Setup, estimate
+from rlhfkit.memory.estimate import CONFIGS, GIB, RL_ALGOS, Estimate, Setup, estimate
+from rlhfkit.memory.shapes import ModelShape, resolve_shape
 from rlhfkit.plan.lengths import MeasuredLengths, instruction_lengths, preference_lengths, prompt_lengths, summarise
-from rlhfkit.plan.shapes import ModelShape, resolve_shape
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""A local Hugging Face folder's :class:`~rlhfkit.plan.shapes.ModelShape`, counted exactly: the
+"""A local Hugging Face folder's :class:`~rlhfkit.memory.shapes.ModelShape`, counted exactly: the
 model is built from its ``config.json`` on the ``meta`` device (no weights read, no memory
 used) and its parameters, one block's and the LoRA adapters' that peft would add are counted.
 """
@@ -14,9 +14,9 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from rlhfkit.errors import UserError
+from rlhfkit.memory.shapes import ModelShape
 from rlhfkit.models.hub import resolve_run_folder
 from rlhfkit.models.reward import is_decoder_config
-from rlhfkit.plan.shapes import ModelShape
 
 
 def _blocks(model: torch.nn.Module) -> list[torch.nn.Module]:

@@ -1,5 +1,5 @@
 """How much memory one process of an rlhfkit run holds, term by term, as pure functions of
-a model's shape (:class:`~rlhfkit.plan.shapes.ModelShape`) and the run's settings (:class:`Setup`).
+a model's shape (:class:`~rlhfkit.memory.shapes.ModelShape`) and the run's settings (:class:`Setup`).
 
 Every figure is bytes on one device (a GPU, or one CPU process's RAM). Notation: ``h``
 hidden size, ``L`` layers, ``a`` query heads, ``kv`` key/value heads, ``d`` head size, ``I``
@@ -30,7 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from rlhfkit.defaults import RL_ALGORITHMS
-from rlhfkit.plan.shapes import ModelShape
+from rlhfkit.memory.shapes import ModelShape
 
 GIB = 1024**3
 FP32 = 4

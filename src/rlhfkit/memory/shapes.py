@@ -6,7 +6,7 @@ Three ways to name a model (:func:`resolve_shape`):
 
 - a local folder with a ``config.json`` (a checkpoint, or an rlhfkit run folder): the
   model is built on the ``meta`` device and its parameters counted exactly
-  (:mod:`rlhfkit.plan.hf`, the only place that imports torch);
+  (:mod:`rlhfkit.memory.hf`, the only place that imports torch);
 - a known name (:data:`KNOWN`): published shapes typed in from each model card's
   ``config.json``, and rlhfkit's aliases (``smollm2-135m``, ``minilm-l6``);
 - a size (``135M``, ``0.5B``, ``7B``): a Llama-like shape of about that many parameters
@@ -225,7 +225,7 @@ def resolve_shape(model: str, option: str = "--model") -> ModelShape:
     """The :class:`ModelShape` of ``model``: a local folder, a known name or a size (module docstring)."""
     path = Path(model).expanduser()
     if path.is_dir():
-        from rlhfkit.plan.hf import shape_from_folder  # torch and transformers, for this case only
+        from rlhfkit.memory.hf import shape_from_folder  # torch and transformers, for this case only
 
         return shape_from_folder(path, option)
     if path.exists():
