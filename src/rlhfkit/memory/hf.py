@@ -43,7 +43,8 @@ def shape_from_folder(path: Path, option: str = "--model") -> ModelShape:
     except (ValueError, OSError) as e:
         raise UserError(f"{option}: {folder}/config.json could not be read by transformers: {e}") from None
     decoder = is_decoder_config(config)
-    with torch.device("meta"):
+    # the random state is left as it was: a run that reads a shape (rl --micro-batch-size auto) samples the same
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
         model = (AutoModelForCausalLM if decoder else AutoModel).from_config(config)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     h, heads = int(text.hidden_size), int(text.num_attention_heads)
@@ -70,7 +71,8 @@ def shape_from_folder(path: Path, option: str = "--model") -> ModelShape:
         gated_mlp=bool(names & {"gate_proj", "gate_up_proj", "w1"}),
         source=f"{folder}/config.json, counted on the meta device",
     )
-    return replace(shape, lora_params=lora_params_at_rank_1(model))
+    with torch.random.fork_rng(devices=[]):
+        return replace(shape, lora_params=lora_params_at_rank_1(model))
 
 
 def lora_params_at_rank_1(model: torch.nn.Module) -> int:

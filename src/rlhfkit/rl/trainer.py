@@ -75,6 +75,7 @@ from rlhfkit.models.policy_info import POLICY_INFO
 from rlhfkit.models.snapshots import save_adapter, snapshot_name
 from rlhfkit.models.tokenizers import use_chat_template
 from rlhfkit.ops import logprobs_from_logits, masked_mean, masked_sum, tempered
+from rlhfkit.rl import micro_batch
 from rlhfkit.rl.advantages import (
     broadcast_to_tokens,
     compute_gae,
@@ -168,6 +169,11 @@ class RLConfig(SamplingOptions, RewardSourceOptions, RunOptions, OptimOptions, L
         ge=1,
     )
     mini_batch_size: int = opt(MINI_BATCH_SIZE, "rollout rows (responses) per optimizer step", ge=1)
+    micro_batch_size: str | None = opt(
+        None,
+        "rows per forward and backward pass: N (sets --grad-accum to --mini-batch-size / N), or auto: the largest "
+        "that fits the device's free memory by rlhfkit plan's estimate (logged; see docs/planning.md)",
+    )
     ppo_epochs: int = opt(4, "passes over each rollout batch", ge=1)
     temperature: float = opt(1.0, "sampling temperature (log-probs are taken at the same temperature)", gt=0)
     score_norm: Literal["none", "scale", "whiten"] = opt(
@@ -351,6 +357,8 @@ class RLConfig(SamplingOptions, RewardSourceOptions, RunOptions, OptimOptions, L
             f"x --samples-per-prompt) so each epoch sees every response once; e.g. --mini-batch-size "
             f"{math.gcd(rows, self.mini_batch_size)}",
         )
+        if self.micro_batch_size is not None:
+            self._micro_batch()
         require(
             self.mini_batch_size % self.grad_accum == 0,
             f"option --grad-accum ({self.grad_accum}) must divide --mini-batch-size ({self.mini_batch_size}): each "
@@ -365,6 +373,34 @@ class RLConfig(SamplingOptions, RewardSourceOptions, RunOptions, OptimOptions, L
                 self.top_k,
                 self.top_p,
             )
+
+    def _micro_batch(self) -> None:
+        """``--micro-batch-size``: ``auto`` (chosen once the models are loaded) or N, which sets ``grad_accum``."""
+        value = str(self.micro_batch_size).strip().lower()
+        self.micro_batch_size = value
+        if value == "auto":
+            require(
+                self.grad_accum == 1,
+                f"--micro-batch-size auto chooses --grad-accum itself; remove --grad-accum {self.grad_accum}, or give "
+                "--micro-batch-size N",
+            )
+            return
+        require(
+            value.isdigit() and int(value) >= 1,
+            f"--micro-batch-size {self.micro_batch_size}: give a number of rows (e.g. 4) or auto",
+        )
+        rows = int(value)
+        require(
+            self.mini_batch_size % rows == 0,
+            f"--micro-batch-size {rows} must divide --mini-batch-size ({self.mini_batch_size}): each optimizer step "
+            f"splits its minibatch into equal micro-batches; e.g. --micro-batch-size {math.gcd(rows, self.mini_batch_size)}",
+        )
+        require(
+            self.grad_accum in (1, self.mini_batch_size // rows),
+            f"--micro-batch-size {rows} with --mini-batch-size {self.mini_batch_size} means --grad-accum "
+            f"{self.mini_batch_size // rows}, and --grad-accum {self.grad_accum} was given; give one of the two",
+        )
+        self.grad_accum = self.mini_batch_size // rows
 
 
 @dataclass(kw_only=True)
@@ -946,6 +982,18 @@ def train_rl(cfg: RLConfig) -> dict[str, Any]:
     for obj in (*schedulers, kl_ctl, score_stats):
         run.accelerator.register_for_checkpointing(obj)
     state = run.begin(TrainState(), cfg.max_steps, unit="update")
+    if cfg.micro_batch_size == "auto":
+        choice = micro_batch.choose(
+            cfg,
+            run,
+            tokenizer=tokenizer,
+            prompts=prompts,
+            chat=chat,
+            critic_spec=critic_spec,
+            reward_folder=cfg.reward if isinstance(reward, RewardModelSource) else None,
+            models=(model, ref_model, getattr(reward, "model", None)),
+        )
+        cfg.grad_accum = choice.grad_accum
     run.write(
         f"{cfg.algo}: {len(prompts)} prompts, {k} sample(s) per prompt, policy {cfg.policy}{' (LoRA)' if cfg.lora else ''}, "
         f"reward {reward!r}, critic {critic_spec}, chat template {'on' if chat else 'off'}"
