@@ -220,13 +220,11 @@ class Run:
         if self.saved_step != state.step:
             if self.cfg.final_checkpoint or not finished or self.stop_requested() is not None:
                 self.save(state)
-            elif self.main:
-                logger.warning(
-                    "--no-final-checkpoint: no resumable checkpoint after step %d%s; %s/%s holds the weights",
-                    state.step,
-                    f" (the last is at step {self.saved_step})" if self.saved_step is not None else "",
-                    self.out,
-                    EXPORT,
+            else:  # asked for, so a line of the run's output (and run.log), not a warning
+                self.write(
+                    f"--no-final-checkpoint: no resumable checkpoint after step {state.step}"
+                    + (f" (the last is at step {self.saved_step})" if self.saved_step is not None else "")
+                    + f"; {self.out}/{EXPORT} holds the weights"
                 )
         return self.close(state, total_steps)
 
