@@ -232,6 +232,88 @@ def summarise(runs: list[dict]) -> dict:
     return out
 
 
+def is_default(algo: str, setting: dict[str, str]) -> bool:
+    """Whether every option of ``setting`` is at ``rlhfkit rl --algo ALGO``'s default (the sweep's shape aside)."""
+    from rlhfkit.config import from_dict
+    from rlhfkit.rl.trainer import RLConfig
+
+    base = dict(policy="p", reward="m:f", prompts="x", output="o", algo=algo, max_new_tokens=32)
+    base.update(SHAPE["ppo" if algo == "ppo" else "group"])
+    default = from_dict(RLConfig, base)
+    given = from_dict(RLConfig, {**base, **setting})
+    return all(getattr(given, k) == getattr(default, k) for k in setting)
+
+
+def paired(runs: list[dict], base: list[dict]) -> dict:
+    """Seed-matched differences against ``base`` (the defaults): gain, and gain per CPU-second
+    (each seed's own ratio), with 95% t-intervals over the seeds they share."""
+    by_seed = {r["seed"]: r for r in base}
+    pairs = [(r, by_seed[r["seed"]]) for r in runs if r["seed"] in by_seed]
+    out: dict = {"n": len(pairs)}
+    for key, f in (("gain", lambda r: r["gain"]), ("gain_per_cpu_s", lambda r: r["gain"] / r["cpu_s"])):
+        d = [f(a) - f(b) for a, b in pairs]
+        out[key] = statistics.fmean(d) if d else float("nan")
+        if len(d) > 1:
+            half = t975(len(d) - 1) * statistics.stdev(d) / math.sqrt(len(d))
+            out[f"{key}_ci"] = [out[key] - half, out[key] + half]
+    return out
+
+
+def report_tables(files: list[str]) -> str:
+    """Tables from saved sweeps (``--report A.json B.json``): every (algorithm, setting) of their runs,
+    the defaults first, with seed-matched differences against the defaults. Sweeps are merged by
+    setting; the defaults' runs may come from one sweep and the others from another (the same
+    seeds, policy, reward model and evaluation: checked)."""
+    records = [json.loads(Path(f).read_text()) for f in files]
+    keys = ("policy", "reward", "max_steps", "n_eval_prompts", "eval_samples", "eval_seed", "threads")
+    first = records[0]["args"]
+    for rec, f in zip(records, files):
+        differ = [k for k in keys if rec["args"].get(k) != first.get(k)]
+        if differ or rec["start"]["gold"] != records[0]["start"]["gold"]:
+            raise SystemExit(f"--report: {f} was run with other {', '.join(differ) or 'starting gold'} than {files[0]}")
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for rec in records:
+        for r in rec["runs"]:
+            name = "defaults" if is_default(r["algo"], r["setting"]) else label(r["setting"])
+            groups.setdefault((r["algo"], name), []).append(r)
+    out = []
+    for algo in dict.fromkeys(a for a, _ in groups):
+        base = groups.get((algo, "defaults"), [])
+        names = sorted((n for a, n in groups if a == algo), key=lambda n: (n != "defaults", n))
+        lines = [
+            f"**{algo}** (gold score of the starting policy {records[0]['start']['gold']:.3f})",
+            "",
+            "| setting | seeds | gold gain | CPU s | gain per 1000 CPU s | vs defaults: gain | vs defaults: per 1000 CPU s |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for name in names:
+            runs = groups[(algo, name)]
+            s_ = summarise(runs)
+
+            def ci(d: dict, key: str, scale: float = 1.0, fmt: str = ".2f") -> str:
+                v = f"{d[key] * scale:+{fmt}}" if key in d else "-"
+                if f"{key}_ci" in d:
+                    lo, hi = (x * scale for x in d[f"{key}_ci"])
+                    v += f" [{lo:+{fmt}}, {hi:+{fmt}}]"
+                return v
+
+            versus = paired(runs, base) if name != "defaults" and base else {}
+            lines.append(
+                f"| {name} | {len(runs)} | {ci(s_, 'gain')} | {s_['cpu_s']:.0f} | {ci(s_, 'gain_per_cpu_s', 1000.0)} | "
+                f"{ci(versus, 'gain') if versus else ''} | {ci(versus, 'gain_per_cpu_s', 1000.0) if versus else ''} |"
+            )
+        out.append("\n".join(lines))
+    m = records[0]["machine"]
+    a = records[0]["args"]
+    caption = (
+        f"{a['max_steps']} updates per run from {a['policy']}; gold gain on {a['n_eval_prompts']} held-out prompts x "
+        f"{a['eval_samples']} answers; means over seeds with 95% t-intervals; 'vs defaults': seed-matched differences "
+        f"(each seed's gain per CPU-second its own ratio); {a['threads']} thread(s) per run; machine: {m['cpu']}, "
+        f"{m['cpus']} CPUs. Sweeps: {', '.join(files)}."
+    )
+    return "\n\n".join(out) + "\n\n" + caption
+
+
 def table(algo: str, rows: list[tuple[str, dict]], start_gold: float) -> str:
     def ci(s: dict, key: str, scale: float = 1.0, fmt: str = ".3f") -> str:
         v = f"{s[key] * scale:{fmt}}"
@@ -295,7 +377,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="CPU threads of every run (default: 1)")
     ap.add_argument("--work", default="outputs/rl-defaults", help="working folder, kept (default: %(default)s)")
     ap.add_argument("--output", default=str(HERE / "results" / "rl_defaults.json"), help="JSON result file")
+    ap.add_argument(
+        "--report",
+        nargs="+",
+        metavar="JSON",
+        help="no runs: print the tables of saved sweeps (merged by setting), with seed-matched differences "
+        "against the defaults",
+    )
     args = ap.parse_args(argv)
+    if args.report:
+        print(report_tables(args.report))
+        return 0
 
     algos = [a.strip() for a in args.algos.split(",")]
     for a in algos:
