@@ -280,3 +280,59 @@ def test_the_probe_head_start_on_cuda(tiny_lm, separable_tsv, tmp_path):
     assert (
         on_gpu["pairwise_accuracy"] > 0.85
     )  # the same run on the CPU: 0.933 (one process holds one accelerator: not both here)
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_chunked_logprobs_under_bf16_autocast_match_the_models_own_logits_on_cuda(tiny_lm):
+    """``--logprob-chunk-size`` on a GPU: the LM head's matmul runs in bf16 under autocast as the
+    model's own head does, the log-softmax in fp32; values and gradients as the full logits give."""
+    from transformers import AutoModelForCausalLM
+
+    from rlhfkit.models.chunked_logprobs import logprobs_from_hidden
+    from rlhfkit.models.logprobs import lm_head_weights, response_hidden, response_logits
+    from rlhfkit.ops import logprobs_from_logits
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm).cuda()
+    torch.manual_seed(0)
+    ids = torch.randint(3, 200, (3, 12), device="cuda")
+    mask = torch.ones_like(ids)
+    labels = ids[:, 4:]
+    params = [p for p in model.parameters() if p.requires_grad]
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        logits, _ = response_logits(model, ids, mask, 8)
+        want = logprobs_from_logits(logits, labels)
+        want_grads = torch.autograd.grad(want.sum(), params)
+        hidden = response_hidden(model, ids, mask, 8)
+        weight, bias = lm_head_weights(model)
+        got, _ = logprobs_from_hidden(hidden, weight, labels, bias=bias, chunk_size=5)
+        got_grads = torch.autograd.grad(got.sum(), params)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want.float(), atol=2e-2, rtol=0)  # bf16 matmuls: both paths round alike
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g.float(), w.float(), atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_micro_batch_auto_reads_the_gpus_free_memory(tiny_lm, tmp_path, capsys):
+    """``rl --micro-batch-size auto`` on a GPU: the budget is the card's free memory (accelerate's
+    get_max_memory), the choice printed with the device."""
+    from rlhfkit.rl.micro_batch import free_bytes
+    from rlhfkit.rl.trainer import RLConfig, train_rl
+
+    free = free_bytes(torch.device("cuda", 0))
+    total = torch.cuda.get_device_properties(0).total_memory
+    assert 0 < free <= total
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("red apple\na quiet river\n")
+    rewards = tmp_path / "r.py"
+    rewards.write_text("def n(prompts, responses):\n    return [len(r) / 8 for r in responses]\n")
+    cfg = dict(
+        policy=str(tiny_lm), reward=f"{rewards}:n", prompts=str(prompts), output=str(tmp_path / "run"), algo="grpo",
+        max_steps=1, batch_size=2, samples_per_prompt=4, mini_batch_size=8, max_new_tokens=6, sample_every=0,
+        progress=False, report_to="none", micro_batch_size="auto",
+    )  # fmt: skip
+    train_rl(from_dict(RLConfig, cfg))
+    assert "--micro-batch-size auto: 8 rows (--grad-accum 1)" in capsys.readouterr().out
+    assert " on cuda" in (tmp_path / "run" / "run.log").read_text()
