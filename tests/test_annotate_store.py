@@ -265,3 +265,82 @@ def test_the_app_serves_by_the_overlap_share(tmp_path):
                 client.post("/api/rankings", json={"set_id": r["set_id"], "ranking": [[0], [1]]}, headers=headers)
     assert got[tokens[0]] == sets and got[tokens[1]] == []  # share 0: every set to one annotator
     store.close()
+
+
+# ------------------------------------------------------------------ leases: the overlap is a hard cap
+class Clock:
+    def __init__(self):
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def _users(store, n):
+    return [store.add_user(f"u{i}") and store.user_by_name(f"u{i}").id for i in range(n)]
+
+
+def test_a_served_set_is_held_so_its_quota_counts_who_works_on_it(tmp_path):
+    clock = Clock()
+    store = AnnotationStore(tmp_path / "a.db", lease_seconds=60.0, clock=clock)
+    store.add_prompts(["p1", "p2"])
+    s1, s2 = (store.add_generation_set(p, "m", ["a", "b"]) for p in (1, 2))
+    a, b, c = _users(store, 3)
+    assert store.set_for_user(a, overlap=2).id == s1
+    assert store.set_for_user(a, overlap=2).id == s1  # asking again: the same set, still one place taken
+    assert store.set_for_user(b, overlap=2).id == s1
+    assert store.set_for_user(c, overlap=2).id == s2  # s1's two places are held by a and b, nobody has ranked
+    store.add_ranking(s1, a, [0, 1])
+    assert store.set_for_user(c, overlap=2).id == s2  # a's ranking and b's lease: still two
+    clock.t += 61  # b walked away: the lease ends and the place is free again
+    assert store.set_for_user(c, overlap=2).id == s1
+    assert store.set_for_user(b, overlap=2).id == s2  # c holds s1 now; b is served the next set
+    store.add_ranking(s1, c, [1, 0])
+    assert store.set_for_user(b, overlap=2).id == s2
+    # without a quota nothing is held (a prompt's own set, or an app without overlap)
+    assert store.set_for_user(a, prompt_id=2).id == s2
+    assert store._conn().execute("SELECT count(*) FROM leases WHERE user_id = ?", (a,)).fetchone()[0] == 0
+    store.close()
+
+
+def test_being_served_a_newer_rounds_set_lets_the_old_one_go(tmp_path):
+    store = AnnotationStore(tmp_path / "a.db")
+    old, _ = store.put_round_set("old", ["a", "b"], round=1, key="o")
+    a, b = _users(store, 2)
+    assert store.set_for_user(a, overlap=1).id == old
+    new, _ = store.put_round_set("new", ["a", "b"], round=2, key="n")
+    assert store.set_for_user(a, overlap=1).id == new  # newest round first, as without leases
+    assert store.set_for_user(b, overlap=1).id == old  # a let the old set go when served the new one
+    store.skip(old, b)
+    assert store._conn().execute("SELECT set_id, user_id FROM leases").fetchall() == [(new, a)]
+    store.close()
+
+
+def test_concurrent_annotators_never_exceed_the_overlap(tmp_path):
+    """The race the lease closes: many threads ask for the next set at once and rank it after a
+    pause; every set ends with exactly its quota of rankings, never more."""
+    import time
+
+    store = AnnotationStore(tmp_path / "a.db")
+    n_sets, overlap = 6, 2
+    store.add_prompts([f"p{i}" for i in range(n_sets)])
+    sets = [store.add_generation_set(p, "m", ["a", "b"]) for p in range(1, n_sets + 1)]
+    users = _users(store, 6)
+    barrier = threading.Barrier(len(users))
+
+    def work(u):
+        barrier.wait()
+        while (s := store.set_for_user(u, overlap=overlap)) is not None:
+            time.sleep(0.01)  # ranking takes a moment: others ask meanwhile
+            store.add_ranking(s.id, u, [0, 1])
+
+    threads = [threading.Thread(target=work, args=(u,)) for u in users]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    counts = dict(
+        store._conn().execute("SELECT set_id, count(*) FROM rankings WHERE deleted_at IS NULL GROUP BY set_id")
+    )
+    assert counts == {s: overlap for s in sets}
+    store.close()

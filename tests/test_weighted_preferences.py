@@ -216,6 +216,7 @@ def test_annotator_weights_by_hand():
     assert annotator_weights(HAND, floor=0.05)["c"] == pytest.approx(0.05)
     # an annotator who shares no set keeps weight 1
     assert annotator_weights([*HAND, (3, "d", (1, 0))])["d"] == 1.0
+    assert annotator_weights([]) == {}  # no shared set at all (every set ranked once): nobody to weigh
     with pytest.raises(ValueError, match=r"floor=0 must be in \(0, 1\]"):
         annotator_weights(HAND, floor=0)
 

@@ -126,6 +126,8 @@ def annotator_weights(
         raise ValueError(f"max_rounds={max_rounds!r} must be >= 1")
     by_set = _by_set(rankings)
     weights = {name: 1.0 for ranked in by_set.values() for name in ranked}
+    if not weights:  # no rankings: no annotator to weigh
+        return {}
     for _ in range(max_rounds):
         _, taus = _leave_one_out_taus(by_set, weights)
         # the weight of one annotator: tau in [-1, 1] -> [floor, 1]; no defined tau -> 1

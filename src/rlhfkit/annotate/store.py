@@ -28,7 +28,8 @@ import shutil
 import sqlite3
 import tempfile
 import threading
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -100,7 +101,21 @@ MIGRATIONS: list[str] = [
     CREATE UNIQUE INDEX generation_sets_key ON generation_sets(key) WHERE key IS NOT NULL;
     CREATE INDEX generation_sets_round ON generation_sets(round)
     """,
+    # 4: a set served to an annotator is held for them (a lease) until they rank or skip it or the
+    # lease ends, so a shared set's quota counts the annotators working on it, not only those done
+    """
+    CREATE TABLE leases (
+        set_id INTEGER NOT NULL REFERENCES generation_sets(id),
+        user_id INTEGER NOT NULL REFERENCES users(id),
+        expires_at REAL NOT NULL,
+        PRIMARY KEY (set_id, user_id)
+    );
+    CREATE INDEX leases_set ON leases(set_id)
+    """,
 ]
+
+LEASES_SCHEMA = 4  # the schema version that has the leases table
+LEASE_SECONDS = 30 * 60.0  # how long a served set stays held for its annotator (then it goes to the next one)
 
 
 class StoreError(UserError):
@@ -208,7 +223,15 @@ _SET_COLUMNS = "s.id, s.prompt_id, p.text, s.model, s.responses, s.round"
 class AnnotationStore:
     """The annotation database. Thread-safe: each thread gets its own connection."""
 
-    def __init__(self, path: str | Path, migrations: Sequence[str] = MIGRATIONS):
+    def __init__(
+        self,
+        path: str | Path,
+        migrations: Sequence[str] = MIGRATIONS,
+        *,
+        lease_seconds: float = LEASE_SECONDS,
+        clock: Callable[[], float] = time.time,
+    ):
+        self.lease_seconds, self.clock = lease_seconds, clock
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
@@ -468,7 +491,16 @@ class AnnotationStore:
         agreement can be measured). The quota is ``overlap`` for the share ``overlap_share`` of
         sets picked by :func:`overlap_draw` of the set id, and 1 for the others;
         ``overlap=None``: no quota.
+
+        With a quota the set served is held for this user (a lease of ``lease_seconds``), and a
+        set's quota counts the other users' live leases beside its rankings and skips: three
+        annotators asking at once for a set shared by two get it twice, and the third another
+        set. Asking again before ranking gives the user the same set unless one ahead of it in
+        the order arrived meanwhile; ranking or skipping ends the lease, and so does being served
+        another set (one set at a time).
         """
+        if prompt_id is None and overlap is not None:
+            return self._lease_set(user_id, overlap, overlap_share)
         where = [
             "NOT EXISTS (SELECT 1 FROM rankings r WHERE r.set_id = s.id AND r.user_id = :u AND r.deleted_at IS NULL)",
             "NOT EXISTS (SELECT 1 FROM skips k WHERE k.set_id = s.id AND k.user_id = :u)",
@@ -490,6 +522,38 @@ class AnnotationStore:
             .fetchone()
         )
         return self._set(row) if row else None
+
+    def _end_lease(self, conn: sqlite3.Connection, set_id: int, user_id: int) -> None:
+        if self.schema_version >= LEASES_SCHEMA:  # a store opened with fewer migrations (tests of old data) has none
+            conn.execute("DELETE FROM leases WHERE set_id = ? AND user_id = ?", (set_id, user_id))
+
+    def _lease_set(self, user_id: int, overlap: int, overlap_share: float) -> GenerationSet | None:
+        """:meth:`set_for_user` with a quota: choose and lease in one write transaction, so two
+        requests cannot both take a set's last place."""
+        now = self.clock()
+        others = "(SELECT count(*) FROM leases l2 WHERE l2.set_id = s.id AND l2.user_id != :u AND l2.expires_at > :now)"
+        undone = (
+            "NOT EXISTS (SELECT 1 FROM rankings r WHERE r.set_id = s.id AND r.user_id = :u AND r.deleted_at IS NULL) "
+            "AND NOT EXISTS (SELECT 1 FROM skips k WHERE k.set_id = s.id AND k.user_id = :u) "
+            "AND (p.source = 'pool' OR s.round IS NOT NULL OR s.key IS NOT NULL)"
+        )
+        order = "ORDER BY s.round IS NULL, s.round DESC, s.priority DESC, s.prompt_id, s.id LIMIT 1"
+        args = {"u": user_id, "now": now, "overlap": overlap, "cut": overlap_cut(overlap_share)}
+        base = f"SELECT {_SET_COLUMNS} FROM generation_sets s JOIN prompts p ON p.id = s.prompt_id WHERE {undone}"
+        quota = f"(CASE WHEN {_DRAW_SQL} < :cut THEN :overlap ELSE 1 END)"
+        with self.transaction() as conn:
+            row = conn.execute(f"{base} AND ({_TOUCHES}) + {others} < {quota} {order}", args).fetchone()
+            if row is None:
+                return None
+            # one set at a time: a user served another set (a newer round's, say) lets the old one go
+            conn.execute("DELETE FROM leases WHERE user_id = ? AND set_id != ?", (user_id, row[0]))
+            conn.execute(
+                "INSERT INTO leases (set_id, user_id, expires_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (set_id, user_id) DO UPDATE SET expires_at = excluded.expires_at",
+                (row[0], user_id, now + self.lease_seconds),
+            )
+            conn.execute("DELETE FROM leases WHERE expires_at <= ?", (now,))  # keep the table small
+        return self._set(row)
 
     def pool_prompts_without_sets(self, limit: int) -> list[Prompt]:
         rows = (
@@ -538,6 +602,7 @@ class AnnotationStore:
             conn.execute(
                 "INSERT OR IGNORE INTO skips (set_id, user_id, created_at) VALUES (?, ?, ?)", (set_id, user_id, _now())
             )
+            self._end_lease(conn, set_id, user_id)
 
     # ---------------------------------------------------------------- rankings
 
@@ -556,6 +621,7 @@ class AnnotationStore:
                 "INSERT INTO rankings (set_id, user_id, ranks, comment, created_at) VALUES (?, ?, ?, ?, ?)",
                 (set_id, user_id, json.dumps(list(ranks)), comment, _now()),
             )
+            self._end_lease(conn, set_id, user_id)
             return int(cur.lastrowid)
 
     def get_ranking(self, ranking_id: int) -> Ranking | None:
