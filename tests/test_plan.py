@@ -492,3 +492,20 @@ def test_plan_with_prompts_needs_a_tokenizer(tmp_path, tiny_lm, capsys):
         capsys, ["--model", "7B", "--algo", "grpo", "--prompts", str(prompts), "--tokenizer", str(tiny_lm)]
     )
     assert out["settings"]["prompt_length"] == 2 + 19
+
+
+def test_plan_names_the_largest_update_micro_batch_that_fits(capsys):
+    """For RL the plan says which micro-batch rl --micro-batch-size auto would take with this
+    memory: the largest divisor of the minibatch whose peak fits, in the first configuration it fits."""
+    argv = ["--model", "smollm2-135m", "--algo", "grpo", "--batch-size", "16", "--samples-per-prompt", "8"]
+    argv += ["--mini-batch-size", "64", "--max-new-tokens", "512", "--device-memory-gb", "24"]
+    out = _plan_json(capsys, argv)
+    setup = Setup(**{"algo": "grpo", "gpus": 1, "device": "cuda", "bf16": True, **out["settings"]})
+    peaks = {r: estimate(replace(setup, grad_accum=64 // r), SMOL, "ddp").peak for r in (1, 2, 4, 8, 16, 32, 64)}
+    want = max(r for r, p in peaks.items() if p <= 24 * 1024**3)
+    assert not out["fits"] and out["micro_batch"] == {"config": "ddp", "rows": want, "grad_accum": 64 // want}
+    assert main(["plan", *argv]) == 0
+    assert f"-> update micro-batch under ddp: the largest that fits is {want} rows (planned above: 64)" in (
+        capsys.readouterr().out
+    )
+    assert "micro_batch" not in _plan_json(capsys, ["--model", "smollm2-135m", "--algo", "sft"])

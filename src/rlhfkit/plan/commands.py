@@ -26,6 +26,7 @@ from rlhfkit.defaults import (
 )
 from rlhfkit.errors import UserError
 from rlhfkit.memory.estimate import CONFIGS, GIB, RL_ALGOS, Estimate, Setup, estimate
+from rlhfkit.memory.fit import largest_micro_batch
 from rlhfkit.memory.shapes import ModelShape, resolve_shape
 from rlhfkit.plan.lengths import MeasuredLengths, instruction_lengths, preference_lengths, prompt_lengths, summarise
 
@@ -409,6 +410,12 @@ def run_plan(cfg: PlanConfig) -> dict[str, Any]:
     }
     if recommended is None:
         result["changes_that_fit"] = _changes(cfg, setup, policy, reward, memory_gib)
+    if setup.rl:  # what rl --micro-batch-size auto would take with this much memory: the first configuration it fits
+        for config in [recommended] if recommended else list(estimates):
+            fit = largest_micro_batch(setup, policy, config, memory_gib * GIB, reward)
+            if fit.fits:
+                result["micro_batch"] = {"config": config, "rows": fit.rows, "grad_accum": fit.grad_accum}
+                break
     return result
 
 
@@ -497,6 +504,14 @@ def format_plan(result: dict[str, Any]) -> str:
                 if changes
                 else "; try --lora, --gradient-checkpointing, a smaller batch or more GPUs"
             )
+        )
+    mb = result.get("micro_batch")
+    if mb:
+        now = s["mini_batch_size"] // s["grad_accum"]
+        lines.append(
+            f"-> update micro-batch under {mb['config']}: the largest that fits is {mb['rows']} rows (planned above: "
+            f"{now}); --micro-batch-size {mb['rows']}, or rl --micro-batch-size auto to choose it from the device's "
+            "free memory"
         )
     lines += [f"note: {n}" for n in result["notes"]]
     return "\n".join(lines)
