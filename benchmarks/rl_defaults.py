@@ -42,7 +42,9 @@ Set-up ("the review example"):
 
 Run it alone (another busy process moves the wall seconds, less the CPU seconds):
 ``.venv/bin/python benchmarks/rl_defaults.py --algos grpo --grid ppo_epochs=1,4``. Smoke run:
-``--max-steps 1 --seeds 0 --grid ppo_epochs=1 --n-eval-prompts 2``. Results: the printed
+``--max-steps 1 --seeds 0 --grid ppo_epochs=1 --n-eval-prompts 2``. Each finished run is recorded in
+``WORK/runs/NAME.json`` (and its policy and checkpoint removed unless ``--keep-models``), so a sweep
+stopped midway and started again with the same options redoes only the runs it lacks. Results: the printed
 tables and ``benchmarks/results/rl_defaults.json``.
 """
 
@@ -378,6 +380,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", default="outputs/rl-defaults", help="working folder, kept (default: %(default)s)")
     ap.add_argument("--output", default=str(HERE / "results" / "rl_defaults.json"), help="JSON result file")
     ap.add_argument(
+        "--keep-models",
+        action="store_true",
+        help="keep each run's policy and checkpoint (about 2 GB a run; by default only its metrics and logs stay)",
+    )
+    ap.add_argument(
         "--report",
         nargs="+",
         metavar="JSON",
@@ -428,11 +435,20 @@ def main(argv: list[str] | None = None) -> int:
                 i = len(runs) + 1
                 name = f"{algo}-{'-'.join(f'{k}{v}' for k, v in setting.items()) or 'defaults'}-seed{seed}"
                 out = work / "runs" / name
-                shutil.rmtree(out, ignore_errors=True)  # a run of an earlier sweep: this one replaces it
                 cmd = ["rl", "--algo", algo, "--policy", args.policy, "--reward", reward]
                 cmd += ["--prompts", "examples/review_prompts.txt", "--output", str(out), "--seed", str(seed)]
                 cmd += ["--max-steps", str(args.max_steps), "--threads", str(args.threads), *COMMON]
                 cmd += flags({**{k: str(v) for k, v in shape.items()}, **setting})
+                record_file = work / "runs" / f"{name}.json"
+                evaluation = {k: getattr(args, k) for k in ("n_eval_prompts", "eval_samples", "eval_seed")}
+                done = json.loads(record_file.read_text()) if record_file.exists() else None
+                if done and done["command"] == "rlhfkit " + " ".join(cmd) and done.get("evaluation") == evaluation:
+                    runs.append(done)  # finished by an earlier, interrupted sweep: nothing to redo
+                    print(
+                        f"[{i}/{total}] {algo} {label(setting)} seed {seed}: done before, gold gain {done['gain']:+.3f}"
+                    )
+                    continue
+                shutil.rmtree(out, ignore_errors=True)  # a run of an earlier sweep: this one replaces it
                 print(f"[{i}/{total}] {algo} {label(setting)} seed {seed} ...", flush=True)
                 run_t0 = time.perf_counter()
                 cost = rlhfkit(cmd, work / "runs" / f"{name}.log", args.threads)
@@ -447,8 +463,13 @@ def main(argv: list[str] | None = None) -> int:
                     "eval_cpu_s": score["eval_cpu_s"],
                     **run_metrics(out),
                     "command": "rlhfkit " + " ".join(cmd),
+                    "evaluation": evaluation,
                 }
                 runs.append(run)
+                record_file.write_text(json.dumps(run, indent=2))  # a sweep stopped later keeps this run
+                if not args.keep_models:  # ~2 GB a run (the policy, its checkpoint and optimizer state)
+                    for folder in ("final", "checkpoint"):
+                        shutil.rmtree(out / folder, ignore_errors=True)
                 took[(algo, label(setting))].append(time.perf_counter() - run_t0)
                 eta = sum(
                     statistics.fmean(took[(a, label(st))] or [t for ts in took.values() for t in ts])
