@@ -393,3 +393,25 @@ def test_dynamic_sampling_logs_its_rollouts_and_resumes_exactly(tiny_lm, dapo_fi
     again = read_metrics(split / "metrics.jsonl")
     for key in ("rl/score_mean", "rl/policy_loss", "rl/extra_rollouts", "rl/dropped_groups"):
         assert [r[key] for r in again] == [r[key] for r in rows], key
+
+
+def test_the_cli_says_there_is_no_kl_without_a_reference(tiny_lm, dapo_files, tmp_path, capsys):
+    from rlhfkit.cli import main
+
+    prompts, rewards = dapo_files
+    argv = [
+        "rl",
+        "--algo",
+        "grpo",
+        "--policy",
+        str(tiny_lm),
+        "--reward",
+        f"{rewards}:marked",
+        "--prompts",
+        str(prompts),
+    ]
+    argv += ["--output", str(tmp_path / "o"), "--max-steps", "1", "--batch-size", "2", "--samples-per-prompt", "2"]
+    argv += ["--mini-batch-size", "4", "--max-new-tokens", "4", "--kl-penalty", "none", "--no-progress"]
+    assert main([*argv, "--report-to", "none", "--sample-every", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "no KL (no reference policy) at the last update" in out and "KL nan" not in out

@@ -135,9 +135,10 @@ def _rl(argv: Sequence[str], ppo_only: bool = False) -> None:
     if not _main_process() or _said_nothing_to_do(cfg, start, "final" in result):
         return
     if "final" in result:
+        kl = f"KL {result['rl/kl']:.4f}" if "rl/kl" in result else "no KL (no reference policy)"
         print(
             f"policy saved to {result['final']}; score {result.get('rl/score_mean', float('nan')):.4f}, "
-            f"KL {result.get('rl/kl', float('nan')):.4f} at the last update"
+            f"{kl} at the last update"
         )
 
 
