@@ -165,3 +165,42 @@ def test_reading_a_folders_shape_leaves_the_random_state_alone(tiny_lm):
     torch.manual_seed(0)
     resolve_shape(str(tiny_lm))
     assert torch.equal(torch.rand(3), want)
+
+
+# Each rank reads a different free memory (rank 1: almost none); the main process's choice must hold on both.
+DDP_PROBE = """
+import sys
+import rlhfkit.rl.micro_batch as mb
+import rlhfkit.rl.trainer as T
+from rlhfkit.cli import main
+
+mb.free_bytes = lambda device: 1e12 if T_rank() == 0 else 1.0
+def T_rank():
+    import torch.distributed as dist
+    return dist.get_rank()
+real = T.optimise
+def probe(cfg, run, *a, **k):
+    with open(f"{cfg.output}.rank{run.rank}", "a") as f:
+        f.write(f"{cfg.grad_accum}\\n")
+    return real(cfg, run, *a, **k)
+T.optimise = probe
+sys.exit(main(["rl", *sys.argv[1:]]))
+"""
+
+
+@pytest.mark.slow  # two processes
+def test_under_ddp_every_process_takes_the_main_processs_choice(tiny_lm, tmp_path):
+    from tests.conftest import launch
+
+    prompts, rewards, probe = tmp_path / "p.txt", tmp_path / "r.py", tmp_path / "probe.py"
+    prompts.write_text("".join(f"prompt number {i}\n" for i in range(8)))
+    rewards.write_text("def n(prompts, responses):\n    return [len(r) / 8 for r in responses]\n")
+    probe.write_text(DDP_PROBE)
+    out = tmp_path / "run"
+    argv = [probe, "--algo", "grpo", "--policy", tiny_lm, "--reward", f"{rewards}:n", "--prompts", prompts]
+    argv += ["--output", out, "--max-steps", "1", "--batch-size", "2", "--samples-per-prompt", "4"]
+    argv += ["--mini-batch-size", "8", "--max-new-tokens", "4", "--micro-batch-size", "auto", "--cpu"]
+    res = launch([*argv, "--sample-every", "0", "--no-progress", "--report-to", "none"], timeout=300)
+    assert "DDP (2 processes" in res.stderr
+    assert "--micro-batch-size auto: 8 rows (--grad-accum 1)" in res.stdout
+    assert [(tmp_path / f"run.rank{r}").read_text().split() for r in (0, 1)] == [["1"], ["1"]]

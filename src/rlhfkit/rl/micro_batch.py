@@ -101,8 +101,14 @@ def choose(
         critic=critic_spec if cfg.algo == "ppo" else "none",
         frozen_models=cfg.frozen_models,
     )
-    budget = MARGIN * (free_bytes(run.device) + held_bytes(*models))
+    # on the CPU every process holds its own copy of the models in the one machine's RAM
+    held = held_bytes(*models) * (run.world if run.device.type == "cpu" else 1)
+    budget = MARGIN * (free_bytes(run.device) + held)
     choice = largest_micro_batch(setup, policy, "fsdp2" if run.sharded else "ddp", budget, reward)
+    if run.world > 1:  # every process must split its minibatch alike: the main process's reading decides
+        from accelerate.utils import broadcast_object_list
+
+        choice = broadcast_object_list([choice])[0]
     tried = ", ".join(f"{rows}: {need / GIB:.2f}" for rows, need in choice.tried)
     if choice.fits:
         run.write(
