@@ -1,9 +1,9 @@
 """The rollout's KV cache on the CPU: today's growing cache against a preallocated (static) one.
 
 Issue 21 asks for a preallocated cache on the CPU "where it measures faster than today's
-growing one". ``rlhfkit.sampling.sample`` calls ``model.generate`` with transformers' default
-cache (``DynamicCache``: each decode step appends the new keys and values to every layer's
-tensors), plus the shared-prompt prefill (:func:`rlhfkit.sampling.shared_prompt_cache`) when a
+growing one". The rollout used ``model.generate`` with transformers' default cache
+(``DynamicCache``: each decode step appends the new keys and values to every layer's tensors;
+``rlhfkit.decoding.decode`` keeps that cache), plus the shared-prompt prefill (:func:`rlhfkit.sampling.shared_prompt_cache`) when a
 prompt repeats. The candidate is ``generate(..., cache_implementation="static")``: a cache
 allocated once at ``prompt + max_new_tokens`` positions, each step writing in place and attending
 over the whole (masked) buffer. Both run eagerly here (no ``torch.compile``: that is the GPU

@@ -144,7 +144,7 @@ def test_sampling_pass_logprobs_equal_a_forward_pass_on_cuda(tiny_lm):
 @pytest.mark.cuda
 @needs_cuda
 def test_the_sampler_draws_from_the_filtered_softmax_on_cuda():
-    from rlhfkit.sampling import CategoricalSampler, SamplingSettings
+    from rlhfkit.decoding import SamplingSettings, categorical_draw
 
     logits = torch.log(torch.tensor([0.02, 0.05, 0.08, 0.15, 0.3, 0.4], device="cuda"))
     for settings, allowed in [
@@ -152,10 +152,9 @@ def test_the_sampler_draws_from_the_filtered_softmax_on_cuda():
         (SamplingSettings(top_k=2), [4, 5]),
         (SamplingSettings(top_p=0.75), [3, 4, 5]),
     ]:
-        out = CategoricalSampler(settings)(
-            torch.zeros(40_000, 1, dtype=torch.long, device="cuda"), logits.repeat(40_000, 1)
-        )
-        counts = torch.bincount(out.argmax(1), minlength=6).double().cpu() / 40_000
+        tokens = categorical_draw(logits.repeat(40_000, 1), settings, torch.rand(40_000, 6, device="cuda"))
+        assert tokens.device.type == "cuda"
+        counts = torch.bincount(tokens, minlength=6).double().cpu() / 40_000
         expected = torch.zeros(6, dtype=torch.float64)
         p = torch.softmax(logits.double().cpu() / settings.temperature, -1)[allowed]
         expected[allowed] = p / p.sum()
@@ -336,3 +335,4 @@ def test_micro_batch_auto_reads_the_gpus_free_memory(tiny_lm, tmp_path, capsys):
     train_rl(from_dict(RLConfig, cfg))
     assert "--micro-batch-size auto: 8 rows (--grad-accum 1)" in capsys.readouterr().out
     assert " on cuda" in (tmp_path / "run" / "run.log").read_text()
+

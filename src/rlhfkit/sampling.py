@@ -23,22 +23,20 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from transformers import LogitsProcessor, LogitsProcessorList, TopKLogitsWarper, TopPLogitsWarper
 
 from rlhfkit.config import Options, opt
 from rlhfkit.data.prompts import Prompt
+from rlhfkit.decoding import SamplingSettings, decode, prefill_positions
 from rlhfkit.defaults import MAX_NEW_TOKENS, MAX_PROMPT_LENGTH
 from rlhfkit.errors import UserError
 from rlhfkit.models.policy import forward_accepts
 from rlhfkit.models.tokenizers import eos_token_ids
-from rlhfkit.ops import tempered
 
 __all__ = [
     "SamplingOptions",
     "SamplingSettings",
     "render_prompt",
     "encode_queries",
-    "CategoricalSampler",
     "shared_prompt_cache",
     "sample",
     "response_mask_from_eos",
@@ -47,15 +45,6 @@ __all__ = [
     "iter_samples",
     "sample_texts",
 ]
-
-
-@dataclass
-class SamplingSettings:
-    max_new_tokens: int = MAX_NEW_TOKENS
-    temperature: float = 1.0  # 0 = greedy
-    top_k: int = 0  # 0 = off
-    top_p: float = 1.0  # 1 = off
-    max_prompt_length: int = MAX_PROMPT_LENGTH
 
 
 @dataclass(kw_only=True)
@@ -112,81 +101,15 @@ def encode_queries(tokenizer: Any, texts: Sequence[str], max_prompt_length: int,
     return query_ids, query_mask
 
 
-class LogprobRecorder(LogitsProcessor):
-    """Records, while ``generate`` samples, each sampled token's log-probability under
-    ``softmax(logits / temperature)``: what a forward pass over the finished sequences would
-    give (up to the summation order of the KV-cached steps), without that forward pass.
-
-    It sees the model's raw logits (it runs before :class:`CategoricalSampler`, and rlhfkit
-    sets no other processor). It keeps one step's ``(M, V)`` log-softmax at a time, never all
-    ``N`` steps'.
-    """
-
-    def __init__(self, temperature: float):
-        self.temperature = temperature
-        self.previous: Tensor | None = None  # (M, V) log-probs of the step whose token is not yet known
-        self.steps: list[Tensor] = []  # N x (M,)
-
-    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
-        if self.previous is not None:  # the token sampled from the previous step is now the last input
-            self.steps.append(self.previous.gather(1, input_ids[:, -1:]).squeeze(1))
-        self.previous = torch.log_softmax(tempered(scores.float(), self.temperature), dim=-1)
-        return scores
-
-    def logprobs(self, response_ids: Tensor) -> Tensor:
-        """``(M, N)`` log-probs of ``response_ids`` (the last step's token gathered here)."""
-        steps = self.steps + [
-            self.previous.gather(1, response_ids[:, len(self.steps) : len(self.steps) + 1]).squeeze(1)
-        ]
-        return torch.stack(steps[: response_ids.shape[1]], dim=1)
-
-
-class CategoricalSampler(LogitsProcessor):
-    """Draws each row's next token from ``softmax(logits / temperature)``, after the top-k and
-    top-p filters when set, and returns scores whose only finite entry is that token, so
-    ``generate`` run greedily emits it.
-
-    The draw is ``torch.multinomial``'s own: ``argmax_v p_v / E_v`` with ``E_v ~ Exp(1)``, an
-    exact sample of the categorical distribution (the "exponential race", equivalent to the
-    Gumbel-max trick). It draws ``E = -log U`` from ``torch.rand``, where the CPU's
-    ``exponential_``, which ``multinomial`` uses, takes 34 ms for 32 x 49,152 variates on the
-    Intel Xeon of docs/benchmarks.md against 6 ms (a whole step: 41 ms -> 11 ms). A race and not an
-    inverse-CDF draw (one uniform per row, 2 ms): a last-bit change in the logits (another
-    thread count or CPU) flips a race only when the two best ``p / E`` tie to that bit, while
-    it moves every boundary of a cumulative sum, and flipped a token in a few percent of
-    inverse-CDF draws (the demo printed other numbers on an emulated slow machine, one thread
-    and AVX2 kernels, than on the normal run; with the race, the same numbers).
-    """
-
-    def __init__(self, settings: SamplingSettings, recorder: LogprobRecorder | None = None):
-        self.temperature = settings.temperature
-        self.filters = ([TopKLogitsWarper(settings.top_k)] if settings.top_k > 0 else []) + (
-            [TopPLogitsWarper(settings.top_p)] if settings.top_p < 1 else []
-        )  # generate's order
-        self.recorder = recorder  # its log-softmax of this step, reused when nothing is filtered
-
-    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
-        if self.filters or self.recorder is None:
-            logits = tempered(scores.float(), self.temperature)  # (M, V)
-            for f in self.filters:
-                logits = f(input_ids, logits)  # -inf outside the kept tokens
-            probs = torch.softmax(logits, dim=-1)
-        else:
-            probs = self.recorder.previous.exp()  # (M, V): softmax(scores / temperature)
-        u = torch.rand(probs.shape, device=probs.device, dtype=probs.dtype).clamp_(min=torch.finfo(probs.dtype).tiny)
-        race = probs / u.log_().neg_()  # (M, V): p / E, E = -log U ~ Exp(1)
-        token = race.argmax(dim=-1, keepdim=True)  # (M, 1)
-        return torch.full_like(scores, float("-inf")).scatter_(1, token, 0.0)
-
-
-def shared_prompt_cache(model: Any, query_ids: Tensor, query_mask: Tensor) -> dict[str, Any]:
-    """``generate``'s keyword arguments that compute each distinct prompt once.
+def shared_prompt_cache(model: Any, query_ids: Tensor, query_mask: Tensor) -> Any:
+    """A KV cache of every row's prompt but its last token, each distinct prompt computed once.
 
     With ``K`` samples per prompt (group-sampled RL, best-of-n, several responses to show), the
     batch repeats each prompt ``K`` times. The prompt's tokens but the last are run once per
-    distinct prompt and their KV cache copied to each of its rows (``generate`` then runs the
-    last prompt token and samples as before, from the same logits up to the order of
-    floating-point sums). Empty when every prompt is distinct (nothing to share).
+    distinct prompt and their KV cache copied to each of its rows (:func:`~rlhfkit.decoding.decode`
+    then runs the last prompt token and samples as before, from the same logits up to the order
+    of floating-point sums). ``None`` when every prompt is distinct (nothing to share) or the
+    model's cache cannot be copied row by row.
 
     Args:
         query_ids, query_mask: ``(M, P)`` left-padded prompts.
@@ -195,16 +118,15 @@ def shared_prompt_cache(model: Any, query_ids: Tensor, query_mask: Tensor) -> di
     rows = torch.cat([query_ids, query_mask.to(query_ids.dtype)], dim=1)  # (M, 2P): equal tokens and padding
     unique, inverse = torch.unique(rows, dim=0, return_inverse=True)  # (U, 2P), (M,)
     if len(unique) == len(rows) or P < 2:
-        return {}
+        return None
     ids, mask = unique[:, : P - 1], unique[:, P : 2 * P - 1]  # (U, P - 1): all but the last prompt token
-    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # as generate numbers left-padded rows
     name = "cache" if forward_accepts(model, "cache") else "past_key_values"  # transformers 5 / earlier
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=prefill_positions(mask), use_cache=True)
     cache = getattr(out, name, None)  # the output field has the argument's name
     if cache is None or not hasattr(cache, "batch_select_indices"):
-        return {}  # a model without a reusable cache object: prefill as usual
+        return None  # a model without a reusable cache object: prefill as usual
     cache.batch_select_indices(inverse)  # (M, ...): each row gets its prompt's keys and values
-    return {name: cache}
+    return cache
 
 
 @torch.no_grad()
@@ -219,35 +141,25 @@ def sample(
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Sample ``response_ids (M, N)`` with the KV cache; every token after a row's EOS is pad.
 
-    ``N <= max_new_tokens``: generation stops when every row has ended. ``temperature`` 0 is
-    greedy decoding; otherwise :class:`CategoricalSampler` draws each token. ``with_logprobs`` also returns the sampled tokens' log-probabilities
-    ``(M, N)`` under ``softmax(logits / temperature)`` (:class:`LogprobRecorder`); they are
-    the sampling distribution's only without top-k/top-p filters. A prompt repeated in the
-    batch is computed once (:func:`shared_prompt_cache`).
+    ``N <= max_new_tokens``: sampling stops when every row has ended, and a row that has ended
+    leaves the batch (:func:`~rlhfkit.decoding.decode`). ``temperature`` 0 is greedy decoding;
+    otherwise :func:`~rlhfkit.decoding.categorical_draw` draws each token. ``with_logprobs``
+    also returns the sampled tokens' log-probabilities ``(M, N)`` under
+    ``softmax(logits / temperature)``, recorded while sampling; they are the sampling
+    distribution's only without top-k/top-p filters. A prompt repeated in the batch is
+    computed once (:func:`shared_prompt_cache`).
     """
-    recorder = LogprobRecorder(settings.temperature if settings.temperature > 0 else 1.0) if with_logprobs else None
-    processors = [recorder] if recorder is not None else []
-    if settings.temperature > 0:  # generate runs greedily over the sampler's choice
-        processors.append(CategoricalSampler(settings, recorder))
-    out = model.generate(
-        input_ids=query_ids,
-        attention_mask=query_mask,
-        max_new_tokens=settings.max_new_tokens,
-        min_new_tokens=0,
-        eos_token_id=list(eos_ids),
-        pad_token_id=tokenizer.pad_token_id,
-        use_cache=True,
-        do_sample=False,
-        temperature=None,
-        top_k=None,
-        top_p=None,  # not the model's generation-config defaults: none apply greedily
-        logits_processor=LogitsProcessorList(processors) if processors else None,
-        **shared_prompt_cache(model, query_ids, query_mask),
+    decoded = decode(
+        model,
+        query_ids,
+        query_mask,
+        settings,
+        eos_ids,
+        tokenizer.pad_token_id,
+        with_logprobs=with_logprobs,
+        prompt_cache=shared_prompt_cache(model, query_ids, query_mask),
     )
-    response_ids = out[:, query_ids.shape[1] :]  # (M, N)
-    mask, _ = response_mask_from_eos(response_ids, eos_ids)
-    response_ids = torch.where(mask.bool(), response_ids, torch.full_like(response_ids, tokenizer.pad_token_id))
-    return (response_ids, recorder.logprobs(out[:, query_ids.shape[1] :])) if recorder is not None else response_ids
+    return (decoded.response_ids, decoded.logprobs) if with_logprobs else decoded.response_ids
 
 
 def response_mask_from_eos(response_ids: Tensor, eos_ids: Sequence[int]) -> tuple[Tensor, Tensor]:
