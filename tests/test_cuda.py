@@ -336,3 +336,40 @@ def test_micro_batch_auto_reads_the_gpus_free_memory(tiny_lm, tmp_path, capsys):
     assert "--micro-batch-size auto: 8 rows (--grad-accum 1)" in capsys.readouterr().out
     assert " on cuda" in (tmp_path / "run" / "run.log").read_text()
 
+
+@pytest.mark.cuda
+@needs_cuda
+def test_a_step_with_fused_adamw_never_waits_for_the_gpu(tmp_path):
+    """No host sync inside ``train_step`` (torch's sync debug mode raises on one), and a NaN
+    micro-batch is skipped on the device and named by the check that follows."""
+    from accelerate import Accelerator
+
+    from rlhfkit.errors import RunStopped
+    from rlhfkit.training.options import RunOptions
+    from rlhfkit.training.run import Run
+    from rlhfkit.training.step import check_finite, train_step
+
+    run = Run(RunOptions(output=str(tmp_path / "out")), "cuda-step", Accelerator(), None)
+    model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 1)).cuda()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+    x = torch.randn(8, 16, device="cuda")
+
+    def loss_fn(rows, poison=False):
+        loss = model(x[rows]).pow(2).mean()
+        return (loss * float("nan") if poison else loss), {"loss": loss.detach()}
+
+    before = [p.detach().clone() for p in model.parameters()]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        train_step(run, model, optimizer, [slice(0, 4), slice(4, 8)], loss_fn, max_grad_norm=1.0, where="step 1")
+        after_first = [p.detach().clone() for p in model.parameters()]  # device copies: no sync
+        train_step(
+            run, model, optimizer, [slice(0, 4)], lambda r: loss_fn(r, poison=True), max_grad_norm=1.0, where="step 2"
+        )
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert not all(torch.equal(a, b) for a, b in zip(before, after_first))  # step 1 trained
+    assert all(torch.equal(a, b) for a, b in zip(after_first, model.parameters()))  # step 2 was skipped
+    with pytest.raises(RunStopped, match=r"non-finite loss \(nan\) at step 2, micro-batch 0\. The optimizer skipped"):
+        check_finite(run)

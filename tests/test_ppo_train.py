@@ -209,7 +209,7 @@ def test_non_finite_loss_or_gradient_stops_and_keeps_the_last_good_checkpoint(
     out = tmp_path / "nan"
     with pytest.raises(
         RunStopped,
-        match=message + r".*Nothing was saved from this step; the last good checkpoint in .* \(step 1\) is intact",
+        match=message + r".*Nothing was saved from this step on; the last good checkpoint in .* \(step 1\) is intact",
     ):
         train_ppo(cfg(tiny_lm, ppo_files, out, **common))
     assert json.loads((out / "checkpoint" / "trainer_state.json").read_text())["step"] == 1

@@ -17,7 +17,7 @@ from rlhfkit.errors import RunStopped, UserError
 from rlhfkit.training.cadence import Cadence, MetricsWindow
 from rlhfkit.training.options import LoraOptions, OptimOptions, RunOptions
 from rlhfkit.training.run import Run, TrainState, improved
-from rlhfkit.training.step import train_step
+from rlhfkit.training.step import check_finite, skips_on_device, train_step
 
 
 @dataclass(kw_only=True)
@@ -99,6 +99,80 @@ def test_a_non_finite_loss_or_gradient_stops_before_the_weights_change(tmp_path,
         )
     for a, b in zip(before, model.parameters()):
         assert torch.equal(a, b)
+
+
+class _NoHostReads(torch.overrides.TorchFunctionMode):
+    """Fails on any read of a tensor's value by the host (what makes a GPU wait)."""
+
+    READS = {
+        torch.Tensor.item,
+        torch.Tensor.tolist,
+        torch.Tensor.__bool__,
+        torch.Tensor.__float__,
+        torch.Tensor.__int__,
+    }
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.READS:
+            raise AssertionError(f"host read inside the step: {func.__name__}")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(
+    "poison, message",
+    [
+        (lambda loss: loss * float("nan"), r"non-finite loss \(nan\) at step 3, micro-batch 1, rows \[2\]\. "),
+        (_NanGradient.apply, r"non-finite gradient norm at step 3 with a finite loss\. "),
+    ],
+)
+def test_with_fused_adamw_a_bad_step_is_skipped_on_the_device_and_stops_the_run_at_the_check(tmp_path, poison, message):
+    """No host read inside the step; the fused optimizer leaves weights, moments and step count
+    as they were; the next good step trains; the check names the bad step and what came after."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    opt_ = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+    run = run_for(tmp_path)
+    x = torch.randn(4, 3)
+
+    def step(where, poisoned):
+        def loss_fn(rows):
+            loss = model(x[rows]).sum()
+            return (poison(loss) if poisoned and rows == [2] else loss), {}
+
+        with _NoHostReads():
+            train_step(
+                run, model, opt_, [[0, 1], [2]], loss_fn, max_grad_norm=1.0, where=where, describe=lambda r: f"rows {r}"
+            )
+
+    step("step 1", False)
+    check_finite(run)  # all good: nothing raised, nothing pending
+    assert run.pending_checks == []
+    before = [p.detach().clone() for p in model.parameters()]
+    moments = [opt_.state[p]["exp_avg"].clone() for p in model.parameters()]
+    step("step 3", True)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # skipped on the device
+    assert all(torch.equal(m, opt_.state[p]["exp_avg"]) for m, p in zip(moments, model.parameters()))
+    assert all(opt_.state[p]["step"].item() == 1 for p in model.parameters())
+    step("step 4", False)
+    assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # a good step trains
+    with pytest.raises(
+        RunStopped,
+        match=message
+        + r"The optimizer skipped that step \(the weights never held it\); 1 of the 1 step\(s\) after it trained "
+        r"before this check read it\. Nothing was saved from this step on; no checkpoint had been written yet",
+    ):
+        check_finite(run)
+    assert run.pending_checks == []
+
+
+def test_other_optimizers_and_fp16_scaling_check_inside_the_step():
+    model = nn.Linear(2, 1)
+    acc = Accelerator(cpu=True)
+    assert skips_on_device(torch.optim.AdamW(model.parameters(), fused=True), acc)
+    assert not skips_on_device(torch.optim.AdamW(model.parameters(), fused=False), acc)
+    assert not skips_on_device(torch.optim.SGD(model.parameters(), lr=0.1), acc)
+    acc.scaler = object()  # fp16: the grad scaler sets found_inf itself
+    assert not skips_on_device(torch.optim.AdamW(model.parameters(), fused=True), acc)
 
 
 def test_clip_groups_are_clipped_each_on_its_own_norm(tmp_path):

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from rlhfkit.training.step import check_finite
+
 
 @dataclass
 class Cadence:
@@ -60,6 +62,7 @@ class Cadence:
         stop = run.stop_requested()
         run.step_done(state.step)
         if self.log(state.step) or stop:
+            check_finite(run)  # the steps' finite checks, read with the metrics (one host sync)
             log()
         if evaluate is not None and self.eval(state.step):
             evaluate()

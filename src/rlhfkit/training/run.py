@@ -41,6 +41,7 @@ from rlhfkit.training import lock as run_lock
 from rlhfkit.training.distributed import describe, enable_fsdp_on_cpu, is_sharded
 from rlhfkit.training.options import RunOptions, check_resume_matches
 from rlhfkit.training.signals import Interrupted, StopSignals
+from rlhfkit.training.step import check_finite
 
 logger = logging.getLogger(__name__)
 
@@ -129,6 +130,7 @@ class Run:
         self._stop_at = 0
         self.lock: run_lock.RunLock | None = None  # main process, from begin to close
         self.signals = StopSignals(self._interrupted_note)  # installed by start_run
+        self.pending_checks: list = []  # finite checks of steps not yet read on the host (training/step.py)
         # --cpu-matmul auto: the kernels the checkpoint's run chose, for the models loaded next
         reuse_cpu_matmul_choices(_recorded_cpu_matmul(resume_from))
 
@@ -202,7 +204,10 @@ class Run:
             )
 
     def save(self, state: TrainState) -> None:
-        """A resumable checkpoint (collective: every process calls it)."""
+        """A resumable checkpoint (collective: every process calls it), after the steps' finite
+        checks are read (:func:`~rlhfkit.training.step.check_finite`): no checkpoint holds a
+        state after a step that was not finite."""
+        check_finite(self)
         save_checkpoint(
             self.accelerator, self.out, {**dataclasses.asdict(state), "cpu_matmul": run_cpu_matmul_choices()}
         )
@@ -216,6 +221,7 @@ class Run:
         of a finished run), nor, with ``--no-final-checkpoint``, when the run finished and no stop
         signal came: its weights are exported to ``final/`` next, and the optimizer state is only
         needed to extend the run. A run stopped early (``--stop-after-steps``, a signal) always saves."""
+        check_finite(self)  # before the last checkpoint and the export
         finished = state.step >= total_steps
         if self.saved_step != state.step:
             if self.cfg.final_checkpoint or not finished or self.stop_requested() is not None:

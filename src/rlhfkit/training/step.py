@@ -1,11 +1,24 @@
 """One optimizer step, the same for every trainer and every network.
 
 A step runs the micro-batches of one process: each one's forward and loss under autocast,
-a finite-loss check, and its backward, with gradient all-reduce (DDP) or reduce-scatter
-(FSDP) only on the last micro-batch; then gradient clipping with a finite-norm check, the
-optimizer step and the learning-rate schedule. A loss or gradient that is not finite stops
-the run with :class:`~rlhfkit.errors.RunStopped` before the optimizer writes it into the
-weights.
+and its backward, with gradient all-reduce (DDP) or reduce-scatter (FSDP) only on the last
+micro-batch; then gradient clipping, the optimizer step and the learning-rate schedule. A
+loss or gradient that is not finite never reaches the weights, and stops the run with
+:class:`~rlhfkit.errors.RunStopped`.
+
+**Without waiting for the device.** Reading a value on the host (``.item()``, ``bool(t)``)
+makes the host wait until the device has computed it: on a GPU the queue of kernels runs dry
+at every such read. So the finite checks stay on the device when the optimizer can skip a step
+there: torch's fused AdamW (what :func:`~rlhfkit.training.optim.make_adamw` builds) reads a
+``found_inf`` tensor, as AMP's GradScaler sets it, and leaves the weights, its moments and its
+step count untouched when it is nonzero. The step's flags (one per micro-batch's loss, one for
+the gradient norm; summed over processes, so every process skips alike) are kept on the run,
+and :func:`check_finite` reads them all at once where the run reads its metrics anyway: at
+each log line, before each checkpoint and at the finish. A bad step stops the run there,
+naming the step, micro-batch and rows as before; the steps between trained (on weights that
+never held the bad step) and nothing after the bad step is saved. With another optimizer, or
+under fp16's grad scaler, each check is read at once, inside the step (a host sync per
+micro-batch, as before).
 
 The caller's ``loss_fn(micro_batch) -> (loss, stats)`` returns the micro-batch's loss,
 already weighted so that the sum over micro-batches and processes is the step's loss, and
@@ -15,7 +28,9 @@ any detached statistics it wants back.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -52,7 +67,8 @@ def train_step(
     """
     accelerator = run.accelerator
     models = [models] if isinstance(models, nn.Module) else list(models)
-    stats = []
+    on_device = skips_on_device(optimizer, accelerator)
+    stats, losses = [], []
     for i, micro in enumerate(micro_batches):
         with contextlib.ExitStack() as stack:
             if i < len(micro_batches) - 1:  # gradients are synchronised on the last micro-batch only
@@ -60,9 +76,9 @@ def train_step(
                     stack.enter_context(accelerator.no_sync(model))
             with accelerator.autocast():
                 loss, micro_stats = loss_fn(micro)
-            # One host sync per micro-batch, on purpose: a NaN must stop us before
-            # optimizer.step() writes it into the weights.
-            if not torch.isfinite(loss).item():
+            if on_device:
+                losses.append(loss.detach().float().reshape(()))
+            elif not torch.isfinite(loss).item():  # a host sync: a NaN must stop us before optimizer.step()
                 rows = f", {describe(micro)}" if describe is not None else ""
                 raise RunStopped(
                     f"non-finite loss ({loss.item()}) at {where}, micro-batch {i}{rows}. Nothing was saved "
@@ -74,16 +90,99 @@ def train_step(
     if max_grad_norm > 0:
         groups = list(clip_groups) if clip_groups is not None else [[p for m in models for p in m.parameters()]]
         grad_norm = torch.stack([_full(accelerator.clip_grad_norm_(group, max_grad_norm)) for group in groups]).max()
-        if not torch.isfinite(grad_norm).item():
+        if not on_device and not torch.isfinite(grad_norm).item():
             raise RunStopped(
                 f"non-finite gradient norm at {where} with a finite loss. Nothing was saved from this step; "
                 f"{run.stop_note()}. {hint}"
             )
-    optimizer.step()
+    if on_device:
+        norm = grad_norm if grad_norm is not None else _total_norm(models)
+        flags = (~torch.isfinite(torch.stack([*losses, norm.to(losses[0].device)]))).float()  # (micro-batches + 1,)
+        if run.world > 1:
+            flags = accelerator.reduce(flags, reduction="sum")  # every process skips alike
+        inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
+        inner.found_inf = flags.sum().clamp(max=1)  # () 1.0: the fused kernel leaves everything as it was
+        try:
+            optimizer.step()
+        finally:
+            del inner.found_inf
+        run.pending_checks.append(
+            PendingCheck(where, flags, torch.stack(losses), [_describer(describe, m) for m in micro_batches], hint)
+        )
+    else:
+        optimizer.step()
     if scheduler is not None:
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return grad_norm, stats
+
+
+@dataclass
+class PendingCheck:
+    """One step's finite checks, not yet read on the host."""
+
+    where: str  # "step 12 (epoch 0, batch 11)"
+    flags: Tensor  # (micro-batches + 1,): > 0 where a micro-batch's loss (or, last, the gradient norm) was not finite
+    losses: Tensor  # (micro-batches,)
+    describe: list[Callable[[], str] | None]  # names each micro-batch's rows
+    hint: str
+
+
+def skips_on_device(optimizer: torch.optim.Optimizer, accelerator: Any) -> bool:
+    """Whether ``optimizer`` can skip a step on the device: torch's fused AdamW reads ``found_inf``
+    (it must be the optimizer's own: fp16's grad scaler sets that attribute itself)."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    fused = isinstance(inner, torch.optim.Adam | torch.optim.AdamW) and bool(inner.defaults.get("fused"))
+    return fused and getattr(accelerator, "scaler", None) is None
+
+
+def check_finite(run: Any) -> None:
+    """Read the finite checks of the steps since the last call (one host sync), and stop the run
+    at the first bad one with :class:`~rlhfkit.errors.RunStopped`. Every process calls it at the
+    same steps; the flags are already summed over processes, so all stop alike."""
+    pending: list[PendingCheck] = run.pending_checks
+    if not pending:
+        return
+    run.pending_checks = []
+    bad = torch.stack([c.flags.sum() for c in pending]).cpu().tolist()  # the one host sync
+    first = next((i for i, b in enumerate(bad) if b > 0), None)
+    if first is None:
+        return
+    check, later = pending[first], bad[first + 1 :]
+    skipped = "The optimizer skipped that step (the weights never held it)"
+    if later:
+        also = sum(b > 0 for b in later)
+        skipped += f"; {len(later) - also} of the {len(later)} step(s) after it trained before this check read it" + (
+            f" ({also} skipped as well)" if also else ""
+        )
+    flags = check.flags.cpu().tolist()
+    micro = next((i for i, f in enumerate(flags[:-1]) if f > 0), None)
+    if micro is None:
+        raise RunStopped(
+            f"non-finite gradient norm at {check.where} with a finite loss. {skipped}. Nothing was saved from "
+            f"this step on; {run.stop_note()}. {check.hint}"
+        )
+    value = check.losses[micro].item()
+    if math.isfinite(value):  # finite here: the loss was not finite on another process
+        what = f"non-finite loss on another process at {check.where}, micro-batch {micro}"
+    else:
+        rows = check.describe[micro]
+        what = f"non-finite loss ({value}) at {check.where}, micro-batch {micro}" + (f", {rows()}" if rows else "")
+    raise RunStopped(f"{what}. {skipped}. Nothing was saved from this step on; {run.stop_note()}. {check.hint}")
+
+
+def _describer(describe: Callable[[Any], str] | None, micro: Any) -> Callable[[], str] | None:
+    return None if describe is None else (lambda: describe(micro))
+
+
+def _total_norm(models: Sequence[nn.Module]) -> Tensor:
+    """The gradient norm of ``models`` (when no clipping computed it): the finite check's input."""
+    grads = [p.grad for m in models for p in m.parameters() if p.grad is not None]
+    return (
+        torch.linalg.vector_norm(torch.stack([_full(torch.linalg.vector_norm(g)) for g in grads]))
+        if grads
+        else torch.zeros(())
+    )
 
 
 def _full(norm: Any) -> Tensor:
