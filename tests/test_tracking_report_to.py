@@ -21,9 +21,9 @@ import yaml
 
 from rlhfkit.cli import main
 from rlhfkit.config import ConfigError, from_dict
-from rlhfkit.tracking import flat_config, read_metrics
+from rlhfkit.tracking import flat_config, parse_report_to, read_metrics
 from rlhfkit.training.options import check_resume_matches
-from tests.conftest import WORDS, separable_lists
+from tests.conftest import WORDS, separable_lists, write_rl_files
 
 TRACKERS = ("wandb", "mlflow", "trackio")
 
@@ -78,13 +78,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
     lists = root / "lists.tsv"
     lists.write_text("\n".join("\t".join(r) for r in separable_lists(40)) + "\n", encoding="utf-8")
     rng = random.Random(0)
-    prompts = root / "prompts.txt"
-    prompts.write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(3)) for _ in range(16)) + "\n")
-    rewards = root / "rewards.py"
-    rewards.write_text(
-        "def share_lower(prompts, responses):\n"
-        "    return [sum(c.islower() for c in r) / max(len(r), 1) for r in responses]\n"
-    )
+    prompts, rewards = write_rl_files(root, [" ".join(rng.choice(WORDS) for _ in range(3)) for _ in range(16)])
     return {"lists": lists, "prompts": prompts, "rewards": rewards}
 
 
@@ -323,6 +317,16 @@ def test_a_bad_report_to_exits_2_before_anything_is_written(value, message, tiny
     assert not out.exists()
     with pytest.raises(ConfigError, match=message):
         from_dict_rm(files, tmp_path, report_to=value)
+
+
+def test_a_config_built_in_python_takes_report_to_as_a_plain_string():
+    """``report_to="none"`` in a dataclass built in Python is one value, not four letters (the
+    benchmarks build configs so; it was refused as 'n,o,n,e')."""
+    assert parse_report_to("none") == ["none"]
+    assert parse_report_to("wandb, mlflow") == ["wandb", "mlflow"]
+    assert parse_report_to(["tensorboard", "wandb,tensorboard"]) == ["tensorboard", "wandb"]
+    with pytest.raises(ConfigError, match="option --report-to got 'wandb,tensorbord': unknown tracker 'tensorbord'"):
+        parse_report_to("wandb,tensorbord")
 
 
 @pytest.mark.parametrize("tracker", TRACKERS)

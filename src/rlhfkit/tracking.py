@@ -94,9 +94,11 @@ PROJECT = (
 )
 
 
-def parse_report_to(value: list[str]) -> list[str]:
+def parse_report_to(value: list[str] | str) -> list[str]:
     """``--report-to`` as a list of known tracker names without repeats, or ``["none"]``; accepts
-    ``["wandb,mlflow"]`` (the command line) as well as ``["wandb", "mlflow"]``."""
+    ``["wandb,mlflow"]`` (the command line) as well as ``["wandb", "mlflow"]``, and a plain string
+    (a config built in Python: ``report_to="none"``)."""
+    value = [value] if isinstance(value, str) else list(value)
     names = list(dict.fromkeys(n.strip().lower() for item in value for n in str(item).split(",") if n.strip()))
     given, choices = ",".join(map(str, value)), f"{', '.join(TRACKERS)} or none"
     unknown = [n for n in names if n not in TRACKERS and n != "none"]
