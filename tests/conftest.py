@@ -50,6 +50,24 @@ def tiny_encoder(tmp_path_factory) -> Path:
     return build_tiny_encoder(tmp_path_factory.mktemp("models") / "tiny-bert")
 
 
+SHARE_LOWER = (
+    "def share_lower(prompts, responses):\n"
+    "    '''Share of lowercase ASCII letters in the response: ~0.1 for a random byte policy.'''\n"
+    "    return [sum(c.islower() and c.isascii() for c in r) / max(len(r), 1) for r in responses]\n"
+)
+
+
+def write_rl_files(root: Path, prompts: list[str], extra_rewards: str = "") -> tuple[Path, Path]:
+    """What a tiny RL run reads: ``root/prompts.txt`` (one prompt per line) and ``root/rewards.py``
+    with ``share_lower`` (a reward a byte-level policy can learn), plus ``extra_rewards`` (source)."""
+    root.mkdir(parents=True, exist_ok=True)
+    prompt_file = root / "prompts.txt"
+    prompt_file.write_text("\n".join(prompts) + "\n", encoding="utf-8")
+    rewards = root / "rewards.py"
+    rewards.write_text(SHARE_LOWER + extra_rewards, encoding="utf-8")
+    return prompt_file, rewards
+
+
 def separable_lists(n: int, k: int = 4, seed: int = 0) -> list[list[str]]:
     """Rank lists whose quality is the number of leading 'good' words (best first)."""
     rng = random.Random(seed)

@@ -18,6 +18,7 @@ from rlhfkit.cli import main
 from rlhfkit.config import from_dict
 from rlhfkit.judge.overoptimisation import curve_markdown, curve_summary, gain_ci, mean_ci, plot_curve
 from rlhfkit.judge.winrate import bootstrap_indices
+from tests.conftest import write_rl_files
 
 
 # ------------------------------------------------------------------------- the summary, on constructed rows
@@ -156,15 +157,8 @@ def run(tiny_lm, tmp_path_factory) -> dict:
     from rlhfkit.rl.trainer import RLConfig, train_rl
 
     root = tmp_path_factory.mktemp("overopt")
-    prompts = root / "prompts.txt"
-    prompts.write_text("\n".join(f"the cat {i} sat on a mat" for i in range(8)) + "\n")
-    rules = root / "rules.py"
-    rules.write_text(
-        "def share_lower(prompts, responses):\n"
-        "    return [sum(c.islower() and c.isascii() for c in r) / max(len(r), 1) for r in responses]\n"
-        "def length(prompts, responses):\n"
-        "    return [float(len(r)) for r in responses]\n"
-    )
+    length = "def length(prompts, responses):\n    return [float(len(r)) for r in responses]\n"
+    prompts, rules = write_rl_files(root, [f"the cat {i} sat on a mat" for i in range(8)], extra_rewards=length)
     out = root / "rl"
     cfg = dict(
         policy=str(tiny_lm),

@@ -15,25 +15,16 @@ from rlhfkit.config import ConfigError, from_dict
 from rlhfkit.errors import RunStopped
 from rlhfkit.rl.trainer import PPOConfig, train_ppo
 from rlhfkit.tracking import read_metrics
+from tests.conftest import write_rl_files
 
 WORDS = ["the", "cat", "sat", "on", "a", "mat", "dog", "ran", "far", "big"]
 
 
 @pytest.fixture(scope="module")
 def ppo_files(tmp_path_factory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("ppo")
     rng = random.Random(0)
-    prompts = root / "prompts.txt"
-    prompts.write_text(
-        "\n".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 6))) for _ in range(64)) + "\n"
-    )
-    rewards = root / "rewards.py"
-    rewards.write_text(
-        "def share_lower(prompts, responses):\n"
-        "    '''Share of lowercase ASCII letters in the response: ~0.1 for a random byte policy.'''\n"
-        "    return [sum(c.islower() and c.isascii() for c in r) / max(len(r), 1) for r in responses]\n"
-    )
-    return prompts, rewards
+    prompts = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 6))) for _ in range(64)]
+    return write_rl_files(tmp_path_factory.mktemp("ppo"), prompts)
 
 
 def cfg(tiny_lm, ppo_files, out, **kw) -> PPOConfig:

@@ -23,6 +23,7 @@ from rlhfkit.rl.advantages import (
 from rlhfkit.rl.losses import aggregate, kl_loss, policy_loss
 from rlhfkit.rl.trainer import RLConfig, train_rl
 from rlhfkit.tracking import read_metrics
+from tests.conftest import write_rl_files
 
 
 # ----------------------------------------------------------------- brute-force references
@@ -134,18 +135,9 @@ WORDS = ["the", "cat", "sat", "on", "a", "mat", "dog", "ran", "far", "big"]
 
 @pytest.fixture(scope="module")
 def rl_files(tmp_path_factory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("rl")
     rng = random.Random(0)
-    prompts = root / "prompts.txt"
-    prompts.write_text(
-        "\n".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 6))) for _ in range(64)) + "\n"
-    )
-    rewards = root / "rewards.py"
-    rewards.write_text(
-        "def share_lower(prompts, responses):\n"
-        "    return [sum(c.islower() and c.isascii() for c in r) / max(len(r), 1) for r in responses]\n"
-    )
-    return prompts, rewards
+    prompts = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 6))) for _ in range(64)]
+    return write_rl_files(tmp_path_factory.mktemp("rl"), prompts)
 
 
 @pytest.mark.parametrize(

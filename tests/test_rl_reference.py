@@ -22,19 +22,12 @@ from rlhfkit.ops import logprobs_from_logits
 from rlhfkit.rl import trainer
 from rlhfkit.rl.trainer import RLConfig, separate_reference, train_rl
 from rlhfkit.tracking import read_metrics
+from tests.conftest import write_rl_files
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("reference")
-    prompts = root / "prompts.txt"
-    prompts.write_text("\n".join(f"the cat {i} sat on a mat" for i in range(16)) + "\n")
-    rewards = root / "rewards.py"
-    rewards.write_text(
-        "def share_lower(prompts, responses):\n"
-        "    return [sum(c.islower() and c.isascii() for c in r) / max(len(r), 1) for r in responses]\n"
-    )
-    return prompts, rewards
+    return write_rl_files(tmp_path_factory.mktemp("reference"), [f"the cat {i} sat on a mat" for i in range(16)])
 
 
 def config(policy, files, out: Path, **extra) -> RLConfig:

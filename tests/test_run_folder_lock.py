@@ -21,19 +21,12 @@ from rlhfkit.errors import UserError
 from rlhfkit.tracking import read_metrics
 from rlhfkit.training import lock
 from rlhfkit.training.signals import Interrupted, StopSignals
-from tests.conftest import REPO, wait_until, weights
+from tests.conftest import REPO, wait_until, weights, write_rl_files
 
 
 @pytest.fixture
 def rl_files(tmp_path):
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("apple river\nstone cloud paper\ngreen quiet\ntable light music\n", encoding="utf-8")
-    rewards = tmp_path / "rewards.py"
-    rewards.write_text(
-        "def share_lower(prompts, responses):\n"
-        "    return [sum(c.islower() for c in r) / max(len(r), 1) for r in responses]\n"
-    )
-    return prompts, rewards
+    return write_rl_files(tmp_path, ["apple river", "stone cloud paper", "green quiet", "table light music"])
 
 
 def grpo(tiny_lm, rl_files, out, steps: int) -> list[str]:

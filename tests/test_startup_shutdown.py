@@ -15,22 +15,15 @@ from rlhfkit.cli import main
 from rlhfkit.config import from_dict
 from rlhfkit.rl.trainer import RLConfig, train_rl
 from rlhfkit.tracking import read_metrics
-from tests.conftest import weights
+from tests.conftest import weights, write_rl_files
 
 WORDS = ["the", "cat", "sat", "on", "a", "mat", "dog", "ran", "far", "big"]
 
 
 @pytest.fixture(scope="module")
 def rl_files(tmp_path_factory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("startup")
-    prompts = root / "prompts.txt"
-    prompts.write_text("\n".join(" ".join(WORDS[(i + j) % 10] for j in range(3)) for i in range(16)) + "\n")
-    rewards = root / "rewards.py"
-    rewards.write_text(
-        "def share_lower(prompts, responses):\n"
-        "    return [sum(c.islower() for c in r) / max(len(r), 1) for r in responses]\n"
-    )
-    return prompts, rewards
+    prompts = [" ".join(WORDS[(i + j) % 10] for j in range(3)) for i in range(16)]
+    return write_rl_files(tmp_path_factory.mktemp("startup"), prompts)
 
 
 def grpo(tiny_lm, rl_files, out: Path, **kw) -> RLConfig:
