@@ -349,3 +349,13 @@ def test_metrics_written_by_earlier_versions_read_under_todays_names(tmp_path):
     old, new = read_metrics(path)
     assert old["rl/score_mean"] == old["ppo/score_mean"] == 0.5 and old["rl/kl"] == 1.25 and "rl/update_s" not in old
     assert new == {"step": 2, "rl/score_mean": 0.75}
+
+
+def test_a_plain_string_for_a_list_option_in_python_is_one_value(tmp_path):
+    """A config built in Python with a string where a list of strings goes holds that one string
+    (it held its letters: report_to="none" was refused as 'n,o,n,e', a LoRA target 'q_proj' became
+    six one-letter module names)."""
+    cfg = Demo(output=str(tmp_path / "o"), report_to="none", lora_target="q_proj")
+    assert cfg.report_to == ["none"] and cfg.lora_target == ["q_proj"]
+    assert Demo(output=str(tmp_path / "o"), lora_target=["q_proj", "v_proj"]).lora_target == ["q_proj", "v_proj"]
+    assert from_dict(Demo, {"output": str(tmp_path / "o"), "lora_target": "q_proj"}).lora_target == ["q_proj"]

@@ -92,12 +92,17 @@ def _choices(tp: Any) -> tuple | None:
 
 
 def check_fields(obj: Any) -> None:
-    """Raise :class:`ConfigError` for the first field outside its bounds or choices."""
+    """Raise :class:`ConfigError` for the first field outside its bounds or choices. A plain
+    string given to a list-of-strings field (a config built in Python: ``force="sft"``) becomes
+    a one-item list, as one value on the command line does, instead of a list of its letters."""
     hints = typing.get_type_hints(type(obj))
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         if value is None:
             continue
+        if isinstance(value, str) and typing.get_origin(_unwrap_optional(hints[f.name])[0]) is list:
+            value = [value]
+            setattr(obj, f.name, value)
         choices = _choices(hints[f.name])
         if choices is not None and value not in choices:
             raise ConfigError(
