@@ -131,10 +131,27 @@ def fixed_update(prefix: str, policy: str, reward_model: str, algo: str) -> None
         json.dump(RECORD, f)
 
 
+def _leave(code: int) -> None:
+    """Exit as rlhfkit's CLI does: the gloo group destroyed, output flushed, then ``os._exit``
+    without the interpreter's teardown, where a rank aborted about once in ten runs ("terminate
+    called without an active exception"), after its results were written."""
+    import atexit
+    import os
+
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    atexit._run_exitfuncs()  # what the interpreter would run at exit
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "--update":
         fixed_update(*sys.argv[2:6])
-        sys.exit(0)
+        _leave(0)
     prefix, argv = sys.argv[1], sys.argv[2:]
     step_module.train_step = probe_train_step
     import rlhfkit.dpo.train as dpo_train
@@ -158,6 +175,4 @@ if __name__ == "__main__":
     rank = dist.get_rank() if dist.is_initialized() else 0
     with open(f"{prefix}.rank{rank}.json", "w") as f:
         json.dump(RECORD, f)
-    if dist.is_initialized():  # a gloo group left to the interpreter's teardown aborted a rank once in ~10 runs
-        dist.destroy_process_group()  # ("terminate called without an active exception"); rlhfkit itself exits by os._exit
-    sys.exit(code)
+    _leave(code)
