@@ -234,8 +234,8 @@ def greedy_round(model, tokenizer, ids, mask, n_new, eos_ids, repeats):
     """Greedy ``decode`` against transformers' continuous batching, median seconds of ``repeats`` after a warm-up."""
     from transformers import GenerationConfig
 
-    from rlhfkit.decoding import SamplingSettings, decode
-    from rlhfkit.sampling import shared_prompt_cache
+    from rlhfkit.decoding import SamplingSettings
+    from rlhfkit.sampling import sample
 
     inputs = [[t for t, m in zip(row, k) if m] for row, k in zip(ids.tolist(), mask.tolist())]
     config = GenerationConfig(
@@ -245,22 +245,14 @@ def greedy_round(model, tokenizer, ids, mask, n_new, eos_ids, repeats):
     times = {"decode": [], "continuous": []}
     for r in range(repeats + 1):
         t0 = time.perf_counter()
-        d = decode(
-            model,
-            ids,
-            mask,
-            settings,
-            eos_ids,
-            tokenizer.pad_token_id,
-            prompt_cache=shared_prompt_cache(model, ids, mask),
-        )
+        response_ids = sample(model, tokenizer, ids, mask, settings, eos_ids)  # greedy decode, as rlhfkit samples
         t1 = time.perf_counter()
         cb = model.generate_batch(inputs, generation_config=config, max_new_tokens=n_new)
         t2 = time.perf_counter()
         if r:
             times["decode"].append(t1 - t0)
             times["continuous"].append(t2 - t1)
-    ours = [[t for t in row if t != tokenizer.pad_token_id] for row in d.response_ids.tolist()]
+    ours = [[t for t in row if t != tokenizer.pad_token_id] for row in response_ids.tolist()]
     theirs = [list(cb[key].generated_tokens) for key in sorted(cb, key=lambda s: int(s.rsplit("_", 1)[-1]))]
     return {
         "decode_s": statistics.median(times["decode"]),

@@ -165,6 +165,22 @@ def test_with_fused_adamw_a_bad_step_is_skipped_on_the_device_and_stops_the_run_
     assert run.pending_checks == []
 
 
+def test_without_clipping_the_fused_step_still_checks_the_gradient(tmp_path):
+    model = nn.Linear(3, 1)
+    opt_ = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+    run = run_for(tmp_path)
+    before = [p.detach().clone() for p in model.parameters()]
+    x = torch.randn(2, 3)
+    train_step(
+        run, model, opt_, [None], lambda _: (_NanGradient.apply(model(x).sum()), {}), max_grad_norm=0, where="step 1"
+    )
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    with pytest.raises(
+        RunStopped, match=r"non-finite gradient norm at step 1 with a finite loss\. The optimizer skipped"
+    ):
+        check_finite(run)
+
+
 def test_other_optimizers_and_fp16_scaling_check_inside_the_step():
     model = nn.Linear(2, 1)
     acc = Accelerator(cpu=True)

@@ -185,9 +185,9 @@ def decode(
         logits = out.logits[:, -1].float()  # (A, V)
         step_logprobs = torch.log_softmax(tempered(logits, temperature), dim=-1) if with_logprobs else None  # (A, V)
         if settings.temperature > 0:
-            uniforms = torch.rand((M, logits.shape[-1]), device=device, dtype=torch.float32)[
-                rows
-            ]  # (A, V): every row's, ended ones too
+            uniforms = torch.rand((M, logits.shape[-1]), device=device, dtype=torch.float32)  # (M, V): every row's
+            if len(rows) < M:  # rows have left: theirs are drawn all the same, so the stream stays the same
+                uniforms = uniforms[rows]  # (A, V)
             token = categorical_draw(logits, settings, uniforms, step_logprobs)  # (A,)
         else:
             token = logits.argmax(dim=-1)  # (A,)
@@ -196,9 +196,10 @@ def decode(
         if logprobs is not None:
             logprobs[rows[live], t] = step_logprobs.gather(1, token[:, None]).squeeze(1)[live]
         ended = ended | torch.isin(token, eos)
-        if bool(ended.all()):  # a host sync per step, as generate's stopping check
+        n_ended = int(ended.sum())  # the one host read per step, as generate's stopping check
+        if n_ended == len(rows):
             break
-        if ended.sum() > compact_fraction * len(rows) and hasattr(cache, "batch_select_indices"):
+        if n_ended > compact_fraction * len(rows) and hasattr(cache, "batch_select_indices"):
             keep = (~ended).nonzero().squeeze(1)  # (A',)
             cache.batch_select_indices(keep)
             rows, ended, token = rows[keep], ended[keep], token[keep]

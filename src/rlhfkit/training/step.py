@@ -96,7 +96,10 @@ def train_step(
                 f"{run.stop_note()}. {hint}"
             )
     if on_device:
-        norm = grad_norm if grad_norm is not None else _total_norm(models)
+        norm = grad_norm
+        if norm is None:  # no clipping computed it; the finite check needs it
+            grads = [p.grad for m in models for p in m.parameters() if p.grad is not None]
+            norm = _full(torch.nn.utils.get_total_norm(grads)) if grads else torch.zeros(())
         flags = (~torch.isfinite(torch.stack([*losses, norm.to(losses[0].device)]))).float()  # (micro-batches + 1,)
         if run.world > 1:
             flags = accelerator.reduce(flags, reduction="sum")  # every process skips alike
@@ -173,16 +176,6 @@ def check_finite(run: Any) -> None:
 
 def _describer(describe: Callable[[Any], str] | None, micro: Any) -> Callable[[], str] | None:
     return None if describe is None else (lambda: describe(micro))
-
-
-def _total_norm(models: Sequence[nn.Module]) -> Tensor:
-    """The gradient norm of ``models`` (when no clipping computed it): the finite check's input."""
-    grads = [p.grad for m in models for p in m.parameters() if p.grad is not None]
-    return (
-        torch.linalg.vector_norm(torch.stack([_full(torch.linalg.vector_norm(g)) for g in grads]))
-        if grads
-        else torch.zeros(())
-    )
 
 
 def _full(norm: Any) -> Tensor:
